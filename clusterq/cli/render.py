@@ -1,0 +1,34 @@
+"""Output helpers: rich for people, stable JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+
+def console() -> Console:
+    """A console on the current stdout; wide when not a terminal, so tables do not wrap."""
+    is_tty = sys.stdout.isatty()
+    return Console(file=sys.stdout, width=None if is_tty else 200, soft_wrap=not is_tty)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
+    out = Table(title=title, show_lines=False, header_style="bold")
+    for column in columns:
+        out.add_column(column, overflow="fold")
+    for row in rows:
+        out.add_row(*["" if cell is None else str(cell) for cell in row])
+    return out
+
+
+def slot_ranges(ranges: Any) -> str:
+    return ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)

@@ -1,0 +1,268 @@
+"""Connection settings: URL parsing, per-node clients, cluster/standalone detection.
+
+A URL names one or more seed nodes::
+
+    redis://[user[:password]@]host[:port][,host[:port]...][/db][?option=value&...]
+    rediss://...                      (TLS)
+
+Options: ``socket_timeout`` and ``connect_timeout`` (seconds), ``ssl_ca_certs``,
+``ssl_cert_reqs`` (none|optional|required). ``db`` is only allowed in standalone mode.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qs, unquote
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from clusterq.errors import AuthFailed, ConfigError, ConnectionFailed, ModeMismatch
+
+Mode = Literal["cluster", "standalone"]
+Addr = tuple[str, int]
+T = TypeVar("T")
+
+DEFAULT_URL = "redis://127.0.0.1:7000"
+DEFAULT_PORT = 6379
+_SCHEMES = ("redis", "rediss")
+_TIMEOUT_OPTIONS = ("socket_timeout", "connect_timeout")
+
+
+def format_addr(addr: Addr) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_addr(text: str, default_port: int = DEFAULT_PORT) -> Addr:
+    """``host:port`` (or ``[v6]:port``) to a tuple; raises :class:`ConfigError`."""
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty host in address")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ConfigError(f"missing host in address {text!r}")
+    if not port_text:
+        return host, default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"invalid port in address {text!r}") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"port out of range in address {text!r}")
+    return host, port
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """Parsed connection settings shared by every node client."""
+
+    seeds: tuple[Addr, ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    db: int = 0
+    socket_timeout: float = 5.0
+    connect_timeout: float = 2.0
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: str = "required"
+
+    @classmethod
+    def parse(cls, url: str) -> RedisURL:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in _SCHEMES:
+            raise ConfigError(f"invalid URL {url!r}: expected redis://host:port or rediss://...")
+        rest, _, query = rest.partition("?")
+        netloc, _, path = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        if not at:
+            hosts, userinfo = netloc, ""
+        username: str | None = None
+        password: str | None = None
+        if userinfo:
+            user, colon, pw = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(pw) if colon else None
+            if colon and not user:
+                username = None
+        seeds = tuple(parse_addr(h) for h in hosts.split(",")) if hosts else ()
+        if not seeds:
+            raise ConfigError(f"invalid URL {url!r}: no host")
+        db = 0
+        if path.strip("/"):
+            try:
+                db = int(path.strip("/"))
+            except ValueError:
+                raise ConfigError(f"invalid URL {url!r}: database must be a number") from None
+        options: dict[str, Any] = {}
+        for key, values in parse_qs(query, keep_blank_values=True).items():
+            value = values[-1]
+            if key in _TIMEOUT_OPTIONS:
+                try:
+                    options[key] = float(value)
+                except ValueError:
+                    raise ConfigError(f"invalid URL option {key}={value!r}") from None
+            elif key == "ssl_ca_certs":
+                options[key] = value
+            elif key == "ssl_cert_reqs":
+                if value not in ("none", "optional", "required"):
+                    raise ConfigError(f"invalid URL option ssl_cert_reqs={value!r}")
+                options[key] = value
+            elif key == "db":
+                db = int(value)
+            else:
+                raise ConfigError(f"unknown URL option {key!r}")
+        return cls(
+            seeds=seeds,
+            username=username,
+            password=password,
+            ssl=scheme == "rediss",
+            db=db,
+            **options,
+        )
+
+    def with_seeds(self, seeds: tuple[Addr, ...]) -> RedisURL:
+        return replace(self, seeds=seeds)
+
+    def redacted(self) -> str:
+        """The URL without its password, for messages."""
+        scheme = "rediss" if self.ssl else "redis"
+        user = (
+            f"{self.username or ''}{':***' if self.password else ''}@"
+            if (self.username or self.password)
+            else ""
+        )
+        hosts = ",".join(format_addr(a) for a in self.seeds)
+        return f"{scheme}://{user}{hosts}" + (f"/{self.db}" if self.db else "")
+
+    def node_kwargs(self, *, db: int | None = None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "username": self.username,
+            "password": self.password,
+            "db": self.db if db is None else db,
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 0,
+        }
+        if self.ssl:
+            kwargs.update(
+                ssl=True, ssl_ca_certs=self.ssl_ca_certs, ssl_cert_reqs=self.ssl_cert_reqs
+            )
+        return kwargs
+
+    def node_client(self, addr: Addr, *, db: int | None = None, **overrides: Any) -> redis.Redis:
+        """A synchronous client of one node, with its own connection pool.
+
+        It never retries by itself: redis-py >= 6 re-sends a command up to 3 times by
+        default, which can run a script twice. clusterq's backends decide when a retry
+        is safe.
+        """
+        kwargs = self.node_kwargs(db=db)
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+        kwargs.update(overrides)
+        return redis.Redis(host=addr[0], port=addr[1], **kwargs)
+
+    def async_node_client(
+        self, addr: Addr, *, db: int | None = None, **overrides: Any
+    ) -> redis.asyncio.Redis:
+        """An asyncio client of one node, with its own connection pool (no retries either)."""
+        kwargs = self.node_kwargs(db=db)
+        kwargs["retry"] = AsyncRetry(NoBackoff(), 0)
+        kwargs.update(overrides)
+        return redis.asyncio.Redis(host=addr[0], port=addr[1], **kwargs)
+
+
+def command(client: redis.Redis, *args: Any) -> Any:
+    """``client.execute_command(*args)``, typed (redis-py leaves it unannotated)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+async def acommand(client: redis.asyncio.Redis, *args: Any) -> Any:
+    """Asynchronous :func:`command`."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def translate_error(exc: BaseException, addr: Addr | str) -> Exception:
+    """Turn a redis-py error met while talking to ``addr`` into a one-line clusterq error."""
+    where = addr if isinstance(addr, str) else format_addr(addr)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    upper = text.upper()
+    if isinstance(exc, redis.AuthenticationError) or any(
+        word in upper for word in ("WRONGPASS", "NOAUTH", "INVALID PASSWORD", "INVALID USERNAME")
+    ):
+        return AuthFailed(f"authentication refused by {where}: {text}")
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | socket.error):
+        return ConnectionFailed(f"cannot reach {where}: {text}")
+    return exc if isinstance(exc, Exception) else RuntimeError(text)
+
+
+def call_node(addr: Addr, fn: Callable[[], T]) -> T:
+    """Run ``fn`` and translate redis-py connection/auth errors for ``addr``."""
+    try:
+        return fn()
+    except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError) as exc:
+        raise translate_error(exc, addr) from exc
+    except redis.ResponseError as exc:
+        translated = translate_error(exc, addr)
+        if translated is exc:
+            raise
+        raise translated from exc
+
+
+def info_mode(info: dict[str, Any]) -> Mode:
+    """Cluster or standalone, from ``INFO cluster``."""
+    return "cluster" if str(info.get("cluster_enabled", "0")) == "1" else "standalone"
+
+
+def check_mode(found: Mode, expected: Mode | None, addr: Addr) -> Mode:
+    if expected is not None and found != expected:
+        where = format_addr(addr)
+        if expected == "cluster":
+            raise ModeMismatch(
+                f"{where} is a standalone server (cluster_enabled:0), but a cluster was "
+                "expected (--cluster)"
+            )
+        raise ModeMismatch(
+            f"{where} is a cluster node (cluster_enabled:1), but a standalone server was "
+            "expected (--standalone)"
+        )
+    return found
+
+
+def detect_mode(url: RedisURL, expected: Mode | None = None) -> tuple[Mode, Addr]:
+    """Ask the seeds, in order, whether they run in cluster mode.
+
+    Returns the mode and the seed that answered. Raises :class:`ConnectionFailed` when no
+    seed answers, :class:`AuthFailed` when one refuses the credentials and
+    :class:`ModeMismatch` when ``expected`` is given and differs.
+    """
+    errors: list[str] = []
+    for addr in url.seeds:
+        client = url.node_client(addr, db=0)
+        try:
+            info = call_node(addr, lambda c=client: c.info("cluster"))  # type: ignore[misc]
+        except ConnectionFailed as exc:
+            errors.append(str(exc))
+            continue
+        finally:
+            client.close()
+        mode = check_mode(info_mode(info), expected, addr)
+        if mode == "cluster" and url.db:
+            raise ConfigError(f"database {url.db} requested, but a cluster only has database 0")
+        return mode, addr
+    if len(errors) == 1:
+        raise ConnectionFailed(errors[0])
+    raise ConnectionFailed("no seed node answered: " + "; ".join(errors))

@@ -1,0 +1,169 @@
+"""The key schema: the one module that spells Redis key names.
+
+Every key of a queue carries the queue name as its hash tag::
+
+    <prefix>:{<queue>}:pending        list of task ids ready to run
+    <prefix>:{<queue>}:t:<task id>    the task record (hash)
+
+so all of a queue's keys hash to one slot, and every script that works on a queue
+touches that one slot only. Keys that are not about one queue (the registry of queue
+names, the live workers) have no hash tag and are written off the hot path with
+single-key commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from clusterq.errors import InvalidName
+from clusterq.slots import keyslot
+
+DEFAULT_PREFIX = "clusterq"
+MAX_QUEUE_NAME_LENGTH = 128
+MAX_PREFIX_LENGTH = 64
+MAX_TASK_ID_LENGTH = 128
+
+
+def _check_name(kind: str, value: object, max_length: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidName(f"invalid {kind} {value!r}: must be a string")
+    if not value:
+        raise InvalidName(f"invalid {kind} '': must not be empty")
+    if len(value) > max_length:
+        raise InvalidName(
+            f"invalid {kind} {value[:20]!r}...: {len(value)} characters, at most {max_length}"
+        )
+    for ch in value:
+        if ch in "{}":
+            raise InvalidName(
+                f"invalid {kind} {value!r}: must not contain '{{' or '}}' "
+                "(clusterq uses braces as the cluster hash tag)"
+            )
+        if ch.isspace() or not ch.isprintable():
+            raise InvalidName(
+                f"invalid {kind} {value!r}: must not contain whitespace or control characters"
+            )
+    return value
+
+
+def validate_queue_name(name: object) -> str:
+    """Return ``name`` if it can be a queue name, else raise :class:`InvalidName`."""
+    return _check_name("queue name", name, MAX_QUEUE_NAME_LENGTH)
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it can be a key prefix, else raise :class:`InvalidName`."""
+    return _check_name("key prefix", prefix, MAX_PREFIX_LENGTH)
+
+
+def validate_task_id(task_id: object) -> str:
+    """Return ``task_id`` if it can be a task id, else raise :class:`InvalidName`."""
+    return _check_name("task id", task_id, MAX_TASK_ID_LENGTH)
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """All key names of one queue; they share the hash tag ``{queue}``."""
+
+    prefix: str
+    queue: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.queue}}}"
+
+    @property
+    def slot(self) -> int:
+        return keyslot(self.base)
+
+    @property
+    def pending(self) -> str:
+        """List of ids ready to run; producers push on the left, workers take from the right."""
+        return f"{self.base}:pending"
+
+    @property
+    def scheduled(self) -> str:
+        """Sorted set: id -> time (ms) at which the task becomes pending."""
+        return f"{self.base}:scheduled"
+
+    @property
+    def retry(self) -> str:
+        """Sorted set: id -> time (ms) of the next attempt after a failure."""
+        return f"{self.base}:retry"
+
+    @property
+    def active(self) -> str:
+        """Sorted set: id -> lease expiry (ms) of tasks that a worker holds."""
+        return f"{self.base}:active"
+
+    @property
+    def archived(self) -> str:
+        """Sorted set (dead letters): id -> time (ms) the task was archived."""
+        return f"{self.base}:archived"
+
+    @property
+    def completed(self) -> str:
+        """Sorted set: id -> time (ms) until which a completed task is kept."""
+        return f"{self.base}:completed"
+
+    @property
+    def paused(self) -> str:
+        """Present while the queue is paused."""
+        return f"{self.base}:paused"
+
+    @property
+    def stats(self) -> str:
+        """Hash of counters: processed, failed."""
+        return f"{self.base}:stats"
+
+    def task(self, task_id: str) -> str:
+        """The hash holding one task's record."""
+        return f"{self.base}:t:{task_id}"
+
+    def unique(self, digest: str) -> str:
+        """The lock that keeps a unique task from being enqueued twice in its window."""
+        return f"{self.base}:u:{digest}"
+
+    def state_keys(self) -> tuple[str, ...]:
+        return (
+            self.pending,
+            self.scheduled,
+            self.retry,
+            self.active,
+            self.archived,
+            self.completed,
+        )
+
+
+@dataclass(frozen=True)
+class KeySchema:
+    """Key names for one prefix (default ``clusterq``)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        validate_prefix(self.prefix)
+
+    def queue(self, name: str) -> QueueKeys:
+        """Keys of queue ``name``; raises :class:`InvalidName` for a bad name."""
+        return _queue_keys(self.prefix, validate_queue_name(name))
+
+    @property
+    def queues(self) -> str:
+        """Set of the names of every queue ever used (the registry)."""
+        return f"{self.prefix}:queues"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker id -> time (ms) its announcement expires."""
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """A live worker's announcement (JSON string with a TTL)."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+
+@lru_cache(maxsize=4096)
+def _queue_keys(prefix: str, queue: str) -> QueueKeys:
+    return QueueKeys(prefix, queue)

@@ -1,0 +1,94 @@
+"""Payload and result encoding: JSON by default, msgpack optional. Never pickle.
+
+Decoding only builds plain data (dicts, lists, strings, numbers, booleans, None), so no
+payload can make a worker run code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from clusterq.errors import ClusterqError
+
+#: Default upper bound for an encoded payload (and a stored result).
+DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
+
+
+class PayloadError(ClusterqError, ValueError):
+    """A payload or result that cannot be encoded or decoded, or that is too large."""
+
+
+class Codec(Protocol):
+    name: str
+
+    def encode(self, value: Any) -> bytes: ...
+
+    def decode(self, data: bytes) -> Any: ...
+
+
+class JSONCodec:
+    name = "json"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return json.dumps(
+                value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            ).encode()
+        except (TypeError, ValueError) as exc:
+            raise PayloadError(f"payload is not JSON-serialisable: {exc}") from None
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PayloadError(f"payload is not valid JSON: {exc}") from None
+
+
+class MsgpackCodec:
+    name = "msgpack"
+
+    def __init__(self) -> None:
+        try:
+            import msgpack
+        except ImportError:
+            raise PayloadError("msgpack codec needs: pip install 'clusterq[msgpack]'") from None
+        self._msgpack = msgpack
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return bytes(self._msgpack.packb(value, use_bin_type=True))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PayloadError(f"payload is not msgpack-serialisable: {exc}") from None
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return self._msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise PayloadError(f"payload is not valid msgpack: {exc}") from None
+
+
+_CODECS: dict[str, Codec] = {}
+
+
+def get_codec(name: str) -> Codec:
+    """The codec called ``name`` ("json" or "msgpack")."""
+    codec = _CODECS.get(name)
+    if codec is None:
+        if name == "json":
+            codec = JSONCodec()
+        elif name == "msgpack":
+            codec = MsgpackCodec()
+        else:
+            raise PayloadError(f"unknown codec {name!r}: expected 'json' or 'msgpack'")
+        _CODECS[name] = codec
+    return codec
+
+
+def encode_limited(codec: Codec, value: Any, limit: int, what: str = "payload") -> bytes:
+    data = codec.encode(value)
+    if len(data) > limit:
+        raise PayloadError(
+            f"{what} is {len(data)} bytes encoded, more than the limit of {limit} bytes"
+        )
+    return data

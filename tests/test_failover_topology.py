@@ -1,0 +1,90 @@
+"""Kill -9 the master that owns a queue: the map, `queue ls --cluster` and the diff follow."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from clusterq import topology as topo
+from clusterq.backend import Backend
+from clusterq.cli import main
+from clusterq.client import Client
+from clusterq.devcluster import HOST, LocalCluster
+
+QUEUES = ("images", "webhooks", "notifications")
+
+
+def _queue_ls(url: str, prefix: str) -> dict[str, dict[str, object]]:
+    result = CliRunner().invoke(
+        main, ["--url", url, "--prefix", prefix, "queue", "ls", "--cluster", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    return {row["queue"]: row for row in json.loads(result.output)}
+
+
+def _wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_kill_master_of_images(fresh_cluster: object, prefix: str) -> None:
+    cluster: LocalCluster = fresh_cluster()  # type: ignore[operator]
+    with Client(cluster.seed_url, prefix=prefix) as client:
+        for queue in QUEUES:
+            client.enqueue(f"{queue}:task", {"n": 1}, queue=queue)
+
+    before = _queue_ls(cluster.seed_url, prefix)
+    old_master = before["images"]["master"]
+    [old_replica] = before["images"]["replicas"]
+    assert before["images"]["pending"] == 1
+
+    backend = Backend(cluster.seed_url, prefix=prefix)
+    backend.note_queues(QUEUES)
+    seen: list[topo.TopologyEvent] = []
+    backend.subscribe(lambda _new, events: seen.extend(events))
+    old_snapshot = backend.topology
+
+    killed_port = int(str(old_master).rsplit(":", 1)[1])
+    cluster.kill_node(killed_port)
+
+    def promoted() -> bool:
+        backend.refresh_topology()
+        loc = backend.topology.locate("images")
+        return loc.master is not None and loc.master.addr == old_replica
+
+    _wait_for(promoted, 30, f"{old_replica} to be promoted")
+
+    events = topo.diff(old_snapshot, backend.topology, QUEUES)
+    changes = [e for e in events if isinstance(e, topo.MasterChanged)]
+    assert len(changes) == 1
+    assert changes[0].old.addr == old_master and changes[0].new.addr == old_replica
+    assert "images" in changes[0].queues
+    assert any(isinstance(e, topo.MasterChanged) for e in seen)  # subscribers heard it too
+
+    # The seed node may be the one we killed: the CLI must still find the cluster.
+    seeds = ",".join(f"{HOST}:{p}" for p in cluster.ports)
+    after = _queue_ls(f"redis://{seeds}", prefix)
+    assert after["images"]["master"] == old_replica
+    assert after["images"]["pending"] == 1  # the replica had it
+    for queue in ("webhooks", "notifications"):
+        assert after[queue]["master"] == before[queue]["master"]
+
+    # The old master comes back as a replica of the promoted node.
+    during = backend.topology
+    cluster.restart_node(killed_port)
+    cluster.wait_healthy(60)
+    backend.refresh_topology()
+    back = topo.diff(during, backend.topology, QUEUES)
+    added = [e for e in back if isinstance(e, topo.ReplicaAdded)]
+    assert added and added[0].replica.addr == old_master
+    assert added[0].master is not None and added[0].master.addr == old_replica
+    assert _queue_ls(f"redis://{seeds}", prefix)["images"]["replicas"] == [old_master]
+    backend.close()
