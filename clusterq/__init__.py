@@ -4,22 +4,31 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from clusterq.client import Client, DuplicateTask
+from clusterq.client import AsyncClient, Client, TaskSpec
 from clusterq.errors import (
     AuthFailed,
     ClusterqError,
     ConfigError,
     ConnectionFailed,
+    DuplicateTask,
     InvalidName,
     ModeMismatch,
+    ResultTimeout,
+    TaskFailed,
+    TaskNotFound,
 )
 from clusterq.inspector import Inspector, QueueInfo
 from clusterq.keys import KeySchema
+from clusterq.retry import RetryIn, SkipRetry
+from clusterq.router import Router
+from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
-from clusterq.task import TaskInfo, TaskState
+from clusterq.task import Task, TaskInfo, TaskState
 from clusterq.topology import Topology
+from clusterq.worker import Worker
 
 __all__ = [
+    "AsyncClient",
     "AuthFailed",
     "Client",
     "ClusterqError",
@@ -30,10 +39,20 @@ __all__ = [
     "InvalidName",
     "KeySchema",
     "ModeMismatch",
+    "PayloadError",
     "QueueInfo",
+    "ResultTimeout",
+    "RetryIn",
+    "Router",
+    "SkipRetry",
+    "Task",
+    "TaskFailed",
     "TaskInfo",
+    "TaskNotFound",
+    "TaskSpec",
     "TaskState",
     "Topology",
+    "Worker",
     "__version__",
     "keyslot",
 ]

@@ -1,32 +1,46 @@
-"""Producers: :class:`Client` puts tasks into queues."""
+"""Producers: :class:`Client` (sync) and :class:`AsyncClient` put tasks into queues.
+
+Both share :class:`Producer`, which validates and encodes without I/O, and the reading
+of task state in :func:`task_info`. Enqueue is idempotent by task id: a call retried
+after a timeout (by you, or inside the client after a failover) never creates a second
+task.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
-from dataclasses import dataclass
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
+import redis.asyncio
+
+from clusterq.abackend import AsyncBackend
 from clusterq.backend import DEFAULT_RETRY_TIMEOUT, Backend
 from clusterq.broker import enqueue as enqueue_script
-from clusterq.connection import DEFAULT_URL, Mode, RedisURL
-from clusterq.errors import ClusterqError
-from clusterq.keys import DEFAULT_PREFIX, KeySchema, validate_task_id
-from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES, encode_limited, get_codec
-from clusterq.task import TaskInfo, TaskState
+from clusterq.broker.script import Call, arun_pipelined, first_error, run_pipelined
+from clusterq.connection import DEFAULT_URL, Mode, RedisURL, command
+from clusterq.errors import DuplicateTask, ResultTimeout, TaskFailed, TaskNotFound
+from clusterq.keys import DEFAULT_PREFIX, KeySchema, QueueKeys, validate_task_id
+from clusterq.serialization import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    PayloadError,
+    encode_limited,
+    get_codec,
+)
+from clusterq.task import Record, TaskInfo, TaskState, ms_to_s
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
 MAX_TYPE_LENGTH = 256
 
-
-class DuplicateTask(ClusterqError):
-    """A unique task with the same type, payload and queue is already enqueued."""
-
-    def __init__(self, message: str, existing_id: str) -> None:
-        super().__init__(message)
-        self.existing_id = existing_id
+__all__ = ["AsyncClient", "Client", "DuplicateTask", "Producer", "TaskSpec"]
 
 
 def new_task_id() -> str:
@@ -49,40 +63,51 @@ def _epoch(value: datetime | float | None) -> float | None:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
+
+
 def validate_task_type(task_type: object) -> str:
     if not isinstance(task_type, str) or not task_type:
         raise ValueError(f"task type must be a non-empty string, got {task_type!r}")
     if len(task_type) > MAX_TYPE_LENGTH or not task_type.isprintable():
         raise ValueError(
-            f"invalid task type {task_type[:40]!r}: printable, at most {MAX_TYPE_LENGTH} characters"
+            f"invalid task type {task_type[:40]!r}: printable, at most {MAX_TYPE_LENGTH} chars"
         )
     return task_type
 
 
 @dataclass(frozen=True)
-class PreparedEnqueue:
-    """An enqueue turned into one script call; shared by the sync and async clients."""
+class TaskSpec:
+    """One task for :meth:`Client.enqueue_many`: type, payload and enqueue options."""
 
-    task_id: str
+    type: str
+    payload: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedEnqueue:
+    """An enqueue ready to be sent: validated, encoded, keyed."""
+
     queue: str
+    qk: QueueKeys
+    new: enqueue_script.NewTask
     type: str
     payload: Any
-    slot: int
-    keys: list[str]
-    args: list[Any]
     max_retry: int
     timeout: float | None
     deadline: float | None
 
-    def info(self, outcome: enqueue_script.EnqueueOutcome) -> TaskInfo:
-        if outcome.duplicate_of is not None:
+    def info(self, outcome: enqueue_script.EnqueueOutcome, *, raise_duplicate: bool) -> TaskInfo:
+        if outcome.duplicate_of is not None and raise_duplicate:
             raise DuplicateTask(
                 f"a unique task {self.type!r} with the same payload is already in queue "
                 f"{self.queue!r} (task {outcome.duplicate_of})",
                 outcome.duplicate_of,
             )
         return TaskInfo(
-            id=self.task_id,
+            id=self.new.id,
             queue=self.queue,
             type=self.type,
             state=TaskState(outcome.state) if outcome.state else TaskState.PENDING,
@@ -91,6 +116,7 @@ class PreparedEnqueue:
             timeout=self.timeout,
             deadline=self.deadline,
             already_enqueued=not outcome.created,
+            duplicate_of=outcome.duplicate_of,
         )
 
 
@@ -117,64 +143,197 @@ class Producer:
         task_id: str | None = None,
         retention: float | timedelta | None = None,
     ) -> PreparedEnqueue:
+        """Check and encode one enqueue.
+
+        ``process_in`` (seconds or timedelta) or ``process_at`` (datetime or unix time)
+        delay the task; ``timeout`` limits one attempt; ``deadline`` is when the task
+        must no longer run; ``unique_for`` refuses an identical task (same type,
+        payload and queue) for that long; ``task_id`` makes a retried enqueue safe;
+        ``retention`` keeps the completed task and its result that long.
+        """
         validate_task_type(type)
         qk = self.keys.queue(queue)
         task_id = validate_task_id(task_id) if task_id is not None else new_task_id()
-        if not isinstance(max_retry, int) or max_retry < 0:
+        if not isinstance(max_retry, int) or isinstance(max_retry, bool) or max_retry < 0:
             raise ValueError(f"max_retry must be a non-negative integer, got {max_retry!r}")
         if process_in is not None and process_at is not None:
             raise ValueError("give process_in or process_at, not both")
         data = encode_limited(self.codec, payload, self.max_payload_bytes)
         delay = _seconds(process_in, "process_in") or 0.0
         due = _epoch(process_at)
-        timeout_s = _seconds(timeout, "timeout")
+        timeout_s = _seconds(timeout, "timeout") or None
         deadline_s = _epoch(deadline)
-        unique_s = _seconds(unique_for, "unique_for")
-        retention_s = _seconds(retention, "retention")
-        fields: dict[str, Any] = {
-            "type": type,
-            "payload": data,
-            "maxr": max_retry,
-            "retried": 0,
-            "att": 0,
-        }
-        if self.codec.name != "json":
-            fields["codec"] = self.codec.name
-        if timeout_s:
-            fields["tmo"] = int(timeout_s * 1000)
-        if deadline_s is not None:
-            fields["dl"] = int(deadline_s * 1000)
-        if retention_s:
-            fields["ret"] = int(retention_s * 1000)
+        unique_s = _seconds(unique_for, "unique_for") or None
+        retention_s = _seconds(retention, "retention") or None
         unique_key = None
         if unique_s:
             digest = hashlib.sha256(type.encode() + b"\0" + data).hexdigest()[:32]
             unique_key = qk.unique(digest)
-            fields["uq"] = unique_key
-        keys, args = enqueue_script.build(
-            qk,
-            task_id,
-            fields,
+        record = Record(
+            type=type,
+            payload=data,
+            codec=self.codec.name,
+            max_retry=max_retry,
+            enqueued_ms=int(time.time() * 1000),
+            timeout_ms=_ms(timeout_s),
+            deadline_ms=_ms(deadline_s),
+            unique_key=unique_key,
+            retention_ms=_ms(retention_s),
+        )
+        new = enqueue_script.NewTask(
+            id=task_id,
+            record=record.encode(),
             delay_ms=int(delay * 1000),
             due_ms=int(due * 1000) if due is not None else 0,
             unique_key=unique_key,
-            unique_ttl_ms=max(1, int((unique_s or 0) * 1000)),
+            unique_ttl_ms=int((unique_s or 0) * 1000),
         )
         return PreparedEnqueue(
-            task_id=task_id,
             queue=queue,
+            qk=qk,
+            new=new,
             type=type,
             payload=payload,
-            slot=qk.slot,
-            keys=keys,
-            args=args,
             max_retry=max_retry,
             timeout=timeout_s,
             deadline=deadline_s,
         )
 
+    def prepare_many(
+        self, items: Iterable[TaskSpec | tuple[str, Any]], defaults: dict[str, Any]
+    ) -> list[PreparedEnqueue]:
+        out = []
+        for item in items:
+            if isinstance(item, TaskSpec):
+                out.append(self.prepare(item.type, item.payload, **{**defaults, **item.options}))
+            else:
+                task_type, payload = item
+                out.append(self.prepare(task_type, payload, **defaults))
+        return out
 
-class Client:
+
+def plan_batches(prepared: Sequence[PreparedEnqueue]) -> dict[int, list[tuple[list[int], Call]]]:
+    """Group enqueues by slot into script calls of at most MAX_BATCH tasks each.
+
+    Returns slot -> [(indexes into ``prepared``, call)]: one pipeline per slot.
+    """
+    by_queue: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(prepared):
+        by_queue[item.queue].append(index)
+    plan: dict[int, list[tuple[list[int], Call]]] = defaultdict(list)
+    for indexes in by_queue.values():
+        qk = prepared[indexes[0]].qk
+        for start in range(0, len(indexes), enqueue_script.MAX_BATCH):
+            chunk = indexes[start : start + enqueue_script.MAX_BATCH]
+            keys, args = enqueue_script.build(qk, [prepared[i].new for i in chunk])
+            plan[qk.slot].append((chunk, (enqueue_script.SCRIPT, keys, args)))
+    return plan
+
+
+def _raise_first(replies: Sequence[Any]) -> list[Any]:
+    error = first_error(replies)
+    if error is not None:
+        raise error  # MOVED, connection loss...: the backend retries the whole (idempotent) batch
+    return list(replies)
+
+
+# ----------------------------------------------------------------------- reading tasks
+
+
+def info_commands(qk: QueueKeys, task_id: str) -> list[tuple[str, ...]]:
+    return [
+        ("HGET", qk.tasks, task_id),
+        ("HGET", qk.results, task_id),
+        ("ZSCORE", qk.active, task_id),
+        ("ZSCORE", qk.scheduled, task_id),
+        ("ZSCORE", qk.retry, task_id),
+        ("ZSCORE", qk.archived, task_id),
+        ("ZSCORE", qk.completed, task_id),
+    ]
+
+
+def _decode(codec_name: str, data: bytes | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return get_codec(codec_name).decode(data)
+    except PayloadError:
+        return data
+
+
+def task_info(queue: str, task_id: str, values: Sequence[Any]) -> TaskInfo:
+    """A :class:`TaskInfo` from the replies to :func:`info_commands`."""
+    raw, result, active, scheduled, retry, archived, completed = values
+    if raw is None:
+        raise TaskNotFound(
+            f"no task {task_id!r} in queue {queue!r} (a task enqueued without retention is "
+            "deleted when it completes)"
+        )
+    record = Record.decode(bytes(raw))
+    state, when = TaskState.PENDING, None
+    for candidate, score in (
+        (TaskState.ACTIVE, active),
+        (TaskState.SCHEDULED, scheduled),
+        (TaskState.RETRY, retry),
+        (TaskState.ARCHIVED, archived),
+        (TaskState.COMPLETED, completed),
+    ):
+        if score is not None:
+            state, when = candidate, float(score) / 1000.0
+            break
+    return TaskInfo(
+        id=task_id,
+        queue=queue,
+        type=record.type,
+        state=state,
+        payload=_decode(record.codec, record.payload),
+        max_retry=record.max_retry,
+        retried=record.retried,
+        enqueued_at=ms_to_s(record.enqueued_ms),
+        next_process_at=when
+        if state in (TaskState.SCHEDULED, TaskState.RETRY, TaskState.ACTIVE)
+        else None,
+        timeout=ms_to_s(record.timeout_ms),
+        deadline=ms_to_s(record.deadline_ms),
+        last_error=record.last_error,
+        last_failed_at=ms_to_s(record.failed_ms),
+        retained_until=when if state == TaskState.COMPLETED else None,
+        result=_decode(record.codec, bytes(result)) if result is not None else None,
+    )
+
+
+def _settled(info: TaskInfo) -> Any:
+    """The result of a completed task; raises for an archived one; None if still going."""
+    if info.state == TaskState.ARCHIVED:
+        raise TaskFailed(
+            f"task {info.id} in queue {info.queue!r} was archived after {info.retried} "
+            f"retries: {info.last_error}",
+            info.last_error,
+        )
+    return info.state == TaskState.COMPLETED
+
+
+def _poll_delay(attempt: int) -> float:
+    return min(0.2, 0.005 * 2.0 ** min(attempt, 10))
+
+
+class _Base:
+    def __init__(self, keys: KeySchema, codec: str, max_payload_bytes: int) -> None:
+        self.keys = keys
+        self.producer = Producer(keys, codec, max_payload_bytes)
+        self._registered: set[str] = set()
+
+    def _unregistered(self, queues: Iterable[str]) -> list[str]:
+        return sorted(set(queues) - self._registered)
+
+    @staticmethod
+    def _locate(task: TaskInfo | str, queue: str | None) -> tuple[str, str]:
+        if isinstance(task, TaskInfo):
+            return task.id, queue or task.queue
+        return task, queue or DEFAULT_QUEUE
+
+
+class Client(_Base):
     """Enqueue tasks into a cluster or a standalone server (synchronous).
 
     >>> client = Client("redis://127.0.0.1:7000")
@@ -196,9 +355,7 @@ class Client:
             url, mode=mode, prefix=prefix, retry_timeout=retry_timeout
         )
         self._owns_backend = backend is None
-        self.keys = self.backend.keys
-        self.producer = Producer(self.keys, codec, max_payload_bytes)
-        self._registered: set[str] = set()
+        super().__init__(self.backend.keys, codec, max_payload_bytes)
 
     def close(self) -> None:
         if self._owns_backend:
@@ -210,24 +367,189 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def register_queue(self, queue: str) -> None:
-        """Add ``queue`` to the registry of queue names (once per client)."""
-        if queue in self._registered:
-            return
-        self.backend.execute_key(self.keys.queues, lambda c: c.sadd(self.keys.queues, queue))
-        self._registered.add(queue)
-        self.backend.note_queues([queue])
+    def register_queues(self, queues: Iterable[str]) -> None:
+        """Add queues to the registry of queue names (once per client and queue)."""
+        new = self._unregistered(queues)
+        if new:
+            registry = self.keys.queues
+            self.backend.execute_key(registry, lambda c: c.sadd(registry, *new))
+            self._registered.update(new)
+            self.backend.note_queues(new)
 
     def enqueue(self, type: str, payload: Any = None, **options: Any) -> TaskInfo:
-        """Enqueue one task; see :meth:`Producer.prepare` for the options.
+        """Enqueue one task; the options are those of :meth:`Producer.prepare`.
 
-        Retrying with the same ``task_id`` is safe: the second call returns a
-        :class:`TaskInfo` with ``already_enqueued=True`` and changes nothing.
+        Raises :class:`DuplicateTask` when ``unique_for`` refuses it. Retrying with the
+        same ``task_id`` is safe: the second call returns ``already_enqueued=True``.
         """
         prepared = self.producer.prepare(type, payload, **options)
-        self.register_queue(prepared.queue)
-        reply = self.backend.execute(
-            prepared.slot,
-            lambda c: enqueue_script.SCRIPT.call(c, prepared.keys, prepared.args),
+        self.register_queues([prepared.queue])
+        keys, args = enqueue_script.build(prepared.qk, [prepared.new])
+        reply = self.backend.run_script(enqueue_script.SCRIPT, prepared.qk.slot, keys, args)
+        return prepared.info(enqueue_script.parse(reply)[0], raise_duplicate=True)
+
+    def enqueue_many(
+        self, items: Iterable[TaskSpec | tuple[str, Any]], **defaults: Any
+    ) -> list[TaskInfo]:
+        """Enqueue many tasks: one pipeline per slot, up to 500 tasks per script call.
+
+        ``items`` are ``(type, payload)`` pairs (using ``defaults`` as options) or
+        :class:`TaskSpec`. Unique tasks that were refused come back with ``duplicate_of``
+        set instead of raising.
+        """
+        prepared = self.producer.prepare_many(items, defaults)
+        self.register_queues(p.queue for p in prepared)
+        out: list[TaskInfo | None] = [None] * len(prepared)
+        for slot, batches in plan_batches(prepared).items():
+            calls = [call for _, call in batches]
+
+            def run(client: redis.Redis, calls: list[Call] = calls) -> list[Any]:
+                return _raise_first(run_pipelined(client, calls))
+
+            replies = self.backend.execute(slot, run)
+            for (indexes, _), reply in zip(batches, replies, strict=True):
+                for index, outcome in zip(indexes, enqueue_script.parse(reply), strict=True):
+                    out[index] = prepared[index].info(outcome, raise_duplicate=False)
+        return [info for info in out if info is not None]
+
+    def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
+        """State and details of a task (``queue`` defaults to the TaskInfo's or "default")."""
+        task_id, queue = self._locate(task, queue)
+        qk = self.keys.queue(queue)
+        commands = info_commands(qk, task_id)
+
+        def read(client: redis.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for args in commands:
+                command(pipe, *args)
+            return pipe.execute()
+
+        return task_info(queue, task_id, self.backend.execute(qk.slot, read))
+
+    def result(
+        self, task: TaskInfo | str, *, queue: str | None = None, timeout: float | None = 30.0
+    ) -> Any:
+        """Wait for a task to complete and return its result.
+
+        Needs the task to have been enqueued with a ``retention`` (or it is gone when it
+        completes). Raises :class:`TaskFailed` if it was archived, :class:`ResultTimeout`
+        after ``timeout`` seconds (None: wait forever), :class:`TaskNotFound`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            info = self.info(task, queue=queue)
+            if _settled(info):
+                return info.result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"task {info.id} is still {info.state} after {timeout}s")
+            time.sleep(_poll_delay(attempt))
+            attempt += 1
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of :class:`Client`. Create with ``await AsyncClient.connect(url)``."""
+
+    def __init__(
+        self,
+        backend: AsyncBackend,
+        *,
+        codec: str = "json",
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        owns_backend: bool = False,
+    ) -> None:
+        self.backend = backend
+        self._owns_backend = owns_backend
+        super().__init__(backend.keys, codec, max_payload_bytes)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | RedisURL = DEFAULT_URL,
+        *,
+        mode: Mode | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        codec: str = "json",
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+    ) -> AsyncClient:
+        backend = await AsyncBackend.connect(
+            url, mode=mode, prefix=prefix, retry_timeout=retry_timeout
         )
-        return prepared.info(enqueue_script.parse(reply))
+        return cls(backend, codec=codec, max_payload_bytes=max_payload_bytes, owns_backend=True)
+
+    async def aclose(self) -> None:
+        if self._owns_backend:
+            await self.backend.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def register_queues(self, queues: Iterable[str]) -> None:
+        new = self._unregistered(queues)
+        if new:
+            registry = self.keys.queues
+            await self.backend.execute_key(registry, lambda c: c.sadd(registry, *new))
+            self._registered.update(new)
+            self.backend.note_queues(new)
+
+    async def enqueue(self, type: str, payload: Any = None, **options: Any) -> TaskInfo:
+        """See :meth:`Client.enqueue`."""
+        prepared = self.producer.prepare(type, payload, **options)
+        await self.register_queues([prepared.queue])
+        keys, args = enqueue_script.build(prepared.qk, [prepared.new])
+        reply = await self.backend.run_script(enqueue_script.SCRIPT, prepared.qk.slot, keys, args)
+        return prepared.info(enqueue_script.parse(reply)[0], raise_duplicate=True)
+
+    async def enqueue_many(
+        self, items: Iterable[TaskSpec | tuple[str, Any]], **defaults: Any
+    ) -> list[TaskInfo]:
+        """See :meth:`Client.enqueue_many`; the slots are written concurrently."""
+        prepared = self.producer.prepare_many(items, defaults)
+        await self.register_queues(p.queue for p in prepared)
+        out: list[TaskInfo | None] = [None] * len(prepared)
+
+        async def send(slot: int, batches: list[tuple[list[int], Call]]) -> None:
+            calls = [call for _, call in batches]
+
+            async def run(client: redis.asyncio.Redis) -> list[Any]:
+                return _raise_first(await arun_pipelined(client, calls))
+
+            replies = await self.backend.execute(slot, run)
+            for (indexes, _), reply in zip(batches, replies, strict=True):
+                for index, outcome in zip(indexes, enqueue_script.parse(reply), strict=True):
+                    out[index] = prepared[index].info(outcome, raise_duplicate=False)
+
+        await asyncio.gather(*(send(s, b) for s, b in plan_batches(prepared).items()))
+        return [info for info in out if info is not None]
+
+    async def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
+        task_id, queue = self._locate(task, queue)
+        qk = self.keys.queue(queue)
+        commands = info_commands(qk, task_id)
+
+        async def read(client: redis.asyncio.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for args in commands:
+                pipe.execute_command(*args)
+            return await pipe.execute()
+
+        return task_info(queue, task_id, await self.backend.execute(qk.slot, read))
+
+    async def result(
+        self, task: TaskInfo | str, *, queue: str | None = None, timeout: float | None = 30.0
+    ) -> Any:
+        """See :meth:`Client.result`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            info = await self.info(task, queue=queue)
+            if _settled(info):
+                return info.result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"task {info.id} is still {info.state} after {timeout}s")
+            await asyncio.sleep(_poll_delay(attempt))
+            attempt += 1

@@ -40,3 +40,27 @@ class ServerBinaryNotFound(ClusterqError):
 
 class DevClusterError(ClusterqError):
     """The local development cluster could not be started, checked or stopped."""
+
+
+class DuplicateTask(ClusterqError):
+    """A unique task with the same type, payload and queue is already enqueued."""
+
+    def __init__(self, message: str, existing_id: str) -> None:
+        super().__init__(message)
+        self.existing_id = existing_id
+
+
+class TaskNotFound(ClusterqError, LookupError):
+    """No task with that id in that queue."""
+
+
+class TaskFailed(ClusterqError):
+    """The task was archived after its last attempt failed; ``last_error`` says why."""
+
+    def __init__(self, message: str, last_error: str | None) -> None:
+        super().__init__(message)
+        self.last_error = last_error
+
+
+class ResultTimeout(ClusterqError, TimeoutError):
+    """The task did not complete within the time given to wait for its result."""

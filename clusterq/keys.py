@@ -3,12 +3,15 @@
 Every key of a queue carries the queue name as its hash tag::
 
     <prefix>:{<queue>}:pending        list of task ids ready to run
-    <prefix>:{<queue>}:t:<task id>    the task record (hash)
+    <prefix>:{<queue>}:tasks          hash: task id -> task record
 
 so all of a queue's keys hash to one slot, and every script that works on a queue
-touches that one slot only. Keys that are not about one queue (the registry of queue
-names, the live workers) have no hash tag and are written off the hot path with
-single-key commands.
+touches that one slot only. Task records live in one hash per queue (not one key per
+task): a script that pops an id it could not know in advance still touches only keys it
+was given in KEYS, and a small task costs no per-key overhead.
+
+Keys that are not about one queue (the registry of queue names, the live workers) have
+no hash tag and are written off the hot path with single-key commands.
 """
 
 from __future__ import annotations
@@ -108,6 +111,21 @@ class QueueKeys:
         return f"{self.base}:completed"
 
     @property
+    def tasks(self) -> str:
+        """Hash: task id -> record (see :mod:`clusterq.task`)."""
+        return f"{self.base}:tasks"
+
+    @property
+    def leases(self) -> str:
+        """Hash: task id -> fencing token of the worker that holds it (active tasks only)."""
+        return f"{self.base}:leases"
+
+    @property
+    def results(self) -> str:
+        """Hash: task id -> encoded result of a completed task kept for its retention."""
+        return f"{self.base}:results"
+
+    @property
     def paused(self) -> str:
         """Present while the queue is paused."""
         return f"{self.base}:paused"
@@ -117,15 +135,12 @@ class QueueKeys:
         """Hash of counters: processed, failed."""
         return f"{self.base}:stats"
 
-    def task(self, task_id: str) -> str:
-        """The hash holding one task's record."""
-        return f"{self.base}:t:{task_id}"
-
     def unique(self, digest: str) -> str:
         """The lock that keeps a unique task from being enqueued twice in its window."""
         return f"{self.base}:u:{digest}"
 
-    def state_keys(self) -> tuple[str, ...]:
+    def all_keys(self) -> tuple[str, ...]:
+        """Every fixed key of the queue (unique locks aside)."""
         return (
             self.pending,
             self.scheduled,
@@ -133,6 +148,11 @@ class QueueKeys:
             self.active,
             self.archived,
             self.completed,
+            self.tasks,
+            self.leases,
+            self.results,
+            self.paused,
+            self.stats,
         )
 
 
@@ -156,12 +176,8 @@ class KeySchema:
 
     @property
     def workers(self) -> str:
-        """Sorted set: worker id -> time (ms) its announcement expires."""
+        """Hash: worker id -> JSON announcement (with its own expiry); the key has a TTL."""
         return f"{self.prefix}:workers"
-
-    def worker(self, worker_id: str) -> str:
-        """A live worker's announcement (JSON string with a TTL)."""
-        return f"{self.prefix}:worker:{worker_id}"
 
 
 @lru_cache(maxsize=4096)

@@ -1,32 +1,36 @@
-"""Task states and the task record.
+"""Task states, the task record, and the :class:`Task` a handler receives.
 
-A task lives in one queue's slot: a hash ``<prefix>:{queue}:t:<id>`` (the record) plus
-membership in exactly one state structure of that queue (see :mod:`clusterq.keys`).
+A task lives in one queue's slot: its record is a field of the queue's ``tasks`` hash,
+and its id is a member of exactly one state structure of that queue:
 
-Record fields (short names keep a small pending task small in memory):
+=========  ==================================================  ==========================
+state      where the id is                                     how it gets there
+=========  ==================================================  ==========================
+pending    ``pending`` list                                    enqueue, forward, requeue
+scheduled  ``scheduled`` zset (score: due time)                enqueue with a delay
+active     ``active`` zset (score: lease expiry) + ``leases``  dequeue
+retry      ``retry`` zset (score: next attempt)                fail, lease expiry
+archived   ``archived`` zset (score: archived at)              fail after the last retry
+completed  ``completed`` zset (score: kept until)              ack with a retention
+=========  ==================================================  ==========================
 
-=========  =============================================================
-type       task type (routes it to a handler)
-payload    encoded payload
-codec      "json" or "msgpack"
-state      pending | scheduled | active | retry | archived | completed
-enq        enqueued at (ms, server clock)
-maxr       how many retries after the first attempt
-retried    retries so far
-att        attempts started; also the fencing token of the current lease
-tmo        timeout of one attempt (ms), optional
-dl         deadline (ms since epoch), optional
-uq         key of the unique lock, optional
-ret        how long to keep the task after success (ms), optional
-err        last error; ``errat`` when (ms)
-res        encoded result of a completed task
-done       completed at (ms)
-=========  =============================================================
+The record is ``<meta JSON>\\n<payload bytes>``. Scripts treat it as opaque bytes, except
+the fail transition, which swaps the meta part for one the worker computed. Meta fields
+(short names keep a small task small; absent means the default):
+
+====  =========================================  ====  ==================================
+t     task type                                  to    timeout of one attempt (ms)
+c     payload codec (absent: json)               dl    deadline (ms since the epoch)
+mr    retries allowed after the first attempt    u     key of the unique lock
+r     retries so far                             rt    kept after success for (ms)
+e     enqueued at (ms since the epoch)           err   last error; ``fa`` when (ms)
+====  =========================================  ====  ==================================
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
@@ -44,6 +48,88 @@ class TaskState(str, Enum):
 
 
 @dataclass(frozen=True)
+class Record:
+    """A task record as stored in the queue's ``tasks`` hash."""
+
+    type: str
+    payload: bytes
+    codec: str = "json"
+    max_retry: int = 25
+    retried: int = 0
+    enqueued_ms: int = 0
+    timeout_ms: int | None = None
+    deadline_ms: int | None = None
+    unique_key: str | None = None
+    retention_ms: int | None = None
+    last_error: str | None = None
+    failed_ms: int | None = None
+
+    def meta(self) -> bytes:
+        meta: dict[str, Any] = {"t": self.type, "mr": self.max_retry, "e": self.enqueued_ms}
+        if self.codec != "json":
+            meta["c"] = self.codec
+        if self.retried:
+            meta["r"] = self.retried
+        for key, value in (
+            ("to", self.timeout_ms),
+            ("dl", self.deadline_ms),
+            ("u", self.unique_key),
+            ("rt", self.retention_ms),
+            ("err", self.last_error),
+            ("fa", self.failed_ms),
+        ):
+            if value is not None:
+                meta[key] = value
+        return json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def encode(self) -> bytes:
+        return self.meta() + b"\n" + self.payload
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Record:
+        meta_raw, _, payload = raw.partition(b"\n")
+        meta = json.loads(meta_raw)
+        return cls(
+            type=meta["t"],
+            payload=payload,
+            codec=meta.get("c", "json"),
+            max_retry=meta.get("mr", 0),
+            retried=meta.get("r", 0),
+            enqueued_ms=meta.get("e", 0),
+            timeout_ms=meta.get("to"),
+            deadline_ms=meta.get("dl"),
+            unique_key=meta.get("u"),
+            retention_ms=meta.get("rt"),
+            last_error=meta.get("err"),
+            failed_ms=meta.get("fa"),
+        )
+
+    def failed(self, error: str, at_ms: int, *, count: bool = True) -> Record:
+        """The record after a failed attempt (``count``: it uses up one retry)."""
+        return replace(
+            self, retried=self.retried + (1 if count else 0), last_error=error, failed_ms=at_ms
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a handler receives."""
+
+    id: str
+    type: str
+    payload: Any
+    queue: str
+    #: Retries so far (0 on the first attempt).
+    retry_count: int = 0
+    max_retry: int = 0
+    #: Seconds one attempt may take, if limited.
+    timeout: float | None = None
+    #: Unix time after which the task must not run, if set.
+    deadline: float | None = None
+    enqueued_at: float | None = None
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     """What is known about one task."""
 
@@ -54,17 +140,20 @@ class TaskInfo:
     payload: Any = None
     max_retry: int = 0
     retried: int = 0
-    attempts: int = 0
     enqueued_at: float | None = None
+    #: When a scheduled or retry task becomes pending; lease expiry of an active task.
     next_process_at: float | None = None
     timeout: float | None = None
     deadline: float | None = None
     last_error: str | None = None
     last_failed_at: float | None = None
-    completed_at: float | None = None
+    #: For completed tasks: until when the task and its result are kept.
+    retained_until: float | None = None
     result: Any = None
     #: True when enqueue found a task with this id already there (an idempotent retry).
     already_enqueued: bool = False
+    #: From enqueue_many: the id of the unique task that made this one a duplicate.
+    duplicate_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -72,8 +161,5 @@ class TaskInfo:
         return out
 
 
-def ms_to_s(value: Any) -> float | None:
-    """A record's millisecond field as seconds (float), or None when absent."""
-    if value is None or value == b"" or value == "":
-        return None
-    return int(value) / 1000.0
+def ms_to_s(value: int | float | None) -> float | None:
+    return None if value is None else value / 1000.0

@@ -17,17 +17,17 @@ from clusterq.slots import keyslot
 
 def test_every_queue_key_shares_the_queue_slot() -> None:
     qk = KeySchema("clusterq").queue("emails")
-    keys = [*qk.state_keys(), qk.paused, qk.stats, qk.task("abc"), qk.unique("d1g3st")]
+    keys = [*qk.all_keys(), qk.unique("d1g3st")]
+    assert len(set(keys)) == len(keys)
     assert {keyslot(k) for k in keys} == {keyslot("emails")} == {qk.slot}
     assert qk.pending == "clusterq:{emails}:pending"
-    assert qk.task("abc") == "clusterq:{emails}:t:abc"
+    assert qk.tasks == "clusterq:{emails}:tasks"
 
 
 def test_prefix_applies_and_global_keys_have_no_tag() -> None:
     schema = KeySchema("myapp")
     assert schema.queue("q").pending.startswith("myapp:{q}:")
     assert "{" not in schema.queues and "{" not in schema.workers
-    assert schema.worker("w1") == "myapp:worker:w1"
 
 
 @pytest.mark.parametrize(

@@ -1,30 +1,45 @@
--- enqueue: create a task record and make it pending (or scheduled, if it is due later).
+-- enqueue: new tasks -> pending, or scheduled when due later. Several tasks per call.
 --
--- KEYS[1] task record (hash)   KEYS[2] pending (list)   KEYS[3] scheduled (zset)
--- KEYS[4] unique lock (string), only for unique tasks
--- ARGV[1] task id   ARGV[2] delay ms   ARGV[3] due at ms (0: now + delay)
--- ARGV[4] unique lock ttl ms   ARGV[5..] record field/value pairs
+-- KEYS[1] tasks (hash)   KEYS[2] pending   KEYS[3] scheduled   KEYS[4] retry
+-- KEYS[5] active   KEYS[6] archived   KEYS[7] completed   KEYS[8..] unique locks
+-- ARGV, six per task: id, delay ms, due at ms (0: now + delay), unique lock index into
+-- KEYS (0: none), unique lock ttl ms, record
 --
--- Returns {1, state} when created; {0, state} when a task with this id already exists
--- (a retried enqueue: nothing changes); {-1, holder id} when the unique lock is held.
-local id = ARGV[1]
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {0, redis.call('HGET', KEYS[1], 'state') or ''}
+-- Returns two values per task: {1, 'pending'|'scheduled'} created; {0, state} a task
+-- with this id exists already (a retried enqueue: nothing changes); {-1, holder id} the
+-- unique lock is held by another task.
+local function state_of(id)
+  if redis.call('ZSCORE', KEYS[5], id) then return 'active' end
+  if redis.call('ZSCORE', KEYS[3], id) then return 'scheduled' end
+  if redis.call('ZSCORE', KEYS[4], id) then return 'retry' end
+  if redis.call('ZSCORE', KEYS[6], id) then return 'archived' end
+  if redis.call('ZSCORE', KEYS[7], id) then return 'completed' end
+  return 'pending'
 end
-if KEYS[4] then
-  if not redis.call('SET', KEYS[4], id, 'NX', 'PX', ARGV[4]) then
-    return {-1, redis.call('GET', KEYS[4]) or ''}
+
+local now = now_ms()
+local out, ready = {}, {}
+for i = 1, #ARGV, 6 do
+  local id, uq = ARGV[i], tonumber(ARGV[i + 3])
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then
+    out[#out + 1] = 0
+    out[#out + 1] = state_of(id)
+  elseif uq > 0 and not redis.call('SET', KEYS[uq], id, 'NX', 'PX', ARGV[i + 4]) then
+    out[#out + 1] = -1
+    out[#out + 1] = redis.call('GET', KEYS[uq]) or ''
+  else
+    local due = tonumber(ARGV[i + 2])
+    if due == 0 then due = now + tonumber(ARGV[i + 1]) end
+    redis.call('HSET', KEYS[1], id, ARGV[i + 5])
+    out[#out + 1] = 1
+    if due > now then
+      redis.call('ZADD', KEYS[3], due, id)
+      out[#out + 1] = 'scheduled'
+    else
+      ready[#ready + 1] = id
+      out[#out + 1] = 'pending'
+    end
   end
 end
-local now = now_ms()
-local due = tonumber(ARGV[3])
-if due == 0 then due = now + tonumber(ARGV[2]) end
-local state = 'pending'
-if due > now then state = 'scheduled' end
-redis.call('HSET', KEYS[1], 'state', state, 'enq', now, unpack(ARGV, 5))
-if state == 'pending' then
-  redis.call('LPUSH', KEYS[2], id)
-else
-  redis.call('ZADD', KEYS[3], due, id)
-end
-return {1, state}
+if #ready > 0 then redis.call('LPUSH', KEYS[2], unpack(ready)) end
+return out

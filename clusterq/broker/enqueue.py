@@ -1,8 +1,8 @@
-"""enqueue: new task -> pending or scheduled (``enqueue.lua``)."""
+"""enqueue: new tasks -> pending or scheduled (``enqueue.lua``), several per call."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,21 @@ from clusterq.broker.script import LuaScript
 from clusterq.keys import QueueKeys
 
 SCRIPT = LuaScript("enqueue")
+
+#: Tasks per script call; Lua's unpack() is limited to a few thousand values.
+MAX_BATCH = 500
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """One task to enqueue, already validated and encoded."""
+
+    id: str
+    record: bytes
+    delay_ms: int = 0
+    due_ms: int = 0
+    unique_key: str | None = None
+    unique_ttl_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -20,28 +35,34 @@ class EnqueueOutcome:
     duplicate_of: str | None = None
 
 
-def build(
-    qk: QueueKeys,
-    task_id: str,
-    fields: Mapping[str, Any],
-    *,
-    delay_ms: int = 0,
-    due_ms: int = 0,
-    unique_key: str | None = None,
-    unique_ttl_ms: int = 0,
-) -> tuple[list[str], list[Any]]:
-    keys = [qk.task(task_id), qk.pending, qk.scheduled]
-    if unique_key is not None:
-        keys.append(unique_key)
-    args: list[Any] = [task_id, max(0, delay_ms), max(0, due_ms), unique_ttl_ms]
-    for name, value in fields.items():
-        args.extend((name, value))
+def build(qk: QueueKeys, tasks: Sequence[NewTask]) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV for one call; all ``tasks`` belong to queue ``qk``."""
+    keys = [qk.tasks, qk.pending, qk.scheduled, qk.retry, qk.active, qk.archived, qk.completed]
+    args: list[Any] = []
+    for task in tasks:
+        index = 0
+        if task.unique_key is not None:
+            keys.append(task.unique_key)
+            index = len(keys)
+        args += [
+            task.id,
+            max(0, task.delay_ms),
+            max(0, task.due_ms),
+            index,
+            max(1, task.unique_ttl_ms),
+            task.record,
+        ]
     return keys, args
 
 
-def parse(reply: Any) -> EnqueueOutcome:
-    code, detail = int(reply[0]), reply[1]
-    text = detail.decode() if isinstance(detail, bytes) else str(detail)
-    if code == -1:
-        return EnqueueOutcome(created=False, state="", duplicate_of=text)
-    return EnqueueOutcome(created=code == 1, state=text)
+def parse(reply: Sequence[Any]) -> list[EnqueueOutcome]:
+    out = []
+    for i in range(0, len(reply), 2):
+        code = int(reply[i])
+        detail = reply[i + 1]
+        text = detail.decode() if isinstance(detail, bytes) else str(detail)
+        if code == -1:
+            out.append(EnqueueOutcome(created=False, state="", duplicate_of=text))
+        else:
+            out.append(EnqueueOutcome(created=code == 1, state=text))
+    return out

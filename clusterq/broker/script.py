@@ -49,20 +49,65 @@ class LuaScript:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
     def queue_in(self, pipe: Pipeline, keys: Sequence[Any], args: Sequence[Any]) -> None:
-        """Add a call to a (non-transactional) pipeline; see :func:`run_pipeline`."""
+        """Add a call to a (non-transactional) pipeline; see :func:`run_pipelined`."""
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
-def ensure_loaded(client: redis.Redis, scripts: Sequence[LuaScript]) -> None:
-    """Load ``scripts`` on the node behind ``client`` where they are missing."""
-    present = client.script_exists(*[s.sha for s in scripts])
-    for script, ok in zip(scripts, present, strict=True):
-        if not ok:
+Call = tuple[LuaScript, Sequence[Any], Sequence[Any]]
+
+
+def run_pipelined(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
+    """Run several script calls on one node in one round trip (no transaction).
+
+    Calls answered ``NOSCRIPT`` did not run; their scripts are loaded on that node and
+    just those calls are sent again. Other errors are returned in place of replies.
+    """
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _ in range(2):
+        pipe = client.pipeline(transaction=False)
+        for index in todo:
+            script, keys, args = calls[index]
+            script.queue_in(pipe, keys, args)
+        answers = pipe.execute(raise_on_error=False)
+        missing = []
+        for index, answer in zip(todo, answers, strict=True):
+            if isinstance(answer, redis.exceptions.NoScriptError):
+                missing.append(index)
+            replies[index] = answer
+        if not missing:
+            break
+        for script in {calls[i][0] for i in missing}:
             client.script_load(script.source)
+        todo = missing
+    return replies
 
 
-async def aensure_loaded(client: redis.asyncio.Redis, scripts: Sequence[LuaScript]) -> None:
-    present = await client.script_exists(*[s.sha for s in scripts])
-    for script, ok in zip(scripts, present, strict=True):
-        if not ok:
+async def arun_pipelined(client: redis.asyncio.Redis, calls: Sequence[Call]) -> list[Any]:
+    """Asynchronous :func:`run_pipelined`."""
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _ in range(2):
+        pipe = client.pipeline(transaction=False)
+        for index in todo:
+            script, keys, args = calls[index]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        answers = await pipe.execute(raise_on_error=False)
+        missing = []
+        for index, answer in zip(todo, answers, strict=True):
+            if isinstance(answer, redis.exceptions.NoScriptError):
+                missing.append(index)
+            replies[index] = answer
+        if not missing:
+            break
+        for script in {calls[i][0] for i in missing}:
             await client.script_load(script.source)
+        todo = missing
+    return replies
+
+
+def first_error(replies: Sequence[Any]) -> Exception | None:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            return reply
+    return None

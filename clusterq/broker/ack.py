@@ -1,0 +1,38 @@
+"""ack: active -> completed or deleted (``ack.lua``), several per call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clusterq.broker.script import LuaScript
+from clusterq.keys import QueueKeys
+
+SCRIPT = LuaScript("ack")
+
+
+@dataclass(frozen=True)
+class Ack:
+    id: str
+    token: str
+    retention_ms: int = 0
+    result: bytes = b""
+    unique_key: str | None = None
+
+
+def build(qk: QueueKeys, acks: Sequence[Ack]) -> tuple[list[str], list[Any]]:
+    keys = [qk.active, qk.leases, qk.tasks, qk.completed, qk.results, qk.stats]
+    args: list[Any] = []
+    for ack in acks:
+        index = 0
+        if ack.unique_key is not None:
+            keys.append(ack.unique_key)
+            index = len(keys)
+        args += [ack.id, ack.token, max(0, ack.retention_ms), ack.result, index]
+    return keys, args
+
+
+def parse(reply: Sequence[Any]) -> list[bool]:
+    """Per ack: True if applied, False if the caller no longer held the lease."""
+    return [int(v) == 1 for v in reply]

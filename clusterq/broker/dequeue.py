@@ -1,0 +1,44 @@
+"""dequeue: pending -> active with a lease (``dequeue.lua``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clusterq.broker.script import LuaScript
+from clusterq.keys import QueueKeys
+
+SCRIPT = LuaScript("dequeue")
+
+
+@dataclass(frozen=True)
+class Dequeued:
+    paused: bool = False
+    #: Unix time (s) the earliest scheduled/retry task is due, when nothing was taken.
+    next_due: float | None = None
+    #: Ids that were pending without a record (dropped by the script; worth a warning).
+    orphans: int = 0
+    #: (task id, raw record) pairs now active under the caller's token.
+    tasks: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def build(
+    qk: QueueKeys, count: int, lease_ms: int, token: str, forward_limit: int = 100
+) -> tuple[list[str], list[Any]]:
+    keys = [qk.pending, qk.active, qk.scheduled, qk.retry, qk.tasks, qk.leases, qk.paused]
+    return keys, [count, lease_ms, token, forward_limit]
+
+
+def parse(reply: Sequence[Any]) -> Dequeued:
+    status, next_due, orphans = int(reply[0]), int(reply[1]), int(reply[2])
+    tasks = [
+        (reply[i].decode() if isinstance(reply[i], bytes) else str(reply[i]), reply[i + 1])
+        for i in range(3, len(reply), 2)
+    ]
+    return Dequeued(
+        paused=status == 0,
+        next_due=next_due / 1000.0 if next_due >= 0 else None,
+        orphans=orphans,
+        tasks=tasks,
+    )

@@ -1,0 +1,31 @@
+-- fail: active -> retry (after a delay) or archived. Also used by the recoverer for
+-- tasks whose lease expired (only_if_expired), so a lease extended meanwhile wins.
+--
+-- KEYS[1] active   KEYS[2] leases   KEYS[3] tasks   KEYS[4] retry   KEYS[5] archived
+-- KEYS[6] stats
+-- ARGV[1] id   ARGV[2] token   ARGV[3] new meta (the record's part before its newline)
+-- ARGV[4] retry delay ms, or -1 to archive   ARGV[5] only_if_expired (1/0)
+-- ARGV[6] count as a failure in stats (1/0)
+--
+-- Returns 1 retry, 2 archived, 0 not the lease holder or lease still valid (no-op).
+local now, id = now_ms(), ARGV[1]
+if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then return 0 end
+if ARGV[5] == '1' then
+  local expiry = redis.call('ZSCORE', KEYS[1], id)
+  if expiry and tonumber(expiry) > now then return 0 end
+end
+redis.call('ZREM', KEYS[1], id)
+redis.call('HDEL', KEYS[2], id)
+local rec = redis.call('HGET', KEYS[3], id)
+if rec then
+  local cut = string.find(rec, '\n', 1, true) or (#rec + 1)
+  redis.call('HSET', KEYS[3], id, ARGV[3] .. string.sub(rec, cut))
+end
+if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[6], 'failed', 1) end
+local delay = tonumber(ARGV[4])
+if delay >= 0 then
+  redis.call('ZADD', KEYS[4], now + delay, id)
+  return 1
+end
+redis.call('ZADD', KEYS[5], now, id)
+return 2

@@ -1,0 +1,33 @@
+"""fail: active -> retry or archived (``fail.lua``); also lease-expiry recovery."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from clusterq.broker.script import LuaScript
+from clusterq.keys import QueueKeys
+
+SCRIPT = LuaScript("fail")
+
+FailOutcome = Literal["retry", "archived", "stale"]
+
+
+def build(
+    qk: QueueKeys,
+    task_id: str,
+    token: str,
+    new_meta: bytes,
+    *,
+    retry_in_ms: int | None,
+    only_if_expired: bool = False,
+    count_failure: bool = True,
+) -> tuple[list[str], list[Any]]:
+    """``retry_in_ms=None`` archives the task."""
+    keys = [qk.active, qk.leases, qk.tasks, qk.retry, qk.archived, qk.stats]
+    delay = -1 if retry_in_ms is None else max(0, retry_in_ms)
+    args = [task_id, token, new_meta, delay, int(only_if_expired), int(count_failure)]
+    return keys, args
+
+
+def parse(reply: Any) -> FailOutcome:
+    return {1: "retry", 2: "archived"}.get(int(reply), "stale")  # type: ignore[return-value]

@@ -1,0 +1,18 @@
+-- requeue: active -> pending, at the head of the line, without using up a retry. A
+-- worker that shuts down returns the tasks it will not finish.
+--
+-- KEYS[1] active   KEYS[2] leases   KEYS[3] pending
+-- ARGV, two per task: id, token
+--
+-- Returns how many tasks were returned (the others were no longer held by the caller).
+local n = 0
+for i = 1, #ARGV, 2 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[2], id) == ARGV[i + 1] then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('RPUSH', KEYS[3], id)
+    n = n + 1
+  end
+end
+return n

@@ -1,0 +1,140 @@
+"""``clusterq worker``: run a worker, or list the live ones."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+import click
+
+from clusterq.cli.app import CliError, CliState
+from clusterq.cli.render import console, print_json, table
+from clusterq.inspector import Inspector
+from clusterq.router import Router
+from clusterq.worker import DEFAULT_LEASE, DEFAULT_POLL_INTERVAL, Worker, parse_queues
+
+
+class _RunByDefault(click.Group):
+    """``clusterq worker MODULE:ROUTER ...`` means ``clusterq worker run MODULE:ROUTER ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_RunByDefault)
+def worker() -> None:
+    """Run a worker (`clusterq worker MODULE:ROUTER`), or `clusterq worker ls`."""
+
+
+def load_router(spec: str) -> Router:
+    """Import ``module:attribute`` (from the current directory too) and check it is a Router."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise CliError(f"expected MODULE:ROUTER, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"cannot import {module_name!r}: {exc}") from None
+    router = getattr(module, attribute, None)
+    if not isinstance(router, Router):
+        raise CliError(f"{spec} is {type(router).__name__}, not a clusterq Router")
+    return router
+
+
+@worker.command("run")
+@click.argument("router_spec", metavar="MODULE:ROUTER")
+@click.option("--queues", "-q", default="default=1", show_default=True, help="name=weight,...")
+@click.option("--strict", is_flag=True, help="Strict priority: heavier queues first, always.")
+@click.option("--concurrency", "-c", type=int, default=10, show_default=True)
+@click.option("--shutdown-timeout", type=float, default=10.0, show_default=True)
+@click.option("--lease", type=float, default=DEFAULT_LEASE, show_default=True, help="Seconds.")
+@click.option("--recover-interval", type=float, default=1.0, show_default=True)
+@click.option("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL, show_default=True)
+@click.option("--name", default=None, help="Worker id (default host:pid:random).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@click.pass_obj
+def run(
+    state: CliState,
+    router_spec: str,
+    queues: str,
+    strict: bool,
+    concurrency: int,
+    shutdown_timeout: float,
+    lease: float,
+    recover_interval: float,
+    poll_interval: float,
+    name: str | None,
+    log_level: str,
+) -> None:
+    """Run handlers from MODULE:ROUTER until SIGTERM/SIGINT (twice: stop at once)."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    options: dict[str, Any] = {
+        "queues": parse_queues(queues),
+        "strict_priority": strict,
+        "concurrency": concurrency,
+        "shutdown_timeout": shutdown_timeout,
+        "prefix": state.prefix,
+        "mode": state.mode,
+        "lease": lease,
+        "recover_interval": recover_interval,
+        "poll_interval": poll_interval,
+        "name": name,
+    }
+    Worker(state.url, load_router(router_spec), **options).run()
+    # A sync handler abandoned after its timeout may still run in a thread; do not wait.
+    if any(
+        t.is_alive() and not t.daemon
+        for t in threading.enumerate()
+        if t is not threading.main_thread()
+    ):
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+
+
+@worker.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def ls(state: CliState, as_json: bool) -> None:
+    """Live workers: id, host, pid, queues, concurrency, active tasks."""
+    workers = Inspector(backend=state.backend()).workers()
+    if as_json:
+        print_json([w.to_dict() for w in workers])
+        return
+    if not workers:
+        click.echo("no live workers")
+        return
+    console().print(
+        table(
+            None,
+            ["Worker", "Host", "Pid", "Queues", "Concurrency", "Active", "Processed", "Failed"],
+            [
+                [
+                    w.id,
+                    w.host,
+                    w.pid,
+                    ", ".join(f"{q}={n}" for q, n in w.queues.items()),
+                    w.concurrency,
+                    w.active,
+                    w.processed,
+                    w.failed,
+                ]
+                for w in workers
+            ],
+        )
+    )

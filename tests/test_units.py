@@ -1,0 +1,123 @@
+"""Pure functions and small classes: retry policies, capacity, records, router."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from clusterq import Router, Task
+from clusterq.priority import Capacity
+from clusterq.retry import RetryIn, exponential, fibonacci, fixed
+from clusterq.task import Record
+from clusterq.worker import parse_queues
+
+TASK = Task(id="x", type="t", payload=None, queue="q")
+
+
+def test_exponential_backoff_bounds() -> None:
+    policy = exponential(base=1.0, factor=2.0, maximum=60.0, jitter=0.5)
+    for retried in range(12):
+        ceiling = min(60.0, 2.0**retried)
+        for _ in range(20):
+            assert ceiling * 0.5 <= policy(retried, RuntimeError(), TASK) <= ceiling
+    with pytest.raises(ValueError):
+        exponential(jitter=2)
+
+
+def test_fibonacci_backoff_like_machinery() -> None:
+    policy = fibonacci(unit=1.0, maximum=100)
+    assert [policy(n, RuntimeError(), TASK) for n in range(10)] == [
+        1,
+        1,
+        2,
+        3,
+        5,
+        8,
+        13,
+        21,
+        34,
+        55,
+    ]
+    assert policy(50, RuntimeError(), TASK) == 100
+    assert fixed(3)(7, RuntimeError(), TASK) == 3
+    assert RetryIn(-1).seconds == 0
+
+
+def test_record_round_trip_and_failure() -> None:
+    record = Record(
+        type="a:b", payload=b'{"x":"\\n"}\nraw', max_retry=3, enqueued_ms=5, unique_key="k"
+    )
+    again = Record.decode(record.encode())
+    assert again == record
+    failed = again.failed("boom", 99)
+    assert (failed.retried, failed.last_error, failed.failed_ms) == (1, "boom", 99)
+    assert b"\n" not in failed.meta()  # the meta part never contains the separator
+    assert Record.decode(failed.meta() + b"\n" + record.payload).payload == record.payload
+
+
+def test_parse_queues() -> None:
+    assert parse_queues("critical=6,default=3,low") == {"critical": 6, "default": 3, "low": 1}
+    assert parse_queues(["a", "b"]) == {"a": 1, "b": 1}
+    assert parse_queues(None) == {"default": 1}
+    with pytest.raises(ValueError, match="weight"):
+        parse_queues({"a": 0})
+    with pytest.raises(ValueError, match="name=integer"):
+        parse_queues("a=x")
+    with pytest.raises(ValueError, match="invalid queue name"):
+        parse_queues("a{b}=1")
+
+
+def test_router_exact_then_longest_prefix() -> None:
+    router = Router()
+    router.handle("email:", lambda t: "any email")
+    router.handle("email:urgent:", lambda t: "urgent")
+    router.handle("email:send", lambda t: "send")
+    assert router.resolve("email:send")(TASK) == "send"  # type: ignore[misc]
+    assert router.resolve("email:urgent:page")(TASK) == "urgent"  # type: ignore[misc]
+    assert router.resolve("email:bounce")(TASK) == "any email"  # type: ignore[misc]
+    assert router.resolve("sms:send") is None
+    with pytest.raises(ValueError, match="already registered"):
+        router.handle("email:send", lambda t: None)
+
+
+def test_capacity_weighted_draws() -> None:
+    async def scenario() -> Counter[str]:
+        capacity = Capacity(1, {"a": 6, "b": 3, "c": 1})
+        wins: Counter[str] = Counter()
+
+        async def loop(queue: str) -> None:
+            while sum(wins.values()) < 3000:
+                got = await capacity.acquire(queue, 1)
+                if got == 0:
+                    return
+                wins[queue] += 1
+                await asyncio.sleep(0)
+                capacity.release(got)
+
+        tasks = [asyncio.create_task(loop(q)) for q in "abc"]
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        return wins
+
+    wins = asyncio.run(scenario())
+    total = sum(wins.values())
+    assert abs(wins["a"] / total - 0.6) < 0.05 and abs(wins["c"] / total - 0.1) < 0.03, wins
+
+
+def test_capacity_strict_and_close() -> None:
+    async def scenario() -> None:
+        capacity = Capacity(2, {"hi": 2, "lo": 1}, strict=True)
+        assert await capacity.acquire("lo", 5) == 2  # alone: takes what is free
+        hi = asyncio.create_task(capacity.acquire("hi", 1))
+        lo = asyncio.create_task(capacity.acquire("lo", 1))
+        await asyncio.sleep(0)
+        capacity.release(1)
+        assert await hi == 1
+        await asyncio.sleep(0.01)
+        assert not lo.done()
+        capacity.close()
+        assert await lo == 0
+        assert await capacity.acquire("hi", 1) == 0
+
+    asyncio.run(scenario())

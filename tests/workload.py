@@ -1,0 +1,46 @@
+"""Handlers run by worker processes that the tests start (tests.workload:router).
+
+Each handler appends ``<event> <task id>`` lines to ``$CLUSTERQ_TEST_LOG_DIR/<pid>.log``
+so a test can count what every process started and finished, even after kill -9.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from clusterq import Router, Task
+
+router = Router()
+_log_dir = Path(os.environ.get("CLUSTERQ_TEST_LOG_DIR", "."))
+
+
+def _note(event: str, task: Task) -> None:
+    with open(_log_dir / f"{os.getpid()}.log", "a", buffering=1) as handle:
+        handle.write(f"{event} {task.id}\n")
+
+
+@router.task("record")
+def record(task: Task) -> str:
+    _note("done", task)
+    return task.id
+
+
+@router.task("slow")
+def slow(task: Task) -> None:
+    """Sleeps payload["seconds"] between a 'start' and a 'done' line."""
+    _note("start", task)
+    time.sleep(float(task.payload.get("seconds", 1.0)))
+    _note("done", task)
+
+
+def read_events(log_dir: Path) -> list[tuple[str, str]]:
+    """All (event, task id) lines written by every process."""
+    events = []
+    for path in sorted(log_dir.glob("*.log")):
+        for line in path.read_text().splitlines():
+            if " " in line:
+                event, task_id = line.split(" ", 1)
+                events.append((event, task_id))
+    return events
