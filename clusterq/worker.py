@@ -200,6 +200,7 @@ class Worker:
         self._threads: dict[str, Future[Any]] = {}
         self._seq = 0
         self._stopping = False
+        self._closing = False
         self._closed: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -258,10 +259,7 @@ class Worker:
         await self._stop_fetching()
         if self._running:
             _, late = await asyncio.wait(set(self._running), timeout=grace)
-            for running in late:
-                running.cancel()
-            if late:
-                await asyncio.gather(*late, return_exceptions=True)
+            await _cancel_and_wait(late)
         await self._return_unfinished()
         await self._flush_all_acks()
         await self._close(announce=True)
@@ -274,9 +272,7 @@ class Worker:
             return
         self._stopping = True
         await self._stop_fetching()
-        for running in list(self._running):
-            running.cancel()
-        await asyncio.gather(*self._running, return_exceptions=True)
+        await _cancel_and_wait(set(self._running))
         await self._close(announce=False)
         log.warning("worker %s aborted; unfinished tasks return when their leases expire", self.id)
 
@@ -293,9 +289,8 @@ class Worker:
         await asyncio.gather(*fetchers, return_exceptions=True)
 
     async def _close(self, *, announce: bool) -> None:
-        for loop_task in self._loops:
-            loop_task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._closing = True
+        await _cancel_and_wait(set(self._loops))
         backend = self.backend
         if backend is not None:
             if announce:
@@ -335,10 +330,11 @@ class Worker:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         try:
             await self.wait_closed()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
             await asyncio.gather(*stopping, return_exceptions=True)
 
@@ -708,7 +704,7 @@ class Worker:
         backend = self.backend
         assert backend is not None
         lease_ms = int(self.lease * 1000)
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.heartbeat_interval)
             for q in self._queues.values():
                 held = [(i, h.token) for i, h in q.held.items() if not h.lost]
@@ -742,7 +738,7 @@ class Worker:
     async def _recover_loop(self) -> None:
         backend = self.backend
         assert backend is not None
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.recover_interval * (0.75 + 0.5 * _jitter()))
             for q in self._queues.values():
                 keys, args = sweep_script.build(
@@ -810,7 +806,7 @@ class Worker:
         workers = backend.keys.workers
         host = socket.gethostname()
         rounds = 0
-        while True:
+        while not self._closing:
             rounds += 1
             if rounds % 30 == 1:
                 await self._forget_dead_workers(workers)
@@ -859,6 +855,33 @@ class Worker:
                 await backend.execute_key(workers, lambda c: c.hdel(workers, *dead), timeout=1)
         except Exception as exc:
             log.debug("could not clean up dead workers (%s)", exc)
+
+
+async def _cancel_and_wait(tasks: set[asyncio.Task[Any]], *, limit: float = 10.0) -> None:
+    """Cancel ``tasks`` and wait until they are done, cancelling again if needed.
+
+    On Python 3.11 a cancellation can be lost: redis-py sends under ``asyncio.wait_for``,
+    which swallows a cancel that arrives as the send completes (fixed in 3.12). A single
+    ``cancel()`` is therefore not enough; our loops also check a stop flag.
+    """
+    deadline = time.monotonic() + limit
+    pending = {t for t in tasks if not t.done()}
+    while pending and time.monotonic() < deadline:
+        for running in pending:
+            running.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    if pending:
+        log.error("%d tasks did not stop: %s", len(pending), [t.get_name() for t in pending])
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: log where every asyncio task of the worker is waiting."""
+    import io
+
+    for running in asyncio.all_tasks():
+        out = io.StringIO()
+        running.print_stack(file=out)
+        log.warning("task %s:\n%s", running.get_name(), out.getvalue())
 
 
 def _wrap(middleware: Any, call_next: CallNext) -> Callable[[Task], Awaitable[Any]]:

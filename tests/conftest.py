@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,9 +39,16 @@ def server_bin() -> Path:
         pytest.exit(f"cannot run the tests: {exc}", returncode=3)
 
 
+#: Where server directories of failed runs are moved (pytest rotates its own temp dirs).
+KEPT_LOGS = Path(__file__).resolve().parents[1] / ".clusterq-test-logs"
+
+
 def _keep_or_remove(request: pytest.FixtureRequest, directory: Path) -> None:
-    if request.session.testsfailed:
-        _SERVER_DIRS.append(directory)
+    if request.session.testsfailed and directory.exists():
+        KEPT_LOGS.mkdir(exist_ok=True)
+        kept = KEPT_LOGS / f"{time.strftime('%Y%m%d-%H%M%S')}-{directory.name}"
+        shutil.move(str(directory), kept)
+        _SERVER_DIRS.append(kept)
     else:
         shutil.rmtree(directory, ignore_errors=True)
 

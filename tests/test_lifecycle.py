@@ -22,6 +22,7 @@ from clusterq import (
     TaskFailed,
     TaskNotFound,
     TaskState,
+    Worker,
 )
 from clusterq.retry import fixed
 from tests.helpers import await_for, running_worker
@@ -478,5 +479,27 @@ def test_msgpack_payloads_and_results(url: str, prefix: str) -> None:
         async with running_worker(url, router, prefix=prefix):
             assert await client.result(info, timeout=10) == {"len": 5, "blob": b"war\xff\x00"}
         await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_stop_soon_after_start_never_hangs(standalone: Any, prefix: str) -> None:
+    """A cancel can be lost inside redis-py on Python 3.11; stop() must still return."""
+    router = Router()
+
+    async def scenario() -> None:
+        for cycle in range(20):
+            worker = Worker(
+                standalone.seed_url,
+                router,
+                prefix=prefix,
+                queues=QUEUES,
+                lease=1.0,
+                recover_interval=0.01,
+                poll_interval=0.01,
+            )
+            await worker.start()
+            await asyncio.sleep(0.002 * (cycle % 10))
+            await asyncio.wait_for(worker.stop(), 15)
 
     asyncio.run(scenario())

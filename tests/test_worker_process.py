@@ -114,7 +114,7 @@ def test_kill_9_mid_task_runs_again_and_completes(
         assert _events(log_dir, "done")[info.id] == 0
         start_worker(url)
         wait_for(lambda: _events(log_dir, "done")[info.id] == 1, 30, "the task to run again")
-        done = client.info(info)
+        done = wait_for(lambda: (i := client.info(info)).state == "completed" and i, 10, "the ack")
     assert _events(log_dir, "start")[info.id] == 2
     assert done.state == "completed" and done.retried == 1
     assert done.last_error is not None and "lease expired" in done.last_error
