@@ -19,12 +19,16 @@ import redis.asyncio
 from clusterq import topology as topo
 from clusterq.backend import (
     DEFAULT_RETRY_TIMEOUT,
+    MAX_MOVED_HOPS,
     REFRESH_INTERVAL,
+    TOPOLOGY_STAGGER,
+    TOPOLOGY_TIMEOUT,
     TopologyListener,
     backoff,
     classify,
     moved_target,
     refresh_candidates,
+    replaced_nodes,
 )
 from clusterq.broker.script import LuaScript
 from clusterq.connection import (
@@ -42,6 +46,11 @@ from clusterq.slots import keyslot
 
 T = TypeVar("T")
 log = logging.getLogger("clusterq.backend")
+
+
+def _ignore_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class AsyncBackend:
@@ -63,6 +72,9 @@ class AsyncBackend:
         self.mode: Mode = "standalone"
         self.topology: topo.Topology = topo.Topology("standalone", (), ())
         self._clients: dict[Addr, redis.asyncio.Redis] = {}
+        self._topo_clients: dict[Addr, redis.asyncio.Redis] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._closing = False
         self._moved: dict[int, Addr] = {}
         self._last_refresh = 0.0
         self._refreshing: asyncio.Task[list[topo.TopologyEvent]] | None = None
@@ -126,7 +138,13 @@ class AsyncBackend:
         return master.address
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
+        self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait({self._watcher}, timeout=2)
+            self._watcher = None
+        clients = [*self._clients.values(), *self._topo_clients.values()]
+        self._clients, self._topo_clients = {}, {}
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -139,41 +157,98 @@ class AsyncBackend:
     def note_queues(self, queues: Iterable[str]) -> None:
         self._known_queues.update(queues)
 
+    def _topology_client(self, addr: Addr) -> redis.asyncio.Redis:
+        client = self._topo_clients.get(addr)
+        if client is None:
+            client = self.url.async_node_client(
+                addr, db=0, socket_timeout=TOPOLOGY_TIMEOUT, socket_connect_timeout=0.5
+            )
+            self._topo_clients[addr] = client
+        return client
+
     async def _read_topology(self, candidates: Sequence[Addr]) -> topo.Topology:
+        """Ask the candidates in order, starting the next one whenever the previous has
+        not answered within TOPOLOGY_STAGGER: a frozen node (SIGSTOP) costs 0.1 s, not
+        a full timeout. The first answer wins."""
         errors: list[str] = []
-        for addr in candidates:
-            try:
-                return await topo.afetch(self.node(addr), self.mode, addr)
-            except (redis.RedisError, OSError) as exc:
-                errors.append(f"{format_addr(addr)}: {exc}")
+        pending: set[asyncio.Task[topo.Topology]] = set()
+        queue = list(candidates)
+        try:
+            while queue or pending:
+                if queue:
+                    addr = queue.pop(0)
+                    pending.add(
+                        asyncio.ensure_future(
+                            topo.afetch(self._topology_client(addr), self.mode, addr)
+                        )
+                    )
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=TOPOLOGY_STAGGER if queue else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for finished in done:
+                    exc = finished.exception()
+                    if exc is None:
+                        return finished.result()
+                    errors.append(str(exc))
+        finally:
+            for task in pending:
+                task.cancel()
         raise ConnectionFailed("could not read the cluster map: " + "; ".join(errors[:4]))
 
-    async def refresh_topology(self, *, force: bool = True) -> list[topo.TopologyEvent]:
-        """Read the map again; concurrent callers share one read."""
+    async def refresh_topology(
+        self, *, force: bool = True, avoid: Addr | None = None
+    ) -> list[topo.TopologyEvent]:
+        """Read the map again; concurrent callers share one read. See
+        :meth:`Backend.refresh_topology`."""
         if self._refreshing is not None:
             return await asyncio.shield(self._refreshing)
         now = time.monotonic()
         if not force and now - self._last_refresh < REFRESH_INTERVAL:
             return []
         self._last_refresh = now
-        self._refreshing = asyncio.ensure_future(self._refresh())
+        self._refreshing = asyncio.ensure_future(self._refresh(avoid))
         try:
             return await asyncio.shield(self._refreshing)
         finally:
             self._refreshing = None
 
-    async def _refresh(self) -> list[topo.TopologyEvent]:
+    def refresh_soon(self, avoid: Addr | None = None) -> None:
+        """Start a (rate-limited) refresh in the background."""
+        if self._refreshing is None and time.monotonic() - self._last_refresh >= REFRESH_INTERVAL:
+            task = asyncio.ensure_future(self.refresh_topology(force=False, avoid=avoid))
+            task.add_done_callback(_ignore_result)
+
+    async def _refresh(self, avoid: Addr | None) -> list[topo.TopologyEvent]:
         old = self.topology
-        new = await self._read_topology(refresh_candidates(old, self.url.seeds))
+        new = await self._read_topology(refresh_candidates(old, self.url.seeds, avoid))
         self.topology = new
         self._moved.clear()
         events = topo.diff(old, new, self._known_queues)
         if events:
+            for addr in replaced_nodes(events):
+                stale = self._clients.pop(addr, None)
+                if stale is not None:
+                    await stale.connection_pool.disconnect()
             for event in events:
-                log.info("topology: %s", event.describe())
+                log.debug("topology: %s", event.describe())
             for listener in list(self._listeners):
                 listener(new, events)
         return events
+
+    def start_watching(self, interval: float) -> None:
+        """Re-read the map every ``interval`` seconds in the background (and emit events)."""
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(interval), name="topology-watch")
+
+    async def _watch(self, interval: float) -> None:
+        while not self._closing:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh_topology(force=False)
+            except Exception as exc:
+                log.debug("topology watch: %s", exc)
 
     # ------------------------------------------------------------------ calls
 
@@ -186,26 +261,28 @@ class AsyncBackend:
     ) -> T:
         """Run ``fn(client)`` on the master of ``slot``; see :meth:`Backend.execute`."""
         deadline = time.monotonic() + (self.retry_timeout if timeout is None else timeout)
-        attempt = 0
+        attempt = hops = 0
         while True:
             addr = self.master_addr(slot)
             try:
                 return await fn(self.node(addr))
             except Exception as exc:
                 kind = classify(exc)
-                if kind in ("fatal", "noscript") or time.monotonic() >= deadline:
+                if kind in ("fatal", "noscript"):
                     raise translate_error(exc, addr) from exc
-                attempt += 1
-                if kind == "moved":
+                if kind == "moved" and hops < MAX_MOVED_HOPS:
+                    hops += 1
                     target = moved_target(exc)
                     if target is not None:
                         self._moved[target[0]] = target[1]
-                    if attempt > 1:
-                        await asyncio.sleep(backoff(attempt))
                     continue
+                if time.monotonic() >= deadline:
+                    self.refresh_soon(avoid=addr)
+                    raise translate_error(exc, addr) from exc
+                attempt += 1
                 log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
                 with contextlib.suppress(ConnectionFailed):
-                    await self.refresh_topology(force=False)
+                    await self.refresh_topology(force=False, avoid=addr)
                 await asyncio.sleep(backoff(attempt))
 
     async def execute_key(

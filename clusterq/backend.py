@@ -52,6 +52,13 @@ ErrorKind = Literal["moved", "transient", "noscript", "fatal"]
 DEFAULT_RETRY_TIMEOUT = 15.0
 #: The shortest time between two topology reads triggered by errors.
 REFRESH_INTERVAL = 0.1
+#: Socket timeout of the connections that read the cluster map: a frozen node must not
+#: hold up the discovery of its replacement.
+TOPOLOGY_TIMEOUT = 1.0
+#: The asyncio backend asks the next candidate if one has not answered within this.
+TOPOLOGY_STAGGER = 0.1
+#: MOVED redirections followed per call, even past its deadline.
+MAX_MOVED_HOPS = 5
 
 _TRANSIENT_PREFIXES = ("UNBLOCKED", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "LOADING", "READONLY")
 
@@ -94,15 +101,35 @@ def moved_target(exc: BaseException) -> tuple[int, Addr] | None:
     return None
 
 
-def refresh_candidates(current: topo.Topology | None, seeds: Sequence[Addr]) -> list[Addr]:
-    """Nodes to ask for a new map: online masters, other known nodes, then the seeds."""
+def refresh_candidates(
+    current: topo.Topology | None, seeds: Sequence[Addr], avoid: Addr | None = None
+) -> list[Addr]:
+    """Nodes to ask for a new map: online masters, other known nodes, the seeds; the
+    node that just failed us (``avoid``) last."""
     order: list[Addr] = []
     if current is not None:
         nodes = sorted(current.nodes, key=lambda n: (not n.online, n.role != "master"))
         order.extend(n.address for n in nodes)
     order.extend(seeds)
     seen: set[Addr] = set()
-    return [a for a in order if not (a in seen or seen.add(a))]  # type: ignore[func-returns-value]
+    unique = [a for a in order if not (a in seen or seen.add(a))]  # type: ignore[func-returns-value]
+    if avoid in seen:
+        unique.remove(avoid)
+        unique.append(avoid)
+    return unique
+
+
+def replaced_nodes(events: Sequence[topo.TopologyEvent]) -> set[Addr]:
+    """Nodes whose open connections should be dropped: masters that lost slots, failed
+    nodes. Calls still waiting on them (a frozen master never answers) then fail at
+    once and are routed to the new owner."""
+    out: set[Addr] = set()
+    for event in events:
+        if isinstance(event, topo.MasterChanged | topo.SlotsMoved) and event.old is not None:
+            out.add(event.old.address)
+        elif isinstance(event, topo.NodeFailed):
+            out.add(event.node.address)
+    return out
 
 
 TopologyListener = Callable[[topo.Topology, list[topo.TopologyEvent]], None]
@@ -124,6 +151,7 @@ class Backend:
         self.retry_timeout = retry_timeout
         self.mode, first = detect_mode(self.url, mode)
         self._clients: dict[Addr, redis.Redis] = {}
+        self._topo_clients: dict[Addr, redis.Redis] = {}
         self._lock = threading.Lock()
         self._moved: dict[int, Addr] = {}
         self._last_refresh = 0.0
@@ -155,7 +183,8 @@ class Backend:
 
     def close(self) -> None:
         with self._lock:
-            clients, self._clients = list(self._clients.values()), {}
+            clients = [*self._clients.values(), *self._topo_clients.values()]
+            self._clients, self._topo_clients = {}, {}
         for client in clients:
             client.close()
 
@@ -175,10 +204,19 @@ class Backend:
         """Queues to name in topology events."""
         self._known_queues.update(queues)
 
+    def _topology_client(self, addr: Addr) -> redis.Redis:
+        client = self._topo_clients.get(addr)
+        if client is None:
+            client = self.url.node_client(
+                addr, db=0, socket_timeout=TOPOLOGY_TIMEOUT, socket_connect_timeout=0.5
+            )
+            self._topo_clients[addr] = client
+        return client
+
     def _read_topology(self, candidates: Sequence[Addr]) -> topo.Topology:
         errors: list[str] = []
         for addr in candidates:
-            client = self.node(addr)
+            client = self._topology_client(addr)
             try:
                 return call_node(addr, lambda c=client, a=addr: topo.fetch(c, self.mode, a))  # type: ignore[misc]
             except ConnectionFailed as exc:
@@ -187,20 +225,31 @@ class Backend:
                 errors.append(f"{format_addr(addr)}: {exc}")
         raise ConnectionFailed("could not read the cluster map: " + "; ".join(errors[:4]))
 
-    def refresh_topology(self, *, force: bool = True) -> list[topo.TopologyEvent]:
-        """Read the map again and return what changed (rate-limited unless ``force``)."""
+    def refresh_topology(
+        self, *, force: bool = True, avoid: Addr | None = None
+    ) -> list[topo.TopologyEvent]:
+        """Read the map again and return what changed (rate-limited unless ``force``).
+
+        Connections to masters that were replaced are dropped, so that nothing keeps
+        waiting on a node that no longer owns its slots.
+        """
         now = time.monotonic()
         if not force and now - self._last_refresh < REFRESH_INTERVAL:
             return []
         self._last_refresh = now
         old = self.topology
-        new = self._read_topology(refresh_candidates(old, self.url.seeds))
+        new = self._read_topology(refresh_candidates(old, self.url.seeds, avoid))
         self.topology = new
         self._moved.clear()
         events = topo.diff(old, new, self._known_queues)
         if events:
+            for addr in replaced_nodes(events):
+                with self._lock:
+                    stale = self._clients.pop(addr, None)
+                if stale is not None:
+                    stale.connection_pool.disconnect()
             for event in events:
-                log.info("topology: %s", event.describe())
+                log.debug("topology: %s", event.describe())
             for listener in list(self._listeners):
                 listener(new, events)
         return events
@@ -213,31 +262,31 @@ class Backend:
         """Run ``fn(client)`` on the master of ``slot``, following MOVED and failovers.
 
         ``fn`` may be called more than once, so it must be safe to repeat (every clusterq
-        script is). Gives up after ``timeout`` (default: the backend's retry timeout).
+        script is). Transient errors are retried with backoff until ``timeout`` (default:
+        the backend's retry timeout; 0 means one attempt). MOVED is always followed.
         """
         deadline = time.monotonic() + (self.retry_timeout if timeout is None else timeout)
-        attempt = 0
+        attempt = hops = 0
         while True:
             addr = self.master_addr(slot)
             try:
                 return fn(self.node(addr))
             except Exception as exc:
                 kind = classify(exc)
-                if kind == "fatal" or kind == "noscript":
+                if kind in ("fatal", "noscript"):
                     raise translate_error(exc, addr) from exc
-                if time.monotonic() >= deadline:
-                    raise translate_error(exc, addr) from exc
-                attempt += 1
-                if kind == "moved":
+                if kind == "moved" and hops < MAX_MOVED_HOPS:
+                    hops += 1
                     target = moved_target(exc)
                     if target is not None:
                         self._moved[target[0]] = target[1]
-                    if attempt > 1:
-                        time.sleep(backoff(attempt))
                     continue
-                log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
                 with contextlib.suppress(ConnectionFailed):
-                    self.refresh_topology(force=False)
+                    self.refresh_topology(force=False, avoid=addr)
+                if time.monotonic() >= deadline:
+                    raise translate_error(exc, addr) from exc
+                attempt += 1
+                log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
                 time.sleep(backoff(attempt))
 
     def execute_key(self, key: str, fn: Callable[[redis.Redis], T], **kwargs: Any) -> T:

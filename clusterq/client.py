@@ -9,6 +9,7 @@ task.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -16,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import redis.asyncio
@@ -25,8 +26,15 @@ from clusterq.abackend import AsyncBackend
 from clusterq.backend import DEFAULT_RETRY_TIMEOUT, Backend
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import Call, arun_pipelined, first_error, run_pipelined
-from clusterq.connection import DEFAULT_URL, Mode, RedisURL, command
-from clusterq.errors import DuplicateTask, ResultTimeout, TaskFailed, TaskNotFound
+from clusterq.connection import DEFAULT_URL, Addr, Mode, RedisURL, command, format_addr
+from clusterq.errors import (
+    ConfigError,
+    DuplicateTask,
+    DurabilityError,
+    ResultTimeout,
+    TaskFailed,
+    TaskNotFound,
+)
 from clusterq.keys import DEFAULT_PREFIX, KeySchema, QueueKeys, validate_task_id
 from clusterq.serialization import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -36,6 +44,8 @@ from clusterq.serialization import (
 )
 from clusterq.task import Record, TaskInfo, TaskState, ms_to_s
 
+Durability = Literal["none", "replica", "aof"]
+DEFAULT_DURABILITY_TIMEOUT = 1.0
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
 MAX_TYPE_LENGTH = 256
@@ -212,7 +222,9 @@ class Producer:
         return out
 
 
-def plan_batches(prepared: Sequence[PreparedEnqueue]) -> dict[int, list[tuple[list[int], Call]]]:
+def plan_batches(
+    prepared: Sequence[PreparedEnqueue], *, durable: bool = False
+) -> dict[int, list[tuple[list[int], Call]]]:
     """Group enqueues by slot into script calls of at most MAX_BATCH tasks each.
 
     Returns slot -> [(indexes into ``prepared``, call)]: one pipeline per slot.
@@ -225,7 +237,7 @@ def plan_batches(prepared: Sequence[PreparedEnqueue]) -> dict[int, list[tuple[li
         qk = prepared[indexes[0]].qk
         for start in range(0, len(indexes), enqueue_script.MAX_BATCH):
             chunk = indexes[start : start + enqueue_script.MAX_BATCH]
-            keys, args = enqueue_script.build(qk, [prepared[i].new for i in chunk])
+            keys, args = enqueue_script.build(qk, [prepared[i].new for i in chunk], durable=durable)
             plan[qk.slot].append((chunk, (enqueue_script.SCRIPT, keys, args)))
     return plan
 
@@ -235,6 +247,78 @@ def _raise_first(replies: Sequence[Any]) -> list[Any]:
     if error is not None:
         raise error  # MOVED, connection loss...: the backend retries the whole (idempotent) batch
     return list(replies)
+
+
+# ----------------------------------------------------------------------- durability
+
+
+def durability_commands(level: Durability, timeout: float) -> list[tuple[Any, ...]]:
+    """What follows the writes on the same connection to confirm them.
+
+    ``replica``: ``WAIT 1`` (one replica has the write in memory). ``aof``: ``WAITAOF 1 1``
+    (fsynced to the master's and one replica's append-only file; Redis >= 7.2, Valkey).
+    """
+    ms = max(1, int(timeout * 1000))
+    if level == "none":
+        return []
+    if level == "replica":
+        return [("WAIT", 1, ms)]
+    if level == "aof":
+        return [("WAITAOF", 1, 1, ms)]
+    raise ValueError(f"durability must be 'none', 'replica' or 'aof', got {level!r}")
+
+
+def confirmed_replicas(level: Durability, tail: Sequence[Any]) -> int | None:
+    """How many replicas confirmed the writes, from the replies to durability_commands.
+
+    Raises the error a ``WAIT`` met (the backend retries transient ones)."""
+    if level == "none":
+        return None
+    reply = tail[-1]
+    if isinstance(reply, Exception):
+        text = str(reply)
+        if "unknown command" in text.lower():
+            raise ConfigError(
+                f"durability={level!r} is not supported by this server ({text}); "
+                "the tasks were written but not confirmed"
+            )
+        raise reply
+    if level == "aof":
+        return int(reply[1])
+    return int(reply)
+
+
+def _fill(
+    out: list[TaskInfo | None],
+    prepared: Sequence[PreparedEnqueue],
+    batches: list[tuple[list[int], Call]],
+    replies: Sequence[Any],
+    replicas: int | None,
+    raise_duplicate: bool,
+) -> list[str]:
+    ids = []
+    for (indexes, _), reply in zip(batches, replies, strict=True):
+        for index, outcome in zip(indexes, enqueue_script.parse(reply), strict=True):
+            info = prepared[index].info(outcome, raise_duplicate=raise_duplicate)
+            out[index] = (
+                dataclasses.replace(info, replicas=replicas) if replicas is not None else info
+            )
+            ids.append(info.id)
+    return ids
+
+
+def _require(
+    level: Durability, replicas: int | None, ids: list[str], where: Addr, timeout: float
+) -> None:
+    if replicas is not None and replicas < 1:
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        raise DurabilityError(
+            f"{len(ids)} task(s) written to {format_addr(where)} but no replica confirmed "
+            f"them within {timeout:g}s (durability={level!r}); they may be lost if that "
+            f"master fails: enqueue again with the same task_id ({shown})",
+            ids,
+            replicas,
+        )
 
 
 # ----------------------------------------------------------------------- reading tasks
@@ -318,9 +402,19 @@ def _poll_delay(attempt: int) -> float:
 
 
 class _Base:
-    def __init__(self, keys: KeySchema, codec: str, max_payload_bytes: int) -> None:
+    def __init__(
+        self,
+        keys: KeySchema,
+        codec: str,
+        max_payload_bytes: int,
+        durability: Durability,
+        durability_timeout: float,
+    ) -> None:
         self.keys = keys
         self.producer = Producer(keys, codec, max_payload_bytes)
+        durability_commands(durability, durability_timeout)  # validates
+        self.durability: Durability = durability
+        self.durability_timeout = durability_timeout
         self._registered: set[str] = set()
 
     def _unregistered(self, queues: Iterable[str]) -> list[str]:
@@ -349,13 +443,17 @@ class Client(_Base):
         codec: str = "json",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        durability: Durability = "none",
+        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
         backend: Backend | None = None,
     ) -> None:
         self.backend = backend or Backend(
             url, mode=mode, prefix=prefix, retry_timeout=retry_timeout
         )
         self._owns_backend = backend is None
-        super().__init__(self.backend.keys, codec, max_payload_bytes)
+        super().__init__(
+            self.backend.keys, codec, max_payload_bytes, durability, durability_timeout
+        )
 
     def close(self) -> None:
         if self._owns_backend:
@@ -376,40 +474,65 @@ class Client(_Base):
             self._registered.update(new)
             self.backend.note_queues(new)
 
-    def enqueue(self, type: str, payload: Any = None, **options: Any) -> TaskInfo:
+    def enqueue(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        durability: Durability | None = None,
+        **options: Any,
+    ) -> TaskInfo:
         """Enqueue one task; the options are those of :meth:`Producer.prepare`.
 
         Raises :class:`DuplicateTask` when ``unique_for`` refuses it. Retrying with the
         same ``task_id`` is safe: the second call returns ``already_enqueued=True``.
+        ``durability="replica"`` (or the client's default) waits until a replica has the
+        task and raises :class:`DurabilityError` if none confirms it in time.
         """
         prepared = self.producer.prepare(type, payload, **options)
         self.register_queues([prepared.queue])
+        level = durability or self.durability
+        if level != "none":
+            return self._send([prepared], level, raise_duplicate=True)[0]
         keys, args = enqueue_script.build(prepared.qk, [prepared.new])
         reply = self.backend.run_script(enqueue_script.SCRIPT, prepared.qk.slot, keys, args)
         return prepared.info(enqueue_script.parse(reply)[0], raise_duplicate=True)
 
     def enqueue_many(
-        self, items: Iterable[TaskSpec | tuple[str, Any]], **defaults: Any
+        self,
+        items: Iterable[TaskSpec | tuple[str, Any]],
+        *,
+        durability: Durability | None = None,
+        **defaults: Any,
     ) -> list[TaskInfo]:
         """Enqueue many tasks: one pipeline per slot, up to 500 tasks per script call.
 
         ``items`` are ``(type, payload)`` pairs (using ``defaults`` as options) or
         :class:`TaskSpec`. Unique tasks that were refused come back with ``duplicate_of``
-        set instead of raising.
+        set instead of raising. With durability, one ``WAIT`` per slot covers its batch.
         """
         prepared = self.producer.prepare_many(items, defaults)
         self.register_queues(p.queue for p in prepared)
+        return self._send(prepared, durability or self.durability, raise_duplicate=False)
+
+    def _send(
+        self, prepared: Sequence[PreparedEnqueue], level: Durability, *, raise_duplicate: bool
+    ) -> list[TaskInfo]:
         out: list[TaskInfo | None] = [None] * len(prepared)
-        for slot, batches in plan_batches(prepared).items():
+        after = durability_commands(level, self.durability_timeout)
+        for slot, batches in plan_batches(prepared, durable=level != "none").items():
             calls = [call for _, call in batches]
 
-            def run(client: redis.Redis, calls: list[Call] = calls) -> list[Any]:
-                return _raise_first(run_pipelined(client, calls))
+            def run(client: redis.Redis, calls: list[Call] = calls) -> tuple[list[Any], int | None]:
+                # Inside the retried call: a WAIT cut short by a failover (-UNBLOCKED,
+                # a closed connection) re-runs the (idempotent) enqueue and the WAIT.
+                replies, tail = run_pipelined(client, calls, after)
+                return _raise_first(replies), confirmed_replicas(level, tail)
 
-            replies = self.backend.execute(slot, run)
-            for (indexes, _), reply in zip(batches, replies, strict=True):
-                for index, outcome in zip(indexes, enqueue_script.parse(reply), strict=True):
-                    out[index] = prepared[index].info(outcome, raise_duplicate=False)
+            replies, replicas = self.backend.execute(slot, run)
+            ids = _fill(out, prepared, batches, replies, replicas, raise_duplicate)
+            where = self.backend.master_addr(slot)
+            _require(level, replicas, ids, where, self.durability_timeout)
         return [info for info in out if info is not None]
 
     def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
@@ -456,11 +579,13 @@ class AsyncClient(_Base):
         *,
         codec: str = "json",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        durability: Durability = "none",
+        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
         owns_backend: bool = False,
     ) -> None:
         self.backend = backend
         self._owns_backend = owns_backend
-        super().__init__(backend.keys, codec, max_payload_bytes)
+        super().__init__(backend.keys, codec, max_payload_bytes, durability, durability_timeout)
 
     @classmethod
     async def connect(
@@ -472,11 +597,25 @@ class AsyncClient(_Base):
         codec: str = "json",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        durability: Durability = "none",
+        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
+        watch_interval: float | None = None,
     ) -> AsyncClient:
+        """``watch_interval``: re-read the cluster map that often in the background, so
+        that calls stuck on a frozen master are re-routed soon after its replacement."""
         backend = await AsyncBackend.connect(
             url, mode=mode, prefix=prefix, retry_timeout=retry_timeout
         )
-        return cls(backend, codec=codec, max_payload_bytes=max_payload_bytes, owns_backend=True)
+        if watch_interval and backend.mode == "cluster":
+            backend.start_watching(watch_interval)
+        return cls(
+            backend,
+            codec=codec,
+            max_payload_bytes=max_payload_bytes,
+            durability=durability,
+            durability_timeout=durability_timeout,
+            owns_backend=True,
+        )
 
     async def aclose(self) -> None:
         if self._owns_backend:
@@ -496,34 +635,57 @@ class AsyncClient(_Base):
             self._registered.update(new)
             self.backend.note_queues(new)
 
-    async def enqueue(self, type: str, payload: Any = None, **options: Any) -> TaskInfo:
+    async def enqueue(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        durability: Durability | None = None,
+        **options: Any,
+    ) -> TaskInfo:
         """See :meth:`Client.enqueue`."""
         prepared = self.producer.prepare(type, payload, **options)
         await self.register_queues([prepared.queue])
+        level = durability or self.durability
+        if level != "none":
+            return (await self._send([prepared], level, raise_duplicate=True))[0]
         keys, args = enqueue_script.build(prepared.qk, [prepared.new])
         reply = await self.backend.run_script(enqueue_script.SCRIPT, prepared.qk.slot, keys, args)
         return prepared.info(enqueue_script.parse(reply)[0], raise_duplicate=True)
 
     async def enqueue_many(
-        self, items: Iterable[TaskSpec | tuple[str, Any]], **defaults: Any
+        self,
+        items: Iterable[TaskSpec | tuple[str, Any]],
+        *,
+        durability: Durability | None = None,
+        **defaults: Any,
     ) -> list[TaskInfo]:
         """See :meth:`Client.enqueue_many`; the slots are written concurrently."""
         prepared = self.producer.prepare_many(items, defaults)
         await self.register_queues(p.queue for p in prepared)
+        return await self._send(prepared, durability or self.durability, raise_duplicate=False)
+
+    async def _send(
+        self, prepared: Sequence[PreparedEnqueue], level: Durability, *, raise_duplicate: bool
+    ) -> list[TaskInfo]:
         out: list[TaskInfo | None] = [None] * len(prepared)
+        after = durability_commands(level, self.durability_timeout)
 
         async def send(slot: int, batches: list[tuple[list[int], Call]]) -> None:
             calls = [call for _, call in batches]
 
-            async def run(client: redis.asyncio.Redis) -> list[Any]:
-                return _raise_first(await arun_pipelined(client, calls))
+            async def run(client: redis.asyncio.Redis) -> tuple[list[Any], int | None]:
+                # See Client._send: the durability check is part of the retried call.
+                replies, tail = await arun_pipelined(client, calls, after)
+                return _raise_first(replies), confirmed_replicas(level, tail)
 
-            replies = await self.backend.execute(slot, run)
-            for (indexes, _), reply in zip(batches, replies, strict=True):
-                for index, outcome in zip(indexes, enqueue_script.parse(reply), strict=True):
-                    out[index] = prepared[index].info(outcome, raise_duplicate=False)
+            replies, replicas = await self.backend.execute(slot, run)
+            ids = _fill(out, prepared, batches, replies, replicas, raise_duplicate)
+            where = self.backend.master_addr(slot)
+            _require(level, replicas, ids, where, self.durability_timeout)
 
-        await asyncio.gather(*(send(s, b) for s, b in plan_batches(prepared).items()))
+        plan = plan_batches(prepared, durable=level != "none")
+        await asyncio.gather(*(send(s, b) for s, b in plan.items()))
         return [info for info in out if info is not None]
 
     async def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:

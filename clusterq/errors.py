@@ -64,3 +64,16 @@ class TaskFailed(ClusterqError):
 
 class ResultTimeout(ClusterqError, TimeoutError):
     """The task did not complete within the time given to wait for its result."""
+
+
+class DurabilityError(ClusterqError):
+    """The master took the write but no replica confirmed it in time.
+
+    The tasks may still be there, or may be lost if the master fails now. Enqueue them
+    again with the same ``task_id``s: that is safe, and confirms them once replicated.
+    """
+
+    def __init__(self, message: str, task_ids: list[str], replicas: int) -> None:
+        super().__init__(message)
+        self.task_ids = task_ids
+        self.replicas = replicas

@@ -111,6 +111,12 @@ class QueueKeys:
         return f"{self.base}:completed"
 
     @property
+    def done(self) -> str:
+        """Sorted set: ids of tasks deleted on success -> until when (ms) an enqueue with
+        the same id is still answered "already enqueued" (retried enqueues stay safe)."""
+        return f"{self.base}:done"
+
+    @property
     def tasks(self) -> str:
         """Hash: task id -> record (see :mod:`clusterq.task`)."""
         return f"{self.base}:tasks"
@@ -148,6 +154,7 @@ class QueueKeys:
             self.active,
             self.archived,
             self.completed,
+            self.done,
             self.tasks,
             self.leases,
             self.results,
@@ -173,6 +180,15 @@ class KeySchema:
     def queues(self) -> str:
         """Set of the names of every queue ever used (the registry)."""
         return f"{self.prefix}:queues"
+
+    def drill(self, run_id: str, tag: str) -> tuple[str, str]:
+        """A failover drill's delivery log: (id -> deliveries hash, id -> first delivery
+        time hash). ``tag`` picks the slot, so the log can live on a master other than
+        the one the drill fails."""
+        validate_task_id(run_id)
+        validate_queue_name(tag)
+        base = f"{self.prefix}:drill:{{{tag}}}:{run_id}"
+        return f"{base}:deliveries", f"{base}:first"
 
     @property
     def workers(self) -> str:

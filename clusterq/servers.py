@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
 import shutil
 import signal
@@ -16,9 +17,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from clusterq.errors import ServerBinaryNotFound
+from clusterq.errors import ClusterqError, ServerBinaryNotFound
 
 SERVER_BIN_ENV = "CLUSTERQ_SERVER_BIN"
 _PATH_NAMES = ("redis-server", "valkey-server")
@@ -85,10 +87,12 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def find_free_ports(count: int, *, with_bus: bool, low: int = 20000, high: int = 45000) -> int:
+def find_free_ports(count: int, *, with_bus: bool, low: int = 11000, high: int = 22700) -> int:
     """A base port such that ``base .. base+count-1`` (and their +10000 bus ports) are free.
 
-    Never returns a range that includes 6379.
+    The default range keeps every port (bus ports included) below Linux's ephemeral
+    range (32768-60999), where an outgoing connection could take a port between this
+    check and the server's bind. Never returns a range that includes 6379.
     """
     import random
 
@@ -207,3 +211,76 @@ def log_tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- drills
+
+
+class NotLocal(ClusterqError):
+    """A node that the drill may not signal: not on loopback, or not on this machine."""
+
+
+@dataclass(frozen=True)
+class LocalProcess:
+    """A server process on this machine, as described by its own ``INFO server``."""
+
+    host: str
+    port: int
+    pid: int
+    executable: str
+    config_file: str
+    cwd: Path | None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_process(host: str, port: int, info: dict[str, object]) -> LocalProcess:
+    """Check that the node at ``host:port`` (whose ``INFO server`` is ``info``) runs on
+    this machine, on loopback, and return its process. Raises :class:`NotLocal`."""
+    where = f"{host}:{port}"
+    if not is_loopback(host):
+        raise NotLocal(f"{where} is not a loopback address; drills only signal local nodes")
+    try:
+        pid = int(str(info["process_id"]))
+    except (KeyError, ValueError):
+        raise NotLocal(f"{where} did not report its process_id") from None
+    if not pid_alive(pid):
+        raise NotLocal(
+            f"{where} reports process {pid}, which does not run on this machine "
+            "(a container or another host?); refusing to send signals"
+        )
+    if int(str(info.get("tcp_port", port))) != port:
+        raise NotLocal(f"{where} reports tcp_port {info.get('tcp_port')}; refusing")
+    return LocalProcess(
+        host=host,
+        port=port,
+        pid=pid,
+        executable=str(info.get("executable", "")),
+        config_file=str(info.get("config_file", "")),
+        cwd=process_cwd(pid),
+    )
+
+
+def restart_process(proc: LocalProcess) -> int:
+    """Start a killed server again, the way it was started: its executable, its config
+    file, its working directory. In a ``clusterq dev`` directory the pid file is updated
+    so that ``clusterq dev down`` still stops it."""
+    if not proc.executable or not proc.config_file or proc.cwd is None:
+        raise NotLocal(
+            f"cannot restart {proc.host}:{proc.port}: its executable, config file or "
+            "directory is unknown"
+        )
+    child = spawn_server(
+        Path(proc.executable), [proc.config_file], proc.cwd / "server.log", cwd=proc.cwd
+    )
+    pid_file = proc.cwd / "server.pid"
+    if pid_file.exists():
+        pid_file.write_text(f"{child.pid}\n")
+    return child.pid

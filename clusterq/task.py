@@ -127,6 +127,9 @@ class Task:
     #: Unix time after which the task must not run, if set.
     deadline: float | None = None
     enqueued_at: float | None = None
+    #: Identifies this delivery (the lease's fencing token): a task that runs twice,
+    #: after a crash or a failover, gets a different value each time.
+    attempt: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ class TaskInfo:
     already_enqueued: bool = False
     #: From enqueue_many: the id of the unique task that made this one a duplicate.
     duplicate_of: str | None = None
+    #: With durable enqueue: how many replicas confirmed the write (WAIT's answer).
+    replicas: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -43,7 +44,8 @@ from clusterq.broker import fail as fail_script
 from clusterq.broker import requeue as requeue_script
 from clusterq.broker import sweep as sweep_script
 from clusterq.client import new_task_id
-from clusterq.connection import DEFAULT_URL, Mode, RedisURL
+from clusterq.connection import DEFAULT_URL, Mode, RedisURL, format_addr
+from clusterq.events import EventListener, QueueResumed, QueueUnavailable
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name
 from clusterq.priority import Capacity
 from clusterq.retry import DEFAULT_RETRY_POLICY, RetryIn, RetryPolicy, SkipRetry
@@ -55,12 +57,29 @@ from clusterq.serialization import (
     get_codec,
 )
 from clusterq.task import Record, Task
+from clusterq.topology import ReplicaAdded, Topology, TopologyEvent
 
 log = logging.getLogger("clusterq.worker")
+
+_current: contextvars.ContextVar[Worker] = contextvars.ContextVar("clusterq_worker")
+
+
+def current_worker() -> Worker:
+    """The worker running the calling handler (its ``backend`` can talk to the cluster)."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("current_worker() is only available inside a handler") from None
+
 
 DEFAULT_LEASE = 10.0
 DEFAULT_RECOVER_INTERVAL = 1.0
 DEFAULT_POLL_INTERVAL = 0.1
+DEFAULT_TOPOLOGY_INTERVAL = 0.5
+#: How long the id of a task deleted on success is remembered: an enqueue of the same id
+#: (a producer retrying after a timeout or a failover) is then "already enqueued" instead
+#: of a second run. Longer than the client's retry timeout.
+DEFAULT_DEDUP_WINDOW = 20.0
 ANNOUNCE_INTERVAL = 2.0
 ANNOUNCE_TTL = 10.0
 ACK_BATCH = 200
@@ -160,7 +179,9 @@ class Worker:
         archive_max_size: int = 10_000,
         archive_max_age: float = 90 * 24 * 3600.0,
         max_result_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        topology_interval: float = DEFAULT_TOPOLOGY_INTERVAL,
         name: str | None = None,
     ) -> None:
         if router is None:
@@ -186,7 +207,10 @@ class Worker:
         self.archive_max_size = archive_max_size
         self.archive_max_age = archive_max_age
         self.max_result_bytes = max_result_bytes
+        self.dedup_window = dedup_window
         self.retry_timeout = retry_timeout
+        self.topology_interval = topology_interval
+        self._listeners: list[EventListener] = []
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
         self.stats = WorkerStats()
         self.started_at: float | None = None
@@ -205,6 +229,24 @@ class Worker:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def subscribe(self, listener: EventListener) -> None:
+        """Call ``listener(event)`` for every topology change this worker sees and when
+        one of its queues becomes unavailable or resumes (see :mod:`clusterq.events`)."""
+        self._listeners.append(listener)
+
+    def _on_topology(self, _topology: Topology, events: list[TopologyEvent]) -> None:
+        for event in events:
+            self._emit(event)
+
+    def _emit(self, event: TopologyEvent) -> None:
+        level = logging.INFO if isinstance(event, QueueResumed | ReplicaAdded) else logging.WARNING
+        log.log(level, "%s", event.describe())
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed")
+
     @property
     def queues(self) -> list[str]:
         return list(self.weights)
@@ -218,11 +260,15 @@ class Worker:
         if self.backend is not None:
             raise RuntimeError("worker already started")
         self._closed = asyncio.Event()
+        _current.set(self)  # tasks created from here on inherit it
         self.backend = await AsyncBackend.connect(
             self.url, mode=self.mode, prefix=self.prefix, retry_timeout=self.retry_timeout
         )
         keys = self.backend.keys
         self.backend.note_queues(self.weights)
+        self.backend.subscribe(self._on_topology)
+        if self.backend.mode == "cluster":
+            self.backend.start_watching(self.topology_interval)
         registry = keys.queues
         queues = list(self.weights)
         await self.backend.execute_key(registry, lambda c: c.sadd(registry, *queues))
@@ -349,22 +395,40 @@ class Worker:
         assert backend is not None
         lease_ms = int(self.lease * 1000)
         failures = 0
+        outage_since = 0.0
         while not self._stopping:
+            if failures:
+                # Degraded: probe the master without holding any concurrency, so that a
+                # dead or frozen shard never takes slots from the healthy ones.
+                try:
+                    await backend.execute(q.qk.slot, lambda c: c.ping(), timeout=0)
+                except Exception:
+                    failures += 1
+                    await self._sleep(backoff(failures, base=0.02, cap=0.25))
+                    continue
             granted = await self._capacity.acquire(q.name, self.batch_size)
             if granted == 0:
                 break
             token = self._next_token()
             keys, args = dequeue_script.build(q.qk, granted, lease_ms, token)
             try:
-                reply = await backend.run_script(dequeue_script.SCRIPT, q.qk.slot, keys, args)
+                reply = await backend.run_script(
+                    dequeue_script.SCRIPT, q.qk.slot, keys, args, timeout=0
+                )
                 got = dequeue_script.parse(reply)
             except Exception as exc:
                 self._capacity.release(granted)
+                if not failures:
+                    outage_since = time.monotonic()
+                    node = format_addr(backend.master_addr(q.qk.slot))
+                    self._emit(QueueUnavailable(q.name, node, str(exc)))
                 failures += 1
-                log.warning("queue %s: dequeue failed (%s); retrying", q.name, exc)
-                await self._sleep(backoff(failures, base=0.05, cap=1.0))
+                await self._sleep(backoff(failures, base=0.02, cap=0.25))
                 continue
-            failures = 0
+            if failures:
+                node = format_addr(backend.master_addr(q.qk.slot))
+                self._emit(QueueResumed(q.name, node, time.monotonic() - outage_since))
+                failures = 0
             if got.orphans:
                 log.warning(
                     "queue %s: dropped %d pending ids without a record", q.name, got.orphans
@@ -427,7 +491,7 @@ class Worker:
                     _Outcome(False, error=f"unreadable record: {exc}", archive=True),
                 )
                 return
-            outcome = await self._call(q, task_id, record)
+            outcome = await self._call(q, task_id, record, token)
             keep_slot = task_id in self._threads  # an abandoned sync handler still runs
             if outcome.ok:
                 self._ack(q, task_id, token, record, outcome.result)
@@ -445,7 +509,7 @@ class Worker:
             if not keep_slot:
                 self._capacity.release(1)
 
-    async def _call(self, q: _Queue, task_id: str, record: Record) -> _Outcome:
+    async def _call(self, q: _Queue, task_id: str, record: Record, token: str) -> _Outcome:
         handler = self.router.resolve(record.type)
         if handler is None:
             return _Outcome(False, error=f"no handler registered for task type {record.type!r}")
@@ -474,6 +538,7 @@ class Worker:
             timeout=record.timeout_ms / 1000 if record.timeout_ms else None,
             deadline=record.deadline_ms / 1000 if record.deadline_ms is not None else None,
             enqueued_at=record.enqueued_ms / 1000 if record.enqueued_ms else None,
+            attempt=token,
         )
         call = self._chain(handler)
         try:
@@ -531,7 +596,7 @@ class Worker:
 
     async def _in_thread(self, handler: Handler, task: Task) -> Any:
         assert self._executor is not None
-        future = self._executor.submit(handler, task)
+        future = self._executor.submit(contextvars.copy_context().run, handler, task)
         self._threads[task.id] = future
         loop = asyncio.get_running_loop()
 
@@ -573,7 +638,7 @@ class Worker:
         while q.acks:
             batch = q.acks[:ACK_BATCH]
             del q.acks[:ACK_BATCH]
-            keys, args = ack_script.build(q.qk, batch)
+            keys, args = ack_script.build(q.qk, batch, remember_ms=int(self.dedup_window * 1000))
             try:
                 reply = await backend.run_script(ack_script.SCRIPT, q.qk.slot, keys, args)
             except Exception as exc:
@@ -701,69 +766,61 @@ class Worker:
     # ------------------------------------------------------------------ background loops
 
     async def _heartbeat_loop(self) -> None:
-        backend = self.backend
-        assert backend is not None
-        lease_ms = int(self.lease * 1000)
         while not self._closing:
             await asyncio.sleep(self.heartbeat_interval)
-            for q in self._queues.values():
-                held = [(i, h.token) for i, h in q.held.items() if not h.lost]
-                if not held:
-                    continue
-                keys, args = extend_script.build(q.qk, lease_ms, held)
-                try:
-                    lost = extend_script.parse(
-                        await backend.run_script(
-                            extend_script.SCRIPT,
-                            q.qk.slot,
-                            keys,
-                            args,
-                            timeout=self.heartbeat_interval,
-                        )
-                    )
-                except Exception as exc:
-                    log.warning("queue %s: lease renewal failed (%s)", q.name, exc)
-                    continue
-                for task_id in lost:
-                    entry = q.held.get(task_id)
-                    if entry is not None and not entry.lost:
-                        entry.lost = True
-                        self.stats.leases_lost += 1
-                        log.warning(
-                            "queue %s: lost the lease of task %s (another worker may run it)",
-                            q.name,
-                            task_id,
-                        )
+            # One renewal per queue, concurrently: a frozen shard delays only its own.
+            await asyncio.gather(*(self._renew(q) for q in self._queues.values()))
 
-    async def _recover_loop(self) -> None:
+    async def _renew(self, q: _Queue) -> None:
         backend = self.backend
         assert backend is not None
+        held = [(i, h.token) for i, h in q.held.items() if not h.lost]
+        if not held:
+            return
+        keys, args = extend_script.build(q.qk, int(self.lease * 1000), held)
+        try:
+            reply = await backend.run_script(
+                extend_script.SCRIPT, q.qk.slot, keys, args, timeout=self.heartbeat_interval
+            )
+        except Exception as exc:
+            log.warning("queue %s: lease renewal failed (%s)", q.name, exc)
+            return
+        for task_id in extend_script.parse(reply):
+            entry = q.held.get(task_id)
+            if entry is not None and not entry.lost:
+                entry.lost = True
+                self.stats.leases_lost += 1
+                log.warning(
+                    "queue %s: lost the lease of task %s (another worker may run it)",
+                    q.name,
+                    task_id,
+                )
+
+    async def _recover_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.recover_interval * (0.75 + 0.5 * _jitter()))
-            for q in self._queues.values():
-                keys, args = sweep_script.build(
-                    q.qk,
-                    archive_max_size=self.archive_max_size,
-                    archive_max_age_ms=int(self.archive_max_age * 1000),
-                )
-                try:
-                    swept = sweep_script.parse(
-                        await backend.run_script(
-                            sweep_script.SCRIPT,
-                            q.qk.slot,
-                            keys,
-                            args,
-                            timeout=self.recover_interval,
-                        )
-                    )
-                except Exception as exc:
-                    log.debug("queue %s: sweep failed (%s)", q.name, exc)
-                    continue
-                for task_id, token, raw in swept.expired:
-                    mine = q.held.get(task_id)
-                    if mine is not None and mine.token == token:
-                        continue  # still running here; the heartbeat renews it
-                    await self._recover(q, task_id, token, raw)
+            await asyncio.gather(*(self._sweep(q) for q in self._queues.values()))
+
+    async def _sweep(self, q: _Queue) -> None:
+        backend = self.backend
+        assert backend is not None
+        keys, args = sweep_script.build(
+            q.qk,
+            archive_max_size=self.archive_max_size,
+            archive_max_age_ms=int(self.archive_max_age * 1000),
+        )
+        try:
+            reply = await backend.run_script(
+                sweep_script.SCRIPT, q.qk.slot, keys, args, timeout=self.recover_interval
+            )
+        except Exception as exc:
+            log.debug("queue %s: sweep failed (%s)", q.name, exc)
+            return
+        for task_id, token, raw in sweep_script.parse(reply).expired:
+            mine = q.held.get(task_id)
+            if mine is not None and mine.token == token:
+                continue  # still running here; the heartbeat renews it
+            await self._recover(q, task_id, token, raw)
 
     async def _recover(self, q: _Queue, task_id: str, token: str, raw: bytes) -> None:
         backend = self.backend

@@ -234,3 +234,21 @@ def test_installed_console_script(
         and bad.stderr.startswith("error: cannot reach")
         and "Traceback" not in bad.stderr
     )
+
+
+def test_drill_refuses_a_standalone_server(standalone: LocalServer, prefix: str) -> None:
+    result = cli(
+        "--url",
+        standalone.seed_url,
+        "--prefix",
+        prefix,
+        "drill",
+        "failover",
+        "--queue",
+        "images",
+        "--mode",
+        "kill",
+        "--tasks",
+        "100",
+    )
+    _fail_cleanly(result, "needs a cluster")

@@ -166,8 +166,13 @@ def test_cluster_on_embedded_valkey(tmp_path: Path, prefix: str) -> None:
         cluster.up(timeout=90)
         with Client(cluster.seed_url, prefix=prefix) as client:
             client.enqueue("images:resize", {"src": "a.png"}, queue="images")
+            # Valkey has WAITAOF: fsynced on the master and on one replica.
+            durable = client.enqueue(
+                "images:resize", {"src": "b.png"}, queue="webhooks", durability="aof"
+            )
+            assert durable.replicas == 1
         with Inspector(cluster.seed_url, prefix=prefix) as inspector:
-            [info] = inspector.queues()
+            info = inspector.queue("images")
         assert (info.queue, info.keyslot, info.pending) == ("images", 9450, 1)
         assert info.master is not None and len(info.replicas) == 1
     finally:

@@ -503,3 +503,31 @@ def test_stop_soon_after_start_never_hangs(standalone: Any, prefix: str) -> None
             await asyncio.wait_for(worker.stop(), 15)
 
     asyncio.run(scenario())
+
+
+def test_retried_enqueue_after_completion_does_not_run_twice(url: str, prefix: str) -> None:
+    """A producer that retries an enqueue (timeout, failover) after the task already ran
+    and was deleted gets "already enqueued", within the worker's dedup window."""
+    ran: list[str] = []
+    router = Router()
+
+    @router.task("once")
+    async def once(task: Task) -> None:
+        ran.append(task.id)
+
+    async def scenario() -> None:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        async with running_worker(url, router, prefix=prefix, dedup_window=0.6) as worker:
+            await client.enqueue("once", None, task_id="pay-1")
+            await await_for(lambda: worker.stats.processed == 1, 10, "the first run")
+            await asyncio.sleep(0.1)  # its ack lands
+            again = await client.enqueue("once", None, task_id="pay-1")
+            assert (again.already_enqueued, again.state) == (True, TaskState.COMPLETED)
+            await asyncio.sleep(0.8)  # window over, and swept
+            fresh = await client.enqueue("once", None, task_id="pay-1")
+            assert not fresh.already_enqueued
+            await await_for(lambda: worker.stats.processed == 2, 10, "the new task")
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert ran == ["pay-1", "pay-1"]

@@ -121,3 +121,28 @@ def test_capacity_strict_and_close() -> None:
         assert await capacity.acquire("hi", 1) == 0
 
     asyncio.run(scenario())
+
+
+def test_drills_refuse_nodes_that_are_not_local() -> None:
+    import os
+
+    from clusterq.servers import NotLocal, local_process
+
+    with pytest.raises(NotLocal, match="not a loopback address"):
+        local_process("10.1.2.3", 7000, {"process_id": os.getpid(), "tcp_port": 7000})
+    with pytest.raises(NotLocal, match="does not run on this machine"):
+        local_process("127.0.0.1", 7000, {"process_id": 2**22 + 12345, "tcp_port": 7000})
+    with pytest.raises(NotLocal, match="process_id"):
+        local_process("127.0.0.1", 7000, {})
+    proc = local_process("127.0.0.1", 7000, {"process_id": os.getpid(), "tcp_port": 7000})
+    assert proc.pid == os.getpid()
+
+
+def test_durability_commands() -> None:
+    from clusterq.client import confirmed_replicas, durability_commands
+
+    assert durability_commands("none", 1) == []
+    assert durability_commands("replica", 0.25) == [("WAIT", 1, 250)]
+    assert durability_commands("aof", 2) == [("WAITAOF", 1, 1, 2000)]
+    assert confirmed_replicas("replica", [1]) == 1
+    assert confirmed_replicas("aof", [[1, 0]]) == 0

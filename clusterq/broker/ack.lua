@@ -3,14 +3,17 @@
 -- stale ack changes nothing.
 --
 -- KEYS[1] active   KEYS[2] leases   KEYS[3] tasks   KEYS[4] completed   KEYS[5] results
--- KEYS[6] stats   KEYS[7..] unique locks
--- ARGV, five per task: id, token, retention ms (0: delete now), encoded result ('' none),
--- unique lock index into KEYS (0: none)
+-- KEYS[6] stats   KEYS[7] done   KEYS[8..] unique locks
+-- ARGV[1] how long (ms) a deleted task's id is remembered, so that a retried enqueue of
+-- it is still recognised (0: not at all)
+-- ARGV[2..], five per task: id, token, retention ms (0: delete now), encoded result
+-- ('' none), unique lock index into KEYS (0: none)
 --
 -- Returns one value per task: 1 acked, 0 not the lease holder (no-op).
 local now = now_ms()
+local remember = tonumber(ARGV[1])
 local out, done = {}, 0
-for i = 1, #ARGV, 5 do
+for i = 2, #ARGV, 5 do
   local id = ARGV[i]
   if redis.call('HGET', KEYS[2], id) == ARGV[i + 1] then
     redis.call('ZREM', KEYS[1], id)
@@ -23,6 +26,7 @@ for i = 1, #ARGV, 5 do
       if ARGV[i + 3] ~= '' then redis.call('HSET', KEYS[5], id, ARGV[i + 3]) end
     else
       redis.call('HDEL', KEYS[3], id)
+      if remember > 0 then redis.call('ZADD', KEYS[7], now + remember, id) end
     end
     done = done + 1
     out[#out + 1] = 1

@@ -21,9 +21,11 @@ class Ack:
     unique_key: str | None = None
 
 
-def build(qk: QueueKeys, acks: Sequence[Ack]) -> tuple[list[str], list[Any]]:
-    keys = [qk.active, qk.leases, qk.tasks, qk.completed, qk.results, qk.stats]
-    args: list[Any] = []
+def build(
+    qk: QueueKeys, acks: Sequence[Ack], *, remember_ms: int = 0
+) -> tuple[list[str], list[Any]]:
+    keys = [qk.active, qk.leases, qk.tasks, qk.completed, qk.results, qk.stats, qk.done]
+    args: list[Any] = [max(0, remember_ms)]
     for ack in acks:
         index = 0
         if ack.unique_key is not None:

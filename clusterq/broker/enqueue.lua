@@ -1,9 +1,13 @@
 -- enqueue: new tasks -> pending, or scheduled when due later. Several tasks per call.
 --
 -- KEYS[1] tasks (hash)   KEYS[2] pending   KEYS[3] scheduled   KEYS[4] retry
--- KEYS[5] active   KEYS[6] archived   KEYS[7] completed   KEYS[8..] unique locks
--- ARGV, six per task: id, delay ms, due at ms (0: now + delay), unique lock index into
--- KEYS (0: none), unique lock ttl ms, record
+-- KEYS[5] active   KEYS[6] archived   KEYS[7] completed   KEYS[8] stats
+-- KEYS[9] done (ids completed and deleted lately)   KEYS[10..] unique locks
+-- ARGV[1] durable (1/0): the caller will WAIT for replicas after this call, so even a
+-- call that creates nothing must write (a counter): WAIT counts this connection's
+-- writes, and a later write can only be confirmed once the earlier ones are.
+-- ARGV[2..], six per task: id, delay ms, due at ms (0: now + delay), unique lock index
+-- into KEYS (0: none), unique lock ttl ms, record
 --
 -- Returns two values per task: {1, 'pending'|'scheduled'} created; {0, state} a task
 -- with this id exists already (a retried enqueue: nothing changes); {-1, holder id} the
@@ -18,12 +22,18 @@ local function state_of(id)
 end
 
 local now = now_ms()
-local out, ready = {}, {}
-for i = 1, #ARGV, 6 do
+local out, ready, existing = {}, {}, 0
+for i = 2, #ARGV, 6 do
   local id, uq = ARGV[i], tonumber(ARGV[i + 3])
+  local gone = redis.call('ZSCORE', KEYS[9], id)
   if redis.call('HEXISTS', KEYS[1], id) == 1 then
+    existing = existing + 1
     out[#out + 1] = 0
     out[#out + 1] = state_of(id)
+  elseif gone and tonumber(gone) > now then
+    existing = existing + 1
+    out[#out + 1] = 0
+    out[#out + 1] = 'completed'  -- ran and was deleted moments ago: do not run it again
   elseif uq > 0 and not redis.call('SET', KEYS[uq], id, 'NX', 'PX', ARGV[i + 4]) then
     out[#out + 1] = -1
     out[#out + 1] = redis.call('GET', KEYS[uq]) or ''
@@ -42,4 +52,7 @@ for i = 1, #ARGV, 6 do
   end
 end
 if #ready > 0 then redis.call('LPUSH', KEYS[2], unpack(ready)) end
+if ARGV[1] == '1' and existing > 0 then
+  redis.call('HINCRBY', KEYS[8], 'enqueue_repeats', existing)
+end
 return out

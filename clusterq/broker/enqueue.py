@@ -35,10 +35,22 @@ class EnqueueOutcome:
     duplicate_of: str | None = None
 
 
-def build(qk: QueueKeys, tasks: Sequence[NewTask]) -> tuple[list[str], list[Any]]:
+def build(
+    qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False
+) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV for one call; all ``tasks`` belong to queue ``qk``."""
-    keys = [qk.tasks, qk.pending, qk.scheduled, qk.retry, qk.active, qk.archived, qk.completed]
-    args: list[Any] = []
+    keys = [
+        qk.tasks,
+        qk.pending,
+        qk.scheduled,
+        qk.retry,
+        qk.active,
+        qk.archived,
+        qk.completed,
+        qk.stats,
+        qk.done,
+    ]
+    args: list[Any] = [int(durable)]
     for task in tasks:
         index = 0
         if task.unique_key is not None:

@@ -56,54 +56,71 @@ class LuaScript:
 Call = tuple[LuaScript, Sequence[Any], Sequence[Any]]
 
 
-def run_pipelined(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
-    """Run several script calls on one node in one round trip (no transaction).
+def run_pipelined(
+    client: redis.Redis, calls: Sequence[Call], after: Sequence[Sequence[Any]] = ()
+) -> tuple[list[Any], list[Any]]:
+    """Run several script calls on one node in one round trip (no transaction), then the
+    commands in ``after`` (``WAIT``...) on the same connection.
 
     Calls answered ``NOSCRIPT`` did not run; their scripts are loaded on that node and
-    just those calls are sent again. Other errors are returned in place of replies.
+    just those calls are sent again, followed by ``after`` again. Other errors are
+    returned in place of replies. Returns (script replies, replies to ``after`` from the
+    last round).
     """
     replies: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
+    tail: list[Any] = []
     for _ in range(2):
         pipe = client.pipeline(transaction=False)
         for index in todo:
             script, keys, args = calls[index]
             script.queue_in(pipe, keys, args)
+        for command in after:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         answers = pipe.execute(raise_on_error=False)
-        missing = []
-        for index, answer in zip(todo, answers, strict=True):
-            if isinstance(answer, redis.exceptions.NoScriptError):
-                missing.append(index)
-            replies[index] = answer
+        tail = answers[len(todo) :]
+        missing = _settle(todo, answers, replies)
         if not missing:
             break
         for script in {calls[i][0] for i in missing}:
             client.script_load(script.source)
         todo = missing
-    return replies
+    return replies, tail
 
 
-async def arun_pipelined(client: redis.asyncio.Redis, calls: Sequence[Call]) -> list[Any]:
+async def arun_pipelined(
+    client: redis.asyncio.Redis, calls: Sequence[Call], after: Sequence[Sequence[Any]] = ()
+) -> tuple[list[Any], list[Any]]:
     """Asynchronous :func:`run_pipelined`."""
     replies: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
+    tail: list[Any] = []
     for _ in range(2):
         pipe = client.pipeline(transaction=False)
         for index in todo:
             script, keys, args = calls[index]
             pipe.evalsha(script.sha, len(keys), *keys, *args)
+        for command in after:
+            pipe.execute_command(*command)
         answers = await pipe.execute(raise_on_error=False)
-        missing = []
-        for index, answer in zip(todo, answers, strict=True):
-            if isinstance(answer, redis.exceptions.NoScriptError):
-                missing.append(index)
-            replies[index] = answer
+        tail = answers[len(todo) :]
+        missing = _settle(todo, answers, replies)
         if not missing:
             break
         for script in {calls[i][0] for i in missing}:
             await client.script_load(script.source)
         todo = missing
-    return replies
+    return replies, tail
+
+
+def _settle(todo: list[int], answers: Sequence[Any], replies: list[Any]) -> list[int]:
+    """Store the answers; return the calls that met NOSCRIPT."""
+    missing = []
+    for index, answer in zip(todo, answers, strict=False):
+        if isinstance(answer, redis.exceptions.NoScriptError):
+            missing.append(index)
+        replies[index] = answer
+    return missing
 
 
 def first_error(replies: Sequence[Any]) -> Exception | None:

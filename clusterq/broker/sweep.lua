@@ -1,9 +1,10 @@
 -- sweep: periodic upkeep of one queue. Deletes completed tasks past their retention,
+-- forgets deleted task ids past their dedup window,
 -- trims the archive (oldest first, by size and by age), and lists active tasks whose
 -- lease expired so that the caller can fail them (fail.lua with only_if_expired).
 --
 -- KEYS[1] active   KEYS[2] leases   KEYS[3] tasks   KEYS[4] completed   KEYS[5] results
--- KEYS[6] archived
+-- KEYS[6] archived   KEYS[7] done
 -- ARGV[1] at most this many per step   ARGV[2] archive max size   ARGV[3] archive max age ms
 --
 -- Returns {deleted, id1, token1, record1, ...} for expired leases.
@@ -32,6 +33,8 @@ if #old > 0 then
   redis.call('ZREM', KEYS[6], unpack(old))
   forget(old)
 end
+
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
 
 local out = {deleted}
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)

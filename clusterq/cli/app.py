@@ -93,13 +93,14 @@ def main(ctx: click.Context, url: str, mode: bool | None, prefix: str) -> None:
 
 
 def _register() -> None:
-    from clusterq.cli import cluster, dev, queue, tasks, worker
+    from clusterq.cli import cluster, dev, drill, queue, tasks, worker
 
     main.add_command(dev.dev)
     main.add_command(queue.queue)
     main.add_command(cluster.cluster)
     main.add_command(tasks.enqueue)
     main.add_command(worker.worker)
+    main.add_command(drill.drill)
 
 
 _register()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+
 import click
 
 from clusterq.cli.app import CliState
 from clusterq.cli.render import console, print_json, slot_ranges, table
-from clusterq.topology import Topology
+from clusterq.errors import ClusterqError
+from clusterq.topology import Topology, TopologyEvent
 
 
 def slot_map_table(topology: Topology, title: str | None = None) -> object:
@@ -82,3 +87,45 @@ def slots(state: CliState, as_json: bool) -> None:
         print_json(slots_json(topology))
         return
     console().print(slot_map_table(topology, f"{topology.mode} at {topology.source}"))
+
+
+@cluster.command("watch")
+@click.option(
+    "--interval", type=float, default=0.5, show_default=True, help="Seconds between reads."
+)
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_obj
+def watch(state: CliState, interval: float, duration: float | None, as_json: bool) -> None:
+    """Stream topology events (failovers, failed and recovered nodes) until Ctrl-C."""
+    backend = state.backend(retry_timeout=interval)
+    out = console()
+
+    def emit(event: TopologyEvent) -> None:
+        stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+        if as_json:
+            click.echo(json.dumps({"time": time.time(), **event.to_dict()}), nl=True)
+        else:
+            out.print(f"[dim]{stamp}[/dim] {event.describe()}", highlight=False)
+
+    topology = backend.topology
+    if not as_json:
+        out.print(slot_map_table(topology, f"watching {topology.mode} at {topology.source}"))
+    else:
+        click.echo(json.dumps({"time": time.time(), "event": "snapshot", **topology.to_dict()}))
+    sys.stdout.flush()
+    deadline = None if duration is None else time.monotonic() + duration
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(interval)
+            try:
+                events = backend.refresh_topology()
+            except ClusterqError as exc:
+                if not as_json:
+                    out.print(f"[red]cannot read the map: {exc}[/red]")
+                continue
+            for event in events:
+                emit(event)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass

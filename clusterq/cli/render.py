@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -21,8 +22,10 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
-    out = Table(title=title, show_lines=False, header_style="bold")
+def table(
+    title: str | None, columns: list[str], rows: Sequence[Sequence[Any]], *, header: bool = True
+) -> Table:
+    out = Table(title=title, show_lines=False, header_style="bold", show_header=header)
     for column in columns:
         out.add_column(column, overflow="fold")
     for row in rows:

@@ -1,0 +1,129 @@
+"""``clusterq drill failover``: fail a queue's master under load and report the damage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from clusterq.cli.app import CliState
+from clusterq.cli.render import console, print_json, table
+from clusterq.drill import MODES, DrillReport, DrillSettings, run_drill
+
+
+@click.group()
+def drill() -> None:
+    """Failover drills against a local cluster."""
+
+
+def _fmt(value: object, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value}{unit}"
+
+
+def render(report: DrillReport) -> None:
+    extra = f"{report.extra_deliveries} extra runs (bound: in flight {report.in_flight_bound})"
+    pickup = f"{_fmt(report.pickup_p50_ms)} / {_fmt(report.pickup_p99_ms)}"
+    rows: list[list[object]] = [
+        ["mode / durability", f"{report.mode} / {report.durability}"],
+        ["master", f"{report.master_before} -> {report.master_after}"],
+        [
+            "tasks acknowledged",
+            f"{report.acknowledged} of {report.tasks} (gave up: {report.gave_up})",
+        ],
+        ["delivered", report.delivered],
+        ["lost", report.lost],
+        ["still queued", report.still_queued],
+        [
+            "duplicated",
+            f"{report.duplicated} tasks, {extra}",
+        ],
+        ["stuck active", report.stuck_active],
+        ["fault at", f"{report.fault_at:.2f}s into production"],
+        ["first producer error", _fmt(report.detect, "s after the fault")],
+        ["promotion", _fmt(report.promotion, "s after the fault")],
+        ["producer resumed", _fmt(report.producer_resume, "s after the fault")],
+        ["worker resume lag", _fmt(report.worker_resume_lag, "s after the promotion")],
+        [
+            "pickup p50 / p99 / max",
+            f"{pickup} / {_fmt(report.pickup_max_ms)} ms",
+        ],
+        [
+            f"{report.other_queue} during outage",
+            f"{report.other_delivered_during_outage} tasks delivered",
+        ],
+        [
+            "errors seen by the producer",
+            ", ".join(f"{k}: {v}" for k, v in report.errors.items()) or "none",
+        ],
+        ["cluster healthy after", "yes" if report.healthy_after else "NO"],
+        [
+            "verdict",
+            "OK: nothing acknowledged was lost" if report.ok else f"LOST {report.lost} TASKS",
+        ],
+    ]
+    title = f"failover drill on queue {report.queue}"
+    console().print(table(title, ["", ""], rows, header=False))
+
+
+@drill.command("failover")
+@click.option("--queue", "-q", required=True, help="The queue whose master is failed.")
+@click.option("--mode", type=click.Choice(MODES), required=True)
+@click.option("--tasks", type=int, default=2000, show_default=True)
+@click.option("--rate", type=float, default=500.0, show_default=True, help="Tasks per second.")
+@click.option(
+    "--durability",
+    type=click.Choice(["replica", "none", "aof"]),
+    default="replica",
+    show_default=True,
+)
+@click.option(
+    "--workers", type=int, default=2, show_default=True, help="Worker processes to start."
+)
+@click.option("--concurrency", type=int, default=16, show_default=True)
+@click.option(
+    "--use-running-workers",
+    is_flag=True,
+    help="Start none; use workers running clusterq.drill:router.",
+)
+@click.option("--settle-timeout", type=float, default=90.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for the moment of the fault.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_obj
+def failover(
+    state: CliState,
+    queue: str,
+    mode: str,
+    tasks: int,
+    rate: float,
+    durability: str,
+    workers: int,
+    concurrency: int,
+    use_running_workers: bool,
+    settle_timeout: float,
+    seed: int | None,
+    as_json: bool,
+) -> None:
+    """Fail the master of QUEUE's slot mid-stream; exit 1 if an acknowledged task was lost."""
+    settings = DrillSettings(
+        url=state.url,
+        queue=queue,
+        mode=mode,  # type: ignore[arg-type]
+        tasks=tasks,
+        rate=rate,
+        durability=durability,  # type: ignore[arg-type]
+        workers=workers,
+        concurrency=concurrency,
+        prefix=state.prefix,
+        use_running_workers=use_running_workers,
+        settle_timeout=settle_timeout,
+        seed=seed,
+    )
+    report = asyncio.run(run_drill(settings, lambda msg: click.echo(f"drill: {msg}", err=True)))
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        render(report)
+    if not report.ok:
+        raise SystemExit(1)

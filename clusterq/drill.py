@@ -1,0 +1,547 @@
+"""Failover drills: fail the master that owns a queue, under load, and count the damage.
+
+A drill checks that the cluster is healthy, starts worker processes (or uses the ones
+already running ``clusterq.drill:router``), produces N tasks into the queue at a steady
+rate, and at a random moment in the middle fails the queue's master:
+
+- ``kill``: SIGKILL, then start the process again so it rejoins as a replica;
+- ``stop``: SIGSTOP until the replica is promoted (longer than cluster-node-timeout),
+  then SIGCONT: the old master wakes up, steps down and drops what it did not replicate;
+- ``manual``: ``CLUSTER FAILOVER`` on the replica (coordinated: nothing should be lost);
+- ``takeover``: ``CLUSTER FAILOVER TAKEOVER`` on the replica (no agreement asked).
+
+It keeps its own log of the tasks whose enqueue was acknowledged, and the handlers log
+every delivery in a hash on *another* master. Lost = acknowledged, never delivered, not
+still queued. Duplicated = delivered more than once (at-least-once allows this for tasks
+that were in flight when the master failed). Signals only go to processes on this
+machine: the node's own ``INFO server`` names its pid, and its address must be loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+
+from clusterq import topology as topo
+from clusterq.abackend import AsyncBackend
+from clusterq.client import AsyncClient, Durability
+from clusterq.connection import RedisURL, acommand
+from clusterq.errors import ClusterqError
+from clusterq.keys import DEFAULT_PREFIX, KeySchema
+from clusterq.retry import SkipRetry
+from clusterq.router import Router
+from clusterq.servers import LocalProcess, local_process, restart_process
+from clusterq.slots import keyslot
+from clusterq.task import Task
+from clusterq.worker import current_worker
+
+FaultMode = Literal["kill", "stop", "manual", "takeover"]
+MODES: tuple[FaultMode, ...] = ("kill", "stop", "manual", "takeover")
+DRILL_TYPE = "clusterq:drill"
+
+router = Router()
+
+
+@router.task(DRILL_TYPE)
+async def record_delivery(task: Task) -> None:
+    """Log one delivery of a drill task (on a master the drill does not fail).
+
+    Keyed by (task id, attempt), so a write retried after a lost reply counts once."""
+    payload = task.payload
+    if not isinstance(payload, dict) or not all(
+        isinstance(payload.get(k), str) for k in ("run", "log")
+    ):
+        raise SkipRetry("not a drill payload")
+    backend = current_worker().backend
+    assert backend is not None
+    deliveries, first = backend.keys.drill(payload["run"], payload["log"])
+    now_ms = int(time.time() * 1000)
+
+    async def write(client: Any) -> Any:
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(deliveries, f"{task.id}|{task.attempt}", 1)
+        pipe.hsetnx(first, task.id, now_ms)
+        pipe.expire(deliveries, 3600)
+        pipe.expire(first, 3600)
+        return await pipe.execute()
+
+    await backend.execute_key(deliveries, write)
+
+
+@dataclass
+class DrillReport:
+    mode: str
+    queue: str
+    durability: str
+    master_before: str
+    master_after: str
+    tasks: int
+    acknowledged: int = 0
+    gave_up: int = 0
+    delivered: int = 0
+    lost: int = 0
+    still_queued: int = 0
+    duplicated: int = 0
+    extra_deliveries: int = 0
+    in_flight_bound: int = 0
+    stuck_active: int = 0
+    #: Seconds from the start of production to the fault.
+    fault_at: float = 0.0
+    #: Seconds from the fault to the first producer error (None: none seen).
+    detect: float | None = None
+    #: Seconds from the fault to the replica's promotion, seen by a surviving node.
+    promotion: float | None = None
+    #: Seconds from the fault to the producer's first success after its first error.
+    producer_resume: float | None = None
+    #: Seconds from the promotion until the last drill worker fetched from the queue
+    #: again (from the workers' "queue resumed" events; None if none lost it).
+    worker_resume_lag: float | None = None
+    #: Seconds from the promotion to the first delivery from the queue after it (bounded
+    #: below by when the producer resumed, if nothing was waiting).
+    first_delivery_after_promotion: float | None = None
+    pickup_p50_ms: float | None = None
+    pickup_p99_ms: float | None = None
+    pickup_max_ms: float | None = None
+    #: Tasks of a queue on another master delivered between the fault and the promotion.
+    other_queue: str = ""
+    other_delivered_during_outage: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    #: One message per error type, as the producer saw it.
+    error_samples: dict[str, str] = field(default_factory=dict)
+    healthy_after: bool = False
+    duration: float = 0.0
+    worker_logs: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class DrillSettings:
+    url: str
+    queue: str
+    mode: FaultMode
+    tasks: int = 2000
+    rate: float = 500.0
+    durability: Durability = "replica"
+    workers: int = 2
+    concurrency: int = 16
+    prefix: str = DEFAULT_PREFIX
+    use_running_workers: bool = False
+    settle_timeout: float = 90.0
+    seed: int | None = None
+
+
+# ----------------------------------------------------------------------- cluster checks
+
+
+async def replication_problems(backend: AsyncBackend) -> list[str]:
+    """Why the cluster cannot be drilled right now (empty when every master has a
+    replica whose link is up)."""
+    await backend.refresh_topology()
+    problems = []
+    for shard in backend.topology.shards:
+        if not shard.master.online:
+            problems.append(f"master {shard.master.addr} is {shard.master.health}")
+        if not shard.replicas:
+            problems.append(f"master {shard.master.addr} has no replica")
+        for replica in shard.replicas:
+            try:
+                info = await backend.node(replica.address).info("replication")
+            except (redis.RedisError, OSError) as exc:
+                problems.append(f"replica {replica.addr}: {exc}")
+                continue
+            if info.get("master_link_status") != "up":
+                problems.append(f"replica {replica.addr}: link {info.get('master_link_status')}")
+    return problems
+
+
+async def wait_healthy(backend: AsyncBackend, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            problems = await replication_problems(backend)
+        except ClusterqError as exc:
+            problems = [str(exc)]
+        if not problems or time.monotonic() > deadline:
+            return problems
+        await asyncio.sleep(0.2)
+
+
+def other_queue_name(topology: topo.Topology, queue: str, avoid_master: str) -> str:
+    """A queue name whose slot lives on another master than ``avoid_master`` (an id)."""
+    for n in range(10_000):
+        name = f"{queue}-drill-other-{n}"
+        master = topology.master_for_slot(keyslot(name))
+        if master is not None and master.id != avoid_master:
+            return name
+    raise ClusterqError("no other master found: a drill needs at least two masters")
+
+
+async def wait_promotion(
+    replica: topo.NodeInfo, url: RedisURL, slot: int, old_master: str, timeout: float
+) -> float | None:
+    """Poll the replica's own view until another node than ``old_master`` owns ``slot``."""
+    client = url.async_node_client(replica.address, socket_timeout=1.0)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError, OSError):
+                view = await topo.afetch(client, "cluster", replica.address)
+                master = view.master_for_slot(slot)
+                if master is not None and master.id != old_master:
+                    return time.time()
+            await asyncio.sleep(0.05)
+        return None
+    finally:
+        await client.aclose()
+
+
+# ----------------------------------------------------------------------- the drill
+
+
+class _Workers:
+    """Worker processes the drill starts (and stops)."""
+
+    def __init__(self, settings: DrillSettings, queues: str, run_id: str) -> None:
+        self.settings = settings
+        self.queues = queues
+        self.run_id = run_id
+        self.dir = Path(tempfile.mkdtemp(prefix=f"clusterq-drill-{run_id}-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def names(self) -> list[str]:
+        return [f"drill-{self.run_id}-{n}" for n in range(self.settings.workers)]
+
+    def start(self) -> None:
+        for name in self.names():
+            log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+            command = [
+                sys.executable,
+                "-m",
+                "clusterq",
+                "--url",
+                self.settings.url,
+                "--prefix",
+                self.settings.prefix,
+                "worker",
+                "clusterq.drill:router",
+                "--queues",
+                self.queues,
+                "--concurrency",
+                str(self.settings.concurrency),
+                "--name",
+                name,
+            ]
+            try:
+                self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+            finally:
+                log.close()
+
+    def resumed_at(self, queue: str, since: float) -> list[float]:
+        """When each worker logged that it fetched from ``queue`` again (after ``since``):
+        the last such event per worker, from the workers' logs."""
+        marker = f"queue {queue}: resumed on "
+        times = []
+        for path in sorted(self.dir.glob("*.log")):
+            last = None
+            for line in path.read_text(errors="replace").splitlines():
+                if marker not in line:
+                    continue
+                stamp = line.partition(" INFO ")[0]
+                with contextlib.suppress(ValueError):
+                    at = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
+                    at += int(stamp[20:23]) / 1000
+                    if at >= since:
+                        last = at
+            if last is not None:
+                times.append(last)
+        return times
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+async def _announced(backend: AsyncBackend, names: list[str], timeout: float) -> None:
+    key = backend.keys.workers
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries = await backend.execute_key(key, lambda c: c.hgetall(key))
+        present = {k.decode() if isinstance(k, bytes) else k for k in entries}
+        if set(names) <= present:
+            return
+        await asyncio.sleep(0.1)
+    raise ClusterqError(f"drill workers did not start within {timeout:.0f}s")
+
+
+async def _serving(backend: AsyncBackend, queue: str) -> int:
+    key = backend.keys.workers
+    entries = await backend.execute_key(key, lambda c: c.hgetall(key))
+    import json
+
+    now = time.time()
+    count = 0
+    for raw in entries.values():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            data = json.loads(raw)
+            if data["expires"] > now and queue in data["queues"]:
+                count += 1
+    return count
+
+
+async def run_drill(
+    settings: DrillSettings, progress: Callable[[str], None] = lambda _msg: None
+) -> DrillReport:
+    """Run one failover drill and return its report (see the module docstring)."""
+    if settings.mode not in MODES:
+        raise ClusterqError(f"unknown drill mode {settings.mode!r}: one of {', '.join(MODES)}")
+    if settings.tasks < 10 or settings.rate <= 0:
+        raise ClusterqError("a drill needs at least 10 tasks and a positive rate")
+    rng = random.Random(settings.seed)
+    backend = await AsyncBackend.connect(settings.url, prefix=settings.prefix, retry_timeout=5)
+    workers: _Workers | None = None
+    client: AsyncClient | None = None
+    try:
+        if backend.mode != "cluster":
+            raise ClusterqError(
+                f"{settings.url} is a standalone server: a failover drill needs a cluster"
+            )
+        backend.start_watching(0.2)
+        progress("waiting until every master has a linked replica")
+        problems = await wait_healthy(backend, 60)
+        if problems:
+            raise ClusterqError("cluster not ready for a drill: " + "; ".join(problems[:4]))
+        keys = KeySchema(settings.prefix)
+        qk = keys.queue(settings.queue)
+        location = backend.topology.locate(settings.queue)
+        if location.master is None or not location.replicas:
+            raise ClusterqError(f"queue {settings.queue!r} has no master with a replica")
+        master, replica = location.master, location.replicas[0]
+        proc: LocalProcess | None = None
+        if settings.mode in ("kill", "stop"):
+            info = await backend.node(master.address).info("server")
+            proc = local_process(master.host, master.port, info)
+        other = other_queue_name(backend.topology, settings.queue, master.id)
+        run_id = secrets.token_hex(4)
+        log_tag = other  # the delivery log lives beside the other queue, off the failed master
+        deliveries_key, first_key = keys.drill(run_id, log_tag)
+        report = DrillReport(
+            mode=settings.mode,
+            queue=settings.queue,
+            durability=settings.durability,
+            master_before=master.addr,
+            master_after="",
+            tasks=settings.tasks,
+            other_queue=other,
+        )
+        if settings.use_running_workers:
+            if not await _serving(backend, settings.queue):
+                raise ClusterqError(
+                    f"no live worker serves queue {settings.queue!r}; start one running "
+                    "clusterq.drill:router, or let the drill start its own"
+                )
+            report.in_flight_bound = 0
+        else:
+            workers = _Workers(settings, f"{settings.queue}=1,{other}=1", run_id)
+            progress(f"starting {settings.workers} workers (logs in {workers.dir})")
+            workers.start()
+            await _announced(backend, workers.names(), 60)
+            report.worker_logs = str(workers.dir)
+            report.in_flight_bound = settings.workers * settings.concurrency
+
+        client = producer = await AsyncClient.connect(
+            settings.url,
+            prefix=settings.prefix,
+            durability=settings.durability,
+            retry_timeout=5,
+            watch_interval=0.2,
+        )
+        payload = {"run": run_id, "log": log_tag}
+        acked: dict[str, float] = {}
+        other_acked: dict[str, float] = {}
+        errors: Counter[str] = Counter()
+        marks: dict[str, float] = {}
+        fault_index = rng.randint(int(settings.tasks * 0.3), int(settings.tasks * 0.6))
+        producing = True
+
+        async def enqueue(
+            queue: str, task_id: str, record: dict[str, float], patient: bool
+        ) -> None:
+            deadline = time.monotonic() + (60 if patient else 1)
+            while True:
+                try:
+                    await producer.enqueue(
+                        DRILL_TYPE,
+                        payload,
+                        queue=queue,
+                        task_id=task_id,
+                        max_retry=100,
+                        durability=settings.durability if patient else "none",
+                    )
+                except (ClusterqError, redis.RedisError, OSError) as exc:
+                    if patient:
+                        errors[type(exc).__name__] += 1
+                        report.error_samples.setdefault(type(exc).__name__, str(exc)[:200])
+                        if "fault" in marks and "first_error" not in marks:
+                            marks["first_error"] = time.time()
+                    if time.monotonic() > deadline:
+                        if patient:
+                            report.gave_up += 1
+                        return
+                    await asyncio.sleep(0.02)
+                    continue
+                record[task_id] = time.time()
+                if patient and "first_error" in marks and "producer_resumed" not in marks:
+                    marks["producer_resumed"] = time.time()
+                return
+
+        async def inject() -> None:
+            marks["fault"] = time.time()
+            progress(f"fault: {settings.mode} on master {master.addr}")
+            if settings.mode == "kill":
+                assert proc is not None
+                os.kill(proc.pid, signal.SIGKILL)
+            elif settings.mode == "stop":
+                assert proc is not None
+                os.kill(proc.pid, signal.SIGSTOP)
+            else:
+                args = ["CLUSTER", "FAILOVER"] + (
+                    ["TAKEOVER"] if settings.mode == "takeover" else []
+                )
+                await acommand(backend.node(replica.address), *args)
+            promoted = await wait_promotion(replica, backend.url, qk.slot, master.id, 60)
+            if promoted is not None:
+                marks["promoted"] = promoted
+                progress(f"promoted after {promoted - marks['fault']:.2f}s")
+            if settings.mode == "stop":
+                await asyncio.sleep(1.0)
+                assert proc is not None
+                os.kill(proc.pid, signal.SIGCONT)
+            elif settings.mode == "kill":
+                assert proc is not None
+                restart_process(proc)
+                progress(f"restarted {master.addr}; it rejoins as a replica")
+
+        async def trickle() -> None:
+            n = 0
+            while producing:
+                await enqueue(other, f"{run_id}-o{n}", other_acked, patient=False)
+                n += 1
+                await asyncio.sleep(0.01)
+
+        progress(f"producing {settings.tasks} tasks into {settings.queue} at {settings.rate:g}/s")
+        started = time.monotonic()
+        start_wall = time.time()
+        side = asyncio.create_task(trickle())
+        fault: asyncio.Task[None] | None = None
+        for i in range(settings.tasks):
+            delay = started + i / settings.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if i == fault_index:
+                fault = asyncio.create_task(inject())
+            await enqueue(settings.queue, f"{run_id}-{i}", acked, patient=True)
+        if fault is not None:
+            await fault
+        producing = False
+        await side
+        report.acknowledged = len(acked)
+        report.fault_at = marks.get("fault", start_wall) - start_wall
+
+        progress("waiting for every acknowledged task to be delivered")
+        wanted = set(acked) | set(other_acked)
+        deadline = time.monotonic() + settings.settle_timeout
+        counts: Counter[str] = Counter()
+        while True:
+            # Settled: every acknowledged task delivered, and none left active (a task
+            # whose ack the failed master took and lost runs again when its lease ends).
+            raw = await backend.execute_key(deliveries_key, lambda c: c.hkeys(deliveries_key))
+            counts = Counter(_text(k).split("|", 1)[0] for k in raw)
+            active = int(await backend.execute(qk.slot, lambda c: c.zcard(qk.active)))
+            if (wanted <= counts.keys() and not active) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.25)
+        firsts_raw = await backend.execute_key(first_key, lambda c: c.hgetall(first_key))
+        firsts = {_text(k): int(v) / 1000 for k, v in firsts_raw.items()}
+
+        missing = [i for i in acked if i not in counts]
+        if missing:
+            present = await backend.execute(qk.slot, lambda c: c.hmget(qk.tasks, missing))
+            report.still_queued = sum(1 for v in present if v is not None)
+            report.lost = len(missing) - report.still_queued
+        report.delivered = sum(1 for i in acked if i in counts)
+        report.duplicated = sum(1 for i in acked if counts.get(i, 0) > 1)
+        report.extra_deliveries = sum(max(0, counts.get(i, 0) - 1) for i in acked)
+        pickups = sorted((firsts[i] - t) * 1000 for i, t in acked.items() if i in firsts)
+        if pickups:
+            report.pickup_p50_ms = round(pickups[len(pickups) // 2], 2)
+            report.pickup_p99_ms = round(
+                pickups[min(len(pickups) - 1, int(len(pickups) * 0.99))], 2
+            )
+            report.pickup_max_ms = round(pickups[-1], 2)
+        fault_t = marks.get("fault")
+        if fault_t is not None:
+            if "first_error" in marks:
+                report.detect = round(marks["first_error"] - fault_t, 3)
+            if "producer_resumed" in marks:
+                report.producer_resume = round(marks["producer_resumed"] - fault_t, 3)
+            promoted_t = marks.get("promoted")
+            if promoted_t is not None:
+                report.promotion = round(promoted_t - fault_t, 3)
+                after = [t for i, t in firsts.items() if i in acked and t >= promoted_t]
+                if after:
+                    report.first_delivery_after_promotion = round(min(after) - promoted_t, 3)
+                if workers is not None:
+                    resumed = workers.resumed_at(settings.queue, fault_t)
+                    if resumed:
+                        report.worker_resume_lag = round(max(resumed) - promoted_t, 3)
+                report.other_delivered_during_outage = sum(
+                    1 for i, t in firsts.items() if i in other_acked and fault_t <= t < promoted_t
+                )
+        report.errors = dict(errors)
+        report.stuck_active = int(await backend.execute(qk.slot, lambda c: c.zcard(qk.active)))
+
+        progress("waiting for the cluster to heal (every replica linked)")
+        report.healthy_after = not await wait_healthy(backend, 60)
+        after_loc = backend.topology.locate(settings.queue)
+        report.master_after = after_loc.master.addr if after_loc.master else ""
+        report.duration = round(time.monotonic() - started, 2)
+        await backend.execute_key(deliveries_key, lambda c: c.delete(deliveries_key, first_key))
+        return report
+    finally:
+        if workers is not None:
+            workers.stop()
+        if client is not None:
+            await client.aclose()
+        await backend.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,81 @@
+"""Events a worker reports: the topology changes it saw, and its queues going down and
+coming back. Each event has ``describe()`` (plain words, also written to the worker's
+log) and ``to_dict()`` (for JSON). Subscribe with :meth:`clusterq.Worker.subscribe`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from clusterq.topology import (
+    MasterChanged,
+    NodeAdded,
+    NodeFailed,
+    NodeRecovered,
+    NodeRemoved,
+    ReplicaAdded,
+    ReplicaRemoved,
+    SlotsMoved,
+    TopologyEvent,
+)
+
+
+@dataclass(frozen=True)
+class QueueUnavailable(TopologyEvent):
+    """A worker could not fetch from a queue's master."""
+
+    kind: ClassVar[str] = "queue_unavailable"
+    queue: str
+    node: str
+    error: str
+    at: float = field(default_factory=time.time)
+
+    def describe(self) -> str:
+        return f"queue {self.queue}: master {self.node} unavailable ({self.error}); retrying"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "queue": self.queue, "node": self.node, "at": self.at}
+
+
+@dataclass(frozen=True)
+class QueueResumed(TopologyEvent):
+    """Fetching from a queue works again, possibly on a new master."""
+
+    kind: ClassVar[str] = "queue_resumed"
+    queue: str
+    node: str
+    outage: float
+    at: float = field(default_factory=time.time)
+
+    def describe(self) -> str:
+        return f"queue {self.queue}: resumed on {self.node} after {self.outage:.2f}s"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "queue": self.queue,
+            "node": self.node,
+            "outage": self.outage,
+            "at": self.at,
+        }
+
+
+EventListener = Callable[[TopologyEvent], None]
+
+__all__ = [
+    "EventListener",
+    "MasterChanged",
+    "NodeAdded",
+    "NodeFailed",
+    "NodeRecovered",
+    "NodeRemoved",
+    "QueueResumed",
+    "QueueUnavailable",
+    "ReplicaAdded",
+    "ReplicaRemoved",
+    "SlotsMoved",
+    "TopologyEvent",
+]
