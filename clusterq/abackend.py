@@ -43,6 +43,7 @@ from clusterq.connection import (
 from clusterq.errors import ConfigError, ConnectionFailed, TopologyError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.slots import keyslot
+from clusterq.wire import AsyncNodeClient
 
 T = TypeVar("T")
 log = logging.getLogger("clusterq.backend")
@@ -71,8 +72,8 @@ class AsyncBackend:
         self.retry_timeout = retry_timeout
         self.mode: Mode = "standalone"
         self.topology: topo.Topology = topo.Topology("standalone", (), ())
-        self._clients: dict[Addr, redis.asyncio.Redis] = {}
-        self._topo_clients: dict[Addr, redis.asyncio.Redis] = {}
+        self._clients: dict[Addr, AsyncNodeClient] = {}
+        self._topo_clients: dict[Addr, AsyncNodeClient] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._closing = False
         self._moved: dict[int, Addr] = {}
@@ -121,7 +122,7 @@ class AsyncBackend:
 
     # ------------------------------------------------------------------ nodes
 
-    def node(self, addr: Addr) -> redis.asyncio.Redis:
+    def node(self, addr: Addr) -> AsyncNodeClient:
         client = self._clients.get(addr)
         if client is None:
             client = self.url.async_node_client(addr)
@@ -157,7 +158,7 @@ class AsyncBackend:
     def note_queues(self, queues: Iterable[str]) -> None:
         self._known_queues.update(queues)
 
-    def _topology_client(self, addr: Addr) -> redis.asyncio.Redis:
+    def _topology_client(self, addr: Addr) -> AsyncNodeClient:
         client = self._topo_clients.get(addr)
         if client is None:
             client = self.url.async_node_client(
@@ -230,7 +231,7 @@ class AsyncBackend:
             for addr in replaced_nodes(events):
                 stale = self._clients.pop(addr, None)
                 if stale is not None:
-                    await stale.connection_pool.disconnect()
+                    await stale.drop_connections()
             for event in events:
                 log.debug("topology: %s", event.describe())
             for listener in list(self._listeners):
@@ -255,7 +256,7 @@ class AsyncBackend:
     async def execute(
         self,
         slot: int,
-        fn: Callable[[redis.asyncio.Redis], Awaitable[T]],
+        fn: Callable[[AsyncNodeClient], Awaitable[T]],
         *,
         timeout: float | None = None,
     ) -> T:
@@ -286,7 +287,7 @@ class AsyncBackend:
                 await asyncio.sleep(backoff(attempt))
 
     async def execute_key(
-        self, key: str, fn: Callable[[redis.asyncio.Redis], Awaitable[T]], **kwargs: Any
+        self, key: str, fn: Callable[[AsyncNodeClient], Awaitable[T]], **kwargs: Any
     ) -> T:
         return await self.execute(keyslot(key), fn, **kwargs)
 

@@ -41,6 +41,7 @@ from clusterq.connection import (
 from clusterq.errors import ConnectionFailed, TopologyError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.slots import keyslot
+from clusterq.wire import NodeClient
 
 T = TypeVar("T")
 log = logging.getLogger("clusterq.backend")
@@ -150,8 +151,8 @@ class Backend:
         self.keys = KeySchema(prefix)
         self.retry_timeout = retry_timeout
         self.mode, first = detect_mode(self.url, mode)
-        self._clients: dict[Addr, redis.Redis] = {}
-        self._topo_clients: dict[Addr, redis.Redis] = {}
+        self._clients: dict[Addr, NodeClient] = {}
+        self._topo_clients: dict[Addr, NodeClient] = {}
         self._lock = threading.Lock()
         self._moved: dict[int, Addr] = {}
         self._last_refresh = 0.0
@@ -161,7 +162,7 @@ class Backend:
 
     # ------------------------------------------------------------------ nodes
 
-    def node(self, addr: Addr) -> redis.Redis:
+    def node(self, addr: Addr) -> NodeClient:
         """The client of the node at ``addr`` (created on first use)."""
         client = self._clients.get(addr)
         if client is None:
@@ -204,7 +205,7 @@ class Backend:
         """Queues to name in topology events."""
         self._known_queues.update(queues)
 
-    def _topology_client(self, addr: Addr) -> redis.Redis:
+    def _topology_client(self, addr: Addr) -> NodeClient:
         client = self._topo_clients.get(addr)
         if client is None:
             client = self.url.node_client(
@@ -257,7 +258,7 @@ class Backend:
     # ------------------------------------------------------------------ calls
 
     def execute(
-        self, slot: int, fn: Callable[[redis.Redis], T], *, timeout: float | None = None
+        self, slot: int, fn: Callable[[NodeClient], T], *, timeout: float | None = None
     ) -> T:
         """Run ``fn(client)`` on the master of ``slot``, following MOVED and failovers.
 
@@ -289,7 +290,7 @@ class Backend:
                 log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
                 time.sleep(backoff(attempt))
 
-    def execute_key(self, key: str, fn: Callable[[redis.Redis], T], **kwargs: Any) -> T:
+    def execute_key(self, key: str, fn: Callable[[NodeClient], T], **kwargs: Any) -> T:
         return self.execute(keyslot(key), fn, **kwargs)
 
     def run_script(

@@ -9,8 +9,10 @@ task.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
+import os
 import secrets
 import time
 from collections import defaultdict
@@ -42,7 +44,8 @@ from clusterq.serialization import (
     encode_limited,
     get_codec,
 )
-from clusterq.task import Record, TaskInfo, TaskState, ms_to_s
+from clusterq.task import STATES, Record, TaskInfo, TaskState, ms_to_s, new_record
+from clusterq.wire import AsyncNodeClient, NodeClient
 
 Durability = Literal["none", "replica", "aof"]
 DEFAULT_DURABILITY_TIMEOUT = 1.0
@@ -53,9 +56,27 @@ MAX_TYPE_LENGTH = 256
 __all__ = ["AsyncClient", "Client", "DuplicateTask", "Producer", "TaskSpec"]
 
 
+_ID_BATCH = 256
+_spare_ids: list[str] = []
+
+
+def _forget_ids() -> None:
+    _spare_ids.clear()  # a forked child must never hand out its parent's ids
+
+
+os.register_at_fork(after_in_child=_forget_ids)
+
+
 def new_task_id() -> str:
-    """A random, URL-safe id of 16 characters (96 bits)."""
-    return secrets.token_urlsafe(12)
+    """A random, URL-safe id of 16 characters (96 bits from ``secrets``).
+
+    Drawn 256 at a time: one system call instead of one per task."""
+    try:
+        return _spare_ids.pop()
+    except IndexError:
+        text = base64.urlsafe_b64encode(secrets.token_bytes(12 * _ID_BATCH)).decode()
+        _spare_ids.extend(text[i : i + 16] for i in range(16, len(text), 16))
+        return text[:16]
 
 
 def _seconds(value: float | timedelta | None, what: str) -> float | None:
@@ -96,7 +117,7 @@ class TaskSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PreparedEnqueue:
     """An enqueue ready to be sent: validated, encoded, keyed."""
 
@@ -106,8 +127,8 @@ class PreparedEnqueue:
     type: str
     payload: Any
     max_retry: int
-    timeout: float | None
-    deadline: float | None
+    timeout: float | None = None
+    deadline: float | None = None
 
     def info(self, outcome: enqueue_script.EnqueueOutcome, *, raise_duplicate: bool) -> TaskInfo:
         if outcome.duplicate_of is not None and raise_duplicate:
@@ -120,7 +141,7 @@ class PreparedEnqueue:
             id=self.new.id,
             queue=self.queue,
             type=self.type,
-            state=TaskState(outcome.state) if outcome.state else TaskState.PENDING,
+            state=STATES.get(outcome.state, TaskState.PENDING),
             payload=self.payload,
             max_retry=self.max_retry,
             timeout=self.timeout,
@@ -137,6 +158,8 @@ class Producer:
         self.keys = keys
         self.codec = get_codec(codec)
         self.max_payload_bytes = max_payload_bytes
+        self._queues: dict[str, QueueKeys] = {}
+        self._types: set[str] = set()
 
     def prepare(
         self,
@@ -152,6 +175,7 @@ class Producer:
         unique_for: float | timedelta | None = None,
         task_id: str | None = None,
         retention: float | timedelta | None = None,
+        enqueued_ms: int | None = None,
     ) -> PreparedEnqueue:
         """Check and encode one enqueue.
 
@@ -160,15 +184,33 @@ class Producer:
         must no longer run; ``unique_for`` refuses an identical task (same type,
         payload and queue) for that long; ``task_id`` makes a retried enqueue safe;
         ``retention`` keeps the completed task and its result that long.
+        ``enqueued_ms`` (default: now) lets a batch share one clock reading.
         """
-        validate_task_type(type)
-        qk = self.keys.queue(queue)
-        task_id = validate_task_id(task_id) if task_id is not None else new_task_id()
-        if not isinstance(max_retry, int) or isinstance(max_retry, bool) or max_retry < 0:
+        qk = self._queue_keys(queue)
+        if type not in self._types:
+            self._remember(self._types, validate_task_type(type))
+        task_id = new_task_id() if task_id is None else validate_task_id(task_id)
+        if max_retry.__class__ is not int or max_retry < 0:  # bool is not a count either
             raise ValueError(f"max_retry must be a non-negative integer, got {max_retry!r}")
+        data = encode_limited(self.codec, payload, self.max_payload_bytes)
+        if enqueued_ms is None:
+            enqueued_ms = int(time.time() * 1000)
+        if (
+            process_in is None
+            and process_at is None
+            and timeout is None
+            and deadline is None
+            and unique_for is None
+            and retention is None
+        ):  # the common case, kept short
+            record = new_record(
+                type, data, codec=self.codec.name, max_retry=max_retry, enqueued_ms=enqueued_ms
+            )
+            return PreparedEnqueue(
+                queue, qk, enqueue_script.NewTask(task_id, record), type, payload, max_retry
+            )
         if process_in is not None and process_at is not None:
             raise ValueError("give process_in or process_at, not both")
-        data = encode_limited(self.codec, payload, self.max_payload_bytes)
         delay = _seconds(process_in, "process_in") or 0.0
         due = _epoch(process_at)
         timeout_s = _seconds(timeout, "timeout") or None
@@ -179,12 +221,12 @@ class Producer:
         if unique_s:
             digest = hashlib.sha256(type.encode() + b"\0" + data).hexdigest()[:32]
             unique_key = qk.unique(digest)
-        record = Record(
-            type=type,
-            payload=data,
+        record = new_record(
+            type,
+            data,
             codec=self.codec.name,
             max_retry=max_retry,
-            enqueued_ms=int(time.time() * 1000),
+            enqueued_ms=enqueued_ms,
             timeout_ms=_ms(timeout_s),
             deadline_ms=_ms(deadline_s),
             unique_key=unique_key,
@@ -192,7 +234,7 @@ class Producer:
         )
         new = enqueue_script.NewTask(
             id=task_id,
-            record=record.encode(),
+            record=record,
             delay_ms=int(delay * 1000),
             due_ms=int(due * 1000) if due is not None else 0,
             unique_key=unique_key,
@@ -209,16 +251,36 @@ class Producer:
             deadline=deadline_s,
         )
 
+    def _queue_keys(self, queue: str) -> QueueKeys:
+        qk = self._queues.get(queue)
+        if qk is None:
+            qk = self.keys.queue(queue)  # validates the name
+            self._remember(self._queues, queue, qk)
+        return qk
+
+    @staticmethod
+    def _remember(cache: Any, key: str, value: Any = None) -> None:
+        """Cache what passed validation (bounded: names could come from user input)."""
+        if len(cache) >= 4096:
+            cache.clear()
+        if isinstance(cache, set):
+            cache.add(key)
+        else:
+            cache[key] = value
+
     def prepare_many(
         self, items: Iterable[TaskSpec | tuple[str, Any]], defaults: dict[str, Any]
     ) -> list[PreparedEnqueue]:
         out = []
+        prepare = self.prepare
+        now_ms = int(time.time() * 1000)
         for item in items:
             if isinstance(item, TaskSpec):
-                out.append(self.prepare(item.type, item.payload, **{**defaults, **item.options}))
+                options = {**defaults, **item.options} if item.options else defaults
+                out.append(prepare(item.type, item.payload, enqueued_ms=now_ms, **options))
             else:
                 task_type, payload = item
-                out.append(self.prepare(task_type, payload, **defaults))
+                out.append(prepare(task_type, payload, enqueued_ms=now_ms, **defaults))
         return out
 
 
@@ -523,7 +585,7 @@ class Client(_Base):
         for slot, batches in plan_batches(prepared, durable=level != "none").items():
             calls = [call for _, call in batches]
 
-            def run(client: redis.Redis, calls: list[Call] = calls) -> tuple[list[Any], int | None]:
+            def run(client: NodeClient, calls: list[Call] = calls) -> tuple[list[Any], int | None]:
                 # Inside the retried call: a WAIT cut short by a failover (-UNBLOCKED,
                 # a closed connection) re-runs the (idempotent) enqueue and the WAIT.
                 replies, tail = run_pipelined(client, calls, after)
@@ -674,7 +736,7 @@ class AsyncClient(_Base):
         async def send(slot: int, batches: list[tuple[list[int], Call]]) -> None:
             calls = [call for _, call in batches]
 
-            async def run(client: redis.asyncio.Redis) -> tuple[list[Any], int | None]:
+            async def run(client: AsyncNodeClient) -> tuple[list[Any], int | None]:
                 # See Client._send: the durability check is part of the retried call.
                 replies, tail = await arun_pipelined(client, calls, after)
                 return _raise_first(replies), confirmed_replicas(level, tail)

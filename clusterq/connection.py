@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from clusterq.errors import AuthFailed, ConfigError, ConnectionFailed, ModeMismatch
+from clusterq.wire import AsyncNodeClient, NodeClient
 
 Mode = Literal["cluster", "standalone"]
 Addr = tuple[str, int]
@@ -163,7 +164,7 @@ class RedisURL:
             )
         return kwargs
 
-    def node_client(self, addr: Addr, *, db: int | None = None, **overrides: Any) -> redis.Redis:
+    def node_client(self, addr: Addr, *, db: int | None = None, **overrides: Any) -> NodeClient:
         """A synchronous client of one node, with its own connection pool.
 
         It never retries by itself: redis-py >= 6 re-sends a command up to 3 times by
@@ -173,16 +174,17 @@ class RedisURL:
         kwargs = self.node_kwargs(db=db)
         kwargs["retry"] = Retry(NoBackoff(), 0)
         kwargs.update(overrides)
-        return redis.Redis(host=addr[0], port=addr[1], **kwargs)
+        return NodeClient(host=addr[0], port=addr[1], **kwargs)
 
     def async_node_client(
         self, addr: Addr, *, db: int | None = None, **overrides: Any
-    ) -> redis.asyncio.Redis:
-        """An asyncio client of one node, with its own connection pool (no retries either)."""
+    ) -> AsyncNodeClient:
+        """An asyncio client of one node, with its own connection pool (no retries either)
+        and a multiplexed connection for the hot path (:class:`clusterq.wire.Lane`)."""
         kwargs = self.node_kwargs(db=db)
         kwargs["retry"] = AsyncRetry(NoBackoff(), 0)
         kwargs.update(overrides)
-        return redis.asyncio.Redis(host=addr[0], port=addr[1], **kwargs)
+        return AsyncNodeClient(host=addr[0], port=addr[1], **kwargs)
 
 
 def command(client: redis.Redis, *args: Any) -> Any:

@@ -25,14 +25,10 @@ import os
 import random
 import secrets
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import redis
@@ -49,6 +45,7 @@ from clusterq.servers import LocalProcess, local_process, restart_process
 from clusterq.slots import keyslot
 from clusterq.task import Task
 from clusterq.worker import current_worker
+from clusterq.workerprocs import WorkerProcesses
 
 FaultMode = Literal["kill", "stop", "manual", "takeover"]
 MODES: tuple[FaultMode, ...] = ("kill", "stop", "manual", "takeover")
@@ -219,86 +216,25 @@ async def wait_promotion(
 # ----------------------------------------------------------------------- the drill
 
 
-class _Workers:
-    """Worker processes the drill starts (and stops)."""
-
-    def __init__(self, settings: DrillSettings, queues: str, run_id: str) -> None:
-        self.settings = settings
-        self.queues = queues
-        self.run_id = run_id
-        self.dir = Path(tempfile.mkdtemp(prefix=f"clusterq-drill-{run_id}-"))
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def names(self) -> list[str]:
-        return [f"drill-{self.run_id}-{n}" for n in range(self.settings.workers)]
-
-    def start(self) -> None:
-        for name in self.names():
-            log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed below
-            command = [
-                sys.executable,
-                "-m",
-                "clusterq",
-                "--url",
-                self.settings.url,
-                "--prefix",
-                self.settings.prefix,
-                "worker",
-                "clusterq.drill:router",
-                "--queues",
-                self.queues,
-                "--concurrency",
-                str(self.settings.concurrency),
-                "--name",
-                name,
-            ]
-            try:
-                self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
-            finally:
-                log.close()
-
-    def resumed_at(self, queue: str, since: float) -> list[float]:
-        """When each worker logged that it fetched from ``queue`` again (after ``since``):
-        the last such event per worker, from the workers' logs."""
-        marker = f"queue {queue}: resumed on "
-        times = []
-        for path in sorted(self.dir.glob("*.log")):
-            last = None
-            for line in path.read_text(errors="replace").splitlines():
-                if marker not in line:
-                    continue
-                stamp = line.partition(" INFO ")[0]
-                with contextlib.suppress(ValueError):
-                    at = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
-                    at += int(stamp[20:23]) / 1000
-                    if at >= since:
-                        last = at
-            if last is not None:
-                times.append(last)
-        return times
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-
-
-async def _announced(backend: AsyncBackend, names: list[str], timeout: float) -> None:
-    key = backend.keys.workers
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        entries = await backend.execute_key(key, lambda c: c.hgetall(key))
-        present = {k.decode() if isinstance(k, bytes) else k for k in entries}
-        if set(names) <= present:
-            return
-        await asyncio.sleep(0.1)
-    raise ClusterqError(f"drill workers did not start within {timeout:.0f}s")
+def resumed_at(workers: WorkerProcesses, queue: str, since: float) -> list[float]:
+    """When each worker logged that it fetched from ``queue`` again (after ``since``):
+    the last such event per worker, from the workers' logs."""
+    marker = f"queue {queue}: resumed on "
+    times = []
+    for path in workers.logs():
+        last = None
+        for line in path.read_text(errors="replace").splitlines():
+            if marker not in line:
+                continue
+            stamp = line.partition(" INFO ")[0]
+            with contextlib.suppress(ValueError):
+                at = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
+                at += int(stamp[20:23]) / 1000
+                if at >= since:
+                    last = at
+        if last is not None:
+            times.append(last)
+    return times
 
 
 async def _serving(backend: AsyncBackend, queue: str) -> int:
@@ -326,7 +262,7 @@ async def run_drill(
         raise ClusterqError("a drill needs at least 10 tasks and a positive rate")
     rng = random.Random(settings.seed)
     backend = await AsyncBackend.connect(settings.url, prefix=settings.prefix, retry_timeout=5)
-    workers: _Workers | None = None
+    workers: WorkerProcesses | None = None
     client: AsyncClient | None = None
     try:
         if backend.mode != "cluster":
@@ -369,10 +305,18 @@ async def run_drill(
                 )
             report.in_flight_bound = 0
         else:
-            workers = _Workers(settings, f"{settings.queue}=1,{other}=1", run_id)
+            workers = WorkerProcesses(
+                url=settings.url,
+                prefix=settings.prefix,
+                router="clusterq.drill:router",
+                queues=f"{settings.queue}=1,{other}=1",
+                count=settings.workers,
+                concurrency=settings.concurrency,
+                name=f"drill-{run_id}",
+            )
             progress(f"starting {settings.workers} workers (logs in {workers.dir})")
             workers.start()
-            await _announced(backend, workers.names(), 60)
+            await workers.announced(backend, 60)
             report.worker_logs = str(workers.dir)
             report.in_flight_bound = settings.workers * settings.concurrency
 
@@ -519,7 +463,7 @@ async def run_drill(
                 if after:
                     report.first_delivery_after_promotion = round(min(after) - promoted_t, 3)
                 if workers is not None:
-                    resumed = workers.resumed_at(settings.queue, fault_t)
+                    resumed = resumed_at(workers, settings.queue, fault_t)
                     if resumed:
                         report.worker_resume_lag = round(max(resumed) - promoted_t, 3)
                 report.other_delivered_during_outage = sum(

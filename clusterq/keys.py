@@ -190,6 +190,14 @@ class KeySchema:
         base = f"{self.prefix}:drill:{{{tag}}}:{run_id}"
         return f"{base}:deliveries", f"{base}:first"
 
+    def bench(self, run_id: str, queue: str) -> tuple[str, str]:
+        """A benchmark run's (counter, latency list) beside queue ``queue`` (same slot,
+        so a handler's write goes to the queue's own master)."""
+        validate_task_id(run_id)
+        validate_queue_name(queue)
+        base = f"{self.prefix}:bench:{{{queue}}}:{run_id}"
+        return f"{base}:count", f"{base}:latency"
+
     @property
     def workers(self) -> str:
         """Hash: worker id -> JSON announcement (with its own expiry); the key has a TTL."""

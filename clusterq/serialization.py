@@ -27,20 +27,33 @@ class Codec(Protocol):
     def decode(self, data: bytes) -> Any: ...
 
 
+#: Built once: json.dumps() with options builds an encoder per call.
+_JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_JSON_DECODE = json.JSONDecoder().decode
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON (no NaN or infinities)."""
+    return _JSON_ENCODE(value).encode()
+
+
+def json_value(data: bytes | str) -> Any:
+    """Parse UTF-8 JSON (what :func:`json_bytes` writes)."""
+    return _JSON_DECODE(data.decode() if isinstance(data, bytes) else data)
+
+
 class JSONCodec:
     name = "json"
 
     def encode(self, value: Any) -> bytes:
         try:
-            return json.dumps(
-                value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            ).encode()
+            return json_bytes(value)
         except (TypeError, ValueError) as exc:
             raise PayloadError(f"payload is not JSON-serialisable: {exc}") from None
 
     def decode(self, data: bytes) -> Any:
         try:
-            return json.loads(data)
+            return json_value(data)
         except (UnicodeDecodeError, ValueError) as exc:
             raise PayloadError(f"payload is not valid JSON: {exc}") from None
 

@@ -15,7 +15,7 @@ SCRIPT = LuaScript("enqueue")
 MAX_BATCH = 500
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NewTask:
     """One task to enqueue, already validated and encoded."""
 
@@ -27,7 +27,7 @@ class NewTask:
     unique_ttl_ms: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EnqueueOutcome:
     created: bool
     state: str

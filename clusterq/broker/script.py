@@ -1,4 +1,10 @@
-"""Loading and calling the Lua scripts that live beside their wrappers in this package."""
+"""Loading and calling the Lua scripts that live beside their wrappers in this package.
+
+Calls go over the node clients' fast path (:mod:`clusterq.wire`): hiredis packing, no
+redis-py per-command layer, and on asyncio one multiplexed connection per node. A call
+followed by blocking commands (``WAIT``) uses a pooled connection of its own instead, so
+that the ``WAIT`` covers the call's writes and holds up nothing else.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,8 @@ from importlib import resources
 from typing import Any
 
 import redis
-import redis.asyncio
-from redis.client import Pipeline
+
+from clusterq.wire import AsyncNodeClient, NodeClient
 
 
 def _read(name: str) -> str:
@@ -32,32 +38,31 @@ class LuaScript:
     def __repr__(self) -> str:
         return f"LuaScript({self.name!r})"
 
-    def call(self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            client.script_load(self.source)
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+    def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
-    async def acall(
-        self, client: redis.asyncio.Redis, keys: Sequence[Any], args: Sequence[Any]
-    ) -> Any:
+    def call(self, client: NodeClient, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        command = self.command(keys, args)
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return client.fast(*command)
         except redis.exceptions.NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            client.fast("SCRIPT", "LOAD", self.source)
+            return client.fast(*command)
 
-    def queue_in(self, pipe: Pipeline, keys: Sequence[Any], args: Sequence[Any]) -> None:
-        """Add a call to a (non-transactional) pipeline; see :func:`run_pipelined`."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+    async def acall(self, client: AsyncNodeClient, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        command = self.command(keys, args)
+        try:
+            return await client.fast(*command)
+        except redis.exceptions.NoScriptError:
+            await client.fast("SCRIPT", "LOAD", self.source)
+            return await client.fast(*command)
 
 
 Call = tuple[LuaScript, Sequence[Any], Sequence[Any]]
 
 
 def run_pipelined(
-    client: redis.Redis, calls: Sequence[Call], after: Sequence[Sequence[Any]] = ()
+    client: NodeClient, calls: Sequence[Call], after: Sequence[Sequence[Any]] = ()
 ) -> tuple[list[Any], list[Any]]:
     """Run several script calls on one node in one round trip (no transaction), then the
     commands in ``after`` (``WAIT``...) on the same connection.
@@ -71,44 +76,41 @@ def run_pipelined(
     todo = list(range(len(calls)))
     tail: list[Any] = []
     for _ in range(2):
-        pipe = client.pipeline(transaction=False)
-        for index in todo:
-            script, keys, args = calls[index]
-            script.queue_in(pipe, keys, args)
-        for command in after:
-            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-        answers = pipe.execute(raise_on_error=False)
+        commands = [calls[i][0].command(calls[i][1], calls[i][2]) for i in todo]
+        answers = client.fast_pipeline([*commands, *after])
         tail = answers[len(todo) :]
         missing = _settle(todo, answers, replies)
         if not missing:
             break
         for script in {calls[i][0] for i in missing}:
-            client.script_load(script.source)
+            client.fast("SCRIPT", "LOAD", script.source)
         todo = missing
     return replies, tail
 
 
 async def arun_pipelined(
-    client: redis.asyncio.Redis, calls: Sequence[Call], after: Sequence[Sequence[Any]] = ()
+    client: AsyncNodeClient, calls: Sequence[Call], after: Sequence[Sequence[Any]] = ()
 ) -> tuple[list[Any], list[Any]]:
-    """Asynchronous :func:`run_pipelined`."""
+    """Asynchronous :func:`run_pipelined`. Without ``after`` the calls share the node's
+    lane; with it they take a pooled connection of their own (``WAIT`` blocks)."""
     replies: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
     tail: list[Any] = []
     for _ in range(2):
-        pipe = client.pipeline(transaction=False)
-        for index in todo:
-            script, keys, args = calls[index]
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        for command in after:
-            pipe.execute_command(*command)
-        answers = await pipe.execute(raise_on_error=False)
+        commands = [calls[i][0].command(calls[i][1], calls[i][2]) for i in todo]
+        if after:
+            pipe = client.pipeline(transaction=False)
+            for command in [*commands, *after]:
+                pipe.execute_command(*command)
+            answers = await pipe.execute(raise_on_error=False)
+        else:
+            answers = await client.fast_pipeline(commands)
         tail = answers[len(todo) :]
         missing = _settle(todo, answers, replies)
         if not missing:
             break
         for script in {calls[i][0] for i in missing}:
-            await client.script_load(script.source)
+            await client.fast("SCRIPT", "LOAD", script.source)
         todo = missing
     return replies, tail
 

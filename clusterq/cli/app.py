@@ -93,7 +93,7 @@ def main(ctx: click.Context, url: str, mode: bool | None, prefix: str) -> None:
 
 
 def _register() -> None:
-    from clusterq.cli import cluster, dev, drill, queue, tasks, worker
+    from clusterq.cli import bench, cluster, dev, drill, queue, tasks, worker
 
     main.add_command(dev.dev)
     main.add_command(queue.queue)
@@ -101,6 +101,7 @@ def _register() -> None:
     main.add_command(tasks.enqueue)
     main.add_command(worker.worker)
     main.add_command(drill.drill)
+    main.add_command(bench.bench)
 
 
 _register()

@@ -1,0 +1,707 @@
+"""Benchmarks behind ``clusterq bench``: throughput, latency and memory, measured on the
+server you point them at, beside a ``redis-benchmark`` baseline from the same run.
+
+Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them after):
+
+- ``enqueue``: the synchronous :class:`~clusterq.Client`, one call per task.
+- ``enqueue-many``: :meth:`~clusterq.Client.enqueue_many`, ``batch`` tasks per call.
+- ``durability``: one call per task with ``durability="replica"`` (``WAIT 1``) against
+  the same without, on as many tasks; needs a replica (cluster, or a standalone master
+  with a replica).
+- ``e2e``: N tasks are enqueued first, then ``workers`` worker processes (``concurrency``
+  each) drain them; the rate counts from the first task processed to the last. ``work``
+  is ``noop`` (the handler returns at once) or ``incr`` (it sends one INCR with redis-py,
+  as the peers' benchmark tasks do). On a cluster the tasks go to one queue per master.
+- ``latency``: the time from just before an enqueue to the start of its handler, in
+  another process. Idle: one task at a time into an idle queue; under load: tasks
+  produced at ``rate`` per second.
+- ``memory``: ``used_memory`` of the queue's master before and after N small pending
+  tasks, divided by N.
+
+Nothing here asserts a speed; the figures are for people (and ``--json`` for scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import os
+import random
+import secrets
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from clusterq import topology as topo
+from clusterq.abackend import AsyncBackend
+from clusterq.backend import Backend
+from clusterq.client import Client
+from clusterq.connection import RedisURL
+from clusterq.errors import ClusterqError, ConfigError
+from clusterq.keys import DEFAULT_PREFIX, KeySchema
+from clusterq.retry import SkipRetry
+from clusterq.router import Router
+from clusterq.slots import keyslot
+from clusterq.task import Task
+from clusterq.worker import current_worker
+from clusterq.workerprocs import WorkerProcesses
+
+Scenario = Literal["enqueue", "enqueue-many", "durability", "e2e", "latency", "memory"]
+SCENARIOS: tuple[Scenario, ...] = (
+    "enqueue",
+    "enqueue-many",
+    "durability",
+    "e2e",
+    "latency",
+    "memory",
+)
+Work = Literal["noop", "incr"]
+WORKS: tuple[Work, ...] = ("noop", "incr")
+Progress = Callable[[str, int, int], None]
+
+NOOP_TYPE = "clusterq:bench:noop"
+INCR_TYPE = "clusterq:bench:incr"
+LATENCY_TYPE = "clusterq:bench:latency"
+
+# ----------------------------------------------------------------------- handlers
+
+router = Router()
+
+
+def _run_of(task: Task) -> str:
+    payload = task.payload
+    if not isinstance(payload, dict) or not isinstance(payload.get("run"), str):
+        raise SkipRetry("not a benchmark payload")
+    return str(payload["run"])
+
+
+@router.task(NOOP_TYPE)
+async def noop(task: Task) -> None:
+    """Nothing: what the worker itself costs."""
+
+
+@router.task(INCR_TYPE)
+async def incr(task: Task) -> None:
+    """One INCR through redis-py, like the tasks of the peers' benchmark."""
+    backend = current_worker().backend
+    assert backend is not None
+    counter, _ = backend.keys.bench(_run_of(task), task.queue)
+    await backend.execute_key(counter, lambda c: c.incr(counter))
+
+
+@router.task(LATENCY_TYPE)
+async def latency(task: Task) -> None:
+    """Record how long after its enqueue began this task started."""
+    started = time.time()
+    sent = task.payload.get("t") if isinstance(task.payload, dict) else None
+    if not isinstance(sent, float | int):
+        raise SkipRetry("not a latency payload")
+    backend = current_worker().backend
+    assert backend is not None
+    _, samples = backend.keys.bench(_run_of(task), task.queue)
+    await backend.execute_key(samples, lambda c: c.rpush(samples, f"{started - sent:.6f}"))
+
+
+# ----------------------------------------------------------------------- results
+
+
+@dataclass
+class BenchRow:
+    """One line of the report."""
+
+    scenario: str
+    tasks: int
+    seconds: float
+    #: Tasks per second.
+    rate: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    #: ``rate`` divided by the redis-benchmark baseline it compares with.
+    vs_baseline: float | None = None
+    baseline: str | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Baseline:
+    """``redis-benchmark`` PING figures from the same run (requests per second)."""
+
+    command: str
+    unpipelined: float
+    pipelined: float
+    pipeline: int
+
+
+@dataclass
+class BenchReport:
+    target: str
+    mode: str
+    masters: int
+    server: str
+    cores: int
+    rows: list[BenchRow] = field(default_factory=list)
+    baseline: Baseline | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchSettings:
+    url: str
+    prefix: str = DEFAULT_PREFIX
+    tasks: int = 10_000
+    workers: int = 1
+    concurrency: int = 50
+    work: Work = "noop"
+    batch: int = 1000
+    rate: float = 2000.0
+    samples: int = 300
+    baseline: bool = True
+    #: Queues for e2e and latency under load; default: one per master.
+    queues: int | None = None
+    timeout: float = 300.0
+    seed: int | None = None
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """The ``pct`` percentile (nearest rank) of ``values``; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def _ms(values: Sequence[float]) -> tuple[float, float]:
+    return round(percentile(values, 50) * 1000, 3), round(percentile(values, 99) * 1000, 3)
+
+
+# ----------------------------------------------------------------------- baseline
+
+
+def benchmark_binary() -> str | None:
+    return shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
+
+
+def parse_benchmark_csv(text: str, test: str = "PING_MBULK") -> float:
+    """Requests per second of ``test`` from ``redis-benchmark --csv`` output."""
+    for row in csv.reader(io.StringIO(text)):
+        if row and row[0] == test:
+            return float(row[1])
+    raise ValueError(f"no {test} line in redis-benchmark output: {text[:200]!r}")
+
+
+def run_baseline(url: RedisURL, mode: str, pipeline: int = 16) -> tuple[Baseline | None, str]:
+    """PING round trips per second, unpipelined and pipelined ``-P pipeline``, with
+    50 connections against the first seed. Returns (baseline, note)."""
+    binary = benchmark_binary()
+    if binary is None:
+        return None, "redis-benchmark not installed: no baseline"
+    if url.ssl:
+        return None, "TLS URL: no redis-benchmark baseline"
+    host, port = url.seeds[0]
+    base = [binary, "-h", host, "-p", str(port), "-t", "ping", "-c", "50", "--csv"]
+    if url.username:
+        base += ["--user", url.username]
+    if url.password:
+        base += ["-a", url.password]
+    if mode == "cluster":
+        base.append("--cluster")
+    env = {**os.environ, "REDISCLI_AUTH": url.password or ""}
+    try:
+        plain = subprocess.run(
+            [*base, "-n", "100000"], capture_output=True, text=True, timeout=120, env=env
+        )
+        piped = subprocess.run(
+            [*base, "-n", "1000000", "-P", str(pipeline)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        baseline = Baseline(
+            command=" ".join([*base, "-n", "100000"]).replace(url.password or "\0", "***"),
+            unpipelined=parse_benchmark_csv(plain.stdout),
+            pipelined=parse_benchmark_csv(piped.stdout),
+            pipeline=pipeline,
+        )
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        return None, f"redis-benchmark failed: {exc}"
+    return baseline, ""
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def spread_queues(topology: topo.Topology, base: str, count: int) -> list[str]:
+    """``count`` queue names ``base-<n>``, taking the masters in turn (one queue per
+    master when ``count`` is the number of masters)."""
+    masters = sorted(m.id for m in topology.masters)
+    if not masters:
+        raise ClusterqError("no master owns any slot")
+    names: list[str] = []
+    for n in range(100_000):
+        if len(names) == count:
+            return names
+        name = f"{base}-{n}"
+        owner = topology.master_for_slot(keyslot(name))
+        if owner is not None and owner.id == masters[len(names) % len(masters)]:
+            names.append(name)
+    raise ClusterqError(f"could not place {count} queues on the masters")
+
+
+class _Session:
+    """Connections and bookkeeping shared by the scenarios of one run."""
+
+    def __init__(self, settings: BenchSettings, progress: Progress) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.run_id = secrets.token_hex(4)
+        self.client = Client(settings.url, prefix=settings.prefix)
+        self.backend: Backend = self.client.backend
+        self.keys = KeySchema(settings.prefix)
+        self.used_queues: list[str] = []
+        self.rng = random.Random(settings.seed)
+        self._n = 0
+
+    def queues(self, count: int | None = None) -> list[str]:
+        """Fresh queue names, one per master by default."""
+        self._n += 1
+        count = count or self.settings.queues or len(self.backend.topology.masters)
+        names = spread_queues(self.backend.topology, f"bench-{self.run_id}-{self._n}", count)
+        self.used_queues.extend(names)
+        return names
+
+    def drop(self, queues: Sequence[str]) -> None:
+        """Delete everything the benchmark wrote for ``queues``."""
+        for name in queues:
+            qk = self.keys.queue(name)
+            self.call(qk.pending, "DEL", *qk.all_keys(), *self.keys.bench(self.run_id, name))
+        if queues:
+            self.call(self.keys.queues, "SREM", self.keys.queues, *queues)
+
+    def call(self, key: str, *command: Any) -> Any:
+        """One command on the master of ``key``'s slot."""
+        return self.backend.execute_key(key, lambda c: c.fast(*command))
+
+    def processed(self, queues: Sequence[str]) -> int:
+        total = 0
+        for name in queues:
+            stats = self.keys.queue(name).stats
+            total += int(self.call(stats, "HGET", stats, "processed") or 0)
+        return total
+
+    def fill(self, queues: Sequence[str], count: int, task_type: str) -> None:
+        """Enqueue ``count`` tasks spread over ``queues`` (untimed)."""
+        payload = {"run": self.run_id}
+        step = 2000
+        for start in range(0, count, step):
+            n = min(step, count - start)
+            queue = queues[(start // step) % len(queues)]
+            self.client.enqueue_many([(task_type, payload)] * n, queue=queue)
+            self.progress("filling queues", start + n, count)
+
+    def workers(self, queues: Sequence[str], count: int) -> WorkerProcesses:
+        return WorkerProcesses(
+            url=self.settings.url,
+            prefix=self.settings.prefix,
+            router="clusterq.bench:router",
+            queues=",".join(queues),
+            count=count,
+            concurrency=self.settings.concurrency,
+            name=f"bench-{self.run_id}-{self._n}",
+        )
+
+    def start_workers(self, workers: WorkerProcesses) -> None:
+        workers.start()
+
+        async def wait() -> None:
+            backend = await AsyncBackend.connect(self.settings.url, prefix=self.settings.prefix)
+            try:
+                await workers.announced(backend, timeout=60)
+            finally:
+                await backend.aclose()
+
+        asyncio.run(wait())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.drop(self.used_queues)
+        self.client.close()
+
+
+def _server_version(backend: Backend) -> str:
+    addr = backend.master_addr(0)
+    info = backend.node(addr).info("server")
+    name = "valkey" if "valkey_version" in info else "redis"
+    return f"{name} {info.get('valkey_version') or info.get('redis_version')}"
+
+
+# ----------------------------------------------------------------------- scenarios
+
+
+def bench_enqueue(s: _Session) -> BenchRow:
+    queues = s.queues()
+    n = s.settings.tasks
+    payload = {"run": s.run_id}
+    enqueue = s.client.enqueue
+    for queue in queues:  # connections, script cache, registry: not part of the figure
+        enqueue(NOOP_TYPE, payload, queue=queue)
+    times: list[float] = []
+    clock = time.perf_counter
+    started = clock()
+    for i in range(n):
+        t0 = clock()
+        enqueue(NOOP_TYPE, payload, queue=queues[i % len(queues)])
+        times.append(clock() - t0)
+        if i % 1000 == 999:
+            s.progress("enqueue", i + 1, n)
+    seconds = clock() - started
+    s.drop(queues)
+    p50, p99 = _ms(times)
+    return BenchRow("enqueue", n, round(seconds, 3), n / seconds, p50, p99)
+
+
+def bench_enqueue_many(s: _Session) -> BenchRow:
+    queues = s.queues()
+    n = s.settings.tasks
+    batch = max(1, s.settings.batch)
+    item = (NOOP_TYPE, {"run": s.run_id})
+    for queue in queues:
+        s.client.enqueue_many([item], queue=queue)
+    times: list[float] = []
+    clock = time.perf_counter
+    started = clock()
+    done = 0
+    while done < n:
+        size = min(batch, n - done)
+        t0 = clock()
+        s.client.enqueue_many([item] * size, queue=queues[(done // batch) % len(queues)])
+        times.append(clock() - t0)
+        done += size
+        s.progress("enqueue-many", done, n)
+    seconds = clock() - started
+    s.drop(queues)
+    p50, p99 = _ms(times)
+    return BenchRow(
+        "enqueue-many",
+        n,
+        round(seconds, 3),
+        n / seconds,
+        p50,
+        p99,
+        note=f"{batch} tasks per call; p50/p99 per call",
+    )
+
+
+def _has_replica(s: _Session, queue: str) -> bool:
+    addr = s.backend.master_addr(keyslot(queue))
+    info = s.backend.node(addr).info("replication")
+    return int(info.get("connected_slaves", 0)) > 0
+
+
+def bench_durability(s: _Session) -> list[BenchRow]:
+    (queue,) = s.queues(1)
+    if not _has_replica(s, queue):
+        return [
+            BenchRow(
+                "durability",
+                0,
+                0.0,
+                note="skipped: the queue's master has no replica (WAIT 1 cannot succeed)",
+            )
+        ]
+    n = min(s.settings.tasks, 5000)
+    payload = {"run": s.run_id}
+    rows = []
+    figures: dict[str, float] = {}
+    for level in ("none", "replica"):
+        s.client.enqueue(NOOP_TYPE, payload, queue=queue, durability=level)
+        times: list[float] = []
+        clock = time.perf_counter
+        started = clock()
+        for i in range(n):
+            t0 = clock()
+            s.client.enqueue(NOOP_TYPE, payload, queue=queue, durability=level)
+            times.append(clock() - t0)
+            if i % 500 == 499:
+                s.progress(f"durability={level}", i + 1, n)
+        seconds = clock() - started
+        figures[level] = statistics.fmean(times)
+        p50, p99 = _ms(times)
+        rows.append(
+            BenchRow(f"enqueue durability={level}", n, round(seconds, 3), n / seconds, p50, p99)
+        )
+    extra_ms = (figures["replica"] - figures["none"]) * 1000
+    rows[-1].note = f"WAIT 1 adds {extra_ms:.3f} ms per call (mean)"
+    rows[-1].extra["added_ms_per_call"] = round(extra_ms, 4)
+    s.drop([queue])
+    return rows
+
+
+def bench_e2e(s: _Session) -> BenchRow:
+    settings = s.settings
+    queues = s.queues()
+    n = settings.tasks
+    task_type = INCR_TYPE if settings.work == "incr" else NOOP_TYPE
+    s.fill(queues, n, task_type)
+    workers = s.workers(queues, settings.workers)
+    try:
+        workers.start()
+        deadline = time.monotonic() + settings.timeout
+        first_at = None
+        first_count = 0
+        done = 0
+        while done < n:
+            if time.monotonic() > deadline:
+                raise ClusterqError(f"e2e: only {done} of {n} tasks processed in time")
+            done = s.processed(queues)
+            now = time.perf_counter()
+            if first_at is None:
+                if done:
+                    first_at, first_count = now, done
+                else:
+                    workers.check_running()
+            s.progress("e2e", done, n)
+            time.sleep(0.005)
+        assert first_at is not None
+        seconds = time.perf_counter() - first_at
+    finally:
+        workers.stop()
+    if settings.work == "incr":
+        counted = sum(
+            int(s.call(key, "GET", key) or 0)
+            for key in (s.keys.bench(s.run_id, q)[0] for q in queues)
+        )
+        if counted < n:
+            raise ClusterqError(f"e2e: the handlers counted {counted} INCRs for {n} tasks")
+    s.drop(queues)
+    rate = (n - first_count) / seconds if seconds > 0 else None
+    where = f"{len(queues)} queue(s)" + (
+        f" on {len({s.backend.master_addr(keyslot(q)) for q in queues})} master(s)"
+        if s.backend.mode == "cluster"
+        else ""
+    )
+    return BenchRow(
+        f"e2e {settings.work}",
+        n,
+        round(seconds, 3),
+        rate,
+        note=(
+            f"{settings.workers} worker process(es) x concurrency {settings.concurrency}, "
+            f"{where}; rate from the first task processed to the last"
+        ),
+        extra={
+            "workers": settings.workers,
+            "concurrency": settings.concurrency,
+            "queues": len(queues),
+            "per_process": round(rate / settings.workers, 1) if rate else None,
+        },
+    )
+
+
+def _samples(s: _Session, queue: str) -> list[float]:
+    key = s.keys.bench(s.run_id, queue)[1]
+    values = s.backend.execute_key(key, lambda c: c.lrange(key, 0, -1))
+    return [float(v) for v in values]
+
+
+def bench_latency(s: _Session) -> list[BenchRow]:
+    settings = s.settings
+    (idle_queue,) = s.queues(1)
+    load_queues = s.queues()
+    workers = s.workers([idle_queue, *load_queues], 1)
+    rows = []
+    try:
+        s.start_workers(workers)
+        # Idle: one task at a time; the worker is back to blocking on the server when
+        # the next one arrives.
+        key = s.keys.bench(s.run_id, idle_queue)[1]
+        samples: list[float] = []
+        count = max(1, settings.samples)
+        node = s.backend
+        for i in range(count + 10):
+            time.sleep(s.rng.uniform(0.005, 0.015))  # let the worker go idle again
+            s.client.enqueue(LATENCY_TYPE, {"run": s.run_id, "t": time.time()}, queue=idle_queue)
+            reply = node.execute_key(key, lambda c: c.blpop([key], timeout=4))
+            if reply is None:
+                raise ClusterqError("latency: a task was not picked up within 4 s")
+            if i >= 10:  # the first ones warm up connections and caches
+                samples.append(float(reply[1]))
+            s.progress("latency, idle queue", i + 1, count + 10)
+        p50, p99 = _ms(samples)
+        rows.append(
+            BenchRow(
+                "pickup latency, idle",
+                count,
+                0.0,
+                None,
+                p50,
+                p99,
+                note="enqueue to handler start, one task at a time, 1 worker process",
+                extra={"max_ms": round(max(samples) * 1000, 3)},
+            )
+        )
+        # Under load: a steady stream at `rate` tasks/s.
+        total = max(1, min(settings.tasks, int(settings.rate * 10)))
+        interval = 1.0 / settings.rate
+        started = time.perf_counter()
+        for i in range(total):
+            due = started + i * interval
+            pause = due - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            queue = load_queues[i % len(load_queues)]
+            s.client.enqueue(LATENCY_TYPE, {"run": s.run_id, "t": time.time()}, queue=queue)
+            if i % 200 == 199:
+                s.progress(f"latency at {settings.rate:g}/s", i + 1, total)
+        produced = time.perf_counter() - started
+        deadline = time.monotonic() + 60
+        under: list[float] = []
+        while time.monotonic() < deadline:
+            under = [v for q in load_queues for v in _samples(s, q)]
+            if len(under) >= total:
+                break
+            time.sleep(0.05)
+        if len(under) < total:
+            raise ClusterqError(f"latency: only {len(under)} of {total} tasks ran in time")
+        p50, p99 = _ms(under)
+        rows.append(
+            BenchRow(
+                "pickup latency, load",
+                total,
+                round(produced, 3),
+                total / produced,
+                p50,
+                p99,
+                note=(
+                    f"enqueue to handler start at {settings.rate:g} tasks/s over "
+                    f"{len(load_queues)} queue(s), 1 worker process"
+                ),
+                extra={"max_ms": round(max(under) * 1000, 3)},
+            )
+        )
+    finally:
+        workers.stop()
+    s.drop([idle_queue, *load_queues])
+    return rows
+
+
+def _used_memory(s: _Session, queue: str) -> int:
+    addr = s.backend.master_addr(keyslot(queue))
+    return int(s.backend.node(addr).info("memory")["used_memory"])
+
+
+def bench_memory(s: _Session) -> BenchRow:
+    (queue,) = s.queues(1)
+    n = s.settings.tasks
+    s.client.enqueue_many([(NOOP_TYPE, {"run": s.run_id})], queue=queue)  # keys exist
+    before = _used_memory(s, queue)
+    item = (NOOP_TYPE, {"i": 0})
+    for start in range(0, n, 2000):
+        size = min(2000, n - start)
+        s.client.enqueue_many([item] * size, queue=queue)
+        s.progress("memory", start + size, n)
+    after = _used_memory(s, queue)
+    s.drop([queue])
+    per_task = (after - before) / n
+    return BenchRow(
+        "memory",
+        n,
+        0.0,
+        note=f"{per_task:.0f} bytes per pending task (used_memory delta / N)",
+        extra={"bytes_per_task": round(per_task, 1), "used_memory_delta": after - before},
+    )
+
+
+# ----------------------------------------------------------------------- the run
+
+
+def run_bench(
+    settings: BenchSettings,
+    scenarios: Sequence[Scenario] = SCENARIOS,
+    progress: Progress = lambda _label, _done, _total: None,
+) -> BenchReport:
+    """Run ``scenarios`` in order and return the report."""
+    unknown = [name for name in scenarios if name not in SCENARIOS]
+    if unknown:
+        raise ConfigError(f"unknown scenario {unknown[0]!r}: one of {', '.join(SCENARIOS)}")
+    if settings.tasks < 1 or settings.workers < 1 or settings.concurrency < 1:
+        raise ConfigError("tasks, workers and concurrency must be at least 1")
+    if settings.rate <= 0:
+        raise ConfigError("rate must be positive")
+    session = _Session(settings, progress)
+    try:
+        backend = session.backend
+        report = BenchReport(
+            target=RedisURL.parse(settings.url).redacted(),
+            mode=backend.mode,
+            masters=len(backend.topology.masters),
+            server=_server_version(backend),
+            cores=os.cpu_count() or 1,
+        )
+        if settings.baseline:
+            progress("redis-benchmark baseline", 0, 1)
+            report.baseline, note = run_baseline(backend.url, backend.mode)
+            if note:
+                report.notes.append(note)
+            progress("redis-benchmark baseline", 1, 1)
+        for name in scenarios:
+            if name == "enqueue":
+                rows = [bench_enqueue(session)]
+            elif name == "enqueue-many":
+                rows = [bench_enqueue_many(session)]
+            elif name == "durability":
+                rows = bench_durability(session)
+            elif name == "e2e":
+                rows = [bench_e2e(session)]
+            elif name == "latency":
+                rows = bench_latency(session)
+            else:
+                rows = [bench_memory(session)]
+            for row in rows:
+                _compare(row, report.baseline)
+            report.rows.extend(rows)
+        return report
+    finally:
+        session.close()
+
+
+def _compare(row: BenchRow, baseline: Baseline | None) -> None:
+    """Relate a rate to the round trips redis-benchmark managed on the same server."""
+    if baseline is None or row.rate is None or row.scenario.startswith("pickup"):
+        return
+    if row.scenario == "enqueue-many":
+        row.vs_baseline = row.rate / baseline.pipelined
+        row.baseline = f"PING -P {baseline.pipeline}"
+    else:
+        row.vs_baseline = row.rate / baseline.unpipelined
+        row.baseline = "PING"
+
+
+def describe_target(report: BenchReport) -> str:
+    return (
+        f"{report.target}: {report.mode}, {report.masters} master(s), {report.server}, "
+        f"{report.cores} cores"
+    )
+
+
+__all__ = [
+    "SCENARIOS",
+    "Baseline",
+    "BenchReport",
+    "BenchRow",
+    "BenchSettings",
+    "percentile",
+    "run_bench",
+    "spread_queues",
+]

@@ -1,0 +1,179 @@
+"""``clusterq bench``: throughput, latency and memory figures for the server at --url."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from clusterq.bench import (
+    SCENARIOS,
+    WORKS,
+    BenchReport,
+    BenchSettings,
+    describe_target,
+    run_bench,
+)
+from clusterq.bench import (
+    Progress as ProgressFn,
+)
+from clusterq.cli.app import CliState
+from clusterq.cli.render import console, print_json, table
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def render(report: BenchReport) -> None:
+    rows = []
+    for row in report.rows:
+        ratio = f"{row.vs_baseline:.3f} of {row.baseline}" if row.vs_baseline is not None else "-"
+        rows.append(
+            [
+                row.scenario,
+                _num(row.tasks),
+                _num(row.seconds, 2) if row.seconds else "-",
+                _num(row.rate),
+                _num(row.p50_ms, 2),
+                _num(row.p99_ms, 2),
+                ratio,
+                row.note,
+            ]
+        )
+    out = console()
+    out.print(
+        table(
+            f"clusterq bench — {describe_target(report)}",
+            [
+                "scenario",
+                "tasks",
+                "seconds",
+                "tasks/s",
+                "p50 ms",
+                "p99 ms",
+                "vs redis-benchmark",
+                "note",
+            ],
+            rows,
+        )
+    )
+    if report.baseline is not None:
+        base = report.baseline
+        out.print(
+            f"baseline: redis-benchmark PING, 50 connections: {base.unpipelined:,.0f} "
+            f"round trips/s unpipelined, {base.pipelined:,.0f}/s with -P {base.pipeline}"
+        )
+    for note in report.notes:
+        out.print(f"note: {note}")
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[ProgressFn]:
+    if not enabled:
+        yield lambda _label, _done, _total: None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=sys.stderr),
+        transient=True,
+    )
+    tasks: dict[str, object] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        task = tasks.get(label)
+        if task is None:
+            task = tasks[label] = bar.add_task(label, total=total)
+        bar.update(task, completed=done, total=total)  # type: ignore[arg-type]
+
+    with bar:
+        yield update
+
+
+@click.command()
+@click.argument("scenarios", nargs=-1, type=click.Choice(SCENARIOS))
+@click.option(
+    "--tasks", "-n", type=int, default=10_000, show_default=True, help="Tasks per scenario."
+)
+@click.option(
+    "--workers", "-w", type=int, default=1, show_default=True, help="Worker processes (e2e)."
+)
+@click.option(
+    "--concurrency", "-c", type=int, default=50, show_default=True, help="Per worker process."
+)
+@click.option(
+    "--work",
+    type=click.Choice(WORKS),
+    default="noop",
+    show_default=True,
+    help="What an e2e task does: nothing, or one INCR through redis-py.",
+)
+@click.option(
+    "--batch", type=int, default=1000, show_default=True, help="Tasks per enqueue_many call."
+)
+@click.option(
+    "--rate",
+    type=float,
+    default=2000.0,
+    show_default=True,
+    help="Tasks per second for latency under load.",
+)
+@click.option("--samples", type=int, default=300, show_default=True, help="Idle pickup samples.")
+@click.option(
+    "--queues", type=int, default=None, help="Queues for e2e/latency (default: one per master)."
+)
+@click.option("--no-baseline", is_flag=True, help="Skip the redis-benchmark baseline.")
+@click.option("--seed", type=int, default=None, hidden=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_obj
+def bench(
+    state: CliState,
+    scenarios: tuple[str, ...],
+    tasks: int,
+    workers: int,
+    concurrency: int,
+    work: str,
+    batch: int,
+    rate: float,
+    samples: int,
+    queues: int | None,
+    no_baseline: bool,
+    seed: int | None,
+    as_json: bool,
+) -> None:
+    """Measure clusterq on the server at --url: SCENARIOS among enqueue, enqueue-many,
+    durability, e2e, latency, memory (default: all).
+
+    Uses fresh queues and deletes them afterwards. With redis-benchmark installed, its
+    PING rate on the same server is measured too, and each rate is related to it.
+    """
+    settings = BenchSettings(
+        url=state.url,
+        prefix=state.prefix,
+        tasks=tasks,
+        workers=workers,
+        concurrency=concurrency,
+        work=work,  # type: ignore[arg-type]
+        batch=batch,
+        rate=rate,
+        samples=samples,
+        baseline=not no_baseline,
+        queues=queues,
+        seed=seed,
+    )
+    chosen = scenarios or SCENARIOS
+    with _progress(sys.stderr.isatty()) as progress:
+        report = run_bench(settings, chosen, progress)  # type: ignore[arg-type]
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        render(report)

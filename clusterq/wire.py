@@ -1,0 +1,362 @@
+"""The hot path to a node: commands packed by hiredis, without redis-py's per-command layer.
+
+redis-py 8 spends 40-100 µs of Python per command on retry wrappers, observability hooks,
+pool bookkeeping and (asyncio) pure-Python packing and a timeout task per send. A task
+queue sends a few commands per task, so that overhead, not Redis, would set clusterq's
+throughput. The node clients of :mod:`clusterq.connection` are redis-py clients with two
+additions used for the scripts and simple commands of the hot path:
+
+- :class:`NodeClient` (sync) sends over a connection of its own pool that it keeps aside
+  for reuse (``fast`` / ``fast_pipeline``); redis-py still connects, authenticates and
+  parses, and closing the client or disconnecting its pool closes that connection too.
+- :class:`AsyncNodeClient` has a :class:`Lane`: one connection that carries many
+  concurrent requests (replies come back in order), writes everything asked for in one
+  event-loop turn with one system call, and fails every waiting request at once when the
+  connection breaks or a reply is late (``socket_timeout``). Commands that block on the
+  server (``BLMOVE``, ``WAIT``) must not go over a lane: they would hold up the others;
+  they use redis-py's pooled connections as before.
+
+Replies are raw (bytes, ints, lists); error replies become redis-py's exception classes
+(``MOVED``, ``NOSCRIPT``, ``READONLY``...), so callers classify them as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+import redis
+import redis.asyncio
+from redis._parsers.base import BaseParser
+
+__all__ = ["AsyncNodeClient", "Lane", "NodeClient", "pack"]
+
+Command = Sequence[Any]
+_MORE = object()  # the reader needs more bytes
+
+
+def pack(args: Command) -> bytes:
+    """One command in the Redis protocol (str, bytes, int and float arguments)."""
+    return hiredis.pack_command(tuple(args))  # type: ignore[no-any-return]
+
+
+def _reader() -> hiredis.Reader:
+    return hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
+
+
+# ----------------------------------------------------------------------- synchronous
+
+
+class NodeClient(redis.Redis):
+    """A redis-py client of one node with a fast path for the commands clusterq sends most."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._spare: list[redis.connection.Connection] = []
+
+    def _take(self) -> redis.connection.Connection:
+        try:
+            return self._spare.pop()
+        except IndexError:
+            return self.connection_pool.get_connection()
+
+    def fast(self, *args: Any) -> Any:
+        """Send one command, return its raw reply (an error reply is raised)."""
+        conn = self._take()
+        try:
+            conn.send_packed_command([pack(args)], check_health=False)  # type: ignore[no-untyped-call]
+            reply = conn.read_response()
+        except redis.ResponseError:
+            self._spare.append(conn)
+            raise
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # a reply may be in flight
+            self._spare.append(conn)
+            raise
+        self._spare.append(conn)
+        return reply
+
+    def fast_pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        """Send several commands at once (no transaction); error replies are returned in
+        place of their replies, connection errors are raised."""
+        conn = self._take()
+        out: list[Any] = []
+        try:
+            packed = b"".join(pack(c) for c in commands)
+            conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
+            for _ in commands:
+                try:
+                    out.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    out.append(exc)
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            self._spare.append(conn)
+            raise
+        self._spare.append(conn)
+        return out
+
+    def close(self) -> None:
+        self._spare.clear()
+        super().close()
+
+
+# ----------------------------------------------------------------------- asyncio
+
+
+class _LaneProtocol(asyncio.Protocol):
+    def __init__(self, where: str, timeout: float | None) -> None:
+        self.where = where
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.reader = _reader()
+        #: (future, time sent) per request, in the order of the replies to come.
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.out: list[bytes] = []
+        self.flush_scheduled = False
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.error: Exception | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._fail(redis.ConnectionError(f"protocol error from {self.where}: {exc}"))
+                return
+            if reply is _MORE:
+                return
+            if not waiting:
+                self._fail(redis.ConnectionError(f"unexpected reply from {self.where}"))
+                return
+            future, _ = waiting.popleft()
+            if future.done():  # its caller gave up (cancelled)
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self._fail(redis.ConnectionError(f"connection to {self.where} lost{reason}"))
+
+    # requests
+    def send(self, packed: bytes, count: int = 1) -> list[asyncio.Future[Any]]:
+        if self.error is not None:
+            raise self.error
+        now = time.monotonic()
+        futures = [self.loop.create_future() for _ in range(count)]
+        self.waiting.extend((f, now) for f in futures)
+        self.out.append(packed)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        if self.watchdog is None and self.timeout:
+            self.watchdog = self.loop.call_later(self.timeout, self._check_late)
+        return futures
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.out and self.transport is not None and self.error is None:
+            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+            self.out.clear()
+            self.transport.write(data)
+
+    def _check_late(self) -> None:
+        self.watchdog = None
+        if not self.waiting or self.error is not None or not self.timeout:
+            return
+        oldest = self.waiting[0][1]
+        late = time.monotonic() - oldest
+        if late >= self.timeout:
+            self._fail(redis.TimeoutError(f"{self.where} did not answer within {self.timeout:g}s"))
+        else:
+            self.watchdog = self.loop.call_later(self.timeout - late, self._check_late)
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        if self.transport is not None:
+            self.transport.abort()
+        while self.waiting:
+            future, _ = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def close(self) -> None:
+        self._fail(redis.ConnectionError(f"connection to {self.where} closed"))
+
+
+class Lane:
+    """One multiplexed connection to a node, (re)connected on demand."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        db: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        socket_timeout: float | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.where = f"{host}:{port}"
+        self.username = username
+        self.password = password
+        self.db = db
+        self.ssl_context = ssl_context
+        self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout
+        self._proto: _LaneProtocol | None = None
+        self._connecting: asyncio.Future[_LaneProtocol] | None = None
+        self._closed = False
+
+    async def _connected(self) -> _LaneProtocol:
+        proto = self._proto
+        if proto is not None and proto.error is None:
+            return proto
+        if self._closed:
+            raise redis.ConnectionError(f"connection to {self.where} closed")
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            return await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _connect(self) -> _LaneProtocol:
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _LaneProtocol(self.where, self.socket_timeout),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl_context,
+                ),
+                self.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise redis.ConnectionError(f"Error connecting to {self.where}: {exc}") from exc
+        handshake: list[Command] = []
+        if self.password is not None:
+            if self.username:
+                handshake.append(("AUTH", self.username, self.password))
+            else:
+                handshake.append(("AUTH", self.password))
+        if self.db:
+            handshake.append(("SELECT", self.db))
+        try:
+            for command in handshake:
+                (future,) = proto.send(pack(command))
+                await future
+        except redis.ResponseError as exc:
+            proto.close()
+            raise redis.AuthenticationError(str(exc)) from exc
+        if self._closed:
+            proto.close()
+            raise redis.ConnectionError(f"connection to {self.where} closed")
+        self._proto = proto
+        return proto
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return its raw reply (an error reply is raised)."""
+        proto = self._proto
+        if proto is None or proto.error is not None:
+            proto = await self._connected()
+        (future,) = proto.send(pack(args))
+        return await future
+
+    async def pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        """Send several commands back to back; error replies are returned in place of
+        their replies, a connection error is raised."""
+        proto = self._proto
+        if proto is None or proto.error is not None:
+            proto = await self._connected()
+        futures = proto.send(b"".join(pack(c) for c in commands), len(commands))
+        out: list[Any] = []
+        for future in futures:
+            try:
+                out.append(await future)
+            except redis.ResponseError as exc:
+                out.append(exc)
+        return out
+
+    def close(self) -> None:
+        """Fail what is waiting and close the connection; later calls fail too."""
+        self._closed = True
+        if self._proto is not None:
+            self._proto.close()
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+
+def _ssl_context(kwargs: dict[str, Any]) -> ssl.SSLContext | None:
+    if not kwargs.get("ssl"):
+        return None
+    context = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
+    reqs = kwargs.get("ssl_cert_reqs", "required")
+    if reqs in ("none", ssl.CERT_NONE):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif reqs in ("optional", ssl.CERT_OPTIONAL):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+class AsyncNodeClient(redis.asyncio.Redis):
+    """An asyncio redis-py client of one node with a :class:`Lane` for the hot path."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lane = Lane(
+            kwargs.get("host", "localhost"),
+            int(kwargs.get("port", 6379)),
+            username=kwargs.get("username"),
+            password=kwargs.get("password"),
+            db=int(kwargs.get("db", 0)),
+            ssl_context=_ssl_context(kwargs),
+            socket_timeout=kwargs.get("socket_timeout"),
+            connect_timeout=kwargs.get("socket_connect_timeout"),
+        )
+
+    async def fast(self, *args: Any) -> Any:
+        return await self.lane.execute(*args)
+
+    async def fast_pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        return await self.lane.pipeline(commands)
+
+    async def drop_connections(self) -> None:
+        """Close every connection, the lane's too (for a client no longer used): what
+        waits on them fails at once."""
+        self.lane.close()
+        await self.connection_pool.disconnect()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        self.lane.close()
+        with contextlib.suppress(Exception):
+            await super().aclose(close_connection_pool)

@@ -1,0 +1,109 @@
+"""Worker processes started by clusterq itself (failover drills, benchmarks).
+
+Each runs ``python -m clusterq worker MODULE:ROUTER`` under a known name, with its log
+in a temporary directory; :func:`announced` waits until all of them have registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from clusterq.abackend import AsyncBackend
+from clusterq.errors import ClusterqError
+
+
+class WorkerProcesses:
+    """``count`` worker processes named ``<name>-<n>``, serving ``queues`` (CLI syntax)."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        prefix: str,
+        router: str,
+        queues: str,
+        count: int,
+        concurrency: int,
+        name: str,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.router = router
+        self.queues = queues
+        self.count = count
+        self.concurrency = concurrency
+        self.name = name
+        self.dir = Path(tempfile.mkdtemp(prefix=f"clusterq-{name}-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def names(self) -> list[str]:
+        return [f"{self.name}-{n}" for n in range(self.count)]
+
+    def start(self) -> None:
+        for name in self.names():
+            log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+            command = [
+                sys.executable,
+                "-m",
+                "clusterq",
+                "--url",
+                self.url,
+                "--prefix",
+                self.prefix,
+                "worker",
+                self.router,
+                "--queues",
+                self.queues,
+                "--concurrency",
+                str(self.concurrency),
+                "--name",
+                name,
+            ]
+            try:
+                self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+            finally:
+                log.close()
+
+    def logs(self) -> list[Path]:
+        return sorted(self.dir.glob("*.log"))
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), then SIGKILL whatever has not exited within 20 s."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def check_running(self) -> None:
+        """Raise if a process has exited already (a bad router, an unreachable server)."""
+        for proc, name in zip(self.procs, self.names(), strict=False):
+            if proc.poll() is not None:
+                tail = (self.dir / f"{name}.log").read_text(errors="replace")[-500:]
+                raise ClusterqError(
+                    f"worker {name} exited with status {proc.returncode}: {tail.strip()}"
+                )
+
+    async def announced(self, backend: AsyncBackend, timeout: float = 60.0) -> None:
+        """Wait until every process has announced itself in the workers registry."""
+        key = backend.keys.workers
+        names = set(self.names())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entries = await backend.execute_key(key, lambda c: c.hgetall(key))
+            present = {k.decode() if isinstance(k, bytes) else k for k in entries}
+            if names <= present:
+                return
+            self.check_running()
+            await asyncio.sleep(0.1)
+        raise ClusterqError(f"{self.name}: workers did not start within {timeout:.0f}s")
