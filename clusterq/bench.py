@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import math
 import os
 import random
 import secrets
@@ -177,7 +178,7 @@ def percentile(values: Sequence[float], pct: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 
@@ -363,7 +364,7 @@ def bench_enqueue(s: _Session) -> BenchRow:
         t0 = clock()
         enqueue(NOOP_TYPE, payload, queue=queues[i % len(queues)])
         times.append(clock() - t0)
-        if i % 1000 == 999:
+        if i % 1000 == 999 or i == n - 1:
             s.progress("enqueue", i + 1, n)
     seconds = clock() - started
     s.drop(queues)
@@ -433,7 +434,7 @@ def bench_durability(s: _Session) -> list[BenchRow]:
             t0 = clock()
             s.client.enqueue(NOOP_TYPE, payload, queue=queue, durability=level)
             times.append(clock() - t0)
-            if i % 500 == 499:
+            if i % 500 == 499 or i == n - 1:
                 s.progress(f"durability={level}", i + 1, n)
         seconds = clock() - started
         figures[level] = statistics.fmean(times)
@@ -454,6 +455,7 @@ def bench_e2e(s: _Session) -> BenchRow:
     n = settings.tasks
     task_type = INCR_TYPE if settings.work == "incr" else NOOP_TYPE
     s.fill(queues, n, task_type)
+    cpu_before = _server_cpu(s)
     workers = s.workers(queues, settings.workers)
     try:
         workers.start()
@@ -475,8 +477,10 @@ def bench_e2e(s: _Session) -> BenchRow:
             time.sleep(0.005)
         assert first_at is not None
         seconds = time.perf_counter() - first_at
+        cpu_after = _server_cpu(s)
     finally:
         workers.stop()
+    cpu = {role: cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0) for role in cpu_after}
     if settings.work == "incr":
         counted = sum(
             int(s.call(key, "GET", key) or 0)
@@ -498,15 +502,28 @@ def bench_e2e(s: _Session) -> BenchRow:
         rate,
         note=(
             f"{settings.workers} worker process(es) x concurrency {settings.concurrency}, "
-            f"{where}; rate from the first task processed to the last"
+            f"{where}; server CPU per 1k tasks: "
+            + ", ".join(f"{role}s {v * 1e6 / n:.0f} ms" for role, v in sorted(cpu.items()))
         ),
         extra={
             "workers": settings.workers,
             "concurrency": settings.concurrency,
             "queues": len(queues),
             "per_process": round(rate / settings.workers, 1) if rate else None,
+            "server_cpu_ms_per_1k": {k: round(v * 1000 / n * 1000, 1) for k, v in cpu.items()},
         },
     )
+
+
+def _server_cpu(s: _Session) -> dict[str, float]:
+    """CPU seconds used so far by the target's nodes, by role (INFO cpu of each)."""
+    out: dict[str, float] = {}
+    for node in s.backend.topology.nodes:
+        with contextlib.suppress(Exception):
+            info = s.backend.node(node.address).info("cpu")
+            used = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+            out[node.role] = out.get(node.role, 0.0) + used
+    return out
 
 
 def _samples(s: _Session, queue: str) -> list[float]:
@@ -562,7 +579,7 @@ def bench_latency(s: _Session) -> list[BenchRow]:
                 time.sleep(pause)
             queue = load_queues[i % len(load_queues)]
             s.client.enqueue(LATENCY_TYPE, {"run": s.run_id, "t": time.time()}, queue=queue)
-            if i % 200 == 199:
+            if i % 200 == 199 or i == total - 1:
                 s.progress(f"latency at {settings.rate:g}/s", i + 1, total)
         produced = time.perf_counter() - started
         deadline = time.monotonic() + 60

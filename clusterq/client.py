@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hashlib
 import os
 import secrets
@@ -137,17 +136,24 @@ class PreparedEnqueue:
                 f"{self.queue!r} (task {outcome.duplicate_of})",
                 outcome.duplicate_of,
             )
-        return TaskInfo(
-            id=self.new.id,
-            queue=self.queue,
-            type=self.type,
-            state=STATES.get(outcome.state, TaskState.PENDING),
-            payload=self.payload,
-            max_retry=self.max_retry,
-            timeout=self.timeout,
-            deadline=self.deadline,
-            already_enqueued=not outcome.created,
-            duplicate_of=outcome.duplicate_of,
+        return TaskInfo(  # positional, in field order: once per task of an enqueue_many
+            self.new.id,
+            self.queue,
+            self.type,
+            STATES.get(outcome.state, TaskState.PENDING),
+            self.payload,
+            self.max_retry,
+            0,
+            None,
+            None,
+            self.timeout,
+            self.deadline,
+            None,
+            None,
+            None,
+            None,
+            not outcome.created,
+            outcome.duplicate_of,
         )
 
 
@@ -362,9 +368,9 @@ def _fill(
     for (indexes, _), reply in zip(batches, replies, strict=True):
         for index, outcome in zip(indexes, enqueue_script.parse(reply), strict=True):
             info = prepared[index].info(outcome, raise_duplicate=raise_duplicate)
-            out[index] = (
-                dataclasses.replace(info, replicas=replicas) if replicas is not None else info
-            )
+            if replicas is not None:
+                info.replicas = replicas
+            out[index] = info
             ids.append(info.id)
     return ids
 

@@ -96,6 +96,12 @@ class Capacity:
             return
         hungry = [w for w in self._waiters.values() if not w.future.done()]
         while self.free > 0 and hungry:
+            if len(hungry) == 1:  # nobody to share with: all it asked for, at once
+                waiter = hungry[0]
+                grant = min(self.free, waiter.want - waiter.granted)
+                waiter.granted += grant
+                self.free -= grant
+                break
             waiter = self._pick(hungry)
             waiter.granted += 1
             self.free -= 1

@@ -94,19 +94,20 @@ class Record:
     def decode(cls, raw: bytes) -> Record:
         meta_raw, _, payload = raw.partition(b"\n")
         meta = json_value(meta_raw)
-        return cls(
-            type=meta["t"],
-            payload=payload,
-            codec=meta.get("c", "json"),
-            max_retry=meta.get("mr", 0),
-            retried=meta.get("r", 0),
-            enqueued_ms=meta.get("e", 0),
-            timeout_ms=meta.get("to"),
-            deadline_ms=meta.get("dl"),
-            unique_key=meta.get("u"),
-            retention_ms=meta.get("rt"),
-            last_error=meta.get("err"),
-            failed_ms=meta.get("fa"),
+        get = meta.get
+        return cls(  # positional: this runs once per task a worker takes
+            meta["t"],
+            payload,
+            get("c", "json"),
+            get("mr", 0),
+            get("r", 0),
+            get("e", 0),
+            get("to"),
+            get("dl"),
+            get("u"),
+            get("rt"),
+            get("err"),
+            get("fa"),
         )
 
     def failed(self, error: str, at_ms: int, *, count: bool = True) -> Record:

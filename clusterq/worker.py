@@ -528,17 +528,17 @@ class Worker:
                     False, error="deadline passed before the task could start", archive=True
                 )
             timeout = left if timeout is None else min(timeout, left)
-        task = Task(
-            id=task_id,
-            type=record.type,
-            payload=payload,
-            queue=q.name,
-            retry_count=record.retried,
-            max_retry=record.max_retry,
-            timeout=record.timeout_ms / 1000 if record.timeout_ms else None,
-            deadline=record.deadline_ms / 1000 if record.deadline_ms is not None else None,
-            enqueued_at=record.enqueued_ms / 1000 if record.enqueued_ms else None,
-            attempt=token,
+        task = Task(  # positional: once per task
+            task_id,
+            record.type,
+            payload,
+            q.name,
+            record.retried,
+            record.max_retry,
+            record.timeout_ms / 1000 if record.timeout_ms else None,
+            record.deadline_ms / 1000 if record.deadline_ms is not None else None,
+            record.enqueued_ms / 1000 if record.enqueued_ms else None,
+            token,
         )
         call = self._chain(handler)
         try:

@@ -67,14 +67,20 @@ def build(
     return keys, args
 
 
+_CREATED = EnqueueOutcome(created=True, state="pending")
+
+
 def parse(reply: Sequence[Any]) -> list[EnqueueOutcome]:
     out = []
     for i in range(0, len(reply), 2):
-        code = int(reply[i])
+        code = reply[i]
         detail = reply[i + 1]
+        if code == 1 and detail == b"pending":
+            out.append(_CREATED)  # shared: outcomes are read, never changed
+            continue
         text = detail.decode() if isinstance(detail, bytes) else str(detail)
         if code == -1:
             out.append(EnqueueOutcome(created=False, state="", duplicate_of=text))
         else:
-            out.append(EnqueueOutcome(created=code == 1, state=text))
+            out.append(EnqueueOutcome(created=int(code) == 1, state=text))
     return out

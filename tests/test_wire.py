@@ -1,0 +1,74 @@
+"""The fast path to a node (clusterq.wire) against a real server: replies in order under
+concurrency, error replies as redis-py's exception classes, broken connections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from clusterq.connection import RedisURL
+from clusterq.devcluster import LocalServer
+
+
+def test_sync_fast_and_pipeline(standalone: LocalServer, prefix: str) -> None:
+    client = RedisURL.parse(standalone.seed_url).node_client(("127.0.0.1", standalone.port))
+    key = f"{prefix}:wire"
+    try:
+        assert client.fast("SET", key, "1") == b"OK"
+        assert client.fast("INCRBY", key, 41) == 42
+        replies = client.fast_pipeline([("GET", key), ("HSET", key, "f", "v"), ("DEL", key)])
+        assert replies[0] == b"42"
+        assert isinstance(replies[1], redis.ResponseError) and "WRONGTYPE" in str(replies[1])
+        assert replies[2] == 1
+        with pytest.raises(redis.exceptions.NoScriptError):
+            client.fast("EVALSHA", "0" * 40, 0)
+        assert client.fast("PING") == b"PONG"  # the connection is still in step
+    finally:
+        client.close()
+
+
+async def _lane_roundtrips(url: str, port: int, key: str) -> None:
+    client = RedisURL.parse(url).async_node_client(("127.0.0.1", port))
+    try:
+        replies = await asyncio.gather(*(client.fast("INCR", key) for _ in range(500)))
+        assert sorted(replies) == list(range(1, 501))
+        piped = await client.fast_pipeline([("GET", key), ("LPUSH", key, "x"), ("DEL", key)])
+        assert piped[0] == b"500" and isinstance(piped[1], redis.ResponseError)
+        with pytest.raises(redis.exceptions.NoScriptError):
+            await client.fast("EVALSHA", "0" * 40, 0)
+        # A caller that gives up does not put later replies out of step.
+        slow = asyncio.ensure_future(client.fast("BLPOP", f"{key}:none", "0.2"))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        assert await client.fast("ECHO", "after") == b"after"
+    finally:
+        await client.aclose()
+    with pytest.raises(redis.ConnectionError):
+        await client.fast("PING")  # closed for good
+
+
+def test_lane_multiplexes_in_order(standalone: LocalServer, prefix: str) -> None:
+    asyncio.run(_lane_roundtrips(standalone.seed_url, standalone.port, f"{prefix}:lane"))
+
+
+def test_lane_unreachable_and_late(dead_port: int, standalone: LocalServer) -> None:
+    async def run() -> None:
+        client = RedisURL.parse(f"redis://127.0.0.1:{dead_port}").async_node_client(
+            ("127.0.0.1", dead_port)
+        )
+        with pytest.raises(redis.ConnectionError):
+            await client.fast("PING")
+        await client.aclose()
+        late = RedisURL.parse(standalone.seed_url).async_node_client(
+            ("127.0.0.1", standalone.port), socket_timeout=0.1
+        )
+        try:
+            with pytest.raises(redis.TimeoutError):
+                await late.fast("BLPOP", "wire-test:none", "0.5")
+            assert await late.fast("PING") == b"PONG"  # reconnects after the timeout
+        finally:
+            await late.aclose()
+
+    asyncio.run(run())
