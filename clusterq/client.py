@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import os
 import secrets
 import time
@@ -45,6 +46,8 @@ from clusterq.serialization import (
 )
 from clusterq.task import STATES, Record, TaskInfo, TaskState, ms_to_s, new_record
 from clusterq.wire import AsyncNodeClient, NodeClient
+
+log = logging.getLogger("clusterq.client")
 
 Durability = Literal["none", "replica", "aof"]
 DEFAULT_DURABILITY_TIMEOUT = 1.0
@@ -653,6 +656,7 @@ class AsyncClient(_Base):
     ) -> None:
         self.backend = backend
         self._owns_backend = owns_backend
+        self._background: set[asyncio.Future[None]] = set()
         super().__init__(backend.keys, codec, max_payload_bytes, durability, durability_timeout)
 
     @classmethod
@@ -686,6 +690,8 @@ class AsyncClient(_Base):
         )
 
     async def aclose(self) -> None:
+        if self._background:  # queue registrations still under way
+            await asyncio.wait(set(self._background), timeout=self.backend.retry_timeout)
         if self._owns_backend:
             await self.backend.aclose()
 
@@ -696,12 +702,37 @@ class AsyncClient(_Base):
         await self.aclose()
 
     async def register_queues(self, queues: Iterable[str]) -> None:
+        """Add queues to the registry of queue names (once per client and queue)."""
         new = self._unregistered(queues)
         if new:
             registry = self.keys.queues
             await self.backend.execute_key(registry, lambda c: c.sadd(registry, *new))
             self._registered.update(new)
             self.backend.note_queues(new)
+
+    def _register_soon(self, queues: Iterable[str]) -> None:
+        """Register new queue names in the background. The registry is one key, in one
+        slot: while its master fails over, enqueues into queues on other masters must
+        not wait for it. :meth:`aclose` waits for what is still running."""
+        new = self._unregistered(queues)
+        if not new:
+            return
+        self._registered.update(new)  # not twice at once; forgotten again on failure
+        self.backend.note_queues(new)
+        task = asyncio.ensure_future(self._register_in_background(new))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _register_in_background(self, new: list[str]) -> None:
+        registry = self.keys.queues
+        try:
+            patience = max(60.0, self.backend.retry_timeout)
+            await self.backend.execute_key(
+                registry, lambda c: c.sadd(registry, *new), timeout=patience
+            )
+        except Exception as exc:
+            self._registered.difference_update(new)
+            log.warning("could not register queues %s: %s (retried on the next enqueue)", new, exc)
 
     async def enqueue(
         self,
@@ -713,7 +744,7 @@ class AsyncClient(_Base):
     ) -> TaskInfo:
         """See :meth:`Client.enqueue`."""
         prepared = self.producer.prepare(type, payload, **options)
-        await self.register_queues([prepared.queue])
+        self._register_soon([prepared.queue])
         level = durability or self.durability
         if level != "none":
             return (await self._send([prepared], level, raise_duplicate=True))[0]
@@ -730,7 +761,7 @@ class AsyncClient(_Base):
     ) -> list[TaskInfo]:
         """See :meth:`Client.enqueue_many`; the slots are written concurrently."""
         prepared = self.producer.prepare_many(items, defaults)
-        await self.register_queues(p.queue for p in prepared)
+        self._register_soon(p.queue for p in prepared)
         return await self._send(prepared, durability or self.durability, raise_duplicate=False)
 
     async def _send(
