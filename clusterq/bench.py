@@ -357,19 +357,29 @@ def bench_enqueue(s: _Session) -> BenchRow:
     enqueue = s.client.enqueue
     for queue in queues:  # connections, script cache, registry: not part of the figure
         enqueue(NOOP_TYPE, payload, queue=queue)
+    row = _timed_calls(
+        s, "enqueue", n, lambda i: enqueue(NOOP_TYPE, payload, queue=queues[i % len(queues)])
+    )
+    s.drop(queues)
+    return row
+
+
+def _timed_calls(s: _Session, label: str, n: int, call: Callable[[int], object]) -> BenchRow:
+    """``call(i)`` for i in 0..n-1, each timed: rate and per-call p50/p99."""
     times: list[float] = []
     clock = time.perf_counter
     started = clock()
     for i in range(n):
         t0 = clock()
-        enqueue(NOOP_TYPE, payload, queue=queues[i % len(queues)])
+        call(i)
         times.append(clock() - t0)
-        if i % 1000 == 999 or i == n - 1:
-            s.progress("enqueue", i + 1, n)
+        if i % 500 == 499 or i == n - 1:
+            s.progress(label, i + 1, n)
     seconds = clock() - started
-    s.drop(queues)
     p50, p99 = _ms(times)
-    return BenchRow("enqueue", n, round(seconds, 3), n / seconds, p50, p99)
+    row = BenchRow(label, n, round(seconds, 3), n / seconds, p50, p99)
+    row.extra["mean_ms"] = round(statistics.fmean(times) * 1000, 4)
+    return row
 
 
 def bench_enqueue_many(s: _Session) -> BenchRow:
@@ -427,22 +437,17 @@ def bench_durability(s: _Session) -> list[BenchRow]:
     figures: dict[str, float] = {}
     for level in ("none", "replica"):
         s.client.enqueue(NOOP_TYPE, payload, queue=queue, durability=level)
-        times: list[float] = []
-        clock = time.perf_counter
-        started = clock()
-        for i in range(n):
-            t0 = clock()
-            s.client.enqueue(NOOP_TYPE, payload, queue=queue, durability=level)
-            times.append(clock() - t0)
-            if i % 500 == 499 or i == n - 1:
-                s.progress(f"durability={level}", i + 1, n)
-        seconds = clock() - started
-        figures[level] = statistics.fmean(times)
-        p50, p99 = _ms(times)
-        rows.append(
-            BenchRow(f"enqueue durability={level}", n, round(seconds, 3), n / seconds, p50, p99)
+        row = _timed_calls(
+            s,
+            f"enqueue durability={level}",
+            n,
+            lambda _i, level=level: s.client.enqueue(  # type: ignore[misc]
+                NOOP_TYPE, payload, queue=queue, durability=level
+            ),
         )
-    extra_ms = (figures["replica"] - figures["none"]) * 1000
+        figures[level] = row.extra["mean_ms"]
+        rows.append(row)
+    extra_ms = figures["replica"] - figures["none"]
     rows[-1].note = f"WAIT 1 adds {extra_ms:.3f} ms per call (mean)"
     rows[-1].extra["added_ms_per_call"] = round(extra_ms, 4)
     s.drop([queue])
