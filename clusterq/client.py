@@ -44,7 +44,7 @@ from clusterq.serialization import (
     encode_limited,
     get_codec,
 )
-from clusterq.task import STATES, Record, TaskInfo, TaskState, ms_to_s, new_record
+from clusterq.task import STATES, Record, TaskInfo, TaskState, ms_to_s, record_head
 from clusterq.wire import AsyncNodeClient, NodeClient
 
 log = logging.getLogger("clusterq.client")
@@ -132,18 +132,16 @@ class PreparedEnqueue:
     timeout: float | None = None
     deadline: float | None = None
 
-    def info(self, outcome: enqueue_script.EnqueueOutcome, *, raise_duplicate: bool) -> TaskInfo:
-        if outcome.duplicate_of is not None and raise_duplicate:
-            raise DuplicateTask(
-                f"a unique task {self.type!r} with the same payload is already in queue "
-                f"{self.queue!r} (task {outcome.duplicate_of})",
-                outcome.duplicate_of,
-            )
+    def guess(self) -> TaskInfo:
+        """The TaskInfo of a task that is created (pending, or scheduled if delayed); a
+        reply that says otherwise is applied with :meth:`settle`."""
+        new = self.new
+        delayed = new.delay_ms > 0 or new.due_ms > 0
         return TaskInfo(  # positional, in field order: once per task of an enqueue_many
-            self.new.id,
+            new.id,
             self.queue,
             self.type,
-            STATES.get(outcome.state, TaskState.PENDING),
+            TaskState.SCHEDULED if delayed else TaskState.PENDING,
             self.payload,
             self.max_retry,
             0,
@@ -151,13 +149,41 @@ class PreparedEnqueue:
             None,
             self.timeout,
             self.deadline,
-            None,
-            None,
-            None,
-            None,
-            not outcome.created,
-            outcome.duplicate_of,
         )
+
+    def settle(
+        self, info: TaskInfo, outcome: enqueue_script.EnqueueOutcome, *, raise_duplicate: bool
+    ) -> None:
+        if outcome.duplicate_of is not None and raise_duplicate:
+            raise DuplicateTask(
+                f"a unique task {self.type!r} with the same payload is already in queue "
+                f"{self.queue!r} (task {outcome.duplicate_of})",
+                outcome.duplicate_of,
+            )
+        info.state = STATES.get(outcome.state, TaskState.PENDING)
+        info.already_enqueued = not outcome.created
+        info.duplicate_of = outcome.duplicate_of
+
+
+@dataclass(slots=True)
+class _Template:
+    """What enqueues of one type with the same options share: validated once."""
+
+    queue: str
+    qk: QueueKeys
+    type: str
+    max_retry: int
+    timeout: float | None
+    deadline: float | None
+    delay_ms: int
+    due_ms: int
+    #: 0 for tasks that are not unique.
+    unique_ttl_ms: int
+    #: The record up to its payload; None for unique tasks (it holds the lock's key,
+    #: which depends on the payload).
+    head: bytes | None
+    #: record_head()'s options, for unique tasks.
+    meta: dict[str, Any]
 
 
 class Producer:
@@ -175,6 +201,19 @@ class Producer:
         type: str,
         payload: Any = None,
         *,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> PreparedEnqueue:
+        """Check and encode one enqueue; ``options`` are those of :meth:`template`.
+
+        ``task_id`` (default: a new random id) makes a retried enqueue safe.
+        """
+        return self._one(self.template(type, **options), payload, task_id)
+
+    def template(
+        self,
+        type: str,
+        *,
         queue: str = DEFAULT_QUEUE,
         max_retry: int = DEFAULT_MAX_RETRY,
         process_in: float | timedelta | None = None,
@@ -182,28 +221,26 @@ class Producer:
         timeout: float | timedelta | None = None,
         deadline: datetime | float | None = None,
         unique_for: float | timedelta | None = None,
-        task_id: str | None = None,
         retention: float | timedelta | None = None,
         enqueued_ms: int | None = None,
-    ) -> PreparedEnqueue:
-        """Check and encode one enqueue.
+    ) -> _Template:
+        """Check the options of an enqueue of ``type``.
 
         ``process_in`` (seconds or timedelta) or ``process_at`` (datetime or unix time)
         delay the task; ``timeout`` limits one attempt; ``deadline`` is when the task
         must no longer run; ``unique_for`` refuses an identical task (same type,
-        payload and queue) for that long; ``task_id`` makes a retried enqueue safe;
-        ``retention`` keeps the completed task and its result that long.
-        ``enqueued_ms`` (default: now) lets a batch share one clock reading.
+        payload and queue) for that long; ``retention`` keeps the completed task and its
+        result that long. ``enqueued_ms`` (default: now) lets a batch share one clock
+        reading.
         """
         qk = self._queue_keys(queue)
         if type not in self._types:
             self._remember(self._types, validate_task_type(type))
-        task_id = new_task_id() if task_id is None else validate_task_id(task_id)
         if max_retry.__class__ is not int or max_retry < 0:  # bool is not a count either
             raise ValueError(f"max_retry must be a non-negative integer, got {max_retry!r}")
-        data = encode_limited(self.codec, payload, self.max_payload_bytes)
         if enqueued_ms is None:
             enqueued_ms = int(time.time() * 1000)
+        codec = self.codec.name
         if (
             process_in is None
             and process_at is None
@@ -212,12 +249,8 @@ class Producer:
             and unique_for is None
             and retention is None
         ):  # the common case, kept short
-            record = new_record(
-                type, data, codec=self.codec.name, max_retry=max_retry, enqueued_ms=enqueued_ms
-            )
-            return PreparedEnqueue(
-                queue, qk, enqueue_script.NewTask(task_id, record), type, payload, max_retry
-            )
+            head = record_head(type, codec=codec, max_retry=max_retry, enqueued_ms=enqueued_ms)
+            return _Template(queue, qk, type, max_retry, None, None, 0, 0, 0, head, {})
         if process_in is not None and process_at is not None:
             raise ValueError("give process_in or process_at, not both")
         delay = _seconds(process_in, "process_in") or 0.0
@@ -225,39 +258,44 @@ class Producer:
         timeout_s = _seconds(timeout, "timeout") or None
         deadline_s = _epoch(deadline)
         unique_s = _seconds(unique_for, "unique_for") or None
-        retention_s = _seconds(retention, "retention") or None
-        unique_key = None
-        if unique_s:
-            digest = hashlib.sha256(type.encode() + b"\0" + data).hexdigest()[:32]
-            unique_key = qk.unique(digest)
-        record = new_record(
+        meta: dict[str, Any] = {
+            "codec": codec,
+            "max_retry": max_retry,
+            "enqueued_ms": enqueued_ms,
+            "timeout_ms": _ms(timeout_s),
+            "deadline_ms": _ms(deadline_s),
+            "retention_ms": _ms(_seconds(retention, "retention") or None),
+        }
+        return _Template(
+            queue,
+            qk,
             type,
-            data,
-            codec=self.codec.name,
-            max_retry=max_retry,
-            enqueued_ms=enqueued_ms,
-            timeout_ms=_ms(timeout_s),
-            deadline_ms=_ms(deadline_s),
-            unique_key=unique_key,
-            retention_ms=_ms(retention_s),
+            max_retry,
+            timeout_s,
+            deadline_s,
+            int(delay * 1000),
+            int(due * 1000) if due is not None else 0,
+            int((unique_s or 0) * 1000),
+            None if unique_s else record_head(type, **meta),
+            meta,
         )
+
+    def _one(self, t: _Template, payload: Any, task_id: str | None) -> PreparedEnqueue:
+        data = encode_limited(self.codec, payload, self.max_payload_bytes)
+        unique_key = None
+        if t.head is not None:
+            record = t.head + data
+        else:
+            digest = hashlib.sha256(t.type.encode() + b"\0" + data).hexdigest()
+            unique_key = t.qk.unique(digest[:32])
+            record = record_head(t.type, unique_key=unique_key, **t.meta) + data
+        fresh = task_id is None and unique_key is None
+        task_id = new_task_id() if task_id is None else validate_task_id(task_id)
         new = enqueue_script.NewTask(
-            id=task_id,
-            record=record,
-            delay_ms=int(delay * 1000),
-            due_ms=int(due * 1000) if due is not None else 0,
-            unique_key=unique_key,
-            unique_ttl_ms=int((unique_s or 0) * 1000),
+            task_id, record, t.delay_ms, t.due_ms, unique_key, t.unique_ttl_ms, fresh
         )
         return PreparedEnqueue(
-            queue=queue,
-            qk=qk,
-            new=new,
-            type=type,
-            payload=payload,
-            max_retry=max_retry,
-            timeout=timeout_s,
-            deadline=deadline_s,
+            t.queue, t.qk, new, t.type, payload, t.max_retry, t.timeout, t.deadline
         )
 
     def _queue_keys(self, queue: str) -> QueueKeys:
@@ -280,16 +318,28 @@ class Producer:
     def prepare_many(
         self, items: Iterable[TaskSpec | tuple[str, Any]], defaults: dict[str, Any]
     ) -> list[PreparedEnqueue]:
+        """Check and encode a batch; all of it or (on the first bad item) nothing."""
+        options = dict(defaults)
+        task_id = options.pop("task_id", None)
+        options["enqueued_ms"] = int(time.time() * 1000)  # one clock reading per batch
+        templates: dict[str, _Template] = {}  # per type: the options are checked once
+        one = self._one
         out = []
-        prepare = self.prepare
-        now_ms = int(time.time() * 1000)
         for item in items:
             if isinstance(item, TaskSpec):
-                options = {**defaults, **item.options} if item.options else defaults
-                out.append(prepare(item.type, item.payload, enqueued_ms=now_ms, **options))
+                if item.options:
+                    own = {**options, **item.options}
+                    if task_id is not None:
+                        own.setdefault("task_id", task_id)
+                    out.append(self.prepare(item.type, item.payload, **own))
+                    continue
+                task_type, payload = item.type, item.payload
             else:
                 task_type, payload = item
-                out.append(prepare(task_type, payload, enqueued_ms=now_ms, **defaults))
+            t = templates.get(task_type)
+            if t is None:
+                t = templates[task_type] = self.template(task_type, **options)
+            out.append(one(t, payload, task_id))
         return out
 
 
@@ -308,8 +358,8 @@ def plan_batches(
         qk = prepared[indexes[0]].qk
         for start in range(0, len(indexes), enqueue_script.MAX_BATCH):
             chunk = indexes[start : start + enqueue_script.MAX_BATCH]
-            keys, args = enqueue_script.build(qk, [prepared[i].new for i in chunk], durable=durable)
-            plan[qk.slot].append((chunk, (enqueue_script.SCRIPT, keys, args)))
+            call = enqueue_script.call(qk, [prepared[i].new for i in chunk], durable=durable)
+            plan[qk.slot].append((chunk, call))
     return plan
 
 
@@ -359,29 +409,45 @@ def confirmed_replicas(level: Durability, tail: Sequence[Any]) -> int | None:
     return int(reply)
 
 
-def _fill(
-    out: list[TaskInfo | None],
+def _one_info(prepared: PreparedEnqueue, reply: Any) -> TaskInfo:
+    info = prepared.guess()
+    outcome = enqueue_script.parse(reply, 1)[0]
+    if outcome is not enqueue_script.CREATED or info.state is not TaskState.PENDING:
+        prepared.settle(info, outcome, raise_duplicate=True)
+    return info
+
+
+def _settle(
+    infos: list[TaskInfo],
     prepared: Sequence[PreparedEnqueue],
     batches: list[tuple[list[int], Call]],
     replies: Sequence[Any],
     replicas: int | None,
     raise_duplicate: bool,
-) -> list[str]:
-    ids = []
+) -> None:
+    """Apply the script replies to the guessed TaskInfos."""
+    created = enqueue_script.CREATED
+    pending = TaskState.PENDING
     for (indexes, _), reply in zip(batches, replies, strict=True):
-        for index, outcome in zip(indexes, enqueue_script.parse(reply), strict=True):
-            info = prepared[index].info(outcome, raise_duplicate=raise_duplicate)
+        outcomes = enqueue_script.parse(reply, len(indexes))
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            info = infos[index]
+            if outcome is not created or info.state is not pending:
+                prepared[index].settle(info, outcome, raise_duplicate=raise_duplicate)
             if replicas is not None:
                 info.replicas = replicas
-            out[index] = info
-            ids.append(info.id)
-    return ids
 
 
 def _require(
-    level: Durability, replicas: int | None, ids: list[str], where: Addr, timeout: float
+    level: Durability,
+    replicas: int | None,
+    prepared: Sequence[PreparedEnqueue],
+    batches: list[tuple[list[int], Call]],
+    where: Addr,
+    timeout: float,
 ) -> None:
     if replicas is not None and replicas < 1:
+        ids = [prepared[i].new.id for indexes, _ in batches for i in indexes]
         shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
         raise DurabilityError(
             f"{len(ids)} task(s) written to {format_addr(where)} but no replica confirmed "
@@ -561,13 +627,14 @@ class Client(_Base):
         task and raises :class:`DurabilityError` if none confirms it in time.
         """
         prepared = self.producer.prepare(type, payload, **options)
-        self.register_queues([prepared.queue])
+        if prepared.queue not in self._registered:
+            self.register_queues([prepared.queue])
         level = durability or self.durability
         if level != "none":
             return self._send([prepared], level, raise_duplicate=True)[0]
-        keys, args = enqueue_script.build(prepared.qk, [prepared.new])
-        reply = self.backend.run_script(enqueue_script.SCRIPT, prepared.qk.slot, keys, args)
-        return prepared.info(enqueue_script.parse(reply)[0], raise_duplicate=True)
+        attempts = enqueue_script.Attempts([enqueue_script.call(prepared.qk, [prepared.new])])
+        reply = self.backend.execute(prepared.qk.slot, attempts.run)
+        return _one_info(prepared, reply)
 
     def enqueue_many(
         self,
@@ -589,22 +656,30 @@ class Client(_Base):
     def _send(
         self, prepared: Sequence[PreparedEnqueue], level: Durability, *, raise_duplicate: bool
     ) -> list[TaskInfo]:
-        out: list[TaskInfo | None] = [None] * len(prepared)
+        infos: list[TaskInfo] = []
+
+        def guess() -> None:  # while the first slot's server runs the scripts
+            if not infos:
+                infos.extend([p.guess() for p in prepared])
+
         after = durability_commands(level, self.durability_timeout)
         for slot, batches in plan_batches(prepared, durable=level != "none").items():
-            calls = [call for _, call in batches]
+            attempts = enqueue_script.Attempts([call for _, call in batches])
 
-            def run(client: NodeClient, calls: list[Call] = calls) -> tuple[list[Any], int | None]:
+            def run(
+                client: NodeClient, attempts: enqueue_script.Attempts = attempts
+            ) -> tuple[list[Any], int | None]:
                 # Inside the retried call: a WAIT cut short by a failover (-UNBLOCKED,
                 # a closed connection) re-runs the (idempotent) enqueue and the WAIT.
-                replies, tail = run_pipelined(client, calls, after)
+                replies, tail = run_pipelined(client, attempts.next(), after, meanwhile=guess)
                 return _raise_first(replies), confirmed_replicas(level, tail)
 
             replies, replicas = self.backend.execute(slot, run)
-            ids = _fill(out, prepared, batches, replies, replicas, raise_duplicate)
+            guess()
+            _settle(infos, prepared, batches, replies, replicas, raise_duplicate)
             where = self.backend.master_addr(slot)
-            _require(level, replicas, ids, where, self.durability_timeout)
-        return [info for info in out if info is not None]
+            _require(level, replicas, prepared, batches, where, self.durability_timeout)
+        return infos
 
     def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
         """State and details of a task (``queue`` defaults to the TaskInfo's or "default")."""
@@ -744,13 +819,14 @@ class AsyncClient(_Base):
     ) -> TaskInfo:
         """See :meth:`Client.enqueue`."""
         prepared = self.producer.prepare(type, payload, **options)
-        self._register_soon([prepared.queue])
+        if prepared.queue not in self._registered:
+            self._register_soon([prepared.queue])
         level = durability or self.durability
         if level != "none":
             return (await self._send([prepared], level, raise_duplicate=True))[0]
-        keys, args = enqueue_script.build(prepared.qk, [prepared.new])
-        reply = await self.backend.run_script(enqueue_script.SCRIPT, prepared.qk.slot, keys, args)
-        return prepared.info(enqueue_script.parse(reply)[0], raise_duplicate=True)
+        attempts = enqueue_script.Attempts([enqueue_script.call(prepared.qk, [prepared.new])])
+        reply = await self.backend.execute(prepared.qk.slot, attempts.arun)
+        return _one_info(prepared, reply)
 
     async def enqueue_many(
         self,
@@ -767,25 +843,25 @@ class AsyncClient(_Base):
     async def _send(
         self, prepared: Sequence[PreparedEnqueue], level: Durability, *, raise_duplicate: bool
     ) -> list[TaskInfo]:
-        out: list[TaskInfo | None] = [None] * len(prepared)
+        infos = [p.guess() for p in prepared]
         after = durability_commands(level, self.durability_timeout)
 
         async def send(slot: int, batches: list[tuple[list[int], Call]]) -> None:
-            calls = [call for _, call in batches]
+            attempts = enqueue_script.Attempts([call for _, call in batches])
 
             async def run(client: AsyncNodeClient) -> tuple[list[Any], int | None]:
                 # See Client._send: the durability check is part of the retried call.
-                replies, tail = await arun_pipelined(client, calls, after)
+                replies, tail = await arun_pipelined(client, attempts.next(), after)
                 return _raise_first(replies), confirmed_replicas(level, tail)
 
             replies, replicas = await self.backend.execute(slot, run)
-            ids = _fill(out, prepared, batches, replies, replicas, raise_duplicate)
+            _settle(infos, prepared, batches, replies, replicas, raise_duplicate)
             where = self.backend.master_addr(slot)
-            _require(level, replicas, ids, where, self.durability_timeout)
+            _require(level, replicas, prepared, batches, where, self.durability_timeout)
 
         plan = plan_batches(prepared, durable=level != "none")
         await asyncio.gather(*(send(s, b) for s, b in plan.items()))
-        return [info for info in out if info is not None]
+        return infos
 
     async def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
         task_id, queue = self._locate(task, queue)

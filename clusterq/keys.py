@@ -17,7 +17,7 @@ no hash tag and are written off the hot path with single-key commands.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from clusterq.errors import InvalidName
 from clusterq.slots import keyslot
@@ -72,71 +72,71 @@ class QueueKeys:
     prefix: str
     queue: str
 
-    @property
+    @cached_property
     def base(self) -> str:
         return f"{self.prefix}:{{{self.queue}}}"
 
-    @property
+    @cached_property
     def slot(self) -> int:
         return keyslot(self.base)
 
-    @property
+    @cached_property
     def pending(self) -> str:
         """List of ids ready to run; producers push on the left, workers take from the right."""
         return f"{self.base}:pending"
 
-    @property
+    @cached_property
     def scheduled(self) -> str:
         """Sorted set: id -> time (ms) at which the task becomes pending."""
         return f"{self.base}:scheduled"
 
-    @property
+    @cached_property
     def retry(self) -> str:
         """Sorted set: id -> time (ms) of the next attempt after a failure."""
         return f"{self.base}:retry"
 
-    @property
+    @cached_property
     def active(self) -> str:
         """Sorted set: id -> lease expiry (ms) of tasks that a worker holds."""
         return f"{self.base}:active"
 
-    @property
+    @cached_property
     def archived(self) -> str:
         """Sorted set (dead letters): id -> time (ms) the task was archived."""
         return f"{self.base}:archived"
 
-    @property
+    @cached_property
     def completed(self) -> str:
         """Sorted set: id -> time (ms) until which a completed task is kept."""
         return f"{self.base}:completed"
 
-    @property
+    @cached_property
     def done(self) -> str:
         """Sorted set: ids of tasks deleted on success -> until when (ms) an enqueue with
         the same id is still answered "already enqueued" (retried enqueues stay safe)."""
         return f"{self.base}:done"
 
-    @property
+    @cached_property
     def tasks(self) -> str:
         """Hash: task id -> record (see :mod:`clusterq.task`)."""
         return f"{self.base}:tasks"
 
-    @property
+    @cached_property
     def leases(self) -> str:
         """Hash: task id -> fencing token of the worker that holds it (active tasks only)."""
         return f"{self.base}:leases"
 
-    @property
+    @cached_property
     def results(self) -> str:
         """Hash: task id -> encoded result of a completed task kept for its retention."""
         return f"{self.base}:results"
 
-    @property
+    @cached_property
     def paused(self) -> str:
         """Present while the queue is paused."""
         return f"{self.base}:paused"
 
-    @property
+    @cached_property
     def stats(self) -> str:
         """Hash of counters: processed, failed."""
         return f"{self.base}:stats"

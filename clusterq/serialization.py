@@ -7,6 +7,7 @@ payload can make a worker run code.
 from __future__ import annotations
 
 import json
+import json.encoder
 from typing import Any, Protocol
 
 from clusterq.errors import ClusterqError
@@ -28,13 +29,39 @@ class Codec(Protocol):
 
 
 #: Built once: json.dumps() with options builds an encoder per call.
-_JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _JSON_DECODE = json.JSONDecoder().decode
 
 
+def _unsupported(value: Any) -> Any:
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
+
+
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:
+    # CPython's C encoder, made once (JSONEncoder.encode makes one per call, which costs
+    # more than encoding a small payload). No cycle markers: a shared table would keep
+    # stale entries after an error; a cyclic value ends in RecursionError instead.
+    _C_ENCODE = _c_make_encoder(
+        None, _unsupported, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def _json_text(value: Any) -> str:
+        return "".join(_C_ENCODE(value, 0))
+
+else:  # pragma: no cover - other Pythons
+
+    def _json_text(value: Any) -> str:
+        return _JSON_ENCODER.encode(value)
+
+
 def json_bytes(value: Any) -> bytes:
-    """Compact UTF-8 JSON (no NaN or infinities)."""
-    return _JSON_ENCODE(value).encode()
+    """Compact UTF-8 JSON (no NaN or infinities). Raises TypeError or ValueError for
+    what JSON cannot hold, ValueError for a cyclic value."""
+    try:
+        return _json_text(value).encode()
+    except RecursionError:
+        raise ValueError("value is nested too deeply or contains itself") from None
 
 
 def json_value(data: bytes | str) -> Any:

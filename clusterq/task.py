@@ -85,7 +85,7 @@ class Record:
             fields["err"] = self.last_error
         if self.failed_ms is not None:
             fields["fa"] = self.failed_ms
-        return _with_enqueued(json_bytes(fields), self.enqueued_ms)
+        return json_bytes(fields)[:-1] + b',"e":%d}' % self.enqueued_ms  # last, as in record_head
 
     def encode(self) -> bytes:
         return self.meta() + b"\n" + self.payload
@@ -140,17 +140,11 @@ def _meta_fields(
     return meta
 
 
-def _with_enqueued(meta_json: bytes, enqueued_ms: int) -> bytes:
-    """Add the enqueue time as the last field of a meta JSON object."""
-    return meta_json[:-1] + b',"e":%d}' % enqueued_ms
-
-
 _META_CACHE: dict[tuple[Any, ...], bytes] = {}
 
 
-def new_record(
+def record_head(
     type: str,
-    payload: bytes,
     *,
     codec: str = "json",
     max_retry: int = 25,
@@ -160,9 +154,9 @@ def new_record(
     unique_key: str | None = None,
     retention_ms: int | None = None,
 ) -> bytes:
-    """The encoded record of a new task: what ``Record(...).encode()`` gives, without
-    building a Record, and with the meta JSON of tasks that differ only in their enqueue
-    time encoded once."""
+    """The encoded record of a new task up to its payload: ``head + payload`` is what
+    ``Record(...).encode()`` gives. Tasks that differ only in their enqueue time share
+    one cached meta JSON."""
     key = (type, codec, max_retry, timeout_ms, deadline_ms, unique_key, retention_ms)
     meta = _META_CACHE.get(key)
     if meta is None:
@@ -171,7 +165,7 @@ def new_record(
             if len(_META_CACHE) >= 1024:
                 _META_CACHE.clear()
             _META_CACHE[key] = meta
-    return _with_enqueued(meta, enqueued_ms) + b"\n" + payload
+    return meta[:-1] + b',"e":%d}\n' % enqueued_ms  # the enqueue time is the last field
 
 
 @dataclass(frozen=True)

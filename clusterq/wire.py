@@ -27,7 +27,7 @@ import collections
 import contextlib
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -82,14 +82,19 @@ class NodeClient(redis.Redis):
         self._spare.append(conn)
         return reply
 
-    def fast_pipeline(self, commands: Sequence[Command]) -> list[Any]:
+    def fast_pipeline(
+        self, commands: Sequence[Command], meanwhile: Callable[[], object] | None = None
+    ) -> list[Any]:
         """Send several commands at once (no transaction); error replies are returned in
-        place of their replies, connection errors are raised."""
+        place of their replies, connection errors are raised. ``meanwhile()`` runs after
+        the commands are sent, before the replies are read."""
         conn = self._take()
         out: list[Any] = []
         try:
             packed = b"".join(pack(c) for c in commands)
             conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
+            if meanwhile is not None:
+                meanwhile()
             for _ in commands:
                 try:
                     out.append(conn.read_response())

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import redis
 
 from clusterq import (
     AsyncClient,
@@ -361,6 +362,46 @@ def test_enqueue_many_pipelines_per_slot(url: str, prefix: str) -> None:
     with Inspector(url, prefix=prefix) as inspector:
         sizes = {q.queue: q.pending for q in inspector.queues()}
     assert sizes == {"images": 1501, "webhooks": 700}
+
+
+def test_enqueue_retried_after_a_lost_reply_creates_each_task_once(
+    url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt of an enqueue skips the existence checks (its ids are new); a
+    retry must not: here the server runs every first attempt but its reply is lost."""
+    from clusterq import wire
+
+    lost: list[str] = []
+    fast, fast_pipeline = wire.NodeClient.fast, wire.NodeClient.fast_pipeline
+
+    def lose_first(kind: str, reply: Any) -> Any:
+        if kind not in lost:
+            lost.append(kind)
+            raise redis.ConnectionError("reply lost (test)")
+        return reply
+
+    def fast_losing(self: wire.NodeClient, *args: Any) -> Any:
+        reply = fast(self, *args)
+        return lose_first("one", reply) if args[0] == "EVALSHA" else reply
+
+    def pipeline_losing(self: wire.NodeClient, commands: Any, meanwhile: Any = None) -> Any:
+        replies = fast_pipeline(self, commands, meanwhile)
+        return lose_first("many", replies) if commands[0][0] == "EVALSHA" else replies
+
+    monkeypatch.setattr(wire.NodeClient, "fast", fast_losing)
+    monkeypatch.setattr(wire.NodeClient, "fast_pipeline", pipeline_losing)
+    with Client(url, prefix=prefix) as client:
+        client.register_queues(["images", "webhooks"])
+        one = client.enqueue("lossy", {"n": 1}, queue="images")
+        many = client.enqueue_many([("lossy", {"i": i}) for i in range(700)], queue="images")
+        later = client.enqueue_many([("lossy", {})] * 3, queue="webhooks", process_in=60)
+    assert lost == ["one", "many"]
+    assert (one.already_enqueued, one.state) == (True, TaskState.PENDING)
+    assert {i.already_enqueued for i in many} == {True}
+    assert {(i.already_enqueued, i.state) for i in later} == {(False, TaskState.SCHEDULED)}
+    with Inspector(url, prefix=prefix) as inspector:
+        counts = {q.queue: (q.pending, q.scheduled) for q in inspector.queues()}
+    assert counts == {"images": (701, 0), "webhooks": (0, 3)}
 
 
 def test_weighted_priority(url: str, prefix: str) -> None:

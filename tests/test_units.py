@@ -146,3 +146,22 @@ def test_durability_commands() -> None:
     assert durability_commands("aof", 2) == [("WAITAOF", 1, 1, 2000)]
     assert confirmed_replicas("replica", [1]) == 1
     assert confirmed_replicas("aof", [[1, 0]]) == 0
+
+
+def test_enqueue_call_is_fresh_on_the_first_attempt_only() -> None:
+    from clusterq.broker import enqueue
+    from clusterq.keys import KeySchema
+
+    qk = KeySchema("u").queue("q")
+    tasks = [enqueue.NewTask(f"id{i}", b"rec%d" % i, delay_ms=5, fresh=True) for i in range(2)]
+    first = enqueue.call(qk, tasks)
+    assert first[2] == [0, 1, 5, 0, "id0", b"rec0", "id1", b"rec1"]
+    attempts = enqueue.Attempts([first])
+    assert attempts.next() == [first]
+    ((_, keys, checked),) = attempts.next()
+    assert keys == first[1]
+    assert checked == [0, 0, "id0", 5, 0, 0, 1, b"rec0", "id1", 5, 0, 0, 1, b"rec1"]
+    given = enqueue.NewTask("mine", b"rec")  # an id from the caller: always checked
+    assert enqueue.call(qk, [tasks[0], given], durable=True)[2][:2] == [1, 0]
+    mixed = [tasks[0], enqueue.NewTask("x", b"r", delay_ms=9, fresh=True)]
+    assert enqueue.call(qk, mixed)[2][1] == 0  # one delay per fresh call

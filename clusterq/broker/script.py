@@ -9,7 +9,7 @@ that the ``WAIT`` covers the call's writes and holds up nothing else.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -62,7 +62,11 @@ Call = tuple[LuaScript, Sequence[Any], Sequence[Any]]
 
 
 def run_pipelined(
-    client: NodeClient, calls: Sequence[Call], after: Sequence[Sequence[Any]] = ()
+    client: NodeClient,
+    calls: Sequence[Call],
+    after: Sequence[Sequence[Any]] = (),
+    *,
+    meanwhile: Callable[[], object] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """Run several script calls on one node in one round trip (no transaction), then the
     commands in ``after`` (``WAIT``...) on the same connection.
@@ -70,14 +74,15 @@ def run_pipelined(
     Calls answered ``NOSCRIPT`` did not run; their scripts are loaded on that node and
     just those calls are sent again, followed by ``after`` again. Other errors are
     returned in place of replies. Returns (script replies, replies to ``after`` from the
-    last round).
+    last round). ``meanwhile`` is called once the commands are sent, before the replies
+    are read: the caller's own work, done while the server runs the scripts.
     """
     replies: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
     tail: list[Any] = []
     for _ in range(2):
         commands = [calls[i][0].command(calls[i][1], calls[i][2]) for i in todo]
-        answers = client.fast_pipeline([*commands, *after])
+        answers = client.fast_pipeline([*commands, *after], meanwhile=meanwhile)
         tail = answers[len(todo) :]
         missing = _settle(todo, answers, replies)
         if not missing:
