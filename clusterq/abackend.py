@@ -76,7 +76,8 @@ class AsyncBackend:
         self._topo_clients: dict[Addr, AsyncNodeClient] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._closing = False
-        self._moved: dict[int, Addr] = {}
+        #: slot -> master: from MOVED, or looked up in the topology (cleared on refresh).
+        self._route: dict[int, Addr] = {}
         self._last_refresh = 0.0
         self._refreshing: asyncio.Task[list[topo.TopologyEvent]] | None = None
         self._listeners: list[TopologyListener] = []
@@ -130,13 +131,13 @@ class AsyncBackend:
         return client
 
     def master_addr(self, slot: int) -> Addr:
-        moved = self._moved.get(slot)
-        if moved is not None:
-            return moved
-        master = self.topology.master_for_slot(slot)
-        if master is None:
-            raise TopologyError(f"no master owns slot {slot}")
-        return master.address
+        addr = self._route.get(slot)
+        if addr is None:
+            master = self.topology.master_for_slot(slot)
+            if master is None:
+                raise TopologyError(f"no master owns slot {slot}")
+            addr = self._route[slot] = master.address
+        return addr
 
     async def aclose(self) -> None:
         self._closing = True
@@ -225,7 +226,7 @@ class AsyncBackend:
         old = self.topology
         new = await self._read_topology(refresh_candidates(old, self.url.seeds, avoid))
         self.topology = new
-        self._moved.clear()
+        self._route.clear()
         events = topo.diff(old, new, self._known_queues)
         if events:
             for addr in replaced_nodes(events):
@@ -275,7 +276,7 @@ class AsyncBackend:
                     hops += 1
                     target = moved_target(exc)
                     if target is not None:
-                        self._moved[target[0]] = target[1]
+                        self._route[target[0]] = target[1]
                     continue
                 if time.monotonic() >= deadline:
                     self.refresh_soon(avoid=addr)

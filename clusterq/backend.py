@@ -154,7 +154,8 @@ class Backend:
         self._clients: dict[Addr, NodeClient] = {}
         self._topo_clients: dict[Addr, NodeClient] = {}
         self._lock = threading.Lock()
-        self._moved: dict[int, Addr] = {}
+        #: slot -> master: from MOVED, or looked up in the topology (cleared on refresh).
+        self._route: dict[int, Addr] = {}
         self._last_refresh = 0.0
         self._listeners: list[TopologyListener] = []
         self._known_queues: set[str] = set()
@@ -174,13 +175,13 @@ class Backend:
         return client
 
     def master_addr(self, slot: int) -> Addr:
-        moved = self._moved.get(slot)
-        if moved is not None:
-            return moved
-        master = self.topology.master_for_slot(slot)
-        if master is None:
-            raise TopologyError(f"no master owns slot {slot}")
-        return master.address
+        addr = self._route.get(slot)
+        if addr is None:
+            master = self.topology.master_for_slot(slot)
+            if master is None:
+                raise TopologyError(f"no master owns slot {slot}")
+            addr = self._route[slot] = master.address
+        return addr
 
     def close(self) -> None:
         with self._lock:
@@ -241,14 +242,14 @@ class Backend:
         old = self.topology
         new = self._read_topology(refresh_candidates(old, self.url.seeds, avoid))
         self.topology = new
-        self._moved.clear()
+        self._route.clear()
         events = topo.diff(old, new, self._known_queues)
         if events:
             for addr in replaced_nodes(events):
                 with self._lock:
                     stale = self._clients.pop(addr, None)
                 if stale is not None:
-                    stale.connection_pool.disconnect()
+                    stale.drop_connections()
             for event in events:
                 log.debug("topology: %s", event.describe())
             for listener in list(self._listeners):
@@ -280,7 +281,7 @@ class Backend:
                     hops += 1
                     target = moved_target(exc)
                     if target is not None:
-                        self._moved[target[0]] = target[1]
+                        self._route[target[0]] = target[1]
                     continue
                 with contextlib.suppress(ConnectionFailed):
                     self.refresh_topology(force=False, avoid=addr)

@@ -27,7 +27,7 @@ import redis.asyncio
 from clusterq.abackend import AsyncBackend
 from clusterq.backend import DEFAULT_RETRY_TIMEOUT, Backend
 from clusterq.broker import enqueue as enqueue_script
-from clusterq.broker.script import Call, arun_pipelined, first_error, run_pipelined
+from clusterq.broker.script import Transaction, arun_pipelined, first_error, run_pipelined
 from clusterq.connection import DEFAULT_URL, Addr, Mode, RedisURL, command, format_addr
 from clusterq.errors import (
     ConfigError,
@@ -41,10 +41,18 @@ from clusterq.keys import DEFAULT_PREFIX, KeySchema, QueueKeys, validate_task_id
 from clusterq.serialization import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     PayloadError,
-    encode_limited,
     get_codec,
+    too_large,
 )
-from clusterq.task import STATES, Record, TaskInfo, TaskState, ms_to_s, record_head
+from clusterq.task import (
+    STATES,
+    Record,
+    TaskInfo,
+    TaskState,
+    ms_to_s,
+    record_meta,
+    with_enqueued,
+)
 from clusterq.wire import AsyncNodeClient, NodeClient
 
 log = logging.getLogger("clusterq.client")
@@ -179,10 +187,11 @@ class _Template:
     due_ms: int
     #: 0 for tasks that are not unique.
     unique_ttl_ms: int
-    #: The record up to its payload; None for unique tasks (it holds the lock's key,
+    #: The record's meta JSON without its last field (the enqueue time, see
+    #: :func:`~clusterq.task.with_enqueued`); None for unique tasks (it holds the lock's key,
     #: which depends on the payload).
-    head: bytes | None
-    #: record_head()'s options, for unique tasks.
+    open: bytes | None
+    #: record_meta()'s options, for unique tasks.
     meta: dict[str, Any]
 
 
@@ -195,6 +204,8 @@ class Producer:
         self.max_payload_bytes = max_payload_bytes
         self._queues: dict[str, QueueKeys] = {}
         self._types: set[str] = set()
+        self._plain: dict[tuple[str, str, int], _Template] = {}
+        self._encode = self.codec.encode
 
     def prepare(
         self,
@@ -208,7 +219,17 @@ class Producer:
 
         ``task_id`` (default: a new random id) makes a retried enqueue safe.
         """
-        return self._one(self.template(type, **options), payload, task_id)
+        if options.keys() <= _PLAIN:  # templates of plain enqueues are kept
+            max_retry = options.get("max_retry", DEFAULT_MAX_RETRY)
+            key = (type, options.get("queue", DEFAULT_QUEUE), max_retry)
+            t = self._plain.get(key) if max_retry.__class__ is int else None
+            if t is None:
+                t = self.template(type, **options)
+                self._remember(self._plain, key, t)
+        else:
+            t = self.template(type, **options)
+        now_ms = int(time.time() * 1000)
+        return self._one(t, payload, task_id, now_ms, _head(t, now_ms))
 
     def template(
         self,
@@ -222,7 +243,6 @@ class Producer:
         deadline: datetime | float | None = None,
         unique_for: float | timedelta | None = None,
         retention: float | timedelta | None = None,
-        enqueued_ms: int | None = None,
     ) -> _Template:
         """Check the options of an enqueue of ``type``.
 
@@ -230,16 +250,13 @@ class Producer:
         delay the task; ``timeout`` limits one attempt; ``deadline`` is when the task
         must no longer run; ``unique_for`` refuses an identical task (same type,
         payload and queue) for that long; ``retention`` keeps the completed task and its
-        result that long. ``enqueued_ms`` (default: now) lets a batch share one clock
-        reading.
+        result that long.
         """
         qk = self._queue_keys(queue)
         if type not in self._types:
             self._remember(self._types, validate_task_type(type))
         if max_retry.__class__ is not int or max_retry < 0:  # bool is not a count either
             raise ValueError(f"max_retry must be a non-negative integer, got {max_retry!r}")
-        if enqueued_ms is None:
-            enqueued_ms = int(time.time() * 1000)
         codec = self.codec.name
         if (
             process_in is None
@@ -249,8 +266,8 @@ class Producer:
             and unique_for is None
             and retention is None
         ):  # the common case, kept short
-            head = record_head(type, codec=codec, max_retry=max_retry, enqueued_ms=enqueued_ms)
-            return _Template(queue, qk, type, max_retry, None, None, 0, 0, 0, head, {})
+            plain = record_meta(type, codec=codec, max_retry=max_retry)
+            return _Template(queue, qk, type, max_retry, None, None, 0, 0, 0, plain, {})
         if process_in is not None and process_at is not None:
             raise ValueError("give process_in or process_at, not both")
         delay = _seconds(process_in, "process_in") or 0.0
@@ -261,7 +278,6 @@ class Producer:
         meta: dict[str, Any] = {
             "codec": codec,
             "max_retry": max_retry,
-            "enqueued_ms": enqueued_ms,
             "timeout_ms": _ms(timeout_s),
             "deadline_ms": _ms(deadline_s),
             "retention_ms": _ms(_seconds(retention, "retention") or None),
@@ -276,19 +292,30 @@ class Producer:
             int(delay * 1000),
             int(due * 1000) if due is not None else 0,
             int((unique_s or 0) * 1000),
-            None if unique_s else record_head(type, **meta),
+            None if unique_s else record_meta(type, **meta),
             meta,
         )
 
-    def _one(self, t: _Template, payload: Any, task_id: str | None) -> PreparedEnqueue:
-        data = encode_limited(self.codec, payload, self.max_payload_bytes)
+    def _one(
+        self,
+        t: _Template,
+        payload: Any,
+        task_id: str | None,
+        enqueued_ms: int,
+        head: bytes | None,
+    ) -> PreparedEnqueue:
+        """``head``: ``_head(t, enqueued_ms)``, made once for a batch."""
+        data = self._encode(payload)
+        if len(data) > self.max_payload_bytes:
+            raise too_large(len(data), self.max_payload_bytes)
         unique_key = None
-        if t.head is not None:
-            record = t.head + data
+        if head is not None:
+            record = head + data
         else:
             digest = hashlib.sha256(t.type.encode() + b"\0" + data).hexdigest()
             unique_key = t.qk.unique(digest[:32])
-            record = record_head(t.type, unique_key=unique_key, **t.meta) + data
+            meta = record_meta(t.type, unique_key=unique_key, **t.meta)
+            record = with_enqueued(meta, enqueued_ms) + data
         fresh = task_id is None and unique_key is None
         task_id = new_task_id() if task_id is None else validate_task_id(task_id)
         new = enqueue_script.NewTask(
@@ -306,7 +333,7 @@ class Producer:
         return qk
 
     @staticmethod
-    def _remember(cache: Any, key: str, value: Any = None) -> None:
+    def _remember(cache: Any, key: Any, value: Any = None) -> None:
         """Cache what passed validation (bounded: names could come from user input)."""
         if len(cache) >= 4096:
             cache.clear()
@@ -321,8 +348,8 @@ class Producer:
         """Check and encode a batch; all of it or (on the first bad item) nothing."""
         options = dict(defaults)
         task_id = options.pop("task_id", None)
-        options["enqueued_ms"] = int(time.time() * 1000)  # one clock reading per batch
-        templates: dict[str, _Template] = {}  # per type: the options are checked once
+        now_ms = int(time.time() * 1000)  # one clock reading per batch
+        templates: dict[str, tuple[_Template, bytes | None]] = {}  # checked once per type
         one = self._one
         out = []
         for item in items:
@@ -336,31 +363,47 @@ class Producer:
                 task_type, payload = item.type, item.payload
             else:
                 task_type, payload = item
-            t = templates.get(task_type)
-            if t is None:
-                t = templates[task_type] = self.template(task_type, **options)
-            out.append(one(t, payload, task_id))
+            known = templates.get(task_type)
+            if known is None:
+                t = self.template(task_type, **options)
+                known = templates[task_type] = (t, _head(t, now_ms))
+            out.append(one(known[0], payload, task_id, now_ms, known[1]))
         return out
 
 
-def plan_batches(
-    prepared: Sequence[PreparedEnqueue], *, durable: bool = False
-) -> dict[int, list[tuple[list[int], Call]]]:
-    """Group enqueues by slot into script calls of at most MAX_BATCH tasks each.
+def _head(t: _Template, enqueued_ms: int) -> bytes | None:
+    return None if t.open is None else with_enqueued(t.open, enqueued_ms)
 
-    Returns slot -> [(indexes into ``prepared``, call)]: one pipeline per slot.
+
+_PLAIN = frozenset(("queue", "max_retry"))
+
+
+#: Indexes into the prepared enqueues of one group, and that group's queue and tasks.
+Batch = tuple[list[int], QueueKeys, list[enqueue_script.NewTask]]
+
+
+def plan_batches(prepared: Sequence[PreparedEnqueue]) -> dict[int, list[Batch]]:
+    """Group enqueues by slot into batches of one queue and at most MAX_BATCH tasks.
+
+    Returns slot -> batches: one pipeline per slot, one step (script call or
+    transaction) per batch.
     """
     by_queue: dict[str, list[int]] = defaultdict(list)
     for index, item in enumerate(prepared):
         by_queue[item.queue].append(index)
-    plan: dict[int, list[tuple[list[int], Call]]] = defaultdict(list)
+    plan: dict[int, list[Batch]] = defaultdict(list)
     for indexes in by_queue.values():
         qk = prepared[indexes[0]].qk
         for start in range(0, len(indexes), enqueue_script.MAX_BATCH):
             chunk = indexes[start : start + enqueue_script.MAX_BATCH]
-            call = enqueue_script.call(qk, [prepared[i].new for i in chunk], durable=durable)
-            plan[qk.slot].append((chunk, call))
+            plan[qk.slot].append((chunk, qk, [prepared[i].new for i in chunk]))
     return plan
+
+
+def _attempts(batches: list[Batch], level: Durability) -> enqueue_script.Attempts:
+    return enqueue_script.Attempts(
+        [(qk, tasks) for _, qk, tasks in batches], durable=level != "none"
+    )
 
 
 def _raise_first(replies: Sequence[Any]) -> list[Any]:
@@ -409,9 +452,12 @@ def confirmed_replicas(level: Durability, tail: Sequence[Any]) -> int | None:
     return int(reply)
 
 
-def _one_info(prepared: PreparedEnqueue, reply: Any) -> TaskInfo:
+def _one_info(prepared: PreparedEnqueue, attempts: enqueue_script.Attempts, reply: Any) -> TaskInfo:
     info = prepared.guess()
-    outcome = enqueue_script.parse(reply, 1)[0]
+    step = attempts.sent[0]
+    if isinstance(step, Transaction):  # created, as guessed
+        return info
+    outcome = enqueue_script.parse(step, reply, 1)[0]
     if outcome is not enqueue_script.CREATED or info.state is not TaskState.PENDING:
         prepared.settle(info, outcome, raise_duplicate=True)
     return info
@@ -420,16 +466,17 @@ def _one_info(prepared: PreparedEnqueue, reply: Any) -> TaskInfo:
 def _settle(
     infos: list[TaskInfo],
     prepared: Sequence[PreparedEnqueue],
-    batches: list[tuple[list[int], Call]],
+    batches: list[Batch],
+    attempts: enqueue_script.Attempts,
     replies: Sequence[Any],
     replicas: int | None,
     raise_duplicate: bool,
 ) -> None:
-    """Apply the script replies to the guessed TaskInfos."""
+    """Apply the replies (to the steps of the latest attempt) to the guessed TaskInfos."""
     created = enqueue_script.CREATED
     pending = TaskState.PENDING
-    for (indexes, _), reply in zip(batches, replies, strict=True):
-        outcomes = enqueue_script.parse(reply, len(indexes))
+    for (indexes, _, _), step, reply in zip(batches, attempts.sent, replies, strict=True):
+        outcomes = enqueue_script.parse(step, reply, len(indexes))
         for index, outcome in zip(indexes, outcomes, strict=True):
             info = infos[index]
             if outcome is not created or info.state is not pending:
@@ -442,12 +489,12 @@ def _require(
     level: Durability,
     replicas: int | None,
     prepared: Sequence[PreparedEnqueue],
-    batches: list[tuple[list[int], Call]],
+    batches: list[Batch],
     where: Addr,
     timeout: float,
 ) -> None:
     if replicas is not None and replicas < 1:
-        ids = [prepared[i].new.id for indexes, _ in batches for i in indexes]
+        ids = [prepared[i].new.id for indexes, _, _ in batches for i in indexes]
         shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
         raise DurabilityError(
             f"{len(ids)} task(s) written to {format_addr(where)} but no replica confirmed "
@@ -632,9 +679,9 @@ class Client(_Base):
         level = durability or self.durability
         if level != "none":
             return self._send([prepared], level, raise_duplicate=True)[0]
-        attempts = enqueue_script.Attempts([enqueue_script.call(prepared.qk, [prepared.new])])
+        attempts = enqueue_script.Attempts([(prepared.qk, [prepared.new])], durable=False)
         reply = self.backend.execute(prepared.qk.slot, attempts.run)
-        return _one_info(prepared, reply)
+        return _one_info(prepared, attempts, reply)
 
     def enqueue_many(
         self,
@@ -663,8 +710,8 @@ class Client(_Base):
                 infos.extend([p.guess() for p in prepared])
 
         after = durability_commands(level, self.durability_timeout)
-        for slot, batches in plan_batches(prepared, durable=level != "none").items():
-            attempts = enqueue_script.Attempts([call for _, call in batches])
+        for slot, batches in plan_batches(prepared).items():
+            attempts = _attempts(batches, level)
 
             def run(
                 client: NodeClient, attempts: enqueue_script.Attempts = attempts
@@ -676,7 +723,7 @@ class Client(_Base):
 
             replies, replicas = self.backend.execute(slot, run)
             guess()
-            _settle(infos, prepared, batches, replies, replicas, raise_duplicate)
+            _settle(infos, prepared, batches, attempts, replies, replicas, raise_duplicate)
             where = self.backend.master_addr(slot)
             _require(level, replicas, prepared, batches, where, self.durability_timeout)
         return infos
@@ -824,9 +871,9 @@ class AsyncClient(_Base):
         level = durability or self.durability
         if level != "none":
             return (await self._send([prepared], level, raise_duplicate=True))[0]
-        attempts = enqueue_script.Attempts([enqueue_script.call(prepared.qk, [prepared.new])])
+        attempts = enqueue_script.Attempts([(prepared.qk, [prepared.new])], durable=False)
         reply = await self.backend.execute(prepared.qk.slot, attempts.arun)
-        return _one_info(prepared, reply)
+        return _one_info(prepared, attempts, reply)
 
     async def enqueue_many(
         self,
@@ -846,8 +893,8 @@ class AsyncClient(_Base):
         infos = [p.guess() for p in prepared]
         after = durability_commands(level, self.durability_timeout)
 
-        async def send(slot: int, batches: list[tuple[list[int], Call]]) -> None:
-            attempts = enqueue_script.Attempts([call for _, call in batches])
+        async def send(slot: int, batches: list[Batch]) -> None:
+            attempts = _attempts(batches, level)
 
             async def run(client: AsyncNodeClient) -> tuple[list[Any], int | None]:
                 # See Client._send: the durability check is part of the retried call.
@@ -855,11 +902,11 @@ class AsyncClient(_Base):
                 return _raise_first(replies), confirmed_replicas(level, tail)
 
             replies, replicas = await self.backend.execute(slot, run)
-            _settle(infos, prepared, batches, replies, replicas, raise_duplicate)
+            _settle(infos, prepared, batches, attempts, replies, replicas, raise_duplicate)
             where = self.backend.master_addr(slot)
             _require(level, replicas, prepared, batches, where, self.durability_timeout)
 
-        plan = plan_batches(prepared, durable=level != "none")
+        plan = plan_batches(prepared)
         await asyncio.gather(*(send(s, b) for s, b in plan.items()))
         return infos
 

@@ -85,7 +85,7 @@ class Record:
             fields["err"] = self.last_error
         if self.failed_ms is not None:
             fields["fa"] = self.failed_ms
-        return json_bytes(fields)[:-1] + b',"e":%d}' % self.enqueued_ms  # last, as in record_head
+        return json_bytes(fields)[:-1] + b',"e":%d}' % self.enqueued_ms  # last, as in with_enqueued
 
     def encode(self) -> bytes:
         return self.meta() + b"\n" + self.payload
@@ -143,29 +143,33 @@ def _meta_fields(
 _META_CACHE: dict[tuple[Any, ...], bytes] = {}
 
 
-def record_head(
+def record_meta(
     type: str,
     *,
     codec: str = "json",
     max_retry: int = 25,
-    enqueued_ms: int = 0,
     timeout_ms: int | None = None,
     deadline_ms: int | None = None,
     unique_key: str | None = None,
     retention_ms: int | None = None,
 ) -> bytes:
-    """The encoded record of a new task up to its payload: ``head + payload`` is what
-    ``Record(...).encode()`` gives. Tasks that differ only in their enqueue time share
-    one cached meta JSON."""
+    """The meta JSON of a new task's record, open: without its last field, the enqueue
+    time, which :func:`with_enqueued` adds. Cached for tasks that share all of it."""
     key = (type, codec, max_retry, timeout_ms, deadline_ms, unique_key, retention_ms)
     meta = _META_CACHE.get(key)
     if meta is None:
-        meta = json_bytes(_meta_fields(*key))
+        meta = json_bytes(_meta_fields(*key))[:-1]
         if deadline_ms is None and unique_key is None:  # those vary from task to task
             if len(_META_CACHE) >= 1024:
                 _META_CACHE.clear()
             _META_CACHE[key] = meta
-    return meta[:-1] + b',"e":%d}\n' % enqueued_ms  # the enqueue time is the last field
+    return meta
+
+
+def with_enqueued(meta: bytes, enqueued_ms: int) -> bytes:
+    """A new task's record up to its payload: ``head + payload`` is what
+    ``Record(...).encode()`` gives."""
+    return meta + b',"e":%d}\n' % enqueued_ms
 
 
 @dataclass(frozen=True)

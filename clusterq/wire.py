@@ -6,9 +6,9 @@ queue sends a few commands per task, so that overhead, not Redis, would set clus
 throughput. The node clients of :mod:`clusterq.connection` are redis-py clients with two
 additions used for the scripts and simple commands of the hot path:
 
-- :class:`NodeClient` (sync) sends over a connection of its own pool that it keeps aside
-  for reuse (``fast`` / ``fast_pipeline``); redis-py still connects, authenticates and
-  parses, and closing the client or disconnecting its pool closes that connection too.
+- :class:`NodeClient` (sync) keeps blocking connections of its own for ``fast`` /
+  ``fast_pipeline`` (one per thread that uses it at once): a socket and a hiredis reader,
+  nothing else. Closing the client or :meth:`NodeClient.drop_connections` closes them.
 - :class:`AsyncNodeClient` has a :class:`Lane`: one connection that carries many
   concurrent requests (replies come back in order), writes everything asked for in one
   event-loop turn with one system call, and fails every waiting request at once when the
@@ -25,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import hiredis
@@ -53,33 +55,158 @@ def _reader() -> hiredis.Reader:
 # ----------------------------------------------------------------------- synchronous
 
 
+@dataclass(frozen=True)
+class _Endpoint:
+    """Where and how the fast path connects (from the redis-py client's settings)."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int
+    ssl_context: ssl.SSLContext | None
+    socket_timeout: float | None
+    connect_timeout: float | None
+
+    @classmethod
+    def of(cls, kwargs: dict[str, Any]) -> _Endpoint:
+        return cls(
+            kwargs.get("host", "localhost"),
+            int(kwargs.get("port", 6379)),
+            kwargs.get("username"),
+            kwargs.get("password"),
+            int(kwargs.get("db", 0)),
+            _ssl_context(kwargs),
+            kwargs.get("socket_timeout"),
+            kwargs.get("socket_connect_timeout"),
+        )
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def handshake(self) -> list[Command]:
+        out: list[Command] = []
+        if self.password is not None:
+            if self.username:
+                out.append(("AUTH", self.username, self.password))
+            else:
+                out.append(("AUTH", self.password))
+        if self.db:
+            out.append(("SELECT", self.db))
+        return out
+
+
+class _Wire:
+    """One blocking connection of the fast path: hiredis packs and parses, nothing else
+    sits between the caller and the socket. A connection error closes it (a reply may
+    be in flight); the next use of a closed one raises."""
+
+    def __init__(self, endpoint: _Endpoint) -> None:
+        self.where = endpoint.where
+        try:
+            sock = socket.create_connection(
+                (endpoint.host, endpoint.port), timeout=endpoint.connect_timeout
+            )
+        except OSError as exc:
+            raise redis.ConnectionError(f"Error connecting to {self.where}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if endpoint.ssl_context is not None:
+            try:
+                sock = endpoint.ssl_context.wrap_socket(sock, server_hostname=endpoint.host)
+            except OSError as exc:
+                sock.close()
+                raise redis.ConnectionError(f"TLS to {self.where} failed: {exc}") from exc
+        sock.settimeout(endpoint.socket_timeout)
+        self.sock: socket.socket | None = sock
+        self.reader = _reader()
+        for command in endpoint.handshake():
+            (reply,) = self.roundtrip(pack(command), 1)
+            if isinstance(reply, Exception):
+                self.close()
+                raise redis.AuthenticationError(f"{self.where}: {reply}")
+
+    def roundtrip(self, packed: bytes, count: int) -> list[Any]:
+        """Send, then read ``count`` replies (error replies in place of theirs)."""
+        self.send(packed)
+        return self.read(count)
+
+    def send(self, packed: bytes) -> None:
+        sock = self._sock()
+        try:
+            sock.sendall(packed)
+        except TimeoutError as exc:  # socket.timeout
+            self.close()
+            raise redis.TimeoutError(f"{self.where}: sending timed out") from exc
+        except OSError as exc:
+            self.close()
+            raise redis.ConnectionError(f"connection to {self.where}: {exc}") from exc
+
+    def read(self, count: int) -> list[Any]:
+        """Read ``count`` replies (error replies in place of theirs)."""
+        sock = self._sock()
+        reader = self.reader
+        out: list[Any] = []
+        try:
+            while len(out) < count:
+                reply = reader.gets()
+                if reply is _MORE:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise redis.ConnectionError(f"connection to {self.where} lost")
+                    reader.feed(data)
+                else:
+                    out.append(reply)
+        except hiredis.ProtocolError as exc:
+            self.close()
+            raise redis.ConnectionError(f"protocol error from {self.where}: {exc}") from exc
+        except TimeoutError as exc:  # socket.timeout
+            self.close()
+            raise redis.TimeoutError(f"{self.where} did not answer in time") from exc
+        except OSError as exc:
+            self.close()
+            raise redis.ConnectionError(f"connection to {self.where}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+        return out
+
+    def _sock(self) -> socket.socket:
+        if self.sock is None:
+            raise redis.ConnectionError(f"connection to {self.where} closed")
+        return self.sock
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
 class NodeClient(redis.Redis):
-    """A redis-py client of one node with a fast path for the commands clusterq sends most."""
+    """A redis-py client of one node with a fast path for the commands clusterq sends most:
+    connections of its own (several, for callers in several threads)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._spare: list[redis.connection.Connection] = []
+        self._endpoint = _Endpoint.of(kwargs)
+        self._spare: list[_Wire] = []
 
-    def _take(self) -> redis.connection.Connection:
+    def _roundtrip(self, packed: bytes, count: int) -> list[Any]:
         try:
-            return self._spare.pop()
+            wire = self._spare.pop()
         except IndexError:
-            return self.connection_pool.get_connection()
+            wire = _Wire(self._endpoint)
+        out = wire.roundtrip(packed, count)  # on an error it is closed and left out
+        self._spare.append(wire)
+        return out
 
     def fast(self, *args: Any) -> Any:
         """Send one command, return its raw reply (an error reply is raised)."""
-        conn = self._take()
-        try:
-            conn.send_packed_command([pack(args)], check_health=False)  # type: ignore[no-untyped-call]
-            reply = conn.read_response()
-        except redis.ResponseError:
-            self._spare.append(conn)
-            raise
-        except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # a reply may be in flight
-            self._spare.append(conn)
-            raise
-        self._spare.append(conn)
+        (reply,) = self._roundtrip(pack(args), 1)
+        if isinstance(reply, Exception):
+            raise reply
         return reply
 
     def fast_pipeline(
@@ -88,27 +215,34 @@ class NodeClient(redis.Redis):
         """Send several commands at once (no transaction); error replies are returned in
         place of their replies, connection errors are raised. ``meanwhile()`` runs after
         the commands are sent, before the replies are read."""
-        conn = self._take()
-        out: list[Any] = []
+        packed = b"".join([pack(c) for c in commands])
+        if meanwhile is None:
+            return self._roundtrip(packed, len(commands))
         try:
-            packed = b"".join(pack(c) for c in commands)
-            conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
-            if meanwhile is not None:
-                meanwhile()
-            for _ in commands:
-                try:
-                    out.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    out.append(exc)
+            wire = self._spare.pop()
+        except IndexError:
+            wire = _Wire(self._endpoint)
+        wire.send(packed)  # the replies wait in the socket meanwhile
+        try:
+            meanwhile()
         except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            self._spare.append(conn)
+            wire.close()
             raise
-        self._spare.append(conn)
+        out = wire.read(len(commands))
+        self._spare.append(wire)
         return out
 
+    def drop_connections(self) -> None:
+        """Close every connection (for a client no longer used)."""
+        spare, self._spare = self._spare, []
+        for wire in spare:
+            wire.close()
+        self.connection_pool.disconnect()
+
     def close(self) -> None:
-        self._spare.clear()
+        spare, self._spare = self._spare, []
+        for wire in spare:
+            wire.close()
         super().close()
 
 
@@ -213,27 +347,9 @@ class _LaneProtocol(asyncio.Protocol):
 class Lane:
     """One multiplexed connection to a node, (re)connected on demand."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        db: int = 0,
-        ssl_context: ssl.SSLContext | None = None,
-        socket_timeout: float | None = None,
-        connect_timeout: float | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.where = f"{host}:{port}"
-        self.username = username
-        self.password = password
-        self.db = db
-        self.ssl_context = ssl_context
-        self.socket_timeout = socket_timeout
-        self.connect_timeout = connect_timeout
+    def __init__(self, endpoint: _Endpoint) -> None:
+        self.endpoint = endpoint
+        self.where = endpoint.where
         self._proto: _LaneProtocol | None = None
         self._connecting: asyncio.Future[_LaneProtocol] | None = None
         self._closed = False
@@ -254,33 +370,27 @@ class Lane:
 
     async def _connect(self) -> _LaneProtocol:
         loop = asyncio.get_running_loop()
+        endpoint = self.endpoint
         try:
             _, proto = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _LaneProtocol(self.where, self.socket_timeout),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl_context,
+                    lambda: _LaneProtocol(self.where, endpoint.socket_timeout),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=endpoint.ssl_context,
                 ),
-                self.connect_timeout,
+                endpoint.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as exc:
             raise redis.ConnectionError(f"Error connecting to {self.where}: {exc}") from exc
-        handshake: list[Command] = []
-        if self.password is not None:
-            if self.username:
-                handshake.append(("AUTH", self.username, self.password))
-            else:
-                handshake.append(("AUTH", self.password))
-        if self.db:
-            handshake.append(("SELECT", self.db))
+        handshake = endpoint.handshake()
         try:
             for command in handshake:
                 (future,) = proto.send(pack(command))
                 await future
-        except redis.ResponseError as exc:
+        except redis.RedisError as exc:
             proto.close()
-            raise redis.AuthenticationError(str(exc)) from exc
+            raise redis.AuthenticationError(f"{self.where}: {exc}") from exc
         if self._closed:
             proto.close()
             raise redis.ConnectionError(f"connection to {self.where} closed")
@@ -338,16 +448,7 @@ class AsyncNodeClient(redis.asyncio.Redis):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lane = Lane(
-            kwargs.get("host", "localhost"),
-            int(kwargs.get("port", 6379)),
-            username=kwargs.get("username"),
-            password=kwargs.get("password"),
-            db=int(kwargs.get("db", 0)),
-            ssl_context=_ssl_context(kwargs),
-            socket_timeout=kwargs.get("socket_timeout"),
-            connect_timeout=kwargs.get("socket_connect_timeout"),
-        )
+        self.lane = Lane(_Endpoint.of(kwargs))
 
     async def fast(self, *args: Any) -> Any:
         return await self.lane.execute(*args)

@@ -148,20 +148,45 @@ def test_durability_commands() -> None:
     assert confirmed_replicas("aof", [[1, 0]]) == 0
 
 
-def test_enqueue_call_is_fresh_on_the_first_attempt_only() -> None:
+def test_enqueue_is_a_transaction_on_the_first_attempt_only() -> None:
     from clusterq.broker import enqueue
+    from clusterq.broker.script import Transaction
     from clusterq.keys import KeySchema
 
     qk = KeySchema("u").queue("q")
-    tasks = [enqueue.NewTask(f"id{i}", b"rec%d" % i, delay_ms=5, fresh=True) for i in range(2)]
-    first = enqueue.call(qk, tasks)
-    assert first[2] == [0, 1, 5, 0, "id0", b"rec0", "id1", b"rec1"]
-    attempts = enqueue.Attempts([first])
-    assert attempts.next() == [first]
-    ((_, keys, checked),) = attempts.next()
-    assert keys == first[1]
-    assert checked == [0, 0, "id0", 5, 0, 0, 1, b"rec0", "id1", 5, 0, 0, 1, b"rec1"]
-    given = enqueue.NewTask("mine", b"rec")  # an id from the caller: always checked
-    assert enqueue.call(qk, [tasks[0], given], durable=True)[2][:2] == [1, 0]
-    mixed = [tasks[0], enqueue.NewTask("x", b"r", delay_ms=9, fresh=True)]
-    assert enqueue.call(qk, mixed)[2][1] == 0  # one delay per fresh call
+    tasks = [enqueue.NewTask(f"id{i}", b"rec%d" % i, fresh=True) for i in range(2)]
+    attempts = enqueue.Attempts([(qk, tasks)], durable=False)
+    (first,) = attempts.next()
+    assert first == Transaction(
+        (["HSET", qk.tasks, "id0", b"rec0", "id1", b"rec1"], ["LPUSH", qk.pending, "id0", "id1"])
+    )
+    ((script, keys, args),) = attempts.next()  # a retry: the first may have run
+    assert script is enqueue.SCRIPT and keys[:2] == [qk.tasks, qk.pending]
+    assert args == [0, "id0", 0, 0, 0, 1, b"rec0", "id1", 0, 0, 0, 1, b"rec1"]
+    assert attempts.sent == [(script, keys, args)]
+
+    def first_step(*new: enqueue.NewTask, durable: bool = False) -> object:
+        return enqueue.Attempts([(qk, list(new))], durable=durable).next()[0]
+
+    given = enqueue.NewTask("mine", b"rec")  # an id from the caller: checked
+    delayed = enqueue.NewTask("x", b"r", delay_ms=9, fresh=True)  # the server's clock
+    for step in (
+        first_step(tasks[0], given),
+        first_step(delayed),
+        first_step(tasks[0], durable=True),
+    ):
+        assert not isinstance(step, Transaction)
+
+
+def test_new_record_heads_match_record_encode() -> None:
+    from clusterq.task import record_meta, with_enqueued
+
+    for options in (
+        {},
+        {"timeout_ms": 5},
+        {"unique_key": "k", "deadline_ms": 9, "retention_ms": 3},
+    ):
+        record = Record(type="a", payload=b"P", max_retry=3, enqueued_ms=77, **options)  # type: ignore[arg-type]
+        head = with_enqueued(record_meta("a", max_retry=3, **options), 77)  # type: ignore[arg-type]
+        assert head + b"P" == record.encode()
+        assert Record.decode(head + b"P") == record

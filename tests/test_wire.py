@@ -72,3 +72,40 @@ def test_lane_unreachable_and_late(dead_port: int, standalone: LocalServer) -> N
             await late.aclose()
 
     asyncio.run(run())
+
+
+def test_sync_wire_unreachable_late_killed_and_authenticated(
+    dead_port: int, standalone: LocalServer, prefix: str
+) -> None:
+    url = RedisURL.parse(standalone.seed_url)
+    addr = ("127.0.0.1", standalone.port)
+    with pytest.raises(redis.ConnectionError):
+        RedisURL.parse(f"redis://127.0.0.1:{dead_port}").node_client(("127.0.0.1", dead_port)).fast(
+            "PING"
+        )
+    late = url.node_client(addr, socket_timeout=0.1)
+    try:
+        with pytest.raises(redis.TimeoutError):
+            late.fast("BLPOP", f"{prefix}:none", "0.5")
+        assert late.fast("PING") == b"PONG"  # a new connection, not the late reply
+        killed = late.fast("CLIENT", "ID")
+        admin = url.node_client(addr)
+        admin.fast("CLIENT", "KILL", "ID", killed)
+        with pytest.raises(redis.ConnectionError):
+            late.fast("PING")  # the server closed it
+        assert late.fast("PING") == b"PONG"
+        # A user with a password: AUTH is sent before the first command.
+        user, password = f"{prefix}-user", "s3cret"
+        admin.fast("ACL", "SETUSER", user, "on", f">{password}", "+@all", "~*")
+        authed = RedisURL.parse(
+            f"redis://{user}:{password}@127.0.0.1:{standalone.port}"
+        ).node_client(addr)
+        assert authed.fast("ACL", "WHOAMI") == user.encode()
+        wrong = RedisURL.parse(f"redis://{user}:nope@127.0.0.1:{standalone.port}").node_client(addr)
+        with pytest.raises(redis.AuthenticationError):
+            wrong.fast("PING")
+        admin.fast("ACL", "DELUSER", user)
+        for client in (admin, authed, wrong):
+            client.close()
+    finally:
+        late.close()

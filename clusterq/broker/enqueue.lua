@@ -6,42 +6,12 @@
 -- ARGV[1] durable (1/0): the caller will WAIT for replicas after this call, so even a
 -- call that creates nothing must write (a counter): WAIT counts this connection's
 -- writes, and a later write can only be confirmed once the earlier ones are.
--- ARGV[2] fresh (1/0): every id was drawn at random (96 bits) by the client for this
--- very attempt and no task has a unique lock, so no task can have one of these ids and
--- the checks for an existing task are skipped. A retried call (the first attempt may
--- have run) is always sent with 0.
--- Fresh: ARGV[3] delay ms, ARGV[4] due at ms (0: now + delay), shared by every task;
--- ARGV[5..], two per task: id, record. Returns {'fresh', 'pending'|'scheduled'}.
--- Otherwise ARGV[3..], six per task: id, delay ms, due at ms, unique lock index into
--- KEYS (0: none), unique lock ttl ms, record. Returns two values per task:
--- {1, 'pending'|'scheduled'} created; {0, state} a task with this id exists already (a
--- retried enqueue: nothing changes); {-1, holder id} the unique lock is held by another.
-local now
-local function due_of(i)
-  local delay, due = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  if delay == 0 and due == 0 then return 0 end
-  now = now or now_ms()
-  if due == 0 then due = now + delay end
-  if due > now then return due end
-  return 0
-end
-
-if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-  local due, ids = due_of(2), {}
-  if due > 0 then
-    for i = 5, #ARGV, 2 do
-      ids[#ids + 1] = due
-      ids[#ids + 1] = ARGV[i]
-    end
-    redis.call('ZADD', KEYS[3], unpack(ids))
-    return {'fresh', 'scheduled'}
-  end
-  for i = 5, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
-  redis.call('LPUSH', KEYS[2], unpack(ids))
-  return {'fresh', 'pending'}
-end
-
+-- ARGV[2..], six per task: id, delay ms, due at ms (0: now + delay), unique lock index
+-- into KEYS (0: none), unique lock ttl ms, record
+--
+-- Returns two values per task: {1, 'pending'|'scheduled'} created; {0, state} a task
+-- with this id exists already (a retried enqueue: nothing changes); {-1, holder id} the
+-- unique lock is held by another task.
 local function state_of(id)
   if redis.call('ZSCORE', KEYS[5], id) then return 'active' end
   if redis.call('ZSCORE', KEYS[3], id) then return 'scheduled' end
@@ -51,9 +21,9 @@ local function state_of(id)
   return 'pending'
 end
 
-now = now_ms()
+local now = now_ms()
 local out, ready, existing = {}, {}, 0
-for i = 3, #ARGV, 6 do
+for i = 2, #ARGV, 6 do
   local id, uq = ARGV[i], tonumber(ARGV[i + 3])
   local gone = redis.call('ZSCORE', KEYS[9], id)
   if redis.call('HEXISTS', KEYS[1], id) == 1 then
@@ -68,10 +38,11 @@ for i = 3, #ARGV, 6 do
     out[#out + 1] = -1
     out[#out + 1] = redis.call('GET', KEYS[uq]) or ''
   else
-    local due = due_of(i)
+    local due = tonumber(ARGV[i + 2])
+    if due == 0 then due = now + tonumber(ARGV[i + 1]) end
     redis.call('HSET', KEYS[1], id, ARGV[i + 5])
     out[#out + 1] = 1
-    if due > 0 then
+    if due > now then
       redis.call('ZADD', KEYS[3], due, id)
       out[#out + 1] = 'scheduled'
     else

@@ -1,4 +1,7 @@
-"""enqueue: new tasks -> pending or scheduled (``enqueue.lua``), several per call."""
+"""enqueue: new tasks -> pending or scheduled (``enqueue.lua``), several per call.
+
+New tasks with fresh ids that are due now skip the script on their first attempt: a
+transaction writes them (see :func:`call`)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from clusterq.broker.script import Call, LuaScript
+from clusterq.broker.script import LuaScript, Step, Transaction, arun_one, run_one
 from clusterq.keys import QueueKeys
 from clusterq.wire import AsyncNodeClient, NodeClient
 
@@ -38,13 +41,26 @@ class EnqueueOutcome:
     duplicate_of: str | None = None
 
 
-def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False) -> Call:
-    """One script call for ``tasks``, which all belong to queue ``qk``.
+def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False, first: bool) -> Step:
+    """What to send for ``tasks``, which all belong to queue ``qk``.
 
-    When every task has a freshly drawn id, no unique lock and the same delay, the call
-    is a fresh one (no existence checks on the server, two arguments per task);
-    :func:`attempt` turns it into a checked one for a retry.
+    On the ``first`` attempt, tasks that all have freshly drawn ids (no task can have
+    one), no unique lock and no delay need no decision on the server: they are written by
+    a :class:`Transaction` (HSET, LPUSH), not the script. Anything else, and every retry
+    (the first attempt may have run, its reply lost), goes through ``enqueue.lua``,
+    which checks for existing tasks. Durable calls use the script too (its ``durable``
+    flag makes even a call that creates nothing write, for ``WAIT`` to count).
     """
+    if first and not durable:
+        fields: list[Any] = ["HSET", qk.tasks]
+        ids: list[Any] = ["LPUSH", qk.pending]
+        for t in tasks:
+            if not t.fresh or t.unique_key is not None or t.delay_ms > 0 or t.due_ms > 0:
+                break
+            fields += (t.id, t.record)
+            ids.append(t.id)
+        else:
+            return Transaction((fields, ids))
     keys = [
         qk.tasks,
         qk.pending,
@@ -56,16 +72,7 @@ def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False) -> C
         qk.stats,
         qk.done,
     ]
-    first = tasks[0]
-    delay, due = first.delay_ms, first.due_ms
-    if all(
-        t.fresh and t.unique_key is None and t.delay_ms == delay and t.due_ms == due for t in tasks
-    ):
-        args: list[Any] = [int(durable), 1, max(0, delay), max(0, due)]
-        for task in tasks:
-            args += (task.id, task.record)
-        return SCRIPT, keys, args
-    args = [int(durable), 0]
+    args: list[Any] = [int(durable)]
     for task in tasks:
         index = 0
         if task.unique_key is not None:
@@ -82,54 +89,45 @@ def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False) -> C
     return SCRIPT, keys, args
 
 
-def attempt(call: Call, number: int) -> Call:
-    """The call to send on attempt ``number`` (1 = first). A later attempt may follow one
-    that ran but whose reply was lost, so it always checks for existing tasks."""
-    script, keys, args = call
-    if number == 1 or args[1] != 1:
-        return call
-    durable, _, delay, due = args[:4]
-    checked: list[Any] = [durable, 0]
-    for i in range(4, len(args), 2):
-        checked += (args[i], delay, due, 0, 1, args[i + 1])
-    return script, keys, checked
-
-
 class Attempts:
-    """The calls of one pipeline, counted: :func:`attempt` for each time they are sent.
+    """The steps that enqueue some groups of tasks, built anew for each attempt (see
+    :func:`call`); ``sent`` holds those of the latest, which the replies answer.
 
-    Its ``next`` (or ``run``/``arun`` for a single call) is what a backend retries."""
+    Its ``next`` (or ``run``/``arun`` for a single group) is what a backend retries."""
 
-    __slots__ = ("calls", "number")
+    __slots__ = ("durable", "groups", "number", "sent")
 
-    def __init__(self, calls: list[Call]) -> None:
-        self.calls = calls
+    def __init__(self, groups: list[tuple[QueueKeys, list[NewTask]]], *, durable: bool) -> None:
+        self.groups = groups
+        self.durable = durable
         self.number = 0
+        self.sent: list[Step] = []
 
-    def next(self) -> list[Call]:
+    def next(self) -> list[Step]:
         self.number += 1
-        if self.number == 1:
-            return self.calls
-        return [attempt(call, self.number) for call in self.calls]
+        first = self.number == 1
+        self.sent = [
+            call(qk, tasks, durable=self.durable, first=first) for qk, tasks in self.groups
+        ]
+        return self.sent
 
     def run(self, client: NodeClient) -> Any:
-        ((script, keys, args),) = self.next()
-        return script.call(client, keys, args)
+        (step,) = self.next()
+        return run_one(client, step)
 
     async def arun(self, client: AsyncNodeClient) -> Any:
-        ((script, keys, args),) = self.next()
-        return await script.acall(client, keys, args)
+        (step,) = self.next()
+        return await arun_one(client, step)
 
 
 #: The outcome of a task created pending (shared: outcomes are read, never changed).
 CREATED = EnqueueOutcome(created=True, state="pending")
-_SCHEDULED = EnqueueOutcome(created=True, state="scheduled")
 
 
-def parse(reply: Sequence[Any], count: int) -> list[EnqueueOutcome]:
-    """One outcome per task of a call of ``count`` tasks (outcomes are shared: read only)."""
-    if reply and reply[0] == b"fresh":
-        return [CREATED if reply[1] == b"pending" else _SCHEDULED] * count
+def parse(step: Step, reply: Any, count: int) -> list[EnqueueOutcome]:
+    """One outcome per task of a step for ``count`` tasks (outcomes are shared: read only)."""
+    if isinstance(step, Transaction):
+        return [CREATED] * count
     out = []
     for i in range(0, len(reply), 2):
         code = reply[i]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis
 
@@ -61,72 +62,149 @@ class LuaScript:
 Call = tuple[LuaScript, Sequence[Any], Sequence[Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """Writes that need no decision on the server, sent as ``MULTI ... EXEC`` in place of
+    a script call: just as atomic, and a fraction of the server time (no script to run,
+    no arguments to convert). Its reply is the list of the commands' replies.
+
+    Never sent with blocking commands after it (``WAIT``): those use a pooled
+    connection on asyncio, where these are not sent."""
+
+    commands: tuple[Sequence[Any], ...]
+
+
+#: What one pipelined step is: a script call or a transaction.
+Step: TypeAlias = Call | Transaction
+
+
+def _commands(step: Step) -> list[Sequence[Any]]:
+    if isinstance(step, Transaction):
+        return [("MULTI",), *step.commands, ("EXEC",)]
+    script, keys, args = step
+    return [script.command(keys, args)]
+
+
+def _reply(step: Step, answers: Sequence[Any]) -> Any:
+    """The reply of ``step`` from the answers to its commands (an error in its place)."""
+    if not isinstance(step, Transaction):
+        return answers[0]
+    result = answers[-1]
+    if isinstance(result, list):  # EXEC ran every command
+        return first_error(result) or result
+    # EXECABORT: a command was refused when queued (MOVED, READONLY...); nothing ran
+    return first_error(answers[:-1]) or result or redis.ResponseError("transaction aborted")
+
+
+def run_one(client: NodeClient, step: Step) -> Any:
+    """Run one step; an error reply is raised."""
+    if not isinstance(step, Transaction):
+        return step[0].call(client, step[1], step[2])
+    reply = _reply(step, client.fast_pipeline(_commands(step)))
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+async def arun_one(client: AsyncNodeClient, step: Step) -> Any:
+    """Asynchronous :func:`run_one` (over the node's lane)."""
+    if not isinstance(step, Transaction):
+        return await step[0].acall(client, step[1], step[2])
+    reply = _reply(step, await client.fast_pipeline(_commands(step)))
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
 def run_pipelined(
     client: NodeClient,
-    calls: Sequence[Call],
+    steps: Sequence[Step],
     after: Sequence[Sequence[Any]] = (),
     *,
     meanwhile: Callable[[], object] | None = None,
 ) -> tuple[list[Any], list[Any]]:
-    """Run several script calls on one node in one round trip (no transaction), then the
-    commands in ``after`` (``WAIT``...) on the same connection.
+    """Run several steps on one node in one round trip (no transaction around them), then
+    the commands in ``after`` (``WAIT``...) on the same connection.
 
-    Calls answered ``NOSCRIPT`` did not run; their scripts are loaded on that node and
-    just those calls are sent again, followed by ``after`` again. Other errors are
-    returned in place of replies. Returns (script replies, replies to ``after`` from the
+    Script calls answered ``NOSCRIPT`` did not run; their scripts are loaded on that node
+    and just those calls are sent again, followed by ``after`` again. Other errors are
+    returned in place of replies. Returns (step replies, replies to ``after`` from the
     last round). ``meanwhile`` is called once the commands are sent, before the replies
-    are read: the caller's own work, done while the server runs the scripts.
+    are read: the caller's own work, done while the server runs them.
     """
-    replies: list[Any] = [None] * len(calls)
-    todo = list(range(len(calls)))
+    replies: list[Any] = [None] * len(steps)
+    todo = list(range(len(steps)))
     tail: list[Any] = []
     for _ in range(2):
-        commands = [calls[i][0].command(calls[i][1], calls[i][2]) for i in todo]
-        answers = client.fast_pipeline([*commands, *after], meanwhile=meanwhile)
-        tail = answers[len(todo) :]
-        missing = _settle(todo, answers, replies)
+        sent = [_commands(steps[i]) for i in todo]
+        flat = [command for commands in sent for command in commands]
+        answers = client.fast_pipeline([*flat, *after], meanwhile=meanwhile)
+        tail = answers[len(flat) :]
+        missing = _settle(steps, todo, sent, answers, replies)
         if not missing:
             break
-        for script in {calls[i][0] for i in missing}:
+        for script in _scripts(steps, missing):
             client.fast("SCRIPT", "LOAD", script.source)
         todo = missing
     return replies, tail
 
 
 async def arun_pipelined(
-    client: AsyncNodeClient, calls: Sequence[Call], after: Sequence[Sequence[Any]] = ()
+    client: AsyncNodeClient, steps: Sequence[Step], after: Sequence[Sequence[Any]] = ()
 ) -> tuple[list[Any], list[Any]]:
-    """Asynchronous :func:`run_pipelined`. Without ``after`` the calls share the node's
+    """Asynchronous :func:`run_pipelined`. Without ``after`` the steps share the node's
     lane; with it they take a pooled connection of their own (``WAIT`` blocks)."""
-    replies: list[Any] = [None] * len(calls)
-    todo = list(range(len(calls)))
+    replies: list[Any] = [None] * len(steps)
+    todo = list(range(len(steps)))
     tail: list[Any] = []
     for _ in range(2):
-        commands = [calls[i][0].command(calls[i][1], calls[i][2]) for i in todo]
+        sent = [_commands(steps[i]) for i in todo]
+        flat = [command for commands in sent for command in commands]
         if after:
+            if any(isinstance(steps[i], Transaction) for i in todo):
+                raise ValueError("a transaction is not sent with blocking commands after it")
             pipe = client.pipeline(transaction=False)
-            for command in [*commands, *after]:
+            for command in [*flat, *after]:
                 pipe.execute_command(*command)
             answers = await pipe.execute(raise_on_error=False)
         else:
-            answers = await client.fast_pipeline(commands)
-        tail = answers[len(todo) :]
-        missing = _settle(todo, answers, replies)
+            answers = await client.fast_pipeline(flat)
+        tail = answers[len(flat) :]
+        missing = _settle(steps, todo, sent, answers, replies)
         if not missing:
             break
-        for script in {calls[i][0] for i in missing}:
+        for script in _scripts(steps, missing):
             await client.fast("SCRIPT", "LOAD", script.source)
         todo = missing
     return replies, tail
 
 
-def _settle(todo: list[int], answers: Sequence[Any], replies: list[Any]) -> list[int]:
-    """Store the answers; return the calls that met NOSCRIPT."""
+def _scripts(steps: Sequence[Step], indexes: list[int]) -> set[LuaScript]:
+    """The scripts of those steps (to load where they met NOSCRIPT)."""
+    out = set()
+    for i in indexes:
+        step = steps[i]
+        if not isinstance(step, Transaction):
+            out.add(step[0])
+    return out
+
+
+def _settle(
+    steps: Sequence[Step],
+    todo: list[int],
+    sent: list[list[Sequence[Any]]],
+    answers: Sequence[Any],
+    replies: list[Any],
+) -> list[int]:
+    """Store the replies; return the steps that met NOSCRIPT."""
     missing = []
-    for index, answer in zip(todo, answers, strict=False):
-        if isinstance(answer, redis.exceptions.NoScriptError):
+    at = 0
+    for index, commands in zip(todo, sent, strict=True):
+        reply = _reply(steps[index], answers[at : at + len(commands)])
+        at += len(commands)
+        if isinstance(reply, redis.exceptions.NoScriptError):
             missing.append(index)
-        replies[index] = answer
+        replies[index] = reply
     return missing
 
 
