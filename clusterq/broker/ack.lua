@@ -10,29 +10,50 @@
 -- ('' none), unique lock index into KEYS (0: none)
 --
 -- Returns one value per task: 1 acked, 0 not the lease holder (no-op).
+-- The writes go out as one command per key for the whole batch (cheaper here and on
+-- the replicas, which receive them as they are).
 local now = now_ms()
 local remember = tonumber(ARGV[1])
-local out, done = {}, 0
-for i = 2, #ARGV, 5 do
-  local id = ARGV[i]
-  if redis.call('HGET', KEYS[2], id) == ARGV[i + 1] then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
+local ids = {}
+for i = 2, #ARGV, 5 do ids[#ids + 1] = ARGV[i] end
+local holders = redis.call('HMGET', KEYS[2], unpack(ids))
+
+local out, acked, seen = {}, {}, {}
+local kept, results, deleted, gone = {}, {}, {}, {}
+for n, id in ipairs(ids) do
+  local i = 2 + (n - 1) * 5
+  if holders[n] == ARGV[i + 1] and not seen[id] then
+    seen[id] = true
+    acked[#acked + 1] = id
     local uq = tonumber(ARGV[i + 4])
     if uq > 0 and redis.call('GET', KEYS[uq]) == id then redis.call('DEL', KEYS[uq]) end
     local retention = tonumber(ARGV[i + 2])
     if retention > 0 then
-      redis.call('ZADD', KEYS[4], now + retention, id)
-      if ARGV[i + 3] ~= '' then redis.call('HSET', KEYS[5], id, ARGV[i + 3]) end
+      kept[#kept + 1] = now + retention
+      kept[#kept + 1] = id
+      if ARGV[i + 3] ~= '' then
+        results[#results + 1] = id
+        results[#results + 1] = ARGV[i + 3]
+      end
     else
-      redis.call('HDEL', KEYS[3], id)
-      if remember > 0 then redis.call('ZADD', KEYS[7], now + remember, id) end
+      deleted[#deleted + 1] = id
+      if remember > 0 then
+        gone[#gone + 1] = now + remember
+        gone[#gone + 1] = id
+      end
     end
-    done = done + 1
-    out[#out + 1] = 1
+    out[n] = 1
   else
-    out[#out + 1] = 0
+    out[n] = 0
   end
 end
-if done > 0 then redis.call('HINCRBY', KEYS[6], 'processed', done) end
+if #acked > 0 then
+  redis.call('ZREM', KEYS[1], unpack(acked))
+  redis.call('HDEL', KEYS[2], unpack(acked))
+  redis.call('HINCRBY', KEYS[6], 'processed', #acked)
+end
+if #kept > 0 then redis.call('ZADD', KEYS[4], unpack(kept)) end
+if #results > 0 then redis.call('HSET', KEYS[5], unpack(results)) end
+if #deleted > 0 then redis.call('HDEL', KEYS[3], unpack(deleted)) end
+if #gone > 0 then redis.call('ZADD', KEYS[7], unpack(gone)) end
 return out
