@@ -292,6 +292,14 @@ class AsyncBackend:
     ) -> T:
         return await self.execute(keyslot(key), fn, **kwargs)
 
+    async def call(self, key: str, *command: Any) -> Any:
+        """One command on the master of ``key``'s slot, over the node's lane (the fast path
+        of :mod:`clusterq.wire`), retried through failovers like every call here: for
+        handlers that need Redis, e.g. ``await current_worker().backend.call(k, "INCR", k)``.
+        Not for commands that block (``BLPOP``...): they would hold up the lane. A command
+        that is not idempotent may, rarely, run twice (sent again after a lost reply)."""
+        return await self.execute_key(key, lambda c: c.fast(*command))
+
     async def run_script(
         self,
         script: LuaScript,

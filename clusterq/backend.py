@@ -294,6 +294,12 @@ class Backend:
     def execute_key(self, key: str, fn: Callable[[NodeClient], T], **kwargs: Any) -> T:
         return self.execute(keyslot(key), fn, **kwargs)
 
+    def call(self, key: str, *command: Any) -> Any:
+        """One command on the master of ``key``'s slot, over the fast path, retried through
+        failovers like every call here (so a command that is not idempotent may, rarely,
+        run twice)."""
+        return self.execute_key(key, lambda c: c.fast(*command))
+
     def run_script(
         self,
         script: Any,

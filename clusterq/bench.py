@@ -10,8 +10,10 @@ Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them aft
   with a replica).
 - ``e2e``: N tasks are enqueued first, then ``workers`` worker processes (``concurrency``
   each) drain them; the rate counts from the first task processed to the last. ``work``
-  is ``noop`` (the handler returns at once) or ``incr`` (it sends one INCR with redis-py,
-  as the peers' benchmark tasks do). On a cluster the tasks go to one queue per master.
+  is ``noop`` (the handler returns at once), ``incr`` (it sends one INCR, as the peers'
+  benchmark tasks do, over the worker's own connection: ``backend.call``) or
+  ``incr-redis-py`` (the same INCR through redis-py's asyncio client). On a cluster the
+  tasks go to one queue per master.
 - ``latency``: the time from just before an enqueue to the start of its handler, in
   another process. Idle: one task at a time into an idle queue; under load: tasks
   produced at ``rate`` per second.
@@ -62,12 +64,13 @@ SCENARIOS: tuple[Scenario, ...] = (
     "latency",
     "memory",
 )
-Work = Literal["noop", "incr"]
-WORKS: tuple[Work, ...] = ("noop", "incr")
+Work = Literal["noop", "incr", "incr-redis-py"]
+WORKS: tuple[Work, ...] = ("noop", "incr", "incr-redis-py")
 Progress = Callable[[str, int, int], None]
 
 NOOP_TYPE = "clusterq:bench:noop"
 INCR_TYPE = "clusterq:bench:incr"
+INCR_REDIS_PY_TYPE = "clusterq:bench:incr-redis-py"
 LATENCY_TYPE = "clusterq:bench:latency"
 
 # ----------------------------------------------------------------------- handlers
@@ -89,7 +92,17 @@ async def noop(task: Task) -> None:
 
 @router.task(INCR_TYPE)
 async def incr(task: Task) -> None:
-    """One INCR through redis-py, like the tasks of the peers' benchmark."""
+    """One INCR, like the tasks of the peers' benchmark, over the worker's connection."""
+    backend = current_worker().backend
+    assert backend is not None
+    counter, _ = backend.keys.bench(_run_of(task), task.queue)
+    await backend.call(counter, "INCR", counter)
+
+
+@router.task(INCR_REDIS_PY_TYPE)
+async def incr_redis_py(task: Task) -> None:
+    """One INCR through redis-py's asyncio client (what a handler written against
+    redis-py pays: its per-command layer is most of the task's cost)."""
     backend = current_worker().backend
     assert backend is not None
     counter, _ = backend.keys.bench(_run_of(task), task.queue)
@@ -295,7 +308,7 @@ class _Session:
 
     def call(self, key: str, *command: Any) -> Any:
         """One command on the master of ``key``'s slot."""
-        return self.backend.execute_key(key, lambda c: c.fast(*command))
+        return self.backend.call(key, *command)
 
     def processed(self, queues: Sequence[str]) -> int:
         total = 0
@@ -461,7 +474,9 @@ def bench_e2e(s: _Session) -> BenchRow:
     settings = s.settings
     queues = s.queues()
     n = settings.tasks
-    task_type = INCR_TYPE if settings.work == "incr" else NOOP_TYPE
+    task_type = {"incr": INCR_TYPE, "incr-redis-py": INCR_REDIS_PY_TYPE}.get(
+        settings.work, NOOP_TYPE
+    )
     s.fill(queues, n, task_type)
     cpu_before = _server_cpu(s)
     workers = s.workers(queues, settings.workers)
@@ -489,7 +504,7 @@ def bench_e2e(s: _Session) -> BenchRow:
     finally:
         workers.stop()
     cpu = {role: cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0) for role in cpu_after}
-    if settings.work == "incr":
+    if settings.work != "noop":
         counted = sum(
             int(s.call(key, "GET", key) or 0)
             for key in (s.keys.bench(s.run_id, q)[0] for q in queues)

@@ -13,6 +13,7 @@ from clusterq import topology as topo
 from clusterq.bench import (
     SCENARIOS,
     BenchSettings,
+    Work,
     parse_benchmark_csv,
     percentile,
     run_bench,
@@ -99,12 +100,13 @@ def test_every_scenario_runs_and_cleans_up(url: str, prefix: str) -> None:
     assert _leftovers(url, prefix) == []
 
 
-def test_e2e_with_incr_counts_every_task(url: str, prefix: str) -> None:
+@pytest.mark.parametrize("work", ["incr", "incr-redis-py"])
+def test_e2e_with_incr_counts_every_task(url: str, prefix: str, work: Work) -> None:
     settings = BenchSettings(
-        url=url, prefix=prefix, tasks=400, workers=2, work="incr", baseline=False
+        url=url, prefix=prefix, tasks=400, workers=2, work=work, baseline=False
     )
-    (row,) = run_bench(settings, ["e2e"]).rows
-    assert row.scenario == "e2e incr" and row.rate is not None and row.rate > 0
+    (row,) = run_bench(settings, ["e2e"]).rows  # raises unless the handlers counted 400
+    assert row.scenario == f"e2e {work}" and row.rate is not None and row.rate > 0
     assert row.extra["workers"] == 2 and row.extra["per_process"] > 0
     assert _leftovers(url, prefix) == []
 

@@ -7,10 +7,11 @@ standalone server on a free loopback port, and for each system, in turn:
 - enqueue: N tasks, one call per task, timed in this process;
 - processed: N tasks enqueued first, then one worker process started; the rate counts
   from the first task counted to the last, as ``clusterq bench e2e`` does. Every task
-  sends one INCR with redis-py (the counter tells when all have run).
+  sends one INCR (the counter tells when all have run): the peers' with redis-py.
 
-clusterq's figures come from ``clusterq bench enqueue e2e --work incr`` on the same
-server. With ``--rounds R`` every system runs R times, interleaved, and the median is
+clusterq's figures come from ``clusterq bench enqueue e2e`` on the same server, its
+handler's INCR sent over the worker's own connection (``--work incr``), and again through
+redis-py's asyncio client (``--work incr-redis-py``), shown on a row of its own. With ``--rounds R`` every system runs R times, interleaved, and the median is
 shown. The server is emptied (FLUSHALL: it is this script's own) between runs.
 """
 
@@ -110,15 +111,23 @@ def run_peer(system: str, url: str, n: int, timeout: float, logs: Path) -> dict[
 
 
 def run_clusterq(url: str, n: int) -> dict[str, float]:
+    """``processed``: the handler's INCR over the worker's own connection (``backend.call``);
+    ``processed_redis_py``: the same INCR through redis-py's asyncio client."""
     command = [sys.executable, "-m", "clusterq", "--url", url, "bench", "--json", "--no-baseline"]
-    out = subprocess.run(
-        [*command, "--tasks", str(n), "--work", "incr", "enqueue", "e2e"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rates = {row["scenario"]: row["rate"] for row in json.loads(out)["rows"]}
-    return {"enqueue": rates["enqueue"], "processed": rates["e2e incr"]}
+    rates: dict[str, float] = {}
+    for work, scenarios in (("incr", ["enqueue", "e2e"]), ("incr-redis-py", ["e2e"])):
+        out = subprocess.run(
+            [*command, "--tasks", str(n), "--work", work, *scenarios],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        rates.update({row["scenario"]: row["rate"] for row in json.loads(out)["rows"]})
+    return {
+        "enqueue": rates["enqueue"],
+        "processed": rates["e2e incr"],
+        "processed_redis_py": rates["e2e incr-redis-py"],
+    }
 
 
 def main() -> None:
@@ -161,13 +170,19 @@ def main() -> None:
         version = server_version(find_server_binary())
 
     median = {
-        system: {k: statistics.median(run[k] for run in runs) for k in ("enqueue", "processed")}
+        system: {k: statistics.median(run[k] for run in runs) for k in runs[0]}
         for system, runs in results.items()
     }
     best = {
-        k: max(((median[p][k], p) for p in peers), default=(0.0, "-")) for k in median["clusterq"]
+        k: max(((median[p][k], p) for p in peers), default=(0.0, "-"))
+        for k in ("enqueue", "processed")
     }
     ratio = {k: median["clusterq"][k] / v if v else None for k, (v, _) in best.items()}
+    ratio["processed_redis_py"] = (
+        median["clusterq"]["processed_redis_py"] / best["processed"][0]
+        if best["processed"][0]
+        else None
+    )
     if args.json:
         print(
             json.dumps(
@@ -187,12 +202,23 @@ def main() -> None:
     for column in ("system", "worker", "enqueue/s", "processed/s"):
         table.add_column(column, justify="left" if column in ("system", "worker") else "right")
     table.add_row("clusterq", "1 process", *(f"{median['clusterq'][k]:,.0f}" for k in best))
+    table.add_row(
+        "clusterq, INCR via redis-py",
+        "1 process",
+        "",
+        f"{median['clusterq']['processed_redis_py']:,.0f}",
+    )
     for peer in peers:
         table.add_row(peer, WORKERS[peer][1], *(f"{median[peer][k]:,.0f}" for k in best))
     console.print(table)
     for k, (v, peer) in best.items():
         if v:
             console.print(f"clusterq {k}: {ratio[k]:.2f}x the fastest peer ({peer})")
+    if ratio["processed_redis_py"]:
+        console.print(
+            f"clusterq processed, INCR via redis-py: {ratio['processed_redis_py']:.2f}x "
+            f"({best['processed'][1]})"
+        )
     console.print(f"server: {version}, {os.cpu_count()} cores")
 
 

@@ -115,7 +115,8 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     type=click.Choice(WORKS),
     default="noop",
     show_default=True,
-    help="What an e2e task does: nothing, or one INCR through redis-py.",
+    help="What an e2e task does: nothing, one INCR over the worker's connection, "
+    "or one INCR through redis-py's asyncio client.",
 )
 @click.option(
     "--batch", type=int, default=1000, show_default=True, help="Tasks per enqueue_many call."
