@@ -25,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -184,14 +186,28 @@ class _Wire:
                 sock.close()
 
 
+_NODE_CLIENTS: weakref.WeakSet[NodeClient] = weakref.WeakSet()
+
+
+def _forget_wires() -> None:
+    """In a forked child: the connections are the parent's, to be left alone."""
+    for client in list(_NODE_CLIENTS):
+        client._spare = []
+
+
+os.register_at_fork(after_in_child=_forget_wires)
+
+
 class NodeClient(redis.Redis):
     """A redis-py client of one node with a fast path for the commands clusterq sends most:
-    connections of its own (several, for callers in several threads)."""
+    connections of its own (several, for callers in several threads; a forked child opens
+    its own)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._endpoint = _Endpoint.of(kwargs)
         self._spare: list[_Wire] = []
+        _NODE_CLIENTS.add(self)
 
     def _roundtrip(self, packed: bytes, count: int) -> list[Any]:
         try:

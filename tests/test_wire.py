@@ -4,6 +4,7 @@ concurrency, error replies as redis-py's exception classes, broken connections."
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import redis
@@ -109,3 +110,21 @@ def test_sync_wire_unreachable_late_killed_and_authenticated(
             client.close()
     finally:
         late.close()
+
+
+def test_sync_wire_in_a_forked_child_opens_its_own(standalone: LocalServer, prefix: str) -> None:
+    client = RedisURL.parse(standalone.seed_url).node_client(("127.0.0.1", standalone.port))
+    key = f"{prefix}:fork"
+    try:
+        parent_id = client.fast("CLIENT", "ID")
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            ok = client.fast("CLIENT", "ID") != parent_id and client.fast("INCR", key) == 1
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        assert client.fast("CLIENT", "ID") == parent_id  # the parent's is untouched
+        assert client.fast("GET", key) == b"1"
+    finally:
+        client.fast("DEL", key)
+        client.close()
