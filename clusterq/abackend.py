@@ -29,6 +29,7 @@ from clusterq.backend import (
     moved_target,
     refresh_candidates,
     replaced_nodes,
+    route_to,
 )
 from clusterq.broker.script import LuaScript
 from clusterq.connection import (
@@ -40,7 +41,7 @@ from clusterq.connection import (
     info_mode,
     translate_error,
 )
-from clusterq.errors import ConfigError, ConnectionFailed, TopologyError
+from clusterq.errors import ConfigError, ConnectionFailed
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.slots import keyslot
 from clusterq.wire import AsyncNodeClient
@@ -131,13 +132,7 @@ class AsyncBackend:
         return client
 
     def master_addr(self, slot: int) -> Addr:
-        addr = self._route.get(slot)
-        if addr is None:
-            master = self.topology.master_for_slot(slot)
-            if master is None:
-                raise TopologyError(f"no master owns slot {slot}")
-            addr = self._route[slot] = master.address
-        return addr
+        return self._route.get(slot) or route_to(self._route, self.topology, slot)
 
     async def aclose(self) -> None:
         self._closing = True

@@ -136,6 +136,16 @@ def replaced_nodes(events: Sequence[topo.TopologyEvent]) -> set[Addr]:
 TopologyListener = Callable[[topo.Topology, list[topo.TopologyEvent]], None]
 
 
+def route_to(route: dict[int, Addr], topology: topo.Topology, slot: int) -> Addr:
+    """The master of ``slot`` in ``topology``, remembered in ``route`` (slot -> address,
+    also filled from MOVED; cleared when the topology is read again)."""
+    master = topology.master_for_slot(slot)
+    if master is None:
+        raise TopologyError(f"no master owns slot {slot}")
+    route[slot] = master.address
+    return master.address
+
+
 class Backend:
     """Synchronous access to a cluster or standalone server, routed by slot."""
 
@@ -175,13 +185,7 @@ class Backend:
         return client
 
     def master_addr(self, slot: int) -> Addr:
-        addr = self._route.get(slot)
-        if addr is None:
-            master = self.topology.master_for_slot(slot)
-            if master is None:
-                raise TopologyError(f"no master owns slot {slot}")
-            addr = self._route[slot] = master.address
-        return addr
+        return self._route.get(slot) or route_to(self._route, self.topology, slot)
 
     def close(self) -> None:
         with self._lock:

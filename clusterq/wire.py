@@ -138,12 +138,8 @@ class _Wire:
         sock = self._sock()
         try:
             sock.sendall(packed)
-        except TimeoutError as exc:  # socket.timeout
-            self.close()
-            raise redis.TimeoutError(f"{self.where}: sending timed out") from exc
-        except OSError as exc:
-            self.close()
-            raise redis.ConnectionError(f"connection to {self.where}: {exc}") from exc
+        except BaseException as exc:
+            raise self._broken(exc) from exc
 
     def read(self, count: int) -> list[Any]:
         """Read ``count`` replies (error replies in place of theirs)."""
@@ -160,19 +156,20 @@ class _Wire:
                     reader.feed(data)
                 else:
                     out.append(reply)
-        except hiredis.ProtocolError as exc:
-            self.close()
-            raise redis.ConnectionError(f"protocol error from {self.where}: {exc}") from exc
-        except TimeoutError as exc:  # socket.timeout
-            self.close()
-            raise redis.TimeoutError(f"{self.where} did not answer in time") from exc
-        except OSError as exc:
-            self.close()
-            raise redis.ConnectionError(f"connection to {self.where}: {exc}") from exc
-        except BaseException:
-            self.close()
-            raise
+        except BaseException as exc:
+            raise self._broken(exc) from exc
         return out
+
+    def _broken(self, exc: BaseException) -> BaseException:
+        """Close (a reply may be in flight); what to raise for ``exc``."""
+        self.close()
+        if isinstance(exc, hiredis.ProtocolError):
+            return redis.ConnectionError(f"protocol error from {self.where}: {exc}")
+        if isinstance(exc, TimeoutError):  # socket.timeout
+            return redis.TimeoutError(f"{self.where} did not answer in time")
+        if isinstance(exc, OSError):
+            return redis.ConnectionError(f"connection to {self.where}: {exc}")
+        return exc
 
     def _sock(self) -> socket.socket:
         if self.sock is None:
