@@ -25,7 +25,7 @@ from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
 from clusterq.task import Task, TaskInfo, TaskState
 from clusterq.topology import Topology
-from clusterq.worker import Worker
+from clusterq.worker import Worker, current_worker
 
 __all__ = [
     "AsyncClient",
@@ -54,5 +54,6 @@ __all__ = [
     "Topology",
     "Worker",
     "__version__",
+    "current_worker",
     "keyslot",
 ]
