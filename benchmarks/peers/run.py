@@ -11,8 +11,9 @@ standalone server on a free loopback port, and for each system, in turn:
 
 clusterq's figures come from ``clusterq bench enqueue e2e`` on the same server, its
 handler's INCR sent over the worker's own connection (``--work incr``), and again through
-redis-py's asyncio client (``--work incr-redis-py``), shown on a row of its own. With ``--rounds R`` every system runs R times, interleaved, and the median is
-shown. The server is emptied (FLUSHALL: it is this script's own) between runs.
+redis-py's asyncio client (``--work incr-redis-py``), shown on a row of its own. With
+``--rounds R`` every system runs R times, interleaved, and the median is shown. The
+server is emptied (FLUSHALL: it is this script's own) between runs.
 """
 
 from __future__ import annotations
