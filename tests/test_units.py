@@ -105,6 +105,43 @@ def test_capacity_weighted_draws() -> None:
     assert abs(wins["a"] / total - 0.6) < 0.05 and abs(wins["c"] / total - 0.1) < 0.03, wins
 
 
+def test_capacity_grants_slots_freed_together_as_one_batch() -> None:
+    async def scenario() -> tuple[list[int], Counter[str]]:
+        capacity = Capacity(10, {"a": 6, "b": 3, "c": 1})
+        assert await capacity.acquire("a", 10) == 10  # all in use
+        waiting = {q: asyncio.create_task(capacity.acquire(q, 10)) for q in "abc"}
+        await asyncio.sleep(0)
+        capacity.release(10)  # freed in one turn: one waiter takes them all
+        await asyncio.wait(waiting.values(), timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        for _ in range(3):
+            await asyncio.sleep(0)  # any other grant of that turn would be done too
+        sizes = [t.result() for t in waiting.values() if t.done()]
+        for task in waiting.values():
+            task.cancel()
+        await asyncio.gather(*waiting.values(), return_exceptions=True)
+        # Over many grants of 4 slots, the shares still follow the weights.
+        capacity = Capacity(4, {"a": 6, "b": 3, "c": 1})
+        slots: Counter[str] = Counter()
+
+        async def loop(queue: str) -> None:
+            while sum(slots.values()) < 12000:
+                got = await capacity.acquire(queue, 4)
+                if got == 0:
+                    return
+                slots[queue] += got
+                await asyncio.sleep(0)
+                capacity.release(got)
+
+        tasks = [asyncio.create_task(loop(q)) for q in "abc"]
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        return sizes, slots
+
+    sizes, slots = asyncio.run(scenario())
+    assert sizes == [10]
+    total = sum(slots.values())
+    assert abs(slots["a"] / total - 0.6) < 0.06 and abs(slots["c"] / total - 0.1) < 0.04, slots
+
+
 def test_capacity_strict_and_close() -> None:
     async def scenario() -> None:
         capacity = Capacity(2, {"hi": 2, "lo": 1}, strict=True)
