@@ -303,15 +303,3 @@ class Backend:
         failovers like every call here (so a command that is not idempotent may, rarely,
         run twice)."""
         return self.execute_key(key, lambda c: c.fast(*command))
-
-    def run_script(
-        self,
-        script: Any,
-        slot: int,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        *,
-        timeout: float | None = None,
-    ) -> Any:
-        """EVALSHA ``script`` on the master of ``slot``, loading it there on NOSCRIPT."""
-        return self.execute(slot, lambda client: script.call(client, keys, args), timeout=timeout)
