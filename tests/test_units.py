@@ -82,31 +82,33 @@ def test_router_exact_then_longest_prefix() -> None:
         router.handle("email:send", lambda t: None)
 
 
+async def _shares(total: int, want: int, until: int) -> Counter[str]:
+    """Slots each of three busy queues (weights 6:3:1) got, ``want`` at a time."""
+    capacity = Capacity(total, {"a": 6, "b": 3, "c": 1})
+    slots: Counter[str] = Counter()
+
+    async def loop(queue: str) -> None:
+        while sum(slots.values()) < until:
+            got = await capacity.acquire(queue, want)
+            if got == 0:
+                return
+            slots[queue] += got
+            await asyncio.sleep(0)
+            capacity.release(got)
+
+    tasks = [asyncio.create_task(loop(q)) for q in "abc"]
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+    return slots
+
+
 def test_capacity_weighted_draws() -> None:
-    async def scenario() -> Counter[str]:
-        capacity = Capacity(1, {"a": 6, "b": 3, "c": 1})
-        wins: Counter[str] = Counter()
-
-        async def loop(queue: str) -> None:
-            while sum(wins.values()) < 3000:
-                got = await capacity.acquire(queue, 1)
-                if got == 0:
-                    return
-                wins[queue] += 1
-                await asyncio.sleep(0)
-                capacity.release(got)
-
-        tasks = [asyncio.create_task(loop(q)) for q in "abc"]
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
-        return wins
-
-    wins = asyncio.run(scenario())
+    wins = asyncio.run(_shares(1, 1, 3000))
     total = sum(wins.values())
     assert abs(wins["a"] / total - 0.6) < 0.05 and abs(wins["c"] / total - 0.1) < 0.03, wins
 
 
 def test_capacity_grants_slots_freed_together_as_one_batch() -> None:
-    async def scenario() -> tuple[list[int], Counter[str]]:
+    async def scenario() -> list[int]:
         capacity = Capacity(10, {"a": 6, "b": 3, "c": 1})
         assert await capacity.acquire("a", 10) == 10  # all in use
         waiting = {q: asyncio.create_task(capacity.acquire(q, 10)) for q in "abc"}
@@ -119,25 +121,10 @@ def test_capacity_grants_slots_freed_together_as_one_batch() -> None:
         for task in waiting.values():
             task.cancel()
         await asyncio.gather(*waiting.values(), return_exceptions=True)
-        # Over many grants of 4 slots, the shares still follow the weights.
-        capacity = Capacity(4, {"a": 6, "b": 3, "c": 1})
-        slots: Counter[str] = Counter()
+        return sizes
 
-        async def loop(queue: str) -> None:
-            while sum(slots.values()) < 12000:
-                got = await capacity.acquire(queue, 4)
-                if got == 0:
-                    return
-                slots[queue] += got
-                await asyncio.sleep(0)
-                capacity.release(got)
-
-        tasks = [asyncio.create_task(loop(q)) for q in "abc"]
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
-        return sizes, slots
-
-    sizes, slots = asyncio.run(scenario())
-    assert sizes == [10]
+    assert asyncio.run(scenario()) == [10]
+    slots = asyncio.run(_shares(4, 4, 12000))  # many grants of 4: shares follow the weights
     total = sum(slots.values())
     assert abs(slots["a"] / total - 0.6) < 0.06 and abs(slots["c"] / total - 0.1) < 0.04, slots
 
