@@ -206,11 +206,14 @@ class NodeClient(redis.Redis):
         self._spare: list[_Wire] = []
         _NODE_CLIENTS.add(self)
 
-    def _roundtrip(self, packed: bytes, count: int) -> list[Any]:
+    def _take(self) -> _Wire:
         try:
-            wire = self._spare.pop()
+            return self._spare.pop()
         except IndexError:
-            wire = _Wire(self._endpoint)
+            return _Wire(self._endpoint)
+
+    def _roundtrip(self, packed: bytes, count: int) -> list[Any]:
+        wire = self._take()
         out = wire.roundtrip(packed, count)  # on an error it is closed and left out
         self._spare.append(wire)
         return out
@@ -231,10 +234,7 @@ class NodeClient(redis.Redis):
         packed = b"".join([pack(c) for c in commands])
         if meanwhile is None:
             return self._roundtrip(packed, len(commands))
-        try:
-            wire = self._spare.pop()
-        except IndexError:
-            wire = _Wire(self._endpoint)
+        wire = self._take()
         wire.send(packed)  # the replies wait in the socket meanwhile
         try:
             meanwhile()
