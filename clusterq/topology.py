@@ -44,6 +44,9 @@ class NodeInfo:
     health: str = ONLINE
     replication_offset: int | None = None
     master_id: str | None = None
+    #: The node's config epoch (``CLUSTER NODES`` only): of two nodes that claim the same
+    #: slots, the one with the higher epoch won the last failover.
+    config_epoch: int | None = None
 
     @property
     def address(self) -> Addr:
@@ -65,6 +68,7 @@ class NodeInfo:
             "health": self.health,
             "replication_offset": self.replication_offset,
             "master_id": self.master_id,
+            "config_epoch": self.config_epoch,
         }
 
 
@@ -213,55 +217,161 @@ def _finish(
     return Topology(mode=mode, shards=owning, nodes=ordered, source=source)
 
 
-def parse_cluster_shards(reply: Sequence[Any], source: str = "") -> Topology:
-    """Build a snapshot from a ``CLUSTER SHARDS`` reply (Redis >= 7.0)."""
+def parse_cluster_shards(
+    reply: Sequence[Any], source: str = "", nodes_text: str | None = None
+) -> Topology:
+    """Build a snapshot from a ``CLUSTER SHARDS`` reply (Redis >= 7.0, Valkey).
+
+    A shard may list more than one node with ``role master``: Valkey 8 keeps a failed
+    master in its shard, still called master, beside the replica that replaced it, and
+    may list it first. The master of the shard is the one that serves its slots: see
+    :func:`shard_master`. Masters that lost are kept as nodes (their health shows) but
+    are neither the shard's master nor its replicas. ``nodes_text`` (the same node's
+    ``CLUSTER NODES``) settles a tie that health cannot: :func:`shards_ambiguous` says
+    when it is needed.
+    """
+    owners = _slot_owner_ids(nodes_text) if nodes_text is not None else []
+    epochs = _epochs(nodes_text) if nodes_text is not None else {}
     shards: list[Shard] = []
     nodes: list[NodeInfo] = []
     for raw_shard in reply:
         shard = _as_mapping(raw_shard)
         slots = _ranges(shard.get("slots", []))
-        members: list[NodeInfo] = []
-        for raw_node in shard.get("nodes", []):
-            entry = _as_mapping(raw_node)
-            host = _text(entry.get("ip") or entry.get("endpoint") or "")
-            port = entry.get("port") or entry.get("tls-port")
-            if not host or port is None:
-                continue
-            role: Role = "master" if _text(entry.get("role", "")) == "master" else "replica"
-            offset = entry.get("replication-offset")
-            members.append(
-                NodeInfo(
-                    id=_text(entry.get("id", "")),
-                    host=host,
-                    port=int(port),
-                    role=role,
-                    health=_health(_text(entry.get("health", ONLINE))),
-                    replication_offset=int(offset) if offset is not None else None,
-                )
-            )
-        masters = [m for m in members if m.role == "master"]
-        if not masters:
+        members = [
+            node for node in (_shard_node(raw, epochs) for raw in shard.get("nodes", [])) if node
+        ]
+        master = shard_master(members, slots, owners)
+        if master is None:
             nodes.extend(members)
             continue
-        master = masters[0]
         replicas = tuple(
-            NodeInfo(r.id, r.host, r.port, "replica", r.health, r.replication_offset, master.id)
+            NodeInfo(
+                r.id,
+                r.host,
+                r.port,
+                "replica",
+                r.health,
+                r.replication_offset,
+                master.id,
+                r.config_epoch,
+            )
             for r in members
             if r.role == "replica"
         )
         nodes.append(master)
         nodes.extend(replicas)
+        nodes.extend(m for m in members if m.role == "master" and m.id != master.id)
         shards.append(Shard(slots=slots, master=master, replicas=replicas))
     return _finish("cluster", shards, nodes, source)
 
 
-def parse_cluster_nodes(text: str, source: str = "") -> Topology:
-    """Build a snapshot from ``CLUSTER NODES`` text (any cluster-enabled server)."""
-    parsed: list[tuple[NodeInfo, tuple[SlotRange, ...]]] = []
+def _shard_node(raw: Any, epochs: Mapping[str, int]) -> NodeInfo | None:
+    entry = _as_mapping(raw)
+    host = _text(entry.get("ip") or entry.get("endpoint") or "")
+    port = entry.get("port") or entry.get("tls-port")
+    if not host or port is None:
+        return None
+    role: Role = "master" if _text(entry.get("role", "")) in ("master", "primary") else "replica"
+    offset = entry.get("replication-offset")
+    node_id = _text(entry.get("id", ""))
+    return NodeInfo(
+        id=node_id,
+        host=host,
+        port=int(port),
+        role=role,
+        health=_health(_text(entry.get("health", ONLINE))),
+        replication_offset=int(offset) if offset is not None else None,
+        config_epoch=epochs.get(node_id),
+    )
+
+
+def shard_master(
+    members: Sequence[NodeInfo],
+    slots: Sequence[SlotRange] = (),
+    owners: Sequence[tuple[int, int, str]] = (),
+) -> NodeInfo | None:
+    """The node that serves a shard's slots, among the shard's ``members``.
+
+    One master: that one (even failed: nobody else serves the slots yet). Several: the
+    one the answering node's slot table names as owner of the shard's first slot range
+    (``owners``, from ``CLUSTER NODES``), else the online ones before failed or
+    unreachable ones, then the highest config epoch (the last failover's winner), then
+    the highest replication offset. Never a failed master while another is online.
+    """
+    masters = [m for m in members if m.role == "master"]
+    if len(masters) <= 1:
+        return masters[0] if masters else None
+    if owners and slots:
+        first = slots[0][0]
+        owner = next((node_id for lo, hi, node_id in owners if lo <= first <= hi), None)
+        for master in masters:
+            if master.id == owner:
+                return master
+    return max(
+        masters,
+        key=lambda m: (
+            m.health == ONLINE,
+            m.health != FAILED,
+            m.config_epoch if m.config_epoch is not None else -1,
+            m.replication_offset if m.replication_offset is not None else -1,
+        ),
+    )
+
+
+def shards_ambiguous(reply: Sequence[Any]) -> bool:
+    """Whether some shard of a ``CLUSTER SHARDS`` reply lists several masters of which
+    not exactly one is online: health alone cannot tell which serves the slots, and the
+    caller should read ``CLUSTER NODES`` too (its slot table and config epochs do)."""
+    for raw_shard in reply:
+        shard = _as_mapping(raw_shard)
+        masters = [
+            node
+            for node in (_shard_node(raw, {}) for raw in shard.get("nodes", []))
+            if node is not None and node.role == "master"
+        ]
+        if len(masters) > 1 and sum(1 for m in masters if m.online) != 1:
+            return True
+    return False
+
+
+def _nodes_lines(text: str) -> Iterable[list[str]]:
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) < 8:
-            continue
+        if len(fields) >= 8:
+            yield fields
+
+
+def _epochs(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for fields in _nodes_lines(text):
+        if fields[6].isdigit():
+            out[fields[0]] = int(fields[6])
+    return out
+
+
+def _node_slots(fields: Sequence[str]) -> tuple[SlotRange, ...]:
+    slots: list[SlotRange] = []
+    for token in fields[8:]:
+        if token.startswith("["):
+            continue  # a slot being migrated or imported
+        lo, _, hi = token.partition("-")
+        slots.append((int(lo), int(hi or lo)))
+    return tuple(sorted(slots))
+
+
+def _slot_owner_ids(text: str) -> list[tuple[int, int, str]]:
+    """(first slot, last slot, owner's id) of every range in ``CLUSTER NODES`` text."""
+    return [(lo, hi, fields[0]) for fields in _nodes_lines(text) for lo, hi in _node_slots(fields)]
+
+
+def parse_cluster_nodes(text: str, source: str = "") -> Topology:
+    """Build a snapshot from ``CLUSTER NODES`` text (any cluster-enabled server).
+
+    The slot ranges on each line are the answering node's slot table, so a failed
+    master that lost its slots lists none: the owner is never ambiguous here.
+    """
+    parsed: list[tuple[NodeInfo, tuple[SlotRange, ...]]] = []
+    for fields in _nodes_lines(text):
         node_id, address, flags_text, master_field = fields[0], fields[1], fields[2], fields[3]
         flags = set(flags_text.split(","))
         if "handshake" in flags or "noaddr" in flags:
@@ -271,12 +381,6 @@ def parse_cluster_nodes(text: str, source: str = "") -> Topology:
         host = host.strip("[]")
         if not host or not port_text.isdigit():
             continue
-        slots: list[SlotRange] = []
-        for token in fields[8:]:
-            if token.startswith("["):
-                continue  # a slot being migrated or imported
-            lo, _, hi = token.partition("-")
-            slots.append((int(lo), int(hi or lo)))
         role: Role = "master" if "master" in flags else "replica"
         health = FAILED if "fail" in flags else ONLINE
         node = NodeInfo(
@@ -286,8 +390,9 @@ def parse_cluster_nodes(text: str, source: str = "") -> Topology:
             role=role,
             health=health,
             master_id=None if master_field == "-" else master_field,
+            config_epoch=int(fields[6]) if fields[6].isdigit() else None,
         )
-        parsed.append((node, tuple(sorted(slots))))
+        parsed.append((node, _node_slots(fields)))
     replicas_of: dict[str, list[NodeInfo]] = {}
     for node, _ in parsed:
         if node.role == "replica" and node.master_id:
@@ -354,11 +459,13 @@ def fetch(client: redis.Redis, mode: Mode, addr: Addr) -> Topology:
     if mode == "standalone":
         return parse_standalone(client.info("server"), client.info("replication"), addr)
     try:
-        return parse_cluster_shards(command(client, "CLUSTER", "SHARDS"), source)
+        reply = command(client, "CLUSTER", "SHARDS")
     except redis.ResponseError as exc:
         if not _is_unknown_command(exc):
             raise
-    return parse_cluster_nodes(_text(command(client, "CLUSTER", "NODES")), source)
+        return parse_cluster_nodes(_text(command(client, "CLUSTER", "NODES")), source)
+    nodes_text = _text(command(client, "CLUSTER", "NODES")) if shards_ambiguous(reply) else None
+    return parse_cluster_shards(reply, source, nodes_text)
 
 
 async def afetch(client: redis.asyncio.Redis, mode: Mode, addr: Addr) -> Topology:
@@ -367,11 +474,15 @@ async def afetch(client: redis.asyncio.Redis, mode: Mode, addr: Addr) -> Topolog
     if mode == "standalone":
         return parse_standalone(await client.info("server"), await client.info("replication"), addr)
     try:
-        return parse_cluster_shards(await acommand(client, "CLUSTER", "SHARDS"), source)
+        reply = await acommand(client, "CLUSTER", "SHARDS")
     except redis.ResponseError as exc:
         if not _is_unknown_command(exc):
             raise
-    return parse_cluster_nodes(_text(await acommand(client, "CLUSTER", "NODES")), source)
+        return parse_cluster_nodes(_text(await acommand(client, "CLUSTER", "NODES")), source)
+    nodes_text = (
+        _text(await acommand(client, "CLUSTER", "NODES")) if shards_ambiguous(reply) else None
+    )
+    return parse_cluster_shards(reply, source, nodes_text)
 
 
 # --------------------------------------------------------------------------- events
@@ -413,11 +524,15 @@ class MasterChanged(TopologyEvent):
     queues: tuple[str, ...]
     old: NodeInfo
     new: NodeInfo
+    #: What the old master is in the new snapshot: "failed", "replica", "master" (still
+    #: called master, without these slots), or "gone".
+    old_state: str = ""
 
     def describe(self) -> str:
+        state = f"; {self.old.addr} is {self.old_state}" if self.old_state else ""
         return (
             f"master of slots {_fmt_ranges(self.slots)}{_queues_phrase(self.queues)} changed "
-            f"from {self.old.addr} to {self.new.addr} (failover)"
+            f"from {self.old.addr} to {self.new.addr} (failover{state})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -427,9 +542,16 @@ class MasterChanged(TopologyEvent):
             "queues": list(self.queues),
             "old": self.old.addr,
             "old_id": self.old.id,
+            "old_state": self.old_state,
             "new": self.new.addr,
             "new_id": self.new.id,
         }
+
+
+def _state_of(node: NodeInfo | None) -> str:
+    if node is None:
+        return "gone"
+    return FAILED if node.health == FAILED else node.role
 
 
 @dataclass(frozen=True)
@@ -582,7 +704,8 @@ def diff(old: Topology, new: Topology, queues: Iterable[str] = ()) -> list[Topol
             and old_nodes[new_id].master_id == old_id
         )
         if before is not None and after is not None and was_replica:
-            events.append(MasterChanged(tuple(ranges), affected, before, after))
+            old_now = _state_of(new_nodes.get(old_id or ""))
+            events.append(MasterChanged(tuple(ranges), affected, before, after, old_now))
             promoted.add((old_id or "", new_id or ""))
         else:
             events.append(SlotsMoved(tuple(ranges), affected, before, after))

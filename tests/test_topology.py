@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import redis
 
@@ -10,6 +15,9 @@ from clusterq.backend import Backend
 from clusterq.connection import RedisURL
 from clusterq.devcluster import HOST, LocalCluster, LocalServer
 from clusterq.slots import SLOT_COUNT, keyslot
+
+#: Run on Redis and again on Valkey by scripts/test.sh (servers differ here).
+pytestmark = pytest.mark.both_servers
 
 
 def _shape(t: topo.Topology) -> list[tuple[object, ...]]:
@@ -244,3 +252,149 @@ def test_fetch_errors_are_redis_errors(dead_port: int) -> None:
     client = RedisURL.parse(f"redis://{HOST}:{dead_port}").node_client((HOST, dead_port))
     with pytest.raises(redis.ConnectionError):
         topo.fetch(client, "cluster", (HOST, dead_port))
+
+
+# ------------------------------------------- captured replies around real failovers
+#
+# tests/data/topology/<server>-<fault>.json hold every distinct CLUSTER SHARDS + CLUSTER
+# NODES pair (read in one MULTI) that Redis 7.0 and Valkey 8.1 gave before, during and
+# after a kill -9, a SIGSTOP and a CLUSTER FAILOVER of a master, asked of the replica,
+# of another master and of the old master (scripts/capture-topology.py made them).
+
+CAPTURES = sorted((Path(__file__).parent / "data" / "topology").glob("*.json"))
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((Path(__file__).parent / "data" / "topology" / name).read_text())
+
+
+def _read(view: dict[str, Any]) -> topo.Topology:
+    """What :func:`topo.fetch` does with the view: CLUSTER NODES only when needed."""
+    shards = view["shards"]
+    return topo.parse_cluster_shards(
+        shards, "capture", view["nodes"] if topo.shards_ambiguous(shards) else None
+    )
+
+
+def _listed(view: dict[str, Any], slot: int) -> list[dict[str, Any]]:
+    """The nodes CLUSTER SHARDS lists in the shard that owns ``slot``, in its order."""
+    for raw in view["shards"]:
+        shard = dict(zip(raw[::2], raw[1::2], strict=True))
+        ranges = shard["slots"]
+        if any(lo <= slot <= hi for lo, hi in zip(ranges[::2], ranges[1::2], strict=True)):
+            return [dict(zip(n[::2], n[1::2], strict=True)) for n in shard["nodes"]]
+    return []
+
+
+def test_captures_cover_both_servers_and_three_faults() -> None:
+    names = {p.stem for p in CAPTURES}
+    assert names == {f"{s}-{f}" for s in ("redis", "valkey") for f in ("kill", "stop", "manual")}
+    assert "Valkey server v=8" in _load("valkey-kill.json")["server"]
+    assert "Redis server v=7" in _load("redis-kill.json")["server"]
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=lambda p: p.stem)
+def test_captured_views_agree_with_the_slot_table(path: Path) -> None:
+    """In every captured view the master we pick for the drilled slot is the node the
+    answering node's own slot table (CLUSTER NODES) names, never a failed node while an
+    online master is listed, and no master-role node is called a replica."""
+    data = json.loads(path.read_text())
+    slot = data["slot"]
+    promoted_seen = False
+    for view in data["snapshots"]:
+        snap = _read(view)
+        table = topo.parse_cluster_nodes(view["nodes"])
+        master = snap.master_for_slot(slot)
+        expected = table.master_for_slot(slot)
+        where = f"{view['phase']} +{view['at']}s asked {view['asked']}"
+        assert master is not None and expected is not None, where
+        assert master.id == expected.id, where
+        listed = _listed(view, slot)
+        if any(n["role"] == "master" and n["health"] == "online" for n in listed):
+            assert master.online, where
+        for shard in snap.shards:
+            assert all(r.role == "replica" for r in shard.replicas), where
+            assert shard.master.id not in {r.id for r in shard.replicas}, where
+        promoted_seen |= master.port == data["replica_port"]
+    assert promoted_seen, "the capture never shows the replica promoted"
+    # The last view, asked of any node, names the promoted replica.
+    assert _read(data["snapshots"][-1]).master_for_slot(slot).port == data["replica_port"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["valkey-kill.json", "valkey-stop.json"])
+def test_valkey_lists_the_failed_master_first_beside_the_promoted_one(name: str) -> None:
+    """Valkey 8 keeps the dead master in its shard, still role master, health fail, and
+    lists it first: taking the first master (what the parser did) routes to a dead node."""
+    data = _load(name)
+    slot = data["slot"]
+    views = [
+        v
+        for v in data["snapshots"]
+        if [(n["role"], n["health"]) for n in _listed(v, slot)][:2]
+        == [("master", "fail"), ("master", "online")]
+    ]
+    assert views, "no captured view lists the failed master first"
+    for view in views:
+        assert not topo.shards_ambiguous(view["shards"])  # health settles it: one online
+        snap = _read(view)
+        master = snap.master_for_slot(slot)
+        assert master is not None and master.port == data["replica_port"] and master.online
+        shard = snap.shard_for_slot(slot)
+        assert shard is not None and shard.replicas == ()  # the failed master is no replica
+        dead = snap.node_at(f"{HOST}:{data['old_master_port']}")
+        assert dead is not None and dead.health == topo.FAILED and dead.role == "master"
+
+
+def test_two_online_masters_in_one_shard_are_settled_by_the_slot_table() -> None:
+    """Right after CLUSTER FAILOVER, Valkey's promoted replica lists both nodes as online
+    masters of the shard: CLUSTER NODES (slot table, config epochs) says which won."""
+    data = _load("valkey-manual.json")
+    slot = data["slot"]
+    views = [v for v in data["snapshots"] if topo.shards_ambiguous(v["shards"])]
+    assert views, "no ambiguous view captured"
+    for view in views:
+        masters = [n for n in _listed(view, slot) if n["role"] == "master"]
+        assert len(masters) == 2 and all(n["health"] == "online" for n in masters)
+        snap = _read(view)
+        winner = snap.master_for_slot(slot)
+        assert winner is not None and winner.port == data["replica_port"]
+        assert winner.config_epoch is not None
+        loser = snap.node_at(f"{HOST}:{data['old_master_port']}")
+        assert loser is not None and (loser.config_epoch or 0) < winner.config_epoch
+
+
+def test_shard_master_without_a_slot_table_prefers_online_then_epoch() -> None:
+    failed = _node("old", 7000, health=topo.FAILED)
+    winner = topo.NodeInfo("new", HOST, 7003, "master", topo.ONLINE, config_epoch=7)
+    stale = topo.NodeInfo("stale", HOST, 7004, "master", topo.ONLINE, config_epoch=2)
+    assert topo.shard_master([failed, winner]) is winner
+    assert topo.shard_master([failed, stale, winner]) is winner
+    assert topo.shard_master([failed]) is failed  # nobody else serves the slots yet
+    assert topo.shard_master([_node("r", 7005, "replica", "old")]) is None
+
+
+def test_loading_replica_is_listed_but_not_online() -> None:
+    data = _load("redis-kill.json")
+    view = data["snapshots"][0]
+    loading = [n for n in _listed(view, data["slot"]) if n["health"] == "loading"]
+    assert loading, "the capture has no loading replica"
+    shard = _read(view).shard_for_slot(data["slot"])
+    assert shard is not None
+    replica = next(r for r in shard.replicas if r.port == loading[0]["port"])
+    assert replica.health == topo.LOADING and not replica.online
+
+
+@pytest.mark.parametrize("server", ["redis", "valkey"])
+def test_diff_over_a_captured_kill_reports_the_failover(server: str) -> None:
+    data = _load(f"{server}-kill.json")
+    views = [v for v in data["snapshots"] if v["asked"] == "other_master"]
+    events: list[topo.TopologyEvent] = []
+    for before, after in itertools.pairwise(views):
+        events.extend(topo.diff(_read(before), _read(after), ["images"]))
+    changed = [e for e in events if isinstance(e, topo.MasterChanged)]
+    assert len(changed) == 1, [e.describe() for e in events]
+    event = changed[0]
+    assert (event.old.port, event.new.port) == (data["old_master_port"], data["replica_port"])
+    assert event.queues == ("images",)
+    assert event.old_state in ("failed", "gone")
+    assert "failover" in event.describe() and event.old.addr in event.describe()
