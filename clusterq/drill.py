@@ -105,6 +105,11 @@ class DrillReport:
     promotion: float | None = None
     #: Seconds from the fault to the producer's first success after its first error.
     producer_resume: float | None = None
+    #: The longest time one enqueue call of the producer was blocked (retries included).
+    producer_stall: float = 0.0
+    #: The verdict's bound on ``producer_stall`` and ``worker_resume_lag``: the promotion
+    #: plus the settings' ``stall_margin`` (seconds).
+    stall_bound: float | None = None
     #: Seconds from the promotion until the last drill worker fetched from the queue
     #: again (from the workers' "queue resumed" events; None if none lost it).
     worker_resume_lag: float | None = None
@@ -123,13 +128,56 @@ class DrillReport:
     healthy_after: bool = False
     duration: float = 0.0
     worker_logs: str = ""
+    #: Why the drill failed (empty: it passed). See :func:`verdict`.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0
+        return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
+
+
+#: An outage shorter than this says nothing about other shards (a manual failover takes
+#: milliseconds): the "other queue kept flowing" check needs at least this long.
+OTHER_QUEUE_MIN_OUTAGE = 1.0
+
+
+def verdict(report: DrillReport, stall_margin: float) -> list[str]:
+    """What went wrong in a drill: data first (lost, still queued, stuck), then
+    availability: the queue's master must be replaced, the producer and the workers
+    must not stay blocked past the promotion plus ``stall_margin`` seconds, and a queue
+    on another shard must keep delivering while this one is down."""
+    problems = []
+    if report.lost:
+        problems.append(f"{report.lost} acknowledged tasks lost")
+    if report.still_queued:
+        problems.append(f"{report.still_queued} acknowledged tasks still queued after settling")
+    if report.stuck_active:
+        problems.append(f"{report.stuck_active} tasks stuck active")
+    if report.gave_up:
+        problems.append(f"the producer gave up on {report.gave_up} tasks")
+    if report.promotion is None:
+        problems.append("no promotion seen: the queue's master was never replaced")
+        return problems
+    bound = report.stall_bound = round(report.promotion + stall_margin, 3)
+    if report.producer_stall > bound:
+        problems.append(
+            f"the producer was blocked {report.producer_stall:.1f}s "
+            f"(bound: promotion {report.promotion:.1f}s + {stall_margin:g}s)"
+        )
+    if report.worker_resume_lag is not None and report.worker_resume_lag > stall_margin:
+        problems.append(
+            f"workers resumed {report.worker_resume_lag:.1f}s after the promotion "
+            f"(bound: {stall_margin:g}s)"
+        )
+    if report.promotion >= OTHER_QUEUE_MIN_OUTAGE and not report.other_delivered_during_outage:
+        problems.append(
+            f"queue {report.other_queue} on another shard delivered nothing during the "
+            f"{report.promotion:.1f}s outage"
+        )
+    return problems
 
 
 @dataclass
@@ -146,6 +194,9 @@ class DrillSettings:
     use_running_workers: bool = False
     settle_timeout: float = 90.0
     seed: int | None = None
+    #: Seconds past the promotion that the producer and the workers may stay blocked
+    #: before the drill fails its verdict.
+    stall_margin: float = 5.0
 
 
 # ----------------------------------------------------------------------- cluster checks
@@ -338,6 +389,17 @@ async def run_drill(
         async def enqueue(
             queue: str, task_id: str, record: dict[str, float], patient: bool
         ) -> None:
+            began = time.monotonic()
+            try:
+                await attempt_enqueue(queue, task_id, record, patient)
+            finally:
+                if patient:
+                    stall = time.monotonic() - began
+                    report.producer_stall = round(max(report.producer_stall, stall), 3)
+
+        async def attempt_enqueue(
+            queue: str, task_id: str, record: dict[str, float], patient: bool
+        ) -> None:
             deadline = time.monotonic() + (60 if patient else 1)
             while True:
                 try:
@@ -477,6 +539,7 @@ async def run_drill(
         after_loc = backend.topology.locate(settings.queue)
         report.master_after = after_loc.master.addr if after_loc.master else ""
         report.duration = round(time.monotonic() - started, 2)
+        report.problems = verdict(report, settings.stall_margin)
         await backend.execute_key(deliveries_key, lambda c: c.delete(deliveries_key, first_key))
         return report
     finally:

@@ -19,7 +19,7 @@ from clusterq.events import QueueResumed, QueueUnavailable
 from clusterq.topology import MasterChanged, TopologyEvent
 from tests.helpers import FAST, await_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_servers]
 
 
 class LineReader:
@@ -103,13 +103,16 @@ def test_four_drill_modes_back_to_back(
                         "worker_resume_lag",
                         "first_delivery_after_promotion",
                         "producer_resume",
+                        "producer_stall",
+                        "stall_bound",
                         "pickup_p99_ms",
                         "other_delivered_during_outage",
                         "errors",
                     )
                 },
             )
-            assert report["ok"] and report["lost"] == 0 and report["still_queued"] == 0
+            assert report["ok"], report["problems"]
+            assert report["lost"] == 0 and report["still_queued"] == 0
             assert report["acknowledged"] == 2000 and report["gave_up"] == 0
             assert report["extra_deliveries"] <= report["in_flight_bound"]
             assert report["stuck_active"] == 0 and report["healthy_after"]
@@ -119,6 +122,9 @@ def test_four_drill_modes_back_to_back(
                 assert report["promotion"] > 1.0  # a real outage of the queue's master...
                 assert report["other_delivered_during_outage"] > 0  # ...others kept going
                 assert report["worker_resume_lag"] is not None
+                # The producer saw the outage and came back within the verdict's bound.
+                assert report["producer_resume"] is not None
+                assert report["producer_stall"] <= report["stall_bound"]
             else:
                 assert report["duplicated"] <= report["in_flight_bound"]
             cluster.wait_healthy(timeout=30)  # gossip converges, and the next drill can run

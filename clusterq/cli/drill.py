@@ -44,6 +44,10 @@ def render(report: DrillReport) -> None:
         ["first producer error", _fmt(report.detect, "s after the fault")],
         ["promotion", _fmt(report.promotion, "s after the fault")],
         ["producer resumed", _fmt(report.producer_resume, "s after the fault")],
+        [
+            "longest producer stall",
+            f"{report.producer_stall}s (bound: {_fmt(report.stall_bound, 's')})",
+        ],
         ["worker resume lag", _fmt(report.worker_resume_lag, "s after the promotion")],
         [
             "pickup p50 / p99 / max",
@@ -60,7 +64,9 @@ def render(report: DrillReport) -> None:
         ["cluster healthy after", "yes" if report.healthy_after else "NO"],
         [
             "verdict",
-            "OK: nothing acknowledged was lost" if report.ok else f"LOST {report.lost} TASKS",
+            "OK: nothing acknowledged was lost, nothing stayed blocked"
+            if report.ok
+            else "FAILED: " + "; ".join(report.problems),
         ],
     ]
     title = f"failover drill on queue {report.queue}"
@@ -89,6 +95,14 @@ def render(report: DrillReport) -> None:
 )
 @click.option("--settle-timeout", type=float, default=90.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for the moment of the fault.")
+@click.option(
+    "--stall-margin",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds past the promotion that the producer and workers may stay blocked "
+    "before the verdict fails.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def failover(
@@ -103,9 +117,15 @@ def failover(
     use_running_workers: bool,
     settle_timeout: float,
     seed: int | None,
+    stall_margin: float,
     as_json: bool,
 ) -> None:
-    """Fail the master of QUEUE's slot mid-stream; exit 1 if an acknowledged task was lost."""
+    """Fail the master of QUEUE's slot mid-stream and report the damage.
+
+    Exits 1 when an acknowledged task was lost or is still queued, when the master was
+    never replaced, when the producer or the workers stayed blocked longer than the
+    promotion plus --stall-margin, or when a queue on another shard delivered nothing
+    during the outage."""
     settings = DrillSettings(
         url=state.url,
         queue=queue,
@@ -119,6 +139,7 @@ def failover(
         use_running_workers=use_running_workers,
         settle_timeout=settle_timeout,
         seed=seed,
+        stall_margin=stall_margin,
     )
     report = asyncio.run(run_drill(settings, lambda msg: click.echo(f"drill: {msg}", err=True)))
     if as_json:
