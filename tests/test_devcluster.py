@@ -36,15 +36,20 @@ def test_refuses_port_6379_and_bus_overflow() -> None:
 def test_up_twice_down_and_up_again(clusterq_bin: str, tmp_path: Path, server_bin: Path) -> None:
     base = servers.find_free_ports(6, with_bus=True)
     directory = tmp_path / "dev"
-    env = {**os.environ, "CLUSTERQ_SERVER_BIN": str(server_bin)}
+    env = {k: v for k, v in os.environ.items() if k != "CLUSTERQ_SERVER_BIN"}
     common = ["--base-port", str(base), "--dir", str(directory)]
+    # A relative --server-bin (servers start in their own directories).
+    relative = os.path.relpath(server_bin, tmp_path)
+    assert not os.path.isabs(relative)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
+        extra = ["--server-bin", relative] if args[0] == "up" else []
         return subprocess.run(
-            [clusterq_bin, "dev", *args, *common],
+            [clusterq_bin, "dev", *args, *common, *extra],
             capture_output=True,
             text=True,
             env=env,
+            cwd=tmp_path,
             timeout=120,
         )
 
@@ -52,6 +57,7 @@ def test_up_twice_down_and_up_again(clusterq_bin: str, tmp_path: Path, server_bi
     try:
         first = run("up")
         assert first.returncode == 0, first.stderr
+        assert servers.server_version(server_bin) in first.stdout
         assert "created cluster" in first.stdout and f"127.0.0.1:{base}" in first.stdout
         pids = {p: cluster.pid(p) for p in cluster.ports}
         assert all(pids.values())
@@ -151,6 +157,34 @@ def test_lookup_falls_back_to_the_extra_then_explains(
 def test_bad_explicit_binary(tmp_path: Path) -> None:
     with pytest.raises(ServerBinaryNotFound, match="not an executable"):
         servers.find_server_binary(tmp_path / "nope")
+
+
+def test_relative_binary_is_made_absolute(
+    tmp_path: Path, server_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(server_bin, tmp_path)
+    found = servers.find_server_binary(relative)
+    assert found.is_absolute() and found.name == server_bin.name  # symlinks kept
+    assert found == Path(os.path.abspath(server_bin))
+
+
+def test_dev_up_with_a_missing_relative_binary_says_so_in_one_line(
+    clusterq_bin: str, tmp_path: Path
+) -> None:
+    base = servers.find_free_ports(6, with_bus=True)
+    args = ["--base-port", str(base), "--dir", str(tmp_path / "d")]
+    done = subprocess.run(
+        [clusterq_bin, "dev", "up", *args, "--server-bin", "nowhere/valkey-server"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "error: --server-bin 'nowhere/valkey-server' is not an executable file"
+    ]
 
 
 @pytest.mark.slow
