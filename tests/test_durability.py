@@ -17,6 +17,9 @@ from clusterq.devcluster import LocalCluster, LocalServer
 from clusterq.errors import DurabilityError
 from tests.helpers import wait_for
 
+#: Run on Redis and again on Valkey by scripts/test.sh (servers differ here).
+pytestmark = pytest.mark.both_servers
+
 
 def _replica_linked(cluster: LocalCluster, port: int) -> bool:
     client = cluster.client(port)

@@ -14,6 +14,9 @@ from clusterq.cli import main
 from clusterq.client import Client
 from clusterq.devcluster import HOST, LocalCluster
 
+#: Run on Redis and again on Valkey by scripts/test.sh (servers differ here).
+pytestmark = pytest.mark.both_servers
+
 QUEUES = ("images", "webhooks", "notifications")
 
 
