@@ -122,9 +122,8 @@ def test_four_drill_modes_back_to_back(
                 assert report["promotion"] > 1.0  # a real outage of the queue's master...
                 assert report["other_delivered_during_outage"] > 0  # ...others kept going
                 assert report["worker_resume_lag"] is not None
-                # The producer saw the outage and came back within the verdict's bound.
-                assert report["producer_resume"] is not None
-                assert report["producer_stall"] <= report["stall_bound"]
+                # The producer was held up by the outage, and not past the verdict's bound.
+                assert 1.0 < report["producer_stall"] <= report["stall_bound"]
             else:
                 assert report["duplicated"] <= report["in_flight_bound"]
             cluster.wait_healthy(timeout=30)  # gossip converges, and the next drill can run
