@@ -128,6 +128,11 @@ class DrillReport:
     healthy_after: bool = False
     duration: float = 0.0
     worker_logs: str = ""
+    #: This drill's id: task ids are ``<run_id>-<n>`` (``-o<n>`` on the other queue).
+    run_id: str = ""
+    #: The hash where the handlers logged each delivery (``<task id>|<attempt>``), kept
+    #: for an hour with ``keep_log`` (deleted at the end otherwise).
+    delivery_log: str = ""
     #: Why the drill failed (empty: it passed). See :func:`verdict`.
     problems: list[str] = field(default_factory=list)
 
@@ -197,6 +202,8 @@ class DrillSettings:
     #: Seconds past the promotion that the producer and the workers may stay blocked
     #: before the drill fails its verdict.
     stall_margin: float = 5.0
+    #: Keep the delivery log (an hour) for an independent count.
+    keep_log: bool = False
 
 
 # ----------------------------------------------------------------------- cluster checks
@@ -347,6 +354,8 @@ async def run_drill(
             master_after="",
             tasks=settings.tasks,
             other_queue=other,
+            run_id=run_id,
+            delivery_log=deliveries_key,
         )
         if settings.use_running_workers:
             if not await _serving(backend, settings.queue):
@@ -540,7 +549,8 @@ async def run_drill(
         report.master_after = after_loc.master.addr if after_loc.master else ""
         report.duration = round(time.monotonic() - started, 2)
         report.problems = verdict(report, settings.stall_margin)
-        await backend.execute_key(deliveries_key, lambda c: c.delete(deliveries_key, first_key))
+        if not settings.keep_log:
+            await backend.execute_key(deliveries_key, lambda c: c.delete(deliveries_key, first_key))
         return report
     finally:
         if workers is not None:

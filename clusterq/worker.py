@@ -224,6 +224,7 @@ class Worker:
         self._threads: dict[str, Future[Any]] = {}
         self._seq = 0
         self._stopping = False
+        self._aborting = False
         self._closing = False
         self._closed: asyncio.Event | None = None
 
@@ -305,6 +306,9 @@ class Worker:
         await self._stop_fetching()
         if self._running:
             _, late = await asyncio.wait(set(self._running), timeout=grace)
+            if self._aborting:  # a second signal: abort() closes, returns nothing
+                await self.wait_closed()
+                return
             await _cancel_and_wait(late)
         await self._return_unfinished()
         await self._flush_all_acks()
@@ -316,7 +320,7 @@ class Worker:
         recoverer runs them again (nothing is lost)."""
         if self.backend is None:
             return
-        self._stopping = True
+        self._stopping = self._aborting = True
         await self._stop_fetching()
         await _cancel_and_wait(set(self._running))
         await self._close(announce=False)

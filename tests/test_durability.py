@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -38,19 +36,21 @@ class Freezer:
 
     def freeze(self, queue: str) -> None:
         port = self.cluster.topology().locate(queue).replicas[0].port
-        os.kill(self.cluster.pid(port) or 0, signal.SIGSTOP)
+        self.cluster.kill_node(port, signal.SIGSTOP)  # only a process this cluster started
         self.stopped.append(port)
 
     def thaw(self) -> None:
         while self.stopped:
             port = self.stopped.pop()
-            os.kill(self.cluster.pid(port) or 0, signal.SIGCONT)
+            self.cluster.kill_node(port, signal.SIGCONT)
             wait_for(lambda p=port: _replica_linked(self.cluster, p), 30, "the replica link")
 
 
 @pytest.fixture
-def frozen_replica(cluster: LocalCluster) -> Iterator[Freezer]:
-    freezer = Freezer(cluster)
+def frozen_replica(fresh_cluster: Callable[[], LocalCluster]) -> Iterator[Freezer]:
+    """A cluster of the test's own (the session's shared one is never paused), and a way
+    to freeze the replica of a queue's master."""
+    freezer = Freezer(fresh_cluster())
     try:
         yield freezer
     finally:
@@ -77,8 +77,7 @@ def test_wait_goes_over_the_writes_connection_to_the_queues_master(
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    assert ready.wait(5)
-    time.sleep(0.1)
+    assert ready.wait(5)  # MONITOR answered OK: every command from here on is seen
     with Client(cluster.seed_url, prefix=prefix) as client:
         info = client.enqueue("t", {"n": 1}, queue="images", durability="replica")
     thread.join(10)
@@ -96,8 +95,9 @@ def test_wait_goes_over_the_writes_connection_to_the_queues_master(
 
 
 def test_frozen_replica_fails_durable_enqueue_and_retry_confirms_it(
-    cluster: LocalCluster, prefix: str, frozen_replica: Freezer
+    prefix: str, frozen_replica: Freezer
 ) -> None:
+    cluster = frozen_replica.cluster
     with Client(cluster.seed_url, prefix=prefix, durability_timeout=0.3) as client:
         frozen_replica.freeze("images")
         plain = client.enqueue("t", 1, queue="images")  # the master still takes writes

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from clusterq import AsyncClient, Router, Task, Worker
 from clusterq.devcluster import HOST, LocalCluster
@@ -82,6 +83,7 @@ def test_four_drill_modes_back_to_back(
                     "500",
                     "--seed",
                     str(seed),
+                    "--keep-log",
                     "--json",
                 ],
                 capture_output=True,
@@ -111,6 +113,16 @@ def test_four_drill_modes_back_to_back(
                     )
                 },
             )
+            # Count again, without the drill's code: the handlers' own log, read with
+            # redis-py's cluster client; every one of the 2,000 ids ran at least once.
+            ran = _deliveries(cluster, report["delivery_log"], report["run_id"])
+            assert set(ran) == {f"{report['run_id']}-{i}" for i in range(2000)}
+            extra = sum(ran.values()) - len(ran)
+            assert extra == report["extra_deliveries"] <= report["in_flight_bound"]
+            # The last tasks were enqueued after the promotion, into the new master; the
+            # old one is no master any more: their delivery was fetched from the new one.
+            assert _role(report["master_before"]) == "slave"
+            assert _role(report["master_after"]) == "master"
             assert report["ok"], report["problems"]
             assert report["lost"] == 0 and report["still_queued"] == 0
             assert report["acknowledged"] == 2000 and report["gave_up"] == 0
@@ -137,6 +149,26 @@ def test_four_drill_modes_back_to_back(
     assert kinds["node_failed"] >= 1 and kinds["node_recovered"] >= 1, kinds
     changed = [e for e in events if e["event"] == "master_changed"]
     assert all(e["slots"] and e["old"] != e["new"] for e in changed)
+
+
+def _deliveries(cluster: LocalCluster, log_key: str, run_id: str) -> Counter[str]:
+    """Deliveries per task id of the drill's queue, from the handlers' log hash."""
+    client = redis.RedisCluster(host=HOST, port=cluster.base_port, decode_responses=True)
+    try:
+        fields = client.hkeys(log_key)
+    finally:
+        client.close()
+    ids = (f.split("|", 1)[0] for f in fields)
+    return Counter(i for i in ids if i.startswith(f"{run_id}-") and "-o" not in i[len(run_id) :])
+
+
+def _role(addr: str) -> str:
+    host, _, port = addr.rpartition(":")
+    node = redis.Redis(host=host, port=int(port), socket_timeout=5)
+    try:
+        return str(node.info("replication")["role"])
+    finally:
+        node.close()
 
 
 def test_losing_the_seed_node(fresh_cluster: Callable[[], LocalCluster], prefix: str) -> None:

@@ -97,7 +97,7 @@ async def _shares(total: int, want: int, until: int) -> Counter[str]:
             capacity.release(got)
 
     tasks = [asyncio.create_task(loop(q)) for q in "abc"]
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)
     return slots
 
 

@@ -11,6 +11,7 @@ import redis
 
 from clusterq.connection import RedisURL
 from clusterq.devcluster import LocalServer
+from tests.helpers import await_for
 
 
 def test_sync_fast_and_pipeline(standalone: LocalServer, prefix: str) -> None:
@@ -41,13 +42,22 @@ async def _lane_roundtrips(url: str, port: int, key: str) -> None:
             await client.fast("EVALSHA", "0" * 40, 0)
         # A caller that gives up does not put later replies out of step.
         slow = asyncio.ensure_future(client.fast("BLPOP", f"{key}:none", "0.2"))
-        await asyncio.sleep(0.05)
+        await await_for(lambda: _blocked_in_blpop(port), 5, "the BLPOP to block")
         slow.cancel()
         assert await client.fast("ECHO", "after") == b"after"
     finally:
         await client.aclose()
     with pytest.raises(redis.ConnectionError):
         await client.fast("PING")  # closed for good
+
+
+def _blocked_in_blpop(port: int) -> bool:
+    """Whether the server has a client blocked in BLPOP (only this test sends one)."""
+    probe = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+    try:
+        return "cmd=blpop" in probe.execute_command("CLIENT", "LIST").decode()
+    finally:
+        probe.close()
 
 
 def test_lane_multiplexes_in_order(standalone: LocalServer, prefix: str) -> None:

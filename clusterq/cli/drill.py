@@ -103,6 +103,11 @@ def render(report: DrillReport) -> None:
     help="Seconds past the promotion that the producer and workers may stay blocked "
     "before the verdict fails.",
 )
+@click.option(
+    "--keep-log",
+    is_flag=True,
+    help="Keep the hash of deliveries (named in the report) for an hour, to count again.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def failover(
@@ -118,6 +123,7 @@ def failover(
     settle_timeout: float,
     seed: int | None,
     stall_margin: float,
+    keep_log: bool,
     as_json: bool,
 ) -> None:
     """Fail the master of QUEUE's slot mid-stream and report the damage.
@@ -140,6 +146,7 @@ def failover(
         settle_timeout=settle_timeout,
         seed=seed,
         stall_margin=stall_margin,
+        keep_log=keep_log,
     )
     report = asyncio.run(run_drill(settings, lambda msg: click.echo(f"drill: {msg}", err=True)))
     if as_json:
