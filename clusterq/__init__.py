@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from clusterq.client import AsyncClient, Client, TaskSpec
+from clusterq.cluster.topology import Topology
 from clusterq.errors import (
     AuthFailed,
     ClusterqError,
@@ -24,7 +25,6 @@ from clusterq.router import Router
 from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
 from clusterq.task import Task, TaskInfo, TaskState
-from clusterq.topology import Topology
 from clusterq.worker import Worker, current_worker
 
 __all__ = [

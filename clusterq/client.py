@@ -24,11 +24,12 @@ from typing import Any, Literal
 import redis
 import redis.asyncio
 
-from clusterq.abackend import AsyncBackend
-from clusterq.backend import DEFAULT_RETRY_TIMEOUT, Backend
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import Transaction, arun_pipelined, first_error, run_pipelined
-from clusterq.connection import DEFAULT_URL, Addr, Mode, RedisURL, command, format_addr
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.backend import DEFAULT_RETRY_TIMEOUT, Backend
+from clusterq.cluster.connection import DEFAULT_URL, Addr, Mode, RedisURL, command, format_addr
+from clusterq.cluster.wire import AsyncNodeClient, NodeClient
 from clusterq.errors import (
     ConfigError,
     DuplicateTask,
@@ -53,7 +54,6 @@ from clusterq.task import (
     record_meta,
     with_enqueued,
 )
-from clusterq.wire import AsyncNodeClient, NodeClient
 
 log = logging.getLogger("clusterq.client")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from clusterq.topology import (
+from clusterq.cluster.topology import (
     MasterChanged,
     NodeAdded,
     NodeFailed,

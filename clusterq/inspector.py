@@ -13,11 +13,11 @@ from typing import Any
 
 import redis
 
-from clusterq.backend import Backend
-from clusterq.connection import DEFAULT_URL, Mode, RedisURL
+from clusterq.cluster.backend import Backend
+from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
+from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX, validate_queue_name
-from clusterq.topology import Topology
 
 #: How long one queue's counts may take (through retries) before it is shown as an error.
 DEFAULT_INSPECT_TIMEOUT = 3.0

@@ -35,8 +35,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from clusterq.abackend import AsyncBackend
-from clusterq.backend import DEFAULT_RETRY_TIMEOUT, backoff
 from clusterq.broker import ack as ack_script
 from clusterq.broker import dequeue as dequeue_script
 from clusterq.broker import extend as extend_script
@@ -44,7 +42,10 @@ from clusterq.broker import fail as fail_script
 from clusterq.broker import requeue as requeue_script
 from clusterq.broker import sweep as sweep_script
 from clusterq.client import new_task_id
-from clusterq.connection import DEFAULT_URL, Mode, RedisURL, format_addr
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.backend import DEFAULT_RETRY_TIMEOUT, backoff
+from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL, format_addr
+from clusterq.cluster.topology import ReplicaAdded, Topology, TopologyEvent
 from clusterq.events import EventListener, QueueResumed, QueueUnavailable
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name
 from clusterq.priority import Capacity
@@ -57,7 +58,6 @@ from clusterq.serialization import (
     get_codec,
 )
 from clusterq.task import Record, Task
-from clusterq.topology import ReplicaAdded, Topology, TopologyEvent
 
 log = logging.getLogger("clusterq.worker")
 

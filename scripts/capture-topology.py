@@ -27,9 +27,9 @@ from typing import Any
 
 import redis
 
-from clusterq import servers
-from clusterq.devcluster import HOST, LocalCluster
 from clusterq.slots import keyslot
+from clusterq.tools import servers
+from clusterq.tools.devcluster import HOST, LocalCluster
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "topology"
 FAULTS = ("kill", "stop", "manual")

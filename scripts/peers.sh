@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
-CLUSTERQ_SERVER_BIN="$(.venv/bin/python -c 'from clusterq.servers import find_server_binary as f; print(f())')"
+CLUSTERQ_SERVER_BIN="$(.venv/bin/python -c 'from clusterq.tools.servers import find_server_binary as f; print(f())')"
 export CLUSTERQ_SERVER_BIN
 if [ ! -x .venv-peers/bin/python ]; then
     python3 -m venv .venv-peers

@@ -20,7 +20,7 @@ fi
 # The tests run the failover tests on Redis and again on Valkey. Valkey comes with the
 # extra; Redis from PATH, else Debian's package when we may install it.
 has_redis() {
-    .venv/bin/python -c 'import sys; from clusterq.servers import find_server_binaries as f; sys.exit("redis" not in f())' 2>/dev/null
+    .venv/bin/python -c 'import sys; from clusterq.tools.servers import find_server_binaries as f; sys.exit("redis" not in f())' 2>/dev/null
 }
 if ! has_redis; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -31,7 +31,7 @@ if ! has_redis; then
     fi
 fi
 .venv/bin/python - <<'PY'
-from clusterq.servers import find_server_binaries, find_server_binary, server_version
+from clusterq.tools.servers import find_server_binaries, find_server_binary, server_version
 binary = find_server_binary()
 print(f"setup: server binary {binary} ({server_version(binary)})")
 for kind, path in find_server_binaries().items():

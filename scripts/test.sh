@@ -15,7 +15,7 @@ echo "== mypy"; mypy
 # runs only if CLUSTERQ_BOTH_SERVERS=1. CI sets CLUSTERQ_REQUIRE_BOTH_SERVERS=1: a
 # missing server is then an error, not a warning.
 server_of() {
-    python -c "import sys; from clusterq.servers import find_server_binaries as f; p = f().get(sys.argv[1]); print(p or '')" "$1"
+    python -c "import sys; from clusterq.tools.servers import find_server_binaries as f; p = f().get(sys.argv[1]); print(p or '')" "$1"
 }
 REDIS_BIN=$(server_of redis)
 VALKEY_BIN=$(server_of valkey)

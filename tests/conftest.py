@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterq import servers
-from clusterq.devcluster import LocalCluster, LocalServer
+from clusterq.tools import servers
+from clusterq.tools.devcluster import LocalCluster, LocalServer
 
 _SERVER_DIRS: list[Path] = []
 

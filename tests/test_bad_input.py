@@ -7,7 +7,7 @@ import math
 import pytest
 
 from clusterq import Client, Inspector, InvalidName, PayloadError
-from clusterq.devcluster import LocalServer
+from clusterq.tools.devcluster import LocalServer
 
 
 @pytest.fixture

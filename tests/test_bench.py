@@ -9,8 +9,11 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from clusterq import topology as topo
-from clusterq.bench import (
+from clusterq.cli import main
+from clusterq.cluster import topology as topo
+from clusterq.errors import ConfigError
+from clusterq.slots import keyslot
+from clusterq.tools.bench import (
     SCENARIOS,
     BenchSettings,
     Work,
@@ -19,10 +22,7 @@ from clusterq.bench import (
     run_bench,
     spread_queues,
 )
-from clusterq.cli import main
-from clusterq.devcluster import LocalCluster
-from clusterq.errors import ConfigError
-from clusterq.slots import keyslot
+from clusterq.tools.devcluster import LocalCluster
 
 
 def test_percentile_nearest_rank() -> None:
@@ -58,7 +58,7 @@ def test_spread_queues_puts_one_queue_on_each_master(cluster: LocalCluster) -> N
 
 def _leftovers(url: str, prefix: str) -> list[bytes]:
     """Keys under ``prefix`` anywhere on the target (every master)."""
-    from clusterq.backend import Backend
+    from clusterq.cluster.backend import Backend
 
     found: list[bytes] = []
     with Backend(url) as backend:

@@ -12,7 +12,7 @@ from typing import Any
 
 from clusterq import AsyncClient, Client, Inspector, Router, SkipRetry, Task, TaskState
 from clusterq.broker import dequeue, enqueue
-from clusterq.devcluster import HOST, LocalCluster, LocalServer
+from clusterq.tools.devcluster import HOST, LocalCluster, LocalServer
 from tests.helpers import await_for, running_worker, wait_for
 
 

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from clusterq.cli import main
-from clusterq.devcluster import HOST, LocalCluster, LocalServer
 from clusterq.slots import keyslot
+from clusterq.tools.devcluster import HOST, LocalCluster, LocalServer
 
 QUEUES = ("images", "webhooks", "notifications")
 

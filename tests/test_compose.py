@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from clusterq.devcluster import DEFAULT_BASE_PORT, LocalCluster, cluster_config_file
+from clusterq.tools.devcluster import DEFAULT_BASE_PORT, LocalCluster, cluster_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_IN_CONTAINER = "/usr/local/etc/redis/cluster.conf"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from clusterq.connection import RedisURL, detect_mode, parse_addr
-from clusterq.devcluster import LocalCluster, LocalServer
+from clusterq.cluster.connection import RedisURL, detect_mode, parse_addr
 from clusterq.errors import AuthFailed, ConfigError, ConnectionFailed, ModeMismatch
+from clusterq.tools.devcluster import LocalCluster, LocalServer
 
 
 def test_parse_plain_url() -> None:

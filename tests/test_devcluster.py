@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from clusterq import Client, Inspector, servers
-from clusterq.devcluster import LocalCluster, split_slots
+from clusterq import Client, Inspector
 from clusterq.errors import DevClusterError, ServerBinaryNotFound
 from clusterq.slots import SLOT_COUNT
+from clusterq.tools import servers
+from clusterq.tools.devcluster import LocalCluster, split_slots
 
 
 def test_split_slots_covers_everything() -> None:

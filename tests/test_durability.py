@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from clusterq import Client, ConfigError, TaskState
-from clusterq.devcluster import LocalCluster, LocalServer
 from clusterq.errors import DurabilityError
+from clusterq.tools.devcluster import LocalCluster, LocalServer
 from tests.helpers import wait_for
 
 #: Run on Redis and again on Valkey by scripts/test.sh (servers differ here).

@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from clusterq import AsyncClient, Router, Task, Worker
-from clusterq.devcluster import HOST, LocalCluster
+from clusterq.cluster.topology import MasterChanged, TopologyEvent
 from clusterq.events import QueueResumed, QueueUnavailable
-from clusterq.topology import MasterChanged, TopologyEvent
+from clusterq.tools.devcluster import HOST, LocalCluster
 from tests.helpers import FAST, await_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_servers]

@@ -8,11 +8,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from clusterq import topology as topo
-from clusterq.backend import Backend
 from clusterq.cli import main
 from clusterq.client import Client
-from clusterq.devcluster import HOST, LocalCluster
+from clusterq.cluster import topology as topo
+from clusterq.cluster.backend import Backend
+from clusterq.tools.devcluster import HOST, LocalCluster
 
 #: Run on Redis and again on Valkey by scripts/test.sh (servers differ here).
 pytestmark = pytest.mark.both_servers

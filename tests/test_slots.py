@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clusterq.devcluster import LocalCluster
 from clusterq.slots import SLOT_COUNT, hash_tag, keyslot
+from clusterq.tools.devcluster import LocalCluster
 
 TRICKY = [
     b"",

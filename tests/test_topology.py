@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import redis
 
-from clusterq import topology as topo
-from clusterq.backend import Backend
-from clusterq.connection import RedisURL
-from clusterq.devcluster import HOST, LocalCluster, LocalServer
+from clusterq.cluster import topology as topo
+from clusterq.cluster.backend import Backend
+from clusterq.cluster.connection import RedisURL
 from clusterq.slots import SLOT_COUNT, keyslot
+from clusterq.tools.devcluster import HOST, LocalCluster, LocalServer
 
 #: Run on Redis and again on Valkey by scripts/test.sh (servers differ here).
 pytestmark = pytest.mark.both_servers
@@ -81,7 +81,7 @@ def test_standalone_snapshot_one_node_owns_everything(standalone: LocalServer) -
 def test_standalone_snapshot_lists_replicas(
     standalone: LocalServer, tmp_path: object, server_bin: object
 ) -> None:
-    from clusterq import servers
+    from clusterq.tools import servers
 
     port = servers.find_free_ports(1, with_bus=False)
     replica = LocalServer(

@@ -150,7 +150,7 @@ def test_capacity_strict_and_close() -> None:
 def test_drills_refuse_nodes_that_are_not_local() -> None:
     import os
 
-    from clusterq.servers import NotLocal, local_process
+    from clusterq.tools.servers import NotLocal, local_process
 
     with pytest.raises(NotLocal, match="not a loopback address"):
         local_process("10.1.2.3", 7000, {"process_id": os.getpid(), "tcp_port": 7000})

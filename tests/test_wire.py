@@ -1,4 +1,4 @@
-"""The fast path to a node (clusterq.wire) against a real server: replies in order under
+"""The fast path to a node (clusterq.cluster.wire) against a real server: replies in order under
 concurrency, error replies as redis-py's exception classes, broken connections."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import os
 import pytest
 import redis
 
-from clusterq.connection import RedisURL
-from clusterq.devcluster import LocalServer
+from clusterq.cluster.connection import RedisURL
+from clusterq.tools.devcluster import LocalServer
 from tests.helpers import await_for
 
 

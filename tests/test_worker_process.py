@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from clusterq import Client, Inspector, TaskSpec
 from clusterq.cli import main
-from clusterq.devcluster import LocalCluster
+from clusterq.tools.devcluster import LocalCluster
 from tests.helpers import wait_for
 from tests.workload import read_events
 

@@ -33,8 +33,8 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from clusterq.devcluster import LocalServer
-from clusterq.servers import find_free_ports, find_server_binary, server_version
+from clusterq.tools.devcluster import LocalServer
+from clusterq.tools.servers import find_free_ports, find_server_binary, server_version
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from clusterq.broker.script import LuaScript, Step, Transaction, arun_one, run_one
+from clusterq.cluster.wire import AsyncNodeClient, NodeClient
 from clusterq.keys import QueueKeys
-from clusterq.wire import AsyncNodeClient, NodeClient
 
 SCRIPT = LuaScript("enqueue")
 

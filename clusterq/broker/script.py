@@ -1,6 +1,6 @@
 """Loading and calling the Lua scripts that live beside their wrappers in this package.
 
-Calls go over the node clients' fast path (:mod:`clusterq.wire`): hiredis packing, no
+Calls go over the node clients' fast path (:mod:`clusterq.cluster.wire`): hiredis packing, no
 redis-py per-command layer, and on asyncio one multiplexed connection per node. A call
 followed by blocking commands (``WAIT``) uses a pooled connection of its own instead, so
 that the ``WAIT`` covers the call's writes and holds up nothing else.
@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 
 import redis
 
-from clusterq.wire import AsyncNodeClient, NodeClient
+from clusterq.cluster.wire import AsyncNodeClient, NodeClient
 
 
 def _read(name: str) -> str:

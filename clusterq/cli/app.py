@@ -9,8 +9,8 @@ import click
 import redis
 
 from clusterq import __version__
-from clusterq.backend import Backend
-from clusterq.connection import DEFAULT_URL, Mode, translate_error
+from clusterq.cluster.backend import Backend
+from clusterq.cluster.connection import DEFAULT_URL, Mode, translate_error
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX
 

@@ -10,7 +10,9 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clusterq.bench import (
+from clusterq.cli.app import CliState
+from clusterq.cli.render import console, print_json, table
+from clusterq.tools.bench import (
     SCENARIOS,
     WORKS,
     BenchReport,
@@ -18,11 +20,9 @@ from clusterq.bench import (
     describe_target,
     run_bench,
 )
-from clusterq.bench import (
+from clusterq.tools.bench import (
     Progress as ProgressFn,
 )
-from clusterq.cli.app import CliState
-from clusterq.cli.render import console, print_json, table
 
 
 def _num(value: float | None, digits: int = 0) -> str:

@@ -10,8 +10,8 @@ import click
 
 from clusterq.cli.app import CliState
 from clusterq.cli.render import console, print_json, slot_ranges, table
+from clusterq.cluster.topology import Topology, TopologyEvent
 from clusterq.errors import ClusterqError
-from clusterq.topology import Topology, TopologyEvent
 
 
 def slot_map_table(topology: Topology, title: str | None = None) -> object:

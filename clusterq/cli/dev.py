@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from clusterq import servers
 from clusterq.cli.cluster import slot_map_table
 from clusterq.cli.render import console, print_json, table
-from clusterq.devcluster import DEFAULT_BASE_PORT, LocalCluster
+from clusterq.tools import servers
+from clusterq.tools.devcluster import DEFAULT_BASE_PORT, LocalCluster
 
 _base_port = click.option(
     "--base-port",

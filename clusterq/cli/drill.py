@@ -8,7 +8,7 @@ import click
 
 from clusterq.cli.app import CliState
 from clusterq.cli.render import console, print_json, table
-from clusterq.drill import MODES, DrillReport, DrillSettings, run_drill
+from clusterq.tools.drill import MODES, DrillReport, DrillSettings, run_drill
 
 
 @click.group()
@@ -91,7 +91,7 @@ def render(report: DrillReport) -> None:
 @click.option(
     "--use-running-workers",
     is_flag=True,
-    help="Start none; use workers running clusterq.drill:router.",
+    help="Start none; use workers running clusterq.tools.drill:router.",
 )
 @click.option("--settle-timeout", type=float, default=90.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for the moment of the fault.")

@@ -1,7 +1,7 @@
-"""The asyncio twin of :mod:`clusterq.backend`: routing by slot, retries, topology refresh.
+"""The asyncio twin of :mod:`clusterq.cluster.backend`: routing by slot, retries, topology refresh.
 
 The decisions (what an error means, how long to back off, whom to ask for a new map)
-are the pure functions of :mod:`clusterq.backend`; only the I/O differs.
+are the pure functions of :mod:`clusterq.cluster.backend`; only the I/O differs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 
-from clusterq import topology as topo
-from clusterq.backend import (
+from clusterq.broker.script import LuaScript
+from clusterq.cluster import topology as topo
+from clusterq.cluster.backend import (
     DEFAULT_RETRY_TIMEOUT,
     MAX_MOVED_HOPS,
     REFRESH_INTERVAL,
@@ -31,8 +32,7 @@ from clusterq.backend import (
     replaced_nodes,
     route_to,
 )
-from clusterq.broker.script import LuaScript
-from clusterq.connection import (
+from clusterq.cluster.connection import (
     Addr,
     Mode,
     RedisURL,
@@ -41,13 +41,13 @@ from clusterq.connection import (
     info_mode,
     translate_error,
 )
+from clusterq.cluster.wire import AsyncNodeClient
 from clusterq.errors import ConfigError, ConnectionFailed
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.slots import keyslot
-from clusterq.wire import AsyncNodeClient
 
 T = TypeVar("T")
-log = logging.getLogger("clusterq.backend")
+log = logging.getLogger("clusterq.cluster.backend")
 
 
 def _ignore_result(task: asyncio.Future[Any]) -> None:
@@ -289,7 +289,7 @@ class AsyncBackend:
 
     async def call(self, key: str, *command: Any) -> Any:
         """One command on the master of ``key``'s slot, over the node's lane (the fast path
-        of :mod:`clusterq.wire`), retried through failovers like every call here: for
+        of :mod:`clusterq.cluster.wire`), retried through failovers like every call here: for
         handlers that need Redis, e.g. ``await current_worker().backend.call(k, "INCR", k)``.
         Not for commands that block (``BLPOP``...): they would hold up the lane. A command
         that is not idempotent may, rarely, run twice (sent again after a lost reply)."""

@@ -23,8 +23,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from clusterq.cluster.wire import AsyncNodeClient, NodeClient
 from clusterq.errors import AuthFailed, ConfigError, ConnectionFailed, ModeMismatch
-from clusterq.wire import AsyncNodeClient, NodeClient
 
 Mode = Literal["cluster", "standalone"]
 Addr = tuple[str, int]
@@ -180,7 +180,7 @@ class RedisURL:
         self, addr: Addr, *, db: int | None = None, **overrides: Any
     ) -> AsyncNodeClient:
         """An asyncio client of one node, with its own connection pool (no retries either)
-        and a multiplexed connection for the hot path (:class:`clusterq.wire.Lane`)."""
+        and a multiplexed connection for the hot path (:class:`clusterq.cluster.wire.Lane`)."""
         kwargs = self.node_kwargs(db=db)
         kwargs["retry"] = AsyncRetry(NoBackoff(), 0)
         kwargs.update(overrides)

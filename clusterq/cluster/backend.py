@@ -1,7 +1,7 @@
 """Routing of every Redis call to the node that owns its slot.
 
 clusterq does not use redis-py's ``RedisCluster``: every operation of a queue touches one
-slot, so routing is "queue -> slot -> master" from our own :mod:`clusterq.topology`, with
+slot, so routing is "queue -> slot -> master" from our own :mod:`clusterq.cluster.topology`, with
 one plain client (and connection pool) per node. That keeps the same code for a
 standalone server (one node owns all slots), lets a write and the ``WAIT`` that follows
 it share one connection, and puts retries, backoff and topology refresh in one place:
@@ -13,7 +13,7 @@ it share one connection, and puts retries, backoff and topology refresh in one p
 - ``NOSCRIPT``: load the script on that one node and call it again.
 
 The pure decision logic (:func:`classify`, :func:`backoff`) is shared with the asyncio
-backend in :mod:`clusterq.abackend`.
+backend in :mod:`clusterq.cluster.abackend`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, Literal, TypeVar
 
 import redis
 
-from clusterq import topology as topo
-from clusterq.connection import (
+from clusterq.cluster import topology as topo
+from clusterq.cluster.connection import (
     Addr,
     Mode,
     RedisURL,
@@ -38,13 +38,13 @@ from clusterq.connection import (
     format_addr,
     translate_error,
 )
+from clusterq.cluster.wire import NodeClient
 from clusterq.errors import ConnectionFailed, TopologyError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.slots import keyslot
-from clusterq.wire import NodeClient
 
 T = TypeVar("T")
-log = logging.getLogger("clusterq.backend")
+log = logging.getLogger("clusterq.cluster.backend")
 
 ErrorKind = Literal["moved", "transient", "noscript", "fatal"]
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from clusterq.abackend import AsyncBackend
+from clusterq.cluster.abackend import AsyncBackend
 from clusterq.errors import ClusterqError
 
 

@@ -3,7 +3,7 @@
 redis-py 8 spends 40-100 µs of Python per command on retry wrappers, observability hooks,
 pool bookkeeping and (asyncio) pure-Python packing and a timeout task per send. A task
 queue sends a few commands per task, so that overhead, not Redis, would set clusterq's
-throughput. The node clients of :mod:`clusterq.connection` are redis-py clients with two
+throughput. The node clients of :mod:`clusterq.cluster.connection` are redis-py clients with two
 additions used for the scripts and simple commands of the hot path:
 
 - :class:`NodeClient` (sync) keeps blocking connections of its own for ``fast`` /

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 import redis
 import redis.asyncio
 
-from clusterq.connection import Addr, Mode, acommand, command, format_addr
+from clusterq.cluster.connection import Addr, Mode, acommand, command, format_addr
 from clusterq.keys import validate_queue_name
 from clusterq.slots import SLOT_COUNT, keyslot
 

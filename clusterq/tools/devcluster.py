@@ -24,11 +24,11 @@ from typing import Any
 
 import redis
 
-from clusterq import servers
-from clusterq.connection import RedisURL, command
+from clusterq.cluster.connection import RedisURL, command
+from clusterq.cluster.topology import FAILED, SlotRange, Topology, fetch
 from clusterq.errors import DevClusterError
 from clusterq.slots import SLOT_COUNT
-from clusterq.topology import FAILED, SlotRange, Topology, fetch
+from clusterq.tools import servers
 
 DEFAULT_BASE_PORT = 7000
 HOST = "127.0.0.1"
@@ -43,10 +43,10 @@ def cluster_config_file() -> Path:
     """
     env = os.environ.get(CONFIG_ENV)
     candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     candidates += [
-        here.parent / "cluster-config" / "cluster.conf",
-        here / "cluster_config" / "cluster.conf",
+        package.parent / "cluster-config" / "cluster.conf",
+        package / "cluster_config" / "cluster.conf",
     ]
     for candidate in candidates:
         if candidate.is_file():

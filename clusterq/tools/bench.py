@@ -41,19 +41,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from clusterq import topology as topo
-from clusterq.abackend import AsyncBackend
-from clusterq.backend import Backend
 from clusterq.client import Client
-from clusterq.connection import RedisURL
+from clusterq.cluster import topology as topo
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.backend import Backend
+from clusterq.cluster.connection import RedisURL
 from clusterq.errors import ClusterqError, ConfigError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.retry import SkipRetry
 from clusterq.router import Router
 from clusterq.slots import keyslot
 from clusterq.task import Task
+from clusterq.tools.workerprocs import WorkerProcesses
 from clusterq.worker import current_worker
-from clusterq.workerprocs import WorkerProcesses
 
 Scenario = Literal["enqueue", "enqueue-many", "durability", "e2e", "latency", "memory"]
 SCENARIOS: tuple[Scenario, ...] = (
@@ -331,7 +331,7 @@ class _Session:
         return WorkerProcesses(
             url=self.settings.url,
             prefix=self.settings.prefix,
-            router="clusterq.bench:router",
+            router="clusterq.tools.bench:router",
             queues=",".join(queues),
             count=count,
             concurrency=self.settings.concurrency,

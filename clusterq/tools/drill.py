@@ -1,7 +1,7 @@
 """Failover drills: fail the master that owns a queue, under load, and count the damage.
 
 A drill checks that the cluster is healthy, starts worker processes (or uses the ones
-already running ``clusterq.drill:router``), produces N tasks into the queue at a steady
+already running ``clusterq.tools.drill:router``), produces N tasks into the queue at a steady
 rate, and at a random moment in the middle fails the queue's master:
 
 - ``kill``: SIGKILL, then start the process again so it rejoins as a replica;
@@ -33,19 +33,19 @@ from typing import Any, Literal
 
 import redis
 
-from clusterq import topology as topo
-from clusterq.abackend import AsyncBackend
 from clusterq.client import AsyncClient, Durability
-from clusterq.connection import RedisURL, acommand
+from clusterq.cluster import topology as topo
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.connection import RedisURL, acommand
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.retry import SkipRetry
 from clusterq.router import Router
-from clusterq.servers import LocalProcess, local_process, restart_process
 from clusterq.slots import keyslot
 from clusterq.task import Task
+from clusterq.tools.servers import LocalProcess, local_process, restart_process
+from clusterq.tools.workerprocs import WorkerProcesses
 from clusterq.worker import current_worker
-from clusterq.workerprocs import WorkerProcesses
 
 FaultMode = Literal["kill", "stop", "manual", "takeover"]
 MODES: tuple[FaultMode, ...] = ("kill", "stop", "manual", "takeover")
@@ -361,14 +361,14 @@ async def run_drill(
             if not await _serving(backend, settings.queue):
                 raise ClusterqError(
                     f"no live worker serves queue {settings.queue!r}; start one running "
-                    "clusterq.drill:router, or let the drill start its own"
+                    "clusterq.tools.drill:router, or let the drill start its own"
                 )
             report.in_flight_bound = 0
         else:
             workers = WorkerProcesses(
                 url=settings.url,
                 prefix=settings.prefix,
-                router="clusterq.drill:router",
+                router="clusterq.tools.drill:router",
                 queues=f"{settings.queue}=1,{other}=1",
                 count=settings.workers,
                 concurrency=settings.concurrency,
