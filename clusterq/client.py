@@ -27,8 +27,9 @@ import redis.asyncio
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import Transaction, arun_pipelined, first_error, run_pipelined
 from clusterq.cluster.abackend import AsyncBackend
-from clusterq.cluster.backend import DEFAULT_RETRY_TIMEOUT, Backend
+from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Addr, Mode, RedisURL, command, format_addr
+from clusterq.cluster.routing import DEFAULT_RETRY_TIMEOUT
 from clusterq.cluster.wire import AsyncNodeClient, NodeClient
 from clusterq.errors import (
     ConfigError,

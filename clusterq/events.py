@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from clusterq.cluster.topology import (
+from clusterq.cluster.changes import (
     MasterChanged,
     NodeAdded,
     NodeFailed,

@@ -43,9 +43,10 @@ from clusterq.broker import requeue as requeue_script
 from clusterq.broker import sweep as sweep_script
 from clusterq.client import new_task_id
 from clusterq.cluster.abackend import AsyncBackend
-from clusterq.cluster.backend import DEFAULT_RETRY_TIMEOUT, backoff
+from clusterq.cluster.changes import ReplicaAdded, TopologyEvent
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL, format_addr
-from clusterq.cluster.topology import ReplicaAdded, Topology, TopologyEvent
+from clusterq.cluster.routing import DEFAULT_RETRY_TIMEOUT, backoff
+from clusterq.cluster.topology import Topology
 from clusterq.events import EventListener, QueueResumed, QueueUnavailable
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name
 from clusterq.priority import Capacity

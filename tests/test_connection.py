@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clusterq.cluster.connection import RedisURL, detect_mode, parse_addr
+from clusterq.cluster.backend import detect_mode
+from clusterq.cluster.connection import RedisURL, parse_addr
 from clusterq.errors import AuthFailed, ConfigError, ConnectionFailed, ModeMismatch
 from clusterq.tools.devcluster import LocalCluster, LocalServer
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from clusterq import AsyncClient, Router, Task, Worker
-from clusterq.cluster.topology import MasterChanged, TopologyEvent
+from clusterq.cluster.changes import MasterChanged, TopologyEvent
 from clusterq.events import QueueResumed, QueueUnavailable
 from clusterq.tools.devcluster import HOST, LocalCluster
 from tests.helpers import FAST, await_for

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from clusterq.cli import main
 from clusterq.client import Client
-from clusterq.cluster import topology as topo
+from clusterq.cluster import changes
 from clusterq.cluster.backend import Backend
 from clusterq.tools.devcluster import HOST, LocalCluster
 
@@ -51,7 +51,7 @@ def test_kill_master_of_images(fresh_cluster: object, prefix: str) -> None:
 
     backend = Backend(cluster.seed_url, prefix=prefix)
     backend.note_queues(QUEUES)
-    seen: list[topo.TopologyEvent] = []
+    seen: list[changes.TopologyEvent] = []
     backend.subscribe(lambda _new, events: seen.extend(events))
     old_snapshot = backend.topology
 
@@ -65,12 +65,12 @@ def test_kill_master_of_images(fresh_cluster: object, prefix: str) -> None:
 
     _wait_for(promoted, 30, f"{old_replica} to be promoted")
 
-    events = topo.diff(old_snapshot, backend.topology, QUEUES)
-    changes = [e for e in events if isinstance(e, topo.MasterChanged)]
-    assert len(changes) == 1
-    assert changes[0].old.addr == old_master and changes[0].new.addr == old_replica
-    assert "images" in changes[0].queues
-    assert any(isinstance(e, topo.MasterChanged) for e in seen)  # subscribers heard it too
+    events = changes.diff(old_snapshot, backend.topology, QUEUES)
+    masters = [e for e in events if isinstance(e, changes.MasterChanged)]
+    assert len(masters) == 1
+    assert masters[0].old.addr == old_master and masters[0].new.addr == old_replica
+    assert "images" in masters[0].queues
+    assert any(isinstance(e, changes.MasterChanged) for e in seen)  # subscribers heard it too
 
     # The seed node may be the one we killed: the CLI must still find the cluster.
     seeds = ",".join(f"{HOST}:{p}" for p in cluster.ports)
@@ -85,8 +85,8 @@ def test_kill_master_of_images(fresh_cluster: object, prefix: str) -> None:
     cluster.restart_node(killed_port)
     cluster.wait_healthy(60)
     backend.refresh_topology()
-    back = topo.diff(during, backend.topology, QUEUES)
-    added = [e for e in back if isinstance(e, topo.ReplicaAdded)]
+    back = changes.diff(during, backend.topology, QUEUES)
+    added = [e for e in back if isinstance(e, changes.ReplicaAdded)]
     assert added and added[0].replica.addr == old_master
     assert added[0].master is not None and added[0].master.addr == old_replica
     assert _queue_ls(f"redis://{seeds}", prefix)["images"]["replicas"] == [old_master]

@@ -407,7 +407,7 @@ def test_enqueue_retried_after_a_lost_reply_creates_each_task_once(
 ) -> None:
     """The first attempt of an enqueue skips the existence checks (its ids are new); a
     retry must not: here the server runs every first attempt but its reply is lost."""
-    from clusterq import wire
+    from clusterq.cluster import wire
 
     phase = [""]
     lost: list[str] = []

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis
 
+from clusterq.cluster import changes
 from clusterq.cluster import topology as topo
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import RedisURL
@@ -134,7 +135,7 @@ BEFORE = _snap(topo.Shard(((0, 8191),), A, (A_REP,)), topo.Shard(((8192, 16383),
 
 
 def test_diff_of_identical_snapshots_is_empty() -> None:
-    assert topo.diff(BEFORE, BEFORE, ["images"]) == []
+    assert changes.diff(BEFORE, BEFORE, ["images"]) == []
 
 
 def test_diff_failover() -> None:
@@ -146,10 +147,10 @@ def test_diff_failover() -> None:
         extra=(failed,),
     )
     queues = ["images", "webhooks", "notifications"]
-    events = topo.diff(BEFORE, after, queues)
+    events = changes.diff(BEFORE, after, queues)
     kinds = sorted(e.kind for e in events)
     assert kinds == ["master_changed", "node_failed"]
-    change = next(e for e in events if isinstance(e, topo.MasterChanged))
+    change = next(e for e in events if isinstance(e, changes.MasterChanged))
     assert change.old.addr == "127.0.0.1:7000" and change.new.addr == "127.0.0.1:7003"
     assert change.slots == ((0, 8191),)
     assert set(change.queues) == {q for q in queues if keyslot(q) <= 8191}
@@ -169,18 +170,18 @@ def test_diff_old_master_rejoins_as_replica() -> None:
     after = _snap(
         topo.Shard(((0, 8191),), promoted, (rejoined,)), topo.Shard(((8192, 16383),), B, (B_REP,))
     )
-    events = topo.diff(during, after)
+    events = changes.diff(during, after)
     assert sorted(e.kind for e in events) == ["node_recovered", "replica_added"]
-    added = next(e for e in events if isinstance(e, topo.ReplicaAdded))
+    added = next(e for e in events if isinstance(e, changes.ReplicaAdded))
     assert added.master is not None and added.master.id == "ar" and added.replica.id == "a"
 
 
 def test_diff_slots_moved_between_masters() -> None:
     after = _snap(topo.Shard(((0, 100),), A, (A_REP,)), topo.Shard(((101, 16383),), B, (B_REP,)))
-    events = topo.diff(BEFORE, after)
+    events = changes.diff(BEFORE, after)
     assert [e.kind for e in events] == ["slots_moved"]
     moved = events[0]
-    assert isinstance(moved, topo.SlotsMoved)
+    assert isinstance(moved, changes.SlotsMoved)
     assert moved.slots == ((101, 8191),) and moved.old == A and moved.new == B
 
 
@@ -189,7 +190,7 @@ def test_diff_replica_removed_and_node_added() -> None:
     after = _snap(
         topo.Shard(((0, 8191),), A, ()), topo.Shard(((8192, 16383),), B, (B_REP, newcomer))
     )
-    events = topo.diff(BEFORE, after)
+    events = changes.diff(BEFORE, after)
     kinds = sorted(e.kind for e in events)
     assert kinds == ["node_added", "node_removed", "replica_added", "replica_removed"]
 
@@ -388,10 +389,10 @@ def test_loading_replica_is_listed_but_not_online() -> None:
 def test_diff_over_a_captured_kill_reports_the_failover(server: str) -> None:
     data = _load(f"{server}-kill.json")
     views = [v for v in data["snapshots"] if v["asked"] == "other_master"]
-    events: list[topo.TopologyEvent] = []
+    events: list[changes.TopologyEvent] = []
     for before, after in itertools.pairwise(views):
-        events.extend(topo.diff(_read(before), _read(after), ["images"]))
-    changed = [e for e in events if isinstance(e, topo.MasterChanged)]
+        events.extend(changes.diff(_read(before), _read(after), ["images"]))
+    changed = [e for e in events if isinstance(e, changes.MasterChanged)]
     assert len(changed) == 1, [e.describe() for e in events]
     event = changed[0]
     assert (event.old.port, event.new.port) == (data["old_master_port"], data["replica_port"])

@@ -10,7 +10,8 @@ import click
 
 from clusterq.cli.app import CliState
 from clusterq.cli.render import console, print_json, slot_ranges, table
-from clusterq.cluster.topology import Topology, TopologyEvent
+from clusterq.cluster.changes import TopologyEvent
+from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError
 
 

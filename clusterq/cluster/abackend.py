@@ -1,7 +1,9 @@
-"""The asyncio twin of :mod:`clusterq.cluster.backend`: routing by slot, retries, topology refresh.
+"""The asyncio twin of :mod:`clusterq.cluster.backend`: routing by slot, retries, refresh.
 
 The decisions (what an error means, how long to back off, whom to ask for a new map)
-are the pure functions of :mod:`clusterq.cluster.backend`; only the I/O differs.
+are those of :mod:`clusterq.cluster.routing`; only the I/O differs: a frozen node costs
+a topology read 0.1 s (the next candidate is asked in parallel), and a refresh after a
+call gave up runs in the background.
 """
 
 from __future__ import annotations
@@ -9,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -18,36 +19,23 @@ import redis.asyncio
 
 from clusterq.broker.script import LuaScript
 from clusterq.cluster import topology as topo
-from clusterq.cluster.backend import (
+from clusterq.cluster.changes import TopologyEvent
+from clusterq.cluster.connection import Addr, Mode, RedisURL, format_addr, translate_error
+from clusterq.cluster.routing import (
     DEFAULT_RETRY_TIMEOUT,
-    MAX_MOVED_HOPS,
-    REFRESH_INTERVAL,
     TOPOLOGY_STAGGER,
     TOPOLOGY_TIMEOUT,
-    TopologyListener,
-    backoff,
-    classify,
-    moved_target,
-    refresh_candidates,
-    replaced_nodes,
-    route_to,
-)
-from clusterq.cluster.connection import (
-    Addr,
-    Mode,
-    RedisURL,
-    check_mode,
-    format_addr,
-    info_mode,
-    translate_error,
+    RouteState,
+    mode_of,
+    no_seed_answered,
 )
 from clusterq.cluster.wire import AsyncNodeClient
-from clusterq.errors import ConfigError, ConnectionFailed
-from clusterq.keys import DEFAULT_PREFIX, KeySchema
+from clusterq.errors import ConnectionFailed
+from clusterq.keys import DEFAULT_PREFIX
 from clusterq.slots import keyslot
 
 T = TypeVar("T")
-log = logging.getLogger("clusterq.cluster.backend")
+log = logging.getLogger("clusterq.backend")
 
 
 def _ignore_result(task: asyncio.Future[Any]) -> None:
@@ -55,7 +43,7 @@ def _ignore_result(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-class AsyncBackend:
+class AsyncBackend(RouteState):
     """Asynchronous access to a cluster or standalone server, routed by slot.
 
     Create with ``backend = await AsyncBackend.connect(url)``.
@@ -68,21 +56,13 @@ class AsyncBackend:
         prefix: str = DEFAULT_PREFIX,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
     ) -> None:
+        super().__init__(prefix, retry_timeout)
         self.url = RedisURL.parse(url) if isinstance(url, str) else url
-        self.keys = KeySchema(prefix)
-        self.retry_timeout = retry_timeout
-        self.mode: Mode = "standalone"
-        self.topology: topo.Topology = topo.Topology("standalone", (), ())
         self._clients: dict[Addr, AsyncNodeClient] = {}
         self._topo_clients: dict[Addr, AsyncNodeClient] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._closing = False
-        #: slot -> master: from MOVED, or looked up in the topology (cleared on refresh).
-        self._route: dict[int, Addr] = {}
-        self._last_refresh = 0.0
-        self._refreshing: asyncio.Task[list[topo.TopologyEvent]] | None = None
-        self._listeners: list[TopologyListener] = []
-        self._known_queues: set[str] = set()
+        self._refreshing: asyncio.Task[list[TopologyEvent]] | None = None
 
     @classmethod
     async def connect(
@@ -102,6 +82,7 @@ class AsyncBackend:
         return backend
 
     async def _detect(self, expected: Mode | None) -> None:
+        """See :func:`clusterq.cluster.backend.detect_mode`."""
         errors: list[str] = []
         for addr in self.url.seeds:
             client = self.node(addr)
@@ -113,14 +94,10 @@ class AsyncBackend:
                     raise translated from exc
                 errors.append(str(translated))
                 continue
-            self.mode = check_mode(info_mode(info), expected, addr)
-            if self.mode == "cluster" and self.url.db:
-                raise ConfigError(
-                    f"database {self.url.db} requested, but a cluster only has database 0"
-                )
+            self.mode = mode_of(info, expected, addr, self.url.db)
             self.topology = await self._read_topology([addr])
             return
-        raise ConnectionFailed("no seed node answered: " + "; ".join(errors))
+        raise no_seed_answered(errors)
 
     # ------------------------------------------------------------------ nodes
 
@@ -130,9 +107,6 @@ class AsyncBackend:
             client = self.url.async_node_client(addr)
             self._clients[addr] = client
         return client
-
-    def master_addr(self, slot: int) -> Addr:
-        return self._route.get(slot) or route_to(self._route, self.topology, slot)
 
     async def aclose(self) -> None:
         self._closing = True
@@ -147,12 +121,6 @@ class AsyncBackend:
                 await client.aclose()
 
     # ------------------------------------------------------------------ topology
-
-    def subscribe(self, listener: TopologyListener) -> None:
-        self._listeners.append(listener)
-
-    def note_queues(self, queues: Iterable[str]) -> None:
-        self._known_queues.update(queues)
 
     def _topology_client(self, addr: Addr) -> AsyncNodeClient:
         client = self._topo_clients.get(addr)
@@ -196,15 +164,13 @@ class AsyncBackend:
 
     async def refresh_topology(
         self, *, force: bool = True, avoid: Addr | None = None
-    ) -> list[topo.TopologyEvent]:
+    ) -> list[TopologyEvent]:
         """Read the map again; concurrent callers share one read. See
         :meth:`Backend.refresh_topology`."""
         if self._refreshing is not None:
             return await asyncio.shield(self._refreshing)
-        now = time.monotonic()
-        if not force and now - self._last_refresh < REFRESH_INTERVAL:
+        if not self.refresh_due(force):
             return []
-        self._last_refresh = now
         self._refreshing = asyncio.ensure_future(self._refresh(avoid))
         try:
             return await asyncio.shield(self._refreshing)
@@ -213,25 +179,19 @@ class AsyncBackend:
 
     def refresh_soon(self, avoid: Addr | None = None) -> None:
         """Start a (rate-limited) refresh in the background."""
-        if self._refreshing is None and time.monotonic() - self._last_refresh >= REFRESH_INTERVAL:
+        if self._refreshing is None and self.refresh_allowed():
             task = asyncio.ensure_future(self.refresh_topology(force=False, avoid=avoid))
             task.add_done_callback(_ignore_result)
 
-    async def _refresh(self, avoid: Addr | None) -> list[topo.TopologyEvent]:
-        old = self.topology
-        new = await self._read_topology(refresh_candidates(old, self.url.seeds, avoid))
-        self.topology = new
-        self._route.clear()
-        events = topo.diff(old, new, self._known_queues)
+    async def _refresh(self, avoid: Addr | None) -> list[TopologyEvent]:
+        new = await self._read_topology(self.candidates(avoid, self.url.seeds))
+        events, stale = self.install(new)
+        for addr in stale:
+            client = self._clients.pop(addr, None)
+            if client is not None:
+                await client.drop_connections()
         if events:
-            for addr in replaced_nodes(events):
-                stale = self._clients.pop(addr, None)
-                if stale is not None:
-                    await stale.drop_connections()
-            for event in events:
-                log.debug("topology: %s", event.describe())
-            for listener in list(self._listeners):
-                listener(new, events)
+            self.announce(new, events)
         return events
 
     def start_watching(self, interval: float) -> None:
@@ -257,30 +217,23 @@ class AsyncBackend:
         timeout: float | None = None,
     ) -> T:
         """Run ``fn(client)`` on the master of ``slot``; see :meth:`Backend.execute`."""
-        deadline = time.monotonic() + (self.retry_timeout if timeout is None else timeout)
-        attempt = hops = 0
+        attempts = self.attempts(timeout)
         while True:
             addr = self.master_addr(slot)
             try:
                 return await fn(self.node(addr))
             except Exception as exc:
-                kind = classify(exc)
-                if kind in ("fatal", "noscript"):
-                    raise translate_error(exc, addr) from exc
-                if kind == "moved" and hops < MAX_MOVED_HOPS:
-                    hops += 1
-                    target = moved_target(exc)
-                    if target is not None:
-                        self._route[target[0]] = target[1]
+                decision = attempts.after(exc, self._route)
+                if decision.action == "moved":
                     continue
-                if time.monotonic() >= deadline:
-                    self.refresh_soon(avoid=addr)
+                if decision.action == "raise":
+                    if decision.refresh:
+                        self.refresh_soon(avoid=addr)
                     raise translate_error(exc, addr) from exc
-                attempt += 1
                 log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
                 with contextlib.suppress(ConnectionFailed):
                     await self.refresh_topology(force=False, avoid=addr)
-                await asyncio.sleep(backoff(attempt))
+                await asyncio.sleep(decision.delay)
 
     async def execute_key(
         self, key: str, fn: Callable[[AsyncNodeClient], Awaitable[T]], **kwargs: Any

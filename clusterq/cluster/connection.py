@@ -242,29 +242,3 @@ def check_mode(found: Mode, expected: Mode | None, addr: Addr) -> Mode:
             "expected (--standalone)"
         )
     return found
-
-
-def detect_mode(url: RedisURL, expected: Mode | None = None) -> tuple[Mode, Addr]:
-    """Ask the seeds, in order, whether they run in cluster mode.
-
-    Returns the mode and the seed that answered. Raises :class:`ConnectionFailed` when no
-    seed answers, :class:`AuthFailed` when one refuses the credentials and
-    :class:`ModeMismatch` when ``expected`` is given and differs.
-    """
-    errors: list[str] = []
-    for addr in url.seeds:
-        client = url.node_client(addr, db=0)
-        try:
-            info = call_node(addr, lambda c=client: c.info("cluster"))  # type: ignore[misc]
-        except ConnectionFailed as exc:
-            errors.append(str(exc))
-            continue
-        finally:
-            client.close()
-        mode = check_mode(info_mode(info), expected, addr)
-        if mode == "cluster" and url.db:
-            raise ConfigError(f"database {url.db} requested, but a cluster only has database 0")
-        return mode, addr
-    if len(errors) == 1:
-        raise ConnectionFailed(errors[0])
-    raise ConnectionFailed("no seed node answered: " + "; ".join(errors))
