@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from clusterq.client import AsyncClient, Client, TaskSpec
+from clusterq.aclient import AsyncClient
+from clusterq.client import Client
 from clusterq.cluster.topology import Topology
 from clusterq.errors import (
     AuthFailed,
@@ -20,6 +21,7 @@ from clusterq.errors import (
 )
 from clusterq.inspector import Inspector, QueueInfo
 from clusterq.keys import KeySchema
+from clusterq.producer import TaskSpec
 from clusterq.retry import RetryIn, SkipRetry
 from clusterq.router import Router
 from clusterq.serialization import PayloadError

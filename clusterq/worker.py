@@ -41,7 +41,6 @@ from clusterq.broker import extend as extend_script
 from clusterq.broker import fail as fail_script
 from clusterq.broker import requeue as requeue_script
 from clusterq.broker import sweep as sweep_script
-from clusterq.client import new_task_id
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.changes import ReplicaAdded, TopologyEvent
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL, format_addr
@@ -50,6 +49,7 @@ from clusterq.cluster.topology import Topology
 from clusterq.events import EventListener, QueueResumed, QueueUnavailable
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name
 from clusterq.priority import Capacity
+from clusterq.producer import new_task_id
 from clusterq.retry import DEFAULT_RETRY_POLICY, RetryIn, RetryPolicy, SkipRetry
 from clusterq.router import CallNext, Handler, Router, is_async
 from clusterq.serialization import (

@@ -163,7 +163,7 @@ def test_drills_refuse_nodes_that_are_not_local() -> None:
 
 
 def test_durability_commands() -> None:
-    from clusterq.client import confirmed_replicas, durability_commands
+    from clusterq.durability import confirmed_replicas, durability_commands
 
     assert durability_commands("none", 1) == []
     assert durability_commands("replica", 0.25) == [("WAIT", 1, 250)]

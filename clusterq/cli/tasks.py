@@ -8,7 +8,8 @@ import click
 
 from clusterq.cli.app import CliError, CliState
 from clusterq.cli.render import print_json
-from clusterq.client import DEFAULT_MAX_RETRY, DEFAULT_QUEUE, Client
+from clusterq.client import Client
+from clusterq.producer import DEFAULT_MAX_RETRY, DEFAULT_QUEUE
 
 
 @click.command()

@@ -33,10 +33,11 @@ from typing import Any, Literal
 
 import redis
 
-from clusterq.client import AsyncClient, Durability
+from clusterq.aclient import AsyncClient
 from clusterq.cluster import topology as topo
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.connection import RedisURL, acommand
+from clusterq.durability import Durability
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.retry import SkipRetry

@@ -1,0 +1,219 @@
+"""The asyncio producer, :class:`AsyncClient`: the twin of :class:`~clusterq.client.Client`
+(same preparation, same replies applied), with enqueues into different slots sent
+concurrently and new queue names registered in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.asyncio
+
+from clusterq.broker import enqueue as enqueue_script
+from clusterq.broker.script import arun_pipelined
+from clusterq.client import ClientBase
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
+from clusterq.cluster.routing import DEFAULT_RETRY_TIMEOUT
+from clusterq.cluster.wire import AsyncNodeClient
+from clusterq.durability import (
+    DEFAULT_DURABILITY_TIMEOUT,
+    Durability,
+    confirmed_replicas,
+    durability_commands,
+    require_confirmed,
+)
+from clusterq.errors import ResultTimeout
+from clusterq.keys import DEFAULT_PREFIX
+from clusterq.producer import (
+    Batch,
+    PreparedEnqueue,
+    TaskSpec,
+    attempts_for,
+    one_info,
+    plan_batches,
+    raise_first,
+    settle_replies,
+)
+from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+from clusterq.task import TaskInfo
+from clusterq.taskinfo import info_commands, poll_delay, settled_result, task_info
+
+log = logging.getLogger("clusterq.client")
+
+
+class AsyncClient(ClientBase):
+    """The asyncio twin of :class:`Client`. Create with ``await AsyncClient.connect(url)``."""
+
+    def __init__(
+        self,
+        backend: AsyncBackend,
+        *,
+        codec: str = "json",
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        durability: Durability = "none",
+        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
+        owns_backend: bool = False,
+    ) -> None:
+        self.backend = backend
+        self._owns_backend = owns_backend
+        self._background: set[asyncio.Future[None]] = set()
+        super().__init__(backend.keys, codec, max_payload_bytes, durability, durability_timeout)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | RedisURL = DEFAULT_URL,
+        *,
+        mode: Mode | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        codec: str = "json",
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        durability: Durability = "none",
+        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
+        watch_interval: float | None = None,
+    ) -> AsyncClient:
+        """``watch_interval``: re-read the cluster map that often in the background, so
+        that calls stuck on a frozen master are re-routed soon after its replacement."""
+        backend = await AsyncBackend.connect(
+            url, mode=mode, prefix=prefix, retry_timeout=retry_timeout
+        )
+        if watch_interval and backend.mode == "cluster":
+            backend.start_watching(watch_interval)
+        return cls(
+            backend,
+            codec=codec,
+            max_payload_bytes=max_payload_bytes,
+            durability=durability,
+            durability_timeout=durability_timeout,
+            owns_backend=True,
+        )
+
+    async def aclose(self) -> None:
+        if self._background:  # queue registrations still under way
+            await asyncio.wait(set(self._background), timeout=self.backend.retry_timeout)
+        if self._owns_backend:
+            await self.backend.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def register_queues(self, queues: Iterable[str]) -> None:
+        """Add queues to the registry of queue names (once per client and queue)."""
+        new = self._claim_unregistered(queues)
+        if new:
+            try:
+                await self._register(new, timeout=None)
+            except Exception:
+                self._registered.difference_update(new)
+                raise
+
+    def _register_soon(self, queues: Iterable[str]) -> None:
+        """Register new queue names in the background (see
+        :meth:`Client._register_soon`); :meth:`aclose` waits for what is still running."""
+        new = self._claim_unregistered(queues, now=False)
+        if new:
+            task = asyncio.ensure_future(self._register_in_background(new))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _register_in_background(self, new: list[str]) -> None:
+        try:
+            await self._register(new, timeout=max(60.0, self.backend.retry_timeout))
+        except Exception as exc:
+            self._registration_failed(new, exc)
+
+    async def _register(self, new: list[str], *, timeout: float | None) -> None:
+        registry = self.keys.queues
+        await self.backend.execute_key(registry, lambda c: c.sadd(registry, *new), timeout=timeout)
+        self.backend.note_queues(new)
+
+    async def enqueue(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        durability: Durability | None = None,
+        **options: Any,
+    ) -> TaskInfo:
+        """See :meth:`Client.enqueue`."""
+        prepared = self.producer.prepare(type, payload, **options)
+        if prepared.queue not in self._registered:
+            self._register_soon([prepared.queue])
+        level = durability or self.durability
+        if level != "none":
+            return (await self._send([prepared], level, raise_duplicate=True))[0]
+        attempts = enqueue_script.Attempts([(prepared.qk, [prepared.new])], durable=False)
+        reply = await self.backend.execute(prepared.qk.slot, attempts.arun)
+        return one_info(prepared, attempts, reply)
+
+    async def enqueue_many(
+        self,
+        items: Iterable[TaskSpec | tuple[str, Any]],
+        *,
+        durability: Durability | None = None,
+        **defaults: Any,
+    ) -> list[TaskInfo]:
+        """See :meth:`Client.enqueue_many`; the slots are written concurrently."""
+        prepared = self.producer.prepare_many(items, defaults)
+        self._register_soon(p.queue for p in prepared)
+        return await self._send(prepared, durability or self.durability, raise_duplicate=False)
+
+    async def _send(
+        self, prepared: Sequence[PreparedEnqueue], level: Durability, *, raise_duplicate: bool
+    ) -> list[TaskInfo]:
+        infos = [p.guess() for p in prepared]
+        after = durability_commands(level, self.durability_timeout)
+
+        async def send(slot: int, batches: list[Batch]) -> None:
+            attempts = attempts_for(batches, level)
+
+            async def run(client: AsyncNodeClient) -> tuple[list[Any], int | None]:
+                # See Client._send: the durability check is part of the retried call.
+                replies, tail = await arun_pipelined(client, attempts.next(), after)
+                return raise_first(replies), confirmed_replicas(level, tail)
+
+            replies, replicas = await self.backend.execute(slot, run)
+            settle_replies(infos, prepared, batches, attempts, replies, replicas, raise_duplicate)
+            where = self.backend.master_addr(slot)
+            ids = [prepared[i].new.id for indexes, _, _ in batches for i in indexes]
+            require_confirmed(level, replicas, ids, where, self.durability_timeout)
+
+        plan = plan_batches(prepared)
+        await asyncio.gather(*(send(s, b) for s, b in plan.items()))
+        return infos
+
+    async def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
+        task_id, queue = self._locate(task, queue)
+        qk = self.keys.queue(queue)
+        commands = info_commands(qk, task_id)
+
+        async def read(client: redis.asyncio.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for args in commands:
+                pipe.execute_command(*args)
+            return await pipe.execute()
+
+        return task_info(queue, task_id, await self.backend.execute(qk.slot, read))
+
+    async def result(
+        self, task: TaskInfo | str, *, queue: str | None = None, timeout: float | None = 30.0
+    ) -> Any:
+        """See :meth:`Client.result`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            info = await self.info(task, queue=queue)
+            if settled_result(info):
+                return info.result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"task {info.id} is still {info.state} after {timeout}s")
+            await asyncio.sleep(poll_delay(attempt))
+            attempt += 1

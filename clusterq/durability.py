@@ -1,0 +1,65 @@
+"""Durable enqueue: what follows the writes on the same connection to the queue's master
+(``WAIT`` / ``WAITAOF``), how many replicas confirmed, and the error when none did."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from clusterq.cluster.connection import Addr, format_addr
+from clusterq.errors import ConfigError, DurabilityError
+
+Durability = Literal["none", "replica", "aof"]
+DEFAULT_DURABILITY_TIMEOUT = 1.0
+
+
+def durability_commands(level: Durability, timeout: float) -> list[tuple[Any, ...]]:
+    """What follows the writes on the same connection to confirm them.
+
+    ``replica``: ``WAIT 1`` (one replica has the write in memory). ``aof``: ``WAITAOF 1 1``
+    (fsynced to the master's and one replica's append-only file; Redis >= 7.2, Valkey).
+    """
+    ms = max(1, int(timeout * 1000))
+    if level == "none":
+        return []
+    if level == "replica":
+        return [("WAIT", 1, ms)]
+    if level == "aof":
+        return [("WAITAOF", 1, 1, ms)]
+    raise ValueError(f"durability must be 'none', 'replica' or 'aof', got {level!r}")
+
+
+def confirmed_replicas(level: Durability, tail: Sequence[Any]) -> int | None:
+    """How many replicas confirmed the writes, from the replies to durability_commands.
+
+    Raises the error a ``WAIT`` met (the backend retries transient ones)."""
+    if level == "none":
+        return None
+    reply = tail[-1]
+    if isinstance(reply, Exception):
+        text = str(reply)
+        if "unknown command" in text.lower():
+            raise ConfigError(
+                f"durability={level!r} is not supported by this server ({text}); "
+                "the tasks were written but not confirmed"
+            )
+        raise reply
+    if level == "aof":
+        return int(reply[1])
+    return int(reply)
+
+
+def require_confirmed(
+    level: Durability, replicas: int | None, ids: Sequence[str], where: Addr, timeout: float
+) -> None:
+    """Raise :class:`DurabilityError` when no replica confirmed the writes of ``ids``."""
+    if replicas is not None and replicas < 1:
+        ids = list(ids)
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        raise DurabilityError(
+            f"{len(ids)} task(s) written to {format_addr(where)} but no replica confirmed "
+            f"them within {timeout:g}s (durability={level!r}); they may be lost if that "
+            f"master fails: enqueue again with the same task_id ({shown})",
+            ids,
+            replicas,
+        )

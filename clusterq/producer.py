@@ -1,0 +1,409 @@
+"""Enqueue preparation shared by both clients, without I/O: options checked once per
+type, payloads encoded and size-checked, task ids drawn, enqueues grouped by slot into
+batches, and the servers' replies applied to the :class:`~clusterq.task.TaskInfo` that
+the caller gets back. :mod:`clusterq.client` and :mod:`clusterq.aclient` only send.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from clusterq.broker import enqueue as enqueue_script
+from clusterq.broker.script import Transaction, first_error
+from clusterq.durability import Durability
+from clusterq.errors import DuplicateTask
+from clusterq.keys import KeySchema, QueueKeys, validate_task_id
+from clusterq.serialization import get_codec, too_large
+from clusterq.task import STATES, TaskInfo, TaskState, record_meta, with_enqueued
+
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_RETRY = 25
+MAX_TYPE_LENGTH = 256
+
+_ID_BATCH = 256
+_spare_ids: list[str] = []
+
+
+def _forget_ids() -> None:
+    _spare_ids.clear()  # a forked child must never hand out its parent's ids
+
+
+os.register_at_fork(after_in_child=_forget_ids)
+
+
+def new_task_id() -> str:
+    """A random, URL-safe id of 16 characters (96 bits from ``secrets``).
+
+    Drawn 256 at a time: one system call instead of one per task."""
+    try:
+        return _spare_ids.pop()
+    except IndexError:
+        text = base64.urlsafe_b64encode(secrets.token_bytes(12 * _ID_BATCH)).decode()
+        _spare_ids.extend(text[i : i + 16] for i in range(16, len(text), 16))
+        return text[:16]
+
+
+def _seconds(value: float | timedelta | None, what: str) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds < 0:
+        raise ValueError(f"{what} must not be negative, got {seconds}")
+    return seconds
+
+
+def _epoch(value: datetime | float | None) -> float | None:
+    if value is None:
+        return None
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
+
+
+def validate_task_type(task_type: object) -> str:
+    if not isinstance(task_type, str) or not task_type:
+        raise ValueError(f"task type must be a non-empty string, got {task_type!r}")
+    if len(task_type) > MAX_TYPE_LENGTH or not task_type.isprintable():
+        raise ValueError(
+            f"invalid task type {task_type[:40]!r}: printable, at most {MAX_TYPE_LENGTH} chars"
+        )
+    return task_type
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task for :meth:`Client.enqueue_many`: type, payload and enqueue options."""
+
+    type: str
+    payload: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PreparedEnqueue:
+    """An enqueue ready to be sent: validated, encoded, keyed."""
+
+    queue: str
+    qk: QueueKeys
+    new: enqueue_script.NewTask
+    type: str
+    payload: Any
+    max_retry: int
+    timeout: float | None = None
+    deadline: float | None = None
+
+    def guess(self) -> TaskInfo:
+        """The TaskInfo of a task that is created (pending, or scheduled if delayed); a
+        reply that says otherwise is applied with :meth:`settle`."""
+        new = self.new
+        delayed = new.delay_ms > 0 or new.due_ms > 0
+        return TaskInfo(  # positional, in field order: once per task of an enqueue_many
+            new.id,
+            self.queue,
+            self.type,
+            TaskState.SCHEDULED if delayed else TaskState.PENDING,
+            self.payload,
+            self.max_retry,
+            0,
+            None,
+            None,
+            self.timeout,
+            self.deadline,
+        )
+
+    def settle(
+        self, info: TaskInfo, outcome: enqueue_script.EnqueueOutcome, *, raise_duplicate: bool
+    ) -> None:
+        if outcome.duplicate_of is not None and raise_duplicate:
+            raise DuplicateTask(
+                f"a unique task {self.type!r} with the same payload is already in queue "
+                f"{self.queue!r} (task {outcome.duplicate_of})",
+                outcome.duplicate_of,
+            )
+        info.state = STATES.get(outcome.state, TaskState.PENDING)
+        info.already_enqueued = not outcome.created
+        info.duplicate_of = outcome.duplicate_of
+
+
+@dataclass(slots=True)
+class _Template:
+    """What enqueues of one type with the same options share: validated once."""
+
+    queue: str
+    qk: QueueKeys
+    type: str
+    max_retry: int
+    timeout: float | None
+    deadline: float | None
+    delay_ms: int
+    due_ms: int
+    #: 0 for tasks that are not unique.
+    unique_ttl_ms: int
+    #: The record's meta JSON without its last field (the enqueue time, see
+    #: :func:`~clusterq.task.with_enqueued`); None for unique tasks (it holds the lock's key,
+    #: which depends on the payload).
+    open: bytes | None
+    #: record_meta()'s options, for unique tasks.
+    meta: dict[str, Any]
+
+
+class Producer:
+    """Validation and encoding of enqueues (no I/O), shared by both clients."""
+
+    def __init__(self, keys: KeySchema, codec: str, max_payload_bytes: int) -> None:
+        self.keys = keys
+        self.codec = get_codec(codec)
+        self.max_payload_bytes = max_payload_bytes
+        self._queues: dict[str, QueueKeys] = {}
+        self._types: set[str] = set()
+        self._plain: dict[tuple[str, str, int], _Template] = {}
+        self._encode = self.codec.encode
+
+    def prepare(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> PreparedEnqueue:
+        """Check and encode one enqueue; ``options`` are those of :meth:`template`.
+
+        ``task_id`` (default: a new random id) makes a retried enqueue safe.
+        """
+        if options.keys() <= _PLAIN:  # templates of plain enqueues are kept
+            max_retry = options.get("max_retry", DEFAULT_MAX_RETRY)
+            key = (type, options.get("queue", DEFAULT_QUEUE), max_retry)
+            t = self._plain.get(key) if max_retry.__class__ is int else None
+            if t is None:
+                t = self.template(type, **options)
+                self._remember(self._plain, key, t)
+        else:
+            t = self.template(type, **options)
+        now_ms = int(time.time() * 1000)
+        return self._one(t, payload, task_id, now_ms, _head(t, now_ms))
+
+    def template(
+        self,
+        type: str,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        max_retry: int = DEFAULT_MAX_RETRY,
+        process_in: float | timedelta | None = None,
+        process_at: datetime | float | None = None,
+        timeout: float | timedelta | None = None,
+        deadline: datetime | float | None = None,
+        unique_for: float | timedelta | None = None,
+        retention: float | timedelta | None = None,
+    ) -> _Template:
+        """Check the options of an enqueue of ``type``.
+
+        ``process_in`` (seconds or timedelta) or ``process_at`` (datetime or unix time)
+        delay the task; ``timeout`` limits one attempt; ``deadline`` is when the task
+        must no longer run; ``unique_for`` refuses an identical task (same type,
+        payload and queue) for that long; ``retention`` keeps the completed task and its
+        result that long.
+        """
+        qk = self._queue_keys(queue)
+        if type not in self._types:
+            self._remember(self._types, validate_task_type(type))
+        if max_retry.__class__ is not int or max_retry < 0:  # bool is not a count either
+            raise ValueError(f"max_retry must be a non-negative integer, got {max_retry!r}")
+        codec = self.codec.name
+        if (
+            process_in is None
+            and process_at is None
+            and timeout is None
+            and deadline is None
+            and unique_for is None
+            and retention is None
+        ):  # the common case, kept short
+            plain = record_meta(type, codec=codec, max_retry=max_retry)
+            return _Template(queue, qk, type, max_retry, None, None, 0, 0, 0, plain, {})
+        if process_in is not None and process_at is not None:
+            raise ValueError("give process_in or process_at, not both")
+        delay = _seconds(process_in, "process_in") or 0.0
+        due = _epoch(process_at)
+        timeout_s = _seconds(timeout, "timeout") or None
+        deadline_s = _epoch(deadline)
+        unique_s = _seconds(unique_for, "unique_for") or None
+        meta: dict[str, Any] = {
+            "codec": codec,
+            "max_retry": max_retry,
+            "timeout_ms": _ms(timeout_s),
+            "deadline_ms": _ms(deadline_s),
+            "retention_ms": _ms(_seconds(retention, "retention") or None),
+        }
+        return _Template(
+            queue,
+            qk,
+            type,
+            max_retry,
+            timeout_s,
+            deadline_s,
+            int(delay * 1000),
+            int(due * 1000) if due is not None else 0,
+            int((unique_s or 0) * 1000),
+            None if unique_s else record_meta(type, **meta),
+            meta,
+        )
+
+    def _one(
+        self,
+        t: _Template,
+        payload: Any,
+        task_id: str | None,
+        enqueued_ms: int,
+        head: bytes | None,
+    ) -> PreparedEnqueue:
+        """``head``: ``_head(t, enqueued_ms)``, made once for a batch."""
+        data = self._encode(payload)
+        if len(data) > self.max_payload_bytes:
+            raise too_large(len(data), self.max_payload_bytes)
+        unique_key = None
+        if head is not None:
+            record = head + data
+        else:
+            digest = hashlib.sha256(t.type.encode() + b"\0" + data).hexdigest()
+            unique_key = t.qk.unique(digest[:32])
+            meta = record_meta(t.type, unique_key=unique_key, **t.meta)
+            record = with_enqueued(meta, enqueued_ms) + data
+        fresh = task_id is None and unique_key is None
+        task_id = new_task_id() if task_id is None else validate_task_id(task_id)
+        new = enqueue_script.NewTask(
+            task_id, record, t.delay_ms, t.due_ms, unique_key, t.unique_ttl_ms, fresh
+        )
+        return PreparedEnqueue(
+            t.queue, t.qk, new, t.type, payload, t.max_retry, t.timeout, t.deadline
+        )
+
+    def _queue_keys(self, queue: str) -> QueueKeys:
+        qk = self._queues.get(queue)
+        if qk is None:
+            qk = self.keys.queue(queue)  # validates the name
+            self._remember(self._queues, queue, qk)
+        return qk
+
+    @staticmethod
+    def _remember(cache: Any, key: Any, value: Any = None) -> None:
+        """Cache what passed validation (bounded: names could come from user input)."""
+        if len(cache) >= 4096:
+            cache.clear()
+        if isinstance(cache, set):
+            cache.add(key)
+        else:
+            cache[key] = value
+
+    def prepare_many(
+        self, items: Iterable[TaskSpec | tuple[str, Any]], defaults: dict[str, Any]
+    ) -> list[PreparedEnqueue]:
+        """Check and encode a batch; all of it or (on the first bad item) nothing."""
+        options = dict(defaults)
+        task_id = options.pop("task_id", None)
+        now_ms = int(time.time() * 1000)  # one clock reading per batch
+        templates: dict[str, tuple[_Template, bytes | None]] = {}  # checked once per type
+        one = self._one
+        out = []
+        for item in items:
+            if isinstance(item, TaskSpec):
+                if item.options:
+                    own = {**options, **item.options}
+                    if task_id is not None:
+                        own.setdefault("task_id", task_id)
+                    out.append(self.prepare(item.type, item.payload, **own))
+                    continue
+                task_type, payload = item.type, item.payload
+            else:
+                task_type, payload = item
+            known = templates.get(task_type)
+            if known is None:
+                t = self.template(task_type, **options)
+                known = templates[task_type] = (t, _head(t, now_ms))
+            out.append(one(known[0], payload, task_id, now_ms, known[1]))
+        return out
+
+
+def _head(t: _Template, enqueued_ms: int) -> bytes | None:
+    return None if t.open is None else with_enqueued(t.open, enqueued_ms)
+
+
+_PLAIN = frozenset(("queue", "max_retry"))
+
+
+#: Indexes into the prepared enqueues of one group, and that group's queue and tasks.
+Batch = tuple[list[int], QueueKeys, list[enqueue_script.NewTask]]
+
+
+def plan_batches(prepared: Sequence[PreparedEnqueue]) -> dict[int, list[Batch]]:
+    """Group enqueues by slot into batches of one queue and at most MAX_BATCH tasks.
+
+    Returns slot -> batches: one pipeline per slot, one step (script call or
+    transaction) per batch.
+    """
+    by_queue: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(prepared):
+        by_queue[item.queue].append(index)
+    plan: dict[int, list[Batch]] = defaultdict(list)
+    for indexes in by_queue.values():
+        qk = prepared[indexes[0]].qk
+        for start in range(0, len(indexes), enqueue_script.MAX_BATCH):
+            chunk = indexes[start : start + enqueue_script.MAX_BATCH]
+            plan[qk.slot].append((chunk, qk, [prepared[i].new for i in chunk]))
+    return plan
+
+
+def attempts_for(batches: list[Batch], level: Durability) -> enqueue_script.Attempts:
+    return enqueue_script.Attempts(
+        [(qk, tasks) for _, qk, tasks in batches], durable=level != "none"
+    )
+
+
+def raise_first(replies: Sequence[Any]) -> list[Any]:
+    error = first_error(replies)
+    if error is not None:
+        raise error  # MOVED, connection loss...: the backend retries the whole (idempotent) batch
+    return list(replies)
+
+
+def one_info(prepared: PreparedEnqueue, attempts: enqueue_script.Attempts, reply: Any) -> TaskInfo:
+    info = prepared.guess()
+    step = attempts.sent[0]
+    if isinstance(step, Transaction):  # created, as guessed
+        return info
+    outcome = enqueue_script.parse(step, reply, 1)[0]
+    if outcome is not enqueue_script.CREATED or info.state is not TaskState.PENDING:
+        prepared.settle(info, outcome, raise_duplicate=True)
+    return info
+
+
+def settle_replies(
+    infos: list[TaskInfo],
+    prepared: Sequence[PreparedEnqueue],
+    batches: list[Batch],
+    attempts: enqueue_script.Attempts,
+    replies: Sequence[Any],
+    replicas: int | None,
+    raise_duplicate: bool,
+) -> None:
+    """Apply the replies (to the steps of the latest attempt) to the guessed TaskInfos."""
+    created = enqueue_script.CREATED
+    pending = TaskState.PENDING
+    for (indexes, _, _), step, reply in zip(batches, attempts.sent, replies, strict=True):
+        outcomes = enqueue_script.parse(step, reply, len(indexes))
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            info = infos[index]
+            if outcome is not created or info.state is not pending:
+                prepared[index].settle(info, outcome, raise_duplicate=raise_duplicate)
+            if replicas is not None:
+                info.replicas = replicas
