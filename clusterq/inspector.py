@@ -5,8 +5,6 @@ The CLI renders what this module returns; scripts and dashboards can use it dire
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,28 +16,14 @@ from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX, validate_queue_name
+from clusterq.worker.announce import WorkerAnnouncement, parse_announcements
 
 #: How long one queue's counts may take (through retries) before it is shown as an error.
 DEFAULT_INSPECT_TIMEOUT = 3.0
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    """A live worker, as it last announced itself."""
-
-    id: str
-    host: str
-    pid: int
-    queues: dict[str, int]
-    concurrency: int
-    started: float | None
-    active: int
-    processed: int
-    failed: int
-    expires: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+#: A live worker, as it last announced itself (kept under its old name).
+WorkerInfo = WorkerAnnouncement
 
 
 @dataclass(frozen=True)
@@ -147,21 +131,11 @@ class Inspector:
             **fields,
         )
 
-    def workers(self) -> list[WorkerInfo]:
+    def workers(self) -> list[WorkerAnnouncement]:
         """Workers whose announcement has not expired, by id."""
         key = self.keys.workers
         entries = self.backend.execute_key(key, lambda c: c.hgetall(key), timeout=self.timeout)
-        now = time.time()
-        out = []
-        for raw in entries.values():
-            try:
-                data = json.loads(raw)
-                info = WorkerInfo(**{f: data[f] for f in WorkerInfo.__dataclass_fields__})
-            except (ValueError, KeyError, TypeError):
-                continue
-            if info.expires > now:
-                out.append(info)
-        return sorted(out, key=lambda w: w.id)
+        return parse_announcements(entries)
 
     def queues(self, names: Iterable[str] | None = None) -> list[QueueInfo]:
         """:meth:`queue` for each registered queue (or each of ``names``)."""

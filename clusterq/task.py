@@ -110,6 +110,13 @@ class Record:
             get("fa"),
         )
 
+    @staticmethod
+    def unreadable_meta(error: str, at_ms: int) -> bytes:
+        """The meta written over a record that could not be read, when its task is
+        archived: type unknown ("?"), the error and when it happened; the payload part
+        of the record is kept as it was, for inspection."""
+        return json_bytes({"t": "?", "err": error, "fa": at_ms})
+
     def failed(self, error: str, at_ms: int, *, count: bool = True) -> Record:
         """The record after a failed attempt (``count``: it uses up one retry)."""
         return replace(

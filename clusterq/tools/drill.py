@@ -39,6 +39,7 @@ from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.connection import RedisURL, acommand
 from clusterq.durability import Durability
 from clusterq.errors import ClusterqError
+from clusterq.events import QueueResumed
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.retry import SkipRetry
 from clusterq.router import Router
@@ -47,6 +48,7 @@ from clusterq.task import Task
 from clusterq.tools.servers import LocalProcess, local_process, restart_process
 from clusterq.tools.workerprocs import WorkerProcesses
 from clusterq.worker import current_worker
+from clusterq.worker.announce import ANNOUNCE_INTERVAL, read_announcements
 
 FaultMode = Literal["kill", "stop", "manual", "takeover"]
 MODES: tuple[FaultMode, ...] = ("kill", "stop", "manual", "takeover")
@@ -275,40 +277,44 @@ async def wait_promotion(
 # ----------------------------------------------------------------------- the drill
 
 
-def resumed_at(workers: WorkerProcesses, queue: str, since: float) -> list[float]:
-    """When each worker logged that it fetched from ``queue`` again (after ``since``):
-    the last such event per worker, from the workers' logs."""
-    marker = f"queue {queue}: resumed on "
+async def resumed_at(
+    backend: AsyncBackend,
+    queue: str,
+    since: float,
+    workers: set[str] | None,
+    timeout: float = 2 * ANNOUNCE_INTERVAL + 1,
+) -> list[float]:
+    """When each worker (of ``workers``, or every live one serving ``queue``) last said
+    it fetched from ``queue`` again after ``since``, from the queue events in their
+    announcements. Waits (bounded) for announcements written after this call began, so
+    that the latest events are in."""
+    asked = time.time()
+    deadline = time.monotonic() + timeout
+    while True:
+        chosen = [
+            a
+            for a in await read_announcements(backend)
+            if (a.id in workers if workers is not None else queue in a.queues)
+        ]
+        fresh = all(a.at >= asked for a in chosen)
+        if fresh or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     times = []
-    for path in workers.logs():
-        last = None
-        for line in path.read_text(errors="replace").splitlines():
-            if marker not in line:
-                continue
-            stamp = line.partition(" INFO ")[0]
-            with contextlib.suppress(ValueError):
-                at = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
-                at += int(stamp[20:23]) / 1000
-                if at >= since:
-                    last = at
-        if last is not None:
-            times.append(last)
+    for announcement in chosen:
+        resumed = [
+            float(e["at"])
+            for e in announcement.events
+            if e.get("event") == QueueResumed.kind and e.get("queue") == queue
+        ]
+        resumed = [t for t in resumed if t >= since]
+        if resumed:
+            times.append(max(resumed))
     return times
 
 
 async def _serving(backend: AsyncBackend, queue: str) -> int:
-    key = backend.keys.workers
-    entries = await backend.execute_key(key, lambda c: c.hgetall(key))
-    import json
-
-    now = time.time()
-    count = 0
-    for raw in entries.values():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            data = json.loads(raw)
-            if data["expires"] > now and queue in data["queues"]:
-                count += 1
-    return count
+    return sum(1 for a in await read_announcements(backend) if queue in a.queues)
 
 
 async def run_drill(
@@ -534,10 +540,10 @@ async def run_drill(
                 after = [t for i, t in firsts.items() if i in acked and t >= promoted_t]
                 if after:
                     report.first_delivery_after_promotion = round(min(after) - promoted_t, 3)
-                if workers is not None:
-                    resumed = resumed_at(workers, settings.queue, fault_t)
-                    if resumed:
-                        report.worker_resume_lag = round(max(resumed) - promoted_t, 3)
+                ours = set(workers.names()) if workers is not None else None
+                resumed = await resumed_at(backend, settings.queue, fault_t, ours)
+                if resumed:
+                    report.worker_resume_lag = round(max(resumed) - promoted_t, 3)
                 report.other_delivered_during_outage = sum(
                     1 for i, t in firsts.items() if i in other_acked and fault_t <= t < promoted_t
                 )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.errors import ClusterqError
+from clusterq.worker.announce import read_announcements
 
 
 class WorkerProcesses:
@@ -96,12 +97,10 @@ class WorkerProcesses:
 
     async def announced(self, backend: AsyncBackend, timeout: float = 60.0) -> None:
         """Wait until every process has announced itself in the workers registry."""
-        key = backend.keys.workers
         names = set(self.names())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            entries = await backend.execute_key(key, lambda c: c.hgetall(key))
-            present = {k.decode() if isinstance(k, bytes) else k for k in entries}
+            present = {a.id for a in await read_announcements(backend)}
             if names <= present:
                 return
             self.check_running()

@@ -1,0 +1,200 @@
+"""A worker's announcement: who it is, what it serves, its counters and its recent queue
+events, written every ANNOUNCE_INTERVAL (and at once after a queue event) as one field
+of ``<prefix>:workers``, with an expiry. :class:`WorkerAnnouncement` is the one shape,
+written here and read by ``clusterq worker ls``, the drills and the worker processes
+that tools start; entries that do not parse, or whose expiry passed, are not live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.changes import TopologyEvent
+from clusterq.events import QueueResumed, QueueUnavailable
+from clusterq.worker.state import RunState
+
+log = logging.getLogger("clusterq.worker")
+
+ANNOUNCE_INTERVAL = 2.0
+ANNOUNCE_TTL = 10.0
+#: Queue events (unavailable / resumed) an announcement carries, newest last.
+RECENT_EVENTS = 20
+#: Announcements that expired this long ago are deleted (workers that were killed).
+FORGET_AFTER = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerAnnouncement:
+    """A worker as it last announced itself."""
+
+    id: str
+    host: str
+    pid: int
+    queues: dict[str, int]
+    concurrency: int
+    started: float | None
+    active: int
+    processed: int
+    failed: int
+    expires: float
+    strict_priority: bool = False
+    #: When this announcement was written (unix time).
+    at: float = 0.0
+    #: Recent queue events: ``{"event", "queue", "node", "at", "outage"?}``, newest last.
+    events: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def live(self, now: float | None = None) -> bool:
+        return self.expires > (time.time() if now is None else now)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["events"] = list(self.events)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkerAnnouncement | None:
+        """The announcement in ``raw``, or None if it is not one."""
+        try:
+            data = json.loads(raw)
+            known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+            known["events"] = tuple(e for e in known.get("events", ()) if isinstance(e, dict))
+            announcement = cls(**known)
+            float(announcement.expires)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return announcement
+
+
+def parse_announcements(
+    entries: Mapping[Any, Any], *, live_only: bool = True
+) -> list[WorkerAnnouncement]:
+    """Announcements from the ``workers`` hash (field -> JSON), by id; bad ones skipped."""
+    now = time.time()
+    out = []
+    for raw in entries.values():
+        announcement = WorkerAnnouncement.from_json(raw)
+        if announcement is not None and (announcement.live(now) or not live_only):
+            out.append(announcement)
+    return sorted(out, key=lambda a: a.id)
+
+
+async def read_announcements(
+    backend: AsyncBackend, *, live_only: bool = True
+) -> list[WorkerAnnouncement]:
+    key = backend.keys.workers
+    entries = await backend.execute_key(key, lambda c: c.hgetall(key))
+    return parse_announcements(entries, live_only=live_only)
+
+
+def event_record(event: TopologyEvent) -> dict[str, Any] | None:
+    """What an announcement keeps of a worker event (queue events only)."""
+    if isinstance(event, QueueUnavailable):
+        return {"event": event.kind, "queue": event.queue, "node": event.node, "at": event.at}
+    if isinstance(event, QueueResumed):
+        return {
+            "event": event.kind,
+            "queue": event.queue,
+            "node": event.node,
+            "at": event.at,
+            "outage": round(event.outage, 3),
+        }
+    return None
+
+
+class Announcer:
+    """Writes a worker's announcement until it closes; deletes it on a graceful stop."""
+
+    def __init__(
+        self,
+        backend: AsyncBackend,
+        worker_id: str,
+        describe: Callable[[], dict[str, Any]],
+        run_state: RunState,
+    ) -> None:
+        self.backend = backend
+        self.worker_id = worker_id
+        self.describe = describe
+        self.run_state = run_state
+        self.events: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+
+    def note(self, event: TopologyEvent) -> None:
+        """Keep a queue event for the next announcement, and make that one soon."""
+        record = event_record(event)
+        if record is not None:
+            self.events.append(record)
+            del self.events[:-RECENT_EVENTS]
+            self._wake.set()
+
+    def announcement(self) -> WorkerAnnouncement:
+        now = time.time()
+        return WorkerAnnouncement(
+            id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            expires=now + ANNOUNCE_TTL,
+            at=now,
+            events=tuple(self.events),
+            **self.describe(),
+        )
+
+    async def loop(self) -> None:
+        workers = self.backend.keys.workers
+        rounds = 0
+        while not self.run_state.closing:
+            rounds += 1
+            if rounds % 30 == 1:
+                await self._forget_dead(workers)
+            data = self.announcement().to_json()
+
+            async def publish(client: Any, data: str = data) -> Any:
+                pipe = client.pipeline(transaction=False)
+                pipe.hset(workers, self.worker_id, data)
+                pipe.expire(workers, int(ANNOUNCE_TTL * 6))  # gone if no worker is left
+                return await pipe.execute()
+
+            try:
+                await self.backend.execute_key(workers, publish, timeout=ANNOUNCE_INTERVAL)
+            except Exception as exc:
+                log.debug("announce failed (%s)", exc)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), ANNOUNCE_INTERVAL)
+
+    async def withdraw(self) -> None:
+        """Remove this worker's announcement (graceful stop)."""
+        workers = self.backend.keys.workers
+        with contextlib.suppress(Exception):
+            await self.backend.execute_key(
+                workers, lambda c: c.hdel(workers, self.worker_id), timeout=2
+            )
+
+    async def _forget_dead(self, workers: str) -> None:
+        """Remove announcements that expired a while ago (workers that were killed)."""
+        try:
+            entries = await self.backend.execute_key(
+                workers, lambda c: c.hgetall(workers), timeout=1
+            )
+            cutoff = time.time() - FORGET_AFTER
+            dead = []
+            for worker_id, raw in entries.items():
+                announcement = WorkerAnnouncement.from_json(raw)
+                if announcement is None or announcement.expires < cutoff:
+                    dead.append(worker_id)
+            if dead:
+                await self.backend.execute_key(workers, lambda c: c.hdel(workers, *dead), timeout=1)
+        except Exception as exc:
+            log.debug("could not clean up dead workers (%s)", exc)

@@ -1,0 +1,135 @@
+"""Fetching: one loop per queue, so queues on different masters are fetched concurrently
+and a slow or dead shard holds up no other.
+
+A loop takes concurrency slots (shared among the queues by weight, see
+:mod:`clusterq.priority`), dequeues up to that many tasks in one script call, and starts
+each. An idle loop blocks on the server (``BLMOVE`` of the pending list onto itself) and
+wakes within milliseconds of an enqueue, and at least every ``poll_interval`` to forward
+scheduled and retry tasks that became due. When the queue's master cannot be reached,
+the loop reports the queue unavailable and probes the master without holding any
+slot; when a dequeue works again, it reports the queue resumed (and on which node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from clusterq.broker.facade import Broker
+from clusterq.cluster.changes import TopologyEvent
+from clusterq.cluster.connection import format_addr
+from clusterq.cluster.routing import backoff
+from clusterq.events import QueueResumed, QueueUnavailable
+from clusterq.priority import Capacity
+from clusterq.worker.runner import Runner
+from clusterq.worker.state import Held, QueueState, RunState, WorkerSettings
+
+log = logging.getLogger("clusterq.worker")
+
+
+class Fetcher:
+    """The fetch loops of one worker."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        settings: WorkerSettings,
+        capacity: Capacity,
+        runner: Runner,
+        run_state: RunState,
+        emit: Callable[[TopologyEvent], None],
+        next_token: Callable[[], str],
+    ) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.capacity = capacity
+        self.runner = runner
+        self.run_state = run_state
+        self.emit = emit
+        self.next_token = next_token
+        #: Tasks running now (their handlers).
+        self.running: set[asyncio.Task[None]] = set()
+
+    def _node(self, q: QueueState) -> str:
+        return format_addr(self.broker.backend.master_addr(q.qk.slot))
+
+    async def loop(self, q: QueueState) -> None:
+        """Fetch from ``q`` until the worker stops."""
+        failures = 0
+        outage_since = 0.0
+        while not self.run_state.stopping:
+            if failures:
+                # Degraded: probe the master without holding any concurrency, so that a
+                # dead or frozen shard never takes slots from the healthy ones.
+                try:
+                    await self.broker.probe(q.qk)
+                except Exception:
+                    failures += 1
+                    await self._sleep(backoff(failures, base=0.02, cap=0.25))
+                    continue
+            granted = await self.capacity.acquire(q.name, self.settings.batch_size)
+            if granted == 0:
+                break
+            token = self.next_token()
+            try:
+                got = await self.broker.dequeue(q.qk, granted, self.settings.lease_ms, token)
+            except Exception as exc:
+                self.capacity.release(granted)
+                if not failures:
+                    outage_since = time.monotonic()
+                    self.emit(QueueUnavailable(q.name, self._node(q), str(exc)))
+                failures += 1
+                await self._sleep(backoff(failures, base=0.02, cap=0.25))
+                continue
+            if failures:
+                self.emit(QueueResumed(q.name, self._node(q), time.monotonic() - outage_since))
+                failures = 0
+            if got.orphans:
+                log.warning(
+                    "queue %s: dropped %d pending ids without a record", q.name, got.orphans
+                )
+            self.capacity.release(granted - len(got.tasks))
+            for task_id, raw in got.tasks:
+                q.held[task_id] = Held(token)
+                running = asyncio.create_task(self.runner.execute(q, task_id, token, raw))
+                self.running.add(running)
+                running.add_done_callback(self.running.discard)
+            if got.paused:
+                await self._sleep(min(1.0, self.settings.poll_interval * 10))
+            elif not got.tasks:
+                await self._wait_for_work(q, got.next_due)
+
+    async def _sleep(self, seconds: float) -> None:
+        if not self.run_state.stopping:
+            await asyncio.sleep(seconds)
+
+    async def _wait_for_work(self, q: QueueState, next_due: float | None) -> None:
+        """Block on the server until the pending list has an id, or until the next
+        scheduled/retry task is due, or ``poll_interval`` at most."""
+        wait = self.settings.poll_interval
+        if next_due is not None:
+            wait = min(wait, next_due - time.time())
+        if wait <= 0.001 or self.run_state.stopping:
+            return
+        q.waiting = asyncio.ensure_future(self.broker.wait_for_pending(q.qk, wait))
+        try:
+            await q.waiting
+        except asyncio.CancelledError:
+            if not self.run_state.stopping:
+                raise
+        except Exception as exc:
+            log.debug("queue %s: wait failed (%s)", q.name, exc)
+            await self._sleep(backoff(1, base=0.05, cap=0.5))
+        finally:
+            q.waiting = None
+
+    async def stop(self, queues: list[QueueState]) -> None:
+        """End every fetch loop (a loop blocked on the server is woken by cancelling)."""
+        self.capacity.close()
+        loops = [q.fetcher for q in queues if q.fetcher is not None]
+        for q in queues:
+            if q.waiting is not None:
+                q.waiting.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)

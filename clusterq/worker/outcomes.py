@@ -1,0 +1,180 @@
+"""What follows a handler: acks (batched per queue, sent while more pile up), failures
+(to retry with the policy's delay, or to the archive), and, at shutdown, unfinished
+tasks handed back to their queues. Every call carries the task's fencing token: a
+worker that lost a lease changes nothing, and counts it in ``leases_lost``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from clusterq.broker.ack import Ack
+from clusterq.broker.facade import Broker
+from clusterq.cluster.routing import backoff
+from clusterq.task import Record, Task
+from clusterq.worker.state import (
+    MAX_ERROR_LENGTH,
+    Outcome,
+    QueueState,
+    WorkerSettings,
+    WorkerStats,
+)
+
+log = logging.getLogger("clusterq.worker")
+
+ACK_BATCH = 200
+
+
+class Outcomes:
+    """Acks, failures and hand-backs of one worker."""
+
+    def __init__(self, broker: Broker, settings: WorkerSettings, stats: WorkerStats) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.stats = stats
+
+    # ------------------------------------------------------------------ success
+
+    def ack(self, q: QueueState, task_id: str, token: str, record: Record, result: bytes) -> None:
+        """Queue the ack of a finished task; one flusher per queue sends them in batches."""
+        held = q.held.get(task_id)
+        if held is not None:
+            held.done = True
+        self.stats.processed += 1
+        q.acks.append(Ack(task_id, token, record.retention_ms or 0, result, record.unique_key))
+        if q.flusher is None or q.flusher.done():
+            q.flusher = asyncio.create_task(self.flush(q))
+
+    async def flush(self, q: QueueState) -> None:
+        failures = 0
+        remember_ms = int(self.settings.dedup_window * 1000)
+        while q.acks:
+            batch = q.acks[:ACK_BATCH]
+            del q.acks[:ACK_BATCH]
+            try:
+                applied = await self.broker.ack(q.qk, batch, remember_ms=remember_ms)
+            except Exception as exc:
+                q.acks[:0] = batch
+                failures += 1
+                log.warning("queue %s: %d acks failed (%s); retrying", q.name, len(batch), exc)
+                await asyncio.sleep(backoff(failures, base=0.05, cap=1.0))
+                continue
+            failures = 0
+            for one, done in zip(batch, applied, strict=True):
+                q.held.pop(one.id, None)
+                if not done:
+                    self.stats.leases_lost += 1
+                    log.warning(
+                        "queue %s: ack of task %s ignored: its lease was taken over "
+                        "(it may run again)",
+                        q.name,
+                        one.id,
+                    )
+
+    async def flush_all(self, queues: list[QueueState], timeout: float) -> None:
+        """Send every ack still waiting (at shutdown), for ``timeout`` at most."""
+        for q in queues:
+            if q.acks and (q.flusher is None or q.flusher.done()):
+                q.flusher = asyncio.create_task(self.flush(q))
+        flushers = [q.flusher for q in queues if q.flusher is not None]
+        if flushers:
+            _, late = await asyncio.wait(flushers, timeout=timeout)
+            for flusher in late:
+                flusher.cancel()
+
+    # ------------------------------------------------------------------ failure
+
+    async def fail(
+        self, q: QueueState, task_id: str, token: str, record: Record | None, outcome: Outcome
+    ) -> None:
+        """Record a failed attempt: to retry after the policy's delay, or archived (no
+        retries left, ``archive`` asked, or a record that cannot be read)."""
+        held = q.held.get(task_id)
+        if held is not None:
+            held.done = True
+        error = outcome.error[:MAX_ERROR_LENGTH]
+        now_ms = int(time.time() * 1000)
+        meta, delay = self.failed_meta(record, error, now_ms, outcome)
+        try:
+            result = await self.broker.fail(q.qk, task_id, token, meta, retry_in_ms=_ms(delay))
+        except Exception as exc:
+            log.error(
+                "queue %s: could not record the failure of task %s (%s); its lease will "
+                "expire and it will be retried",
+                q.name,
+                task_id,
+                exc,
+            )
+            q.held.pop(task_id, None)
+            return
+        q.held.pop(task_id, None)
+        if result == "stale":
+            self.stats.leases_lost += 1
+            log.warning(
+                "queue %s: failure of task %s ignored: its lease was taken over", q.name, task_id
+            )
+        elif result == "archived":
+            self.stats.failed += 1
+            self.stats.archived += 1
+            log.warning(
+                "queue %s: task %s (%s) archived: %s",
+                q.name,
+                task_id,
+                record.type if record else "?",
+                error,
+            )
+        else:
+            self.stats.failed += 1
+            log.info("queue %s: task %s failed, retry in %.3gs: %s", q.name, task_id, delay, error)
+
+    def failed_meta(
+        self, record: Record | None, error: str, now_ms: int, outcome: Outcome
+    ) -> tuple[bytes, float | None]:
+        """The record's new meta after a failed attempt, and the delay before the next
+        one (None: archive). A record that could not be read is archived as it is."""
+        if record is None:
+            return Record.unreadable_meta(error, now_ms), None
+        return record.failed(error, now_ms).meta(), self.retry_delay(record, outcome)
+
+    def retry_delay(self, record: Record, outcome: Outcome) -> float | None:
+        """Seconds until the next attempt, or None to archive."""
+        if outcome.archive or record.retried >= record.max_retry:
+            return None
+        if outcome.retry_in is not None:
+            return outcome.retry_in
+        task = Task(
+            id="",
+            type=record.type,
+            payload=None,
+            queue="",
+            retry_count=record.retried,
+            max_retry=record.max_retry,
+        )
+        error = outcome.exception or RuntimeError(outcome.error)
+        return max(0.0, float(self.settings.retry_policy(record.retried, error, task)))
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def return_unfinished(self, queues: list[QueueState]) -> None:
+        """Hand tasks still held back to their queues (no retry used)."""
+        for q in queues:
+            unfinished = q.unfinished()
+            if not unfinished:
+                continue
+            try:
+                n = await self.broker.requeue(q.qk, unfinished)
+                log.info("queue %s: returned %d unfinished tasks", q.name, n)
+            except Exception as exc:
+                log.warning(
+                    "queue %s: could not return %d tasks (%s); their leases will expire",
+                    q.name,
+                    len(unfinished),
+                    exc,
+                )
+            for task_id, _ in unfinished:
+                q.held.pop(task_id, None)
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)

@@ -1,0 +1,92 @@
+"""Recovery and housekeeping: every ``recover_interval`` (with jitter) the worker sweeps
+each of its queues (retention of completed tasks, archive trimming by size and age, the
+dedup window of deleted ids) and takes back the tasks whose lease expired, those of a
+worker that crashed or was cut off, for another attempt (or the archive, when no
+retries are left). A lease renewed meanwhile wins: recovery only applies to a lease that
+is still expired on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from clusterq.broker.facade import Broker
+from clusterq.task import Record
+from clusterq.worker.outcomes import Outcomes
+from clusterq.worker.state import Outcome, QueueState, RunState, WorkerSettings, WorkerStats
+
+log = logging.getLogger("clusterq.worker")
+
+LEASE_EXPIRED = (
+    "lease expired: the worker running the task stopped renewing it (crashed or cut off)"
+)
+
+
+class Recoverer:
+    """The sweeps of one worker."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        settings: WorkerSettings,
+        stats: WorkerStats,
+        outcomes: Outcomes,
+        run_state: RunState,
+    ) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.stats = stats
+        self.outcomes = outcomes
+        self.run_state = run_state
+
+    async def loop(self, queues: list[QueueState]) -> None:
+        while not self.run_state.closing:
+            await asyncio.sleep(self.settings.recover_interval * (0.75 + 0.5 * random.random()))
+            await asyncio.gather(*(self.sweep(q) for q in queues))
+
+    async def sweep(self, q: QueueState) -> None:
+        try:
+            swept = await self.broker.sweep(
+                q.qk,
+                archive_max_size=self.settings.archive_max_size,
+                archive_max_age_ms=int(self.settings.archive_max_age * 1000),
+                timeout=self.settings.recover_interval,
+            )
+        except Exception as exc:
+            log.debug("queue %s: sweep failed (%s)", q.name, exc)
+            return
+        for task_id, token, raw in swept.expired:
+            mine = q.held.get(task_id)
+            if mine is not None and mine.token == token:
+                continue  # still running here; the heartbeat renews it
+            await self.recover(q, task_id, token, raw)
+
+    async def recover(self, q: QueueState, task_id: str, token: str, raw: bytes) -> None:
+        """Take back a task whose lease (``token``) expired."""
+        now_ms = int(time.time() * 1000)
+        try:
+            record: Record | None = Record.decode(raw)
+        except Exception:
+            record = None
+        outcome = Outcome(False, error=LEASE_EXPIRED)
+        meta, delay = self.outcomes.failed_meta(record, LEASE_EXPIRED, now_ms, outcome)
+        try:
+            result = await self.broker.fail(
+                q.qk,
+                task_id,
+                token,
+                meta,
+                retry_in_ms=None if delay is None else int(delay * 1000),
+                only_if_expired=True,
+            )
+        except Exception as exc:
+            log.debug("queue %s: recovery of %s failed (%s)", q.name, task_id, exc)
+            return
+        if result != "stale":
+            self.stats.recovered += 1
+            log.warning(
+                "queue %s: recovered task %s from an expired lease (%s)", q.name, task_id, result
+            )

@@ -1,0 +1,215 @@
+"""Running one task: decode its record, find its handler, call it through the router's
+middleware with its timeout or deadline, and hand the outcome to
+:class:`~clusterq.worker.outcomes.Outcomes`.
+
+An ``async def`` handler past its timeout is cancelled. A plain function runs in a
+thread and cannot be interrupted: it is abandoned (its result ignored), the attempt
+counts as failed, and its concurrency slot stays taken until the function returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from clusterq.priority import Capacity
+from clusterq.retry import RetryIn, SkipRetry
+from clusterq.router import CallNext, Handler, Router, is_async
+from clusterq.serialization import PayloadError, encode_limited, get_codec
+from clusterq.task import Record, Task
+from clusterq.worker.outcomes import Outcomes
+from clusterq.worker.state import Outcome, QueueState, WorkerSettings
+
+log = logging.getLogger("clusterq.worker")
+
+
+class Runner:
+    """Runs tasks of one worker; owns its thread pool and each handler's middleware chain."""
+
+    def __init__(
+        self,
+        router: Router,
+        settings: WorkerSettings,
+        capacity: Capacity,
+        outcomes: Outcomes,
+    ) -> None:
+        self.router = router
+        self.settings = settings
+        self.capacity = capacity
+        self.outcomes = outcomes
+        self.executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="clusterq-task")
+        self._chains: dict[int, Callable[[Task], Awaitable[Any]]] = {}
+        #: Sync handlers still running in a thread, by task id.
+        self._threads: dict[str, Future[Any]] = {}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def execute(self, q: QueueState, task_id: str, token: str, raw: bytes) -> None:
+        """Run one task taken under ``token``; releases its concurrency slot when done
+        (or, for an abandoned sync handler, when its thread returns)."""
+        keep_slot = False
+        try:
+            try:
+                record = Record.decode(raw)
+            except Exception as exc:
+                unreadable = Outcome(False, error=f"unreadable record: {exc}", archive=True)
+                await self.outcomes.fail(q, task_id, token, None, unreadable)
+                return
+            outcome = await self.call(q, task_id, record, token)
+            keep_slot = task_id in self._threads  # an abandoned sync handler still runs
+            if outcome.ok:
+                self.outcomes.ack(q, task_id, token, record, outcome.result)
+            else:
+                await self.outcomes.fail(q, task_id, token, record, outcome)
+        except asyncio.CancelledError:
+            # Stopping: leave the task held; stop() returns it to the queue.
+            raise
+        except Exception:
+            log.exception("queue %s: internal error handling task %s", q.name, task_id)
+            held = q.held.pop(task_id, None)
+            if held is not None:
+                held.done = True  # no heartbeat: the lease expires, the recoverer retries it
+        finally:
+            if not keep_slot:
+                self.capacity.release(1)
+
+    async def call(self, q: QueueState, task_id: str, record: Record, token: str) -> Outcome:
+        """Call the handler of ``record``'s type and say how the attempt ended."""
+        handler = self.router.resolve(record.type)
+        if handler is None:
+            return Outcome(False, error=f"no handler registered for task type {record.type!r}")
+        try:
+            codec = get_codec(record.codec)
+            payload = codec.decode(record.payload)
+        except PayloadError as exc:
+            return Outcome(False, error=str(exc), archive=True)
+        timeout = record.timeout_ms / 1000 if record.timeout_ms else None
+        if record.deadline_ms is not None:
+            left = record.deadline_ms / 1000 - time.time()
+            if left <= 0:
+                return Outcome(
+                    False, error="deadline passed before the task could start", archive=True
+                )
+            timeout = left if timeout is None else min(timeout, left)
+        task = Task(  # positional: once per task
+            task_id,
+            record.type,
+            payload,
+            q.name,
+            record.retried,
+            record.max_retry,
+            record.timeout_ms / 1000 if record.timeout_ms else None,
+            record.deadline_ms / 1000 if record.deadline_ms is not None else None,
+            record.enqueued_ms / 1000 if record.enqueued_ms else None,
+            token,
+        )
+        call = self._chain(handler)
+        try:
+            if timeout is None:
+                result = await call(task)
+            else:
+                result = await _with_timeout(call(task), timeout)
+        except _TimedOut as exc:
+            past_deadline = (
+                record.deadline_ms is not None and time.time() * 1000 >= record.deadline_ms
+            )
+            what = "deadline" if past_deadline else "timeout"
+            return Outcome(
+                False, error=f"{what}: the task ran longer than {timeout:.3g}s", exception=exc
+            )
+        except SkipRetry as exc:
+            return Outcome(False, error=f"SkipRetry: {exc}", exception=exc, archive=True)
+        except RetryIn as exc:
+            return Outcome(False, error=f"RetryIn: {exc}", exception=exc, retry_in=exc.seconds)
+        except Exception as exc:
+            return Outcome(False, error=f"{type(exc).__name__}: {exc}", exception=exc)
+        finally:
+            thread = self._threads.get(task_id)
+            if thread is not None and thread.done():
+                del self._threads[task_id]
+        if not record.retention_ms:
+            return Outcome(True)
+        try:
+            return Outcome(
+                True, result=encode_limited(codec, result, self.settings.max_result_bytes, "result")
+            )
+        except PayloadError as exc:
+            # The work is done; running it again would repeat its effects. Keep it visible.
+            return Outcome(False, error=f"result not stored: {exc}", archive=True)
+
+    def _chain(self, handler: Handler) -> Callable[[Task], Awaitable[Any]]:
+        chain = self._chains.get(id(handler))
+        if chain is not None:
+            return chain
+        if is_async(handler):
+
+            async def call(task: Task) -> Any:
+                return await handler(task)
+
+        else:
+
+            async def call(task: Task) -> Any:
+                return await self._in_thread(handler, task)
+
+        chain = call
+        for middleware in reversed(self.router.middleware):
+            chain = _wrap(middleware, chain)
+        self._chains[id(handler)] = chain
+        return chain
+
+    async def _in_thread(self, handler: Handler, task: Task) -> Any:
+        future = self.executor.submit(contextvars.copy_context().run, handler, task)
+        self._threads[task.id] = future
+        loop = asyncio.get_running_loop()
+
+        def finished(done: Future[Any]) -> None:
+            # Release the slot of a handler that was abandoned after a timeout.
+            def settle() -> None:
+                if self._threads.get(task.id) is done:
+                    del self._threads[task.id]
+                    self.capacity.release(1)
+
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle)
+
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if future.done():
+                self._threads.pop(task.id, None)
+            else:
+                future.add_done_callback(finished)
+
+
+def _wrap(middleware: Any, call_next: CallNext) -> Callable[[Task], Awaitable[Any]]:
+    async def call(task: Task) -> Any:
+        return await middleware(task, call_next)
+
+    return call
+
+
+class _TimedOut(Exception):
+    """Our timer fired (unlike a TimeoutError the handler raised itself)."""
+
+
+async def _with_timeout(work: Awaitable[Any], seconds: float) -> Any:
+    """Await ``work``; cancel it and raise :class:`_TimedOut` after ``seconds``."""
+    running = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({running}, timeout=seconds)
+    except asyncio.CancelledError:
+        running.cancel()
+        raise
+    if not done:
+        running.cancel()
+        with contextlib.suppress(BaseException):
+            await running
+        raise _TimedOut(f"ran longer than {seconds:.3g}s")
+    return running.result()

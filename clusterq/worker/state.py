@@ -1,0 +1,137 @@
+"""What the parts of a worker share: its settings, its counters, the tasks it holds per
+queue, and the outcome of one handler call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clusterq.broker.ack import Ack
+from clusterq.keys import QueueKeys, validate_queue_name
+from clusterq.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+
+DEFAULT_LEASE = 10.0
+DEFAULT_RECOVER_INTERVAL = 1.0
+DEFAULT_POLL_INTERVAL = 0.1
+DEFAULT_TOPOLOGY_INTERVAL = 0.5
+#: How long the id of a task deleted on success is remembered: an enqueue of the same id
+#: (a producer retrying after a timeout or a failover) is then "already enqueued" instead
+#: of a second run. Longer than the client's retry timeout.
+DEFAULT_DEDUP_WINDOW = 20.0
+MAX_ERROR_LENGTH = 2000
+
+
+def parse_queues(queues: Mapping[str, int] | Iterable[str] | str | None) -> dict[str, int]:
+    """``{"critical": 6, "default": 3}``, ``["a", "b"]`` or ``"critical=6,default=3"``."""
+    if queues is None:
+        return {"default": 1}
+    if isinstance(queues, str):
+        parsed: dict[str, int] = {}
+        for part in queues.split(","):
+            queue_name, _, weight_text = part.strip().partition("=")
+            try:
+                parsed[queue_name] = int(weight_text) if weight_text else 1
+            except ValueError:
+                raise ValueError(
+                    f"invalid queue weight in {part!r}: expected name=integer"
+                ) from None
+        queues = parsed
+    weights = dict(queues) if isinstance(queues, Mapping) else {q: 1 for q in queues}
+    if not weights:
+        raise ValueError("a worker needs at least one queue")
+    for name, weight in weights.items():
+        validate_queue_name(name)
+        if not isinstance(weight, int) or weight < 1:
+            raise ValueError(f"weight of queue {name!r} must be a positive integer, got {weight!r}")
+    return weights
+
+
+@dataclass
+class WorkerSettings:
+    """How a worker behaves; see :class:`~clusterq.worker.Worker` for each setting."""
+
+    concurrency: int = 10
+    shutdown_timeout: float = 10.0
+    lease: float = DEFAULT_LEASE
+    recover_interval: float = DEFAULT_RECOVER_INTERVAL
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
+    batch_size: int = 10
+    archive_max_size: int = 10_000
+    archive_max_age: float = 90 * 24 * 3600.0
+    max_result_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    dedup_window: float = DEFAULT_DEDUP_WINDOW
+    #: Seconds between lease renewals (lease / 4 unless changed).
+    heartbeat_interval: float = DEFAULT_LEASE / 4
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.lease * 1000)
+
+
+@dataclass
+class WorkerStats:
+    processed: int = 0
+    failed: int = 0
+    archived: int = 0
+    recovered: int = 0
+    #: Leases this worker lost (its ack or fail was then ignored; the task may run again).
+    leases_lost: int = 0
+
+
+@dataclass
+class Held:
+    """A task this worker took: its fencing token, and whether its outcome was decided
+    (``done``: no more renewals) or its lease lost."""
+
+    token: str
+    done: bool = False
+    lost: bool = False
+
+
+@dataclass
+class QueueState:
+    """One queue as this worker serves it."""
+
+    name: str
+    qk: QueueKeys
+    held: dict[str, Held] = field(default_factory=dict)
+    acks: list[Ack] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
+    fetcher: asyncio.Task[None] | None = None
+    waiting: asyncio.Future[Any] | None = None
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        """(id, token) of the tasks still held and neither decided nor lost."""
+        return [(i, h.token) for i, h in self.held.items() if not h.done and not h.lost]
+
+    def renewable(self) -> list[tuple[str, str]]:
+        """(id, token) of the tasks whose leases are still ours to renew."""
+        return [(i, h.token) for i, h in self.held.items() if not h.lost]
+
+
+@dataclass
+class Outcome:
+    """How one attempt of a task ended."""
+
+    ok: bool
+    result: bytes = b""
+    error: str = ""
+    exception: BaseException | None = None
+    retry_in: float | None = None
+    archive: bool = False
+
+
+class RunState:
+    """The worker's lifecycle flags, read by every loop."""
+
+    def __init__(self) -> None:
+        #: No more fetching; running tasks may finish.
+        self.stopping = False
+        #: A second signal: stop at once.
+        self.aborting = False
+        #: Background loops end.
+        self.closing = False

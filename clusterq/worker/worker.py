@@ -1,0 +1,367 @@
+"""The :class:`Worker`: connects, then runs its parts until stopped.
+
+One asyncio event loop per worker process runs, for each queue, a fetch loop
+(:mod:`~clusterq.worker.fetcher`), the tasks it starts (:mod:`~clusterq.worker.runner`,
+whose outcomes go through :mod:`~clusterq.worker.outcomes`), and three background
+loops: the heartbeat (:mod:`~clusterq.worker.leases`), the recoverer
+(:mod:`~clusterq.worker.recoverer`) and the announcer (:mod:`~clusterq.worker.announce`).
+This module owns only the lifecycle: start, graceful stop, abort, signals, events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from clusterq.broker.facade import Broker
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.changes import ReplicaAdded, TopologyEvent
+from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
+from clusterq.cluster.routing import DEFAULT_RETRY_TIMEOUT
+from clusterq.cluster.topology import Topology
+from clusterq.events import EventListener, QueueResumed
+from clusterq.priority import Capacity
+from clusterq.producer import new_task_id
+from clusterq.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from clusterq.router import Router
+from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+from clusterq.worker.announce import Announcer
+from clusterq.worker.fetcher import Fetcher
+from clusterq.worker.leases import Leases
+from clusterq.worker.outcomes import Outcomes
+from clusterq.worker.recoverer import Recoverer
+from clusterq.worker.runner import Runner
+from clusterq.worker.state import (
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_LEASE,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_RECOVER_INTERVAL,
+    DEFAULT_TOPOLOGY_INTERVAL,
+    QueueState,
+    RunState,
+    WorkerSettings,
+    WorkerStats,
+    parse_queues,
+)
+
+log = logging.getLogger("clusterq.worker")
+
+_current: contextvars.ContextVar[Worker] = contextvars.ContextVar("clusterq_worker")
+
+
+def current_worker() -> Worker:
+    """The worker running the calling handler (its ``backend`` can talk to the cluster)."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("current_worker() is only available inside a handler") from None
+
+
+class Worker:
+    """Runs handlers for the tasks of some queues.
+
+    ``queues`` maps queue names to weights (``{"critical": 6, "default": 3, "low": 1}``);
+    with ``strict_priority`` a queue is served only when every heavier queue is empty.
+    ``concurrency`` tasks run at once. ``lease`` seconds is how long a task stays
+    reserved without a heartbeat; a worker that dies loses its tasks to the recoverer
+    after about that long. ``shutdown_timeout`` is how long :meth:`stop` lets running
+    tasks finish before it returns the rest to their queues.
+    """
+
+    def __init__(
+        self,
+        url: str | RedisURL = DEFAULT_URL,
+        router: Router | None = None,
+        *,
+        queues: Mapping[str, int] | Iterable[str] | str | None = None,
+        strict_priority: bool = False,
+        concurrency: int = 10,
+        shutdown_timeout: float = 10.0,
+        prefix: str = "clusterq",
+        mode: Mode | None = None,
+        lease: float = DEFAULT_LEASE,
+        recover_interval: float = DEFAULT_RECOVER_INTERVAL,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        batch_size: int | None = None,
+        archive_max_size: int = 10_000,
+        archive_max_age: float = 90 * 24 * 3600.0,
+        max_result_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        topology_interval: float = DEFAULT_TOPOLOGY_INTERVAL,
+        name: str | None = None,
+    ) -> None:
+        if router is None:
+            raise ValueError("a worker needs a Router")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if lease <= 0 or poll_interval <= 0 or recover_interval <= 0:
+            raise ValueError("lease, poll_interval and recover_interval must be positive")
+        self.url = url
+        self.router = router
+        self.weights = parse_queues(queues)
+        self.strict_priority = strict_priority
+        self.prefix = prefix
+        self.mode = mode
+        self.retry_timeout = retry_timeout
+        self.topology_interval = topology_interval
+        self.settings = WorkerSettings(
+            concurrency=concurrency,
+            shutdown_timeout=shutdown_timeout,
+            lease=lease,
+            recover_interval=recover_interval,
+            poll_interval=poll_interval,
+            retry_policy=retry_policy,
+            batch_size=batch_size or min(concurrency, 50),
+            archive_max_size=archive_max_size,
+            archive_max_age=archive_max_age,
+            max_result_bytes=max_result_bytes,
+            dedup_window=dedup_window,
+            heartbeat_interval=lease / 4,
+        )
+        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
+        self.stats = WorkerStats()
+        self.started_at: float | None = None
+        self.backend: AsyncBackend | None = None
+        self._listeners: list[EventListener] = []
+        self._queues: dict[str, QueueState] = {}
+        self._capacity = Capacity(concurrency, self.weights, strict=strict_priority)
+        self._state = RunState()
+        self._loops: list[asyncio.Task[None]] = []
+        self._seq = 0
+        self._closed: asyncio.Event | None = None
+        self._runner: Runner | None = None
+        self._fetcher: Fetcher | None = None
+        self._outcomes: Outcomes | None = None
+        self._announcer: Announcer | None = None
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def concurrency(self) -> int:
+        return self.settings.concurrency
+
+    @property
+    def lease(self) -> float:
+        return self.settings.lease
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between lease renewals (a quarter of the lease by default)."""
+        return self.settings.heartbeat_interval
+
+    @heartbeat_interval.setter
+    def heartbeat_interval(self, seconds: float) -> None:
+        self.settings.heartbeat_interval = seconds
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self.weights)
+
+    @property
+    def active(self) -> int:
+        return self._capacity.in_use
+
+    # ------------------------------------------------------------------ events
+
+    def subscribe(self, listener: EventListener) -> None:
+        """Call ``listener(event)`` for every topology change this worker sees and when
+        one of its queues becomes unavailable or resumes (see :mod:`clusterq.events`)."""
+        self._listeners.append(listener)
+
+    def _on_topology(self, _topology: Topology, events: list[TopologyEvent]) -> None:
+        for event in events:
+            self._emit(event)
+
+    def _emit(self, event: TopologyEvent) -> None:
+        level = logging.INFO if isinstance(event, QueueResumed | ReplicaAdded) else logging.WARNING
+        log.log(level, "%s", event.describe())
+        if self._announcer is not None:
+            self._announcer.note(event)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _next_token(self) -> str:
+        self._seq += 1
+        return f"{self.id}:{self._seq}"
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "queues": self.weights,
+            "strict_priority": self.strict_priority,
+            "concurrency": self.concurrency,
+            "started": self.started_at,
+            "active": self.active,
+            "processed": self.stats.processed,
+            "failed": self.stats.failed,
+        }
+
+    async def start(self) -> None:
+        """Connect and start fetching. Returns once the worker runs."""
+        if self.backend is not None:
+            raise RuntimeError("worker already started")
+        self._closed = asyncio.Event()
+        _current.set(self)  # tasks created from here on inherit it
+        self.backend = backend = await AsyncBackend.connect(
+            self.url, mode=self.mode, prefix=self.prefix, retry_timeout=self.retry_timeout
+        )
+        backend.note_queues(self.weights)
+        backend.subscribe(self._on_topology)
+        if backend.mode == "cluster":
+            backend.start_watching(self.topology_interval)
+        registry, queues = backend.keys.queues, list(self.weights)
+        await backend.execute_key(registry, lambda c: c.sadd(registry, *queues))
+        broker = Broker(backend)
+        settings, stats, state = self.settings, self.stats, self._state
+        self._outcomes = Outcomes(broker, settings, stats)
+        self._runner = Runner(self.router, settings, self._capacity, self._outcomes)
+        self._fetcher = Fetcher(
+            broker, settings, self._capacity, self._runner, state, self._emit, self._next_token
+        )
+        self._announcer = Announcer(backend, self.id, self._describe, state)
+        self.started_at = time.time()
+        for name in self.weights:
+            q = self._queues[name] = QueueState(name, backend.keys.queue(name))
+            q.fetcher = asyncio.create_task(self._fetcher.loop(q), name=f"fetch:{name}")
+        all_queues = list(self._queues.values())
+        leases = Leases(broker, settings, stats, state)
+        recoverer = Recoverer(broker, settings, stats, self._outcomes, state)
+        self._loops = [
+            asyncio.create_task(leases.loop(all_queues), name="heartbeat"),
+            asyncio.create_task(recoverer.loop(all_queues), name="recover"),
+            asyncio.create_task(self._announcer.loop(), name="announce"),
+        ]
+        log.info(
+            "worker %s started: queues %s, concurrency %d, %s at %s",
+            self.id,
+            ", ".join(f"{q}={w}" for q, w in self.weights.items()),
+            self.concurrency,
+            backend.mode,
+            backend.topology.source,
+        )
+
+    @property
+    def _running(self) -> set[asyncio.Task[None]]:
+        return self._fetcher.running if self._fetcher is not None else set()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop fetching, let running tasks finish (``timeout``, default
+        ``shutdown_timeout``), return unfinished ones to their queues, flush acks."""
+        if self.backend is None or self._state.stopping:
+            await self.wait_closed()
+            return
+        assert self._fetcher is not None and self._outcomes is not None
+        self._state.stopping = True
+        grace = self.settings.shutdown_timeout if timeout is None else timeout
+        log.info("worker %s stopping: %d tasks running", self.id, len(self._running))
+        queues = list(self._queues.values())
+        await self._fetcher.stop(queues)
+        if self._running:
+            _, late = await asyncio.wait(set(self._running), timeout=grace)
+            if self._state.aborting:  # a second signal: abort() closes, returns nothing
+                await self.wait_closed()
+                return
+            await cancel_and_wait(late)
+        await self._outcomes.return_unfinished(queues)
+        await self._outcomes.flush_all(queues, max(5.0, self.retry_timeout))
+        await self._close(announce=True)
+        log.info("worker %s stopped: %s", self.id, self.stats)
+
+    async def abort(self) -> None:
+        """Stop at once: cancel everything; leases of unfinished tasks expire and the
+        recoverer runs them again (nothing is lost)."""
+        if self.backend is None:
+            return
+        assert self._fetcher is not None
+        self._state.stopping = self._state.aborting = True
+        await self._fetcher.stop(list(self._queues.values()))
+        await cancel_and_wait(set(self._running))
+        await self._close(announce=False)
+        log.warning("worker %s aborted; unfinished tasks return when their leases expire", self.id)
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await self._closed.wait()
+
+    async def _close(self, *, announce: bool) -> None:
+        self._state.closing = True
+        await cancel_and_wait(set(self._loops))
+        if self.backend is not None:
+            if announce and self._announcer is not None:
+                await self._announcer.withdraw()
+            await self.backend.aclose()
+        if self._runner is not None:
+            self._runner.close()
+        if self._closed is not None:
+            self._closed.set()
+
+    def run(self) -> None:
+        """Run until SIGTERM or SIGINT: the first stops gracefully, a second at once."""
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        signals = 0
+        stopping: list[asyncio.Task[None]] = []
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            name = signal.Signals(signum).name
+            if signals == 1:
+                log.info("received %s: stopping gracefully (again to stop at once)", name)
+                stopping.append(asyncio.ensure_future(self.stop()))
+            else:
+                log.warning("received %s again: stopping at once", name)
+                stopping.append(asyncio.ensure_future(self.abort()))
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+        try:
+            await self.wait_closed()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                loop.remove_signal_handler(signum)
+            await asyncio.gather(*stopping, return_exceptions=True)
+
+
+async def cancel_and_wait(tasks: set[asyncio.Task[Any]], *, limit: float = 10.0) -> None:
+    """Cancel ``tasks`` and wait until they are done, cancelling again if needed.
+
+    On Python 3.11 a cancellation can be lost: redis-py sends under ``asyncio.wait_for``,
+    which swallows a cancel that arrives as the send completes (fixed in 3.12). A single
+    ``cancel()`` is therefore not enough; our loops also check a stop flag.
+    """
+    deadline = time.monotonic() + limit
+    pending = {t for t in tasks if not t.done()}
+    while pending and time.monotonic() < deadline:
+        for running in pending:
+            running.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    if pending:
+        log.error("%d tasks did not stop: %s", len(pending), [t.get_name() for t in pending])
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: log where every asyncio task of the worker is waiting."""
+    import io
+
+    for running in asyncio.all_tasks():
+        out = io.StringIO()
+        running.print_stack(file=out)
+        log.warning("task %s:\n%s", running.get_name(), out.getvalue())
