@@ -13,14 +13,13 @@ from clusterq.cli import main
 from clusterq.cluster import topology as topo
 from clusterq.errors import ConfigError
 from clusterq.slots import keyslot
-from clusterq.tools.bench import (
+from clusterq.tools.bench import run_bench, spread_queues
+from clusterq.tools.bench_report import (
     SCENARIOS,
     BenchSettings,
     Work,
     parse_benchmark_csv,
     percentile,
-    run_bench,
-    spread_queues,
 )
 from clusterq.tools.devcluster import LocalCluster
 

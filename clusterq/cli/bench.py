@@ -10,17 +10,17 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clusterq.cli.app import CliState
 from clusterq.cli.render import console, print_json, table
-from clusterq.tools.bench import (
+from clusterq.cli.state import CliState
+from clusterq.tools.bench import run_bench
+from clusterq.tools.bench_report import (
     SCENARIOS,
     WORKS,
     BenchReport,
     BenchSettings,
     describe_target,
-    run_bench,
 )
-from clusterq.tools.bench import (
+from clusterq.tools.bench_report import (
     Progress as ProgressFn,
 )
 

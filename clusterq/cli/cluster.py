@@ -8,24 +8,11 @@ import time
 
 import click
 
-from clusterq.cli.app import CliState
-from clusterq.cli.render import console, print_json, slot_ranges, table
+from clusterq.cli.render import console, print_json, slot_map_table, slot_ranges, table
+from clusterq.cli.state import CliState
 from clusterq.cluster.changes import TopologyEvent
 from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError
-
-
-def slot_map_table(topology: Topology, title: str | None = None) -> object:
-    rows = [
-        [
-            slot_ranges(shard.slots),
-            shard.slot_count,
-            f"{shard.master.addr} ({shard.master.id[:8]})",
-            ", ".join(r.addr for r in shard.replicas) or "-",
-        ]
-        for shard in topology.shards
-    ]
-    return table(title, ["Slots", "Count", "Master", "Replicas"], rows)
 
 
 def slots_json(topology: Topology) -> list[dict[str, object]]:

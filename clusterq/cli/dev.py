@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from clusterq.cli.cluster import slot_map_table
-from clusterq.cli.render import console, print_json, table
+from clusterq.cli.render import console, print_json, slot_map_table, table
 from clusterq.tools import servers
 from clusterq.tools.devcluster import DEFAULT_BASE_PORT, LocalCluster
 

@@ -6,8 +6,8 @@ import asyncio
 
 import click
 
-from clusterq.cli.app import CliState
 from clusterq.cli.render import console, print_json, table
+from clusterq.cli.state import CliState
 from clusterq.tools.drill import MODES, DrillReport, DrillSettings, run_drill
 
 

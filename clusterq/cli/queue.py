@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from clusterq.cli.app import CliState
 from clusterq.cli.render import console, print_json, table
+from clusterq.cli.state import CliState
 from clusterq.inspector import Inspector
 
 

@@ -11,6 +11,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from clusterq.cluster.topology import Topology
+
 
 def console() -> Console:
     """A console on the current stdout; wide when not a terminal, so tables do not wrap."""
@@ -35,3 +37,17 @@ def table(
 
 def slot_ranges(ranges: Any) -> str:
     return ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+def slot_map_table(topology: Topology, title: str | None = None) -> Table:
+    """The slot map: ranges, count, master and replicas per shard."""
+    rows = [
+        [
+            slot_ranges(shard.slots),
+            shard.slot_count,
+            f"{shard.master.addr} ({shard.master.id[:8]})",
+            ", ".join(r.addr for r in shard.replicas) or "-",
+        ]
+        for shard in topology.shards
+    ]
+    return table(title, ["Slots", "Count", "Master", "Replicas"], rows)

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from clusterq.cli.app import CliError, CliState
 from clusterq.cli.render import print_json
+from clusterq.cli.state import CliError, CliState
 from clusterq.client import Client
 from clusterq.producer import DEFAULT_MAX_RETRY, DEFAULT_QUEUE
 

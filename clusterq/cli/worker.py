@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from clusterq.cli.app import CliError, CliState
 from clusterq.cli.render import console, print_json, table
+from clusterq.cli.state import CliError, CliState
 from clusterq.inspector import Inspector
 from clusterq.router import Router
 from clusterq.worker import DEFAULT_LEASE, DEFAULT_POLL_INTERVAL, Worker, parse_queues

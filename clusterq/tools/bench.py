@@ -27,19 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
-import math
 import os
 import random
 import secrets
-import shutil
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from clusterq.client import Client
 from clusterq.cluster import topology as topo
@@ -47,216 +41,21 @@ from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import RedisURL
 from clusterq.errors import ClusterqError, ConfigError
-from clusterq.keys import DEFAULT_PREFIX, KeySchema
-from clusterq.retry import SkipRetry
-from clusterq.router import Router
+from clusterq.keys import KeySchema
 from clusterq.slots import keyslot
-from clusterq.task import Task
-from clusterq.tools.workerprocs import WorkerProcesses
-from clusterq.worker import current_worker
-
-Scenario = Literal["enqueue", "enqueue-many", "durability", "e2e", "latency", "memory"]
-SCENARIOS: tuple[Scenario, ...] = (
-    "enqueue",
-    "enqueue-many",
-    "durability",
-    "e2e",
-    "latency",
-    "memory",
+from clusterq.tools.bench_handlers import INCR_REDIS_PY_TYPE, INCR_TYPE, LATENCY_TYPE, NOOP_TYPE
+from clusterq.tools.bench_report import (
+    SCENARIOS,
+    BenchReport,
+    BenchRow,
+    BenchSettings,
+    Progress,
+    Scenario,
+    compare_with_baseline,
+    ms_percentiles,
+    run_baseline,
 )
-Work = Literal["noop", "incr", "incr-redis-py"]
-WORKS: tuple[Work, ...] = ("noop", "incr", "incr-redis-py")
-Progress = Callable[[str, int, int], None]
-
-NOOP_TYPE = "clusterq:bench:noop"
-INCR_TYPE = "clusterq:bench:incr"
-INCR_REDIS_PY_TYPE = "clusterq:bench:incr-redis-py"
-LATENCY_TYPE = "clusterq:bench:latency"
-
-# ----------------------------------------------------------------------- handlers
-
-router = Router()
-
-
-def _run_of(task: Task) -> str:
-    payload = task.payload
-    if not isinstance(payload, dict) or not isinstance(payload.get("run"), str):
-        raise SkipRetry("not a benchmark payload")
-    return str(payload["run"])
-
-
-@router.task(NOOP_TYPE)
-async def noop(task: Task) -> None:
-    """Nothing: what the worker itself costs."""
-
-
-@router.task(INCR_TYPE)
-async def incr(task: Task) -> None:
-    """One INCR, like the tasks of the peers' benchmark, over the worker's connection."""
-    backend = current_worker().backend
-    assert backend is not None
-    counter, _ = backend.keys.bench(_run_of(task), task.queue)
-    await backend.call(counter, "INCR", counter)
-
-
-@router.task(INCR_REDIS_PY_TYPE)
-async def incr_redis_py(task: Task) -> None:
-    """One INCR through redis-py's asyncio client (what a handler written against
-    redis-py pays: its per-command layer is most of the task's cost)."""
-    backend = current_worker().backend
-    assert backend is not None
-    counter, _ = backend.keys.bench(_run_of(task), task.queue)
-    await backend.execute_key(counter, lambda c: c.incr(counter))
-
-
-@router.task(LATENCY_TYPE)
-async def latency(task: Task) -> None:
-    """Record how long after its enqueue began this task started."""
-    started = time.time()
-    sent = task.payload.get("t") if isinstance(task.payload, dict) else None
-    if not isinstance(sent, float | int):
-        raise SkipRetry("not a latency payload")
-    backend = current_worker().backend
-    assert backend is not None
-    _, samples = backend.keys.bench(_run_of(task), task.queue)
-    # Over the node's lane: redis-py's pooled connections, opened on demand when a burst
-    # starts, put tens of ms into the first samples of the loaded run.
-    sample = f"{started - sent:.6f}"
-    await backend.execute_key(samples, lambda c: c.fast("RPUSH", samples, sample))
-
-
-# ----------------------------------------------------------------------- results
-
-
-@dataclass
-class BenchRow:
-    """One line of the report."""
-
-    scenario: str
-    tasks: int
-    seconds: float
-    #: Tasks per second.
-    rate: float | None = None
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    #: ``rate`` divided by the redis-benchmark baseline it compares with.
-    vs_baseline: float | None = None
-    baseline: str | None = None
-    note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Baseline:
-    """``redis-benchmark`` PING figures from the same run (requests per second)."""
-
-    command: str
-    unpipelined: float
-    pipelined: float
-    pipeline: int
-
-
-@dataclass
-class BenchReport:
-    target: str
-    mode: str
-    masters: int
-    server: str
-    cores: int
-    rows: list[BenchRow] = field(default_factory=list)
-    baseline: Baseline | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class BenchSettings:
-    url: str
-    prefix: str = DEFAULT_PREFIX
-    tasks: int = 10_000
-    workers: int = 1
-    concurrency: int = 50
-    work: Work = "noop"
-    batch: int = 1000
-    rate: float = 2000.0
-    samples: int = 300
-    baseline: bool = True
-    #: Queues for e2e and latency under load; default: one per master.
-    queues: int | None = None
-    timeout: float = 300.0
-    seed: int | None = None
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """The ``pct`` percentile (nearest rank) of ``values``; 0 for none."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
-    return ordered[rank]
-
-
-def _ms(values: Sequence[float]) -> tuple[float, float]:
-    return round(percentile(values, 50) * 1000, 3), round(percentile(values, 99) * 1000, 3)
-
-
-# ----------------------------------------------------------------------- baseline
-
-
-def benchmark_binary() -> str | None:
-    return shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
-
-
-def parse_benchmark_csv(text: str, test: str = "PING_MBULK") -> float:
-    """Requests per second of ``test`` from ``redis-benchmark --csv`` output."""
-    for row in csv.reader(io.StringIO(text)):
-        if row and row[0] == test:
-            return float(row[1])
-    raise ValueError(f"no {test} line in redis-benchmark output: {text[:200]!r}")
-
-
-def run_baseline(url: RedisURL, mode: str, pipeline: int = 16) -> tuple[Baseline | None, str]:
-    """PING round trips per second, unpipelined and pipelined ``-P pipeline``, with
-    50 connections against the first seed. Returns (baseline, note)."""
-    binary = benchmark_binary()
-    if binary is None:
-        return None, "redis-benchmark not installed: no baseline"
-    if url.ssl:
-        return None, "TLS URL: no redis-benchmark baseline"
-    host, port = url.seeds[0]
-    base = [binary, "-h", host, "-p", str(port), "-t", "ping", "-c", "50", "--csv"]
-    if url.username:
-        base += ["--user", url.username]
-    if url.password:
-        base += ["-a", url.password]
-    if mode == "cluster":
-        base.append("--cluster")
-    env = {**os.environ, "REDISCLI_AUTH": url.password or ""}
-    try:
-        plain = subprocess.run(
-            [*base, "-n", "100000"], capture_output=True, text=True, timeout=120, env=env
-        )
-        piped = subprocess.run(
-            [*base, "-n", "1000000", "-P", str(pipeline)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
-        baseline = Baseline(
-            command=" ".join([*base, "-n", "100000"]).replace(url.password or "\0", "***"),
-            unpipelined=parse_benchmark_csv(plain.stdout),
-            pipelined=parse_benchmark_csv(piped.stdout),
-            pipeline=pipeline,
-        )
-    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
-        return None, f"redis-benchmark failed: {exc}"
-    return baseline, ""
-
-
-# ----------------------------------------------------------------------- helpers
+from clusterq.tools.workerprocs import WorkerProcesses
 
 
 def spread_queues(topology: topo.Topology, base: str, count: int) -> list[str]:
@@ -331,7 +130,7 @@ class _Session:
         return WorkerProcesses(
             url=self.settings.url,
             prefix=self.settings.prefix,
-            router="clusterq.tools.bench:router",
+            router="clusterq.tools.bench_handlers:router",
             queues=",".join(queues),
             count=count,
             concurrency=self.settings.concurrency,
@@ -392,7 +191,7 @@ def _timed_calls(s: _Session, label: str, n: int, call: Callable[[int], object])
         if i % 500 == 499 or i == n - 1:
             s.progress(label, i + 1, n)
     seconds = clock() - started
-    p50, p99 = _ms(times)
+    p50, p99 = ms_percentiles(times)
     row = BenchRow(label, n, round(seconds, 3), n / seconds, p50, p99)
     row.extra["mean_ms"] = round(statistics.fmean(times) * 1000, 4)
     return row
@@ -418,7 +217,7 @@ def bench_enqueue_many(s: _Session) -> BenchRow:
         s.progress("enqueue-many", done, n)
     seconds = clock() - started
     s.drop(queues)
-    p50, p99 = _ms(times)
+    p50, p99 = ms_percentiles(times)
     return BenchRow(
         "enqueue-many",
         n,
@@ -578,7 +377,7 @@ def bench_latency(s: _Session) -> list[BenchRow]:
             if i >= 10:  # the first ones warm up connections and caches
                 samples.append(float(reply[1]))
             s.progress("latency, idle queue", i + 1, count + 10)
-        p50, p99 = _ms(samples)
+        p50, p99 = ms_percentiles(samples)
         rows.append(
             BenchRow(
                 "pickup latency, idle",
@@ -614,7 +413,7 @@ def bench_latency(s: _Session) -> list[BenchRow]:
             time.sleep(0.05)
         if len(under) < total:
             raise ClusterqError(f"latency: only {len(under)} of {total} tasks ran in time")
-        p50, p99 = _ms(under)
+        p50, p99 = ms_percentiles(under)
         rows.append(
             BenchRow(
                 "pickup latency, load",
@@ -709,39 +508,11 @@ def run_bench(
             else:
                 rows = [bench_memory(session)]
             for row in rows:
-                _compare(row, report.baseline)
+                compare_with_baseline(row, report.baseline)
             report.rows.extend(rows)
         return report
     finally:
         session.close()
 
 
-def _compare(row: BenchRow, baseline: Baseline | None) -> None:
-    """Relate a rate to the round trips redis-benchmark managed on the same server."""
-    if baseline is None or row.rate is None or row.scenario.startswith("pickup"):
-        return
-    if row.scenario == "enqueue-many":
-        row.vs_baseline = row.rate / baseline.pipelined
-        row.baseline = f"PING -P {baseline.pipeline}"
-    else:
-        row.vs_baseline = row.rate / baseline.unpipelined
-        row.baseline = "PING"
-
-
-def describe_target(report: BenchReport) -> str:
-    return (
-        f"{report.target}: {report.mode}, {report.masters} master(s), {report.server}, "
-        f"{report.cores} cores"
-    )
-
-
-__all__ = [
-    "SCENARIOS",
-    "Baseline",
-    "BenchReport",
-    "BenchRow",
-    "BenchSettings",
-    "percentile",
-    "run_bench",
-    "spread_queues",
-]
+__all__ = ["run_bench", "spread_queues"]
