@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-import redis.asyncio
 
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import arun_pipelined
@@ -26,7 +23,6 @@ from clusterq.durability import (
     durability_commands,
     require_confirmed,
 )
-from clusterq.errors import ResultTimeout
 from clusterq.keys import DEFAULT_PREFIX
 from clusterq.producer import (
     Batch,
@@ -40,7 +36,7 @@ from clusterq.producer import (
 )
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.task import TaskInfo
-from clusterq.taskinfo import info_commands, poll_delay, settled_result, task_info
+from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 
 log = logging.getLogger("clusterq.client")
 
@@ -191,15 +187,13 @@ class AsyncClient(ClientBase):
         return infos
 
     async def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
+        """See :meth:`Client.info`."""
         task_id, queue = self._locate(task, queue)
         qk = self.keys.queue(queue)
         commands = info_commands(qk, task_id)
 
-        async def read(client: redis.asyncio.Redis) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for args in commands:
-                pipe.execute_command(*args)
-            return await pipe.execute()
+        async def read(client: AsyncNodeClient) -> list[Any]:
+            return info_values(await client.fast_pipeline(commands))
 
         return task_info(queue, task_id, await self.backend.execute(qk.slot, read))
 
@@ -207,13 +201,9 @@ class AsyncClient(ClientBase):
         self, task: TaskInfo | str, *, queue: str | None = None, timeout: float | None = 30.0
     ) -> Any:
         """See :meth:`Client.result`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
+        wait = ResultWait(timeout)
         while True:
             info = await self.info(task, queue=queue)
-            if settled_result(info):
+            if wait.done(info):
                 return info.result
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeout(f"task {info.id} is still {info.state} after {timeout}s")
-            await asyncio.sleep(poll_delay(attempt))
-            attempt += 1
+            await asyncio.sleep(wait.delay())

@@ -14,12 +14,10 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import redis
-
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import run_pipelined
 from clusterq.cluster.backend import Backend
-from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL, command
+from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.routing import DEFAULT_RETRY_TIMEOUT
 from clusterq.cluster.wire import NodeClient
 from clusterq.durability import (
@@ -29,7 +27,7 @@ from clusterq.durability import (
     durability_commands,
     require_confirmed,
 )
-from clusterq.errors import DuplicateTask, ResultTimeout
+from clusterq.errors import DuplicateTask
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.producer import (
     DEFAULT_QUEUE,
@@ -44,7 +42,7 @@ from clusterq.producer import (
 )
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.task import TaskInfo
-from clusterq.taskinfo import info_commands, poll_delay, settled_result, task_info
+from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 
 log = logging.getLogger("clusterq.client")
 
@@ -238,14 +236,8 @@ class Client(ClientBase):
         task_id, queue = self._locate(task, queue)
         qk = self.keys.queue(queue)
         commands = info_commands(qk, task_id)
-
-        def read(client: redis.Redis) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for args in commands:
-                command(pipe, *args)
-            return pipe.execute()
-
-        return task_info(queue, task_id, self.backend.execute(qk.slot, read))
+        values = self.backend.execute(qk.slot, lambda c: info_values(c.fast_pipeline(commands)))
+        return task_info(queue, task_id, values)
 
     def result(
         self, task: TaskInfo | str, *, queue: str | None = None, timeout: float | None = 30.0
@@ -256,13 +248,7 @@ class Client(ClientBase):
         completes). Raises :class:`TaskFailed` if it was archived, :class:`ResultTimeout`
         after ``timeout`` seconds (None: wait forever), :class:`TaskNotFound`.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        while True:
-            info = self.info(task, queue=queue)
-            if settled_result(info):
-                return info.result
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeout(f"task {info.id} is still {info.state} after {timeout}s")
-            time.sleep(poll_delay(attempt))
-            attempt += 1
+        wait = ResultWait(timeout)
+        while not wait.done(info := self.info(task, queue=queue)):
+            time.sleep(wait.delay())
+        return info.result

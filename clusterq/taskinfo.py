@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from clusterq.errors import TaskFailed, TaskNotFound
+from clusterq.broker.script import first_error
+from clusterq.errors import ResultTimeout, TaskFailed, TaskNotFound
 from clusterq.keys import QueueKeys
 from clusterq.serialization import PayloadError, get_codec
 from clusterq.task import Record, TaskInfo, TaskState, ms_to_s
@@ -88,3 +90,34 @@ def settled_result(info: TaskInfo) -> Any:
 
 def poll_delay(attempt: int) -> float:
     return min(0.2, 0.005 * 2.0 ** min(attempt, 10))
+
+
+def info_values(answers: Sequence[Any]) -> list[Any]:
+    """The replies to :func:`info_commands`; an error among them is raised (a ``MOVED``
+    or a connection loss: the backend retries the read)."""
+    error = first_error(answers)
+    if error is not None:
+        raise error
+    return list(answers)
+
+
+class ResultWait:
+    """How ``result()`` polls a task: until it completed (its result), was archived
+    (:class:`TaskFailed`) or ``timeout`` passed (:class:`ResultTimeout`; None: never)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.attempt = 0
+
+    def done(self, info: TaskInfo) -> bool:
+        if settled_result(info):
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise ResultTimeout(f"task {info.id} is still {info.state} after {self.timeout}s")
+        return False
+
+    def delay(self) -> float:
+        """Seconds until the next look: short at first, then up to 0.2 s."""
+        self.attempt += 1
+        return poll_delay(self.attempt - 1)

@@ -116,6 +116,38 @@ async def arun_one(client: AsyncNodeClient, step: Step) -> Any:
     return reply
 
 
+class _Rounds:
+    """The rounds of a pipelined run, without I/O: what to send next, what to load after
+    a ``NOSCRIPT``, and the replies. At most two rounds: a script loaded after NOSCRIPT
+    is there for the second."""
+
+    def __init__(self, steps: Sequence[Step], after: Sequence[Sequence[Any]]) -> None:
+        self.steps = steps
+        self.after = after
+        self.replies: list[Any] = [None] * len(steps)
+        self.tail: list[Any] = []
+        self.todo: list[int] = list(range(len(steps)))
+        self.rounds = 0
+        self._sent: list[list[Sequence[Any]]] = []
+
+    def next_round(self) -> list[Sequence[Any]] | None:
+        """The commands of the next round (the steps' commands, then ``after``), or None
+        when done."""
+        if not self.todo or self.rounds == 2:
+            return None
+        self.rounds += 1
+        self._sent = [_commands(self.steps[i]) for i in self.todo]
+        return [*(c for commands in self._sent for c in commands), *self.after]
+
+    def feed(self, answers: Sequence[Any]) -> set[LuaScript]:
+        """Store a round's answers; returns the scripts to load before the next round."""
+        sent = sum(len(commands) for commands in self._sent)
+        self.tail = list(answers[sent:])
+        missing = _settle(self.steps, self.todo, self._sent, answers, self.replies)
+        self.todo = missing
+        return _scripts(self.steps, missing) if self.rounds < 2 else set()
+
+
 def run_pipelined(
     client: NodeClient,
     steps: Sequence[Step],
@@ -132,21 +164,11 @@ def run_pipelined(
     last round). ``meanwhile`` is called once the commands are sent, before the replies
     are read: the caller's own work, done while the server runs them.
     """
-    replies: list[Any] = [None] * len(steps)
-    todo = list(range(len(steps)))
-    tail: list[Any] = []
-    for _ in range(2):
-        sent = [_commands(steps[i]) for i in todo]
-        flat = [command for commands in sent for command in commands]
-        answers = client.fast_pipeline([*flat, *after], meanwhile=meanwhile)
-        tail = answers[len(flat) :]
-        missing = _settle(steps, todo, sent, answers, replies)
-        if not missing:
-            break
-        for script in _scripts(steps, missing):
+    rounds = _Rounds(steps, after)
+    while (commands := rounds.next_round()) is not None:
+        for script in rounds.feed(client.fast_pipeline(commands, meanwhile=meanwhile)):
             client.fast("SCRIPT", "LOAD", script.source)
-        todo = missing
-    return replies, tail
+    return rounds.replies, rounds.tail
 
 
 async def arun_pipelined(
@@ -154,29 +176,20 @@ async def arun_pipelined(
 ) -> tuple[list[Any], list[Any]]:
     """Asynchronous :func:`run_pipelined`. Without ``after`` the steps share the node's
     lane; with it they take a pooled connection of their own (``WAIT`` blocks)."""
-    replies: list[Any] = [None] * len(steps)
-    todo = list(range(len(steps)))
-    tail: list[Any] = []
-    for _ in range(2):
-        sent = [_commands(steps[i]) for i in todo]
-        flat = [command for commands in sent for command in commands]
+    if after and any(isinstance(step, Transaction) for step in steps):
+        raise ValueError("a transaction is not sent with blocking commands after it")
+    rounds = _Rounds(steps, after)
+    while (commands := rounds.next_round()) is not None:
         if after:
-            if any(isinstance(steps[i], Transaction) for i in todo):
-                raise ValueError("a transaction is not sent with blocking commands after it")
             pipe = client.pipeline(transaction=False)
-            for command in [*flat, *after]:
+            for command in commands:
                 pipe.execute_command(*command)
             answers = await pipe.execute(raise_on_error=False)
         else:
-            answers = await client.fast_pipeline(flat)
-        tail = answers[len(flat) :]
-        missing = _settle(steps, todo, sent, answers, replies)
-        if not missing:
-            break
-        for script in _scripts(steps, missing):
+            answers = await client.fast_pipeline(commands)
+        for script in rounds.feed(answers):
             await client.fast("SCRIPT", "LOAD", script.source)
-        todo = missing
-    return replies, tail
+    return rounds.replies, rounds.tail
 
 
 def _scripts(steps: Sequence[Step], indexes: list[int]) -> set[LuaScript]:
