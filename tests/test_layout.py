@@ -96,7 +96,7 @@ def test_key_names_are_spelled_only_in_keys_py() -> None:
         if name == "clusterq.keys":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                if any(node.value.endswith(s) or f"{s}:" in node.value for s in suffixes):
-                    offenders.append(f"{name}:{node.lineno}: {node.value!r}")
+            text = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(text, str) and any(text.endswith(s) or f"{s}:" in text for s in suffixes):
+                offenders.append(f"{name}:{node.lineno}: {text!r}")
     assert offenders == []
