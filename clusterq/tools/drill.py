@@ -313,6 +313,19 @@ async def resumed_at(
     return times
 
 
+async def _still_there(backend: AsyncBackend, slot: int, tasks_key: str, ids: list[str]) -> int:
+    """How many of ``ids`` still have a record in the queue (not yet done)."""
+    left = 0
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+
+        async def read(client: Any, chunk: list[str] = chunk) -> list[Any]:
+            return list(await client.hmget(tasks_key, chunk))
+
+        left += sum(1 for value in await backend.execute(slot, read) if value is not None)
+    return left
+
+
 async def _serving(backend: AsyncBackend, queue: str) -> int:
     return sum(1 for a in await read_announcements(backend) if queue in a.queues)
 
@@ -501,13 +514,15 @@ async def run_drill(
         wanted = set(acked) | set(other_acked)
         deadline = time.monotonic() + settings.settle_timeout
         counts: Counter[str] = Counter()
+        ids = list(acked)
         while True:
-            # Settled: every acknowledged task delivered, and none left active (a task
-            # whose ack the failed master took and lost runs again when its lease ends).
+            # Settled: every acknowledged task delivered and gone from the queue (done
+            # and deleted). A task whose ack the failed master took and lost is still
+            # there, active or waiting for its retry: it runs again first.
             raw = await backend.execute_key(deliveries_key, lambda c: c.hkeys(deliveries_key))
             counts = Counter(_text(k).split("|", 1)[0] for k in raw)
-            active = int(await backend.execute(qk.slot, lambda c: c.zcard(qk.active)))
-            if (wanted <= counts.keys() and not active) or time.monotonic() > deadline:
+            left = await _still_there(backend, qk.slot, qk.tasks, ids)
+            if (wanted <= counts.keys() and not left) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.25)
         firsts_raw = await backend.execute_key(first_key, lambda c: c.hgetall(first_key))

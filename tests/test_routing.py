@@ -1,0 +1,151 @@
+"""The routing core, as pure functions: what follows each kind of error, where a slot
+goes, whom to ask for a new map, which connections go stale (no server needed)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from clusterq.cluster import changes, routing
+from clusterq.cluster import topology as topo
+from clusterq.errors import TopologyError
+
+A = topo.NodeInfo("a", "127.0.0.1", 7000, "master")
+B = topo.NodeInfo("b", "127.0.0.1", 7001, "master")
+A_REP = topo.NodeInfo("ar", "127.0.0.1", 7003, "replica", master_id="a")
+DEAD = topo.NodeInfo("d", "127.0.0.1", 7009, "master", health=topo.FAILED)
+SNAP = topo.Topology(
+    "cluster",
+    (topo.Shard(((0, 8191),), A, (A_REP,)), topo.Shard(((8192, 16383),), B, ())),
+    (A, B, A_REP, DEAD),
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (redis.AuthenticationError("WRONGPASS"), "fatal"),
+        (redis.exceptions.MovedError("3999 127.0.0.1:7001"), "moved"),
+        (redis.exceptions.NoScriptError("NOSCRIPT"), "noscript"),
+        (redis.ConnectionError("refused"), "transient"),
+        (redis.TimeoutError("late"), "transient"),
+        (redis.exceptions.ClusterDownError("CLUSTERDOWN"), "transient"),
+        (redis.exceptions.TryAgainError("TRYAGAIN"), "transient"),
+        (redis.exceptions.ReadOnlyError("READONLY"), "transient"),
+        (redis.exceptions.BusyLoadingError("LOADING"), "transient"),
+        (redis.exceptions.AskError("3999 127.0.0.1:7001"), "transient"),
+        (OSError("broken pipe"), "transient"),
+        (redis.ResponseError("UNBLOCKED force unblock"), "transient"),
+        (redis.ResponseError("MASTERDOWN link down"), "transient"),
+        (redis.ResponseError("WRONGTYPE Operation"), "fatal"),
+        (ValueError("bug"), "fatal"),
+    ],
+)
+def test_classify(error: BaseException, kind: str) -> None:
+    assert routing.classify(error) == kind
+
+
+def test_moved_is_followed_and_remembered_a_bounded_number_of_times() -> None:
+    attempts = routing.CallAttempts(timeout=0)  # deadline already passed
+    routes: dict[int, tuple[str, int]] = {}
+    moved = redis.exceptions.MovedError("3999 127.0.0.1:7001")
+    for _ in range(routing.MAX_MOVED_HOPS):
+        decision = attempts.after(moved, routes)
+        assert decision.action == "moved" and not decision.refresh
+        assert routes == {3999: ("127.0.0.1", 7001)}
+    # Past the hop limit, a MOVED is one more transient error: past the deadline, give up.
+    assert attempts.after(moved, routes) == routing.Decision("raise", refresh=True)
+
+
+def test_transient_errors_back_off_until_the_deadline_then_give_up() -> None:
+    attempts = routing.CallAttempts(timeout=60)
+    delays = []
+    for n in range(1, 6):
+        decision = attempts.after(redis.ConnectionError("refused"), {})
+        assert decision.action == "retry" and decision.refresh
+        assert 0 <= decision.delay <= min(0.5, 0.025 * 2**n)
+        delays.append(decision.delay)
+        assert attempts.attempt == n
+    attempts.deadline = time.monotonic() - 1
+    assert attempts.after(redis.TimeoutError(), {}) == routing.Decision("raise", refresh=True)
+
+
+def test_fatal_errors_raise_at_once_without_refresh() -> None:
+    attempts = routing.CallAttempts(timeout=60)
+    for error in (redis.ResponseError("ERR syntax"), redis.exceptions.NoScriptError("x")):
+        assert attempts.after(error, {}) == routing.Decision("raise")
+    assert attempts.attempt == 0
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    for attempt in range(30):
+        delay = routing.backoff(attempt, base=0.01, cap=0.2)
+        assert 0 <= delay <= min(0.2, 0.01 * 2 ** min(attempt, 16))
+
+
+def test_refresh_candidates_online_masters_first_the_failed_node_last() -> None:
+    seeds = [("127.0.0.1", 7005), ("127.0.0.1", 7000)]
+    order = routing.refresh_candidates(SNAP, seeds, avoid=("127.0.0.1", 7001))
+    assert order[:2] == [A.address, A_REP.address]  # online master, then online replica
+    assert DEAD.address in order and order.index(DEAD.address) > order.index(A_REP.address)
+    assert order[-1] == ("127.0.0.1", 7001)  # the node that just failed us: last
+    assert ("127.0.0.1", 7005) in order and len(order) == len(set(order))
+    assert routing.refresh_candidates(None, seeds) == seeds
+
+
+def test_replaced_nodes_are_old_masters_and_failed_nodes() -> None:
+    events: list[changes.TopologyEvent] = [
+        changes.MasterChanged(((0, 10),), (), A, A_REP),
+        changes.SlotsMoved(((11, 20),), (), B, A),
+        changes.SlotsMoved(((21, 30),), (), None, A),
+        changes.NodeFailed(DEAD),
+        changes.NodeRecovered(B),
+    ]
+    assert routing.replaced_nodes(events) == {A.address, B.address, DEAD.address}
+
+
+def test_route_state_routes_by_map_then_by_moved_and_forgets_on_install() -> None:
+    state = routing.RouteState()
+    state.topology = SNAP
+    assert state.master_addr(100) == A.address and state.master_addr(9000) == B.address
+    state._route[100] = B.address  # what a MOVED says wins until the next map
+    assert state.master_addr(100) == B.address
+    heard = []
+    state.subscribe(lambda new, events: heard.append((new, events)))
+    state.note_queues(["images"])
+    moved = topo.Topology(
+        "cluster", (topo.Shard(((0, 16383),), B, ()),), (A, B), taken_at=SNAP.taken_at
+    )
+    events, stale = state.install(moved)
+    assert state.master_addr(100) == B.address and state._route == {100: B.address}
+    assert any(isinstance(e, changes.SlotsMoved) for e in events) and A.address in stale
+    state.announce(moved, events)
+    assert heard == [(moved, events)]
+    empty = routing.RouteState()
+    with pytest.raises(TopologyError, match="no master owns slot 5"):
+        empty.master_addr(5)
+
+
+def test_refresh_rate_limit() -> None:
+    state = routing.RouteState()
+    assert state.refresh_allowed() and state.refresh_due(False)
+    assert not state.refresh_allowed() and not state.refresh_due(False)
+    assert state.refresh_due(True)  # forced
+    state._last_refresh -= routing.REFRESH_INTERVAL
+    assert state.refresh_due(False)
+
+
+def test_mode_of_checks_expectation_and_database() -> None:
+    from clusterq.errors import ConfigError, ModeMismatch
+
+    addr = ("127.0.0.1", 7000)
+    assert routing.mode_of({"cluster_enabled": "1"}, None, addr, 0) == "cluster"
+    assert routing.mode_of({"cluster_enabled": 0}, "standalone", addr, 3) == "standalone"
+    with pytest.raises(ModeMismatch, match="standalone server"):
+        routing.mode_of({"cluster_enabled": "0"}, "cluster", addr, 0)
+    with pytest.raises(ConfigError, match="database 2 requested"):
+        routing.mode_of({"cluster_enabled": "1"}, None, addr, 2)
+    assert str(routing.no_seed_answered(["one"])) == "one"
+    assert "no seed node answered: a; b" in str(routing.no_seed_answered(["a", "b"]))
