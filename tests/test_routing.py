@@ -83,6 +83,27 @@ def test_backoff_grows_and_is_capped() -> None:
     for attempt in range(30):
         delay = routing.backoff(attempt, base=0.01, cap=0.2)
         assert 0 <= delay <= min(0.2, 0.01 * 2 ** min(attempt, 16))
+    # Defaults: 25 ms doubling per attempt, full jitter, at most 0.5 s.
+    samples = {n: [routing.backoff(n) for _ in range(400)] for n in (1, 4, 40)}
+    assert max(samples[1]) <= 0.05 and max(samples[40]) <= 0.5
+    assert max(samples[4]) > 0.3  # up to 0.4 at the 4th attempt: it grows as 2**n
+    assert max(samples[40]) > 0.45 and min(samples[40]) < 0.05  # capped, still jittered
+
+
+def test_retries_wait_a_jittered_while() -> None:
+    attempts = routing.CallAttempts(timeout=60)
+    delays = [attempts.after(redis.ConnectionError(), {}).delay for _ in range(8)]
+    assert any(d > 0 for d in delays)
+
+
+def test_refresh_candidates_masters_before_replicas() -> None:
+    listed_replica_first = topo.Topology("cluster", SNAP.shards, (A_REP, A, B))
+    order = routing.refresh_candidates(listed_replica_first, [])
+    assert order == [A.address, B.address, A_REP.address]
+    state = routing.RouteState()
+    state.topology = listed_replica_first
+    seeds = [("127.0.0.1", 7005)]
+    assert state.candidates(A.address, seeds) == [B.address, A_REP.address, *seeds, A.address]
 
 
 def test_refresh_candidates_online_masters_first_the_failed_node_last() -> None:

@@ -1,0 +1,215 @@
+"""What a worker records after an attempt, a lease expiry, a shutdown or an outage: the
+task's record (error, time, retries, next attempt), the worker's counters and its log
+lines. On a standalone node and on the cluster; the outage on a server of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clusterq import AsyncClient, Router, SkipRetry, Task, TaskState, Worker
+from clusterq.broker.facade import Broker
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.events import QueueResumed, QueueUnavailable
+from clusterq.retry import fixed
+from clusterq.tools import servers
+from clusterq.tools.devcluster import LocalServer
+from clusterq.worker.outcomes import Outcomes
+from clusterq.worker.recoverer import LEASE_EXPIRED, Recoverer
+from clusterq.worker.state import QueueState, RunState, WorkerSettings, WorkerStats
+from tests.helpers import FAST, await_for, running_worker
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "clusterq.worker")
+
+
+def test_failures_are_recorded_counted_and_logged(
+    url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="clusterq.worker")
+    router = Router()
+
+    @router.task("twice")
+    async def twice(task: Task) -> str:
+        if task.retry_count < 2:
+            raise ValueError(f"try {task.retry_count}")
+        return "third time"
+
+    @router.task("never")
+    async def never(task: Task) -> None:
+        raise SkipRetry("bad input")
+
+    async def scenario() -> tuple[Any, Any, Worker]:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        t0 = time.time()
+        flaky = await client.enqueue("twice", None, retention=60)
+        doomed = await client.enqueue("never", None, retention=60)
+        async with running_worker(url, router, prefix=prefix, retry_policy=fixed(0)) as worker:
+            assert await client.result(flaky, timeout=20) == "third time"
+            await await_for(lambda: worker.stats.archived == 1, 20, "the archive")
+            ok, archived = await client.info(flaky), await client.info(doomed)
+            assert worker.active == 0
+        await client.aclose()
+        for info in (ok, archived):
+            assert info.last_failed_at is not None and t0 - 1 <= info.last_failed_at <= time.time()
+        return ok, archived, worker
+
+    ok, archived, worker = asyncio.run(scenario())
+    assert (ok.retried, ok.last_error, ok.state) == (2, "ValueError: try 1", TaskState.COMPLETED)
+    assert archived.state == TaskState.ARCHIVED and archived.retried == 1
+    stats = worker.stats
+    assert (stats.processed, stats.failed, stats.archived, stats.leases_lost) == (1, 3, 1, 0)
+    lines = _lines(caplog)
+    assert f"queue default: task {ok.id} failed, retry in 0s: ValueError: try 0" in lines
+    assert f"queue default: task {archived.id} (never) archived: SkipRetry: bad input" in lines
+
+
+def _recoverer(backend: AsyncBackend, **settings: Any) -> tuple[Recoverer, WorkerStats]:
+    options = WorkerSettings(**settings)
+    stats = WorkerStats()
+    broker = Broker(backend)
+    outcomes = Outcomes(broker, options, stats)
+    return Recoverer(broker, options, stats, outcomes, RunState()), stats
+
+
+def test_an_expired_lease_is_recovered_with_the_policys_delay(
+    url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="clusterq.worker")
+
+    async def scenario() -> None:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        info = await client.enqueue("crashed", {"n": 1}, max_retry=3)
+        backend = client.backend
+        qk = backend.keys.queue("default")
+        got = await Broker(backend).dequeue(qk, 1, 50, "gone-worker:1")  # a 50 ms lease
+        [(task_id, raw)] = got.tasks
+        recoverer, stats = _recoverer(backend, retry_policy=fixed(60), recover_interval=1.0)
+        q = QueueState("default", qk)
+        before = time.time()
+        await await_for(lambda: _swept(recoverer, q, stats), 10, "the recovery")
+        after = await client.info(info)
+        await client.aclose()
+        assert task_id == info.id and raw
+        assert after.state == TaskState.RETRY and after.retried == 1
+        assert after.last_error == LEASE_EXPIRED
+        assert after.last_failed_at is not None and after.last_failed_at >= before - 1
+        assert after.next_process_at is not None and after.next_process_at >= before + 59
+        assert stats.recovered == 1 and stats.failed == 0  # not the handler's failure
+        assert f"queue default: recovered task {info.id} from an expired lease (retry)" in (
+            _lines(caplog)
+        )
+
+    asyncio.run(scenario())
+
+
+async def _swept(recoverer: Recoverer, q: QueueState, stats: WorkerStats) -> bool:
+    await recoverer.sweep(q)
+    return stats.recovered > 0
+
+
+def test_recovery_leaves_a_lease_that_is_still_valid(url: str, prefix: str) -> None:
+    """A sweep lists a lease as expired; by the time the recovery runs, its worker renewed
+    it: the recovery is refused on the server and the task stays where it is."""
+
+    async def scenario() -> None:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        info = await client.enqueue("busy", None)
+        backend = client.backend
+        qk = backend.keys.queue("default")
+        got = await Broker(backend).dequeue(qk, 1, 60_000, "alive-worker:1")
+        [(task_id, raw)] = got.tasks
+        recoverer, stats = _recoverer(backend)
+        await recoverer.recover(QueueState("default", qk), task_id, "alive-worker:1", raw)
+        still = await client.info(info)
+        await client.aclose()
+        assert still.state == TaskState.ACTIVE and still.retried == 0
+        assert stats.recovered == 0
+
+    asyncio.run(scenario())
+
+
+def test_graceful_stop_returns_unfinished_tasks_without_a_retry(
+    url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="clusterq.worker")
+    started = asyncio.Event()
+    router = Router()
+
+    @router.task("long")
+    async def long(task: Task) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    async def scenario() -> None:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        info = await client.enqueue("long", None)
+        worker = Worker(url, router, prefix=prefix, **{**FAST, "shutdown_timeout": 0.1})
+        await worker.start()
+        await asyncio.wait_for(started.wait(), 20)
+        await worker.stop()
+        back = await client.info(info)
+        await client.aclose()
+        assert back.state == TaskState.PENDING and back.retried == 0
+        assert worker.stats.failed == 0 and worker.stats.processed == 0
+
+    asyncio.run(scenario())
+    assert "queue default: returned 1 unfinished tasks" in _lines(caplog)
+
+
+def test_an_outage_is_reported_probed_and_followed_by_resumption(
+    tmp_path: Path, server_bin: Path, prefix: str
+) -> None:
+    """A server of this test's own goes away (kill -9) and comes back on the same port:
+    the worker says the queue is unavailable, probes without holding its slots, says
+    when it resumed and where, and runs what was enqueued meanwhile."""
+    port = servers.find_free_ports(1, with_bus=False)
+    server = LocalServer(port, tmp_path / "own", server_bin=server_bin, die_with_parent=True)
+    server.start()
+    events: list[object] = []
+    ran: list[str] = []
+    router = Router()
+
+    @router.task("t")
+    async def t(task: Task) -> None:
+        ran.append(task.id)
+
+    async def scenario() -> None:
+        worker = Worker(server.seed_url, router, prefix=prefix, **FAST)
+        worker.subscribe(events.append)
+        await worker.start()
+        try:
+            client = await AsyncClient.connect(server.seed_url, prefix=prefix)
+            first = await client.enqueue("t", None)
+            await await_for(lambda: first.id in ran, 10, "the first task")
+            await client.aclose()
+            pid = server.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)  # the server this test started
+            await await_for(
+                lambda: any(isinstance(e, QueueUnavailable) for e in events), 15, "the outage"
+            )
+            assert worker.active == 0  # probing holds no slot
+            await asyncio.to_thread(server.start)
+            client = await AsyncClient.connect(server.seed_url, prefix=prefix)
+            second = await client.enqueue("t", None)
+            await await_for(lambda: second.id in ran, 20, "the task after the outage")
+            await client.aclose()
+        finally:
+            await worker.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+    resumed = [e for e in events if isinstance(e, QueueResumed)]
+    assert resumed and resumed[0].queue == "default" and resumed[0].node == f"127.0.0.1:{port}"
+    assert resumed[0].outage > 0
