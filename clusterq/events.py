@@ -63,10 +63,28 @@ class QueueResumed(TopologyEvent):
         }
 
 
+@dataclass(frozen=True)
+class LoopStopped(TopologyEvent):
+    """One of a worker's loops (a queue's fetch loop, the heartbeat, the recoverer, the
+    announcer) ended while the worker was running; it is started again."""
+
+    kind: ClassVar[str] = "loop_stopped"
+    loop: str
+    error: str
+    at: float = field(default_factory=time.time)
+
+    def describe(self) -> str:
+        return f"worker loop {self.loop} stopped ({self.error}); starting it again"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "loop": self.loop, "error": self.error, "at": self.at}
+
+
 EventListener = Callable[[TopologyEvent], None]
 
 __all__ = [
     "EventListener",
+    "LoopStopped",
     "MasterChanged",
     "NodeAdded",
     "NodeFailed",

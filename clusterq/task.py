@@ -92,11 +92,16 @@ class Record:
 
     @classmethod
     def decode(cls, raw: bytes) -> Record:
+        """Parse a stored record; raises ``ValueError`` (naming the field) for one that
+        is not what clusterq writes, so that it is archived as unreadable rather than
+        breaking whatever reads it later."""
         meta_raw, _, payload = raw.partition(b"\n")
         meta = json_value(meta_raw)
+        if not isinstance(meta, dict):
+            raise ValueError("record meta is not a JSON object")
         get = meta.get
-        return cls(  # positional: this runs once per task a worker takes
-            meta["t"],
+        record = cls(  # positional: this runs once per task a worker takes
+            get("t", ""),
             payload,
             get("c", "json"),
             get("mr", 0),
@@ -109,6 +114,32 @@ class Record:
             get("err"),
             get("fa"),
         )
+        record._check()
+        return record
+
+    def _check(self) -> None:
+        if type(self.type) is not str or not self.type or type(self.codec) is not str:
+            raise ValueError("record has no task type (t) or a codec (c) that is not a string")
+        counts: tuple[tuple[str, object], ...] = (
+            ("mr", self.max_retry),
+            ("r", self.retried),
+            ("e", self.enqueued_ms),
+        )
+        for name, count in counts:
+            if type(count) is not int or count < 0:
+                raise ValueError(f"record field {name!r} is not a non-negative integer: {count!r}")
+        optional: tuple[tuple[str, object], ...] = (
+            ("to", self.timeout_ms),
+            ("dl", self.deadline_ms),
+            ("rt", self.retention_ms),
+            ("fa", self.failed_ms),
+        )
+        for name, field_value in optional:
+            if field_value is not None and type(field_value) is not int:
+                raise ValueError(f"record field {name!r} is not an integer: {field_value!r}")
+        for name, text in (("u", self.unique_key), ("err", self.last_error)):
+            if text is not None and type(text) is not str:
+                raise ValueError(f"record field {name!r} is not a string: {text!r}")
 
     @staticmethod
     def unreadable_meta(error: str, at_ms: int) -> bytes:

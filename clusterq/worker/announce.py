@@ -48,6 +48,8 @@ class WorkerAnnouncement:
     failed: int
     expires: float
     strict_priority: bool = False
+    #: Times one of the worker's loops stopped and was started again.
+    loop_restarts: int = 0
     #: When this announcement was written (unix time).
     at: float = 0.0
     #: Recent queue events: ``{"event", "queue", "node", "at", "outage"?}``, newest last.

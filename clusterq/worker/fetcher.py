@@ -125,11 +125,10 @@ class Fetcher:
         finally:
             q.waiting = None
 
-    async def stop(self, queues: list[QueueState]) -> None:
-        """End every fetch loop (a loop blocked on the server is woken by cancelling)."""
+    def stop(self, queues: list[QueueState]) -> None:
+        """Make every fetch loop end (a loop blocked on the server is woken by
+        cancelling its wait); the caller awaits the loops."""
         self.capacity.close()
-        loops = [q.fetcher for q in queues if q.fetcher is not None]
         for q in queues:
             if q.waiting is not None:
                 q.waiting.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)

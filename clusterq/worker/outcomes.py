@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from clusterq.broker.ack import Ack
 from clusterq.broker.facade import Broker
-from clusterq.cluster.routing import backoff
+from clusterq.cluster.routing import backoff, classify
 from clusterq.task import Record, Task
 from clusterq.worker.state import (
     MAX_ERROR_LENGTH,
@@ -55,6 +56,13 @@ class Outcomes:
             try:
                 applied = await self.broker.ack(q.qk, batch, remember_ms=remember_ms)
             except Exception as exc:
+                if classify(exc) == "fatal":
+                    # Not a failover: the same batch would fail again, for ever. Set it
+                    # aside; the leases expire and the tasks are recovered.
+                    log.exception("queue %s: %d acks refused; dropped", q.name, len(batch))
+                    for one in batch:
+                        q.held.pop(one.id, None)
+                    continue
                 q.acks[:0] = batch
                 failures += 1
                 log.warning("queue %s: %d acks failed (%s); retrying", q.name, len(batch), exc)
@@ -123,10 +131,18 @@ class Outcomes:
                 task_id,
                 record.type if record else "?",
                 error,
+                exc_info=_traceback(outcome),
             )
         else:
             self.stats.failed += 1
-            log.info("queue %s: task %s failed, retry in %.3gs: %s", q.name, task_id, delay, error)
+            log.info(
+                "queue %s: task %s failed, retry in %.3gs: %s",
+                q.name,
+                task_id,
+                delay,
+                error,
+                exc_info=_traceback(outcome),
+            )
 
     def failed_meta(
         self, record: Record | None, error: str, now_ms: int, outcome: Outcome
@@ -135,11 +151,20 @@ class Outcomes:
         one (None: archive). A record that could not be read is archived as it is."""
         if record is None:
             return Record.unreadable_meta(error, now_ms), None
-        return record.failed(error, now_ms).meta(), self.retry_delay(record, outcome)
+        try:
+            delay = self.retry_delay(record, outcome)
+        except Exception as exc:
+            # The policy itself failed: keep the task visible (archived), with both errors.
+            log.exception("retry policy failed for a task of type %r; archiving it", record.type)
+            error = f"{error}; the retry policy failed: {type(exc).__name__}: {exc}"
+            delay = None
+        return record.failed(error[:MAX_ERROR_LENGTH], now_ms).meta(), delay
 
     def retry_delay(self, record: Record, outcome: Outcome) -> float | None:
         """Seconds until the next attempt, or None to archive."""
         if outcome.archive or record.retried >= record.max_retry:
+            return None
+        if outcome.no_handler and record.retried >= self.settings.no_handler_retries:
             return None
         if outcome.retry_in is not None:
             return outcome.retry_in
@@ -152,7 +177,10 @@ class Outcomes:
             max_retry=record.max_retry,
         )
         error = outcome.exception or RuntimeError(outcome.error)
-        return max(0.0, float(self.settings.retry_policy(record.retried, error, task)))
+        delay = float(self.settings.retry_policy(record.retried, error, task))
+        if not math.isfinite(delay):
+            raise ValueError(f"the retry policy gave {delay!r} seconds")
+        return max(0.0, delay)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -178,3 +206,8 @@ class Outcomes:
 
 def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1000)
+
+
+def _traceback(outcome: Outcome) -> BaseException | None:
+    """The handler's own exception, for the log line's traceback."""
+    return outcome.exception if outcome.traceback else None

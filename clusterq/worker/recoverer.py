@@ -16,7 +16,14 @@ import time
 from clusterq.broker.facade import Broker
 from clusterq.task import Record
 from clusterq.worker.outcomes import Outcomes
-from clusterq.worker.state import Outcome, QueueState, RunState, WorkerSettings, WorkerStats
+from clusterq.worker.state import (
+    MAX_ERROR_LENGTH,
+    Outcome,
+    QueueState,
+    RunState,
+    WorkerSettings,
+    WorkerStats,
+)
 
 log = logging.getLogger("clusterq.worker")
 
@@ -62,17 +69,36 @@ class Recoverer:
             mine = q.held.get(task_id)
             if mine is not None and mine.token == token:
                 continue  # still running here; the heartbeat renews it
-            await self.recover(q, task_id, token, raw)
+            try:
+                await self.recover(q, task_id, token, raw)
+            except Exception as exc:
+                # One bad record must not stop the recovery of every other one.
+                log.exception("queue %s: could not recover task %s", q.name, task_id)
+                await self.quarantine(q, task_id, token, f"recovery failed: {exc!r}")
+
+    async def quarantine(self, q: QueueState, task_id: str, token: str, reason: str) -> None:
+        """Archive a task that cannot be handled, with the reason, so that nobody meets
+        it again (its payload is kept for inspection)."""
+        meta = Record.unreadable_meta(reason[:MAX_ERROR_LENGTH], int(time.time() * 1000))
+        try:
+            await self.broker.fail(
+                q.qk, task_id, token, meta, retry_in_ms=None, only_if_expired=True
+            )
+        except Exception:
+            log.exception("queue %s: could not archive task %s either", q.name, task_id)
+        else:
+            log.error("queue %s: task %s archived: %s", q.name, task_id, reason)
 
     async def recover(self, q: QueueState, task_id: str, token: str, raw: bytes) -> None:
         """Take back a task whose lease (``token``) expired."""
         now_ms = int(time.time() * 1000)
+        error = LEASE_EXPIRED
         try:
             record: Record | None = Record.decode(raw)
-        except Exception:
-            record = None
-        outcome = Outcome(False, error=LEASE_EXPIRED)
-        meta, delay = self.outcomes.failed_meta(record, LEASE_EXPIRED, now_ms, outcome)
+        except Exception as exc:
+            record, error = None, f"{LEASE_EXPIRED}; unreadable record: {exc}"
+        outcome = Outcome(False, error=error)
+        meta, delay = self.outcomes.failed_meta(record, error, now_ms, outcome)
         try:
             result = await self.broker.fail(
                 q.qk,

@@ -84,7 +84,9 @@ class Runner:
         """Call the handler of ``record``'s type and say how the attempt ended."""
         handler = self.router.resolve(record.type)
         if handler is None:
-            return Outcome(False, error=f"no handler registered for task type {record.type!r}")
+            return Outcome(
+                False, error=f"no handler registered for task type {record.type!r}", no_handler=True
+            )
         try:
             codec = get_codec(record.codec)
             payload = codec.decode(record.payload)
@@ -129,7 +131,8 @@ class Runner:
         except RetryIn as exc:
             return Outcome(False, error=f"RetryIn: {exc}", exception=exc, retry_in=exc.seconds)
         except Exception as exc:
-            return Outcome(False, error=f"{type(exc).__name__}: {exc}", exception=exc)
+            error = f"{type(exc).__name__}: {exc}"
+            return Outcome(False, error=error, exception=exc, traceback=True)
         finally:
             thread = self._threads.get(task_id)
             if thread is not None and thread.done():

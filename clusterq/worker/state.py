@@ -22,6 +22,9 @@ DEFAULT_TOPOLOGY_INTERVAL = 0.5
 #: of a second run. Longer than the client's retry timeout.
 DEFAULT_DEDUP_WINDOW = 20.0
 MAX_ERROR_LENGTH = 2000
+#: A task of a type this worker has no handler for is retried this many times (another
+#: worker, of another version, may know it), then archived with a clear error.
+DEFAULT_NO_HANDLER_RETRIES = 3
 
 
 def parse_queues(queues: Mapping[str, int] | Iterable[str] | str | None) -> dict[str, int]:
@@ -66,6 +69,8 @@ class WorkerSettings:
     dedup_window: float = DEFAULT_DEDUP_WINDOW
     #: Seconds between lease renewals (lease / 4 unless changed).
     heartbeat_interval: float = DEFAULT_LEASE / 4
+    #: Retries of a task whose type no handler here knows, before it is archived.
+    no_handler_retries: int = DEFAULT_NO_HANDLER_RETRIES
 
     @property
     def lease_ms(self) -> int:
@@ -80,6 +85,8 @@ class WorkerStats:
     recovered: int = 0
     #: Leases this worker lost (its ack or fail was then ignored; the task may run again).
     leases_lost: int = 0
+    #: Times one of its loops stopped unexpectedly and was started again.
+    loop_restarts: int = 0
 
 
 @dataclass
@@ -101,7 +108,6 @@ class QueueState:
     held: dict[str, Held] = field(default_factory=dict)
     acks: list[Ack] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
-    fetcher: asyncio.Task[None] | None = None
     waiting: asyncio.Future[Any] | None = None
 
     def unfinished(self) -> list[tuple[str, str]]:
@@ -123,6 +129,11 @@ class Outcome:
     exception: BaseException | None = None
     retry_in: float | None = None
     archive: bool = False
+    #: No handler for the task's type here: retried a few times (another worker version
+    #: may know it), then archived.
+    no_handler: bool = False
+    #: The handler raised ``exception`` itself: its traceback goes into the log.
+    traceback: bool = False
 
 
 class RunState:

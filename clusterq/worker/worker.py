@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import signal
@@ -41,6 +42,7 @@ from clusterq.worker.runner import Runner
 from clusterq.worker.state import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_LEASE,
+    DEFAULT_NO_HANDLER_RETRIES,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_RECOVER_INTERVAL,
     DEFAULT_TOPOLOGY_INTERVAL,
@@ -50,6 +52,7 @@ from clusterq.worker.state import (
     WorkerStats,
     parse_queues,
 )
+from clusterq.worker.supervise import Supervisor
 
 log = logging.getLogger("clusterq.worker")
 
@@ -98,6 +101,7 @@ class Worker:
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
         topology_interval: float = DEFAULT_TOPOLOGY_INTERVAL,
         name: str | None = None,
+        no_handler_retries: int = DEFAULT_NO_HANDLER_RETRIES,
     ) -> None:
         if router is None:
             raise ValueError("a worker needs a Router")
@@ -126,6 +130,7 @@ class Worker:
             max_result_bytes=max_result_bytes,
             dedup_window=dedup_window,
             heartbeat_interval=lease / 4,
+            no_handler_retries=no_handler_retries,
         )
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
         self.stats = WorkerStats()
@@ -135,8 +140,9 @@ class Worker:
         self._queues: dict[str, QueueState] = {}
         self._capacity = Capacity(concurrency, self.weights, strict=strict_priority)
         self._state = RunState()
-        self._loops: list[asyncio.Task[None]] = []
+        self._supervisor = Supervisor(self.stats, self._emit)
         self._seq = 0
+        self._run = new_task_id()[:8]
         self._closed: asyncio.Event | None = None
         self._runner: Runner | None = None
         self._fetcher: Fetcher | None = None
@@ -195,8 +201,10 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     def _next_token(self) -> str:
+        """A fencing token no other dequeue ever gets: this worker's id, a nonce drawn
+        for this run (two workers given the same ``name`` still differ), a counter."""
         self._seq += 1
-        return f"{self.id}:{self._seq}"
+        return f"{self.id}:{self._run}:{self._seq}"
 
     def _describe(self) -> dict[str, Any]:
         return {
@@ -207,6 +215,7 @@ class Worker:
             "active": self.active,
             "processed": self.stats.processed,
             "failed": self.stats.failed,
+            "loop_restarts": self.stats.loop_restarts,
         }
 
     async def start(self) -> None:
@@ -233,17 +242,17 @@ class Worker:
         )
         self._announcer = Announcer(backend, self.id, self._describe, state)
         self.started_at = time.time()
+        fetching, running = (lambda: not state.stopping), (lambda: not state.closing)
+        supervise = self._supervisor.start
         for name in self.weights:
             q = self._queues[name] = QueueState(name, backend.keys.queue(name))
-            q.fetcher = asyncio.create_task(self._fetcher.loop(q), name=f"fetch:{name}")
+            supervise(f"fetch:{name}", functools.partial(self._fetcher.loop, q), fetching)
         all_queues = list(self._queues.values())
         leases = Leases(broker, settings, stats, state)
         recoverer = Recoverer(broker, settings, stats, self._outcomes, state)
-        self._loops = [
-            asyncio.create_task(leases.loop(all_queues), name="heartbeat"),
-            asyncio.create_task(recoverer.loop(all_queues), name="recover"),
-            asyncio.create_task(self._announcer.loop(), name="announce"),
-        ]
+        supervise("heartbeat", lambda: leases.loop(all_queues), running)
+        supervise("recover", lambda: recoverer.loop(all_queues), running)
+        supervise("announce", self._announcer.loop, running)
         log.info(
             "worker %s started: queues %s, concurrency %d, %s at %s",
             self.id,
@@ -268,7 +277,7 @@ class Worker:
         grace = self.settings.shutdown_timeout if timeout is None else timeout
         log.info("worker %s stopping: %d tasks running", self.id, len(self._running))
         queues = list(self._queues.values())
-        await self._fetcher.stop(queues)
+        await self._stop_fetching()
         if self._running:
             _, late = await asyncio.wait(set(self._running), timeout=grace)
             if self._state.aborting:  # a second signal: abort() closes, returns nothing
@@ -287,7 +296,7 @@ class Worker:
             return
         assert self._fetcher is not None
         self._state.stopping = self._state.aborting = True
-        await self._fetcher.stop(list(self._queues.values()))
+        await self._stop_fetching()
         await cancel_and_wait(set(self._running))
         await self._close(announce=False)
         log.warning("worker %s aborted; unfinished tasks return when their leases expire", self.id)
@@ -296,9 +305,14 @@ class Worker:
         if self._closed is not None:
             await self._closed.wait()
 
+    async def _stop_fetching(self) -> None:
+        assert self._fetcher is not None
+        self._fetcher.stop(list(self._queues.values()))
+        await self._supervisor.wait("fetch:")
+
     async def _close(self, *, announce: bool) -> None:
         self._state.closing = True
-        await cancel_and_wait(set(self._loops))
+        await cancel_and_wait(self._supervisor.running())
         if self.backend is not None:
             if announce and self._announcer is not None:
                 await self._announcer.withdraw()

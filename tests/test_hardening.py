@@ -1,0 +1,214 @@
+"""Defects found by adversarial testing (issue 11), each on real servers: a poisoned
+record or a raising retry policy must not stop a worker's loops; fencing tokens unique
+per process run; a batch is all-or-nothing per task; bad input named in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+import pytest
+
+from clusterq import AsyncClient, Client, Router, Task, TaskState, Worker
+from tests.helpers import await_for, running_worker
+
+
+def test_two_workers_with_one_name_never_share_a_fencing_token(url: str, prefix: str) -> None:
+    tokens: list[str] = []
+    router = Router()
+
+    @router.task("t")
+    async def t(task: Task) -> None:
+        tokens.append(task.attempt)
+        await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            client.enqueue_many([("t", i) for i in range(60)])
+        async with (
+            running_worker(url, router, prefix=prefix, name="web-1", concurrency=2),
+            running_worker(url, router, prefix=prefix, name="web-1", concurrency=2),
+        ):
+            await await_for(lambda: len(tokens) == 60, 30, "all tasks")
+
+    asyncio.run(scenario())
+    dequeues = set(tokens)
+    assert all(token.startswith("web-1:") for token in dequeues)
+    runs = {token.split(":")[1] for token in dequeues}
+    assert len(runs) == 2  # one nonce per worker run, though the names are the same
+
+
+def _poison(url: str, prefix: str, queue: str, task_id: str, *, active: bool) -> None:
+    """Write a record clusterq never writes (max retry "x") straight into Redis: pending,
+    or active under a lease that expired long ago."""
+    with Client(url, prefix=prefix) as client:
+        qk = client.keys.queue(queue)
+        client.register_queues([queue])
+
+        def write(c: Any) -> Any:
+            pipe = c.pipeline(transaction=True)
+            pipe.hset(qk.tasks, task_id, b'{"t":"x","mr":"x"}\nnull')
+            if active:
+                pipe.zadd(qk.active, {task_id: 1})
+                pipe.hset(qk.leases, task_id, "dead-worker:1:1")
+            else:
+                pipe.lpush(qk.pending, task_id)
+            return pipe.execute()
+
+        client.backend.execute(qk.slot, write)
+
+
+@pytest.mark.parametrize("where", ["pending", "active"])
+def test_a_poisoned_record_is_archived_and_every_loop_goes_on(
+    url: str, prefix: str, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="clusterq.worker")
+    ran: list[str] = []
+    router = Router()
+
+    @router.task("x")
+    async def x(task: Task) -> None:
+        ran.append(task.id)
+
+    _poison(url, prefix, "default", "poison-1", active=where == "active")
+
+    async def scenario() -> Worker:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        async with running_worker(url, router, prefix=prefix) as worker:
+            await await_for(lambda: _archived(client, "poison-1"), 15, "the poison archived")
+            # The recoverer still recovers, the fetcher still fetches, after the poison.
+            good = await client.enqueue("x", None)
+            await await_for(lambda: good.id in ran, 15, "a good task")
+            _poison(url, prefix, "default", "poison-2", active=True)
+            await await_for(lambda: _archived(client, "poison-2"), 15, "a second poison")
+        info = await client.info("poison-1")
+        await client.aclose()
+        assert "'mr'" in (info.last_error or "") and info.payload is None
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert worker.stats.loop_restarts == 0 and "poison-1" not in ran
+
+
+async def _archived(client: AsyncClient, task_id: str) -> bool:
+    try:
+        return (await client.info(task_id)).state == TaskState.ARCHIVED
+    except ValueError:
+        return False  # still the poisoned record
+
+
+@pytest.mark.parametrize("bad", ["raises", "nan"])
+def test_a_failing_retry_policy_archives_the_task_and_recovery_goes_on(
+    url: str, prefix: str, bad: str
+) -> None:
+    calls: list[int] = []
+
+    def policy(retried: int, error: BaseException, task: Task) -> float:
+        calls.append(retried)
+        if bad == "raises":
+            raise RuntimeError("policy bug")
+        return math.nan
+
+    router = Router()
+
+    @router.task("fails")
+    async def fails(task: Task) -> None:
+        raise ValueError("handler error")
+
+    async def scenario() -> None:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        info = await client.enqueue("fails", None, max_retry=5)
+        async with running_worker(url, router, prefix=prefix, retry_policy=policy) as worker:
+            await await_for(lambda: _archived(client, info.id), 15, "the archive")
+            _poison(url, prefix, "default", "expired-after", active=True)
+            await await_for(lambda: _archived(client, "expired-after"), 15, "a recovery")
+            assert worker.stats.loop_restarts == 0
+        done = await client.info(info)
+        await client.aclose()
+        assert done.last_error is not None
+        assert "ValueError: handler error; the retry policy failed" in done.last_error
+
+    asyncio.run(scenario())
+    assert calls
+
+
+def test_unknown_task_types_get_a_short_budget_and_a_clear_error(
+    url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="clusterq.worker")
+
+    async def scenario() -> Any:
+        from clusterq.retry import fixed
+
+        client = await AsyncClient.connect(url, prefix=prefix)
+        info = await client.enqueue("nobody:knows", None)  # max_retry 25 by default
+        async with running_worker(url, Router(), prefix=prefix, retry_policy=fixed(0)):
+            await await_for(lambda: _archived(client, info.id), 15, "the archive")
+        done = await client.info(info)
+        await client.aclose()
+        return done
+
+    done = asyncio.run(scenario())
+    assert done.retried == 4  # three retries, then archived
+    assert done.last_error == "no handler registered for task type 'nobody:knows'"
+    assert f"task {done.id} (nobody:knows) archived: no handler" in caplog.text
+
+
+def test_handler_exceptions_are_logged_with_their_traceback(
+    url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="clusterq.worker")
+    router = Router()
+
+    @router.task("boom")
+    async def boom(task: Task) -> None:
+        raise KeyError("missing-thing")
+
+    async def scenario() -> None:
+        from clusterq.retry import fixed
+
+        client = await AsyncClient.connect(url, prefix=prefix)
+        info = await client.enqueue("boom", None, max_retry=1)
+        async with running_worker(url, router, prefix=prefix, retry_policy=fixed(0)):
+            await await_for(lambda: _archived(client, info.id), 15, "the archive")
+        await client.aclose()
+
+    asyncio.run(scenario())
+    records = [r for r in caplog.records if "KeyError: 'missing-thing'" in r.getMessage()]
+    assert len(records) == 2 and all(r.exc_info and r.exc_info[0] is KeyError for r in records)
+    assert "in boom" in caplog.text  # the handler's frame is in the traceback
+
+
+def test_a_loop_that_stops_is_reported_and_started_again() -> None:
+    from clusterq.events import LoopStopped
+    from clusterq.worker.state import WorkerStats
+    from clusterq.worker.supervise import Supervisor
+
+    async def scenario() -> tuple[list[object], WorkerStats, int]:
+        stats, events, runs = WorkerStats(), [], [0]
+        supervisor = Supervisor(stats, events.append, restart_delay=0.01)
+        needed = [True]
+        second = asyncio.Event()
+
+        async def flaky() -> None:
+            runs[0] += 1
+            if runs[0] == 1:
+                raise RuntimeError("one bad record")
+            second.set()
+            await asyncio.sleep(30)
+
+        supervisor.start("recover", flaky, lambda: needed[0])
+        await asyncio.wait_for(second.wait(), 5)
+        needed[0] = False
+        for task in supervisor.running():
+            task.cancel()
+        await supervisor.wait("")
+        return events, stats, runs[0]
+
+    events, stats, runs = asyncio.run(scenario())
+    assert runs == 2 and stats.loop_restarts == 1
+    [event] = events
+    assert isinstance(event, LoopStopped) and event.loop == "recover"
+    assert event.error == "RuntimeError: one bad record"
