@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import secrets
 import time
@@ -27,6 +28,7 @@ from clusterq.task import STATES, TaskInfo, TaskState, record_meta, with_enqueue
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
+MAX_RETRY = 1_000_000
 MAX_TYPE_LENGTH = 256
 
 _ID_BATCH = 256
@@ -52,19 +54,40 @@ def new_task_id() -> str:
         return text[:16]
 
 
-def _seconds(value: float | timedelta | None, what: str) -> float | None:
-    if value is None:
-        return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds < 0:
-        raise ValueError(f"{what} must not be negative, got {seconds}")
+#: The longest duration an option takes (100 years): beyond it Redis refuses expiry
+#: times, and no queue means it.
+MAX_SECONDS = 100 * 365 * 24 * 3600.0
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
     return seconds
 
 
-def _epoch(value: datetime | float | None) -> float | None:
+def _seconds(value: float | timedelta | None, what: str) -> float | None:
+    """A duration option: seconds (or a timedelta), 0 to MAX_SECONDS."""
     if value is None:
         return None
-    return value.timestamp() if isinstance(value, datetime) else float(value)
+    seconds = value.total_seconds() if isinstance(value, timedelta) else _number(value, what)
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise ValueError(
+            f"{what} must be between 0 and {MAX_SECONDS:.0f} seconds (100 years), got {seconds}"
+        )
+    return seconds
+
+
+def _epoch(value: datetime | float | None, what: str) -> float | None:
+    """A point in time option: a datetime or unix seconds, within 100 years of now."""
+    if value is None:
+        return None
+    at = value.timestamp() if isinstance(value, datetime) else _number(value, what)
+    if abs(at - time.time()) > MAX_SECONDS:
+        raise ValueError(f"{what} must be within 100 years of now, got {value!r}")
+    return at
 
 
 def _ms(seconds: float | None) -> int | None:
@@ -218,8 +241,10 @@ class Producer:
         qk = self._queue_keys(queue)
         if type not in self._types:
             self._remember(self._types, validate_task_type(type))
-        if max_retry.__class__ is not int or max_retry < 0:  # bool is not a count either
-            raise ValueError(f"max_retry must be a non-negative integer, got {max_retry!r}")
+        if max_retry.__class__ is not int or not 0 <= max_retry <= MAX_RETRY:  # not a bool
+            raise ValueError(
+                f"max_retry must be an integer from 0 to {MAX_RETRY}, got {max_retry!r}"
+            )
         codec = self.codec.name
         if (
             process_in is None
@@ -234,9 +259,9 @@ class Producer:
         if process_in is not None and process_at is not None:
             raise ValueError("give process_in or process_at, not both")
         delay = _seconds(process_in, "process_in") or 0.0
-        due = _epoch(process_at)
+        due = _epoch(process_at, "process_at")
         timeout_s = _seconds(timeout, "timeout") or None
-        deadline_s = _epoch(deadline)
+        deadline_s = _epoch(deadline, "deadline")
         unique_s = _seconds(unique_for, "unique_for") or None
         meta: dict[str, Any] = {
             "codec": codec,

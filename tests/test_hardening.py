@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from clusterq import AsyncClient, Client, Router, Task, TaskState, Worker
+from clusterq.errors import ConfigError
 from tests.helpers import await_for, running_worker
 
 
@@ -212,3 +213,163 @@ def test_a_loop_that_stops_is_reported_and_started_again() -> None:
     [event] = events
     assert isinstance(event, LoopStopped) and event.loop == "recover"
     assert event.error == "RuntimeError: one bad record"
+
+
+# ------------------------------------------------------------- input, batches, secrets
+
+
+def test_a_batch_with_one_bad_option_sends_nothing(url: str, prefix: str) -> None:
+    from clusterq import Inspector, TaskSpec
+
+    with Client(url, prefix=prefix) as client:
+        batch = [
+            TaskSpec("p", 1),
+            TaskSpec("p", 2, {"process_in": 60}),
+            TaskSpec("p", 3, {"unique_for": 1e17}),
+        ]
+        with pytest.raises(ValueError, match=r"unique_for must be between 0 and .* got 1e\+17"):
+            client.enqueue_many(batch)
+        assert client.enqueue("p", 1, task_id="p1-again").already_enqueued is False
+    with Inspector(url, prefix=prefix) as inspector:
+        [queue] = inspector.queues()
+        assert (queue.pending, queue.scheduled) == (1, 0)  # only the last enqueue
+
+
+def test_the_enqueue_script_checks_every_task_before_writing(url: str, prefix: str) -> None:
+    """Past the client's checks (another client version, a hand-made call): one bad task
+    in a script call leaves nothing of the others behind."""
+    import redis
+
+    from clusterq.broker import enqueue
+    from clusterq.broker.script import run_one
+    from clusterq.task import Record
+
+    with Client(url, prefix=prefix) as client:
+        qk = client.keys.queue("default")
+        record = Record("p", b"1").encode()
+        tasks = [
+            enqueue.NewTask("first", record, delay_ms=0),
+            enqueue.NewTask("bad", record, unique_key=qk.unique("x"), unique_ttl_ms=10**17),
+        ]
+        step = enqueue.call(qk, tasks, first=False)
+        with pytest.raises(redis.ResponseError, match="nothing was written"):
+            client.backend.execute(qk.slot, lambda c: run_one(c, step))
+        written = client.backend.execute(qk.slot, lambda c: c.hexists(qk.tasks, "first"))
+        assert not written
+
+
+@pytest.mark.parametrize(
+    "option", ["process_in", "process_at", "timeout", "deadline", "unique_for", "retention"]
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_options_are_named(
+    standalone: Any, prefix: str, option: str, value: float
+) -> None:
+    with Client(standalone.seed_url, prefix=prefix) as client:
+        with pytest.raises(ValueError, match=rf"^{option} must be") as err:
+            client.enqueue("t", None, **{option: value})
+        assert "nan" in str(err.value).lower() or "inf" in str(err.value).lower()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lease": math.nan}, "lease must be a number of seconds above 0, got nan"),
+        ({"poll_interval": 0}, "poll_interval must be a number of seconds above 0, got 0"),
+        ({"recover_interval": math.inf}, "recover_interval must be a number of seconds"),
+        ({"concurrency": 0}, "concurrency must be an integer of at least 1, got 0"),
+        ({"shutdown_timeout": math.nan}, "shutdown_timeout must be 0 or more seconds, got nan"),
+    ],
+)
+def test_worker_settings_are_checked(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        Worker("redis://127.0.0.1:1", Router(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (None, "the URL must be a string like redis://host:port, got NoneType"),
+        ("redis://[::1", "missing ']' after the IPv6 host"),
+        ("redis://[::1]x", "expected [host]:port"),
+        ("redis://h:1?socket_timeout=0", "socket_timeout='0': a number of seconds above 0"),
+        ("redis://h:1?connect_timeout=nan", "connect_timeout='nan'"),
+        ("redis://h:1?db=x", "db='x': a number"),
+    ],
+)
+def test_bad_urls_get_one_clear_error(url: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        Client(url)
+    assert message in str(err.value)
+
+
+def test_passwords_never_reach_messages_or_command_lines(
+    standalone: Any, clusterq_bin: str, env_without_clusterq: None, tmp_path: Any
+) -> None:
+    import os
+    import subprocess
+
+    from clusterq.cluster.connection import redact_url
+
+    assert redact_url("redis://u:TOPSECRET@h:1,h:2/0") == "redis://u:***@h:1,h:2/0"
+    assert redact_url("x rediss://:TOPSECRET@h:1 y") == "x rediss://:***@h:1 y"
+    with pytest.raises(ConfigError) as err:
+        Client("redis://:TOPSECRET@")
+    assert "TOPSECRET" not in str(err.value) and "***" in str(err.value)
+    env = {**os.environ, "CLUSTERQ_URL": "redis://:TOPSECRET@127.0.0.1:1"}
+    done = subprocess.run(
+        [clusterq_bin, "queue", "ls"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "TOPSECRET" not in done.stdout + done.stderr
+    bad_scheme = subprocess.run(
+        [clusterq_bin, "--url", "http://:TOPSECRET@h:1", "queue", "ls"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad_scheme.returncode == 1 and "TOPSECRET" not in bad_scheme.stderr
+
+
+def test_worker_processes_get_the_url_from_the_environment(standalone: Any, prefix: str) -> None:
+    from clusterq.tools.workerprocs import WorkerProcesses
+
+    url = standalone.seed_url.replace("redis://", "redis://:unused-secret@")
+    procs = WorkerProcesses(
+        url=url,
+        prefix=prefix,
+        router="tests.workload:router",
+        queues="default=1",
+        count=1,
+        concurrency=1,
+        name=f"env-{prefix}",
+    )
+    procs.start()
+    try:
+        with open(f"/proc/{procs.procs[0].pid}/cmdline", "rb") as handle:
+            cmdline = handle.read().decode()
+        with open(f"/proc/{procs.procs[0].pid}/environ", "rb") as handle:
+            environ = handle.read().decode()
+    finally:
+        procs.stop()
+    assert "unused-secret" not in cmdline and "--url" not in cmdline
+    assert f"CLUSTERQ_URL={url}" in environ
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["enqueue", "t", "{}", "--process-in", "inf"], "process_in must be a finite number"),
+        (["worker", "tests.workload:router", "--lease", "nan"], "lease must be a number"),
+    ],
+)
+def test_cli_names_the_bad_option_in_one_line(
+    standalone: Any, prefix: str, args: list[str], message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from clusterq.cli import main
+
+    result = CliRunner().invoke(main, ["--url", standalone.seed_url, "--prefix", prefix, *args])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]

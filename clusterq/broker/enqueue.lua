@@ -21,6 +21,19 @@ local function state_of(id)
   return 'pending'
 end
 
+-- Check every task's numbers before writing anything: a batch whose last task is bad
+-- must not leave the first ones half written (a record without a state).
+local most = 3153600000000  -- 100 years in ms
+for i = 2, #ARGV, 6 do
+  local delay, due = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local uq, ttl = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  if not (delay and due and uq and ttl) or delay < 0 or delay > most or due < 0
+      or uq < 0 or uq > #KEYS or ttl < 1 or ttl > most then
+    return redis.error_reply('ERR enqueue: bad delay, due time or unique ttl for task '
+      .. ARGV[i] .. '; nothing was written')
+  end
+end
+
 local now = now_ms()
 local out, ready, existing = {}, {}, 0
 for i = 2, #ARGV, 6 do

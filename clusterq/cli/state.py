@@ -11,7 +11,7 @@ import click
 import redis
 
 from clusterq.cluster.backend import Backend
-from clusterq.cluster.connection import Mode, translate_error
+from clusterq.cluster.connection import Mode, redact_url, translate_error
 from clusterq.errors import ClusterqError
 
 
@@ -34,7 +34,7 @@ class ClusterqGroup(click.Group):
             raise CliError(str(exc)) from exc
         except redis.RedisError as exc:
             state = ctx.find_object(CliState)
-            where = state.url if state else "server"
+            where = redact_url(state.url) if state else "server"
             raise CliError(str(translate_error(exc, where))) from exc
 
 

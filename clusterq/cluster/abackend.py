@@ -57,7 +57,7 @@ class AsyncBackend(RouteState):
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
     ) -> None:
         super().__init__(prefix, retry_timeout)
-        self.url = RedisURL.parse(url) if isinstance(url, str) else url
+        self.url = url if isinstance(url, RedisURL) else RedisURL.parse(url)
         self._clients: dict[Addr, AsyncNodeClient] = {}
         self._topo_clients: dict[Addr, AsyncNodeClient] = {}
         self._watcher: asyncio.Task[None] | None = None

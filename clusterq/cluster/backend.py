@@ -73,7 +73,7 @@ class Backend(RouteState):
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
     ) -> None:
         super().__init__(prefix, retry_timeout)
-        self.url = RedisURL.parse(url) if isinstance(url, str) else url
+        self.url = url if isinstance(url, RedisURL) else RedisURL.parse(url)
         self.mode, first = detect_mode(self.url, mode)
         self._clients: dict[Addr, NodeClient] = {}
         self._topo_clients: dict[Addr, NodeClient] = {}

@@ -11,6 +11,8 @@ Options: ``socket_timeout`` and ``connect_timeout`` (seconds), ``ssl_ca_certs``,
 
 from __future__ import annotations
 
+import math
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,6 +38,15 @@ _SCHEMES = ("redis", "rediss")
 _TIMEOUT_OPTIONS = ("socket_timeout", "connect_timeout")
 
 
+_CREDENTIALS = re.compile(r"(://[^/@?#]*?:)[^/@?#]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any URL in it replaced by ``***``: for messages,
+    logs and command lines."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
 def format_addr(addr: Addr) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -47,8 +58,12 @@ def parse_addr(text: str, default_port: int = DEFAULT_PORT) -> Addr:
     if not text:
         raise ConfigError("empty host in address")
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ConfigError(f"invalid address {text!r}: missing ']' after the IPv6 host")
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"invalid address {text!r}: expected [host]:port")
+        port_text = rest[1:]
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
     else:
@@ -82,9 +97,14 @@ class RedisURL:
 
     @classmethod
     def parse(cls, url: str) -> RedisURL:
+        if not isinstance(url, str):
+            raise ConfigError(
+                f"the URL must be a string like redis://host:port, got {type(url).__name__}"
+            )
+        shown = redact_url(url)
         scheme, sep, rest = url.partition("://")
         if not sep or scheme not in _SCHEMES:
-            raise ConfigError(f"invalid URL {url!r}: expected redis://host:port or rediss://...")
+            raise ConfigError(f"invalid URL {shown!r}: expected redis://host:port or rediss://...")
         rest, _, query = rest.partition("?")
         netloc, _, path = rest.partition("/")
         userinfo, at, hosts = netloc.rpartition("@")
@@ -100,21 +120,26 @@ class RedisURL:
                 username = None
         seeds = tuple(parse_addr(h) for h in hosts.split(",")) if hosts else ()
         if not seeds:
-            raise ConfigError(f"invalid URL {url!r}: no host")
+            raise ConfigError(f"invalid URL {shown!r}: no host")
         db = 0
         if path.strip("/"):
             try:
                 db = int(path.strip("/"))
             except ValueError:
-                raise ConfigError(f"invalid URL {url!r}: database must be a number") from None
+                raise ConfigError(f"invalid URL {shown!r}: database must be a number") from None
         options: dict[str, Any] = {}
         for key, values in parse_qs(query, keep_blank_values=True).items():
             value = values[-1]
             if key in _TIMEOUT_OPTIONS:
                 try:
-                    options[key] = float(value)
+                    seconds = float(value)
                 except ValueError:
-                    raise ConfigError(f"invalid URL option {key}={value!r}") from None
+                    seconds = math.nan
+                if not (math.isfinite(seconds) and seconds > 0):
+                    raise ConfigError(
+                        f"invalid URL option {key}={value!r}: a number of seconds above 0"
+                    )
+                options[key] = seconds
             elif key == "ssl_ca_certs":
                 options[key] = value
             elif key == "ssl_cert_reqs":
@@ -122,7 +147,10 @@ class RedisURL:
                     raise ConfigError(f"invalid URL option ssl_cert_reqs={value!r}")
                 options[key] = value
             elif key == "db":
-                db = int(value)
+                try:
+                    db = int(value)
+                except ValueError:
+                    raise ConfigError(f"invalid URL option db={value!r}: a number") from None
             else:
                 raise ConfigError(f"unknown URL option {key!r}")
         return cls(

@@ -36,7 +36,7 @@ import redis
 from clusterq.aclient import AsyncClient
 from clusterq.cluster import topology as topo
 from clusterq.cluster.abackend import AsyncBackend
-from clusterq.cluster.connection import RedisURL, acommand
+from clusterq.cluster.connection import RedisURL, acommand, redact_url
 from clusterq.durability import Durability
 from clusterq.errors import ClusterqError
 from clusterq.events import QueueResumed
@@ -345,7 +345,8 @@ async def run_drill(
     try:
         if backend.mode != "cluster":
             raise ClusterqError(
-                f"{settings.url} is a standalone server: a failover drill needs a cluster"
+                f"{redact_url(settings.url)} is a standalone server: a failover drill "
+                "needs a cluster"
             )
         backend.start_watching(0.2)
         progress("waiting until every master has a linked replica")

@@ -7,6 +7,7 @@ in a temporary directory; :func:`announced` waits until all of them have registe
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -53,8 +54,6 @@ class WorkerProcesses:
                 sys.executable,
                 "-m",
                 "clusterq",
-                "--url",
-                self.url,
                 "--prefix",
                 self.prefix,
                 "worker",
@@ -66,8 +65,13 @@ class WorkerProcesses:
                 "--name",
                 name,
             ]
+            # The URL (and its password) goes through the environment, never the command
+            # line: `ps` shows command lines to every user of the machine.
+            env = {**os.environ, "CLUSTERQ_URL": self.url}
             try:
-                self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+                self.procs.append(
+                    subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                )
             finally:
                 log.close()
 

@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -105,10 +106,19 @@ class Worker:
     ) -> None:
         if router is None:
             raise ValueError("a worker needs a Router")
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if lease <= 0 or poll_interval <= 0 or recover_interval <= 0:
-            raise ValueError("lease, poll_interval and recover_interval must be positive")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an integer of at least 1, got {concurrency!r}")
+        for option, seconds in (
+            ("lease", lease),
+            ("poll_interval", poll_interval),
+            ("recover_interval", recover_interval),
+        ):
+            if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
+                raise ValueError(f"{option} must be a number of seconds above 0, got {seconds!r}")
+        if not (math.isfinite(shutdown_timeout) and shutdown_timeout >= 0):
+            raise ValueError(
+                f"shutdown_timeout must be 0 or more seconds, got {shutdown_timeout!r}"
+            )
         self.url = url
         self.router = router
         self.weights = parse_queues(queues)
