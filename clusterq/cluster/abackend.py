@@ -144,7 +144,9 @@ class AsyncBackend(RouteState):
                     addr = queue.pop(0)
                     pending.add(
                         asyncio.ensure_future(
-                            topo.afetch(self._topology_client(addr), self.mode, addr)
+                            topo.afetch(
+                                self._topology_client(addr), self.mode, addr, tls=self.url.ssl
+                            )
                         )
                     )
                 done, pending = await asyncio.wait(

@@ -6,6 +6,7 @@ module only sends and sleeps (its asyncio twin is :mod:`clusterq.cluster.abacken
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -121,8 +122,9 @@ class Backend(RouteState):
         errors: list[str] = []
         for addr in candidates:
             client = self._topology_client(addr)
+            read = functools.partial(topo.fetch, client, self.mode, addr, tls=self.url.ssl)
             try:
-                return call_node(addr, lambda c=client, a=addr: topo.fetch(c, self.mode, a))  # type: ignore[misc]
+                return call_node(addr, read)
             except ConnectionFailed as exc:
                 errors.append(str(exc))
             except redis.RedisError as exc:

@@ -216,7 +216,7 @@ def _finish(
 
 
 def parse_cluster_shards(
-    reply: Sequence[Any], source: str = "", nodes_text: str | None = None
+    reply: Sequence[Any], source: str = "", nodes_text: str | None = None, *, tls: bool = False
 ) -> Topology:
     """Build a snapshot from a ``CLUSTER SHARDS`` reply (Redis >= 7.0, Valkey).
 
@@ -226,7 +226,8 @@ def parse_cluster_shards(
     :func:`shard_master`. Masters that lost are kept as nodes (their health shows) but
     are neither the shard's master nor its replicas. ``nodes_text`` (the same node's
     ``CLUSTER NODES``) settles a tie that health cannot: :func:`shards_ambiguous` says
-    when it is needed.
+    when it is needed. ``tls``: the client connects with TLS, so each node's
+    ``tls-port`` is the one to use where a node lists one.
     """
     owners = _slot_owner_ids(nodes_text) if nodes_text is not None else []
     epochs = _epochs(nodes_text) if nodes_text is not None else {}
@@ -236,7 +237,9 @@ def parse_cluster_shards(
         shard = _as_mapping(raw_shard)
         slots = _ranges(shard.get("slots", []))
         members = [
-            node for node in (_shard_node(raw, epochs) for raw in shard.get("nodes", [])) if node
+            node
+            for node in (_shard_node(raw, epochs, tls) for raw in shard.get("nodes", []))
+            if node
         ]
         master = shard_master(members, slots, owners)
         if master is None:
@@ -263,10 +266,15 @@ def parse_cluster_shards(
     return _finish("cluster", shards, nodes, source)
 
 
-def _shard_node(raw: Any, epochs: Mapping[str, int]) -> NodeInfo | None:
+def _shard_node(raw: Any, epochs: Mapping[str, int], tls: bool = False) -> NodeInfo | None:
     entry = _as_mapping(raw)
-    host = _text(entry.get("ip") or entry.get("endpoint") or "")
-    port = entry.get("port") or entry.get("tls-port")
+    endpoint = _text(entry.get("endpoint") or "")
+    # The endpoint the cluster prefers (ip, hostname: cluster-preferred-endpoint-type),
+    # unless it says it has none ("?"); then its ip.
+    host = endpoint if endpoint and endpoint != "?" else _text(entry.get("ip") or "")
+    # A TLS client needs the TLS port; a node serving both lists both.
+    first, second = ("tls-port", "port") if tls else ("port", "tls-port")
+    port = entry.get(first) or entry.get(second)
     if not host or port is None:
         return None
     role: Role = "master" if _text(entry.get("role", "")) in ("master", "primary") else "replica"
@@ -451,8 +459,9 @@ def _is_unknown_command(exc: redis.ResponseError) -> bool:
 # --------------------------------------------------------------------------- I/O
 
 
-def fetch(client: redis.Redis, mode: Mode, addr: Addr) -> Topology:
-    """Read a snapshot through ``client``, a client of the node at ``addr``."""
+def fetch(client: redis.Redis, mode: Mode, addr: Addr, *, tls: bool = False) -> Topology:
+    """Read a snapshot through ``client``, a client of the node at ``addr`` (``tls``: the
+    client's connections use TLS, so nodes are reached on their TLS ports)."""
     source = format_addr(addr)
     if mode == "standalone":
         return parse_standalone(client.info("server"), client.info("replication"), addr)
@@ -463,10 +472,12 @@ def fetch(client: redis.Redis, mode: Mode, addr: Addr) -> Topology:
             raise
         return parse_cluster_nodes(_text(command(client, "CLUSTER", "NODES")), source)
     nodes_text = _text(command(client, "CLUSTER", "NODES")) if shards_ambiguous(reply) else None
-    return parse_cluster_shards(reply, source, nodes_text)
+    return parse_cluster_shards(reply, source, nodes_text, tls=tls)
 
 
-async def afetch(client: redis.asyncio.Redis, mode: Mode, addr: Addr) -> Topology:
+async def afetch(
+    client: redis.asyncio.Redis, mode: Mode, addr: Addr, *, tls: bool = False
+) -> Topology:
     """Asynchronous :func:`fetch`."""
     source = format_addr(addr)
     if mode == "standalone":
@@ -480,4 +491,4 @@ async def afetch(client: redis.asyncio.Redis, mode: Mode, addr: Addr) -> Topolog
     nodes_text = (
         _text(await acommand(client, "CLUSTER", "NODES")) if shards_ambiguous(reply) else None
     )
-    return parse_cluster_shards(reply, source, nodes_text)
+    return parse_cluster_shards(reply, source, nodes_text, tls=tls)

@@ -264,7 +264,7 @@ async def wait_promotion(
     try:
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.RedisError, OSError):
-                view = await topo.afetch(client, "cluster", replica.address)
+                view = await topo.afetch(client, "cluster", replica.address, tls=url.ssl)
                 master = view.master_for_slot(slot)
                 if master is not None and master.id != old_master:
                     return time.time()
