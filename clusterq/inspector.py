@@ -14,7 +14,7 @@ import redis
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.topology import Topology
-from clusterq.errors import ClusterqError
+from clusterq.errors import ClusterqError, InvalidName
 from clusterq.keys import DEFAULT_PREFIX, validate_queue_name
 from clusterq.worker.announce import WorkerAnnouncement, parse_announcements
 
@@ -64,6 +64,8 @@ class Inspector:
         self._owns_backend = backend is None
         self.keys = self.backend.keys
         self.timeout = timeout
+        #: Registry entries that are not valid queue names, left out of the last listing.
+        self.skipped: list[str] = []
 
     def close(self) -> None:
         if self._owns_backend:
@@ -84,11 +86,19 @@ class Inspector:
         return self.backend.topology
 
     def queue_names(self) -> list[str]:
-        """Every queue in the registry, sorted."""
+        """Every valid queue name in the registry, sorted. Entries that are not valid
+        names (written by something else) are left out and kept in :attr:`skipped`."""
         members = self.backend.execute_key(
             self.keys.queues, lambda c: c.smembers(self.keys.queues), timeout=self.timeout
         )
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        names, self.skipped = [], []
+        for member in members:
+            name = member.decode(errors="replace") if isinstance(member, bytes) else str(member)
+            try:
+                names.append(validate_queue_name(name))
+            except InvalidName:
+                self.skipped.append(name)
+        return sorted(names)
 
     def queue(self, name: str) -> QueueInfo:
         """Location and counts of one queue (registered or not)."""

@@ -373,3 +373,64 @@ def test_cli_names_the_bad_option_in_one_line(
     assert result.exit_code == 1 and "Traceback" not in result.output
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+# ------------------------------------------------------------- listings of foreign data
+
+
+def _cli(url: str, prefix: str, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from clusterq.cli import main
+
+    return CliRunner().invoke(main, ["--url", url, "--prefix", prefix, *args])
+
+
+def test_listings_show_data_as_it_is_never_as_markup_or_escapes(
+    standalone: Any, prefix: str
+) -> None:
+    import json
+    import time as clock
+
+    url = standalone.seed_url
+    with Client(url, prefix=prefix) as client:
+        client.enqueue("t", None, queue="[/x]")
+        client.enqueue("t", None, queue="[bold]q")
+        registry, workers = client.keys.queues, client.keys.workers
+        client.backend.execute_key(registry, lambda c: c.sadd(registry, "bad{name}", "x y"))
+        now = clock.time()
+        fake = {
+            "id": "[red]w\x1b[31mevil\x07",
+            "host": "h\x1b]0;title\x07",
+            "pid": 1,
+            "queues": {"[/x]": 1},
+            "concurrency": 1,
+            "started": now,
+            "active": 0,
+            "processed": 0,
+            "failed": 0,
+            "expires": now + 5,
+        }
+        forever = {**fake, "id": "immortal", "expires": now + 10**9}
+        client.backend.execute_key(
+            workers,
+            lambda c: c.hset(
+                workers, mapping={"a": json.dumps(fake), "b": json.dumps(forever), "c": "{oops"}
+            ),
+        )
+    table = _cli(url, prefix, "queue", "ls", "--cluster")
+    assert table.exit_code == 0, table.output
+    assert "[/x]" in table.stdout and "[bold]q" in table.stdout
+    assert "skipped: 'bad{name}', 'x y'" in table.stderr or "skipped: 'x y', 'bad{name}'" in (
+        table.stderr
+    )
+    listed = _cli(url, prefix, "queue", "ls", "--json")
+    assert listed.exit_code == 0
+    assert sorted(r["queue"] for r in json.loads(listed.stdout)) == ["[/x]", "[bold]q"]
+    shown = _cli(url, prefix, "worker", "ls")
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "[red]w\\x1b[31mevil\\x07" in shown.stdout.replace("\n", "")
+    assert "immortal" not in shown.stdout  # an expiry no worker writes: not live
+    ids = [w["id"] for w in json.loads(_cli(url, prefix, "worker", "ls", "--json").stdout)]
+    assert ids == [fake["id"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from clusterq.cli.render import console, print_json, table
+from clusterq.cli.render import console, print_json, safe_text, table
 from clusterq.cli.state import CliState
 from clusterq.inspector import Inspector
 
@@ -26,6 +26,13 @@ def ls(state: CliState, show_cluster: bool, as_json: bool) -> None:
     """Every known queue and its size (like `asynq queue ls --cluster`)."""
     inspector = Inspector(backend=state.backend())
     infos = inspector.queues()
+    if inspector.skipped:
+        shown = ", ".join(safe_text(repr(name)) for name in inspector.skipped[:5])
+        click.echo(
+            f"warning: {len(inspector.skipped)} registry entries are not queue names and "
+            f"were skipped: {shown}",
+            err=True,
+        )
     if as_json:
         print_json([info.to_dict() for info in infos])
         return

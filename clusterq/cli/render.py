@@ -10,6 +10,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from clusterq.cluster.topology import Topology
 
@@ -27,12 +28,23 @@ def print_json(data: Any) -> None:
 def table(
     title: str | None, columns: list[str], rows: Sequence[Sequence[Any]], *, header: bool = True
 ) -> Table:
-    out = Table(title=title, show_lines=False, header_style="bold", show_header=header)
+    shown = Text(safe_text(title)) if title is not None else None
+    out = Table(title=shown, show_lines=False, header_style="bold", show_header=header)
     for column in columns:
         out.add_column(column, overflow="fold")
     for row in rows:
-        out.add_row(*["" if cell is None else str(cell) for cell in row])
+        out.add_row(*[Text(safe_text(cell)) for cell in row])
     return out
+
+
+def safe_text(value: object) -> str:
+    """``value`` as text a terminal shows as it is: control characters (ANSI escapes
+    among them) written as escapes. In a :class:`~rich.text.Text` it is never read as
+    markup either: data from Redis (queue names, worker ids) can hold anything."""
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def slot_ranges(ranges: Any) -> str:

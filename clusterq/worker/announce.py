@@ -31,6 +31,8 @@ ANNOUNCE_TTL = 10.0
 RECENT_EVENTS = 20
 #: Announcements that expired this long ago are deleted (workers that were killed).
 FORGET_AFTER = 60.0
+#: No worker announces an expiry further ahead than this.
+MAX_AHEAD = 2 * ANNOUNCE_TTL
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,10 @@ class WorkerAnnouncement:
     events: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     def live(self, now: float | None = None) -> bool:
-        return self.expires > (time.time() if now is None else now)
+        """Not expired, and not claiming an expiry further ahead than a worker writes
+        (an entry that does is not a worker's: it would otherwise be listed for ever)."""
+        now = time.time() if now is None else now
+        return now < self.expires <= now + MAX_AHEAD
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -190,11 +195,15 @@ class Announcer:
             entries = await self.backend.execute_key(
                 workers, lambda c: c.hgetall(workers), timeout=1
             )
-            cutoff = time.time() - FORGET_AFTER
+            now = time.time()
             dead = []
             for worker_id, raw in entries.items():
                 announcement = WorkerAnnouncement.from_json(raw)
-                if announcement is None or announcement.expires < cutoff:
+                if (
+                    announcement is None
+                    or announcement.expires < now - FORGET_AFTER
+                    or announcement.expires > now + MAX_AHEAD
+                ):
                     dead.append(worker_id)
             if dead:
                 await self.backend.execute_key(workers, lambda c: c.hdel(workers, *dead), timeout=1)
