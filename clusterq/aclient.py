@@ -14,7 +14,7 @@ from clusterq.broker.script import arun_pipelined
 from clusterq.client import ClientBase
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
-from clusterq.cluster.routing import DEFAULT_RETRY_TIMEOUT
+from clusterq.cluster.routing import DEFAULT_DOWN_TIMEOUT, DEFAULT_RETRY_TIMEOUT
 from clusterq.cluster.wire import AsyncNodeClient
 from clusterq.durability import (
     DEFAULT_DURABILITY_TIMEOUT,
@@ -69,6 +69,7 @@ class AsyncClient(ClientBase):
         codec: str = "json",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        down_timeout: float = DEFAULT_DOWN_TIMEOUT,
         durability: Durability = "none",
         durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
         watch_interval: float | None = None,
@@ -76,7 +77,11 @@ class AsyncClient(ClientBase):
         """``watch_interval``: re-read the cluster map that often in the background, so
         that calls stuck on a frozen master are re-routed soon after its replacement."""
         backend = await AsyncBackend.connect(
-            url, mode=mode, prefix=prefix, retry_timeout=retry_timeout
+            url,
+            mode=mode,
+            prefix=prefix,
+            retry_timeout=retry_timeout,
+            down_timeout=down_timeout,
         )
         if watch_interval and backend.mode == "cluster":
             backend.start_watching(watch_interval)

@@ -18,7 +18,7 @@ from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import run_pipelined
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
-from clusterq.cluster.routing import DEFAULT_RETRY_TIMEOUT
+from clusterq.cluster.routing import DEFAULT_DOWN_TIMEOUT, DEFAULT_RETRY_TIMEOUT
 from clusterq.cluster.wire import NodeClient
 from clusterq.durability import (
     DEFAULT_DURABILITY_TIMEOUT,
@@ -111,12 +111,17 @@ class Client(ClientBase):
         codec: str = "json",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        down_timeout: float = DEFAULT_DOWN_TIMEOUT,
         durability: Durability = "none",
         durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
         backend: Backend | None = None,
     ) -> None:
         self.backend = backend or Backend(
-            url, mode=mode, prefix=prefix, retry_timeout=retry_timeout
+            url,
+            mode=mode,
+            prefix=prefix,
+            retry_timeout=retry_timeout,
+            down_timeout=down_timeout,
         )
         self._owns_backend = backend is None
         super().__init__(

@@ -22,6 +22,12 @@ class ConnectionFailed(ClusterqError):
     """No node could be reached (refused, timed out, unknown host)."""
 
 
+class ShardDown(ConnectionFailed):
+    """The master of a slot is down and no replica is left to take over (or, with
+    ``cluster-require-full-coverage yes``, another shard is, and the cluster refuses
+    everything): retrying would only wait. The message names the shard and its queues."""
+
+
 class AuthFailed(ClusterqError):
     """The server refused the username/password."""
 

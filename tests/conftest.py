@@ -16,7 +16,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -69,10 +69,16 @@ def standalone(
         _keep_or_remove(request, directory)
 
 
-def _start_cluster(server_bin: Path, directory_root: Path) -> LocalCluster:
+def _start_cluster(
+    server_bin: Path, directory_root: Path, extra_config: Sequence[str] = ()
+) -> LocalCluster:
     base = servers.find_free_ports(6, with_bus=True)
     cluster = LocalCluster(
-        base, directory_root / f"cluster-{base}", server_bin=server_bin, die_with_parent=True
+        base,
+        directory_root / f"cluster-{base}",
+        server_bin=server_bin,
+        die_with_parent=True,
+        extra_config=extra_config,
     )
     try:
         cluster.up(timeout=90)
@@ -98,12 +104,13 @@ def cluster(
 @pytest.fixture
 def fresh_cluster(
     server_bin: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[Callable[[], LocalCluster]]:
+) -> Iterator[Callable[..., LocalCluster]]:
     """A factory of clusters owned by one test, which may kill, pause or fail them over."""
     made: list[LocalCluster] = []
 
-    def make() -> LocalCluster:
-        started = _start_cluster(server_bin, _base_dir(tmp_path_factory))
+    def make(extra_config: Sequence[str] = ()) -> LocalCluster:
+        """A new cluster; ``extra_config``: settings added to every node's config."""
+        started = _start_cluster(server_bin, _base_dir(tmp_path_factory), extra_config)
         made.append(started)
         return started
 

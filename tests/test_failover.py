@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from clusterq import AsyncClient, Router, Task, Worker
+from clusterq import AsyncClient, Client, Router, Task, Worker
 from clusterq.cluster.changes import MasterChanged, TopologyEvent
 from clusterq.events import QueueResumed, QueueUnavailable
 from clusterq.tools.devcluster import HOST, LocalCluster
@@ -231,3 +231,36 @@ def test_losing_the_seed_node(fresh_cluster: Callable[[], LocalCluster], prefix:
         t for i, t in delivered.items() if i.startswith(other) and t < (promoted_at or 0)
     ]
     assert others_during, "the other shard stalled during the failover"
+
+
+@pytest.mark.parametrize("full_coverage", ["no", "yes"])
+def test_a_shard_that_cannot_come_back_fails_fast_and_says_which(
+    fresh_cluster: Callable[..., LocalCluster], prefix: str, full_coverage: str
+) -> None:
+    """Master and replica of one shard killed: nobody can be promoted. Enqueues into its
+    queue fail with ShardDown naming the queue once the cluster marks both failed, not
+    after the whole retry timeout; with full coverage required (the server default) the
+    other shards refuse too, and the message says why and what setting to change."""
+    from clusterq import ShardDown
+
+    cluster = fresh_cluster([f"cluster-require-full-coverage {full_coverage}"])
+    location = cluster.topology().locate("images")
+    assert location.master is not None
+    other = "webhooks"
+    assert cluster.topology().locate(other).master != location.master
+    with Client(cluster.seed_url, prefix=prefix, down_timeout=1.0) as client:
+        client.register_queues(["images", other])
+        for node in (location.master, *location.replicas):
+            cluster.kill_node(node.port)
+        started = time.monotonic()
+        with pytest.raises(ShardDown) as down:
+            while time.monotonic() - started < 60:
+                client.enqueue("t", None, queue="images")
+        waited = time.monotonic() - started
+        assert "(queues images)" in str(down.value) and location.master.addr in str(down.value)
+        assert waited < client.backend.retry_timeout + 8  # not the full wait, repeatedly
+        if full_coverage == "yes":
+            with pytest.raises(ShardDown, match="cluster-require-full-coverage no"):
+                client.enqueue("t", None, queue=other)
+        else:
+            assert client.enqueue("t", None, queue=other).id  # the healthy shard serves

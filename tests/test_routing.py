@@ -170,3 +170,43 @@ def test_mode_of_checks_expectation_and_database() -> None:
         routing.mode_of({"cluster_enabled": "1"}, None, addr, 2)
     assert str(routing.no_seed_answered(["one"])) == "one"
     assert "no seed node answered: a; b" in str(routing.no_seed_answered(["a", "b"]))
+
+
+def test_a_shard_with_no_one_left_to_take_over_is_down() -> None:
+    failed_master = topo.NodeInfo("a", "127.0.0.1", 7000, "master", health=topo.FAILED)
+    loading = topo.NodeInfo("ar", "127.0.0.1", 7003, "replica", topo.LOADING, master_id="a")
+    dead_replica = topo.NodeInfo("ar", "127.0.0.1", 7003, "replica", topo.FAILED, master_id="a")
+
+    def snap(*replicas: topo.NodeInfo) -> topo.Topology:
+        shards = (
+            topo.Shard(((0, 8191),), failed_master, replicas),
+            topo.Shard(((8192, 16383),), B, ()),
+        )
+        return topo.Topology("cluster", shards, (failed_master, B, *replicas))
+
+    # A replica still there (even one still syncing) can be promoted: not down yet.
+    assert routing.shard_down(snap(loading), 5) is None
+    assert routing.shard_down(SNAP, 5) is None  # master online
+    reason = routing.shard_down(snap(dead_replica), 5, ["images", "webhooks"])
+    assert reason is not None and "slots 0-8191" in reason and "127.0.0.1:7000 failed" in reason
+    assert "(queues webhooks)" in reason  # webhooks' slot 4418 is in the shard, images' not
+    assert routing.shard_down(snap(dead_replica), 9000) is None  # the other shard is fine
+    whole = routing.cluster_down(snap(dead_replica))
+    assert whole is not None and "cluster-require-full-coverage no" in whole
+    assert routing.cluster_down(SNAP) is None
+    uncovered = topo.Topology("cluster", (topo.Shard(((0, 100),), A, ()),), (A,))
+    assert "only 101 of 16384 slots" in (routing.cluster_down(uncovered) or "")
+    assert routing.shard_down(uncovered, 500) == "no master owns slot 500"
+
+
+def test_a_down_shard_fails_the_call_after_the_down_timeout() -> None:
+    attempts = routing.CallAttempts(timeout=60, down_timeout=0.2)
+    error = redis.ConnectionError("refused")
+    assert attempts.after(error, {}, down="shard down").action == "retry"  # just now
+    attempts.first_error -= 0.2
+    decision = attempts.after(error, {}, down="shard down")
+    assert decision == routing.Decision("down", refresh=True, reason="shard down")
+    assert attempts.after(error, {}, down=None).action == "retry"  # map says it may heal
+    assert routing.CallAttempts(60, 0).after(redis.ResponseError("ERR x"), {}, "d").action == (
+        "raise"
+    )

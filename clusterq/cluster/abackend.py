@@ -22,6 +22,7 @@ from clusterq.cluster import topology as topo
 from clusterq.cluster.changes import TopologyEvent
 from clusterq.cluster.connection import Addr, Mode, RedisURL, format_addr, translate_error
 from clusterq.cluster.routing import (
+    DEFAULT_DOWN_TIMEOUT,
     DEFAULT_RETRY_TIMEOUT,
     TOPOLOGY_STAGGER,
     TOPOLOGY_TIMEOUT,
@@ -30,7 +31,7 @@ from clusterq.cluster.routing import (
     no_seed_answered,
 )
 from clusterq.cluster.wire import AsyncNodeClient
-from clusterq.errors import ConnectionFailed
+from clusterq.errors import ConnectionFailed, ShardDown
 from clusterq.keys import DEFAULT_PREFIX
 from clusterq.slots import keyslot
 
@@ -55,8 +56,9 @@ class AsyncBackend(RouteState):
         *,
         prefix: str = DEFAULT_PREFIX,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        down_timeout: float = DEFAULT_DOWN_TIMEOUT,
     ) -> None:
-        super().__init__(prefix, retry_timeout)
+        super().__init__(prefix, retry_timeout, down_timeout)
         self.url = url if isinstance(url, RedisURL) else RedisURL.parse(url)
         self._clients: dict[Addr, AsyncNodeClient] = {}
         self._topo_clients: dict[Addr, AsyncNodeClient] = {}
@@ -72,8 +74,9 @@ class AsyncBackend(RouteState):
         mode: Mode | None = None,
         prefix: str = DEFAULT_PREFIX,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        down_timeout: float = DEFAULT_DOWN_TIMEOUT,
     ) -> AsyncBackend:
-        backend = cls(url, prefix=prefix, retry_timeout=retry_timeout)
+        backend = cls(url, prefix=prefix, retry_timeout=retry_timeout, down_timeout=down_timeout)
         try:
             await backend._detect(mode)
         except BaseException:
@@ -225,12 +228,14 @@ class AsyncBackend(RouteState):
             try:
                 return await fn(self.node(addr))
             except Exception as exc:
-                decision = attempts.after(exc, self._route)
+                decision = attempts.after(exc, self._route, self.down_reason(slot, exc))
                 if decision.action == "moved":
                     continue
-                if decision.action == "raise":
+                if decision.action in ("raise", "down"):
                     if decision.refresh:
                         self.refresh_soon(avoid=addr)
+                    if decision.action == "down":
+                        raise ShardDown(decision.reason) from exc
                     raise translate_error(exc, addr) from exc
                 log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
                 with contextlib.suppress(ConnectionFailed):

@@ -26,6 +26,7 @@ from clusterq.cluster.connection import (
     translate_error,
 )
 from clusterq.cluster.routing import (
+    DEFAULT_DOWN_TIMEOUT,
     DEFAULT_RETRY_TIMEOUT,
     TOPOLOGY_TIMEOUT,
     RouteState,
@@ -33,7 +34,7 @@ from clusterq.cluster.routing import (
     no_seed_answered,
 )
 from clusterq.cluster.wire import NodeClient
-from clusterq.errors import ConnectionFailed
+from clusterq.errors import ConnectionFailed, ShardDown
 from clusterq.keys import DEFAULT_PREFIX
 from clusterq.slots import keyslot
 
@@ -72,8 +73,9 @@ class Backend(RouteState):
         mode: Mode | None = None,
         prefix: str = DEFAULT_PREFIX,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        down_timeout: float = DEFAULT_DOWN_TIMEOUT,
     ) -> None:
-        super().__init__(prefix, retry_timeout)
+        super().__init__(prefix, retry_timeout, down_timeout)
         self.url = url if isinstance(url, RedisURL) else RedisURL.parse(url)
         self.mode, first = detect_mode(self.url, mode)
         self._clients: dict[Addr, NodeClient] = {}
@@ -169,12 +171,14 @@ class Backend(RouteState):
             try:
                 return fn(self.node(addr))
             except Exception as exc:
-                decision = attempts.after(exc, self._route)
+                decision = attempts.after(exc, self._route, self.down_reason(slot, exc))
                 if decision.action == "moved":
                     continue
                 if decision.refresh:
                     with contextlib.suppress(ConnectionFailed):
                         self.refresh_topology(force=False, avoid=addr)
+                if decision.action == "down":
+                    raise ShardDown(decision.reason) from exc
                 if decision.action == "raise":
                     raise translate_error(exc, addr) from exc
                 log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)

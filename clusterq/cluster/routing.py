@@ -36,6 +36,7 @@ from clusterq.cluster import topology as topo
 from clusterq.cluster.connection import Addr, Mode, check_mode, info_mode
 from clusterq.errors import ConfigError, ConnectionFailed, TopologyError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
+from clusterq.slots import SLOT_COUNT, keyslot
 
 log = logging.getLogger("clusterq.backend")
 
@@ -53,6 +54,10 @@ TOPOLOGY_TIMEOUT = 1.0
 TOPOLOGY_STAGGER = 0.1
 #: MOVED redirections followed per call, even past its deadline.
 MAX_MOVED_HOPS = 5
+#: How long a call keeps retrying once the cluster map says its shard cannot come back
+#: by itself (master failed, no replica left to take over): then it fails with
+#: :class:`~clusterq.errors.ShardDown` instead of waiting for its whole retry timeout.
+DEFAULT_DOWN_TIMEOUT = 3.0
 
 _TRANSIENT_PREFIXES = ("UNBLOCKED", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "LOADING", "READONLY")
 
@@ -100,13 +105,15 @@ def moved_target(exc: BaseException) -> tuple[int, Addr] | None:
 @dataclass(frozen=True)
 class Decision:
     """What a backend does after an error: ``raise`` it (translated), try the slot's
-    (new) master again at once (``moved``), or ``retry`` after ``delay`` seconds.
+    (new) master again at once (``moved``), ``retry`` after ``delay`` seconds, or give
+    up because the shard is ``down`` (raise :class:`ShardDown` with ``reason``).
     ``refresh``: re-read the cluster map first (rate-limited; in the background when
     giving up, where the transport allows)."""
 
-    action: Literal["raise", "moved", "retry"]
+    action: Literal["raise", "moved", "retry", "down"]
     delay: float = 0.0
     refresh: bool = False
+    reason: str = ""
 
 
 _RAISE = Decision("raise")
@@ -117,15 +124,20 @@ _GIVE_UP = Decision("raise", refresh=True)
 class CallAttempts:
     """The retry state of one call: the one place that decides what follows an error."""
 
-    __slots__ = ("attempt", "deadline", "hops")
+    __slots__ = ("attempt", "deadline", "down_timeout", "first_error", "hops")
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, down_timeout: float = DEFAULT_DOWN_TIMEOUT) -> None:
         self.deadline = time.monotonic() + timeout
+        self.down_timeout = down_timeout
+        self.first_error = 0.0
         self.attempt = 0
         self.hops = 0
 
-    def after(self, exc: BaseException, routes: dict[int, Addr]) -> Decision:
-        """Decide what to do about ``exc``; a ``MOVED`` target goes into ``routes``."""
+    def after(
+        self, exc: BaseException, routes: dict[int, Addr], down: str | None = None
+    ) -> Decision:
+        """Decide what to do about ``exc``; a ``MOVED`` target goes into ``routes``.
+        ``down``: why the map says the call's shard cannot come back by itself, if so."""
         kind = classify(exc)
         if kind in ("fatal", "noscript"):
             return _RAISE
@@ -135,10 +147,58 @@ class CallAttempts:
             if target is not None:
                 routes[target[0]] = target[1]
             return _MOVED
-        if time.monotonic() >= self.deadline:
+        now = time.monotonic()
+        self.first_error = self.first_error or now
+        if down is not None and now - self.first_error >= self.down_timeout:
+            return Decision("down", refresh=True, reason=down)
+        if now >= self.deadline:
             return _GIVE_UP
         self.attempt += 1
         return Decision("retry", backoff(self.attempt), refresh=True)
+
+
+def shard_down(topology: topo.Topology, slot: int, queues: Iterable[str] = ()) -> str | None:
+    """Why ``slot`` cannot be served until someone repairs the cluster, or None: nobody
+    owns it, or its master failed and every replica failed too (no one can be promoted).
+    Replicas still syncing ("loading") may be promoted, so they count as alive."""
+    shard = topology.shard_for_slot(slot)
+    if shard is None:
+        return f"no master owns slot {slot}"
+    if shard.master.health != topo.FAILED:
+        return None
+    if any(r.health != topo.FAILED for r in shard.replicas):
+        return None  # a failover can still happen
+    named = [q for q in sorted(queues) if shard.slots and _holds(shard, q)]
+    which = f" (queues {', '.join(named)})" if named else ""
+    replicas = ", ".join(r.addr for r in shard.replicas) or "none"
+    ranges = ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in shard.slots)
+    return (
+        f"shard of slots {ranges}{which} is down: master {shard.master.addr} failed and "
+        f"no replica can take over (replicas: {replicas})"
+    )
+
+
+def cluster_down(topology: topo.Topology, queues: Iterable[str] = ()) -> str | None:
+    """Why the whole cluster refuses calls (``CLUSTERDOWN``) for good, or None: some shard
+    is down while ``cluster-require-full-coverage`` is ``yes`` (the server default)."""
+    for shard in topology.shards:
+        reason = shard_down(topology, shard.slots[0][0], queues) if shard.slots else None
+        if reason is not None:
+            return (
+                f"the cluster refuses every call (CLUSTERDOWN): {reason}; with "
+                "cluster-require-full-coverage no, the other shards would keep serving"
+            )
+    if topology.mode == "cluster" and topology.slots_covered < SLOT_COUNT:
+        return (
+            f"the cluster refuses every call (CLUSTERDOWN): only {topology.slots_covered} "
+            f"of {SLOT_COUNT} slots have a master"
+        )
+    return None
+
+
+def _holds(shard: topo.Shard, queue: str) -> bool:
+    slot = keyslot(queue)
+    return any(lo <= slot <= hi for lo, hi in shard.slots)
 
 
 def refresh_candidates(
@@ -191,9 +251,15 @@ class RouteState:
     """What both backends keep apart from connections: the map, slot routes (from the
     map or from ``MOVED``), listeners of changes, and the refresh rate limit."""
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX, retry_timeout: float = DEFAULT_RETRY_TIMEOUT):
+    def __init__(
+        self,
+        prefix: str = DEFAULT_PREFIX,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        down_timeout: float = DEFAULT_DOWN_TIMEOUT,
+    ):
         self.keys = KeySchema(prefix)
         self.retry_timeout = retry_timeout
+        self.down_timeout = down_timeout
         self.mode: Mode = "standalone"
         self.topology: topo.Topology = topo.Topology("standalone", (), ())
         #: slot -> master: from MOVED, or looked up in the topology (cleared on refresh).
@@ -221,7 +287,17 @@ class RouteState:
         return addr
 
     def attempts(self, timeout: float | None) -> CallAttempts:
-        return CallAttempts(self.retry_timeout if timeout is None else timeout)
+        return CallAttempts(self.retry_timeout if timeout is None else timeout, self.down_timeout)
+
+    def down_reason(self, slot: int, exc: BaseException) -> str | None:
+        """Why a call to ``slot`` that failed with ``exc`` cannot succeed by waiting."""
+        if isinstance(exc, redis.exceptions.ClusterDownError) or str(exc).startswith("CLUSTERDOWN"):
+            return cluster_down(self.topology, self._known_queues) or shard_down(
+                self.topology, slot, self._known_queues
+            )
+        if classify(exc) != "transient":
+            return None
+        return shard_down(self.topology, slot, self._known_queues)
 
     def refresh_allowed(self) -> bool:
         """Whether REFRESH_INTERVAL has passed since the latest read of the map."""
