@@ -57,8 +57,9 @@ def test_oversized_payload_names_the_limit(client: Client, url: str, prefix: str
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"max_retry": -1}, "max_retry must be a non-negative integer"),
-        ({"process_in": -5}, "process_in must not be negative"),
+        ({"max_retry": -1}, "max_retry must be an integer from 0 to 1000000, got -1"),
+        ({"max_retry": 10**7}, "max_retry must be an integer from 0 to 1000000"),
+        ({"process_in": -5}, "process_in must be between 0 and 3153600000 seconds"),
         ({"process_in": 1, "process_at": 2}, "process_in or process_at, not both"),
         ({"task_id": "has space"}, "invalid task id"),
         ({"task_id": "a{b}"}, "invalid task id"),

@@ -330,10 +330,23 @@ def test_passwords_never_reach_messages_or_command_lines(
     assert bad_scheme.returncode == 1 and "TOPSECRET" not in bad_scheme.stderr
 
 
-def test_worker_processes_get_the_url_from_the_environment(standalone: Any, prefix: str) -> None:
+def test_worker_processes_get_the_url_from_the_environment(
+    tmp_path: Any, server_bin: Any, prefix: str
+) -> None:
+    from clusterq.tools import servers
+    from clusterq.tools.devcluster import LocalServer
     from clusterq.tools.workerprocs import WorkerProcesses
 
-    url = standalone.seed_url.replace("redis://", "redis://:unused-secret@")
+    port = servers.find_free_ports(1, with_bus=False)
+    server = LocalServer(
+        port,
+        tmp_path / "pw",
+        server_bin=server_bin,
+        password="s3cret-pw",
+        die_with_parent=True,
+    )
+    server.start()
+    url = f"redis://:s3cret-pw@127.0.0.1:{port}"
     procs = WorkerProcesses(
         url=url,
         prefix=prefix,
@@ -345,14 +358,26 @@ def test_worker_processes_get_the_url_from_the_environment(standalone: Any, pref
     )
     procs.start()
     try:
+        asyncio.run(_announced(procs, url))  # it runs, so it got the URL somehow
         with open(f"/proc/{procs.procs[0].pid}/cmdline", "rb") as handle:
             cmdline = handle.read().decode()
         with open(f"/proc/{procs.procs[0].pid}/environ", "rb") as handle:
             environ = handle.read().decode()
     finally:
         procs.stop()
-    assert "unused-secret" not in cmdline and "--url" not in cmdline
+        server.stop()
+    assert "s3cret-pw" not in cmdline and "--url" not in cmdline
     assert f"CLUSTERQ_URL={url}" in environ
+
+
+async def _announced(procs: Any, url: str) -> None:
+    from clusterq.cluster.abackend import AsyncBackend
+
+    backend = await AsyncBackend.connect(url, prefix=procs.prefix)
+    try:
+        await procs.announced(backend, 30)
+    finally:
+        await backend.aclose()
 
 
 @pytest.mark.parametrize(

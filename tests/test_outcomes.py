@@ -213,3 +213,174 @@ def test_an_outage_is_reported_probed_and_followed_by_resumption(
     resumed = [e for e in events if isinstance(e, QueueResumed)]
     assert resumed and resumed[0].queue == "default" and resumed[0].node == f"127.0.0.1:{port}"
     assert resumed[0].outage > 0
+
+
+# ------------------------------------------------------------- retry delays (pure)
+
+
+def _outcomes(**settings: Any) -> Outcomes:
+    return Outcomes(None, WorkerSettings(**settings), WorkerStats())  # type: ignore[arg-type]
+
+
+def test_retry_delay_asks_the_policy_with_the_task_and_its_error() -> None:
+    from clusterq.task import Record
+    from clusterq.worker.state import Outcome
+
+    seen: list[tuple[int, BaseException, Task]] = []
+
+    def policy(retried: int, error: BaseException, task: Task) -> float:
+        seen.append((retried, error, task))
+        return {0: 2.5, 1: -5.0}.get(retried, 1.0)
+
+    outcomes = _outcomes(retry_policy=policy)
+    record = Record("images:resize", b"{}", max_retry=4, retried=0)
+    boom = ValueError("boom")
+    assert outcomes.retry_delay(record, Outcome(False, error="x", exception=boom)) == 2.5
+    retried, error, task = seen[0]
+    assert (retried, error, task.type, task.retry_count, task.max_retry) == (
+        0,
+        boom,
+        "images:resize",
+        0,
+        4,
+    )
+    again = Record("images:resize", b"{}", max_retry=4, retried=1)
+    assert outcomes.retry_delay(again, Outcome(False, error="plain text")) == 0.0  # never < 0
+    assert isinstance(seen[1][1], RuntimeError) and str(seen[1][1]) == "plain text"
+    last = Record("t", b"", max_retry=4, retried=4)
+    assert outcomes.retry_delay(last, Outcome(False, error="x")) is None  # retries used up
+    assert outcomes.retry_delay(record, Outcome(False, archive=True)) is None
+    assert outcomes.retry_delay(record, Outcome(False, retry_in=7.0)) == 7.0
+    unknown = Outcome(False, error="no handler", no_handler=True)
+    budget = _outcomes(retry_policy=policy, no_handler_retries=3)
+    assert budget.retry_delay(Record("t", b"", max_retry=25, retried=2), unknown) == 1.0
+    assert budget.retry_delay(Record("t", b"", max_retry=25, retried=3), unknown) is None
+
+
+def test_failed_meta_archives_when_the_policy_fails() -> None:
+    from clusterq.task import Record
+    from clusterq.worker.state import Outcome
+
+    def policy(retried: int, error: BaseException, task: Task) -> float:
+        raise ZeroDivisionError("policy")
+
+    outcomes = _outcomes(retry_policy=policy)
+    record = Record("t", b"1", max_retry=3)
+    meta, delay = outcomes.failed_meta(record, "Err: x", 1234, Outcome(False, error="Err: x"))
+    assert delay is None
+    failed = Record.decode(meta + b"\n1")
+    assert failed.retried == 1 and failed.failed_ms == 1234
+    assert failed.last_error == "Err: x; the retry policy failed: ZeroDivisionError: policy"
+    meta, delay = outcomes.failed_meta(None, "unreadable", 99, Outcome(False))
+    assert delay is None and Record.decode(meta + b"\n").last_error == "unreadable"
+
+
+# ------------------------------------------------------------- pickup and acks
+
+
+def test_an_idle_worker_waits_blocked_on_the_server(standalone: Any, prefix: str) -> None:
+    """Idle pickup is a blocking BLMOVE on the pending list, not polling."""
+    import redis
+
+    probe = redis.Redis(host="127.0.0.1", port=standalone.port, socket_timeout=5)
+
+    def blocked_in_blmove() -> bool:
+        clients = probe.execute_command("CLIENT", "LIST").decode().splitlines()
+        return any("cmd=blmove" in c and " flags=b " in c for c in clients)
+
+    async def scenario() -> None:
+        async with running_worker(standalone.seed_url, Router(), prefix=prefix, poll_interval=5):
+            await await_for(blocked_in_blmove, 10, "a client blocked in BLMOVE")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        probe.close()
+
+
+def _own_server(tmp_path: Path, server_bin: Path, durable: bool = False) -> LocalServer:
+    port = servers.find_free_ports(1, with_bus=False)
+    extra = ["appendonly yes", "appendfsync always"] if durable else []
+    server = LocalServer(
+        port, tmp_path / "own", server_bin=server_bin, extra_config=extra, die_with_parent=True
+    )
+    server.start()
+    return server
+
+
+def test_an_ack_sent_during_an_outage_lands_when_the_server_is_back(
+    tmp_path: Path, server_bin: Path, prefix: str
+) -> None:
+    server = _own_server(tmp_path, server_bin, durable=True)
+    release = asyncio.Event()
+    runs: list[str] = []
+    router = Router()
+
+    @router.task("t")
+    async def t(task: Task) -> str:
+        runs.append(task.id)
+        await release.wait()
+        return "done"
+
+    async def scenario() -> Worker:
+        client = await AsyncClient.connect(server.seed_url, prefix=prefix)
+        info = await client.enqueue("t", None, retention=60)
+        worker = Worker(server.seed_url, router, prefix=prefix, **{**FAST, "lease": 30.0})
+        await worker.start()
+        try:
+            await await_for(lambda: runs, 10, "the task to start")
+            await client.aclose()
+            pid = server.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)  # the server this test started
+            release.set()  # the handler returns while the server is gone: the ack waits
+            await await_for(lambda: worker.stats.processed == 1, 10, "the attempt to end")
+            await asyncio.to_thread(server.start)
+            client = await AsyncClient.connect(server.seed_url, prefix=prefix)
+            assert await client.result(info, timeout=30) == "done"
+            await client.aclose()
+        finally:
+            await worker.stop()
+        return worker
+
+    try:
+        worker = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert len(runs) == 1 and worker.stats.leases_lost == 0
+
+
+def test_an_ack_batch_the_server_refuses_is_set_aside(
+    standalone: Any, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ack that fails for a reason no retry cures (here: its results key holds a
+    string) is dropped with an error, not retried for ever; the lease brings the task
+    back, and once the cause is gone it completes; other queues are not held up."""
+    caplog.set_level(logging.ERROR, logger="clusterq.worker")
+    url = standalone.seed_url
+    ran: list[str] = []
+    router = Router()
+
+    @router.task("t")
+    async def t(task: Task) -> str:
+        ran.append(task.queue)
+        return "ok"
+
+    async def scenario() -> None:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        qk = client.keys.queue("jammed")
+        await client.backend.execute(qk.slot, lambda c: c.set(qk.results, "not a hash"))
+        stuck = await client.enqueue("t", None, queue="jammed", retention=60)
+        async with running_worker(
+            url, router, prefix=prefix, queues=["jammed", "fine"], retry_policy=fixed(0)
+        ) as worker:
+            await await_for(lambda: "acks refused" in caplog.text, 10, "the refusal")
+            fine = await client.enqueue("t", None, queue="fine", retention=60)
+            assert await client.result(fine, timeout=10) == "ok"
+            assert worker.active == 0
+            await client.backend.execute(qk.slot, lambda c: c.delete(qk.results))
+            assert await client.result(stuck, timeout=20) == "ok"  # recovered, then acked
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert ran.count("jammed") >= 2

@@ -7,3 +7,22 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+
+-- Scripts are not rolled back when a command fails halfway. A key of the wrong type
+-- (written by something else) would leave a half-done transition, so each script checks
+-- its keys' types before it writes anything. types[i] is what KEYS[i] must be (or be
+-- missing); keys past the list (unique locks) must be strings. Returns an error reply
+-- to return at once, or nil.
+local function wrong_type(types)
+  for i = 1, #KEYS do
+    local want = types[i] or 'string'
+    if want ~= '-' then
+      local got = redis.call('TYPE', KEYS[i])['ok']
+      if got ~= 'none' and got ~= want then
+        return redis.error_reply('WRONGTYPE clusterq key ' .. KEYS[i] .. ' holds a ' .. got
+          .. ', not a ' .. want .. '; nothing was written')
+      end
+    end
+  end
+  return nil
+end

@@ -12,6 +12,7 @@
 -- Returns one value per task: 1 acked, 0 not the lease holder (no-op).
 -- The writes go out as one command per key for the whole batch (cheaper here and on
 -- the replicas, which receive them as they are).
+do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'hash', 'hash', 'zset'}) if bad then return bad end end
 local now = now_ms()
 local remember = tonumber(ARGV[1])
 local ids = {}

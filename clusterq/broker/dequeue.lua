@@ -9,6 +9,7 @@
 -- Returns {status, next_due, orphans, id1, record1, id2, record2, ...}: status 1, or 0
 -- when the queue is paused; next_due (ms) of the earliest scheduled/retry task when no
 -- task was taken, else -1; orphans: ids popped without a record (dropped, and counted).
+do local bad = wrong_type({'list', 'zset', 'zset', 'zset', 'hash', 'hash', '-'}) if bad then return bad end end
 local now = now_ms()
 if redis.call('EXISTS', KEYS[7]) == 1 then return {0, -1, 0} end
 

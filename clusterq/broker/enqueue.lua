@@ -12,6 +12,7 @@
 -- Returns two values per task: {1, 'pending'|'scheduled'} created; {0, state} a task
 -- with this id exists already (a retried enqueue: nothing changes); {-1, holder id} the
 -- unique lock is held by another task.
+do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset'}) if bad then return bad end end
 local function state_of(id)
   if redis.call('ZSCORE', KEYS[5], id) then return 'active' end
   if redis.call('ZSCORE', KEYS[3], id) then return 'scheduled' end

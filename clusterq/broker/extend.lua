@@ -4,6 +4,7 @@
 -- ARGV[1] lease ms   ARGV[2..], two per task: id, token
 --
 -- Returns the ids whose lease the caller no longer holds.
+do local bad = wrong_type({'zset', 'hash'}) if bad then return bad end end
 local expiry = now_ms() + tonumber(ARGV[1])
 local lost = {}
 for i = 2, #ARGV, 2 do

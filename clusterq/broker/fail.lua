@@ -8,6 +8,7 @@
 -- ARGV[6] count as a failure in stats (1/0)
 --
 -- Returns 1 retry, 2 archived, 0 not the lease holder or lease still valid (no-op).
+do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash'}) if bad then return bad end end
 local now, id = now_ms(), ARGV[1]
 if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then return 0 end
 if ARGV[5] == '1' then

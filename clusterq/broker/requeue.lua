@@ -5,6 +5,7 @@
 -- ARGV, two per task: id, token
 --
 -- Returns how many tasks were returned (the others were no longer held by the caller).
+do local bad = wrong_type({'zset', 'hash', 'list'}) if bad then return bad end end
 local n = 0
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]

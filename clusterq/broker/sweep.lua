@@ -8,6 +8,7 @@
 -- ARGV[1] at most this many per step   ARGV[2] archive max size   ARGV[3] archive max age ms
 --
 -- Returns {deleted, id1, token1, record1, ...} for expired leases.
+do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'hash', 'zset', 'zset'}) if bad then return bad end end
 local now, limit = now_ms(), tonumber(ARGV[1])
 local deleted = 0
 

@@ -494,20 +494,27 @@ class LocalServer:
         server_bin: str | os.PathLike[str] | None = None,
         extra_config: Sequence[str] = (),
         die_with_parent: bool = False,
+        password: str | None = None,
     ) -> None:
         if port == 6379:
             raise DevClusterError("port 6379 is reserved; choose another")
         self.port = port
         self.directory = Path(directory).resolve()
         self.server_bin = server_bin
-        self.extra_config = list(extra_config)
+        self.password = password
+        self.extra_config = list(extra_config) + (
+            [f"requirepass {password}"] if password is not None else []
+        )
         self.die_with_parent = die_with_parent
         self._procs = _ProcessDir(self.directory)
-        self.url = RedisURL(seeds=((HOST, port),), socket_timeout=2.0, connect_timeout=1.0)
+        self.url = RedisURL(
+            seeds=((HOST, port),), password=password, socket_timeout=2.0, connect_timeout=1.0
+        )
 
     @property
     def seed_url(self) -> str:
-        return f"redis://{HOST}:{self.port}"
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}{HOST}:{self.port}"
 
     @property
     def log_file(self) -> Path:
