@@ -384,3 +384,72 @@ def test_an_ack_batch_the_server_refuses_is_set_aside(
 
     asyncio.run(scenario())
     assert ran.count("jammed") >= 2
+
+
+def test_a_lease_taken_over_is_noticed_by_the_heartbeat_and_counted_once(
+    url: str, prefix: str
+) -> None:
+    """Another holder's token in the lease (what a takeover leaves): the heartbeat marks
+    the lease lost and stops renewing it; the ack that follows is refused; one task,
+    one lost lease."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+    router = Router()
+
+    @router.task("t")
+    async def t(task: Task) -> str:
+        started.set()
+        await release.wait()
+        return "mine"
+
+    async def scenario() -> Worker:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        info = await client.enqueue("t", None, retention=60)
+        qk = client.keys.queue("default")
+        async with running_worker(url, router, prefix=prefix, lease=30.0) as worker:
+            await asyncio.wait_for(started.wait(), 20)
+            await client.backend.execute(qk.slot, lambda c: c.hset(qk.leases, info.id, "x:1:1"))
+            await await_for(lambda: worker.stats.leases_lost == 1, 20, "the heartbeat")
+            release.set()
+            await await_for(lambda: worker.stats.processed == 1, 20, "the attempt to end")
+            await await_for(lambda: not worker._queues["default"].held, 20, "the ack reply")
+            still = await client.info(info)
+            assert still.state == TaskState.ACTIVE and still.result is None  # not ours now
+        await client.aclose()
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert worker.stats.leases_lost == 1
+
+
+def test_a_task_that_cannot_be_recovered_is_quarantined_with_the_reason(
+    url: str, prefix: str
+) -> None:
+    async def scenario() -> None:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        info = await client.enqueue("t", {"keep": "me"})
+        backend = client.backend
+        qk = backend.keys.queue("default")
+        got = await Broker(backend).dequeue(qk, 1, 50, "gone:1:1")  # a 50 ms lease
+        [(task_id, _)] = got.tasks
+        recoverer, _stats = _recoverer(backend)
+        q = QueueState("default", qk)
+        await await_for(lambda: _lease_expired(backend, qk, task_id), 5, "the lease to end")
+        await recoverer.quarantine(q, task_id, "gone:1:1", "recovery failed: KeyError('x')")
+        after = await client.info(info)
+        await client.aclose()
+        assert after.state == TaskState.ARCHIVED
+        assert after.last_error == "recovery failed: KeyError('x')"
+        assert after.payload == {"keep": "me"} and after.last_failed_at is not None
+
+    asyncio.run(scenario())
+
+
+async def _lease_expired(backend: AsyncBackend, qk: Any, task_id: str) -> bool:
+    """Whether the server's clock is past the task's lease."""
+
+    async def read(client: Any) -> tuple[Any, Any]:
+        return await client.time(), await client.zscore(qk.active, task_id)
+
+    (seconds, micros), expiry = await backend.execute(qk.slot, read)
+    return expiry is not None and seconds * 1000 + micros // 1000 > expiry

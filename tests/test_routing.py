@@ -210,3 +210,26 @@ def test_a_down_shard_fails_the_call_after_the_down_timeout() -> None:
     assert routing.CallAttempts(60, 0).after(redis.ResponseError("ERR x"), {}, "d").action == (
         "raise"
     )
+
+
+def test_route_state_explains_why_a_slot_cannot_be_served() -> None:
+    failed = topo.NodeInfo("a", "127.0.0.1", 7000, "master", health=topo.FAILED)
+    dead = topo.NodeInfo("ar", "127.0.0.1", 7003, "replica", topo.FAILED, master_id="a")
+    state = routing.RouteState()
+    assert (state.retry_timeout, state.down_timeout) == (15.0, 3.0)
+    assert state.mode == "standalone" and state.topology.shards == ()
+    state.topology = topo.Topology(
+        "cluster",
+        (topo.Shard(((0, 8191),), failed, (dead,)), topo.Shard(((8192, 16383),), B, ())),
+        (failed, dead, B),
+    )
+    state.note_queues(["webhooks", "images"])
+    lost = redis.ConnectionError("refused")
+    assert "(queues webhooks)" in (state.down_reason(4418, lost) or "")
+    assert state.down_reason(9450, lost) is None  # images' shard is fine
+    assert state.down_reason(4418, redis.ResponseError("ERR syntax")) is None  # not an outage
+    down = redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down")
+    for slot in (4418, 9450):  # every slot hears CLUSTERDOWN: the reason is the same
+        assert "cluster-require-full-coverage no" in (state.down_reason(slot, down) or "")
+    attempts = state.attempts(None)
+    assert attempts.down_timeout == 3.0 and attempts.deadline > time.monotonic() + 14

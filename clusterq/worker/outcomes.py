@@ -70,9 +70,10 @@ class Outcomes:
                 continue
             failures = 0
             for one, done in zip(batch, applied, strict=True):
-                q.held.pop(one.id, None)
+                held = q.held.pop(one.id, None)
                 if not done:
-                    self.stats.leases_lost += 1
+                    if held is None or not held.lost:  # the heartbeat counted it already
+                        self.stats.leases_lost += 1
                     log.warning(
                         "queue %s: ack of task %s ignored: its lease was taken over "
                         "(it may run again)",
@@ -118,7 +119,8 @@ class Outcomes:
             return
         q.held.pop(task_id, None)
         if result == "stale":
-            self.stats.leases_lost += 1
+            if held is None or not held.lost:  # the heartbeat counted it already
+                self.stats.leases_lost += 1
             log.warning(
                 "queue %s: failure of task %s ignored: its lease was taken over", q.name, task_id
             )
