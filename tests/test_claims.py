@@ -28,6 +28,8 @@ def test_archive_is_trimmed_by_age(url: str, prefix: str) -> None:
         infos = [await client.enqueue("bad", i) for i in range(3)]
         async with running_worker(url, router, prefix=prefix, archive_max_age=60) as worker:
             await await_for(lambda: worker.stats.archived == 3, 10, "archiving")
+            swept = worker.stats.sweeps
+            await await_for(lambda: worker.stats.sweeps >= swept + 3, 10, "a few sweeps")
         with Inspector(url, prefix=prefix) as inspector:
             assert inspector.queue("default").archived == 3  # younger than 60 s: kept
         async with running_worker(url, router, prefix=prefix, archive_max_age=0.3):

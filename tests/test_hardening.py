@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from typing import Any
 
 import pytest
@@ -87,6 +88,7 @@ def test_a_poisoned_record_is_archived_and_every_loop_goes_on(
         info = await client.info("poison-1")
         await client.aclose()
         assert "'mr'" in (info.last_error or "") and info.payload is None
+        assert info.last_failed_at is not None and abs(info.last_failed_at - time.time()) < 60
         return worker
 
     worker = asyncio.run(scenario())
@@ -130,6 +132,8 @@ def test_a_failing_retry_policy_archives_the_task_and_recovery_goes_on(
         await client.aclose()
         assert done.last_error is not None
         assert "ValueError: handler error; the retry policy failed" in done.last_error
+        if bad == "nan":
+            assert done.last_error.endswith("ValueError: the retry policy gave nan seconds")
 
     asyncio.run(scenario())
     assert calls

@@ -112,6 +112,7 @@ def test_a_stale_ack_or_fail_is_refused_and_the_new_owners_result_kept(
             assert b.stats.recovered + a.stats.recovered == 1
             gate.open.set()  # A's handler returns now, with its old token
             await await_for(lambda: a.stats.leases_lost >= 1, 15, "A's stale outcome refused")
+            assert a.stats.leases_lost == 1  # one task, one lost lease
             # Whatever A's heartbeat noticed too, its outcome was sent and refused once:
             # nothing it sent changed the task.
             after = await client.info(info)

@@ -11,6 +11,7 @@ import redis
 from clusterq.cluster import changes, routing
 from clusterq.cluster import topology as topo
 from clusterq.errors import TopologyError
+from clusterq.slots import keyslot
 
 A = topo.NodeInfo("a", "127.0.0.1", 7000, "master")
 B = topo.NodeInfo("b", "127.0.0.1", 7001, "master")
@@ -233,3 +234,26 @@ def test_route_state_explains_why_a_slot_cannot_be_served() -> None:
         assert "cluster-require-full-coverage no" in (state.down_reason(slot, down) or "")
     attempts = state.attempts(None)
     assert attempts.down_timeout == 3.0 and attempts.deadline > time.monotonic() + 14
+
+
+def test_the_down_message_names_slots_queues_and_nodes_exactly() -> None:
+    failed = topo.NodeInfo("a", "127.0.0.1", 7000, "master", health=topo.FAILED)
+    webhooks, images = keyslot("webhooks"), keyslot("images")  # 4418, 9450
+    shard = topo.Shard(((webhooks, webhooks), (images, images + 5)), failed, ())
+    snap = topo.Topology("cluster", (shard,), (failed,))
+    queues = ["images", "webhooks", "notifications"]
+    assert routing.shard_down(snap, images, queues) == (
+        f"shard of slots {webhooks},{images}-{images + 5} (queues images, webhooks) is down: "
+        "master 127.0.0.1:7000 failed and no replica can take over (replicas: none)"
+    )
+    whole = routing.cluster_down(snap, queues) or ""
+    assert whole.startswith("the cluster refuses every call (CLUSTERDOWN): shard of slots")
+    assert "(queues images, webhooks)" in whole
+    state = routing.RouteState(down_timeout=1.5)
+    state.topology = snap
+    state.note_queues(queues)
+    plain = redis.ResponseError("CLUSTERDOWN The cluster is down")  # not the class
+    assert (state.down_reason(images, plain) or "").startswith("the cluster refuses")
+    assert state.attempts(None).down_timeout == 1.5
+    named = state.install(SNAP)[0]
+    assert any("images" in getattr(e, "queues", ()) for e in named)

@@ -292,9 +292,8 @@ class RouteState:
     def down_reason(self, slot: int, exc: BaseException) -> str | None:
         """Why a call to ``slot`` that failed with ``exc`` cannot succeed by waiting."""
         if isinstance(exc, redis.exceptions.ClusterDownError) or str(exc).startswith("CLUSTERDOWN"):
-            return cluster_down(self.topology, self._known_queues) or shard_down(
-                self.topology, slot, self._known_queues
-            )
+            # (if no shard is down, none is: cluster_down looks at every shard)
+            return cluster_down(self.topology, self._known_queues)
         if classify(exc) != "transient":
             return None
         return shard_down(self.topology, slot, self._known_queues)

@@ -13,6 +13,7 @@ import time
 from clusterq.broker.ack import Ack
 from clusterq.broker.facade import Broker
 from clusterq.cluster.routing import backoff, classify
+from clusterq.errors import ConnectionFailed
 from clusterq.task import Record, Task
 from clusterq.worker.state import (
     MAX_ERROR_LENGTH,
@@ -56,7 +57,7 @@ class Outcomes:
             try:
                 applied = await self.broker.ack(q.qk, batch, remember_ms=remember_ms)
             except Exception as exc:
-                if classify(exc) == "fatal":
+                if classify(exc) == "fatal" and not isinstance(exc, ConnectionFailed):
                     # Not a failover: the same batch would fail again, for ever. Set it
                     # aside; the leases expire and the tasks are recovered.
                     log.exception("queue %s: %d acks refused; dropped", q.name, len(batch))
@@ -104,7 +105,9 @@ class Outcomes:
             held.done = True
         error = outcome.error[:MAX_ERROR_LENGTH]
         now_ms = int(time.time() * 1000)
-        meta, delay = self.failed_meta(record, error, now_ms, outcome)
+        meta, delay = self.failed_meta(
+            record, error, now_ms, outcome, task_id=task_id, queue=q.name
+        )
         try:
             result = await self.broker.fail(q.qk, task_id, token, meta, retry_in_ms=_ms(delay))
         except Exception as exc:
@@ -147,14 +150,21 @@ class Outcomes:
             )
 
     def failed_meta(
-        self, record: Record | None, error: str, now_ms: int, outcome: Outcome
+        self,
+        record: Record | None,
+        error: str,
+        now_ms: int,
+        outcome: Outcome,
+        *,
+        task_id: str = "",
+        queue: str = "",
     ) -> tuple[bytes, float | None]:
         """The record's new meta after a failed attempt, and the delay before the next
         one (None: archive). A record that could not be read is archived as it is."""
         if record is None:
             return Record.unreadable_meta(error, now_ms), None
         try:
-            delay = self.retry_delay(record, outcome)
+            delay = self.retry_delay(record, outcome, task_id=task_id, queue=queue)
         except Exception as exc:
             # The policy itself failed: keep the task visible (archived), with both errors.
             log.exception("retry policy failed for a task of type %r; archiving it", record.type)
@@ -162,8 +172,11 @@ class Outcomes:
             delay = None
         return record.failed(error[:MAX_ERROR_LENGTH], now_ms).meta(), delay
 
-    def retry_delay(self, record: Record, outcome: Outcome) -> float | None:
-        """Seconds until the next attempt, or None to archive."""
+    def retry_delay(
+        self, record: Record, outcome: Outcome, *, task_id: str = "", queue: str = ""
+    ) -> float | None:
+        """Seconds until the next attempt, or None to archive. The policy sees the task
+        (without its payload) and the error of the attempt."""
         if outcome.archive or record.retried >= record.max_retry:
             return None
         if outcome.no_handler and record.retried >= self.settings.no_handler_retries:
@@ -171,10 +184,10 @@ class Outcomes:
         if outcome.retry_in is not None:
             return outcome.retry_in
         task = Task(
-            id="",
+            id=task_id,
             type=record.type,
             payload=None,
-            queue="",
+            queue=queue,
             retry_count=record.retried,
             max_retry=record.max_retry,
         )

@@ -55,6 +55,7 @@ class Recoverer:
             await asyncio.gather(*(self.sweep(q) for q in queues))
 
     async def sweep(self, q: QueueState) -> None:
+        self.stats.sweeps += 1
         try:
             swept = await self.broker.sweep(
                 q.qk,
@@ -98,7 +99,9 @@ class Recoverer:
         except Exception as exc:
             record, error = None, f"{LEASE_EXPIRED}; unreadable record: {exc}"
         outcome = Outcome(False, error=error)
-        meta, delay = self.outcomes.failed_meta(record, error, now_ms, outcome)
+        meta, delay = self.outcomes.failed_meta(
+            record, error, now_ms, outcome, task_id=task_id, queue=q.name
+        )
         try:
             result = await self.broker.fail(
                 q.qk,

@@ -87,6 +87,8 @@ class WorkerStats:
     leases_lost: int = 0
     #: Times one of its loops stopped unexpectedly and was started again.
     loop_restarts: int = 0
+    #: Sweeps of a queue started (retention, archive trimming, expired leases).
+    sweeps: int = 0
 
 
 @dataclass
