@@ -93,6 +93,7 @@ def test_a_poisoned_record_is_archived_and_every_loop_goes_on(
 
     worker = asyncio.run(scenario())
     assert worker.stats.loop_restarts == 0 and "poison-1" not in ran
+    assert worker.stats.recovered == (2 if where == "active" else 1)  # each expired lease
 
 
 async def _archived(client: AsyncClient, task_id: str) -> bool:

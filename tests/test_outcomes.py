@@ -47,17 +47,24 @@ def test_failures_are_recorded_counted_and_logged(
     async def never(task: Task) -> None:
         raise SkipRetry("bad input")
 
+    asked: list[tuple[str, str, str]] = []
+
+    def policy(retried: int, error: BaseException, task: Task) -> float:
+        asked.append((task.id, task.queue, str(error)))
+        return 0.0
+
     async def scenario() -> tuple[Any, Any, Worker]:
         client = await AsyncClient.connect(url, prefix=prefix)
         t0 = time.time()
         flaky = await client.enqueue("twice", None, retention=60)
         doomed = await client.enqueue("never", None, retention=60)
-        async with running_worker(url, router, prefix=prefix, retry_policy=fixed(0)) as worker:
+        async with running_worker(url, router, prefix=prefix, retry_policy=policy) as worker:
             assert await client.result(flaky, timeout=20) == "third time"
             await await_for(lambda: worker.stats.archived == 1, 20, "the archive")
             ok, archived = await client.info(flaky), await client.info(doomed)
             assert worker.active == 0
         await client.aclose()
+        assert asked == [(flaky.id, "default", "try 0"), (flaky.id, "default", "try 1")]
         for info in (ok, archived):
             assert info.last_failed_at is not None
             assert t0 - 1 <= info.last_failed_at <= time.time() + 1
@@ -95,7 +102,13 @@ def test_an_expired_lease_is_recovered_with_the_policys_delay(
         qk = backend.keys.queue("default")
         got = await Broker(backend).dequeue(qk, 1, 50, "gone-worker:1")  # a 50 ms lease
         [(task_id, raw)] = got.tasks
-        recoverer, stats = _recoverer(backend, retry_policy=fixed(60), recover_interval=1.0)
+        asked: list[tuple[str, str, str]] = []
+
+        def policy(retried: int, error: BaseException, task: Task) -> float:
+            asked.append((task.id, task.queue, str(error)))
+            return 60.0
+
+        recoverer, stats = _recoverer(backend, retry_policy=policy, recover_interval=1.0)
         q = QueueState("default", qk)
         before = time.time()
         await await_for(lambda: _swept(recoverer, q, stats), 10, "the recovery")
@@ -109,6 +122,7 @@ def test_an_expired_lease_is_recovered_with_the_policys_delay(
         assert after.next_process_at is not None
         assert before + 59 <= after.next_process_at <= time.time() + 61
         assert stats.recovered == 1 and stats.failed == 0  # not the handler's failure
+        assert asked == [(info.id, "default", LEASE_EXPIRED)]
         assert f"queue default: recovered task {info.id} from an expired lease (retry)" in (
             _lines(caplog)
         )
@@ -473,7 +487,7 @@ def test_a_worker_never_takes_back_its_own_running_task(url: str, prefix: str) -
     @router.task("long")
     async def long(task: Task) -> None:
         runs.append(task.id)
-        await asyncio.sleep(2.5)  # 2.5 leases of 1 s, and no renewal
+        await asyncio.sleep(6)  # six leases of 1 s, and no renewal
 
     async def scenario() -> Worker:
         client = await AsyncClient.connect(url, prefix=prefix)
@@ -483,9 +497,11 @@ def test_a_worker_never_takes_back_its_own_running_task(url: str, prefix: str) -
             worker.heartbeat_interval = 3600.0
             await await_for(lambda: runs, 10, "the task to start")
             other = await client.enqueue("other", None)  # taken by a "worker" that died
-            got = await Broker(client.backend).dequeue(qk, 1, 50, "dead:1:1")
+            # Its lease ends after the running task's: sweeps meet the running one first.
+            got = await Broker(client.backend).dequeue(qk, 1, 1500, "dead:1:1")
             assert [i for i, _ in got.tasks] == [other.id]
             await await_for(lambda: worker.stats.recovered >= 1, 10, "the other recovered")
+            assert worker.stats.processed == 0  # recovered while its own still ran
             await await_for(lambda: worker.stats.processed >= 1, 10, "its own to finish")
         await client.aclose()
         assert mine.id in runs
@@ -531,34 +547,41 @@ def test_acks_outlive_an_outage_longer_than_the_retry_timeout(
     the batch and sends it again until the server is back."""
     caplog.set_level(logging.WARNING, logger="clusterq.worker")
     server = _own_server(tmp_path, server_bin, durable=True)
-    release = asyncio.Event()
+    releases = {0: asyncio.Event(), 1: asyncio.Event()}
     runs: list[str] = []
     router = Router()
 
     @router.task("t")
     async def t(task: Task) -> str:
         runs.append(task.id)
-        await release.wait()
-        return "kept"
+        await releases[task.payload].wait()
+        return f"kept {task.payload}"
+
+    def failures() -> int:
+        return caplog.text.count("acks failed")
 
     async def scenario() -> None:
         client = await AsyncClient.connect(server.seed_url, prefix=prefix)
-        info = await client.enqueue("t", None, retention=60)
+        infos = [await client.enqueue("t", n, retention=60) for n in (0, 1)]
         await client.aclose()
         worker = Worker(
             server.seed_url, router, prefix=prefix, retry_timeout=1.0, **{**FAST, "lease": 60.0}
         )
         await worker.start()
         try:
-            await await_for(lambda: runs, 10, "the task to start")
+            await await_for(lambda: len(runs) == 2, 10, "both tasks to start")
             pid = server.pid
             assert pid is not None
             os.kill(pid, signal.SIGKILL)  # the server this test started
-            release.set()
-            await await_for(lambda: "acks failed" in caplog.text, 20, "an ack to fail")
+            releases[0].set()
+            await await_for(lambda: failures() >= 1, 20, "the first ack to fail")
+            releases[1].set()  # a second ack joins while the first waits for its retry
+            seen = failures()
+            await await_for(lambda: failures() > seen, 20, "the acks to fail again")
             await asyncio.to_thread(server.start)
             client = await AsyncClient.connect(server.seed_url, prefix=prefix)
-            assert await client.result(info, timeout=30) == "kept"
+            for n, info in enumerate(infos):
+                assert await client.result(info, timeout=30) == f"kept {n}"
             await client.aclose()
         finally:
             await worker.stop()
@@ -567,4 +590,4 @@ def test_acks_outlive_an_outage_longer_than_the_retry_timeout(
         asyncio.run(scenario())
     finally:
         server.stop()
-    assert len(runs) == 1
+    assert len(runs) == 2 == len(set(runs))

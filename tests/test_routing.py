@@ -253,7 +253,8 @@ def test_the_down_message_names_slots_queues_and_nodes_exactly() -> None:
     state.topology = snap
     state.note_queues(queues)
     plain = redis.ResponseError("CLUSTERDOWN The cluster is down")  # not the class
-    assert (state.down_reason(images, plain) or "").startswith("the cluster refuses")
+    said = state.down_reason(images, plain) or ""
+    assert said.startswith("the cluster refuses") and "(queues images, webhooks)" in said
     assert state.attempts(None).down_timeout == 1.5
     named = state.install(SNAP)[0]
     assert any("images" in getattr(e, "queues", ()) for e in named)
