@@ -3,7 +3,7 @@
 # fencing, acks and fails, recovery, routing after a failover, the Lua wrappers'
 # argument building): each mutant of [tool.mutmut] only_mutate in pyproject.toml is run
 # against the tests that reach it, on a standalone server the tests start. Not in CI:
-# it takes a while (about half an hour on 2 cores). Survivors and why they are
+# it takes a while (about 17 minutes on 2 cores). Survivors and why they are
 # accepted: docs/mutants.md. Extra arguments go to `mutmut run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -63,6 +63,8 @@ def test_failures_are_recorded_counted_and_logged(
             await await_for(lambda: worker.stats.archived == 1, 20, "the archive")
             ok, archived = await client.info(flaky), await client.info(doomed)
             assert worker.active == 0
+            # Every attempt's lease is let go: none is left held (and renewed) for ever.
+            await await_for(lambda: worker.held == 0, 10, "no lease left held")
         await client.aclose()
         assert asked == [(flaky.id, "default", "try 0"), (flaky.id, "default", "try 1")]
         for info in (ok, archived):
@@ -574,10 +576,12 @@ def test_acks_outlive_an_outage_longer_than_the_retry_timeout(
             assert pid is not None
             os.kill(pid, signal.SIGKILL)  # the server this test started
             releases[0].set()
-            await await_for(lambda: failures() >= 1, 20, "the first ack to fail")
-            releases[1].set()  # a second ack joins while the first waits for its retry
-            seen = failures()
-            await await_for(lambda: failures() > seen, 20, "the acks to fail again")
+            await await_for(lambda: worker.stats.processed == 1, 10, "the first attempt to end")
+            # The first ack is on its way (its call lasts the 1 s retry timeout): a second
+            # joins meanwhile and must survive the first batch being put back.
+            releases[1].set()
+            await await_for(lambda: worker.stats.processed == 2, 10, "the second attempt to end")
+            await await_for(lambda: failures() >= 2, 20, "the acks to fail twice")
             await asyncio.to_thread(server.start)
             client = await AsyncClient.connect(server.seed_url, prefix=prefix)
             for n, info in enumerate(infos):

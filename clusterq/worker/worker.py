@@ -186,6 +186,12 @@ class Worker:
     def active(self) -> int:
         return self._capacity.in_use
 
+    @property
+    def held(self) -> int:
+        """Tasks whose leases this worker holds: taken and not yet acknowledged, failed
+        or handed back (an ack waiting to be sent still holds its lease)."""
+        return sum(len(q.held) for q in self._queues.values())
+
     # ------------------------------------------------------------------ events
 
     def subscribe(self, listener: EventListener) -> None:
