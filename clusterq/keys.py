@@ -198,6 +198,13 @@ class KeySchema:
         base = f"{self.prefix}:bench:{{{queue}}}:{run_id}"
         return f"{base}:count", f"{base}:latency"
 
+    def doctor(self, run_id: str) -> tuple[str, str]:
+        """Two keys in one slot for ``clusterq doctor``'s permission probes (a string it
+        writes with a 30 s expiry, and one it never writes)."""
+        validate_task_id(run_id)
+        base = f"{self.prefix}:doctor:{{probe}}:{run_id}"
+        return f"{base}:a", f"{base}:b"
+
     @property
     def workers(self) -> str:
         """Hash: worker id -> JSON announcement (with its own expiry); the key has a TTL."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from clusterq.cluster.backend import detect_mode
@@ -46,6 +48,24 @@ def test_password_only_url() -> None:
 def test_bad_urls(bad: str) -> None:
     with pytest.raises(ConfigError):
         RedisURL.parse(bad)
+
+
+def test_tls_client_certificate_options(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+    cert.write_text("x")
+    key.write_text("x")
+    url = RedisURL.parse(
+        f"rediss://h:1?ssl_certfile={cert}&ssl_keyfile={key}&ssl_check_hostname=false"
+    )
+    kwargs = url.node_kwargs()
+    assert (kwargs["ssl_certfile"], kwargs["ssl_keyfile"]) == (str(cert), str(key))
+    assert kwargs["ssl_check_hostname"] is False
+    assert RedisURL.parse("rediss://h:1").node_kwargs()["ssl_check_hostname"] is True
+    assert "ssl_certfile" not in RedisURL.parse("redis://h:1").node_kwargs()
+    with pytest.raises(ConfigError, match=r"ssl_certfile='/nope\.pem': no such file"):
+        RedisURL.parse("rediss://h:1?ssl_certfile=/nope.pem")
+    with pytest.raises(ConfigError, match=r"ssl_check_hostname='maybe': true\|false"):
+        RedisURL.parse("rediss://h:1?ssl_check_hostname=maybe")
 
 
 def test_parse_addr() -> None:

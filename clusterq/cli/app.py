@@ -8,6 +8,7 @@ from clusterq import __version__
 from clusterq.cli.bench import bench
 from clusterq.cli.cluster import cluster
 from clusterq.cli.dev import dev
+from clusterq.cli.doctor import doctor
 from clusterq.cli.drill import drill
 from clusterq.cli.queue import queue
 from clusterq.cli.state import CliState, ClusterqGroup
@@ -56,3 +57,4 @@ main.add_command(enqueue)
 main.add_command(worker)
 main.add_command(drill)
 main.add_command(bench)
+main.add_command(doctor)

@@ -5,13 +5,17 @@ A URL names one or more seed nodes::
     redis://[user[:password]@]host[:port][,host[:port]...][/db][?option=value&...]
     rediss://...                      (TLS)
 
-Options: ``socket_timeout`` and ``connect_timeout`` (seconds), ``ssl_ca_certs``,
-``ssl_cert_reqs`` (none|optional|required). ``db`` is only allowed in standalone mode.
+Options: ``socket_timeout`` and ``connect_timeout`` (seconds); for TLS, as redis-py
+names them: ``ssl_ca_certs`` (the CA file), ``ssl_cert_reqs`` (none|optional|required),
+``ssl_certfile`` and ``ssl_keyfile`` (a client certificate, for servers that ask for
+one), ``ssl_check_hostname`` (true|false; default true when certificates are required).
+``db`` is only allowed in standalone mode.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -94,6 +98,9 @@ class RedisURL:
     connect_timeout: float = 2.0
     ssl_ca_certs: str | None = None
     ssl_cert_reqs: str = "required"
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool | None = None
 
     @classmethod
     def parse(cls, url: str) -> RedisURL:
@@ -140,8 +147,16 @@ class RedisURL:
                         f"invalid URL option {key}={value!r}: a number of seconds above 0"
                     )
                 options[key] = seconds
-            elif key == "ssl_ca_certs":
+            elif key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+                if not os.path.isfile(value):
+                    raise ConfigError(f"invalid URL option {key}={value!r}: no such file")
                 options[key] = value
+            elif key == "ssl_check_hostname":
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ConfigError(
+                        f"invalid URL option ssl_check_hostname={value!r}: true|false"
+                    )
+                options[key] = value.lower() in ("true", "yes", "1")
             elif key == "ssl_cert_reqs":
                 if value not in ("none", "optional", "required"):
                     raise ConfigError(f"invalid URL option ssl_cert_reqs={value!r}")
@@ -189,6 +204,13 @@ class RedisURL:
         if self.ssl:
             kwargs.update(
                 ssl=True, ssl_ca_certs=self.ssl_ca_certs, ssl_cert_reqs=self.ssl_cert_reqs
+            )
+            if self.ssl_certfile:
+                kwargs.update(ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+            kwargs["ssl_check_hostname"] = (
+                self.ssl_check_hostname
+                if self.ssl_check_hostname is not None
+                else self.ssl_cert_reqs == "required"
             )
         return kwargs
 

@@ -453,6 +453,10 @@ def _ssl_context(kwargs: dict[str, Any]) -> ssl.SSLContext | None:
     elif reqs in ("optional", ssl.CERT_OPTIONAL):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_OPTIONAL
+    elif kwargs.get("ssl_check_hostname") is False:
+        context.check_hostname = False
+    if kwargs.get("ssl_certfile"):
+        context.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
     return context
 
 

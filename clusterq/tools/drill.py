@@ -7,14 +7,12 @@ rate, and at a random moment in the middle fails the queue's master:
 - ``kill``: SIGKILL, then start the process again so it rejoins as a replica;
 - ``stop``: SIGSTOP until the replica is promoted (longer than cluster-node-timeout),
   then SIGCONT: the old master wakes up, steps down and drops what it did not replicate;
-- ``manual``: ``CLUSTER FAILOVER`` on the replica (coordinated: nothing should be lost);
-- ``takeover``: ``CLUSTER FAILOVER TAKEOVER`` on the replica (no agreement asked).
+- ``manual`` / ``takeover``: ``CLUSTER FAILOVER`` [``TAKEOVER``] on the replica.
 
 It keeps its own log of the tasks whose enqueue was acknowledged, and the handlers log
 every delivery in a hash on *another* master. Lost = acknowledged, never delivered, not
-still queued. Duplicated = delivered more than once (at-least-once allows this for tasks
-that were in flight when the master failed). Signals only go to processes on this
-machine: the node's own ``INFO server`` names its pid, and its address must be loopback.
+still queued. Duplicated = delivered more than once (at-least-once allows it for tasks in
+flight at the fault). Signals only go to local processes (pid from ``INFO server``).
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ import redis
 from clusterq.aclient import AsyncClient
 from clusterq.cluster import topology as topo
 from clusterq.cluster.abackend import AsyncBackend
-from clusterq.cluster.connection import RedisURL, acommand, redact_url
+from clusterq.cluster.connection import Addr, RedisURL, acommand, redact_url
 from clusterq.durability import Durability
 from clusterq.errors import ClusterqError
 from clusterq.events import QueueResumed
@@ -209,9 +207,6 @@ class DrillSettings:
     keep_log: bool = False
 
 
-# ----------------------------------------------------------------------- cluster checks
-
-
 async def replication_problems(backend: AsyncBackend) -> list[str]:
     """Why the cluster cannot be drilled right now (empty when every master has a
     replica whose link is up)."""
@@ -330,6 +325,20 @@ async def _serving(backend: AsyncBackend, queue: str) -> int:
     return sum(1 for a in await read_announcements(backend) if queue in a.queues)
 
 
+async def check_failover_allowed(backend: AsyncBackend, master: Addr) -> None:
+    """Refuse before anything starts if the user may not run CLUSTER FAILOVER (a master
+    refuses it after the ACL check: only a replica fails over, so this changes nothing)."""
+    try:
+        await acommand(backend.node(master), "CLUSTER", "FAILOVER")
+    except redis.exceptions.NoPermissionError as exc:
+        raise ClusterqError(
+            f"the drill cannot fail over: {exc} (a manual or takeover drill needs a user "
+            "allowed CLUSTER FAILOVER, e.g. an admin's URL)"
+        ) from None
+    except redis.ResponseError:
+        pass  # "send CLUSTER FAILOVER to a replica": allowed
+
+
 async def run_drill(
     settings: DrillSettings, progress: Callable[[str], None] = lambda _msg: None
 ) -> DrillReport:
@@ -363,6 +372,8 @@ async def run_drill(
         if settings.mode in ("kill", "stop"):
             info = await backend.node(master.address).info("server")
             proc = local_process(master.host, master.port, info)
+        else:
+            await check_failover_allowed(backend, master.address)
         other = other_queue_name(backend.topology, settings.queue, master.id)
         run_id = secrets.token_hex(4)
         log_tag = other  # the delivery log lives beside the other queue, off the failed master

@@ -1,0 +1,33 @@
+-- clusterq doctor: which of the commands clusterq's scripts call may this user run?
+-- KEYS[1]: a string key of the doctor's own (written here, expires in 30 s);
+-- KEYS[2]: a key never written. Every call below either reads, or meets WRONGTYPE on
+-- KEYS[1], so nothing but KEYS[1] is ever written. Returns the refused commands
+-- (lower case); {"?"} when SET itself is refused (nothing else was tried).
+local a, b = KEYS[1], KEYS[2]
+local refused = {}
+local function try(name, ...)
+  local reply = redis.pcall(name, ...)
+  if type(reply) == 'table' and reply.err then
+    local err = string.upper(reply.err)
+    -- Redis 7.0 says "The user executing the script can't run this command"; others
+    -- NOPERM or "no permissions".
+    if string.find(err, 'NOPERM', 1, true) or string.find(err, 'PERMISSION', 1, true)
+        or string.find(err, "CAN'T RUN THIS COMMAND", 1, true) then
+      refused[#refused + 1] = string.lower(name)
+      return false
+    end
+  end
+  return true
+end
+if not try('SET', a, 'x', 'PX', 30000) then
+  return {'?'}
+end
+try('GET', a); try('EXISTS', a); try('TYPE', a); try('TIME')
+try('HSET', a, 'f', 'v'); try('HGET', a, 'f'); try('HMGET', a, 'f'); try('HDEL', a, 'f')
+try('HEXISTS', a, 'f'); try('HINCRBY', a, 'f', 1)
+try('LPUSH', a, 'v'); try('RPUSH', a, 'v'); try('RPOP', a)
+try('ZADD', a, 1, 'm'); try('ZCARD', a); try('ZRANGE', a, 0, -1)
+try('ZRANGEBYSCORE', a, 0, 1); try('ZREM', a, 'm'); try('ZREMRANGEBYSCORE', a, 0, 1)
+try('ZSCORE', a, 'm')
+try('DEL', b)
+return refused

@@ -1,0 +1,184 @@
+"""``clusterq doctor``: does the URL's user have every permission clusterq needs?
+
+Each command of :mod:`clusterq.permissions` is sent once, in a form the server refuses
+or answers without changing anything that matters: commands that write are aimed at a
+string key of the doctor's own (``<prefix>:doctor:{probe}:…``, expiring in 30 s), where
+they fail with WRONGTYPE; reads go to a key that does not exist. The server checks the
+ACL before anything else, so a NOPERM reply means "missing" and any other reply means
+"allowed". The commands scripts call are probed by a script (``doctor.lua``) with
+``redis.pcall``, the way clusterq's own scripts would meet them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from clusterq.cluster.backend import Backend
+from clusterq.cluster.connection import RedisURL, command
+from clusterq.cluster.wire import NodeClient
+from clusterq.errors import ClusterqError
+from clusterq.keys import DEFAULT_PREFIX, KeySchema
+from clusterq.permissions import ROLES, SCRIPTED, Role, commands
+from clusterq.slots import keyslot
+
+SCRIPT = (Path(__file__).with_name("doctor.lua")).read_text()
+
+#: Writes that need the doctor's string key (WRONGTYPE instead of a write).
+_ON_STRING = {
+    "hset": ("HSET", "{a}", "f", "v"),
+    "lpush": ("LPUSH", "{a}", "v"),
+    "sadd": ("SADD", "{a}", "v"),
+}
+_PLAIN: dict[str, tuple[Any, ...]] = {
+    "ping": ("PING",),
+    "info": ("INFO", "server"),
+    "cluster|shards": ("CLUSTER", "SHARDS"),
+    "cluster|nodes": ("CLUSTER", "NODES"),
+    "evalsha": ("EVALSHA", "0" * 40, 1, "{b}"),
+    "script|load": ("SCRIPT", "LOAD", "return 0"),
+    "exec": ("EXEC",),  # "EXEC without MULTI" once allowed
+    "wait": ("WAIT", 0, 0),
+    "blmove": ("BLMOVE", "{b}", "{b}", "RIGHT", "RIGHT", 0.01),
+    "expire": ("EXPIRE", "{b}", 30),
+    "hgetall": ("HGETALL", "{b}"),
+    "hdel": ("HDEL", "{b}", "f"),
+    "hget": ("HGET", "{b}", "f"),
+    "zscore": ("ZSCORE", "{b}", "m"),
+    "smembers": ("SMEMBERS", "{b}"),
+    "llen": ("LLEN", "{b}"),
+    "zcard": ("ZCARD", "{b}"),
+    "exists": ("EXISTS", "{b}"),
+}
+
+
+@dataclass
+class DoctorReport:
+    """What the URL's user may do. ``missing``: per role, the commands it lacks;
+    ``unchecked``: commands that could not be probed (they need another one missing)."""
+
+    url: str
+    mode: str
+    allowed: set[str] = field(default_factory=set)
+    denied: set[str] = field(default_factory=set)
+    unchecked: set[str] = field(default_factory=set)
+    roles: tuple[Role, ...] = ROLES
+
+    def missing(self, role: Role) -> list[str]:
+        return sorted(set(commands(role)) & self.denied)
+
+    def ok(self, role: Role) -> bool:
+        needed = set(commands(role))
+        return not (needed & self.denied) and not (needed & self.unchecked)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "mode": self.mode,
+            "roles": {
+                role: {
+                    "ok": self.ok(role),
+                    "missing": self.missing(role),
+                    "unchecked": sorted(set(commands(role)) & self.unchecked),
+                }
+                for role in self.roles
+            },
+        }
+
+
+def _denied(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in str(exc)
+
+
+def _try(client: NodeClient, args: tuple[Any, ...]) -> bool:
+    """Whether the server let the command through its ACL check."""
+    try:
+        command(client, *args)
+    except redis.ResponseError as exc:
+        return not _denied(exc)
+    return True
+
+
+def _try_multi(client: NodeClient) -> bool:
+    """MULTI on a connection of its own, closed afterwards (never left in a
+    transaction, whether DISCARD is allowed or not)."""
+    conn = client.connection_pool.get_connection()
+    try:
+        conn.send_command("MULTI")  # type: ignore[no-untyped-call]
+        try:
+            conn.read_response()
+        except redis.ResponseError as exc:
+            return not _denied(exc)
+        return True
+    finally:
+        conn.disconnect()  # type: ignore[no-untyped-call]
+        client.connection_pool.release(conn)
+
+
+def check(
+    url: str | RedisURL, *, prefix: str = DEFAULT_PREFIX, roles: tuple[Role, ...] = ROLES
+) -> DoctorReport:
+    """Probe every command ``roles`` need on the master of the doctor's probe slot."""
+    wanted = sorted(set().union(*(commands(role) for role in roles)))
+    try:
+        backend = Backend(url, prefix=prefix, retry_timeout=5)
+    except redis.ResponseError as exc:
+        if _denied(exc):
+            raise ClusterqError(
+                f"cannot even connect: {exc} (needs ping, info, cluster|shards)"
+            ) from None
+        raise
+    try:
+        a, b = KeySchema(prefix).doctor(secrets.token_hex(6))
+        report = DoctorReport(backend.url.redacted(), backend.mode, roles=roles)
+
+        def probe(client: NodeClient) -> None:
+            def args_of(template: tuple[Any, ...]) -> tuple[Any, ...]:
+                return tuple(a if x == "{a}" else b if x == "{b}" else x for x in template)
+
+            scripted = [c for c in wanted if c in SCRIPTED]
+            string_ready = False
+            if scripted:
+                try:
+                    sha = command(client, "SCRIPT", "LOAD", SCRIPT)
+                    reply = command(client, "EVALSHA", sha, 2, a, b)
+                except redis.ResponseError as exc:
+                    if not _denied(exc):
+                        raise
+                    report.unchecked |= set(scripted)  # script|load or evalsha missing
+                else:
+                    refused = {x.decode() if isinstance(x, bytes) else str(x) for x in reply}
+                    if "?" in refused:  # SET refused: the rest not probed
+                        report.denied.add("set")
+                        report.unchecked |= set(scripted) - {"set"}
+                    else:
+                        report.denied |= refused & set(scripted)
+                        report.allowed |= set(scripted) - refused
+                        string_ready = True
+            for name in wanted:
+                if name in report.allowed or name in report.denied:
+                    continue  # decided by the script
+                if name in SCRIPTED and name not in _PLAIN and name not in _ON_STRING:
+                    continue  # left unchecked: only a script calls it
+                report.unchecked.discard(name)
+                if name == "multi":
+                    ok: bool | None = _try_multi(client)
+                elif name == "select":
+                    ok = _try(client, ("SELECT", backend.url.db))
+                elif name in _ON_STRING:
+                    ok = _try(client, args_of(_ON_STRING[name])) if string_ready else None
+                else:
+                    ok = _try(client, args_of(_PLAIN[name]))
+                if ok is None:
+                    report.unchecked.add(name)
+                else:
+                    (report.allowed if ok else report.denied).add(name)
+
+        backend.execute(keyslot(a), probe, timeout=10)
+        return report
+    finally:
+        backend.close()

@@ -1,0 +1,66 @@
+"""What clusterq needs from the server, per role: the commands and the keys.
+
+One table, read by three things: the README's ACL section, ``acl_rules()`` (the rule
+line an operator gives ``ACL SETUSER``), and ``clusterq doctor``, which checks a user
+has each of them. Redis checks the commands a Lua script calls against the caller's ACL
+too, so the scripts' commands are listed (``SCRIPTED``).
+
+Keys: every key clusterq reads or writes starts with ``<prefix>:`` (``~clusterq:*``);
+it uses no Pub/Sub channels.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Role = Literal["producer", "worker", "operator"]
+ROLES: tuple[Role, ...] = ("producer", "worker", "operator")
+
+#: Connecting, learning the mode and the cluster map (every role).
+CONNECT = ("ping", "info", "select", "cluster|shards", "cluster|nodes")
+
+#: Commands called inside clusterq's Lua scripts (enqueue, dequeue, ack, fail, extend,
+#: requeue, sweep).
+SCRIPTED = (
+    "del", "exists", "get", "set", "time", "type",
+    "hdel", "hexists", "hget", "hincrby", "hmget", "hset",
+    "lpush", "rpop", "rpush",
+    "zadd", "zcard", "zrange", "zrangebyscore", "zrem", "zremrangebyscore", "zscore",
+)  # fmt: skip
+
+SCRIPTS = ("evalsha", "script|load")
+
+#: Commands sent directly, per role.
+DIRECT: dict[Role, tuple[str, ...]] = {
+    # enqueue: new tasks as MULTI/HSET/LPUSH/EXEC, the rest by script; WAIT for
+    # durability; queue names into the registry (SADD); task info and results (HGET,
+    # ZSCORE).
+    "producer": ("multi", "exec", "hset", "lpush", "wait", "sadd", "hget", "zscore"),
+    # dequeue waits with BLMOVE; the announcement in <prefix>:workers (HSET, EXPIRE,
+    # HGETALL, HDEL).
+    "worker": ("blmove", "sadd", "hset", "expire", "hgetall", "hdel", "hget", "zscore"),
+    # queue ls, worker ls, task info, cluster watch.
+    "operator": ("smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore"),
+}
+
+#: Roles whose work runs the Lua scripts.
+USES_SCRIPTS: dict[Role, bool] = {"producer": True, "worker": True, "operator": False}
+
+
+def commands(role: Role) -> list[str]:
+    """Every command ``role`` needs, sorted (ACL names: ``cluster|shards`` is a
+    subcommand)."""
+    needed = set(CONNECT) | set(DIRECT[role])
+    if USES_SCRIPTS[role]:
+        needed |= set(SCRIPTS) | set(SCRIPTED)
+    return sorted(needed)
+
+
+def acl_rules(prefix: str = "clusterq", roles: tuple[Role, ...] = ROLES) -> str:
+    """The ACL rules for a user that plays ``roles``, e.g. for
+    ``ACL SETUSER app on >password <rules>``: no command but those, keys of ``prefix``
+    only, no channels."""
+    needed: set[str] = set()
+    for role in roles:
+        needed |= set(commands(role))
+    return " ".join(["resetchannels", f"~{prefix}:*", "-@all", *(f"+{c}" for c in sorted(needed))])

