@@ -154,5 +154,3 @@ def test_records_of_any_shape_never_stop_the_worker(
     restarts, wanted_ids = asyncio.run(scenario())
     assert restarts == 0
     assert set(wanted_ids) <= set(ran)
-
-
