@@ -18,6 +18,7 @@ from clusterq.errors import (
     ModeMismatch,
     ResultTimeout,
     ShardDown,
+    SlotMigrating,
     TaskFailed,
     TaskNotFound,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "Router",
     "ShardDown",
     "SkipRetry",
+    "SlotMigrating",
     "Task",
     "TaskFailed",
     "TaskInfo",

@@ -28,6 +28,13 @@ class ShardDown(ConnectionFailed):
     everything): retrying would only wait. The message names the shard and its queues."""
 
 
+class SlotMigrating(ConnectionFailed):
+    """A queue's slot is being migrated between masters (resharding) and the call's
+    retries ran out: Redis refuses a multi-key command (every clusterq script) while the
+    queue's keys are split between the two nodes or the slot is still marked migrating.
+    The message names the slot, its queues and where the slot is going."""
+
+
 class AuthFailed(ClusterqError):
     """The server refused the username/password."""
 

@@ -236,7 +236,7 @@ class AsyncBackend(RouteState):
                         self.refresh_soon(avoid=addr)
                     if decision.action == "down":
                         raise ShardDown(decision.reason) from exc
-                    raise translate_error(exc, addr) from exc
+                    raise self.give_up(exc, addr, slot) from exc
                 log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
                 with contextlib.suppress(ConnectionFailed):
                     await self.refresh_topology(force=False, avoid=addr)

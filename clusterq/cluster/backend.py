@@ -23,7 +23,6 @@ from clusterq.cluster.connection import (
     RedisURL,
     call_node,
     format_addr,
-    translate_error,
 )
 from clusterq.cluster.routing import (
     DEFAULT_DOWN_TIMEOUT,
@@ -180,7 +179,7 @@ class Backend(RouteState):
                 if decision.action == "down":
                     raise ShardDown(decision.reason) from exc
                 if decision.action == "raise":
-                    raise translate_error(exc, addr) from exc
+                    raise self.give_up(exc, addr, slot) from exc
                 log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
                 time.sleep(decision.delay)
 

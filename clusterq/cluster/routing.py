@@ -8,9 +8,11 @@ slots), lets a write and the ``WAIT`` after it share a connection, and puts retr
 backoff and topology refresh here, once:
 
 - ``MOVED``: remember the new owner of that slot and try again at once;
-- connection errors, timeouts, ``CLUSTERDOWN``, ``TRYAGAIN``, ``READONLY``, ``LOADING``,
-  ``-UNBLOCKED``: re-read the map (rate-limited) and retry with exponential backoff and
-  jitter until the call's deadline, then give up;
+- connection errors, timeouts, ``CLUSTERDOWN``, ``TRYAGAIN``, ``ASK``, ``READONLY``,
+  ``LOADING``, ``-UNBLOCKED``: re-read the map (rate-limited) and retry with exponential
+  backoff and jitter until the call's deadline, then give up (``SlotMigrating`` for a
+  slot in migration: following ``ASK`` would not help, the target refuses a multi-key
+  command with a key it does not have yet);
 - anything else (and ``NOSCRIPT``, which a script's own wrapper handles by loading the
   script on that node): raise at once.
 
@@ -33,8 +35,15 @@ import redis
 
 from clusterq.cluster import changes
 from clusterq.cluster import topology as topo
-from clusterq.cluster.connection import Addr, Mode, check_mode, info_mode
-from clusterq.errors import ConfigError, ConnectionFailed, TopologyError
+from clusterq.cluster.connection import (
+    Addr,
+    Mode,
+    check_mode,
+    format_addr,
+    info_mode,
+    translate_error,
+)
+from clusterq.errors import ConfigError, ConnectionFailed, SlotMigrating, TopologyError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.slots import SLOT_COUNT, keyslot
 
@@ -93,6 +102,36 @@ def classify(exc: BaseException) -> ErrorKind:
 def backoff(attempt: int, *, base: float = 0.025, cap: float = 0.5) -> float:
     """Exponential backoff with full jitter: a random delay in [0, min(cap, base*2^n)]."""
     return random.uniform(0, min(cap, base * (2 ** min(attempt, 16))))
+
+
+def migrating(exc: BaseException) -> bool:
+    """Whether ``exc`` says the slot is being migrated: ``ASK`` (the keys left already)
+    or ``TRYAGAIN`` (a multi-key command while the keys are split or missing)."""
+    if isinstance(exc, redis.exceptions.MovedError):
+        return False
+    return isinstance(exc, redis.exceptions.AskError | redis.exceptions.TryAgainError) or (
+        str(exc).upper().startswith("TRYAGAIN")
+    )
+
+
+def give_up_error(
+    exc: BaseException, addr: Addr, slot: int, queues: Iterable[str] = ()
+) -> Exception:
+    """The error a call raises when it stops retrying ``exc`` (from ``addr``): a slot
+    migration in words, else the one-line translation of the connection error."""
+    if not migrating(exc):
+        return translate_error(exc, addr)
+    named = sorted(q for q in queues if keyslot(q) == slot)
+    which = f" (queue {', '.join(named)})" if named else ""
+    if isinstance(exc, redis.exceptions.AskError):
+        where = f"from {format_addr(addr)} to {exc.host}:{exc.port}"
+    else:
+        where = f"on {format_addr(addr)}"
+    return SlotMigrating(
+        f"slot {slot}{which} is being migrated {where}: its queue cannot be served until "
+        "the migration ends (Redis refuses multi-key commands on a slot in migration); "
+        "move a queue's slot in one step (redis-cli --cluster reshard does)"
+    )
 
 
 def moved_target(exc: BaseException) -> tuple[int, Addr] | None:
@@ -288,6 +327,9 @@ class RouteState:
 
     def attempts(self, timeout: float | None) -> CallAttempts:
         return CallAttempts(self.retry_timeout if timeout is None else timeout, self.down_timeout)
+
+    def give_up(self, exc: BaseException, addr: Addr, slot: int) -> Exception:
+        return give_up_error(exc, addr, slot, self._known_queues)
 
     def down_reason(self, slot: int, exc: BaseException) -> str | None:
         """Why a call to ``slot`` that failed with ``exc`` cannot succeed by waiting."""
