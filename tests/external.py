@@ -109,6 +109,9 @@ class ExternalCluster:
         return f"rediss://{auth}{HOST}:{self.tls_port(first)}{query}"
 
     def admin(self, port: int) -> redis.Redis:
+        """An admin client of the node listening on ``port`` (its TLS port or its own)."""
+        if self.flavour == "both" and port not in self.ports():
+            port -= 100  # a TLS port, as a rediss:// client's map names it
         kwargs: dict[str, object] = {"password": ADMIN_PASSWORD, "socket_timeout": 5}
         if self.plain:
             return redis.Redis(HOST, port, **kwargs)  # type: ignore[arg-type]
@@ -129,6 +132,8 @@ class ExternalCluster:
         lines = [
             f"bind {HOST}",
             f"dir {self.directory / str(port)}",
+            # Written even in the foreground: a node a drill restarted is found by it.
+            f"pidfile {self.directory / str(port) / 'redis.pid'}",
             "cluster-enabled yes",
             f"cluster-config-file nodes-{port}.conf",
             "cluster-node-timeout 2000",
@@ -237,8 +242,6 @@ class ExternalCluster:
     def problems(self) -> list[str]:
         found = []
         for port in self.ports():
-            if self.procs[port].poll() is not None:
-                continue
             client = self.admin(port)
             try:
                 info = client.cluster("info")
@@ -269,6 +272,14 @@ class ExternalCluster:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+        for port in self.ports():  # nodes a kill drill started again
+            node_dir = self.directory / str(port)
+            try:
+                pid = int((node_dir / "redis.pid").read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if servers.pid_alive(pid) and servers.process_cwd(pid) == node_dir.resolve():
+                servers.stop_process(pid, timeout=5)
 
 
 def find_cli(server_bin: Path) -> Path | None:

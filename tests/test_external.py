@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from external import ExternalCluster, Flavour, find_cli
-from helpers import running_worker
+from external import USER, USER_PASSWORD, ExternalCluster, Flavour, find_cli
+from helpers import running_worker, wait_for
 
-from clusterq import AsyncClient, Inspector, Router, Task
+from clusterq import AsyncClient, Client, Inspector, Router, Task
+from clusterq.cluster.connection import RedisURL
 from clusterq.doctor import check
 from clusterq.permissions import ROLES, acl_rules, commands
 from clusterq.tools import servers
@@ -193,3 +194,77 @@ def test_a_manual_drill_and_cluster_watch(external: ExternalCluster, clusterq_bi
 def test_doctor_passes_the_application_user(external: ExternalCluster) -> None:
     report = check(external.url())
     assert [role for role in ROLES if not report.ok(role)] == []
+
+
+def test_a_kill_drill_restarts_the_node_it_killed(
+    external: ExternalCluster, clusterq_bin: str
+) -> None:
+    """The node was started from its config file alone: the drill may kill it, and
+    starts it again (over TLS only, too: its plaintext port is 0)."""
+    drill = _cli(
+        clusterq_bin, external.url(user=False), "drill", "failover", "--queue", "emails",
+        "--mode", "kill", "--tasks", "300", "--rate", "150", "--workers", "1", "--json",
+        # Not "replica": these servers keep the default repl-diskless-sync-delay (5 s), so
+        # a durable enqueue waits for the restarted node's resync past the drill's bound.
+        "--durability", "none", "--stall-margin", "15",  # (bounds: tests/test_failover.py)
+        timeout=240,
+    )  # fmt: skip
+    assert drill.returncode == 0, drill.stdout[-3000:] + drill.stderr[-3000:]
+    report = json.loads(drill.stdout)
+    assert (report["lost"], report["acknowledged"]) == (0, 300)
+    assert report["master_after"] != report["master_before"]
+    external.wait_ok(60)  # the killed node is back, as a replica
+
+
+class _Rotating:
+    """A CredentialProvider as redis-py defines it (get_credentials), whose password an
+    operator rotates; it counts how often it is asked."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username, self.password, self.asked = username, password, 0
+
+    def get_credentials(self) -> tuple[str, str]:
+        self.asked += 1
+        return self.username, self.password
+
+
+def test_rotating_credentials_from_a_provider(external: ExternalCluster) -> None:
+    """Every new connection asks the provider: after the password rotates (old one
+    revoked, every connection of the user killed) and after a failover, calls go on."""
+    provider = _Rotating(USER, USER_PASSWORD)
+    url = RedisURL.parse(external.url(user=False)).with_credentials(provider)
+    admins = [external.admin(port) for port in external.ports()]
+    try:
+        with Client(url) as client:
+            assert client.enqueue("noop", 1, queue="images").queue == "images"
+            before = provider.asked
+            assert before >= 1
+            for admin in admins:  # rotate: add the new password, revoke the old one
+                admin.execute_command("ACL", "SETUSER", USER, ">rotated-3", f"<{USER_PASSWORD}")
+            provider.password = "rotated-3"
+            for admin in admins:
+                admin.execute_command("CLIENT", "KILL", "USER", USER)
+            assert client.enqueue("noop", 2, queue="images").queue == "images"
+            assert provider.asked > before
+            # A manual failover of the queue's master: the new master is reached with
+            # the rotated password too.
+            location = client.backend.topology.locate("images")
+            assert location.replicas
+            replica = external.admin(location.replicas[0].port)
+            try:
+                replica.execute_command("CLUSTER", "FAILOVER")
+                wait_for(
+                    lambda: replica.info("replication")["role"] == "master", 30, "the failover"
+                )
+                before_llen = replica.llen(client.keys.queue("images").pending)
+                for n in range(50):
+                    client.enqueue("noop", n, queue="images")
+                # Written on the promoted node (reached with the rotated password).
+                assert replica.llen(client.keys.queue("images").pending) == before_llen + 50
+            finally:
+                replica.close()
+    finally:
+        for admin in admins:
+            admin.execute_command("ACL", "SETUSER", USER, f">{USER_PASSWORD}", "<rotated-3")
+            admin.close()
+        external.wait_ok(60)

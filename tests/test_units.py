@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -159,8 +160,35 @@ def test_drills_refuse_nodes_that_are_not_local() -> None:
         local_process("127.0.0.1", 7000, {"process_id": 2**22 + 12345, "tcp_port": 7000})
     with pytest.raises(NotLocal, match="process_id"):
         local_process("127.0.0.1", 7000, {})
-    proc = local_process("127.0.0.1", 7000, {"process_id": os.getpid(), "tcp_port": 7000})
-    assert proc.pid == os.getpid()
+
+
+def test_drills_refuse_nodes_they_could_not_restart_as_they_run(tmp_path: Path) -> None:
+    """Killed nodes are restarted from their executable and config file: a node whose
+    ports came from its command line (lost on restart) is refused before the drill."""
+    import os
+    import sys
+
+    from clusterq.tools.servers import NotLocal, local_process
+
+    me = {"process_id": os.getpid(), "executable": sys.executable}
+    (tmp_path / "shared.conf").write_text("cluster-enabled yes\nport 7999\n")
+    good = tmp_path / "node.conf"
+    good.write_text(f"include {tmp_path / 'shared.conf'}\n# comment\nport 7000\n")
+    proc = local_process("127.0.0.1", 7000, {**me, "tcp_port": 7000, "config_file": str(good)})
+    assert (proc.pid, proc.config_file) == (os.getpid(), str(good))
+    tls_only = tmp_path / "tls.conf"
+    tls_only.write_text("port 0\ntls-port 7000\n")
+    local_process("127.0.0.1", 7000, {**me, "tcp_port": 7000, "config_file": str(tls_only)})
+    with pytest.raises(NotLocal, match="without a config file"):
+        local_process("127.0.0.1", 7000, {**me, "tcp_port": 7000, "config_file": ""})
+    flags_only = tmp_path / "flags.conf"
+    flags_only.write_text("cluster-enabled yes\n")  # port came from --port
+    with pytest.raises(NotLocal, match=r"says port 6379 .* options on its command line"):
+        local_process("127.0.0.1", 7000, {**me, "tcp_port": 7000, "config_file": str(flags_only)})
+    with pytest.raises(NotLocal, match="cannot read the config file"):
+        local_process(
+            "127.0.0.1", 7000, {**me, "tcp_port": 7000, "config_file": "/nonexistent.conf"}
+        )
 
 
 def test_durability_commands() -> None:

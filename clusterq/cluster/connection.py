@@ -101,6 +101,11 @@ class RedisURL:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_check_hostname: bool | None = None
+    #: A redis-py ``CredentialProvider`` (``get_credentials()`` -> ``(password,)`` or
+    #: ``(username, password)``), asked on every new connection, so credentials that
+    #: rotate (IAM auth tokens) are used after failovers too. Not part of the URL: see
+    #: :meth:`with_credentials`.
+    credential_provider: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def parse(cls, url: str) -> RedisURL:
@@ -180,6 +185,13 @@ class RedisURL:
     def with_seeds(self, seeds: tuple[Addr, ...]) -> RedisURL:
         return replace(self, seeds=seeds)
 
+    def with_credentials(self, provider: Any) -> RedisURL:
+        """These settings with credentials from ``provider`` (a redis-py
+        ``CredentialProvider``) instead of the URL's user and password."""
+        if not callable(getattr(provider, "get_credentials", None)):
+            raise ConfigError("a credential provider needs a get_credentials() method")
+        return replace(self, credential_provider=provider, username=None, password=None)
+
     def redacted(self) -> str:
         """The URL without its password, for messages."""
         scheme = "rediss" if self.ssl else "redis"
@@ -201,6 +213,8 @@ class RedisURL:
             "socket_keepalive": True,
             "health_check_interval": 0,
         }
+        if self.credential_provider is not None:
+            kwargs["credential_provider"] = self.credential_provider
         if self.ssl:
             kwargs.update(
                 ssl=True, ssl_ca_certs=self.ssl_ca_certs, ssl_cert_reqs=self.ssl_cert_reqs

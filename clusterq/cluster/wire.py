@@ -69,6 +69,7 @@ class _Endpoint:
     ssl_context: ssl.SSLContext | None
     socket_timeout: float | None
     connect_timeout: float | None
+    credential_provider: Any = None
 
     @classmethod
     def of(cls, kwargs: dict[str, Any]) -> _Endpoint:
@@ -81,6 +82,7 @@ class _Endpoint:
             _ssl_context(kwargs),
             kwargs.get("socket_timeout"),
             kwargs.get("socket_connect_timeout"),
+            kwargs.get("credential_provider"),
         )
 
     @property
@@ -88,12 +90,17 @@ class _Endpoint:
         return f"{self.host}:{self.port}"
 
     def handshake(self) -> list[Command]:
+        """AUTH (asking the credential provider again: tokens rotate) and SELECT."""
         out: list[Command] = []
-        if self.password is not None:
-            if self.username:
-                out.append(("AUTH", self.username, self.password))
+        username, password = self.username, self.password
+        if self.credential_provider is not None:
+            credentials = tuple(self.credential_provider.get_credentials())
+            username, password = (None, *credentials) if len(credentials) == 1 else credentials
+        if password is not None:
+            if username:
+                out.append(("AUTH", username, password))
             else:
-                out.append(("AUTH", self.password))
+                out.append(("AUTH", password))
         if self.db:
             out.append(("SELECT", self.db))
         return out

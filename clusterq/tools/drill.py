@@ -493,7 +493,7 @@ async def run_drill(
                 os.kill(proc.pid, signal.SIGCONT)
             elif settings.mode == "kill":
                 assert proc is not None
-                restart_process(proc)
+                await asyncio.to_thread(restart_process, proc)  # checks it started
                 progress(f"restarted {master.addr}; it rejoins as a replica")
 
         async def trickle() -> None:

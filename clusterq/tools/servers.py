@@ -261,9 +261,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def config_directives(path: Path, cwd: Path | None = None, depth: int = 0) -> dict[str, str]:
+    """The directives of a server's config file, ``include`` files followed (relative
+    to ``cwd``, as the server reads them); a later line wins, as in the server."""
+    if depth > 8:
+        raise NotLocal(f"config file {path}: includes nested too deep")
+    if not path.is_absolute() and cwd is not None:
+        path = cwd / path
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise NotLocal(f"cannot read the config file {path}: {exc.strerror}") from None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.strip().split(None, 1)
+        if not parts or parts[0].startswith("#"):
+            continue
+        name, value = parts[0].lower(), (parts[1].strip() if len(parts) > 1 else "")
+        if name == "include":
+            out.update(config_directives(Path(value.strip('"')), cwd, depth + 1))
+        else:
+            out[name] = value.strip('"')
+    return out
+
+
 def local_process(host: str, port: int, info: dict[str, object]) -> LocalProcess:
     """Check that the node at ``host:port`` (whose ``INFO server`` is ``info``) runs on
-    this machine, on loopback, and return its process. Raises :class:`NotLocal`."""
+    this machine, on loopback, and that it can be started again as it runs now: from
+    its executable and config file alone (options given on its command line would be
+    lost, and the server does not keep them where we can read them). Raises
+    :class:`NotLocal` saying why not."""
     where = f"{host}:{port}"
     if not is_loopback(host):
         raise NotLocal(f"{where} is not a loopback address; drills only signal local nodes")
@@ -276,15 +303,29 @@ def local_process(host: str, port: int, info: dict[str, object]) -> LocalProcess
             f"{where} reports process {pid}, which does not run on this machine "
             "(a container or another host?); refusing to send signals"
         )
-    if int(str(info.get("tcp_port", port))) != port:
-        raise NotLocal(f"{where} reports tcp_port {info.get('tcp_port')}; refusing")
+    executable, config_file = str(info.get("executable", "")), str(info.get("config_file", ""))
+    cwd = process_cwd(pid)
+    advice = "restart it from a config file, or use --mode manual, takeover or stop"
+    if not executable or not Path(executable).exists() or cwd is None:
+        raise NotLocal(f"{where}: its executable or working directory is unknown; {advice}")
+    if not config_file:
+        raise NotLocal(
+            f"{where} was started without a config file: a restart after the kill could "
+            f"not bring it back as it runs now; {advice}"
+        )
+    directives = config_directives(Path(config_file), cwd)
+    tcp_port = int(str(info.get("tcp_port", port)))
+    in_file = int(directives.get("port", "6379") or 0)
+    tls_in_file = int(directives.get("tls-port", "0") or 0)
+    # INFO's tcp_port is the TLS port where the plaintext one is 0 (TLS only).
+    if tcp_port != (in_file or tls_in_file) or port not in (tcp_port, tls_in_file):
+        raise NotLocal(
+            f"{where} listens on port {tcp_port} but its config file {config_file} says "
+            f"port {in_file} (tls-port {tls_in_file}): it was started with options on its "
+            f"command line, which a restart would drop; {advice}"
+        )
     return LocalProcess(
-        host=host,
-        port=port,
-        pid=pid,
-        executable=str(info.get("executable", "")),
-        config_file=str(info.get("config_file", "")),
-        cwd=process_cwd(pid),
+        host=host, port=port, pid=pid, executable=executable, config_file=config_file, cwd=cwd
     )
 
 
@@ -297,10 +338,20 @@ def restart_process(proc: LocalProcess) -> int:
             f"cannot restart {proc.host}:{proc.port}: its executable, config file or "
             "directory is unknown"
         )
-    child = spawn_server(
-        Path(proc.executable), [proc.config_file], proc.cwd / "server.log", cwd=proc.cwd
-    )
+    log_path = proc.cwd / "server.log"
+    child = spawn_server(Path(proc.executable), [proc.config_file], log_path, cwd=proc.cwd)
     pid_file = proc.cwd / "server.pid"
     if pid_file.exists():
         pid_file.write_text(f"{child.pid}\n")
+    # A server that cannot start (port taken, config refused) exits at once: say so
+    # loudly, with what to run, rather than leave the node dead without a word.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise NotLocal(
+                f"{proc.host}:{proc.port} did not start again (exit {child.returncode}); "
+                f"start it with: cd {proc.cwd} && {proc.executable} {proc.config_file}\n"
+                + log_tail(log_path)
+            )
+        time.sleep(0.05)
     return child.pid
