@@ -50,3 +50,28 @@ async def running_worker(url: str, router: Router, **options: Any) -> AsyncItera
         yield worker
     finally:
         await worker.stop()
+
+
+def write_raw_records(
+    url: str, prefix: str, queue: str, records: dict[str, bytes], *, active: bool
+) -> None:
+    """Write task records straight into Redis, as no clusterq client would: pending, or
+    active under a lease that expired long ago (a worker that died)."""
+    from clusterq import Client
+
+    with Client(url, prefix=prefix) as client:
+        qk = client.keys.queue(queue)
+        client.register_queues([queue])
+
+        def write(c: Any) -> Any:
+            pipe = c.pipeline(transaction=True)
+            for task_id, raw in records.items():
+                pipe.hset(qk.tasks, task_id, raw)
+                if active:
+                    pipe.zadd(qk.active, {task_id: 1})
+                    pipe.hset(qk.leases, task_id, "dead-worker:1:1")
+                else:
+                    pipe.lpush(qk.pending, task_id)
+            return pipe.execute()
+
+        client.backend.execute(qk.slot, write)

@@ -15,7 +15,7 @@ import json
 import math
 from typing import Any
 
-from helpers import await_for, running_worker
+from helpers import await_for, running_worker, write_raw_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -114,23 +114,8 @@ def test_records_of_any_shape_never_stop_the_worker(
         ran.append(task.id)
         return "ok"
 
-    with Client(url, prefix="fuzz") as client:
-        client.register_queues([queue])
-        qk = client.keys.queue(queue)
-
-        def write(c: Any) -> Any:
-            pipe = c.pipeline(transaction=True)
-            for n, raw in enumerate(records):
-                task_id = f"raw-{n}"
-                pipe.hset(qk.tasks, task_id, raw)
-                if active:  # taken by a worker that died long ago
-                    pipe.zadd(qk.active, {task_id: 1})
-                    pipe.hset(qk.leases, task_id, "dead-worker:1:1")
-                else:
-                    pipe.lpush(qk.pending, task_id)
-            return pipe.execute()
-
-        client.backend.execute(qk.slot, write)
+    raw = {f"raw-{n}": record for n, record in enumerate(records)}
+    write_raw_records(url, "fuzz", queue, raw, active=active)
 
     async def scenario() -> tuple[int, list[str]]:
         client = await AsyncClient.connect(url, prefix="fuzz")

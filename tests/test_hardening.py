@@ -14,7 +14,7 @@ import pytest
 
 from clusterq import AsyncClient, Client, Router, Task, TaskState, Worker
 from clusterq.errors import ConfigError
-from tests.helpers import await_for, running_worker
+from tests.helpers import await_for, running_worker, write_raw_records
 
 
 def test_two_workers_with_one_name_never_share_a_fencing_token(url: str, prefix: str) -> None:
@@ -43,23 +43,8 @@ def test_two_workers_with_one_name_never_share_a_fencing_token(url: str, prefix:
 
 
 def _poison(url: str, prefix: str, queue: str, task_id: str, *, active: bool) -> None:
-    """Write a record clusterq never writes (max retry "x") straight into Redis: pending,
-    or active under a lease that expired long ago."""
-    with Client(url, prefix=prefix) as client:
-        qk = client.keys.queue(queue)
-        client.register_queues([queue])
-
-        def write(c: Any) -> Any:
-            pipe = c.pipeline(transaction=True)
-            pipe.hset(qk.tasks, task_id, b'{"t":"x","mr":"x"}\nnull')
-            if active:
-                pipe.zadd(qk.active, {task_id: 1})
-                pipe.hset(qk.leases, task_id, "dead-worker:1:1")
-            else:
-                pipe.lpush(qk.pending, task_id)
-            return pipe.execute()
-
-        client.backend.execute(qk.slot, write)
+    """A record clusterq never writes (max retry "x"), pending or under a dead lease."""
+    write_raw_records(url, prefix, queue, {task_id: b'{"t":"x","mr":"x"}\nnull'}, active=active)
 
 
 @pytest.mark.parametrize("where", ["pending", "active"])
