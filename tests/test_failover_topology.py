@@ -91,3 +91,38 @@ def test_kill_master_of_images(fresh_cluster: object, prefix: str) -> None:
     assert added[0].master is not None and added[0].master.addr == old_replica
     assert _queue_ls(f"redis://{seeds}", prefix)["images"]["replicas"] == [old_master]
     backend.close()
+
+
+@pytest.mark.slow
+def test_a_takeover_is_reported_once_and_the_events_settle(fresh_cluster: object) -> None:
+    """After CLUSTER FAILOVER TAKEOVER (the old master alive), a map re-read every
+    0.2 s reports the change once: no replica flapping between "now replicates" and "no
+    longer replicates" (as an operator once saw every 0.5 s)."""
+    cluster: LocalCluster = fresh_cluster()  # type: ignore[operator]
+    backend = Backend(cluster.seed_url)
+    backend.note_queues(QUEUES)
+    seen: list[changes.TopologyEvent] = []
+    backend.subscribe(lambda _new, events: seen.extend(events))
+    location = backend.topology.locate("images")
+    assert location.master is not None and location.replicas
+    replica = cluster.client(location.replicas[0].port)
+    try:
+        replica.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+    finally:
+        replica.close()
+
+    def promoted() -> bool:
+        backend.refresh_topology()
+        new = backend.topology.locate("images").master
+        return new is not None and new.id == location.replicas[0].id
+
+    _wait_for(promoted, 30, "the takeover")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # watch for 5 s, as a worker does
+        backend.refresh_topology()
+        time.sleep(0.2)
+    backend.close()
+    kinds = [event.kind for event in seen]
+    assert kinds.count("master_changed") == 1, [e.describe() for e in seen]
+    assert "replica_removed" not in kinds, [e.describe() for e in seen]
+    assert kinds.count("replica_added") <= 1, [e.describe() for e in seen]
