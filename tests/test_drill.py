@@ -39,6 +39,9 @@ def test_a_producer_blocked_past_the_promotion_fails_the_verdict() -> None:
     problems = verdict(report, 5.0)
     assert len(problems) == 1 and "blocked 60.2s" in problems[0] and "5.5s + 5s" in problems[0]
     assert verdict(_report(promotion=5.5, producer_stall=60.2), 60.0) == []  # configurable
+    durable = _report(promotion=3.7, producer_stall=9.1, error_samples={"DurabilityError": "x"})
+    [problem] = verdict(durable, 5.0)
+    assert problem.endswith("durable enqueues were refused while the new master had no replica")
 
 
 def test_no_promotion_fails_the_verdict() -> None:
