@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clusterq.tools.drill import DrillReport, verdict
+from clusterq.tools.drill_report import DrillReport, verdict
 
 
 def _report(**fields: object) -> DrillReport:

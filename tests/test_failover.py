@@ -264,3 +264,58 @@ def test_a_shard_that_cannot_come_back_fails_fast_and_says_which(
                 client.enqueue("t", None, queue=other)
         else:
             assert client.enqueue("t", None, queue=other).id  # the healthy shard serves
+
+
+def test_a_kill_drill_whose_node_cannot_restart_stops_and_says_how(
+    fresh_cluster: Callable[[], LocalCluster], clusterq_bin: str, prefix: str
+) -> None:
+    """The killed master's port is taken (here by the test) when the drill restarts it:
+    the drill stops producing at once (it used to retry every durable enqueue for 60 s
+    against a new master without a replica) and names the node and how to start it."""
+    import socket
+
+    cluster = fresh_cluster()
+    master = cluster.topology().locate("images").master
+    assert master is not None
+    pid = cluster.pid(master.port)
+    assert pid is not None
+    drill = subprocess.Popen(
+        [
+            clusterq_bin, "--url", cluster.seed_url, "--prefix", prefix, "drill", "failover",
+            "--queue", "images", "--mode", "kill", "--tasks", "3000", "--rate", "200",
+            "--workers", "1", "--seed", "1",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    squatter = socket.socket()
+    try:
+        deadline = time.monotonic() + 60
+        while servers_pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the drill killed it
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        bind_until = time.monotonic() + 3  # the dead server's closing sockets linger
+        while True:
+            try:
+                squatter.bind((HOST, master.port))
+                break
+            except OSError:
+                if time.monotonic() > bind_until:
+                    raise
+                time.sleep(0.01)
+        squatter.listen()
+        out, err = drill.communicate(timeout=120)  # not 60 s per remaining task
+    finally:
+        squatter.close()
+        if drill.poll() is None:
+            drill.kill()
+    assert drill.returncode == 1, out + err
+    assert f"{HOST}:{master.port} did not start again" in err
+    assert "start it with: cd " in err
+    cluster.start_node(master.port)  # what the message says to do, done by the test
+    cluster.wait_healthy(60)
+
+
+def servers_pid_alive(pid: int) -> bool:
+    from clusterq.tools.servers import pid_alive
+
+    return pid_alive(pid)

@@ -8,7 +8,8 @@ import click
 
 from clusterq.cli.render import console, print_json, table
 from clusterq.cli.state import CliState
-from clusterq.tools.drill import MODES, DrillReport, DrillSettings, run_drill
+from clusterq.tools.drill import MODES, DrillSettings, run_drill
+from clusterq.tools.drill_report import DrillReport
 
 
 @click.group()

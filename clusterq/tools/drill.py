@@ -26,7 +26,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
@@ -43,6 +43,7 @@ from clusterq.retry import SkipRetry
 from clusterq.router import Router
 from clusterq.slots import keyslot
 from clusterq.task import Task
+from clusterq.tools.drill_report import DrillReport, verdict
 from clusterq.tools.servers import LocalProcess, local_process, restart_process
 from clusterq.tools.workerprocs import WorkerProcesses
 from clusterq.worker import current_worker
@@ -79,113 +80,6 @@ async def record_delivery(task: Task) -> None:
         return await pipe.execute()
 
     await backend.execute_key(deliveries, write)
-
-
-@dataclass
-class DrillReport:
-    mode: str
-    queue: str
-    durability: str
-    master_before: str
-    master_after: str
-    tasks: int
-    acknowledged: int = 0
-    gave_up: int = 0
-    delivered: int = 0
-    lost: int = 0
-    still_queued: int = 0
-    duplicated: int = 0
-    extra_deliveries: int = 0
-    in_flight_bound: int = 0
-    stuck_active: int = 0
-    #: Seconds from the start of production to the fault.
-    fault_at: float = 0.0
-    #: Seconds from the fault to the first producer error (None: none seen).
-    detect: float | None = None
-    #: Seconds from the fault to the replica's promotion, seen by a surviving node.
-    promotion: float | None = None
-    #: Seconds from the fault to the producer's first success after its first error.
-    producer_resume: float | None = None
-    #: The longest time one enqueue call of the producer was blocked (retries included).
-    producer_stall: float = 0.0
-    #: The verdict's bound on ``producer_stall`` and ``worker_resume_lag``: the promotion
-    #: plus the settings' ``stall_margin`` (seconds).
-    stall_bound: float | None = None
-    #: Seconds from the promotion until the last drill worker fetched from the queue
-    #: again (from the workers' "queue resumed" events; None if none lost it).
-    worker_resume_lag: float | None = None
-    #: Seconds from the promotion to the first delivery from the queue after it (bounded
-    #: below by when the producer resumed, if nothing was waiting).
-    first_delivery_after_promotion: float | None = None
-    pickup_p50_ms: float | None = None
-    pickup_p99_ms: float | None = None
-    pickup_max_ms: float | None = None
-    #: Tasks of a queue on another master delivered between the fault and the promotion.
-    other_queue: str = ""
-    other_delivered_during_outage: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    #: One message per error type, as the producer saw it.
-    error_samples: dict[str, str] = field(default_factory=dict)
-    healthy_after: bool = False
-    duration: float = 0.0
-    worker_logs: str = ""
-    #: This drill's id: task ids are ``<run_id>-<n>`` (``-o<n>`` on the other queue).
-    run_id: str = ""
-    #: The hash where the handlers logged each delivery (``<task id>|<attempt>``), kept
-    #: for an hour with ``keep_log`` (deleted at the end otherwise).
-    delivery_log: str = ""
-    #: Why the drill failed (empty: it passed). See :func:`verdict`.
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
-
-
-#: An outage shorter than this says nothing about other shards (a manual failover takes
-#: milliseconds): the "other queue kept flowing" check needs at least this long.
-OTHER_QUEUE_MIN_OUTAGE = 1.0
-
-
-def verdict(report: DrillReport, stall_margin: float) -> list[str]:
-    """What went wrong in a drill: data first (lost, still queued, stuck), then
-    availability: the queue's master must be replaced, the producer and the workers
-    must not stay blocked past the promotion plus ``stall_margin`` seconds, and a queue
-    on another shard must keep delivering while this one is down."""
-    problems = []
-    if report.lost:
-        problems.append(f"{report.lost} acknowledged tasks lost")
-    if report.still_queued:
-        problems.append(f"{report.still_queued} acknowledged tasks still queued after settling")
-    if report.stuck_active:
-        problems.append(f"{report.stuck_active} tasks stuck active")
-    if report.gave_up:
-        problems.append(f"the producer gave up on {report.gave_up} tasks")
-    if report.promotion is None:
-        problems.append("no promotion seen: the queue's master was never replaced")
-        return problems
-    bound = report.stall_bound = round(report.promotion + stall_margin, 3)
-    if report.producer_stall > bound:
-        no_replica = "DurabilityError" in report.error_samples
-        problems.append(
-            f"the producer was blocked {report.producer_stall:.1f}s "
-            f"(bound: promotion {report.promotion:.1f}s + {stall_margin:g}s)"
-            + (": durable enqueues were refused while the new master had no replica" * no_replica)
-        )
-    if report.worker_resume_lag is not None and report.worker_resume_lag > stall_margin:
-        problems.append(
-            f"workers resumed {report.worker_resume_lag:.1f}s after the promotion "
-            f"(bound: {stall_margin:g}s)"
-        )
-    if report.promotion >= OTHER_QUEUE_MIN_OUTAGE and not report.other_delivered_during_outage:
-        problems.append(
-            f"queue {report.other_queue} on another shard delivered nothing during the "
-            f"{report.promotion:.1f}s outage"
-        )
-    return problems
 
 
 @dataclass
@@ -460,7 +354,7 @@ async def run_drill(
                         report.error_samples.setdefault(type(exc).__name__, str(exc)[:200])
                         if "fault" in marks and "first_error" not in marks:
                             marks["first_error"] = time.time()
-                    if time.monotonic() > deadline:
+                    if time.monotonic() > deadline or "broken" in marks:
                         if patient:
                             report.gave_up += 1
                         return
@@ -495,7 +389,11 @@ async def run_drill(
                 os.kill(proc.pid, signal.SIGCONT)
             elif settings.mode == "kill":
                 assert proc is not None
-                await asyncio.to_thread(restart_process, proc)  # checks it started
+                try:
+                    await asyncio.to_thread(restart_process, proc)  # checks it started
+                except BaseException:
+                    marks["broken"] = time.time()  # no more patient retries
+                    raise
                 progress(f"restarted {master.addr}; it rejoins as a replica")
 
         async def trickle() -> None:
@@ -516,6 +414,8 @@ async def run_drill(
                 await asyncio.sleep(delay)
             if i == fault_index:
                 fault = asyncio.create_task(inject())
+            if fault is not None and fault.done() and fault.exception() is not None:
+                break  # the fault could not be undone (a node not restarted): stop now
             await enqueue(settings.queue, f"{run_id}-{i}", acked, patient=True)
         if fault is not None:
             await fault
