@@ -12,6 +12,7 @@ ACL before anything else, so a NOPERM reply means "missing" and any other reply 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,31 +29,35 @@ from clusterq.slots import keyslot
 
 SCRIPT = (Path(__file__).with_name("doctor.lua")).read_text()
 
-#: Writes that need the doctor's string key (WRONGTYPE instead of a write).
-_ON_STRING = {
-    "hset": ("HSET", "{a}", "f", "v"),
-    "lpush": ("LPUSH", "{a}", "v"),
-    "sadd": ("SADD", "{a}", "v"),
+Probe = Callable[[str, str], tuple[Any, ...]]
+
+#: Writes aimed at the doctor's string key ``a`` (WRONGTYPE instead of a write): only
+#: once the probe script has made it.
+_ON_STRING: dict[str, Probe] = {
+    "hset": lambda a, b: ("HSET", a, "f", "v"),
+    "lpush": lambda a, b: ("LPUSH", a, "v"),
+    "sadd": lambda a, b: ("SADD", a, "v"),
 }
-_PLAIN: dict[str, tuple[Any, ...]] = {
-    "ping": ("PING",),
-    "info": ("INFO", "server"),
-    "cluster|shards": ("CLUSTER", "SHARDS"),
-    "cluster|nodes": ("CLUSTER", "NODES"),
-    "evalsha": ("EVALSHA", "0" * 40, 1, "{b}"),
-    "script|load": ("SCRIPT", "LOAD", "return 0"),
-    "exec": ("EXEC",),  # "EXEC without MULTI" once allowed
-    "wait": ("WAIT", 0, 0),
-    "blmove": ("BLMOVE", "{b}", "{b}", "RIGHT", "RIGHT", 0.01),
-    "expire": ("EXPIRE", "{b}", 30),
-    "hgetall": ("HGETALL", "{b}"),
-    "hdel": ("HDEL", "{b}", "f"),
-    "hget": ("HGET", "{b}", "f"),
-    "zscore": ("ZSCORE", "{b}", "m"),
-    "smembers": ("SMEMBERS", "{b}"),
-    "llen": ("LLEN", "{b}"),
-    "zcard": ("ZCARD", "{b}"),
-    "exists": ("EXISTS", "{b}"),
+#: The rest: no key, or the key ``b`` that is never written.
+_PLAIN: dict[str, Probe] = {
+    "ping": lambda a, b: ("PING",),
+    "info": lambda a, b: ("INFO", "server"),
+    "cluster|shards": lambda a, b: ("CLUSTER", "SHARDS"),
+    "cluster|nodes": lambda a, b: ("CLUSTER", "NODES"),
+    "evalsha": lambda a, b: ("EVALSHA", "0" * 40, 1, b),
+    "script|load": lambda a, b: ("SCRIPT", "LOAD", "return 0"),
+    "exec": lambda a, b: ("EXEC",),  # "EXEC without MULTI" once allowed
+    "wait": lambda a, b: ("WAIT", 0, 0),
+    "blmove": lambda a, b: ("BLMOVE", b, b, "RIGHT", "RIGHT", 0.01),
+    "expire": lambda a, b: ("EXPIRE", b, 30),
+    "hgetall": lambda a, b: ("HGETALL", b),
+    "hdel": lambda a, b: ("HDEL", b, "f"),
+    "hget": lambda a, b: ("HGET", b, "f"),
+    "zscore": lambda a, b: ("ZSCORE", b, "m"),
+    "smembers": lambda a, b: ("SMEMBERS", b),
+    "llen": lambda a, b: ("LLEN", b),
+    "zcard": lambda a, b: ("ZCARD", b),
+    "exists": lambda a, b: ("EXISTS", b),
 }
 
 
@@ -119,6 +124,29 @@ def _try_multi(client: NodeClient) -> bool:
         client.connection_pool.release(conn)
 
 
+def _probe_scripted(
+    client: NodeClient, a: str, b: str, scripted: set[str], report: DoctorReport
+) -> bool:
+    """Run doctor.lua: the scripts' commands it was refused go to ``report``. Returns
+    whether the string key ``a`` now exists (for the direct write probes)."""
+    try:
+        sha = command(client, "SCRIPT", "LOAD", SCRIPT)
+        reply = command(client, "EVALSHA", sha, 2, a, b)
+    except redis.ResponseError as exc:
+        if not _denied(exc):
+            raise
+        report.unchecked |= scripted  # script|load or evalsha missing
+        return False
+    refused = {x.decode() if isinstance(x, bytes) else str(x) for x in reply}
+    if "?" in refused:  # SET refused: nothing else was tried
+        report.denied.add("set")
+        report.unchecked |= scripted - {"set"}
+        return False
+    report.denied |= refused & scripted
+    report.allowed |= scripted - refused
+    return True
+
+
 def check(
     url: str | RedisURL, *, prefix: str = DEFAULT_PREFIX, roles: tuple[Role, ...] = ROLES
 ) -> DoctorReport:
@@ -137,42 +165,22 @@ def check(
         report = DoctorReport(backend.url.redacted(), backend.mode, roles=roles)
 
         def probe(client: NodeClient) -> None:
-            def args_of(template: tuple[Any, ...]) -> tuple[Any, ...]:
-                return tuple(a if x == "{a}" else b if x == "{b}" else x for x in template)
-
-            scripted = [c for c in wanted if c in SCRIPTED]
-            string_ready = False
-            if scripted:
-                try:
-                    sha = command(client, "SCRIPT", "LOAD", SCRIPT)
-                    reply = command(client, "EVALSHA", sha, 2, a, b)
-                except redis.ResponseError as exc:
-                    if not _denied(exc):
-                        raise
-                    report.unchecked |= set(scripted)  # script|load or evalsha missing
-                else:
-                    refused = {x.decode() if isinstance(x, bytes) else str(x) for x in reply}
-                    if "?" in refused:  # SET refused: the rest not probed
-                        report.denied.add("set")
-                        report.unchecked |= set(scripted) - {"set"}
-                    else:
-                        report.denied |= refused & set(scripted)
-                        report.allowed |= set(scripted) - refused
-                        string_ready = True
+            scripted = {c for c in wanted if c in SCRIPTED}
+            string_ready = bool(scripted) and _probe_scripted(client, a, b, scripted, report)
             for name in wanted:
                 if name in report.allowed or name in report.denied:
                     continue  # decided by the script
-                if name in SCRIPTED and name not in _PLAIN and name not in _ON_STRING:
-                    continue  # left unchecked: only a script calls it
-                report.unchecked.discard(name)
                 if name == "multi":
                     ok: bool | None = _try_multi(client)
                 elif name == "select":
                     ok = _try(client, ("SELECT", backend.url.db))
                 elif name in _ON_STRING:
-                    ok = _try(client, args_of(_ON_STRING[name])) if string_ready else None
+                    ok = _try(client, _ON_STRING[name](a, b)) if string_ready else None
+                elif name in _PLAIN:
+                    ok = _try(client, _PLAIN[name](a, b))
                 else:
-                    ok = _try(client, args_of(_PLAIN[name]))
+                    continue  # only a script calls it: left as the script probe left it
+                report.unchecked.discard(name)
                 if ok is None:
                     report.unchecked.add(name)
                 else:

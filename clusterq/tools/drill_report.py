@@ -95,11 +95,12 @@ def verdict(report: DrillReport, stall_margin: float) -> list[str]:
         return problems
     bound = report.stall_bound = round(report.promotion + stall_margin, 3)
     if report.producer_stall > bound:
-        no_replica = "DurabilityError" in report.error_samples
+        why = ""
+        if "DurabilityError" in report.error_samples:
+            why = ": durable enqueues were refused while the new master had no replica"
         problems.append(
             f"the producer was blocked {report.producer_stall:.1f}s "
-            f"(bound: promotion {report.promotion:.1f}s + {stall_margin:g}s)"
-            + (": durable enqueues were refused while the new master had no replica" * no_replica)
+            f"(bound: promotion {report.promotion:.1f}s + {stall_margin:g}s){why}"
         )
     if report.worker_resume_lag is not None and report.worker_resume_lag > stall_margin:
         problems.append(
