@@ -1,10 +1,13 @@
-"""Read-only views for operators: queues, their sizes and where they live.
+"""Read-only views for operators: queues (sizes, counters, latency, history, where they
+live), their tasks (listed by state, one inspected), and the live workers.
 
-The CLI renders what this module returns; scripts and dashboards can use it directly.
+The CLI, the dashboard and the metrics exporter render what this module returns;
+scripts can use it directly. :mod:`clusterq.admin` adds the actions.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,12 +17,21 @@ import redis
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.topology import Topology
-from clusterq.errors import ClusterqError, InvalidName
-from clusterq.keys import DEFAULT_PREFIX, validate_queue_name
+from clusterq.errors import ClusterqError, InvalidName, TaskNotFound
+from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name, validate_task_id
+from clusterq.serialization import json_value
+from clusterq.task import STATES, TaskInfo, TaskState
+from clusterq.taskinfo import info_commands, info_values, task_info
 from clusterq.worker.announce import WorkerAnnouncement, parse_announcements
 
 #: How long one queue's counts may take (through retries) before it is shown as an error.
 DEFAULT_INSPECT_TIMEOUT = 3.0
+#: Minutes of per-minute history a queue keeps (``HISTORY_MINUTES`` in ``_prelude.lua``).
+HISTORY_MINUTES = 360
+#: Records read per call when counting a queue's tasks by type.
+SCAN_BATCH = 500
+#: The most tasks one listing returns.
+MAX_PAGE = 1000
 
 
 #: A live worker, as it last announced itself (kept under its old name).
@@ -42,10 +54,73 @@ class QueueInfo:
     archived: int = 0
     completed: int = 0
     paused: bool = False
+    #: Tasks acknowledged / failed attempts, since the queue was first used.
+    processed: int = 0
+    failed: int = 0
+    #: Seconds since the oldest pending task was enqueued (0 with nothing pending).
+    latency: float = 0.0
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def size(self) -> int:
+        """Tasks in the queue, completed ones aside."""
+        return self.pending + self.scheduled + self.retry + self.active + self.archived
+
+
+@dataclass(frozen=True)
+class Minute:
+    """Counts of one minute of a queue's history."""
+
+    at: float
+    processed: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class QueueDetail:
+    """:class:`QueueInfo` and what ``queue inspect`` adds: memory, history, task types."""
+
+    info: QueueInfo
+    #: Bytes used by the queue's keys (``MEMORY USAGE``, sampled), None if not allowed.
+    memory: int | None
+    #: Per minute, oldest first, minutes without activity left out.
+    history: list[Minute]
+    #: Tasks per type (completed aside), when asked for.
+    types: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.info.to_dict()
+        out["memory"] = self.memory
+        out["history"] = [asdict(m) for m in self.history]
+        out["types"] = self.types
+        return out
+
+
+@dataclass(frozen=True)
+class TaskDetail:
+    """One task, as ``task inspect`` shows it: what :class:`TaskInfo` says, and for an
+    active task which worker holds it (the fencing token) and until when."""
+
+    info: TaskInfo
+    lease_token: str | None = None
+    lease_expires: float | None = None
+
+    @property
+    def worker(self) -> str | None:
+        """The id of the worker that holds the task (tokens are ``id:run:seq``)."""
+        if self.lease_token is None:
+            return None
+        return self.lease_token.rsplit(":", 2)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.info.to_dict()
+        out["lease_token"] = self.lease_token
+        out["lease_expires"] = self.lease_expires
+        out["worker"] = self.worker
+        return out
 
 
 class Inspector:
@@ -111,13 +186,19 @@ class Inspector:
             for key in (qk.scheduled, qk.retry, qk.active, qk.archived, qk.completed):
                 pipe.zcard(key)
             pipe.exists(qk.paused)
+            pipe.hmget(qk.stats, "processed", "failed")
+            pipe.lindex(qk.pending, -1)
             return pipe.execute()
 
         try:
             values = self.backend.execute(qk.slot, counts, timeout=self.timeout)
+            latency = self._latency(qk, values[-1])
         except (ClusterqError, redis.RedisError) as exc:
             return self._located(name, error=str(exc))
-        pending, scheduled, retry, active, archived, completed, paused = (int(v) for v in values)
+        pending, scheduled, retry, active, archived, completed, paused = (
+            int(v) for v in values[:7]
+        )
+        processed, failed = (int(v or 0) for v in values[7])
         # Located after the counts: the map may have changed while the call retried.
         return self._located(
             name,
@@ -128,7 +209,22 @@ class Inspector:
             archived=archived,
             completed=completed,
             paused=bool(paused),
+            processed=processed,
+            failed=failed,
+            latency=latency,
         )
+
+    def _latency(self, qk: QueueKeys, oldest: bytes | None) -> float:
+        """Seconds since the oldest pending task (the list's right end) was enqueued."""
+        if oldest is None:
+            return 0.0
+        raw = self.backend.execute(
+            qk.slot, lambda c: c.hget(qk.tasks, oldest), timeout=self.timeout
+        )
+        enqueued = stored_meta(raw).get("e")
+        if not isinstance(enqueued, int) or enqueued <= 0:
+            return 0.0
+        return max(0.0, time.time() - enqueued / 1000.0)
 
     def _located(self, name: str, **fields: Any) -> QueueInfo:
         location = self.topology.locate(name)
@@ -152,3 +248,182 @@ class Inspector:
         chosen = sorted(names) if names is not None else self.queue_names()
         self.backend.note_queues(chosen)
         return [self.queue(name) for name in chosen]
+
+    # ------------------------------------------------------------------ one queue, closer
+
+    def queue_detail(self, name: str, *, types: bool = False) -> QueueDetail:
+        """:meth:`queue`, the memory its keys use, its per-minute history and, with
+        ``types``, its tasks counted by type (read in batches of :data:`SCAN_BATCH`)."""
+        info = self.queue(name)
+        qk = self.keys.queue(name)
+        return QueueDetail(
+            info=info,
+            memory=self._memory(qk),
+            history=self.history(name),
+            types=self._types(qk) if types else None,
+        )
+
+    def history(self, name: str) -> list[Minute]:
+        """Processed and failed per minute for the last :data:`HISTORY_MINUTES` minutes,
+        oldest first; minutes without activity are left out."""
+        qk = self.keys.queue(name)
+        fields = self.backend.execute(qk.slot, lambda c: c.hgetall(qk.stats), timeout=self.timeout)
+        return history_from_stats(fields, time.time())
+
+    def _memory(self, qk: QueueKeys) -> int | None:
+        def usage(client: redis.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for key in qk.all_keys():
+                pipe.memory_usage(key, samples=5)
+            return pipe.execute(raise_on_error=False)
+
+        try:
+            values = self.backend.execute(qk.slot, usage, timeout=self.timeout)
+        except redis.ResponseError:
+            return None
+        if any(isinstance(v, Exception) for v in values):
+            return None  # MEMORY not allowed for this user
+        return sum(int(v or 0) for v in values)
+
+    def _types(self, qk: QueueKeys) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        completed = set(self._zset_ids(qk.completed))
+        cursor = 0
+        while True:
+
+            def scan(client: redis.Redis, at: int = cursor) -> Any:
+                return client.hscan(qk.tasks, at, count=SCAN_BATCH)
+
+            cursor, batch = self.backend.execute(qk.slot, scan, timeout=self.timeout)
+            for task_id, raw in batch.items():
+                if task_id in completed:
+                    continue
+                kind = stored_meta(raw).get("t")
+                label = kind if isinstance(kind, str) else "(unreadable)"
+                counts[label] = counts.get(label, 0) + 1
+            if int(cursor) == 0:
+                return dict(sorted(counts.items()))
+
+    def _zset_ids(self, key: str) -> list[bytes]:
+        ids: list[bytes] = []
+        start = 0
+        while True:
+
+            def page(client: redis.Redis, at: int = start) -> Any:
+                return client.zrange(key, at, at + SCAN_BATCH - 1)
+
+            batch = self.backend.execute_key(key, page, timeout=self.timeout)
+            ids += batch
+            if len(batch) < SCAN_BATCH:
+                return ids
+            start += SCAN_BATCH
+
+    # ------------------------------------------------------------------ tasks
+
+    def task_ids(
+        self,
+        queue: str,
+        state: TaskState | str,
+        *,
+        offset: int = 0,
+        limit: int = 20,
+        newest_first: bool = False,
+    ) -> list[str]:
+        """Ids of the tasks in ``state``, oldest first (pending: next to run first;
+        scheduled/retry: due first) unless ``newest_first``; one page."""
+        chosen = parse_state(state)
+        if offset < 0 or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"offset must be >= 0 and limit 1..{MAX_PAGE}")
+        qk = self.keys.queue(queue)
+        end = offset + limit - 1
+        if chosen == TaskState.PENDING:
+            # producers push on the left, workers take from the right
+            if newest_first:
+                fn: Any = lambda c: c.lrange(qk.pending, offset, end)  # noqa: E731
+            else:
+                fn = lambda c: list(reversed(c.lrange(qk.pending, -end - 1, -offset - 1)))  # noqa: E731
+        else:
+            key = getattr(qk, chosen.value)
+            fn = lambda c: c.zrange(key, offset, end, desc=newest_first)  # noqa: E731
+        ids = self.backend.execute(qk.slot, fn, timeout=self.timeout)
+        return [i.decode(errors="replace") if isinstance(i, bytes) else str(i) for i in ids]
+
+    def tasks(
+        self,
+        queue: str,
+        state: TaskState | str,
+        *,
+        offset: int = 0,
+        limit: int = 20,
+        newest_first: bool = False,
+    ) -> list[TaskInfo]:
+        """One page of the tasks in ``state`` (see :meth:`task_ids`), each as a
+        :class:`TaskInfo`; a task that left the state meanwhile is left out."""
+        out = []
+        for task_id in self.task_ids(
+            queue, state, offset=offset, limit=limit, newest_first=newest_first
+        ):
+            try:
+                out.append(self.task(queue, task_id).info)
+            except (TaskNotFound, ValueError):
+                continue
+        return out
+
+    def task(self, queue: str, task_id: str) -> TaskDetail:
+        """One task: its record, payload, state, retries, last error, result, and for an
+        active task the lease's token (which worker) and expiry. Raises
+        :class:`TaskNotFound`."""
+        validate_task_id(task_id)
+        qk = self.keys.queue(queue)
+        commands = [*info_commands(qk, task_id), ("HGET", qk.leases, task_id)]
+
+        def read(client: redis.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            return pipe.execute(raise_on_error=False)
+
+        values = info_values(self.backend.execute(qk.slot, read, timeout=self.timeout))
+        info = task_info(queue, task_id, values[:-1])
+        token = values[-1]
+        return TaskDetail(
+            info=info,
+            lease_token=token.decode(errors="replace") if isinstance(token, bytes) else token,
+            lease_expires=info.next_process_at if info.state == TaskState.ACTIVE else None,
+        )
+
+
+def history_from_stats(fields: dict[Any, Any], now: float) -> list[Minute]:
+    """The per-minute counters of a stats hash (fields ``p:<minute>``/``f:<minute>``)
+    within the last :data:`HISTORY_MINUTES`, oldest first."""
+    oldest = int(now // 60) - HISTORY_MINUTES
+    minutes: dict[int, list[int]] = {}
+    for key, value in fields.items():
+        name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+        kind, _, minute = name.partition(":")
+        if kind not in ("p", "f") or not minute.isdigit() or int(minute) <= oldest:
+            continue
+        counts = minutes.setdefault(int(minute), [0, 0])
+        try:
+            counts[0 if kind == "p" else 1] += int(value)
+        except ValueError:
+            continue
+    return [Minute(at=m * 60.0, processed=p, failed=f) for m, (p, f) in sorted(minutes.items())]
+
+
+def stored_meta(raw: Any) -> dict[str, Any]:
+    """The meta object of a stored record, or {} for one that is not readable."""
+    if not isinstance(raw, bytes):
+        return {}
+    try:
+        meta = json_value(raw.partition(b"\n")[0])
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def parse_state(state: TaskState | str) -> TaskState:
+    chosen = STATES.get(str(state))
+    if chosen is None:
+        raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+    return chosen

@@ -26,3 +26,19 @@ local function wrong_type(types)
   end
   return nil
 end
+
+-- Per-minute history in a queue's stats hash: field '<kind>:<minute>' (kind p processed,
+-- f failed; minute = ms since the epoch / 60000). The first count of a minute also
+-- drops the fields older than HISTORY_MINUTES (so a hash holds at most two per minute
+-- of that window, and the trim runs once a minute).
+local HISTORY_MINUTES = 360
+local function count_history(key, kind, n, now)
+  local minute = math.floor(now / 60000)
+  if redis.call('HINCRBY', key, kind .. ':' .. minute, n) ~= n then return end
+  local oldest, old = minute - HISTORY_MINUTES, {}
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    local m = tonumber(string.match(field, '^[pf]:(%d+)$'))
+    if m and m <= oldest then old[#old + 1] = field end
+  end
+  if #old > 0 then redis.call('HDEL', key, unpack(old)) end
+end

@@ -52,6 +52,7 @@ if #acked > 0 then
   redis.call('ZREM', KEYS[1], unpack(acked))
   redis.call('HDEL', KEYS[2], unpack(acked))
   redis.call('HINCRBY', KEYS[6], 'processed', #acked)
+  count_history(KEYS[6], 'p', #acked, now)
 end
 if #kept > 0 then redis.call('ZADD', KEYS[4], unpack(kept)) end
 if #results > 0 then redis.call('HSET', KEYS[5], unpack(results)) end

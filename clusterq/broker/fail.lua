@@ -22,7 +22,10 @@ if rec then
   local cut = string.find(rec, '\n', 1, true) or (#rec + 1)
   redis.call('HSET', KEYS[3], id, ARGV[3] .. string.sub(rec, cut))
 end
-if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[6], 'failed', 1) end
+if ARGV[6] == '1' then
+  redis.call('HINCRBY', KEYS[6], 'failed', 1)
+  count_history(KEYS[6], 'f', 1, now)
+end
 local delay = tonumber(ARGV[4])
 if delay >= 0 then
   redis.call('ZADD', KEYS[4], now + delay, id)

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import click
@@ -111,7 +112,8 @@ def run(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def ls(state: CliState, as_json: bool) -> None:
-    """Live workers: id, host, pid, queues, concurrency, active tasks."""
+    """Live workers: id, host, pid, queues, concurrency, tasks running now, processed
+    and failed totals, when started and how long ago they last announced themselves."""
     workers = Inspector(backend=state.backend()).workers()
     if as_json:
         print_json([w.to_dict() for w in workers])
@@ -119,10 +121,22 @@ def ls(state: CliState, as_json: bool) -> None:
     if not workers:
         click.echo("no live workers")
         return
+    now = time.time()
     console().print(
         table(
             None,
-            ["Worker", "Host", "Pid", "Queues", "Concurrency", "Active", "Processed", "Failed"],
+            [
+                "Worker",
+                "Host",
+                "Pid",
+                "Queues",
+                "Concurrency",
+                "Running",
+                "Processed",
+                "Failed",
+                "Started",
+                "Seen",
+            ],
             [
                 [
                     w.id,
@@ -133,8 +147,14 @@ def ls(state: CliState, as_json: bool) -> None:
                     w.active,
                     w.processed,
                     w.failed,
+                    _clock(w.started),
+                    f"{max(0.0, now - w.at):.0f}s ago" if w.at else "-",
                 ]
                 for w in workers
             ],
         )
     )
+
+
+def _clock(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"

@@ -45,6 +45,7 @@ class WorkerAnnouncement:
     queues: dict[str, int]
     concurrency: int
     started: float | None
+    #: Handlers running when the announcement was written.
     active: int
     processed: int
     failed: int

@@ -184,7 +184,14 @@ class Worker:
 
     @property
     def active(self) -> int:
+        """Concurrency slots in use: running handlers and slots a fetch loop holds
+        while it asks for tasks."""
         return self._capacity.in_use
+
+    @property
+    def running(self) -> int:
+        """Handlers running now (what ``worker ls`` shows)."""
+        return len(self._running)
 
     @property
     def held(self) -> int:
@@ -228,7 +235,7 @@ class Worker:
             "strict_priority": self.strict_priority,
             "concurrency": self.concurrency,
             "started": self.started_at,
-            "active": self.active,
+            "active": self.running,
             "processed": self.stats.processed,
             "failed": self.stats.failed,
             "loop_restarts": self.stats.loop_restarts,

@@ -1,0 +1,203 @@
+"""An operator's actions on queues and tasks: pause and resume a queue, delete, archive
+or run tasks (one by one, or in bulk by state and type), purge a state, remove a queue.
+
+Every action runs on the queue's own master in bounded batches (:data:`BATCH` tasks per
+script call; nothing reads a whole queue at once), and each task is checked by the script
+at the moment it is acted on, so an action is safe while workers are busy: an active task
+(one a worker holds under a lease) is never deleted or moved, except by ``remove_queue``
+with ``force``, after which that worker's acknowledgement is refused by the fencing rules
+(its lease is gone) rather than resurrecting the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from clusterq.broker import manage
+from clusterq.errors import ClusterqError
+from clusterq.inspector import Inspector, parse_state, stored_meta
+from clusterq.keys import QueueKeys, validate_task_id
+from clusterq.task import TaskState
+
+#: Tasks per script call in bulk actions.
+BATCH = 200
+
+#: ``progress(done, total)`` after each batch of a bulk action.
+Progress = Callable[[int, int], None]
+
+
+class QueueNotEmpty(ClusterqError):
+    """``remove_queue`` without ``force`` on a queue that still holds tasks."""
+
+
+@dataclass
+class BulkResult:
+    """What a bulk action did: tasks acted on, and tasks looked at but left alone (of
+    another type, in another state by the time the script reached them, or active)."""
+
+    done: int = 0
+    skipped: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def add(self, statuses: Iterable[str]) -> None:
+        for status in statuses:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if status == "ok":
+                self.done += 1
+            else:
+                self.skipped += 1
+
+
+class Admin(Inspector):
+    """:class:`Inspector` with the actions an operator takes."""
+
+    # ------------------------------------------------------------------ queues
+
+    def pause(self, queue: str) -> None:
+        """Stop workers taking tasks from ``queue`` (each worker notices at its next
+        fetch; tasks already running finish). Enqueues still work."""
+        qk = self.keys.queue(queue)
+        self.backend.execute(qk.slot, lambda c: c.set(qk.paused, "1"), timeout=self.timeout)
+
+    def unpause(self, queue: str) -> None:
+        qk = self.keys.queue(queue)
+        self.backend.execute(qk.slot, lambda c: c.delete(qk.paused), timeout=self.timeout)
+
+    def purge(
+        self, queue: str, state: TaskState | str, *, progress: Progress | None = None
+    ) -> BulkResult:
+        """Delete every task in ``state`` (not ``active``: cancel those, or stop the
+        workers first)."""
+        return self.act_all("delete", queue, state, progress=progress)
+
+    def remove_queue(self, queue: str, *, force: bool = False) -> BulkResult:
+        """Delete the queue's keys and take it out of the registry. Refused with
+        :class:`QueueNotEmpty` while it holds tasks (completed ones aside) unless
+        ``force``: then every task is deleted first, active ones included."""
+        qk = self.keys.queue(queue)
+        info = self.queue(queue)
+        if info.error:
+            raise ClusterqError(f"queue {queue!r}: {info.error}")
+        result = BulkResult()
+        if info.size and not force:
+            raise QueueNotEmpty(
+                f"queue {queue!r} still holds {info.size} task(s) (pending {info.pending}, "
+                f"active {info.active}, scheduled {info.scheduled}, retry {info.retry}, "
+                f"archived {info.archived}); remove it with force to delete them"
+            )
+        for state in TaskState:
+            part = self.act_all("delete", queue, state, force=True)
+            result.done += part.done
+            result.skipped += part.skipped
+        self.backend.execute(qk.slot, lambda c: c.delete(*qk.all_keys()), timeout=self.timeout)
+        registry = self.keys.queues
+        self.backend.execute_key(registry, lambda c: c.srem(registry, queue), timeout=self.timeout)
+        return result
+
+    # ------------------------------------------------------------------ tasks
+
+    def delete(self, queue: str, task_ids: Sequence[str]) -> dict[str, str]:
+        """Delete tasks (any state but active); per id: ``ok`` or why not."""
+        return self.act("delete", queue, task_ids)
+
+    def archive(self, queue: str, task_ids: Sequence[str]) -> dict[str, str]:
+        """Move pending, scheduled or retry tasks to the archive."""
+        return self.act("archive", queue, task_ids)
+
+    def run(self, queue: str, task_ids: Sequence[str]) -> dict[str, str]:
+        """Make scheduled, retry or archived tasks pending now. An archived task gets one
+        more attempt (its retries were used up)."""
+        return self.act("run", queue, task_ids)
+
+    def act(self, action: manage.Action, queue: str, task_ids: Sequence[str]) -> dict[str, str]:
+        """``action`` on each of ``task_ids``; per id: ``ok``, ``missing``,
+        ``state:<state>`` (the action does not apply to that state), or ``active``."""
+        ids = [validate_task_id(task_id) for task_id in task_ids]
+        qk = self.keys.queue(queue)
+        out: dict[str, str] = {}
+        for start in range(0, len(ids), BATCH):
+            batch = ids[start : start + BATCH]
+            for task_id, status in zip(batch, self._apply(qk, action, batch), strict=True):
+                out[task_id] = status
+        return out
+
+    def act_all(
+        self,
+        action: manage.Action,
+        queue: str,
+        state: TaskState | str,
+        *,
+        task_type: str | None = None,
+        progress: Progress | None = None,
+        force: bool = False,
+    ) -> BulkResult:
+        """``action`` on every task in ``state`` (of ``task_type`` if given), in batches.
+
+        Walks the state from its oldest end; the tasks it leaves alone (another type)
+        are stepped over, and it stops after as many tasks as the state held when it
+        began, so tasks arriving meanwhile cannot keep it going."""
+        chosen = parse_state(state)
+        if chosen == TaskState.ACTIVE and not force:
+            raise ValueError(
+                "active tasks are held by workers: they cannot be deleted, archived or run "
+                "(cancel them, or remove the queue with force)"
+            )
+        qk = self.keys.queue(queue)
+        total = self._size(qk, chosen)
+        result = BulkResult()
+        offset = seen = 0
+        while seen < total:
+            ids = self.task_ids(queue, chosen, offset=offset, limit=min(BATCH, total - seen))
+            if not ids:
+                break
+            statuses = self._apply(
+                qk, action, ids, state=chosen.value, task_type=task_type or "", force=force
+            )
+            result.add(statuses)
+            seen += len(ids)
+            # what was left alone is still there: step over it next time
+            offset += sum(1 for s in statuses if s in ("type", "active"))
+            if progress is not None:
+                progress(seen, total)
+        return result
+
+    def _size(self, qk: QueueKeys, state: TaskState) -> int:
+        if state == TaskState.PENDING:
+            fn: Any = lambda c: c.llen(qk.pending)  # noqa: E731
+        else:
+            key = getattr(qk, state.value)
+            fn = lambda c: c.zcard(key)  # noqa: E731
+        return int(self.backend.execute(qk.slot, fn, timeout=self.timeout))
+
+    def _apply(
+        self,
+        qk: QueueKeys,
+        action: manage.Action,
+        ids: Sequence[str],
+        *,
+        state: str = "",
+        task_type: str = "",
+        force: bool = False,
+    ) -> list[str]:
+        records = self.backend.execute(
+            qk.slot, lambda c: c.hmget(qk.tasks, list(ids)), timeout=self.timeout
+        )
+        targets = []
+        for task_id, raw in zip(ids, records, strict=True):
+            lock = stored_meta(raw).get("u")
+            targets.append(manage.Target(task_id, lock if isinstance(lock, str) else None))
+        keys, args = manage.build(
+            qk, action, targets, state=state, task_type=task_type, force=force
+        )
+
+        def call(client: Any) -> Any:
+            return manage.SCRIPT.call(client, keys, args)
+
+        try:
+            return manage.parse(self.backend.execute(qk.slot, call, timeout=self.timeout))
+        except redis.ResponseError as exc:
+            raise ClusterqError(f"queue {qk.queue!r}: {action} failed: {exc}") from None

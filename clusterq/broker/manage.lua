@@ -1,0 +1,94 @@
+-- manage: an operator's action on tasks of one queue: delete, archive or run now.
+-- Several tasks per call; each is checked here, at the moment it is acted on, so a call
+-- made from a listing that is already stale changes only what still matches.
+--
+-- KEYS[1] tasks   KEYS[2] pending   KEYS[3] scheduled   KEYS[4] retry   KEYS[5] active
+-- KEYS[6] archived   KEYS[7] completed   KEYS[8] results   KEYS[9] leases
+-- KEYS[10..] unique locks
+-- ARGV[1] action: delete | archive | run
+-- ARGV[2] only tasks in this state ('' any state)
+-- ARGV[3] only tasks of this type ('' any type)
+-- ARGV[4] 1: delete active tasks too (their worker's ack is then refused: its lease is
+--         gone), 0: leave active tasks alone
+-- ARGV[5..], two per task: id, unique lock index into KEYS (0: none)
+--
+-- Returns one status per task: 'ok'; 'missing' (no such task); 'state:<s>' (in another
+-- state than asked, or one the action does not apply to); 'type' (another type);
+-- 'active' (a worker holds it).
+do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash'}) if bad then return bad end end
+local action, want_state, want_type = ARGV[1], ARGV[2], ARGV[3]
+local force = ARGV[4] == '1'
+local now = now_ms()
+local zsets = {scheduled = KEYS[3], retry = KEYS[4], active = KEYS[5], archived = KEYS[6],
+  completed = KEYS[7]}
+
+local function state_of(id)
+  for _, name in ipairs({'active', 'scheduled', 'retry', 'archived', 'completed'}) do
+    if redis.call('ZSCORE', zsets[name], id) then return name end
+  end
+  if redis.call('LPOS', KEYS[2], id) then return 'pending' end
+  return nil
+end
+
+local function type_of(record)
+  local nl = string.find(record, '\n', 1, true)
+  local ok, meta = pcall(cjson.decode, string.sub(record, 1, (nl or 0) - 1))
+  if ok and type(meta) == 'table' then return meta['t'] end
+  return nil
+end
+
+local function take_out(id, state)
+  if state == 'pending' then
+    redis.call('LREM', KEYS[2], 1, id)
+  else
+    redis.call('ZREM', zsets[state], id)
+  end
+end
+
+local applies = {
+  delete = {pending = true, scheduled = true, retry = true, archived = true, completed = true,
+    none = true},
+  archive = {pending = true, scheduled = true, retry = true, none = true},
+  run = {scheduled = true, retry = true, archived = true, none = true},
+}
+if not applies[action] then
+  return redis.error_reply('ERR manage: unknown action ' .. action .. '; nothing was written')
+end
+
+local out = {}
+for i = 5, #ARGV, 2 do
+  local id, lock = ARGV[i], tonumber(ARGV[i + 1])
+  local record = redis.call('HGET', KEYS[1], id)
+  local state = state_of(id)
+  local status = 'ok'
+  if not record and not state then
+    status = 'missing'
+  elseif not state then
+    state = 'none'  -- a record in no state (written by something else)
+  end
+  if status ~= 'ok' then
+    -- nothing to do
+  elseif want_state ~= '' and state ~= want_state then
+    status = 'state:' .. state
+  elseif want_type ~= '' and (not record or type_of(record) ~= want_type) then
+    status = 'type'
+  elseif state == 'active' and not (action == 'delete' and force) then
+    status = 'active'
+  elseif state ~= 'active' and not applies[action][state] then
+    status = 'state:' .. state
+  else
+    if state ~= 'none' then take_out(id, state) end
+    if action == 'delete' then
+      redis.call('HDEL', KEYS[1], id)
+      redis.call('HDEL', KEYS[8], id)
+      redis.call('HDEL', KEYS[9], id)
+      if lock > 0 and redis.call('GET', KEYS[lock]) == id then redis.call('DEL', KEYS[lock]) end
+    elseif action == 'archive' then
+      redis.call('ZADD', KEYS[6], now, id)
+    else
+      redis.call('LPUSH', KEYS[2], id)
+    end
+  end
+  out[#out + 1] = status
+end
+return out

@@ -1,0 +1,335 @@
+"""The operator's admin API (``clusterq.admin.Admin`` over ``Inspector``), on a
+standalone node and on the 6-node cluster: acting on tasks one by one and in bulk while
+a worker is busy on the same queue, pausing, removing queues, listing and inspecting
+tasks, history counters, and the true worker counts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from clusterq import Client, Router, Task, TaskState
+from clusterq.admin import Admin, QueueNotEmpty
+from clusterq.inspector import HISTORY_MINUTES, Inspector, history_from_stats
+from clusterq.producer import TaskSpec
+from clusterq.tools.devcluster import LocalCluster
+from tests.helpers import await_for, running_worker, wait_for
+
+
+def _park(client: Client, queue: str, count: int, task_type: str, **options: Any) -> list[str]:
+    """``count`` tasks of ``task_type`` enqueued an hour ahead (scheduled)."""
+    specs = [
+        TaskSpec(task_type, {"n": i}, {"queue": queue, "process_in": 3600, **options})
+        for i in range(count)
+    ]
+    return [info.id for info in client.enqueue_many(specs)]
+
+
+def test_single_actions_and_what_each_refuses(url: str, prefix: str) -> None:
+    with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+        later = _park(client, "ops", 3, "report")
+        now = client.enqueue("report", {"x": 1}, queue="ops").id
+        unique = client.enqueue("report", {"u": 1}, queue="ops", unique_for=600).id
+        # archive: pending and scheduled tasks move to the archive
+        assert admin.archive("ops", [later[0], now]) == {later[0]: "ok", now: "ok"}
+        assert client.info(now, queue="ops").state == TaskState.ARCHIVED
+        # run now: archived and scheduled become pending; pending cannot "run"
+        statuses = admin.run("ops", [now, later[1], unique, "nope"])
+        assert statuses == {now: "ok", later[1]: "ok", unique: "state:pending", "nope": "missing"}
+        assert client.info(later[1], queue="ops").state == TaskState.PENDING
+        assert admin.task_ids("ops", "pending") == [unique, now, later[1]]  # next to run first
+        # delete: the record goes, and a unique task's lock with it
+        assert admin.delete("ops", [unique, later[2]]) == {unique: "ok", later[2]: "ok"}
+        assert client.enqueue("report", {"u": 1}, queue="ops", unique_for=600).id != unique
+        with pytest.raises(Exception, match="no task"):
+            client.info(later[2], queue="ops")
+        info = admin.queue("ops")
+        assert (info.pending, info.scheduled, info.archived) == (3, 0, 1)
+
+
+def test_an_active_task_is_never_moved_under_its_worker(url: str, prefix: str) -> None:
+    router = Router()
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @router.task("hold")
+    async def hold(task: Task) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+            task_id = client.enqueue("hold", queue="ops", retention=60).id
+            async with running_worker(url, router, queues=["ops"], prefix=prefix) as worker:
+                await asyncio.wait_for(started.wait(), 10)
+                for action in ("delete", "archive", "run"):
+                    assert admin.act(action, "ops", [task_id]) == {task_id: "active"}
+                with pytest.raises(ValueError, match="held by workers"):
+                    admin.act_all("delete", "ops", "active")
+                detail = admin.task("ops", task_id)
+                assert detail.info.state == TaskState.ACTIVE
+                assert detail.worker == worker.id
+                assert detail.lease_expires is not None and detail.lease_expires > time.time()
+                release.set()
+                await await_for(
+                    lambda: client.info(task_id, queue="ops").state == TaskState.COMPLETED,
+                    10,
+                    "the task to complete",
+                )
+            assert client.result(task_id, queue="ops") == "done"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_bulk_run_and_delete_of_10000_archived_tasks_while_a_worker_is_busy(
+    url: str, prefix: str
+) -> None:
+    ran: Counter[str] = Counter()
+    router = Router()
+
+    @router.task("replay")
+    async def replay(task: Task) -> None:
+        ran[task.id] += 1
+
+    @router.task("work")
+    async def work(task: Task) -> None:
+        ran[task.id] += 1
+
+    n = 10_000
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+            replayed = _park(client, "bulk", n, "replay")
+            dropped = _park(client, "bulk", n, "drop")
+            kept = _park(client, "bulk", 50, "keep", process_in=7200)
+            # parked as scheduled, archived in bulk (by type: the "keep" ones stay)
+            for task_type in ("replay", "drop"):
+                moved = admin.act_all("archive", "bulk", "scheduled", task_type=task_type)
+                assert moved.done == n and moved.skipped == moved.statuses["type"]
+            assert admin.queue("bulk").archived == 2 * n
+            async with running_worker(url, router, queues=["bulk"], prefix=prefix, concurrency=20):
+                work_ids = [client.enqueue("work", {"i": i}, queue="bulk").id for i in range(300)]
+                progress: list[tuple[int, int]] = []
+                deleted = admin.act_all(
+                    "delete",
+                    "bulk",
+                    "archived",
+                    task_type="drop",
+                    progress=lambda done, total: progress.append((done, total)),
+                )
+                run = admin.act_all("run", "bulk", "archived", task_type="replay")
+                assert (deleted.done, run.done) == (n, n)
+                assert progress[-1] == (2 * n, 2 * n) and len(progress) > 1
+                await await_for(lambda: len(ran) == n + 300, 120, "every task to run")
+                await await_for(lambda: admin.queue("bulk").active == 0, 10, "the acks")
+            assert set(ran) == set(replayed) | set(work_ids)
+            assert set(ran.values()) == {1}
+            info = admin.queue("bulk")
+            assert (info.pending, info.active, info.archived, info.retry) == (0, 0, 0, 0)
+            assert info.scheduled == 50
+            assert set(admin.task_ids("bulk", "scheduled", limit=100)) == set(kept)
+            with pytest.raises(Exception, match="no task"):
+                client.info(dropped[0], queue="bulk")
+
+    asyncio.run(scenario())
+
+
+def test_pause_stops_fetching_and_unpause_resumes(url: str, prefix: str) -> None:
+    ran: list[str] = []
+    router = Router()
+
+    @router.task("t")
+    async def t(task: Task) -> None:
+        ran.append(task.id)
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+            async with running_worker(url, router, queues=["p"], prefix=prefix) as worker:
+                first = client.enqueue("t", queue="p").id
+                await await_for(lambda: ran == [first], 10, "the first task")
+                admin.pause("p")
+                assert admin.queue("p").paused
+                second = client.enqueue("t", queue="p").id
+                # the worker keeps asking (a paused dequeue answers at once) and takes nothing
+                asked = worker.stats.processed
+                await asyncio.sleep(1.5)  # a negative: nothing may happen in this window
+                assert ran == [first] and worker.stats.processed == asked
+                assert admin.queue("p").pending == 1
+                admin.unpause("p")
+                await await_for(lambda: ran == [first, second], 5, "the task after unpause")
+
+    asyncio.run(scenario())
+
+
+def test_remove_queue_refuses_a_queue_with_tasks_unless_forced(url: str, prefix: str) -> None:
+    with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+        client.enqueue("x", queue="gone")
+        client.enqueue("x", queue="gone", process_in=60, unique_for=600)
+        assert "gone" in admin.queue_names()
+        with pytest.raises(QueueNotEmpty, match="still holds 2 task"):
+            admin.remove_queue("gone")
+        assert admin.queue("gone").size == 2  # nothing touched
+        removed = admin.remove_queue("gone", force=True)
+        assert removed.done == 2
+        assert "gone" not in admin.queue_names()
+        qk = admin.keys.queue("gone")
+        left = admin.backend.execute(qk.slot, lambda c: c.exists(*qk.all_keys()))
+        assert left == 0
+        # the unique lock went with its task
+        client.enqueue("x", queue="gone", process_in=60, unique_for=600)
+
+
+def test_listing_pages_and_orders(url: str, prefix: str) -> None:
+    with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+        ids = [client.enqueue("x", {"i": i}, queue="list").id for i in range(7)]
+        assert admin.task_ids("list", "pending", limit=3) == ids[:3]
+        assert admin.task_ids("list", "pending", offset=3, limit=3) == ids[3:6]
+        assert admin.task_ids("list", "pending", newest_first=True, limit=2) == ids[::-1][:2]
+        page = admin.tasks("list", TaskState.PENDING, offset=5, limit=10)
+        assert [t.id for t in page] == ids[5:] and page[0].payload == {"i": 5}
+        later = [client.enqueue("x", queue="list", process_in=100 + i).id for i in (3, 1, 2)]
+        assert admin.task_ids("list", "scheduled") == [later[1], later[2], later[0]]
+        with pytest.raises(ValueError, match="state must be one of"):
+            admin.task_ids("list", "sleeping")
+        assert admin.queue("list").latency >= 0.0
+
+
+def test_history_counts_processed_and_failed_per_minute(url: str, prefix: str) -> None:
+    router = Router()
+
+    @router.task("ok")
+    async def ok(task: Task) -> None:
+        return None
+
+    @router.task("bad")
+    async def bad(task: Task) -> None:
+        raise RuntimeError("no")
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            for i in range(20):
+                client.enqueue("ok", {"i": i}, queue="h")
+            for i in range(3):
+                client.enqueue("bad", {"i": i}, queue="h", max_retry=0)
+            async with running_worker(url, router, queues=["h"], prefix=prefix):
+                with Inspector(url, prefix=prefix) as inspector:
+
+                    def settled() -> bool:
+                        info = inspector.queue("h")
+                        return info.processed == 20 and info.failed == 3
+
+                    await await_for(settled, 15, "the counters")
+                    history = inspector.history("h")
+        assert sum(m.processed for m in history) == 20
+        assert sum(m.failed for m in history) == 3
+        assert all(m.at <= time.time() for m in history)
+
+    asyncio.run(scenario())
+
+
+def test_history_from_stats_keeps_the_window_only() -> None:
+    now = 1_800_000_000.0
+    minute = int(now // 60)
+    fields = {
+        b"processed": b"99",
+        f"p:{minute}".encode(): b"5",
+        f"f:{minute}".encode(): b"2",
+        f"p:{minute - 1}".encode(): b"1",
+        f"p:{minute - HISTORY_MINUTES}".encode(): b"7",  # just out of the window
+        b"p:junk": b"1",
+    }
+    history = history_from_stats(fields, now)
+    assert [(m.at, m.processed, m.failed) for m in history] == [
+        ((minute - 1) * 60.0, 1, 0),
+        (minute * 60.0, 5, 2),
+    ]
+
+
+def test_lua_and_python_agree_on_the_history_window() -> None:
+    from clusterq.broker.script import _read
+
+    assert f"local HISTORY_MINUTES = {HISTORY_MINUTES}\n" in _read("_prelude.lua")
+
+
+def test_worker_ls_shows_true_running_and_processed_counts(url: str, prefix: str) -> None:
+    router = Router()
+    gate = asyncio.Event()
+
+    @router.task("quick")
+    async def quick(task: Task) -> None:
+        return None
+
+    @router.task("slow")
+    async def slow(task: Task) -> None:
+        await gate.wait()
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client, Inspector(url, prefix=prefix) as inspector:
+            async with running_worker(
+                url, router, queues=["w"], prefix=prefix, concurrency=20
+            ) as worker:
+                client.enqueue_many([("quick", i) for i in range(500)], queue="w")
+
+                def announced(check: Callable[[Any], bool]) -> bool:
+                    mine = [w for w in inspector.workers() if w.id == worker.id]
+                    return bool(mine) and check(mine[0])
+
+                await await_for(
+                    lambda: announced(lambda w: w.processed == 500 and w.active == 0),
+                    15,
+                    "an idle worker announcing 500 processed and nothing running",
+                )
+                client.enqueue_many([("slow", i) for i in range(3)], queue="w")
+                await await_for(lambda: announced(lambda w: w.active == 3), 15, "three running")
+                gate.set()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+@pytest.mark.both_servers
+def test_history_counters_survive_a_failover(
+    fresh_cluster: Callable[[], LocalCluster], prefix: str
+) -> None:
+    cluster = fresh_cluster()
+    router = Router()
+
+    @router.task("ok")
+    async def ok(task: Task) -> None:
+        return None
+
+    async def scenario() -> None:
+        with Client(cluster.seed_url, prefix=prefix) as client:
+            client.enqueue_many([("ok", i) for i in range(50)], queue="images")
+            async with running_worker(cluster.seed_url, router, queues=["images"], prefix=prefix):
+                with Inspector(cluster.seed_url, prefix=prefix) as inspector:
+                    await await_for(
+                        lambda: inspector.queue("images").processed == 50, 15, "processed"
+                    )
+
+    asyncio.run(scenario())
+    with Admin(cluster.seed_url, prefix=prefix) as admin:
+        before = admin.history("images")
+        location = admin.topology.locate("images")
+        assert location.master is not None and location.replicas
+        master = cluster.client(location.master.port)
+        master.execute_command("WAIT", 1, 5000)
+        master.close()
+        replica = cluster.client(location.replicas[0].port)
+        replica.execute_command("CLUSTER", "FAILOVER")
+        replica.close()
+
+        def promoted() -> bool:
+            new = admin.refresh().locate("images").master
+            return new is not None and new.id == location.replicas[0].id
+
+        wait_for(promoted, 30, "the failover")
+        assert admin.history("images") == before
+        assert sum(m.processed for m in before) == 50
+        assert admin.queue("images").processed == 50
