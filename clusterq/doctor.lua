@@ -24,8 +24,9 @@ if not try('SET', a, 'x', 'PX', 30000) then
 end
 try('GET', a); try('EXISTS', a); try('TYPE', a); try('TIME')
 try('HSET', a, 'f', 'v'); try('HGET', a, 'f'); try('HMGET', a, 'f'); try('HDEL', a, 'f')
-try('HEXISTS', a, 'f'); try('HINCRBY', a, 'f', 1)
+try('HEXISTS', a, 'f'); try('HINCRBY', a, 'f', 1); try('HKEYS', a)
 try('LPUSH', a, 'v'); try('RPUSH', a, 'v'); try('RPOP', a)
+try('LPOS', a, 'v'); try('LREM', a, 1, 'v')
 try('ZADD', a, 1, 'm'); try('ZCARD', a); try('ZRANGE', a, 0, -1)
 try('ZRANGEBYSCORE', a, 0, 1); try('ZREM', a, 'm'); try('ZREMRANGEBYSCORE', a, 0, 1)
 try('ZSCORE', a, 'm')

@@ -37,6 +37,8 @@ _ON_STRING: dict[str, Probe] = {
     "hset": lambda a, b: ("HSET", a, "f", "v"),
     "lpush": lambda a, b: ("LPUSH", a, "v"),
     "sadd": lambda a, b: ("SADD", a, "v"),
+    "srem": lambda a, b: ("SREM", a, "v"),
+    "set": lambda a, b: ("SET", a, "x", "PX", 30000),  # the probe key itself
 }
 #: The rest: no key, or the key ``b`` that is never written.
 _PLAIN: dict[str, Probe] = {
@@ -58,6 +60,13 @@ _PLAIN: dict[str, Probe] = {
     "llen": lambda a, b: ("LLEN", b),
     "zcard": lambda a, b: ("ZCARD", b),
     "exists": lambda a, b: ("EXISTS", b),
+    "del": lambda a, b: ("DEL", b),
+    "lrange": lambda a, b: ("LRANGE", b, 0, 0),
+    "lindex": lambda a, b: ("LINDEX", b, 0),
+    "hmget": lambda a, b: ("HMGET", b, "f"),
+    "hscan": lambda a, b: ("HSCAN", b, 0),
+    "zrange": lambda a, b: ("ZRANGE", b, 0, 0),
+    "memory|usage": lambda a, b: ("MEMORY", "USAGE", b),
 }
 
 

@@ -20,11 +20,11 @@ ROLES: tuple[Role, ...] = ("producer", "worker", "operator")
 CONNECT = ("ping", "info", "select", "cluster|shards", "cluster|nodes")
 
 #: Commands called inside clusterq's Lua scripts (enqueue, dequeue, ack, fail, extend,
-#: requeue, sweep).
+#: requeue, sweep, manage).
 SCRIPTED = (
     "del", "exists", "get", "set", "time", "type",
-    "hdel", "hexists", "hget", "hincrby", "hmget", "hset",
-    "lpush", "rpop", "rpush",
+    "hdel", "hexists", "hget", "hincrby", "hkeys", "hmget", "hset",
+    "lpos", "lpush", "lrem", "rpop", "rpush",
     "zadd", "zcard", "zrange", "zrangebyscore", "zrem", "zremrangebyscore", "zscore",
 )  # fmt: skip
 
@@ -39,12 +39,17 @@ DIRECT: dict[Role, tuple[str, ...]] = {
     # dequeue waits with BLMOVE; the announcement in <prefix>:workers (HSET, EXPIRE,
     # HGETALL, HDEL).
     "worker": ("blmove", "sadd", "hset", "expire", "hgetall", "hdel", "hget", "zscore"),
-    # queue ls, worker ls, task info, cluster watch.
-    "operator": ("smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore"),
-}
+    # queue ls/inspect, worker ls, task ls/inspect, cluster watch; pause and unpause
+    # (SET, DEL), queue rm (DEL, SREM); task actions run the manage script.
+    "operator": (
+        "smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore",
+        "lrange", "lindex", "hmget", "hscan", "zrange", "memory|usage",
+        "set", "del", "srem",
+    ),
+}  # fmt: skip
 
 #: Roles whose work runs the Lua scripts.
-USES_SCRIPTS: dict[Role, bool] = {"producer": True, "worker": True, "operator": False}
+USES_SCRIPTS: dict[Role, bool] = {"producer": True, "worker": True, "operator": True}
 
 
 def commands(role: Role) -> list[str]:

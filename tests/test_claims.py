@@ -173,6 +173,7 @@ def test_queue_ls_cluster_json_has_every_documented_field(
     got = wait_for(lambda: (r := row())["completed"] == 1 and r, 10, "the ack")
     location = cluster.topology().locate("images")
     assert location.master is not None
+    assert 0 <= got.pop("latency") < 60
     assert got == {
         "queue": "images",
         "keyslot": location.keyslot,
@@ -186,6 +187,8 @@ def test_queue_ls_cluster_json_has_every_documented_field(
         "archived": 1,
         "completed": 1,
         "paused": True,
+        "processed": 1,
+        "failed": 2,
         "error": None,
     }
     assert location.master.addr.startswith(f"{HOST}:")
