@@ -71,6 +71,43 @@ class QueueInfo:
 
 
 @dataclass(frozen=True)
+class NodeTotals:
+    """The sums over the queues one master owns."""
+
+    master: str
+    queues: int = 0
+    pending: int = 0
+    active: int = 0
+    scheduled: int = 0
+    retry: int = 0
+    archived: int = 0
+    processed: int = 0
+    failed: int = 0
+    #: The highest latency among its queues.
+    latency: float = 0.0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """``clusterq stats``: per master, per queue, and the workers."""
+
+    nodes: list[NodeTotals]
+    queues: list[QueueInfo]
+    workers: int
+    running: int
+    concurrency: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodes": [asdict(n) for n in self.nodes],
+            "queues": [q.to_dict() for q in self.queues],
+            "workers": self.workers,
+            "running": self.running,
+            "concurrency": self.concurrency,
+        }
+
+
+@dataclass(frozen=True)
 class Minute:
     """Counts of one minute of a queue's history."""
 
@@ -248,6 +285,28 @@ class Inspector:
         chosen = sorted(names) if names is not None else self.queue_names()
         self.backend.note_queues(chosen)
         return [self.queue(name) for name in chosen]
+
+    def stats(self) -> Summary:
+        """Every queue, the sums per master that owns them, and the live workers."""
+        queues = self.queues()
+        by_node: dict[str, dict[str, Any]] = {}
+        for q in queues:
+            if q.error or q.master is None:
+                continue
+            totals = by_node.setdefault(q.master, {"master": q.master, "queues": 0})
+            totals["queues"] += 1
+            for name in ("pending", "active", "scheduled", "retry", "archived", "processed",
+                         "failed"):  # fmt: skip
+                totals[name] = totals.get(name, 0) + getattr(q, name)
+            totals["latency"] = max(totals.get("latency", 0.0), q.latency)
+        workers = self.workers()
+        return Summary(
+            nodes=[NodeTotals(**by_node[addr]) for addr in sorted(by_node)],
+            queues=queues,
+            workers=len(workers),
+            running=sum(w.active for w in workers),
+            concurrency=sum(w.concurrency for w in workers),
+        )
 
     # ------------------------------------------------------------------ one queue, closer
 

@@ -12,7 +12,8 @@ from clusterq.cli.doctor import doctor
 from clusterq.cli.drill import drill
 from clusterq.cli.queue import queue
 from clusterq.cli.state import CliState, ClusterqGroup
-from clusterq.cli.tasks import enqueue
+from clusterq.cli.stats import stats
+from clusterq.cli.tasks import enqueue, task
 from clusterq.cli.worker import worker
 from clusterq.cluster.connection import DEFAULT_URL, Mode
 from clusterq.keys import DEFAULT_PREFIX
@@ -54,6 +55,8 @@ main.add_command(dev)
 main.add_command(queue)
 main.add_command(cluster)
 main.add_command(enqueue)
+main.add_command(task)
+main.add_command(stats)
 main.add_command(worker)
 main.add_command(drill)
 main.add_command(bench)

@@ -133,7 +133,7 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     "--queues", type=int, default=None, help="Queues for e2e/latency (default: one per master)."
 )
 @click.option("--no-baseline", is_flag=True, help="Skip the redis-benchmark baseline.")
-@click.option("--seed", type=int, default=None, hidden=True)
+@click.option("--seed", type=int, default=None, hidden=True, help="Random seed (tests).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def bench(

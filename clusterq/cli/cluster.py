@@ -9,7 +9,7 @@ import time
 import click
 
 from clusterq.cli.render import console, print_json, slot_map_table, slot_ranges, table
-from clusterq.cli.state import CliState
+from clusterq.cli.state import CliState, connection_options
 from clusterq.cluster.changes import TopologyEvent
 from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError
@@ -34,6 +34,7 @@ def cluster() -> None:
 
 @cluster.command("nodes")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@connection_options
 @click.pass_obj
 def nodes(state: CliState, as_json: bool) -> None:
     """Every node: id, address, role, master, health, slots."""
@@ -67,6 +68,7 @@ def nodes(state: CliState, as_json: bool) -> None:
 
 @cluster.command("slots")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@connection_options
 @click.pass_obj
 def slots(state: CliState, as_json: bool) -> None:
     """Slot ranges and the master and replicas that hold each."""
@@ -83,6 +85,7 @@ def slots(state: CliState, as_json: bool) -> None:
 )
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@connection_options
 @click.pass_obj
 def watch(state: CliState, interval: float, duration: float | None, as_json: bool) -> None:
     """Stream topology events (failovers, failed and recovered nodes) until Ctrl-C."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from clusterq.cli.render import console, print_json, table
-from clusterq.cli.state import CliState
+from clusterq.cli.state import CliState, connection_options
 from clusterq.doctor import check
 from clusterq.permissions import ROLES, Role, acl_rules
 
@@ -19,6 +19,7 @@ from clusterq.permissions import ROLES, Role, acl_rules
     help="Check only these roles (repeatable). Default: all three.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@connection_options
 @click.pass_obj
 def doctor(state: CliState, roles: tuple[Role, ...], as_json: bool) -> None:
     """Check the ACL permissions of the URL's user for each role (producer, worker,

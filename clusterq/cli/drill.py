@@ -76,25 +76,39 @@ def render(report: DrillReport) -> None:
 
 @drill.command("failover")
 @click.option("--queue", "-q", required=True, help="The queue whose master is failed.")
-@click.option("--mode", type=click.Choice(MODES), required=True)
-@click.option("--tasks", type=int, default=2000, show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    required=True,
+    help="kill -9 the master, SIGSTOP it, or CLUSTER FAILOVER (manual/takeover) on its replica.",
+)
+@click.option(
+    "--tasks", type=int, default=2000, show_default=True, help="Tasks enqueued during the drill."
+)
 @click.option("--rate", type=float, default=500.0, show_default=True, help="Tasks per second.")
 @click.option(
     "--durability",
     type=click.Choice(["replica", "none", "aof"]),
     default="replica",
     show_default=True,
+    help="How enqueues are confirmed (replica: WAIT 1; aof: WAITAOF).",
 )
 @click.option(
     "--workers", type=int, default=2, show_default=True, help="Worker processes to start."
 )
-@click.option("--concurrency", type=int, default=16, show_default=True)
+@click.option("--concurrency", type=int, default=16, show_default=True, help="Per worker process.")
 @click.option(
     "--use-running-workers",
     is_flag=True,
     help="Start none; use workers running clusterq.tools.drill:router.",
 )
-@click.option("--settle-timeout", type=float, default=90.0, show_default=True)
+@click.option(
+    "--settle-timeout",
+    type=float,
+    default=90.0,
+    show_default=True,
+    help="Seconds to wait after the fault for every task to be done.",
+)
 @click.option("--seed", type=int, default=None, help="Seed for the moment of the fault.")
 @click.option(
     "--stall-margin",

@@ -13,6 +13,10 @@ import redis
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import Mode, redact_url, translate_error
 from clusterq.errors import ClusterqError
+from clusterq.task import STATES
+
+#: ``--state`` choices.
+STATE_CHOICE = click.Choice(list(STATES))
 
 
 class CliError(click.ClickException):
@@ -58,3 +62,48 @@ class CliState:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+def _override(name: str) -> Any:
+    def callback(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            state = ctx.find_object(CliState)
+            if state is not None:
+                state.close()  # a backend built from the global options is dropped
+                setattr(state, name, value)
+
+    return callback
+
+
+def connection_options(fn: Any) -> Any:
+    """``--url`` and ``--prefix`` accepted after the subcommand too
+    (``clusterq queue ls --url …``), overriding the global ones."""
+    fn = click.option(
+        "--prefix",
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_override("prefix"),
+        help="Key prefix (same as the global --prefix).",
+    )(fn)
+    return click.option(
+        "--url",
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_override("url"),
+        help="Seed URL (same as the global --url, which it overrides).",
+    )(fn)
+
+
+def confirm(yes: bool, question: str) -> None:
+    """Ask before a destructive action unless ``--yes``; stop with exit 1 on no, or
+    when nobody answers (no input)."""
+    if yes:
+        return
+    try:
+        agreed = click.confirm(question, default=False, err=True)
+    except click.Abort:
+        agreed = False
+    if not agreed:
+        raise CliError("cancelled: nothing was changed (pass --yes to skip this question)")

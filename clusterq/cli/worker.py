@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from clusterq.cli.render import console, print_json, table
-from clusterq.cli.state import CliError, CliState
+from clusterq.cli.state import CliError, CliState, connection_options
 from clusterq.inspector import Inspector
 from clusterq.router import Router
 from clusterq.worker import DEFAULT_LEASE, DEFAULT_POLL_INTERVAL, Worker, parse_queues
@@ -54,18 +54,40 @@ def load_router(spec: str) -> Router:
 @click.argument("router_spec", metavar="MODULE:ROUTER")
 @click.option("--queues", "-q", default="default=1", show_default=True, help="name=weight,...")
 @click.option("--strict", is_flag=True, help="Strict priority: heavier queues first, always.")
-@click.option("--concurrency", "-c", type=int, default=10, show_default=True)
-@click.option("--shutdown-timeout", type=float, default=10.0, show_default=True)
+@click.option(
+    "--concurrency", "-c", type=int, default=10, show_default=True, help="Tasks run at once."
+)
+@click.option(
+    "--shutdown-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds running tasks get to finish on stop; the rest go back to their queues.",
+)
 @click.option("--lease", type=float, default=DEFAULT_LEASE, show_default=True, help="Seconds.")
-@click.option("--recover-interval", type=float, default=1.0, show_default=True)
-@click.option("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL, show_default=True)
+@click.option(
+    "--recover-interval",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds between looks for expired leases and upkeep.",
+)
+@click.option(
+    "--poll-interval",
+    type=float,
+    default=DEFAULT_POLL_INTERVAL,
+    show_default=True,
+    help="Longest blocking wait for work, in seconds (due delayed tasks are checked this often).",
+)
 @click.option("--name", default=None, help="Worker id (default host:pid:random).")
 @click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
     show_default=True,
+    help="Log level.",
 )
+@connection_options
 @click.pass_obj
 def run(
     state: CliState,
@@ -110,6 +132,7 @@ def run(
 
 @worker.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@connection_options
 @click.pass_obj
 def ls(state: CliState, as_json: bool) -> None:
     """Live workers: id, host, pid, queues, concurrency, tasks running now, processed
