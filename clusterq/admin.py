@@ -113,6 +113,14 @@ class Admin(Inspector):
         more attempt (its retries were used up)."""
         return self.act("run", queue, task_ids)
 
+    def cancel(self, queue: str, task_ids: Sequence[str]) -> dict[str, str]:
+        """Ask the workers that run these active tasks to cancel them: each is told at
+        its next lease renewal (a quarter of the lease, 2.5 s by default); an ``async``
+        handler is cancelled, a plain function's result is thrown away when it returns;
+        either way the task is archived with the error "cancelled by an operator".
+        Per id: ``ok`` (asked), or why not (``state:<state>`` when not active)."""
+        return self.act("cancel", queue, task_ids)
+
     def act(self, action: manage.Action, queue: str, task_ids: Sequence[str]) -> dict[str, str]:
         """``action`` on each of ``task_ids``; per id: ``ok``, ``missing``,
         ``state:<state>`` (the action does not apply to that state), or ``active``."""

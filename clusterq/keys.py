@@ -137,6 +137,12 @@ class QueueKeys:
         return f"{self.base}:paused"
 
     @cached_property
+    def cancel(self) -> str:
+        """Hash: id of an active task -> when (ms) an operator asked to cancel it; the
+        worker that holds it reads it with its lease renewal."""
+        return f"{self.base}:cancel"
+
+    @cached_property
     def stats(self) -> str:
         """Hash of counters: processed, failed."""
         return f"{self.base}:stats"
@@ -159,6 +165,7 @@ class QueueKeys:
             self.leases,
             self.results,
             self.paused,
+            self.cancel,
             self.stats,
         )
 

@@ -6,6 +6,7 @@ tasks, history counters, and the true worker counts."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -82,6 +83,91 @@ def test_an_active_task_is_never_moved_under_its_worker(url: str, prefix: str) -
                     "the task to complete",
                 )
             assert client.result(task_id, queue="ops") == "done"
+
+    asyncio.run(scenario())
+
+
+def test_cancel_reaches_the_running_async_handler_and_archives_the_task(
+    url: str, prefix: str
+) -> None:
+    router = Router()
+    started = asyncio.Event()
+    outcome: list[str] = []
+
+    @router.task("long")
+    async def long(task: Task) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        outcome.append("finished")
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+            task_id = client.enqueue("long", queue="c", max_retry=5).id
+            waiting = client.enqueue("long", queue="c", process_in=600).id
+            async with running_worker(
+                url, router, queues=["c"], prefix=prefix, lease=1.0
+            ) as worker:
+                await asyncio.wait_for(started.wait(), 10)
+                assert admin.cancel("c", [task_id, waiting, "nope"]) == {
+                    task_id: "ok",
+                    waiting: "state:scheduled",
+                    "nope": "missing",
+                }
+                await await_for(
+                    lambda: client.info(task_id, queue="c").state == TaskState.ARCHIVED,
+                    10,
+                    "the cancelled task to be archived",
+                )
+                assert worker.running == 0  # its slot is free again
+                qk = admin.keys.queue("c")
+                # the request goes once the task is no longer active (the worker's sweep)
+                await await_for(
+                    lambda: not admin.backend.execute(qk.slot, lambda c: c.exists(qk.cancel)),
+                    5,
+                    "the cancel request to be dropped",
+                )
+            info = client.info(task_id, queue="c")
+            assert info.last_error == "cancelled by an operator"
+            assert outcome == ["cancelled"]  # the handler saw CancelledError, no retry
+            assert worker.stats.leases_lost == 0
+
+    asyncio.run(scenario())
+
+
+def test_cancel_of_a_sync_handler_archives_the_task_and_keeps_its_slot_until_it_returns(
+    url: str, prefix: str
+) -> None:
+    router = Router()
+    started, release = threading.Event(), threading.Event()
+
+    @router.task("blocking")
+    def blocking(task: Task) -> str:
+        started.set()
+        release.wait(30)
+        return "late"
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+            task_id = client.enqueue("blocking", queue="cs", retention=60).id
+            async with running_worker(
+                url, router, queues=["cs"], prefix=prefix, lease=1.0, concurrency=2
+            ) as worker:
+                await asyncio.to_thread(started.wait, 10)
+                assert admin.cancel("cs", [task_id]) == {task_id: "ok"}
+                await await_for(
+                    lambda: client.info(task_id, queue="cs").state == TaskState.ARCHIVED,
+                    10,
+                    "the cancelled task to be archived",
+                )
+                assert worker.active == 1  # the thread still runs: its slot stays taken
+                release.set()
+                await await_for(lambda: worker.active == 0, 10, "the slot back")
+            info = client.info(task_id, queue="cs")
+            assert info.state == TaskState.ARCHIVED and info.result is None
 
     asyncio.run(scenario())
 

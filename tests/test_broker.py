@@ -49,10 +49,11 @@ def test_fail_layout() -> None:
 def test_extend_requeue_dequeue_layouts() -> None:
     held = [("a", "w:1"), ("b", "w:2")]
     assert extend.build(QK, 10000, held) == (
-        [QK.active, QK.leases],
+        [QK.active, QK.leases, QK.cancel],
         [10000, "a", "w:1", "b", "w:2"],
     )
-    assert extend.parse([b"a", "b"]) == {"a", "b"}
+    renewed = extend.parse([[b"a", "b"], [b"c"]])
+    assert (renewed.lost, renewed.cancelled) == ({"a", "b"}, {"c"})
     assert requeue.build(QK, held) == ([QK.active, QK.leases, QK.pending], ["a", "w:1", "b", "w:2"])
     assert requeue.parse(b"2") == 2
     keys, args = dequeue.build(QK, 7, 10000, "w:3")
@@ -90,5 +91,6 @@ def test_sweep_replies_in_both_shapes() -> None:
         QK.results,
         QK.archived,
         QK.done,
+        QK.cancel,
     ]
     assert args == [100, 10, 99]

@@ -62,9 +62,9 @@ class Broker:
 
     async def extend(
         self, qk: QueueKeys, lease_ms: int, held: Sequence[tuple[str, str]], *, timeout: float
-    ) -> set[str]:
-        """Renew the leases of ``held`` (id, token) pairs; returns the ids whose lease was
-        lost (taken over, or expired and recovered)."""
+    ) -> extend.Renewed:
+        """Renew the leases of ``held`` (id, token) pairs; says which leases were lost
+        (taken over, or expired and recovered) and which tasks to cancel."""
         built = extend.build(qk, lease_ms, held)
         return extend.parse(await self._run(extend.SCRIPT, qk, built, timeout))
 

@@ -1,11 +1,12 @@
--- manage: an operator's action on tasks of one queue: delete, archive or run now.
+-- manage: an operator's action on tasks of one queue: delete, archive, run now, or
+-- cancel (an active task: the worker that holds it is told at its next lease renewal).
 -- Several tasks per call; each is checked here, at the moment it is acted on, so a call
 -- made from a listing that is already stale changes only what still matches.
 --
 -- KEYS[1] tasks   KEYS[2] pending   KEYS[3] scheduled   KEYS[4] retry   KEYS[5] active
 -- KEYS[6] archived   KEYS[7] completed   KEYS[8] results   KEYS[9] leases
--- KEYS[10..] unique locks
--- ARGV[1] action: delete | archive | run
+-- KEYS[10] cancel requests   KEYS[11..] unique locks
+-- ARGV[1] action: delete | archive | run | cancel
 -- ARGV[2] only tasks in this state ('' any state)
 -- ARGV[3] only tasks of this type ('' any type)
 -- ARGV[4] 1: delete active tasks too (their worker's ack is then refused: its lease is
@@ -15,7 +16,7 @@
 -- Returns one status per task: 'ok'; 'missing' (no such task); 'state:<s>' (in another
 -- state than asked, or one the action does not apply to); 'type' (another type);
 -- 'active' (a worker holds it).
-do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash'}) if bad then return bad end end
+do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash', 'hash'}) if bad then return bad end end
 local action, want_state, want_type = ARGV[1], ARGV[2], ARGV[3]
 local force = ARGV[4] == '1'
 local now = now_ms()
@@ -50,6 +51,7 @@ local applies = {
     none = true},
   archive = {pending = true, scheduled = true, retry = true, none = true},
   run = {scheduled = true, retry = true, archived = true, none = true},
+  cancel = {active = true},
 }
 if not applies[action] then
   return redis.error_reply('ERR manage: unknown action ' .. action .. '; nothing was written')
@@ -72,16 +74,19 @@ for i = 5, #ARGV, 2 do
     status = 'state:' .. state
   elseif want_type ~= '' and (not record or type_of(record) ~= want_type) then
     status = 'type'
-  elseif state == 'active' and not (action == 'delete' and force) then
+  elseif state == 'active' and not (action == 'delete' and force) and action ~= 'cancel' then
     status = 'active'
-  elseif state ~= 'active' and not applies[action][state] then
+  elseif not applies[action][state] and not (state == 'active' and force) then
     status = 'state:' .. state
+  elseif action == 'cancel' then
+    redis.call('HSET', KEYS[10], id, now)
   else
     if state ~= 'none' then take_out(id, state) end
     if action == 'delete' then
       redis.call('HDEL', KEYS[1], id)
       redis.call('HDEL', KEYS[8], id)
       redis.call('HDEL', KEYS[9], id)
+      redis.call('HDEL', KEYS[10], id)
       if lock > 0 and redis.call('GET', KEYS[lock]) == id then redis.call('DEL', KEYS[lock]) end
     elseif action == 'archive' then
       redis.call('ZADD', KEYS[6], now, id)

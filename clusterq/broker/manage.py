@@ -1,4 +1,4 @@
-"""manage: an operator's delete / archive / run-now of tasks (``manage.lua``)."""
+"""manage: an operator's delete / archive / run-now / cancel of tasks (``manage.lua``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from clusterq.keys import QueueKeys
 
 SCRIPT = LuaScript("manage")
 
-Action = Literal["delete", "archive", "run"]
-ACTIONS: tuple[Action, ...] = ("delete", "archive", "run")
+Action = Literal["delete", "archive", "run", "cancel"]
+ACTIONS: tuple[Action, ...] = ("delete", "archive", "run", "cancel")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ def build(
         qk.completed,
         qk.results,
         qk.leases,
+        qk.cancel,
     ]
     args: list[Any] = [action, state, task_type, 1 if force else 0]
     for target in targets:

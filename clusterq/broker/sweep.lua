@@ -4,11 +4,12 @@
 -- lease expired so that the caller can fail them (fail.lua with only_if_expired).
 --
 -- KEYS[1] active   KEYS[2] leases   KEYS[3] tasks   KEYS[4] completed   KEYS[5] results
--- KEYS[6] archived   KEYS[7] done
+-- KEYS[6] archived   KEYS[7] done   KEYS[8] cancel requests (dropped once the task is
+-- no longer active)
 -- ARGV[1] at most this many per step   ARGV[2] archive max size   ARGV[3] archive max age ms
 --
 -- Returns {deleted, id1, token1, record1, ...} for expired leases.
-do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'hash', 'zset', 'zset'}) if bad then return bad end end
+do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'hash', 'zset', 'zset', 'hash'}) if bad then return bad end end
 local now, limit = now_ms(), tonumber(ARGV[1])
 local deleted = 0
 
@@ -36,6 +37,14 @@ if #old > 0 then
 end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
+
+if redis.call('EXISTS', KEYS[8]) == 1 then
+  local stale = {}
+  for _, id in ipairs(redis.call('HKEYS', KEYS[8])) do
+    if not redis.call('ZSCORE', KEYS[1], id) then stale[#stale + 1] = id end
+  end
+  if #stale > 0 then redis.call('HDEL', KEYS[8], unpack(stale)) end
+end
 
 local out = {deleted}
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)

@@ -22,7 +22,16 @@ class Swept:
 def build(
     qk: QueueKeys, *, limit: int = 100, archive_max_size: int, archive_max_age_ms: int
 ) -> tuple[list[str], list[Any]]:
-    keys = [qk.active, qk.leases, qk.tasks, qk.completed, qk.results, qk.archived, qk.done]
+    keys = [
+        qk.active,
+        qk.leases,
+        qk.tasks,
+        qk.completed,
+        qk.results,
+        qk.archived,
+        qk.done,
+        qk.cancel,
+    ]
     return keys, [limit, archive_max_size, archive_max_age_ms]
 
 

@@ -220,6 +220,24 @@ def _bulk_command(action: Action, verb: str, doc: str) -> click.Command:
     return click.command(action)(command)
 
 
+@task.command("cancel")
+@click.argument("task_ids", nargs=-1, required=True)
+@_QUEUE
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@connection_options
+@click.pass_obj
+def task_cancel(state: CliState, task_ids: tuple[str, ...], queue: str, yes: bool) -> None:
+    """Cancel active tasks: the worker running each is told at its next lease renewal,
+    cancels an async handler, and archives the task."""
+    admin = Admin(backend=state.backend())
+    confirm(yes, f"cancel {len(task_ids)} running task(s) of queue {queue}?")
+    statuses = admin.cancel(queue, list(task_ids))
+    for task_id, status in statuses.items():
+        click.echo(f"{task_id}: {'cancel requested' if status == 'ok' else _why(status)}")
+    if any(status != "ok" for status in statuses.values()):
+        raise SystemExit(1)
+
+
 def _why(status: str) -> str:
     if status == "missing":
         return "no such task"

@@ -92,8 +92,8 @@ class Fetcher:
                 )
             self.capacity.release(granted - len(got.tasks))
             for task_id, raw in got.tasks:
-                q.held[task_id] = Held(token)
                 running = asyncio.create_task(self.runner.execute(q, task_id, token, raw))
+                q.held[task_id] = Held(token, run=running)
                 self.running.add(running)
                 running.add_done_callback(self.running.discard)
             if got.paused:

@@ -38,7 +38,9 @@ class Runner:
         settings: WorkerSettings,
         capacity: Capacity,
         outcomes: Outcomes,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
+        self.stopping = stopping
         self.router = router
         self.settings = settings
         self.capacity = capacity
@@ -55,6 +57,7 @@ class Runner:
         """Run one task taken under ``token``; releases its concurrency slot when done
         (or, for an abandoned sync handler, when its thread returns)."""
         keep_slot = False
+        record: Record | None = None
         try:
             try:
                 record = Record.decode(raw)
@@ -69,8 +72,19 @@ class Runner:
             else:
                 await self.outcomes.fail(q, task_id, token, record, outcome)
         except asyncio.CancelledError:
-            # Stopping: leave the task held; stop() returns it to the queue.
-            raise
+            held = q.held.get(task_id)
+            current = asyncio.current_task()
+            if held is None or not held.cancelled or current is None or self.stopping():
+                raise  # stopping: leave the task held; stop() returns it to the queue
+            # An operator cancelled it: archived, no retry (a sync handler's thread runs
+            # on; its slot stays taken until it returns).
+            uncancel = getattr(current, "uncancel", None)  # Python >= 3.11
+            if uncancel is not None:
+                uncancel()
+            keep_slot = task_id in self._threads
+            log.warning("queue %s: task %s cancelled by an operator", q.name, task_id)
+            cancelled = Outcome(False, error="cancelled by an operator", archive=True)
+            await self.outcomes.fail(q, task_id, token, record, cancelled)
         except Exception:
             log.exception("queue %s: internal error handling task %s", q.name, task_id)
             held = q.held.pop(task_id, None)

@@ -99,6 +99,9 @@ class Held:
     token: str
     done: bool = False
     lost: bool = False
+    #: The task running it (``Runner.execute``), and whether an operator cancelled it.
+    run: asyncio.Task[None] | None = None
+    cancelled: bool = False
 
 
 @dataclass

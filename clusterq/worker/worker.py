@@ -259,7 +259,9 @@ class Worker:
         broker = Broker(backend)
         settings, stats, state = self.settings, self.stats, self._state
         self._outcomes = Outcomes(broker, settings, stats)
-        self._runner = Runner(self.router, settings, self._capacity, self._outcomes)
+        self._runner = Runner(
+            self.router, settings, self._capacity, self._outcomes, lambda: state.aborting
+        )
         self._fetcher = Fetcher(
             broker, settings, self._capacity, self._runner, state, self._emit, self._next_token
         )
@@ -271,7 +273,7 @@ class Worker:
             q = self._queues[name] = QueueState(name, backend.keys.queue(name))
             supervise(f"fetch:{name}", functools.partial(self._fetcher.loop, q), fetching)
         all_queues = list(self._queues.values())
-        leases = Leases(broker, settings, stats, state)
+        leases = Leases(broker, settings, stats, state, self._cancel)
         recoverer = Recoverer(broker, settings, stats, self._outcomes, state)
         supervise("heartbeat", lambda: leases.loop(all_queues), running)
         supervise("recover", lambda: recoverer.loop(all_queues), running)
@@ -311,6 +313,14 @@ class Worker:
         await self._outcomes.flush_all(queues, max(5.0, self.retry_timeout))
         await self._close(announce=True)
         log.info("worker %s stopped: %s", self.id, self.stats)
+
+    def _cancel(self, q: QueueState, task_id: str) -> None:
+        """An operator asked to cancel ``task_id``: cancel its handler (once)."""
+        held = q.held.get(task_id)
+        if held is None or held.done or held.cancelled or held.run is None:
+            return
+        held.cancelled = True
+        held.run.cancel()
 
     async def abort(self) -> None:
         """Stop at once: cancel everything; leases of unfinished tasks expire and the
