@@ -125,6 +125,8 @@ class PreparedEnqueue:
     max_retry: int
     timeout: float | None = None
     deadline: float | None = None
+    #: When the client built the record (its ``e`` field), ms since the epoch.
+    enqueued_ms: int = 0
 
     def guess(self) -> TaskInfo:
         """The TaskInfo of a task that is created (pending, or scheduled if delayed); a
@@ -139,7 +141,7 @@ class PreparedEnqueue:
             self.payload,
             self.max_retry,
             0,
-            None,
+            self.enqueued_ms / 1000.0 if self.enqueued_ms else None,
             None,
             self.timeout,
             self.deadline,
@@ -156,6 +158,8 @@ class PreparedEnqueue:
             )
         info.state = STATES.get(outcome.state, TaskState.PENDING)
         info.already_enqueued = not outcome.created
+        if not outcome.created:
+            info.enqueued_at = None  # the first enqueue's time is in the stored record
         info.duplicate_of = outcome.duplicate_of
 
 
@@ -310,7 +314,7 @@ class Producer:
             task_id, record, t.delay_ms, t.due_ms, unique_key, t.unique_ttl_ms, fresh
         )
         return PreparedEnqueue(
-            t.queue, t.qk, new, t.type, payload, t.max_retry, t.timeout, t.deadline
+            t.queue, t.qk, new, t.type, payload, t.max_retry, t.timeout, t.deadline, enqueued_ms
         )
 
     def _queue_keys(self, queue: str) -> QueueKeys:

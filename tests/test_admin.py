@@ -122,7 +122,7 @@ def test_cancel_reaches_the_running_async_handler_and_archives_the_task(
                     10,
                     "the cancelled task to be archived",
                 )
-                assert worker.running == 0  # its slot is free again
+                await await_for(lambda: worker.running == 0, 5, "its handler to end")
                 qk = admin.keys.queue("c")
                 # the request goes once the task is no longer active (the worker's sweep)
                 await await_for(

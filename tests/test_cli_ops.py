@@ -5,6 +5,7 @@ against the standalone node and the cluster."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import click
@@ -146,3 +147,19 @@ def test_every_option_has_help_text(name: str, command: click.Command) -> None:
     for param in command.params:
         if isinstance(param, click.Option):
             assert param.help, f"clusterq {name} {param.opts[0]} has no help text"
+
+
+def test_enqueue_json_says_when_the_task_was_enqueued(url: str, prefix: str) -> None:
+    before = time.time()
+    first = _json(_cli(url, prefix, "enqueue", "x", "1", "--task-id", "t-1", "--json"))
+    assert before - 1 <= first["enqueued_at"] <= time.time() + 1
+    again = _json(_cli(url, prefix, "enqueue", "x", "1", "--task-id", "t-1", "--json"))
+    assert again["already_enqueued"] is True and again["enqueued_at"] is None
+
+
+def test_cluster_watch_refuses_a_bad_interval_before_printing_anything(
+    url: str, prefix: str
+) -> None:
+    refused = _cli(url, prefix, "cluster", "watch", "--interval", "-1")
+    assert refused.exit_code == 2 and "--interval" in refused.output
+    assert "Slots" not in refused.output

@@ -74,9 +74,21 @@ def test_up_twice_down_and_up_again(clusterq_bin: str, tmp_path: Path, server_bi
         assert sorted(r["role"] for r in rows) == ["master"] * 3 + ["replica"] * 3
         assert {r["pid"] for r in rows} == set(pids.values())
 
+        elsewhere = subprocess.run(
+            [clusterq_bin, "dev", "status", "--base-port", str(base), "--dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert elsewhere.returncode == 1
+        assert "servers answer on ports" in elsewhere.stdout and "--dir" in elsewhere.stdout
+
         ids_before = {r["port"]: r["node_id"] for r in rows}
         down = run("down")
         assert down.returncode == 0 and "stopped nodes" in down.stdout
+        stopped = run("status")
+        assert stopped.returncode == 1 and "not healthy: not running" in stopped.stdout
         assert all(not servers.pid_alive(pid) for pid in pids.values() if pid)
         assert all(cluster.pid(p) is None for p in cluster.ports)
 

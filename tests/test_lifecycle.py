@@ -115,7 +115,8 @@ def test_archived_after_max_retry(url: str, prefix: str) -> None:
         archived = await client.info(info)
         await client.aclose()
         assert failure.value.last_error == "RuntimeError: always fails"
-        assert archived.state == TaskState.ARCHIVED and archived.retried == 3
+        # max_retry=2: three attempts, two of them retries (the last is not retried)
+        assert archived.state == TaskState.ARCHIVED and archived.retried == 2
         assert archived.payload == {"x": 1}  # kept for inspection
 
     asyncio.run(scenario())
@@ -147,7 +148,7 @@ def test_skip_retry_and_retry_in(url: str, prefix: str) -> None:
             assert await client.result(delayed, timeout=10) == "second time"
         info = await client.info(skipped)
         await client.aclose()
-        assert info.retried == 1 and info.state == TaskState.ARCHIVED
+        assert info.retried == 0 and info.state == TaskState.ARCHIVED  # never retried
 
     asyncio.run(scenario())
     assert len(retry_times) == 2 and retry_times[1] - retry_times[0] >= 0.39
@@ -351,8 +352,8 @@ def test_unknown_type_and_undecodable_payload_are_recorded(url: str, prefix: str
                 await client.result(unknown, timeout=10)
             with pytest.raises(TaskFailed, match="payload is not valid JSON"):
                 await client.result(corrupt, timeout=10)
-        assert (await client.info(unknown)).retried == 2  # it was retried first
-        assert (await client.info(corrupt)).retried == 1  # archived at once
+        assert (await client.info(unknown)).retried == 1  # it was retried first
+        assert (await client.info(corrupt)).retried == 0  # archived at once
         await client.aclose()
 
     asyncio.run(scenario())

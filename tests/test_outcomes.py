@@ -74,7 +74,7 @@ def test_failures_are_recorded_counted_and_logged(
 
     ok, archived, worker = asyncio.run(scenario())
     assert (ok.retried, ok.last_error, ok.state) == (2, "ValueError: try 1", TaskState.COMPLETED)
-    assert archived.state == TaskState.ARCHIVED and archived.retried == 1
+    assert archived.state == TaskState.ARCHIVED and archived.retried == 0
     stats = worker.stats
     assert (stats.processed, stats.failed, stats.archived, stats.leases_lost) == (1, 3, 1, 0)
     lines = _lines(caplog)
@@ -293,7 +293,7 @@ def test_failed_meta_archives_when_the_policy_fails() -> None:
     meta, delay = outcomes.failed_meta(record, "Err: x", 1234, Outcome(False, error="Err: x"))
     assert delay is None
     failed = Record.decode(meta + b"\n1")
-    assert failed.retried == 1 and failed.failed_ms == 1234
+    assert failed.retried == 0 and failed.failed_ms == 1234  # archived: not a retry
     assert failed.last_error == "Err: x; the retry policy failed: ZeroDivisionError: policy"
     meta, delay = outcomes.failed_meta(None, "unreadable", 99, Outcome(False))
     assert delay is None and Record.decode(meta + b"\n").last_error == "unreadable"
@@ -358,7 +358,7 @@ def test_an_ack_sent_during_an_outage_lands_when_the_server_is_back(
             assert pid is not None
             os.kill(pid, signal.SIGKILL)  # the server this test started
             release.set()  # the handler returns while the server is gone: the ack waits
-            await await_for(lambda: worker.stats.processed == 1, 10, "the attempt to end")
+            await await_for(lambda: worker.stats.succeeded == 1, 10, "the attempt to end")
             await asyncio.to_thread(server.start)
             client = await AsyncClient.connect(server.seed_url, prefix=prefix)
             assert await client.result(info, timeout=30) == "done"
@@ -435,7 +435,7 @@ def test_a_lease_taken_over_is_noticed_by_the_heartbeat_and_counted_once(
             await client.backend.execute(qk.slot, lambda c: c.hset(qk.leases, info.id, "x:1:1"))
             await await_for(lambda: worker.stats.leases_lost == 1, 20, "the heartbeat")
             release.set()
-            await await_for(lambda: worker.stats.processed == 1, 20, "the attempt to end")
+            await await_for(lambda: worker.stats.succeeded == 1, 20, "the attempt to end")
             await await_for(lambda: not worker._queues["default"].held, 20, "the ack reply")
             still = await client.info(info)
             assert still.state == TaskState.ACTIVE and still.result is None  # not ours now
@@ -443,7 +443,8 @@ def test_a_lease_taken_over_is_noticed_by_the_heartbeat_and_counted_once(
         return worker
 
     worker = asyncio.run(scenario())
-    assert worker.stats.leases_lost == 1
+    # one task, fenced out: counted once as a lost lease, not as processed
+    assert (worker.stats.leases_lost, worker.stats.processed, worker.stats.succeeded) == (1, 0, 1)
 
 
 def test_a_task_that_cannot_be_recovered_is_quarantined_with_the_reason(
@@ -576,11 +577,11 @@ def test_acks_outlive_an_outage_longer_than_the_retry_timeout(
             assert pid is not None
             os.kill(pid, signal.SIGKILL)  # the server this test started
             releases[0].set()
-            await await_for(lambda: worker.stats.processed == 1, 10, "the first attempt to end")
+            await await_for(lambda: worker.stats.succeeded == 1, 10, "the first attempt to end")
             # The first ack is on its way (its call lasts the 1 s retry timeout): a second
             # joins meanwhile and must survive the first batch being put back.
             releases[1].set()
-            await await_for(lambda: worker.stats.processed == 2, 10, "the second attempt to end")
+            await await_for(lambda: worker.stats.succeeded == 2, 10, "the second attempt to end")
             await await_for(lambda: failures() >= 2, 20, "the acks to fail twice")
             await asyncio.to_thread(server.start)
             client = await AsyncClient.connect(server.seed_url, prefix=prefix)

@@ -7,6 +7,7 @@ import sys
 import time
 
 import click
+from rich.text import Text
 
 from clusterq.cli.render import console, print_json, slot_map_table, slot_ranges, table
 from clusterq.cli.state import CliState, connection_options
@@ -81,9 +82,15 @@ def slots(state: CliState, as_json: bool) -> None:
 
 @cluster.command("watch")
 @click.option(
-    "--interval", type=float, default=0.5, show_default=True, help="Seconds between reads."
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=0.5,
+    show_default=True,
+    help="Seconds between reads.",
 )
-@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@click.option(
+    "--duration", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @connection_options
 @click.pass_obj
@@ -113,7 +120,7 @@ def watch(state: CliState, interval: float, duration: float | None, as_json: boo
                 events = backend.refresh_topology()
             except ClusterqError as exc:
                 if not as_json:
-                    out.print(f"[red]cannot read the map: {exc}[/red]")
+                    out.print(Text(f"cannot read the map: {exc}", style="red"))
                 continue
             for event in events:
                 emit(event)

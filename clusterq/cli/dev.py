@@ -76,30 +76,41 @@ def down(base_port: int, directory: Path | None, purge: bool) -> None:
 @_dir
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(base_port: int, directory: Path | None, as_json: bool) -> None:
-    """The nodes, their processes and their roles."""
+    """The nodes, their processes and their roles; exit 1 unless the cluster is healthy."""
     cluster = LocalCluster(base_port, directory)
     rows = cluster.status()
+    if any(r.running for r in rows):
+        problems = cluster.health_problems(strict=True)
+    else:
+        answering = cluster.answering_ports()
+        problems = ["not running"]
+        if answering:
+            problems = [
+                f"no node was started from {cluster.directory}, but servers answer on ports "
+                f"{', '.join(map(str, answering))}: pass the --dir that `dev up` used"
+            ]
     if as_json:
         print_json([row.__dict__ for row in rows])
-        return
-    console().print(
-        table(
-            f"local cluster in {cluster.directory}",
-            ["Port", "Pid", "Running", "Role", "Health", "Master", "Slots", "Node"],
-            [
+    else:
+        console().print(
+            table(
+                f"local cluster in {cluster.directory}",
+                ["Port", "Pid", "Running", "Role", "Health", "Master", "Slots", "Node"],
                 [
-                    r.port,
-                    r.pid or "-",
-                    "yes" if r.running else "no",
-                    r.role,
-                    r.health,
-                    r.master,
-                    r.slots,
-                    r.node_id[:12],
-                ]
-                for r in rows
-            ],
+                    [
+                        r.port,
+                        r.pid or "-",
+                        "yes" if r.running else "no",
+                        r.role,
+                        r.health,
+                        r.master,
+                        r.slots,
+                        r.node_id[:12],
+                    ]
+                    for r in rows
+                ],
+            )
         )
-    )
-    problems = cluster.health_problems() if any(r.running for r in rows) else ["not running"]
-    click.echo("healthy" if not problems else "not healthy: " + "; ".join(problems))
+        click.echo("healthy" if not problems else "not healthy: " + "; ".join(problems))
+    if problems:
+        raise SystemExit(1)

@@ -29,6 +29,7 @@ def render(report: DrillReport) -> None:
     rows: list[list[object]] = [
         ["mode / durability", f"{report.mode} / {report.durability}"],
         ["master", f"{report.master_before} -> {report.master_after}"],
+        ["drill tasks in", f"{report.drill_queue} (same master as {report.queue})"],
         [
             "tasks acknowledged",
             f"{report.acknowledged} of {report.tasks} (gave up: {report.gave_up})",

@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 from clusterq.cluster.connection import RedisURL, command
-from clusterq.cluster.topology import FAILED, SlotRange, Topology, fetch
+from clusterq.cluster.topology import FAILED, LOADING, SlotRange, Topology, fetch
 from clusterq.errors import DevClusterError
 from clusterq.slots import SLOT_COUNT
 from clusterq.tools import servers
@@ -389,11 +389,13 @@ class LocalCluster:
                 client.close()
         raise DevClusterError("no node answered: " + ("; ".join(errors) or "none running"))
 
-    def health_problems(self) -> list[str]:
+    def health_problems(self, *, strict: bool = False) -> list[str]:
         """Why the cluster is not yet fully healthy (empty when it is).
 
         Healthy: every node runs and reports ``cluster_state:ok``; all nodes agree on the
         map; every slot is covered; each master has its replicas, online and linked.
+        ``strict`` (``dev status``): a replica the map still shows as ``loading`` is a
+        problem too (``dev up`` does not wait for it: see below).
         """
         problems: list[str] = []
         maps: dict[int, tuple[tuple[tuple[SlotRange, ...], str, tuple[str, ...]], ...]] = {}
@@ -440,7 +442,7 @@ class LocalCluster:
             topo = self.topology()
             for shard in topo.shards:
                 for node in (shard.master, *shard.replicas):
-                    if node.health == FAILED:
+                    if node.health == FAILED or (strict and node.health == LOADING):
                         problems.append(f"{node.addr} health:{node.health}")
         return problems
 
@@ -460,6 +462,20 @@ class LocalCluster:
         raise DevClusterError(
             f"timed out after {timeout:.0f}s waiting for {what}: " + "; ".join(problems[:6])
         )
+
+    def answering_ports(self) -> list[int]:
+        """This cluster's ports on which a server answers PING, whoever started it."""
+        answering = []
+        for port in self.ports:
+            client = self.client(port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            try:
+                client.ping()
+                answering.append(port)
+            except redis.RedisError:
+                pass
+            finally:
+                client.close()
+        return answering
 
     def status(self) -> list[NodeStatus]:
         """One row per node: its process and, if the cluster answers, its place in it."""

@@ -136,6 +136,17 @@ async def wait_healthy(backend: AsyncBackend, timeout: float) -> list[str]:
         await asyncio.sleep(0.2)
 
 
+def same_master_queue_name(topology: topo.Topology, queue: str, master_id: str) -> str:
+    """A queue name of the drill's own whose slot lives on the master ``master_id``
+    (where ``queue`` lives)."""
+    for n in range(100_000):
+        name = f"{queue}-drill-{n}"
+        master = topology.master_for_slot(keyslot(name))
+        if master is not None and master.id == master_id:
+            return name
+    raise ClusterqError(f"no queue name found on master {master_id}")
+
+
 def other_queue_name(topology: topo.Topology, queue: str, avoid_master: str) -> str:
     """A queue name whose slot lives on another master than ``avoid_master`` (an id)."""
     for n in range(10_000):
@@ -259,7 +270,6 @@ async def run_drill(
         if problems:
             raise ClusterqError("cluster not ready for a drill: " + "; ".join(problems[:4]))
         keys = KeySchema(settings.prefix)
-        qk = keys.queue(settings.queue)
         location = backend.topology.locate(settings.queue)
         if location.master is None or not location.replicas:
             raise ClusterqError(f"queue {settings.queue!r} has no master with a replica")
@@ -271,12 +281,22 @@ async def run_drill(
         else:
             await check_failover_allowed(backend, master.address)
         other = other_queue_name(backend.topology, settings.queue, master.id)
+        # The drill's tasks go to a queue of its own on the same master, never into the
+        # named queue, where the application's workers would receive them; unless the
+        # drill uses workers the operator started for it on that queue.
+        target = (
+            settings.queue
+            if settings.use_running_workers
+            else same_master_queue_name(backend.topology, settings.queue, master.id)
+        )
+        qk = keys.queue(target)
         run_id = secrets.token_hex(4)
         log_tag = other  # the delivery log lives beside the other queue, off the failed master
         deliveries_key, first_key = keys.drill(run_id, log_tag)
         report = DrillReport(
             mode=settings.mode,
             queue=settings.queue,
+            drill_queue=target,
             durability=settings.durability,
             master_before=master.addr,
             master_after="",
@@ -297,7 +317,7 @@ async def run_drill(
                 url=settings.url,
                 prefix=settings.prefix,
                 router="clusterq.tools.drill:router",
-                queues=f"{settings.queue}=1,{other}=1",
+                queues=f"{target}=1,{other}=1",
                 count=settings.workers,
                 concurrency=settings.concurrency,
                 name=f"drill-{run_id}",
@@ -338,6 +358,9 @@ async def run_drill(
             queue: str, task_id: str, record: dict[str, float], patient: bool
         ) -> None:
             deadline = time.monotonic() + (60 if patient else 1)
+            # Stamped before the first send: a worker may take the task before the
+            # enqueue (and its WAIT) returns, and an earlier attempt may have written it.
+            first_sent = time.time()
             while True:
                 try:
                     await producer.enqueue(
@@ -360,7 +383,7 @@ async def run_drill(
                         return
                     await asyncio.sleep(0.02)
                     continue
-                record[task_id] = time.time()
+                record[task_id] = first_sent
                 if patient and "first_error" in marks and "producer_resumed" not in marks:
                     marks["producer_resumed"] = time.time()
                 return
@@ -403,7 +426,10 @@ async def run_drill(
                 n += 1
                 await asyncio.sleep(0.01)
 
-        progress(f"producing {settings.tasks} tasks into {settings.queue} at {settings.rate:g}/s")
+        progress(
+            f"producing {settings.tasks} tasks into {target} (on the master of "
+            f"{settings.queue}) at {settings.rate:g}/s"
+        )
         started = time.monotonic()
         start_wall = time.time()
         side = asyncio.create_task(trickle())
@@ -416,7 +442,7 @@ async def run_drill(
                 fault = asyncio.create_task(inject())
             if "broken" in marks:
                 break  # the fault could not be undone (a node not restarted): stop now
-            await enqueue(settings.queue, f"{run_id}-{i}", acked, patient=True)
+            await enqueue(target, f"{run_id}-{i}", acked, patient=True)
         if fault is not None:
             await fault
         producing = False
@@ -470,7 +496,7 @@ async def run_drill(
                 if after:
                     report.first_delivery_after_promotion = round(min(after) - promoted_t, 3)
                 ours = set(workers.names()) if workers is not None else None
-                resumed = await resumed_at(backend, settings.queue, fault_t, ours)
+                resumed = await resumed_at(backend, target, fault_t, ours)
                 if resumed:
                     report.worker_resume_lag = round(max(resumed) - promoted_t, 3)
                 report.other_delivered_during_outage = sum(
@@ -481,7 +507,7 @@ async def run_drill(
 
         progress("waiting for the cluster to heal (every replica linked)")
         report.healthy_after = not await wait_healthy(backend, 60)
-        after_loc = backend.topology.locate(settings.queue)
+        after_loc = backend.topology.locate(target)
         report.master_after = after_loc.master.addr if after_loc.master else ""
         report.duration = round(time.monotonic() - started, 2)
         report.problems = verdict(report, settings.stall_margin)

@@ -15,6 +15,10 @@ class DrillReport:
     master_before: str
     master_after: str
     tasks: int
+    #: The queue the drill's tasks went to: one of its own on the same master as
+    #: ``queue`` (so no worker of ``queue`` receives drill tasks), or ``queue`` itself
+    #: with ``--use-running-workers``.
+    drill_queue: str = ""
     acknowledged: int = 0
     gave_up: int = 0
     delivered: int = 0

@@ -31,6 +31,8 @@ ANNOUNCE_TTL = 10.0
 RECENT_EVENTS = 20
 #: Announcements that expired this long ago are deleted (workers that were killed).
 FORGET_AFTER = 60.0
+#: How often an announcer looks whether its worker went idle with new counts.
+IDLE_CHECK = 0.25
 #: No worker announces an expiry further ahead than this.
 MAX_AHEAD = 2 * ANNOUNCE_TTL
 
@@ -179,8 +181,24 @@ class Announcer:
             except Exception as exc:
                 log.debug("announce failed (%s)", exc)
             self._wake.clear()
+            published = self._counts()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), ANNOUNCE_INTERVAL)
+                await asyncio.wait_for(self._next(published), ANNOUNCE_INTERVAL)
+
+    def _counts(self) -> tuple[Any, ...]:
+        described = self.describe()
+        return (described["active"], described["processed"], described["failed"])
+
+    async def _next(self, published: tuple[Any, ...]) -> None:
+        """Return at a queue event, or soon after the worker went idle with counts the
+        last announcement did not have (so ``worker ls`` right after a batch of work
+        shows what was done, not what was done two seconds before)."""
+        while not self._wake.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_CHECK)
+            counts = self._counts()
+            if counts != published and counts[0] == 0:
+                return
 
     async def withdraw(self) -> None:
         """Remove this worker's announcement (graceful stop)."""

@@ -43,7 +43,7 @@ class Outcomes:
         held = q.held.get(task_id)
         if held is not None:
             held.done = True
-        self.stats.processed += 1
+        self.stats.succeeded += 1
         q.acks.append(Ack(task_id, token, record.retention_ms or 0, result, record.unique_key))
         if q.flusher is None or q.flusher.done():
             q.flusher = asyncio.create_task(self.flush(q))
@@ -72,7 +72,9 @@ class Outcomes:
             failures = 0
             for one, done in zip(batch, applied, strict=True):
                 held = q.held.pop(one.id, None)
-                if not done:
+                if done:
+                    self.stats.processed += 1  # counted once the server took the ack
+                else:
                     if held is None or not held.lost:  # the heartbeat counted it already
                         self.stats.leases_lost += 1
                     log.warning(
@@ -170,7 +172,10 @@ class Outcomes:
             log.exception("retry policy failed for a task of type %r; archiving it", record.type)
             error = f"{error}; the retry policy failed: {type(exc).__name__}: {exc}"
             delay = None
-        return record.failed(error[:MAX_ERROR_LENGTH], now_ms).meta(), delay
+        # ``retried`` counts retries: an attempt that is not retried does not add one
+        # (max_retry=4 runs five times and ends with retried=4).
+        failed = record.failed(error[:MAX_ERROR_LENGTH], now_ms, count=delay is not None)
+        return failed.meta(), delay
 
     def retry_delay(
         self, record: Record, outcome: Outcome, *, task_id: str = "", queue: str = ""

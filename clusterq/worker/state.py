@@ -79,7 +79,10 @@ class WorkerSettings:
 
 @dataclass
 class WorkerStats:
+    #: Tasks whose ack the server applied (what ``worker ls`` shows).
     processed: int = 0
+    #: Handlers that returned (their ack queued, perhaps not yet applied, or refused).
+    succeeded: int = 0
     failed: int = 0
     archived: int = 0
     recovered: int = 0
