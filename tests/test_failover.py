@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from clusterq import AsyncClient, Client, Router, Task, Worker
+from clusterq import AsyncClient, Client, Inspector, Router, Task, Worker
 from clusterq.cluster.changes import MasterChanged, TopologyEvent
 from clusterq.events import QueueResumed, QueueUnavailable
 from clusterq.tools.devcluster import HOST, LocalCluster
@@ -124,6 +124,9 @@ def test_four_drill_modes_back_to_back(
             assert _role(report["master_before"]) == "slave"
             assert _role(report["master_after"]) == "master"
             assert report["ok"], report["problems"]
+            # the drill's tasks went to a queue of its own, on the master of "images"
+            assert report["drill_queue"].startswith("images-drill-")
+            assert report["pickup_p50_ms"] >= 0  # stamped at the first send
             assert report["lost"] == 0 and report["still_queued"] == 0
             assert report["acknowledged"] == 2000 and report["gave_up"] == 0
             assert report["extra_deliveries"] <= report["in_flight_bound"]
@@ -142,6 +145,9 @@ def test_four_drill_modes_back_to_back(
     finally:
         watch.terminate()
         watch.wait(timeout=10)
+    with Inspector(url, prefix=prefix) as inspector:
+        images = inspector.queue("images")  # the named queue got no drill task
+        assert (images.pending, images.processed, images.failed) == (0, 0, 0)
     events = [json.loads(line) for line in reader.lines if line.strip()]
     kinds = Counter(e["event"] for e in events)
     assert events[0]["event"] == "snapshot"
