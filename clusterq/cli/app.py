@@ -10,6 +10,7 @@ from clusterq.cli.cluster import cluster
 from clusterq.cli.dev import dev
 from clusterq.cli.doctor import doctor
 from clusterq.cli.drill import drill
+from clusterq.cli.metrics import metrics
 from clusterq.cli.queue import queue
 from clusterq.cli.state import CliState, ClusterqGroup
 from clusterq.cli.stats import stats
@@ -57,6 +58,7 @@ main.add_command(cluster)
 main.add_command(enqueue)
 main.add_command(task)
 main.add_command(stats)
+main.add_command(metrics)
 main.add_command(worker)
 main.add_command(drill)
 main.add_command(bench)

@@ -15,6 +15,8 @@ import click
 from clusterq.cli.render import console, print_json, table
 from clusterq.cli.state import CliError, CliState, connection_options
 from clusterq.inspector import Inspector
+from clusterq.logs import LogFormat
+from clusterq.logs import configure as configure_logs
 from clusterq.router import Router
 from clusterq.worker import DEFAULT_LEASE, DEFAULT_POLL_INTERVAL, Worker, parse_queues
 
@@ -87,6 +89,23 @@ def load_router(spec: str) -> Router:
     show_default=True,
     help="Log level.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line, events under 'event' (for log shippers).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve this worker's Prometheus metrics on 127.0.0.1:PORT/metrics (needs the "
+    "metrics extra).",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port."
+)
 @connection_options
 @click.pass_obj
 def run(
@@ -101,11 +120,18 @@ def run(
     poll_interval: float,
     name: str | None,
     log_level: str,
+    log_format: LogFormat,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run handlers from MODULE:ROUTER until SIGTERM/SIGINT (twice: stop at once)."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(log_level, log_format)
+    metrics = None
+    if metrics_port is not None:
+        from clusterq.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics()
+        metrics.serve(metrics_port, metrics_host)
     options: dict[str, Any] = {
         "queues": parse_queues(queues),
         "strict_priority": strict,
@@ -117,6 +143,7 @@ def run(
         "recover_interval": recover_interval,
         "poll_interval": poll_interval,
         "name": name,
+        "metrics": metrics,
     }
     Worker(state.url, load_router(router_spec), **options).run()
     # A sync handler abandoned after its timeout may still run in a thread; do not wait.

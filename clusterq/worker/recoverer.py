@@ -117,5 +117,16 @@ class Recoverer:
         if result != "stale":
             self.stats.recovered += 1
             log.warning(
-                "queue %s: recovered task %s from an expired lease (%s)", q.name, task_id, result
+                "queue %s: recovered task %s from an expired lease (%s)",
+                q.name,
+                task_id,
+                result,
+                extra={
+                    "event": {
+                        "event": "lease_recovered",
+                        "queue": q.name,
+                        "task": task_id,
+                        "to": result,
+                    }
+                },
             )

@@ -39,8 +39,12 @@ class Runner:
         capacity: Capacity,
         outcomes: Outcomes,
         stopping: Callable[[], bool] = lambda: False,
+        *,
+        observe: Callable[[str, str, float, bool], None] | None = None,
     ) -> None:
         self.stopping = stopping
+        #: ``observe(queue, type, seconds, ok)`` after each attempt (metrics), if given.
+        self.observe = observe
         self.router = router
         self.settings = settings
         self.capacity = capacity
@@ -65,7 +69,10 @@ class Runner:
                 unreadable = Outcome(False, error=f"unreadable record: {exc}", archive=True)
                 await self.outcomes.fail(q, task_id, token, None, unreadable)
                 return
+            began = time.perf_counter()
             outcome = await self.call(q, task_id, record, token)
+            if self.observe is not None:
+                self.observe(q.name, record.type, time.perf_counter() - began, outcome.ok)
             keep_slot = task_id in self._threads  # an abandoned sync handler still runs
             if outcome.ok:
                 self.outcomes.ack(q, task_id, token, record, outcome.result)
@@ -82,7 +89,12 @@ class Runner:
             if uncancel is not None:
                 uncancel()
             keep_slot = task_id in self._threads
-            log.warning("queue %s: task %s cancelled by an operator", q.name, task_id)
+            log.warning(
+                "queue %s: task %s cancelled by an operator",
+                q.name,
+                task_id,
+                extra={"event": {"event": "task_cancelled", "queue": q.name, "task": task_id}},
+            )
             cancelled = Outcome(False, error="cancelled by an operator", archive=True)
             await self.outcomes.fail(q, task_id, token, record, cancelled)
         except Exception:

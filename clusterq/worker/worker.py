@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clusterq.broker.facade import Broker
 from clusterq.cluster.abackend import AsyncBackend
@@ -54,6 +54,9 @@ from clusterq.worker.state import (
     parse_queues,
 )
 from clusterq.worker.supervise import Supervisor
+
+if TYPE_CHECKING:
+    from clusterq.metrics import WorkerMetrics
 
 log = logging.getLogger("clusterq.worker")
 
@@ -103,6 +106,7 @@ class Worker:
         topology_interval: float = DEFAULT_TOPOLOGY_INTERVAL,
         name: str | None = None,
         no_handler_retries: int = DEFAULT_NO_HANDLER_RETRIES,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         if router is None:
             raise ValueError("a worker needs a Router")
@@ -158,6 +162,12 @@ class Worker:
         self._fetcher: Fetcher | None = None
         self._outcomes: Outcomes | None = None
         self._announcer: Announcer | None = None
+        #: Prometheus metrics of this worker (``clusterq.metrics.WorkerMetrics``), if any.
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.running.set_function(lambda: self.running)
+            metrics.leases_lost.set_function(lambda: self.stats.leases_lost)
+            metrics.loop_restarts.set_function(lambda: self.stats.loop_restarts)
 
     # ------------------------------------------------------------------ settings
 
@@ -212,7 +222,7 @@ class Worker:
 
     def _emit(self, event: TopologyEvent) -> None:
         level = logging.INFO if isinstance(event, QueueResumed | ReplicaAdded) else logging.WARNING
-        log.log(level, "%s", event.describe())
+        log.log(level, "%s", event.describe(), extra={"event": event.to_dict()})
         if self._announcer is not None:
             self._announcer.note(event)
         for listener in list(self._listeners):
@@ -260,7 +270,12 @@ class Worker:
         settings, stats, state = self.settings, self.stats, self._state
         self._outcomes = Outcomes(broker, settings, stats)
         self._runner = Runner(
-            self.router, settings, self._capacity, self._outcomes, lambda: state.aborting
+            self.router,
+            settings,
+            self._capacity,
+            self._outcomes,
+            lambda: state.aborting,
+            observe=self.metrics.observe if self.metrics is not None else None,
         )
         self._fetcher = Fetcher(
             broker, settings, self._capacity, self._runner, state, self._emit, self._next_token

@@ -1,0 +1,196 @@
+"""Prometheus metrics (the ``metrics`` extra: ``prometheus-client``).
+
+Two sources:
+
+- :class:`ClusterCollector`, served by ``clusterq metrics --port P``: read at each scrape
+  through an :class:`~clusterq.inspector.Inspector` — queue sizes per state, latency,
+  processed/failed totals and paused, each labelled by queue and by the master that owns
+  it; live workers; the cluster map (nodes up, slots per node, failovers seen).
+- :class:`WorkerMetrics`, served by ``clusterq worker --metrics-port P``: what only a
+  worker knows — task durations per queue and type (a histogram), outcomes per type,
+  handlers running, leases lost, loop restarts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from clusterq.cluster.changes import MasterChanged, TopologyEvent
+from clusterq.cluster.topology import Topology
+from clusterq.errors import ConfigError
+from clusterq.inspector import Inspector
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+except ImportError:  # pragma: no cover - the extra is not installed
+    _MISSING = True
+else:
+    _MISSING = False
+
+#: Task states reported per queue.
+STATES = ("pending", "active", "scheduled", "retry", "archived", "completed")
+#: Histogram buckets for task durations, seconds.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+def require_prometheus() -> None:
+    if _MISSING:
+        raise ConfigError(
+            "metrics need the prometheus-client library: pip install 'clusterq[metrics]'"
+        )
+
+
+class ClusterCollector:
+    """Collects the cluster-wide metrics at each scrape (one pass over the queues)."""
+
+    def __init__(self, inspector: Inspector) -> None:
+        require_prometheus()
+        self.inspector = inspector
+        self.failovers = 0
+        self._lock = threading.Lock()
+        inspector.backend.subscribe(self._on_topology)
+
+    def _on_topology(self, _new: Topology, events: list[TopologyEvent]) -> None:
+        self.failovers += sum(1 for e in events if isinstance(e, MasterChanged))
+
+    def describe(self) -> list[Any]:
+        return []  # collected on demand; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:  # one scrape at a time: the inspector's backend is not shared
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[Any]:
+        started = time.monotonic()
+        topology = self.inspector.refresh()
+        queues = self.inspector.queues()
+        labels = ["queue", "node"]
+        tasks = GaugeMetricFamily(
+            "clusterq_queue_tasks", "Tasks in the queue by state.", labels=[*labels, "state"]
+        )
+        latency = GaugeMetricFamily(
+            "clusterq_queue_latency_seconds",
+            "Age of the oldest pending task (0 when none is pending).",
+            labels=labels,
+        )
+        paused = GaugeMetricFamily("clusterq_queue_paused", "1 while paused.", labels=labels)
+        up = GaugeMetricFamily(
+            "clusterq_queue_up", "1 when the queue's counts could be read.", labels=labels
+        )
+        processed = CounterMetricFamily(
+            "clusterq_queue_processed", "Tasks acknowledged (all workers).", labels=labels
+        )
+        failed = CounterMetricFamily(
+            "clusterq_queue_failed", "Failed attempts (all workers).", labels=labels
+        )
+        for q in queues:
+            node = q.master or "none"
+            up.add_metric([q.queue, node], 0 if q.error else 1)
+            if q.error:
+                continue
+            for state in STATES:
+                tasks.add_metric([q.queue, node, state], getattr(q, state))
+            latency.add_metric([q.queue, node], q.latency)
+            paused.add_metric([q.queue, node], 1 if q.paused else 0)
+            processed.add_metric([q.queue, node], q.processed)
+            failed.add_metric([q.queue, node], q.failed)
+        yield from (tasks, latency, paused, up, processed, failed)
+        yield from self._topology(topology)
+        yield from self._workers()
+        took = GaugeMetricFamily(
+            "clusterq_scrape_duration_seconds", "How long this collection took."
+        )
+        took.add_metric([], time.monotonic() - started)
+        yield took
+
+    def _topology(self, topology: Topology) -> Iterator[Any]:
+        slots = GaugeMetricFamily(
+            "clusterq_node_slots", "Slots a master owns.", labels=["node", "node_id"]
+        )
+        nodes = GaugeMetricFamily(
+            "clusterq_node_up",
+            "1 when the map says the node is online.",
+            labels=["node", "node_id", "role"],
+        )
+        for shard in topology.shards:
+            slots.add_metric([shard.master.addr, shard.master.id], shard.slot_count)
+        for node in topology.nodes:
+            nodes.add_metric([node.addr, node.id, node.role], 1 if node.online else 0)
+        masters = GaugeMetricFamily("clusterq_masters_up", "Masters that own slots and are online.")
+        masters.add_metric([], sum(1 for m in topology.masters if m.online))
+        covered = GaugeMetricFamily("clusterq_slots_covered", "Slots that have a master.")
+        covered.add_metric([], topology.slots_covered)
+        failovers = CounterMetricFamily(
+            "clusterq_failovers", "Master changes this exporter has seen since it started."
+        )
+        failovers.add_metric([], self.failovers)
+        yield from (slots, nodes, masters, covered, failovers)
+
+    def _workers(self) -> Iterator[Any]:
+        workers = self.inspector.workers()
+        count = GaugeMetricFamily("clusterq_workers", "Live workers.")
+        count.add_metric([], len(workers))
+        running = GaugeMetricFamily(
+            "clusterq_worker_running_tasks", "Handlers running.", labels=["worker"]
+        )
+        concurrency = GaugeMetricFamily(
+            "clusterq_worker_concurrency", "Concurrency.", labels=["worker"]
+        )
+        for w in workers:
+            running.add_metric([w.id], w.active)
+            concurrency.add_metric([w.id], w.concurrency)
+        yield from (count, running, concurrency)
+
+
+def serve_cluster_metrics(inspector: Inspector, port: int, host: str = "127.0.0.1") -> Any:
+    """Serve :class:`ClusterCollector` on ``http://host:port/metrics`` (a daemon thread);
+    returns the HTTP server (``shutdown()`` stops it)."""
+    require_prometheus()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ClusterCollector(inspector))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
+class WorkerMetrics:
+    """What one worker records for Prometheus: a registry of its own."""
+
+    def __init__(self) -> None:
+        require_prometheus()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.duration = Histogram(
+            "clusterq_task_duration_seconds",
+            "How long handlers ran, per queue and task type.",
+            ["queue", "type"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.outcomes = Counter(
+            "clusterq_worker_tasks",
+            "Attempts by outcome (succeeded, failed).",
+            ["queue", "type", "outcome"],
+            registry=self.registry,
+        )
+        self.running = Gauge(
+            "clusterq_worker_running", "Handlers running now.", registry=self.registry
+        )
+        self.leases_lost = Gauge(
+            "clusterq_worker_leases_lost", "Leases this worker lost.", registry=self.registry
+        )
+        self.loop_restarts = Gauge(
+            "clusterq_worker_loop_restarts",
+            "Background loops that stopped and were started again.",
+            registry=self.registry,
+        )
+
+    def observe(self, queue: str, task_type: str, seconds: float, ok: bool) -> None:
+        self.duration.labels(queue, task_type).observe(seconds)
+        self.outcomes.labels(queue, task_type, "succeeded" if ok else "failed").inc()
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> Any:
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server
