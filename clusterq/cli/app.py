@@ -7,6 +7,7 @@ import click
 from clusterq import __version__
 from clusterq.cli.bench import bench
 from clusterq.cli.cluster import cluster
+from clusterq.cli.dash import dash
 from clusterq.cli.dev import dev
 from clusterq.cli.doctor import doctor
 from clusterq.cli.drill import drill
@@ -59,6 +60,7 @@ main.add_command(enqueue)
 main.add_command(task)
 main.add_command(stats)
 main.add_command(metrics)
+main.add_command(dash)
 main.add_command(worker)
 main.add_command(drill)
 main.add_command(bench)
