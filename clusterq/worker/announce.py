@@ -193,12 +193,16 @@ class Announcer:
         """Return at a queue event, or soon after the worker went idle with counts the
         last announcement did not have (so ``worker ls`` right after a batch of work
         shows what was done, not what was done two seconds before)."""
+        last = published
         while not self._wake.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_CHECK)
             counts = self._counts()
-            if counts != published and counts[0] == 0:
+            # idle: nothing running and nothing done since the last look (a busy worker
+            # between two batches is not idle), with counts not yet announced
+            if counts != published and counts[0] == 0 and counts == last:
                 return
+            last = counts
 
     async def withdraw(self) -> None:
         """Remove this worker's announcement (graceful stop)."""
