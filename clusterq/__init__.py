@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from clusterq.aclient import AsyncClient
+from clusterq.admin import Admin, AsyncAdmin
 from clusterq.client import Client
 from clusterq.cluster.topology import Topology
 from clusterq.errors import (
@@ -33,6 +34,8 @@ from clusterq.task import Task, TaskInfo, TaskState
 from clusterq.worker import Worker, current_worker
 
 __all__ = [
+    "Admin",
+    "AsyncAdmin",
     "AsyncClient",
     "AuthFailed",
     "Client",

@@ -11,6 +11,7 @@ with ``force``, after which that worker's acknowledgement is refused by the fenc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,3 +210,39 @@ class Admin(Inspector):
             return manage.parse(self.backend.execute(qk.slot, call, timeout=self.timeout))
         except redis.ResponseError as exc:
             raise ClusterqError(f"queue {qk.queue!r}: {action} failed: {exc}") from None
+
+
+class AsyncAdmin:
+    """The asyncio twin of :class:`Admin`: the same methods, awaited. Each call runs the
+    sync one in a worker thread (``asyncio.to_thread``), so a slow or failing master
+    never blocks the event loop; calls are serialised (one backend, used by one thread
+    at a time)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.admin = Admin(*args, **kwargs)
+        self._lock = asyncio.Lock()
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        async with self._lock:
+            return await asyncio.to_thread(getattr(self.admin, name), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.admin, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await self._call(name, *args, **kwargs)
+
+        call.__name__ = name
+        call.__doc__ = attr.__doc__
+        return call
+
+    async def aclose(self) -> None:
+        await self._call("close")
+
+    async def __aenter__(self) -> AsyncAdmin:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -419,3 +419,29 @@ def test_history_counters_survive_a_failover(
         assert admin.history("images") == before
         assert sum(m.processed for m in before) == 50
         assert admin.queue("images").processed == 50
+
+
+def test_the_asyncio_twin_acts_without_blocking_the_loop(url: str, prefix: str) -> None:
+    from clusterq.admin import AsyncAdmin
+
+    router = Router()
+    ran: list[str] = []
+
+    @router.task("t")
+    async def t(task: Task) -> None:
+        ran.append(task.id)
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            parked = _park(client, "twin", 5, "t")
+            async with AsyncAdmin(url, prefix=prefix) as admin:
+                assert (await admin.queue("twin")).scheduled == 5
+                async with running_worker(url, router, queues=["twin"], prefix=prefix):
+                    moved = await admin.act_all("run", "twin", "scheduled")
+                    assert moved.done == 5
+                    await await_for(lambda: sorted(ran) == sorted(parked), 10, "the runs")
+                await admin.pause("twin")
+                assert (await admin.queue("twin")).paused
+                assert [q.queue for q in await admin.queues(["twin"])] == ["twin"]
+
+    asyncio.run(scenario())
