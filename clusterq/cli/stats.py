@@ -6,7 +6,7 @@ import click
 
 from clusterq.cli.render import console, print_json, table
 from clusterq.cli.state import CliState, connection_options
-from clusterq.inspector import Inspector
+from clusterq.inspector import Inspector, NodeTotals, QueueInfo
 
 
 @click.command()
@@ -23,72 +23,34 @@ def stats(state: CliState, as_json: bool) -> None:
     out.print(
         table(
             "per master",
-            [
-                "Master",
-                "Queues",
-                "Pending",
-                "Active",
-                "Scheduled",
-                "Retry",
-                "Archived",
-                "Processed",
-                "Failed",
-                "Max latency",
-            ],
-            [
-                [
-                    n.master,
-                    n.queues,
-                    n.pending,
-                    n.active,
-                    n.scheduled,
-                    n.retry,
-                    n.archived,
-                    n.processed,
-                    n.failed,
-                    f"{n.latency:.3f}s",
-                ]
-                for n in summary.nodes
-            ],
+            ["Master", "Queues", *COUNT_COLUMNS, "Max latency"],
+            [[n.master, n.queues, *_counts(n), f"{n.latency:.3f}s"] for n in summary.nodes],
         )
     )
-    out.print(
-        table(
-            "per queue",
-            [
-                "Queue",
-                "Master",
-                "Pending",
-                "Active",
-                "Scheduled",
-                "Retry",
-                "Archived",
-                "Processed",
-                "Failed",
-                "Latency",
-                "Paused",
-            ],
-            [
-                [
-                    q.queue,
-                    q.master or "-",
-                    q.pending,
-                    q.active,
-                    q.scheduled,
-                    q.retry,
-                    q.archived,
-                    q.processed,
-                    q.failed,
-                    f"{q.latency:.3f}s",
-                    "yes" if q.paused else "no",
-                ]
-                if not q.error
-                else [q.queue, q.master or "-", f"error: {q.error}"] + [""] * 8
-                for q in summary.queues
-            ],
-        )
-    )
+    rows: list[list[object]] = []
+    for q in summary.queues:
+        if q.error:
+            rows.append([q.queue, q.master or "-", f"error: {q.error}", *[""] * 8])
+        else:
+            paused = "yes" if q.paused else "no"
+            rows.append([q.queue, q.master or "-", *_counts(q), f"{q.latency:.3f}s", paused])
+    out.print(table("per queue", ["Queue", "Master", *COUNT_COLUMNS, "Latency", "Paused"], rows))
     click.echo(
         f"{summary.workers} live worker(s), {summary.running} task(s) running, "
         f"concurrency {summary.concurrency}"
     )
+
+
+COUNT_COLUMNS = ["Pending", "Active", "Scheduled", "Retry", "Archived", "Processed", "Failed"]
+
+
+def _counts(totals: NodeTotals | QueueInfo) -> list[object]:
+    return [
+        totals.pending,
+        totals.active,
+        totals.scheduled,
+        totals.retry,
+        totals.archived,
+        totals.processed,
+        totals.failed,
+    ]
