@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clusterq.cli.render import console, print_json, table
-from clusterq.cli.state import CliState
+from clusterq.cli.state import CliState, connection_options
 from clusterq.tools.bench import run_bench
 from clusterq.tools.bench_report import (
     SCENARIOS,
@@ -135,6 +135,7 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
 @click.option("--no-baseline", is_flag=True, help="Skip the redis-benchmark baseline.")
 @click.option("--seed", type=int, default=None, hidden=True, help="Random seed (tests).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@connection_options
 @click.pass_obj
 def bench(
     state: CliState,

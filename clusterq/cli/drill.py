@@ -7,7 +7,7 @@ import asyncio
 import click
 
 from clusterq.cli.render import console, print_json, table
-from clusterq.cli.state import CliState
+from clusterq.cli.state import CliState, connection_options
 from clusterq.tools.drill import MODES, DrillSettings, run_drill
 from clusterq.tools.drill_report import DrillReport
 
@@ -125,6 +125,7 @@ def render(report: DrillReport) -> None:
     help="Keep the hash of deliveries (named in the report) for an hour, to count again.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@connection_options
 @click.pass_obj
 def failover(
     state: CliState,
