@@ -60,6 +60,11 @@ def validate_prefix(prefix: object) -> str:
     return _check_name("key prefix", prefix, MAX_PREFIX_LENGTH)
 
 
+def validate_entry_name(name: object) -> str:
+    """Return ``name`` if it can name a periodic entry, else raise :class:`InvalidName`."""
+    return _check_name("periodic entry name", name, MAX_QUEUE_NAME_LENGTH)
+
+
 def validate_task_id(task_id: object) -> str:
     """Return ``task_id`` if it can be a task id, else raise :class:`InvalidName`."""
     return _check_name("task id", task_id, MAX_TASK_ID_LENGTH)
@@ -213,9 +218,53 @@ class KeySchema:
         return f"{base}:a", f"{base}:b"
 
     @property
+    def cron(self) -> CronKeys:
+        """Keys of the periodic scheduler (one slot: hash tag ``{cron}``)."""
+        return CronKeys(self.prefix)
+
+    @property
     def workers(self) -> str:
         """Hash: worker id -> JSON announcement (with its own expiry); the key has a TTL."""
         return f"{self.prefix}:workers"
+
+
+@dataclass(frozen=True)
+class CronKeys:
+    """The periodic scheduler's keys, all tagged ``{cron}`` (one slot, so its scripts
+    touch one slot): the leader lease, the counter that makes fencing tokens, the state
+    of each entry (last tick fired, tick claimed and not yet enqueued), the entries the
+    leader runs (for ``cron ls``), and one history list per entry."""
+
+    prefix: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{cron}}"
+
+    @property
+    def leader(self) -> str:
+        """String: the fencing token (``<scheduler id>:<n>``) of the leader, with a TTL."""
+        return f"{self.base}:leader"
+
+    @property
+    def epoch(self) -> str:
+        """Counter: incremented by each new leader (the ``n`` of its token)."""
+        return f"{self.base}:epoch"
+
+    @property
+    def state(self) -> str:
+        """Hash: ``last:<entry>`` -> last tick fired (ms), ``inflight:<entry>`` -> tick
+        claimed whose task may not be enqueued yet."""
+        return f"{self.base}:state"
+
+    @property
+    def entries(self) -> str:
+        """Hash: entry name -> JSON description written by the leader."""
+        return f"{self.base}:entries"
+
+    def history(self, entry: str) -> str:
+        """List: the entry's latest firings, newest first (JSON)."""
+        return f"{self.base}:history:{validate_entry_name(entry)}"
 
 
 @lru_cache(maxsize=4096)

@@ -20,11 +20,11 @@ ROLES: tuple[Role, ...] = ("producer", "worker", "operator")
 CONNECT = ("ping", "info", "select", "cluster|shards", "cluster|nodes")
 
 #: Commands called inside clusterq's Lua scripts (enqueue, dequeue, ack, fail, extend,
-#: requeue, sweep, manage).
+#: requeue, sweep, manage, cron).
 SCRIPTED = (
-    "del", "exists", "get", "set", "time", "type",
-    "hdel", "hexists", "hget", "hincrby", "hkeys", "hmget", "hset",
-    "lpos", "lpush", "lrem", "rpop", "rpush",
+    "del", "exists", "get", "incr", "pexpire", "set", "time", "type",
+    "hdel", "hexists", "hget", "hincrby", "hkeys", "hmget", "hset", "hsetnx",
+    "lpos", "lpush", "lrem", "ltrim", "rpop", "rpush",
     "zadd", "zcard", "zrange", "zrangebyscore", "zrem", "zremrangebyscore", "zscore",
 )  # fmt: skip
 

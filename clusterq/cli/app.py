@@ -7,6 +7,7 @@ import click
 from clusterq import __version__
 from clusterq.cli.bench import bench
 from clusterq.cli.cluster import cluster
+from clusterq.cli.cron import cron_group, scheduler
 from clusterq.cli.dash import dash
 from clusterq.cli.dev import dev
 from clusterq.cli.doctor import doctor
@@ -61,6 +62,8 @@ main.add_command(task)
 main.add_command(stats)
 main.add_command(metrics)
 main.add_command(dash)
+main.add_command(scheduler)
+main.add_command(cron_group)
 main.add_command(worker)
 main.add_command(drill)
 main.add_command(bench)

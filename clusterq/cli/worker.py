@@ -35,18 +35,23 @@ def worker() -> None:
     """Run a worker (`clusterq worker MODULE:ROUTER`), or `clusterq worker ls`."""
 
 
-def load_router(spec: str) -> Router:
-    """Import ``module:attribute`` (from the current directory too) and check it is a Router."""
+def load_object(spec: str, what: str) -> Any:
+    """Import ``module:attribute`` (from the current directory too)."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise CliError(f"expected MODULE:ROUTER, got {spec!r}")
+        raise CliError(f"expected MODULE:{what}, got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CliError(f"cannot import {module_name!r}: {exc}") from None
-    router = getattr(module, attribute, None)
+    return getattr(module, attribute, None)
+
+
+def load_router(spec: str) -> Router:
+    """Import ``module:attribute`` and check it is a Router."""
+    router = load_object(spec, "ROUTER")
     if not isinstance(router, Router):
         raise CliError(f"{spec} is {type(router).__name__}, not a clusterq Router")
     return router

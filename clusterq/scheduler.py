@@ -1,0 +1,476 @@
+"""Periodic tasks: :class:`Periodic` entries fired by a :class:`Scheduler` (the
+``scheduler`` extra: ``croniter``).
+
+Run several schedulers for availability; one leads at a time and fires:
+
+- **Leader lease with a fencing token.** ``<prefix>:{cron}:leader`` holds the leader's
+  token (``<scheduler id>:<n>``, ``n`` from a counter each new leader increments) with
+  a TTL of ``lease`` seconds, renewed every third of it. A standby takes over when it
+  expires: within ``lease`` of the leader's death.
+- **Each tick claimed before it is enqueued.** ``cron.lua`` claims tick T of an entry
+  only for the current token and only if the entry's last fired tick is before T, so a
+  stale leader (frozen, its lease expired) is refused and never enqueues; the claim is
+  confirmed by a replica (``WAIT``) where the scheduler's slot has one.
+- **Deterministic task ids** ``cron:<entry>:<tick ms>``: a tick claimed by a leader that
+  died before enqueueing it is enqueued again by the next leader (it re-drives the
+  claims left in flight), and the enqueue of an id already there is answered "already
+  enqueued" — once, either way.
+- **Catch-up.** A new leader fires the ticks the old one missed, if they are at most
+  ``catch_up`` seconds old; older ones are skipped (and said so in the log). An entry
+  seen for the first time fires from its next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from clusterq.aclient import AsyncClient
+from clusterq.broker import cron
+from clusterq.broker.script import arun_pipelined
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.backend import Backend
+from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
+from clusterq.errors import ConfigError
+from clusterq.keys import DEFAULT_PREFIX, CronKeys, validate_entry_name
+from clusterq.producer import TaskSpec, new_task_id
+from clusterq.slots import keyslot
+
+croniter: Any
+try:
+    from croniter import croniter
+except ImportError:  # pragma: no cover - the extra is not installed
+    croniter = None
+
+log = logging.getLogger("clusterq.scheduler")
+
+DEFAULT_LEASE = 5.0
+DEFAULT_CATCH_UP = 60.0
+#: Firings kept per entry for ``clusterq cron history``.
+HISTORY_KEEP = 100
+#: The most ticks one entry fires in one pass (a catch-up after a long outage).
+MAX_TICKS_PER_PASS = 1000
+
+
+def _require_croniter() -> Any:
+    if croniter is None:
+        raise ConfigError("cron schedules need croniter: pip install 'clusterq[scheduler]'")
+    return croniter
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """One periodic entry: ``task`` is enqueued at each tick of ``cron`` (five fields,
+    or six with seconds first: ``"*/10 * * * * *"``) in time zone ``tz`` (default UTC),
+    or every ``every`` seconds (ticks at multiples of it since the epoch, so every
+    scheduler agrees on them)."""
+
+    name: str
+    task: TaskSpec
+    cron: str | None = None
+    every: float | None = None
+    tz: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_entry_name(self.name)
+        if not isinstance(self.task, TaskSpec):
+            raise ConfigError(f"periodic entry {self.name!r}: task must be a TaskSpec")
+        if (self.cron is None) == (self.every is None):
+            raise ConfigError(f"periodic entry {self.name!r}: give cron= or every=, not both")
+        if self.every is not None:
+            every = self.every
+            if not isinstance(every, int | float) or not math.isfinite(every) or every < 0.001:
+                raise ConfigError(
+                    f"periodic entry {self.name!r}: every must be a number of seconds "
+                    f">= 0.001, got {every!r}"
+                )
+        if self.cron is not None:
+            checker = _require_croniter()
+            if not isinstance(self.cron, str) or not checker.is_valid(
+                self.cron, second_at_beginning=self._seconds
+            ):
+                raise ConfigError(
+                    f"periodic entry {self.name!r}: invalid cron expression {self.cron!r} "
+                    "(five fields, or six with seconds first)"
+                )
+        try:
+            self.zone  # noqa: B018 - validates
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(
+                f"periodic entry {self.name!r}: unknown time zone {self.tz!r}"
+            ) from exc
+        if "task_id" in self.task.options:
+            raise ConfigError(
+                f"periodic entry {self.name!r}: the scheduler chooses the task id of each tick"
+            )
+
+    @property
+    def _seconds(self) -> bool:
+        return self.cron is not None and len(self.cron.split()) == 6
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.tz or "UTC")
+
+    @property
+    def schedule(self) -> str:
+        if self.cron is not None:
+            return f"cron {self.cron}" + (f" ({self.tz})" if self.tz else "")
+        return f"every {self.every:g}s"
+
+    def ticks(self, after_ms: int, until_ms: int, most: int = MAX_TICKS_PER_PASS) -> list[int]:
+        """The ticks (ms since the epoch) in ``(after_ms, until_ms]``, at most ``most``."""
+        out: list[int] = []
+        tick = self.next_tick(after_ms)
+        while tick <= until_ms and len(out) < most:
+            out.append(tick)
+            tick = self.next_tick(tick)
+        return out
+
+    def next_tick(self, after_ms: int) -> int:
+        """The first tick after ``after_ms``."""
+        if self.every is not None:
+            step = max(1, round(self.every * 1000))
+            return (after_ms // step + 1) * step
+        base = datetime.fromtimestamp(after_ms / 1000, self.zone)
+        itr = _require_croniter()(self.cron, base, second_at_beginning=self._seconds)
+        value: float = itr.get_next(float)
+        return round(value * 1000)
+
+    def task_id(self, tick_ms: int) -> str:
+        return f"cron:{self.name}:{tick_ms}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "schedule": self.schedule,
+            "cron": self.cron,
+            "every": self.every,
+            "tz": self.tz,
+            "type": self.task.type,
+            "queue": self.task.options.get("queue", "default"),
+        }
+
+
+@dataclass
+class SchedulerStats:
+    fired: int = 0
+    #: Ticks whose task id was already enqueued (a claim re-driven after a takeover).
+    repeated: int = 0
+    skipped: int = 0
+    leaderships: int = 0
+
+
+@dataclass
+class Scheduler:
+    """Fires ``entries`` while it leads; stands by otherwise."""
+
+    url: str | RedisURL = DEFAULT_URL
+    entries: Sequence[Periodic] = ()
+    prefix: str = DEFAULT_PREFIX
+    mode: Mode | None = None
+    lease: float = DEFAULT_LEASE
+    catch_up: float = DEFAULT_CATCH_UP
+    name: str | None = None
+    stats: SchedulerStats = field(default_factory=SchedulerStats)
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.entries]
+        if not names:
+            raise ConfigError("a scheduler needs at least one Periodic entry")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"periodic entry names must be unique: {names}")
+        if not (math.isfinite(self.lease) and self.lease >= 0.5):
+            raise ConfigError(f"lease must be at least 0.5 seconds, got {self.lease!r}")
+        if not (math.isfinite(self.catch_up) and self.catch_up >= 0):
+            raise ConfigError(f"catch_up must be 0 or more seconds, got {self.catch_up!r}")
+        self.id = self.name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
+        self.token: str | None = None
+        self._stopping = asyncio.Event()
+        self._backend: AsyncBackend | None = None
+        self._client: AsyncClient | None = None
+        self._last: dict[str, int] = {}
+
+    @property
+    def leading(self) -> bool:
+        return self.token is not None
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT (the command line's ``clusterq scheduler``)."""
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, self.stop)
+            await self.serve()
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def serve(self) -> None:
+        """Lead or stand by until :meth:`stop`; gives up the lease on the way out."""
+        self._backend = backend = await AsyncBackend.connect(
+            self.url, mode=self.mode, prefix=self.prefix, retry_timeout=self.lease / 2
+        )
+        if backend.mode == "cluster":
+            backend.start_watching(0.5)
+        self._client = AsyncClient(backend)
+        keys = backend.keys.cron
+        log.info("scheduler %s: %d entries, lease %.3gs", self.id, len(self.entries), self.lease)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._round(keys)
+                except Exception:
+                    log.exception("scheduler %s: round failed; trying again", self.id)
+                    self.token = None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._pause())
+        finally:
+            if self.token is not None:
+                with contextlib.suppress(Exception):
+                    await self._script(keys, cron.release(keys, self.token))
+                self.token = None
+            await backend.aclose()
+
+    def _pause(self) -> float:
+        """Until the next renewal, or the next tick if sooner."""
+        wait = self.lease / 3
+        if self.token is not None:
+            now = _now_ms()
+            soonest = min(e.next_tick(self._last.get(e.name, now)) for e in self.entries)
+            wait = min(wait, max(0.0, (soonest - now) / 1000))
+        return max(0.005, wait)
+
+    async def _script(
+        self, keys: CronKeys, built: tuple[list[str], list[Any]], *, durable: bool = False
+    ) -> Any:
+        assert self._backend is not None
+        script_keys, args = built
+        if not durable:
+            return await self._backend.run_script(
+                cron.SCRIPT, keyslot(keys.base), script_keys, args
+            )
+        steps = [(cron.SCRIPT, script_keys, args)]
+
+        async def call(client: Any) -> Any:
+            replies, _tail = await arun_pipelined(client, steps, after=[("WAIT", 1, 200)])
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            return replies[0]
+
+        return await self._backend.execute(keyslot(keys.base), call)
+
+    async def _round(self, keys: CronKeys) -> None:
+        lease_ms = int(self.lease * 1000)
+        if self.token is None:
+            token = cron.text(await self._script(keys, cron.acquire(keys, self.id, lease_ms)))
+            if token is None:
+                return
+            self.token = token
+            self.stats.leaderships += 1
+            log.warning("scheduler %s leads (token %s)", self.id, token)
+            await self._take_over(keys)
+        elif not int(await self._script(keys, cron.renew(keys, self.token, lease_ms))):
+            log.warning("scheduler %s lost the lead (token %s)", self.id, self.token)
+            self.token = None
+            return
+        await self._fire_due(keys)
+
+    async def _take_over(self, keys: CronKeys) -> None:
+        """Publish the entries, learn where each stands, and enqueue the ticks a previous
+        leader claimed but may not have enqueued."""
+        assert self._backend is not None and self.token is not None
+        raw = await self._backend.execute_key(keys.state, lambda c: c.hgetall(keys.state))
+        state = {str(cron.text(k)): str(cron.text(v)) for k, v in raw.items()}
+        described: dict[Any, Any] = {e.name: json.dumps(e.describe()) for e in self.entries}
+        await self._backend.execute_key(
+            keys.entries, lambda c: c.hset(keys.entries, mapping=described)
+        )
+        now = _now_ms()
+        for entry in self.entries:
+            inflight = state.get(f"inflight:{entry.name}")
+            if inflight is not None:
+                await self._enqueue(keys, entry, int(inflight), redriven=True)
+            last = await self._script(keys, cron.start(keys, self.token, entry.name, now))
+            if int(last) < 0:
+                self.token = None
+                return
+            self._last[entry.name] = int(last)
+
+    async def _fire_due(self, keys: CronKeys) -> None:
+        now = _now_ms()
+        oldest = now - int(self.catch_up * 1000)
+        for entry in self.entries:
+            if self.token is None:
+                return
+            last = self._last.get(entry.name, now)
+            if last < oldest - 1:
+                missed = entry.ticks(last, oldest - 1)
+                if missed:
+                    self.stats.skipped += len(missed)
+                    log.warning(
+                        "scheduler %s: entry %s: %d ticks older than the catch-up window "
+                        "(%gs) skipped",
+                        self.id,
+                        entry.name,
+                        len(missed),
+                        self.catch_up,
+                    )
+                last = oldest - 1
+            for tick in entry.ticks(last, now):
+                claimed = int(
+                    await self._script(
+                        keys, cron.claim(keys, self.token, entry.name, tick), durable=True
+                    )
+                )
+                if claimed < 0:
+                    log.warning("scheduler %s: no longer the leader", self.id)
+                    self.token = None
+                    return
+                self._last[entry.name] = tick
+                if claimed == 1:
+                    await self._enqueue(keys, entry, tick)
+
+    async def _enqueue(
+        self, keys: CronKeys, entry: Periodic, tick: int, *, redriven: bool = False
+    ) -> None:
+        assert self._client is not None
+        spec = entry.task
+        info = await self._client.enqueue(
+            spec.type, spec.payload, task_id=entry.task_id(tick), **spec.options
+        )
+        if info.already_enqueued:
+            self.stats.repeated += 1
+        else:
+            self.stats.fired += 1
+        record = json.dumps(
+            {
+                "tick": tick / 1000,
+                "task_id": info.id,
+                "queue": info.queue,
+                "fired_at": time.time(),
+                "scheduler": self.id,
+                "already_enqueued": info.already_enqueued,
+                "redriven": redriven,
+            }
+        )
+        await self._script(keys, cron.done(keys, entry.name, tick, record, HISTORY_KEEP))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class EntryStatus:
+    """One entry as ``clusterq cron ls`` shows it."""
+
+    name: str
+    schedule: str
+    type: str
+    queue: str
+    last_tick: float | None
+    next_tick: float | None
+    inflight: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "schedule": self.schedule,
+            "type": self.type,
+            "queue": self.queue,
+            "last_tick": self.last_tick,
+            "next_tick": self.next_tick,
+            "inflight": self.inflight,
+        }
+
+
+def entry_from_description(data: dict[str, Any]) -> Periodic | None:
+    """The entry a leader described (to compute its next tick), or None if unreadable."""
+    try:
+        return Periodic(
+            data["name"],
+            TaskSpec(data["type"], None, {"queue": data["queue"]}),
+            cron=data.get("cron"),
+            every=data.get("every"),
+            tz=data.get("tz"),
+        )
+    except (KeyError, TypeError, ConfigError):
+        return None
+
+
+def cron_status(backend: Backend) -> tuple[str | None, list[EntryStatus]]:
+    """The leader's token (None: no scheduler leads) and every entry a leader published."""
+    keys = backend.keys.cron
+
+    def read(client: Any) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        pipe.get(keys.leader)
+        pipe.hgetall(keys.entries)
+        pipe.hgetall(keys.state)
+        return list(pipe.execute())
+
+    leader, entries, state = backend.execute(keyslot(keys.base), read)
+    state = {cron.text(k): cron.text(v) for k, v in state.items()}
+    now = _now_ms()
+    out = []
+    for raw in entries.values():
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            continue
+        name = data["name"]
+        last = state.get(f"last:{name}")
+        inflight = state.get(f"inflight:{name}")
+        entry = entry_from_description(data)
+        upcoming = entry.next_tick(max(now, int(last or 0))) if entry is not None else None
+        out.append(
+            EntryStatus(
+                name=name,
+                schedule=str(data.get("schedule", "?")),
+                type=str(data.get("type", "?")),
+                queue=str(data.get("queue", "?")),
+                last_tick=int(last) / 1000 if last and last.isdigit() else None,
+                next_tick=upcoming / 1000 if upcoming is not None else None,
+                inflight=int(inflight) / 1000 if inflight and inflight.isdigit() else None,
+            )
+        )
+    return cron.text(leader), sorted(out, key=lambda e: e.name)
+
+
+def cron_history(backend: Backend, entry: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The entry's latest firings, newest first."""
+    key = backend.keys.cron.history(entry)
+    raw = backend.execute_key(key, lambda c: c.lrange(key, 0, max(0, limit - 1)))
+    out = []
+    for item in raw:
+        try:
+            data = json.loads(item)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            out.append(data)
+    return out

@@ -1,0 +1,9 @@
+"""Periodic entries for the scheduler tests (``clusterq scheduler tests.cron_entries:ENTRIES``)."""
+
+from __future__ import annotations
+
+from clusterq import TaskSpec
+from clusterq.scheduler import Periodic
+
+QUEUE = "cron-ticks"
+ENTRIES = [Periodic("tick", TaskSpec("cron:tick", None, {"queue": QUEUE}), every=1)]

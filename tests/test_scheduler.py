@@ -1,0 +1,229 @@
+"""Periodic tasks: the entries' ticks (pure), and several schedulers against the cluster —
+one fires each tick, exactly once, through a leader killed with -9 and through a
+failover of the master that holds the scheduler's state."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from clusterq import Router, Task, TaskSpec
+from clusterq.cluster.backend import Backend
+from clusterq.errors import ConfigError
+from clusterq.keys import KeySchema
+from clusterq.scheduler import Periodic, Scheduler, cron_history, cron_status
+from clusterq.slots import keyslot
+from clusterq.tools.devcluster import LocalCluster
+from tests.cron_entries import ENTRIES, QUEUE
+from tests.helpers import await_for, running_worker, wait_for
+
+SPEC = TaskSpec("t", None, {"queue": "q"})
+
+
+def _ms(text: str, tz: str = "UTC") -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=ZoneInfo(tz)).timestamp() * 1000)
+
+
+def test_every_ticks_are_aligned_to_the_epoch() -> None:
+    entry = Periodic("e", SPEC, every=30)
+    assert entry.ticks(_ms("2026-01-01T00:00:10"), _ms("2026-01-01T00:01:30")) == [
+        _ms("2026-01-01T00:00:30"),
+        _ms("2026-01-01T00:01:00"),
+        _ms("2026-01-01T00:01:30"),
+    ]
+    assert entry.task_id(1000) == "cron:e:1000"
+
+
+def test_cron_ticks_with_seconds_and_a_time_zone() -> None:
+    every_ten_seconds = Periodic("s", SPEC, cron="*/10 * * * * *")
+    start = _ms("2026-01-01T00:00:05")
+    assert every_ten_seconds.ticks(start, start + 20_000) == [start + 5000, start + 15000]
+    nine_paris = Periodic("p", SPEC, cron="0 9 * * *", tz="Europe/Paris")
+    assert nine_paris.next_tick(_ms("2026-06-01T00:00:00")) == _ms(
+        "2026-06-01T09:00:00", "Europe/Paris"
+    )
+    assert nine_paris.next_tick(_ms("2026-06-01T00:00:00")) == _ms("2026-06-01T07:00:00")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"cron": "nope"}, "invalid cron expression"),
+        ({"cron": "* * * * *", "every": 5}, "not both"),
+        ({}, "not both"),
+        ({"every": 0}, "every must be"),
+        ({"every": 5, "tz": "Mars/Base"}, "unknown time zone"),
+    ],
+)
+def test_bad_entries_are_refused_with_the_reason(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Periodic("x", SPEC, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="chooses the task id"):
+        Periodic("x", TaskSpec("t", None, {"task_id": "mine"}), every=1)
+
+
+def _ticks_ran(ran: Counter[str]) -> list[int]:
+    return sorted(int(task_id.rsplit(":", 1)[1]) for task_id in ran)
+
+
+def _assert_every_tick_once(ran: Counter[str], history: list[dict[str, object]]) -> list[int]:
+    ticks = _ticks_ran(ran)
+    assert set(ran.values()) == {1}, [t for t, n in ran.items() if n > 1]
+    gaps = [b - a for a, b in itertools.pairwise(ticks) if b - a != 1000]
+    assert not gaps, f"ticks missing: {gaps}"
+    fresh = Counter(h["tick"] for h in history if not h.get("already_enqueued"))
+    assert set(fresh.values()) == {1}, fresh  # no tick enqueued twice
+    return ticks
+
+
+@pytest.mark.slow
+def test_three_schedulers_fire_each_tick_once_through_a_leader_killed(
+    cluster: LocalCluster, prefix: str, clusterq_bin: str
+) -> None:
+    url = cluster.seed_url
+    ran: Counter[str] = Counter()
+    router = Router()
+
+    @router.task("cron:tick")
+    async def tick(task: Task) -> None:
+        ran[task.id] += 1
+
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str) -> None:
+        procs[name] = subprocess.Popen(
+            [clusterq_bin, "--url", url, "--prefix", prefix, "scheduler",
+             "tests.cron_entries:ENTRIES", "--lease", "2", "--catch-up", "30", "--name", name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    backend = Backend(url, prefix=prefix)
+
+    def leader() -> str | None:
+        token, _ = cron_status(backend)
+        return token.rsplit(":", 1)[0] if token else None
+
+    async def scenario() -> tuple[str, str]:
+        async with running_worker(url, router, queues=[QUEUE], prefix=prefix):
+            for name in ("s1", "s2", "s3"):
+                start(name)
+            first = await await_for(leader, 20, "a leader")
+            await await_for(lambda: len(ran) >= 6, 20, "six ticks")
+            procs[first].send_signal(signal.SIGKILL)
+            procs[first].wait(timeout=10)
+            killed_at = len(ran)
+            second = await await_for(lambda: (w := leader()) != first and w, 20, "a new leader")
+            await await_for(lambda: len(ran) >= killed_at + 10, 30, "ten more ticks")
+            for proc in procs.values():
+                proc.terminate()
+            for proc in procs.values():
+                proc.wait(timeout=10)
+            await asyncio.sleep(0.5)  # the last enqueued tick runs
+        return first, str(second)
+
+    try:
+        first, second = asyncio.run(scenario())
+        history = cron_history(backend, "tick", 100)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        backend.close()
+    assert first != second
+    ticks = _assert_every_tick_once(ran, history)
+    assert len(ticks) >= 16
+    schedulers = {h["scheduler"] for h in history}
+    assert first in schedulers and second in schedulers
+
+
+@pytest.mark.slow
+def test_a_failover_of_the_schedulers_master_fires_no_tick_twice(
+    fresh_cluster: Callable[[], LocalCluster], prefix: str
+) -> None:
+    cluster = fresh_cluster()
+    url = cluster.seed_url
+    ran: Counter[str] = Counter()
+    router = Router()
+
+    @router.task("cron:tick")
+    async def tick(task: Task) -> None:
+        ran[task.id] += 1
+
+    backend = Backend(url, prefix=prefix)
+    slot = keyslot(KeySchema(prefix).cron.base)
+    location = backend.topology.shard_for_slot(slot)
+    assert location is not None and location.replicas
+
+    async def scenario() -> None:
+        schedulers = [
+            Scheduler(url, ENTRIES, prefix=prefix, lease=2, catch_up=30, name=f"s{n}")
+            for n in range(3)
+        ]
+        async with running_worker(url, router, queues=[QUEUE], prefix=prefix):
+            serving = [asyncio.create_task(s.serve()) for s in schedulers]
+            await await_for(lambda: len(ran) >= 5, 20, "five ticks")
+            replica = cluster.client(location.replicas[0].port)
+            await asyncio.to_thread(replica.execute_command, "CLUSTER", "FAILOVER")
+            replica.close()
+
+            def promoted() -> bool:
+                backend.refresh_topology()
+                new = backend.topology.master_for_slot(slot)
+                return new is not None and new.id == location.replicas[0].id
+
+            await asyncio.to_thread(wait_for, promoted, 30, "the failover")
+            after = len(ran)
+            await await_for(lambda: len(ran) >= after + 6, 30, "six ticks after the failover")
+            for s in schedulers:
+                s.stop()
+            await asyncio.gather(*serving)
+            await asyncio.sleep(0.5)
+            assert sum(s.stats.fired for s in schedulers) == len(ran)
+
+    try:
+        asyncio.run(scenario())
+        history = cron_history(backend, "tick", 100)
+    finally:
+        backend.close()
+    _assert_every_tick_once(ran, history)
+
+
+def test_cron_ls_and_history_show_the_entries(url: str, prefix: str) -> None:
+    from click.testing import CliRunner
+
+    from clusterq.cli import main
+
+    async def scenario() -> Scheduler:
+        scheduler = Scheduler(url, ENTRIES, prefix=prefix, lease=1, name="only")
+        serving = asyncio.create_task(scheduler.serve())
+        await await_for(lambda: scheduler.stats.fired >= 2, 10, "two firings")
+        listing = CliRunner().invoke(
+            main, ["--url", url, "--prefix", prefix, "cron", "ls", "--json"]
+        )
+        assert listing.exit_code == 0, listing.output
+        import json
+
+        data = json.loads(listing.output)
+        assert data["leader"].startswith("only:")
+        [entry] = data["entries"]
+        assert entry["name"] == "tick" and entry["queue"] == QUEUE
+        assert entry["next_tick"] > entry["last_tick"]
+        scheduler.stop()
+        await serving
+        return scheduler
+
+    scheduler = asyncio.run(scenario())
+    shown = CliRunner().invoke(main, ["--url", url, "--prefix", prefix, "cron", "history", "tick"])
+    assert shown.exit_code == 0 and "cron:tick:" in shown.output and "only" in shown.output
+    assert scheduler.token is None  # gave up the lead on the way out
+    listing = CliRunner().invoke(main, ["--url", url, "--prefix", prefix, "cron", "ls"])
+    assert "leader: none" in listing.output
