@@ -43,7 +43,7 @@ from clusterq.broker.script import arun_pipelined
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
-from clusterq.errors import ConfigError
+from clusterq.errors import ConfigError, InvalidName
 from clusterq.keys import DEFAULT_PREFIX, CronKeys, validate_entry_name
 from clusterq.producer import TaskSpec, new_task_id
 from clusterq.slots import keyslot
@@ -390,6 +390,7 @@ class EntryStatus:
     schedule: str
     type: str
     queue: str
+    #: The tick of its latest firing (None: not fired yet).
     last_tick: float | None
     next_tick: float | None
     inflight: float | None
@@ -433,9 +434,26 @@ def cron_status(backend: Backend) -> tuple[str | None, list[EntryStatus]]:
 
     leader, entries, state = backend.execute(keyslot(keys.base), read)
     state = {cron.text(k): cron.text(v) for k, v in state.items()}
+    names = []
+    for raw_name in entries:
+        with contextlib.suppress(InvalidName):  # written by something else: not listed
+            names.append(validate_entry_name(cron.text(raw_name)))
+
+    def latest(client: Any) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.lindex(keys.history(name), 0)
+        return list(pipe.execute())
+
+    last_fired: dict[str, float] = {}
+    for name, raw_last in zip(names, backend.execute(keyslot(keys.base), latest), strict=True):
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            last_fired[name] = float(json.loads(raw_last)["tick"])
     now = _now_ms()
     out = []
-    for raw in entries.values():
+    for raw_name, raw in entries.items():
+        if cron.text(raw_name) not in names:
+            continue
         try:
             data = json.loads(raw)
         except ValueError:
@@ -453,7 +471,7 @@ def cron_status(backend: Backend) -> tuple[str | None, list[EntryStatus]]:
                 schedule=str(data.get("schedule", "?")),
                 type=str(data.get("type", "?")),
                 queue=str(data.get("queue", "?")),
-                last_tick=int(last) / 1000 if last and last.isdigit() else None,
+                last_tick=last_fired.get(name),
                 next_tick=upcoming / 1000 if upcoming is not None else None,
                 inflight=int(inflight) / 1000 if inflight and inflight.isdigit() else None,
             )
