@@ -32,6 +32,7 @@ from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
 from clusterq.task import Task, TaskInfo, TaskState
 from clusterq.worker import Worker, current_worker
+from clusterq.workflow import WorkflowFailed, WorkflowHandle, chain, chord, group
 
 __all__ = [
     "Admin",
@@ -64,7 +65,12 @@ __all__ = [
     "TaskState",
     "Topology",
     "Worker",
+    "WorkflowFailed",
+    "WorkflowHandle",
     "__version__",
+    "chain",
+    "chord",
     "current_worker",
+    "group",
     "keyslot",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import arun_pipelined
@@ -37,6 +37,7 @@ from clusterq.producer import (
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
+from clusterq.workflow import AsyncWorkflows, Workflow, WorkflowHandle, WorkflowInfo
 
 log = logging.getLogger("clusterq.client")
 
@@ -136,6 +137,7 @@ class AsyncClient(ClientBase):
         await self.backend.execute_key(registry, lambda c: c.sadd(registry, *new), timeout=timeout)
         self.backend.note_queues(new)
 
+    @overload
     async def enqueue(
         self,
         type: str,
@@ -143,14 +145,28 @@ class AsyncClient(ClientBase):
         *,
         durability: Durability | None = None,
         **options: Any,
-    ) -> TaskInfo:
+    ) -> TaskInfo: ...
+
+    @overload
+    async def enqueue(self, type: Workflow, payload: None = None) -> WorkflowHandle: ...
+
+    async def enqueue(
+        self,
+        type: str | Workflow,
+        payload: Any = None,
+        *,
+        durability: Durability | None = None,
+        **options: Any,
+    ) -> TaskInfo | WorkflowHandle:
         """See :meth:`Client.enqueue`."""
+        if not isinstance(type, str):  # a chain, group or chord: start it
+            return await AsyncWorkflows(self).start(type)
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:
             self._register_soon([prepared.queue])
         level = durability or self.durability
         if level != "none":
-            return (await self._send([prepared], level, raise_duplicate=True))[0]
+            return (await self.send_prepared([prepared], level, raise_duplicate=True))[0]
         attempts = enqueue_script.Attempts([(prepared.qk, [prepared.new])], durable=False)
         reply = await self.backend.execute(prepared.qk.slot, attempts.arun)
         return one_info(prepared, attempts, reply)
@@ -165,9 +181,11 @@ class AsyncClient(ClientBase):
         """See :meth:`Client.enqueue_many`; the slots are written concurrently."""
         prepared = self.producer.prepare_many(items, defaults)
         self._register_soon(p.queue for p in prepared)
-        return await self._send(prepared, durability or self.durability, raise_duplicate=False)
+        return await self.send_prepared(
+            prepared, durability or self.durability, raise_duplicate=False
+        )
 
-    async def _send(
+    async def send_prepared(
         self, prepared: Sequence[PreparedEnqueue], level: Durability, *, raise_duplicate: bool
     ) -> list[TaskInfo]:
         infos = [p.guess() for p in prepared]
@@ -177,7 +195,7 @@ class AsyncClient(ClientBase):
             attempts = attempts_for(batches, level)
 
             async def run(client: AsyncNodeClient) -> tuple[list[Any], int | None]:
-                # See Client._send: the durability check is part of the retried call.
+                # See Client.send_prepared: the durability check is part of the retried call.
                 replies, tail = await arun_pipelined(client, attempts.next(), after)
                 return raise_first(replies), confirmed_replicas(level, tail)
 
@@ -191,8 +209,18 @@ class AsyncClient(ClientBase):
         await asyncio.gather(*(send(s, b) for s, b in plan.items()))
         return infos
 
-    async def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
+    @overload
+    async def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo: ...
+
+    @overload
+    async def info(self, task: WorkflowHandle, *, queue: None = None) -> WorkflowInfo: ...
+
+    async def info(
+        self, task: TaskInfo | str | WorkflowHandle, *, queue: str | None = None
+    ) -> TaskInfo | WorkflowInfo:
         """See :meth:`Client.info`."""
+        if isinstance(task, WorkflowHandle):
+            return await AsyncWorkflows(self).info(task)
         task_id, queue = self._locate(task, queue)
         qk = self.keys.queue(queue)
         commands = info_commands(qk, task_id)
@@ -203,12 +231,18 @@ class AsyncClient(ClientBase):
         return task_info(queue, task_id, await self.backend.execute(qk.slot, read))
 
     async def result(
-        self, task: TaskInfo | str, *, queue: str | None = None, timeout: float | None = 30.0
+        self,
+        task: TaskInfo | str | WorkflowHandle,
+        *,
+        queue: str | None = None,
+        timeout: float | None = 30.0,
     ) -> Any:
         """See :meth:`Client.result`."""
+        if isinstance(task, WorkflowHandle):
+            return await AsyncWorkflows(self).result(task, timeout)
         wait = ResultWait(timeout)
         while True:
-            info = await self.info(task, queue=queue)
+            info: TaskInfo = await self.info(task, queue=queue)
             if wait.done(info):
                 return info.result
             await asyncio.sleep(wait.delay())

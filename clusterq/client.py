@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import run_pipelined
@@ -43,6 +43,7 @@ from clusterq.producer import (
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
+from clusterq.workflow import Workflow, WorkflowHandle, WorkflowInfo, Workflows
 
 log = logging.getLogger("clusterq.client")
 
@@ -165,6 +166,7 @@ class Client(ClientBase):
             raise
         self.backend.note_queues(new)
 
+    @overload
     def enqueue(
         self,
         type: str,
@@ -172,7 +174,19 @@ class Client(ClientBase):
         *,
         durability: Durability | None = None,
         **options: Any,
-    ) -> TaskInfo:
+    ) -> TaskInfo: ...
+
+    @overload
+    def enqueue(self, type: Workflow, payload: None = None) -> WorkflowHandle: ...
+
+    def enqueue(
+        self,
+        type: str | Workflow,
+        payload: Any = None,
+        *,
+        durability: Durability | None = None,
+        **options: Any,
+    ) -> TaskInfo | WorkflowHandle:
         """Enqueue one task; the options are those of :meth:`Producer.prepare`.
 
         Raises :class:`DuplicateTask` when ``unique_for`` refuses it. Retrying with the
@@ -180,12 +194,14 @@ class Client(ClientBase):
         ``durability="replica"`` (or the client's default) waits until a replica has the
         task and raises :class:`DurabilityError` if none confirms it in time.
         """
+        if not isinstance(type, str):  # a chain, group or chord: start it
+            return Workflows(self).start(type)
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:
             self._register_soon([prepared.queue])
         level = durability or self.durability
         if level != "none":
-            return self._send([prepared], level, raise_duplicate=True)[0]
+            return self.send_prepared([prepared], level, raise_duplicate=True)[0]
         attempts = enqueue_script.Attempts([(prepared.qk, [prepared.new])], durable=False)
         reply = self.backend.execute(prepared.qk.slot, attempts.run)
         return one_info(prepared, attempts, reply)
@@ -205,9 +221,9 @@ class Client(ClientBase):
         """
         prepared = self.producer.prepare_many(items, defaults)
         self._register_soon(p.queue for p in prepared)
-        return self._send(prepared, durability or self.durability, raise_duplicate=False)
+        return self.send_prepared(prepared, durability or self.durability, raise_duplicate=False)
 
-    def _send(
+    def send_prepared(
         self, prepared: Sequence[PreparedEnqueue], level: Durability, *, raise_duplicate: bool
     ) -> list[TaskInfo]:
         infos: list[TaskInfo] = []
@@ -236,8 +252,19 @@ class Client(ClientBase):
             require_confirmed(level, replicas, ids, where, self.durability_timeout)
         return infos
 
-    def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo:
-        """State and details of a task (``queue`` defaults to the TaskInfo's or "default")."""
+    @overload
+    def info(self, task: TaskInfo | str, *, queue: str | None = None) -> TaskInfo: ...
+
+    @overload
+    def info(self, task: WorkflowHandle, *, queue: None = None) -> WorkflowInfo: ...
+
+    def info(
+        self, task: TaskInfo | str | WorkflowHandle, *, queue: str | None = None
+    ) -> TaskInfo | WorkflowInfo:
+        """State and details of a task (``queue`` defaults to the TaskInfo's or "default"),
+        or of a workflow and each of its steps."""
+        if isinstance(task, WorkflowHandle):
+            return Workflows(self).info(task)
         task_id, queue = self._locate(task, queue)
         qk = self.keys.queue(queue)
         commands = info_commands(qk, task_id)
@@ -245,7 +272,11 @@ class Client(ClientBase):
         return task_info(queue, task_id, values)
 
     def result(
-        self, task: TaskInfo | str, *, queue: str | None = None, timeout: float | None = 30.0
+        self,
+        task: TaskInfo | str | WorkflowHandle,
+        *,
+        queue: str | None = None,
+        timeout: float | None = 30.0,
     ) -> Any:
         """Wait for a task to complete and return its result.
 
@@ -253,6 +284,8 @@ class Client(ClientBase):
         completes). Raises :class:`TaskFailed` if it was archived, :class:`ResultTimeout`
         after ``timeout`` seconds (None: wait forever), :class:`TaskNotFound`.
         """
+        if isinstance(task, WorkflowHandle):
+            return Workflows(self).result(task, timeout)
         wait = ResultWait(timeout)
         while not wait.done(info := self.info(task, queue=queue)):
             time.sleep(wait.delay())

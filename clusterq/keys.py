@@ -217,6 +217,11 @@ class KeySchema:
         base = f"{self.prefix}:doctor:{{probe}}:{run_id}"
         return f"{base}:a", f"{base}:b"
 
+    def workflow(self, workflow_id: str) -> str:
+        """Hash: the whole state of one workflow, under its own hash tag (one slot per
+        workflow, so its steps may live on any queue and master)."""
+        return f"{self.prefix}:{{wf:{validate_task_id(workflow_id)}}}"
+
     @property
     def cron(self) -> CronKeys:
         """Keys of the periodic scheduler (one slot: hash tag ``{cron}``)."""

@@ -68,6 +68,11 @@ class Record:
     retention_ms: int | None = None
     last_error: str | None = None
     failed_ms: int | None = None
+    #: A workflow step: the workflow's id, the step's id, and what the step waited for
+    #: (results of its parents in order; errors for a chord's on_error step).
+    workflow: str | None = None
+    step: str | None = None
+    parent_results: list[Any] | None = None
 
     def meta(self) -> bytes:
         fields = _meta_fields(
@@ -85,6 +90,10 @@ class Record:
             fields["err"] = self.last_error
         if self.failed_ms is not None:
             fields["fa"] = self.failed_ms
+        if self.workflow is not None:
+            fields["wf"] = self.workflow
+            fields["ws"] = self.step
+            fields["pr"] = self.parent_results
         return json_bytes(fields)[:-1] + b',"e":%d}' % self.enqueued_ms  # last, as in with_enqueued
 
     def encode(self) -> bytes:
@@ -113,6 +122,9 @@ class Record:
             get("rt"),
             get("err"),
             get("fa"),
+            get("wf"),
+            get("ws"),
+            get("pr"),
         )
         record._check()
         return record
@@ -137,6 +149,12 @@ class Record:
         for name, field_value in optional:
             if field_value is not None and type(field_value) is not int:
                 raise ValueError(f"record field {name!r} is not an integer: {field_value!r}")
+        if self.workflow is not None and (
+            type(self.workflow) is not str
+            or type(self.step) is not str
+            or not isinstance(self.parent_results, list | None)
+        ):
+            raise ValueError("record fields 'wf', 'ws' and 'pr' are not a workflow step")
         for name, text in (("u", self.unique_key), ("err", self.last_error)):
             if text is not None and type(text) is not str:
                 raise ValueError(f"record field {name!r} is not a string: {text!r}")
@@ -229,6 +247,12 @@ class Task:
     #: Identifies this delivery (the lease's fencing token): a task that runs twice,
     #: after a crash or a failover, gets a different value each time.
     attempt: str = ""
+    #: In a workflow: what this step waited for — the previous step's result as a
+    #: one-item list in a chain, the group's results in order for a chord's callback,
+    #: the group's errors (None where a member did not fail) for a chord's on_error.
+    parent_results: list[Any] | None = None
+    #: The id of the workflow this task is a step of, if any.
+    workflow: str | None = None
 
 
 @dataclass(slots=True)

@@ -154,6 +154,11 @@ class Topology:
     def masters(self) -> tuple[NodeInfo, ...]:
         return tuple(shard.master for shard in self.shards)
 
+    def locate_slot_replicas(self, slot: int) -> tuple[NodeInfo, ...]:
+        """The replicas of the master that owns ``slot`` (none if no master owns it)."""
+        shard = self.shard_for_slot(slot)
+        return shard.replicas if shard else ()
+
     @property
     def slots_covered(self) -> int:
         return sum(shard.slot_count for shard in self.shards)

@@ -22,6 +22,7 @@ from clusterq.worker.state import (
     WorkerSettings,
     WorkerStats,
 )
+from clusterq.workflow import AsyncWorkflows
 
 log = logging.getLogger("clusterq.worker")
 
@@ -32,6 +33,8 @@ class Outcomes:
     """Acks, failures and hand-backs of one worker."""
 
     def __init__(self, broker: Broker, settings: WorkerSettings, stats: WorkerStats) -> None:
+        #: Told when a workflow step is archived for good (set by the worker).
+        self.workflows: AsyncWorkflows | None = None
         self.broker = broker
         self.settings = settings
         self.stats = stats
@@ -132,6 +135,7 @@ class Outcomes:
         elif result == "archived":
             self.stats.failed += 1
             self.stats.archived += 1
+            await self._workflow_failed(q, task_id, record, error)
             log.warning(
                 "queue %s: task %s (%s) archived: %s",
                 q.name,
@@ -149,6 +153,22 @@ class Outcomes:
                 delay,
                 error,
                 exc_info=_traceback(outcome),
+            )
+
+    async def _workflow_failed(
+        self, q: QueueState, task_id: str, record: Record | None, error: str
+    ) -> None:
+        if record is None or record.workflow is None or self.workflows is None:
+            return
+        try:
+            await self.workflows.step_failed(record.workflow, record.step or "", error)
+        except Exception:
+            # The step stays archived; running it again (`clusterq task run`) retells it.
+            log.exception(
+                "queue %s: task %s was archived but its workflow %s could not be told",
+                q.name,
+                task_id,
+                record.workflow,
             )
 
     def failed_meta(

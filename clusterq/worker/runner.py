@@ -21,10 +21,11 @@ from typing import Any
 from clusterq.priority import Capacity
 from clusterq.retry import RetryIn, SkipRetry
 from clusterq.router import CallNext, Handler, Router, is_async
-from clusterq.serialization import PayloadError, encode_limited, get_codec
+from clusterq.serialization import PayloadError, encode_limited, get_codec, json_bytes
 from clusterq.task import Record, Task
 from clusterq.worker.outcomes import Outcomes
 from clusterq.worker.state import Outcome, QueueState, WorkerSettings
+from clusterq.workflow import AsyncWorkflows
 
 log = logging.getLogger("clusterq.worker")
 
@@ -43,6 +44,8 @@ class Runner:
         observe: Callable[[str, str, float, bool], None] | None = None,
     ) -> None:
         self.stopping = stopping
+        #: Advances workflows after their steps (set by the worker).
+        self.workflows: AsyncWorkflows | None = None
         #: ``observe(queue, type, seconds, ok)`` after each attempt (metrics), if given.
         self.observe = observe
         self.router = router
@@ -75,6 +78,13 @@ class Runner:
                 self.observe(q.name, record.type, time.perf_counter() - began, outcome.ok)
             keep_slot = task_id in self._threads  # an abandoned sync handler still runs
             if outcome.ok:
+                if record.workflow is not None and self.workflows is not None:
+                    # advanced before the ack: a crash in between runs the step again,
+                    # and advancing again changes nothing
+                    assert record.step is not None
+                    await self.workflows.step_done(
+                        record.workflow, record.step, outcome.workflow_result
+                    )
                 self.outcomes.ack(q, task_id, token, record, outcome.result)
             else:
                 await self.outcomes.fail(q, task_id, token, record, outcome)
@@ -137,6 +147,8 @@ class Runner:
             record.deadline_ms / 1000 if record.deadline_ms is not None else None,
             record.enqueued_ms / 1000 if record.enqueued_ms else None,
             token,
+            record.parent_results,
+            record.workflow,
         )
         call = self._chain(handler)
         try:
@@ -163,6 +175,14 @@ class Runner:
             thread = self._threads.get(task_id)
             if thread is not None and thread.done():
                 del self._threads[task_id]
+        if record.workflow is not None:
+            try:
+                step_result = json_bytes(result)
+            except (TypeError, ValueError) as exc:
+                error = f"a workflow step's result must be JSON: {exc}"
+                return Outcome(False, error=error, archive=True)
+            if not record.retention_ms:
+                return Outcome(True, workflow_result=step_result)
         if not record.retention_ms:
             return Outcome(True)
         try:

@@ -142,6 +142,8 @@ class Outcome:
     no_handler: bool = False
     #: The handler raised ``exception`` itself: its traceback goes into the log.
     traceback: bool = False
+    #: A workflow step's result, JSON-encoded for the workflow's state.
+    workflow_result: bytes = b"null"
 
 
 class RunState:

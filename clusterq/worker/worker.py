@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from clusterq.aclient import AsyncClient
 from clusterq.broker.facade import Broker
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.changes import ReplicaAdded, TopologyEvent
@@ -54,6 +55,7 @@ from clusterq.worker.state import (
     parse_queues,
 )
 from clusterq.worker.supervise import Supervisor
+from clusterq.workflow import AsyncWorkflows
 
 if TYPE_CHECKING:
     from clusterq.metrics import WorkerMetrics
@@ -277,6 +279,8 @@ class Worker:
             lambda: state.aborting,
             observe=self.metrics.observe if self.metrics is not None else None,
         )
+        workflows = AsyncWorkflows(AsyncClient(backend))
+        self._runner.workflows = self._outcomes.workflows = workflows
         self._fetcher = Fetcher(
             broker, settings, self._capacity, self._runner, state, self._emit, self._next_token
         )

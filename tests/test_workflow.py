@@ -1,0 +1,156 @@
+"""Workflows (chain, group, chord) across queues on three masters, on a standalone node
+and on the 6-node cluster: results handed from step to step, failures, and each next
+step enqueued once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from clusterq import Client, Router, SkipRetry, Task, TaskSpec, WorkflowFailed, chain, chord, group
+from clusterq.workflow import compile_workflow
+from tests.helpers import await_for, running_worker
+
+QUEUES = ("images", "webhooks", "notifications")  # three masters on the cluster
+
+
+def spec(task_type: str, payload: Any = None, queue: str = "images", **options: Any) -> TaskSpec:
+    return TaskSpec(task_type, payload, {"queue": queue, **options})
+
+
+def _router(ran: Counter[str], seen: dict[str, Any]) -> Router:
+    router = Router()
+
+    @router.task("value")
+    async def value(task: Task) -> Any:
+        ran[task.id] += 1
+        return task.payload
+
+    @router.task("add")
+    async def add(task: Task) -> int:
+        ran[task.id] += 1
+        seen[task.id] = task.parent_results
+        return sum(task.parent_results or []) + int(task.payload or 0)
+
+    @router.task("bad")
+    async def bad(task: Task) -> None:
+        ran[task.id] += 1
+        raise SkipRetry("broken step")
+
+    @router.task("errors")
+    async def errors(task: Task) -> list[Any]:
+        ran[task.id] += 1
+        seen[task.id] = task.parent_results
+        return [e is not None for e in task.parent_results or []]
+
+    return router
+
+
+def _run(
+    url: str, prefix: str, workflow: Any, timeout: float = 30, settle_step: str | None = None
+) -> tuple[Any, Counter[str], dict[str, Any], Any]:
+    ran: Counter[str] = Counter()
+    seen: dict[str, Any] = {}
+
+    async def scenario() -> tuple[Any, Any]:
+        async with running_worker(
+            url, _router(ran, seen), queues=QUEUES, prefix=prefix, concurrency=20
+        ):
+            with Client(url, prefix=prefix) as client:
+                handle = client.enqueue(workflow)
+                try:
+                    result: Any = await asyncio.to_thread(client.result, handle, timeout=timeout)
+                except WorkflowFailed as exc:
+                    result = exc
+                if settle_step is not None:  # a step result() does not wait for
+
+                    def settled() -> bool:
+                        steps = {s.id: s.state for s in client.info(handle).steps}
+                        return steps[settle_step] == "done"
+
+                    await await_for(settled, 15, f"step {settle_step}")
+                return result, client.info(handle)
+
+    result, info = asyncio.run(scenario())
+    return result, ran, seen, info
+
+
+def test_compile_a_chain_with_a_group_inside() -> None:
+    plan = compile_workflow(
+        chain(spec("a"), group(spec("b"), chain(spec("c"), spec("d"))), spec("e"))
+    )
+    steps = plan.steps
+    assert plan.entries == ["0"] and plan.exits == ["2"]
+    assert steps["1.0"].deps == ["0"] and steps["1.1.0"].deps == ["0"]
+    assert steps["1.1.1"].deps == ["1.1.0"]
+    assert steps["2"].deps == ["1.0", "1.1.1"]  # the group's results, in order
+    assert sorted(steps["0"].out) == ["1.0", "1.1.0"]
+
+
+def test_a_chain_over_three_masters(url: str, prefix: str) -> None:
+    workflow = chain(
+        spec("value", 1, "images"), spec("add", 10, "webhooks"), spec("add", 100, "notifications")
+    )
+    result, ran, seen, info = _run(url, prefix, workflow)
+    assert result == 111
+    assert set(ran.values()) == {1} and len(ran) == 3
+    assert sorted(seen.values()) == [[1], [11]]  # each gets the previous result, one-item list
+    assert [s.state for s in info.steps] == ["done"] * 3
+    assert {s.queue for s in info.steps} == set(QUEUES)
+
+
+def test_a_group_of_100_over_three_masters(url: str, prefix: str) -> None:
+    workflow = group(*(spec("value", i, QUEUES[i % 3]) for i in range(100)))
+    result, ran, _, _ = _run(url, prefix, workflow)
+    assert result == list(range(100))
+    assert len(ran) == 100 and set(ran.values()) == {1}
+
+
+def test_a_chord_sums_the_group(url: str, prefix: str) -> None:
+    workflow = chord(
+        [spec("value", i, QUEUES[i % 3]) for i in range(30)], spec("add", 0, "webhooks")
+    )
+    result, ran, seen, _ = _run(url, prefix, workflow)
+    assert result == sum(range(30))
+    [callback] = [v for v in seen.values()]
+    assert callback == list(range(30))  # the group's results in group order
+    assert set(ran.values()) == {1}
+
+
+def test_a_chain_with_a_group_inside(url: str, prefix: str) -> None:
+    workflow = chain(
+        spec("value", 2, "images"),
+        group(spec("add", 1, "webhooks"), spec("add", 3, "notifications")),
+        spec("add", 0, "images"),
+    )
+    result, ran, seen, _ = _run(url, prefix, workflow)
+    assert result == (2 + 1) + (2 + 3)
+    assert sorted(map(str, seen.values())) == ["[2]", "[2]", "[3, 5]"]
+    assert len(ran) == 4 and set(ran.values()) == {1}
+
+
+def test_a_failing_step_stops_a_chain(url: str, prefix: str) -> None:
+    workflow = chain(
+        spec("value", 1), spec("bad", queue="webhooks"), spec("add", 0, "notifications")
+    )
+    result, ran, _, info = _run(url, prefix, workflow)
+    assert isinstance(result, WorkflowFailed) and "broken step" in str(result)
+    assert len(ran) == 2  # the third step never ran
+    assert [s.state for s in info.steps] == ["done", "failed", "skipped"]
+    assert info.status == "failed"
+
+
+def test_a_failing_member_skips_the_callback_and_runs_on_error(url: str, prefix: str) -> None:
+    workflow = chord(
+        [spec("value", 1), spec("bad", queue="webhooks"), spec("value", 3, "notifications")],
+        spec("add", 0, "images"),
+        on_error=spec("errors", queue="notifications"),
+    )
+    result, ran, seen, info = _run(url, prefix, workflow, settle_step="err")
+    assert isinstance(result, WorkflowFailed)
+    states = {s.id: s.state for s in info.steps}
+    assert states["cb"] == "skipped" and states["err"] == "done"
+    [errors] = [v for k, v in seen.items() if k.endswith(":err")]
+    assert errors[0] is None and "broken step" in errors[1] and errors[2] is None
+    assert not any(k.endswith(":cb") for k in ran)  # the callback never ran
