@@ -154,3 +154,29 @@ def test_a_failing_member_skips_the_callback_and_runs_on_error(url: str, prefix:
     [errors] = [v for k, v in seen.items() if k.endswith(":err")]
     assert errors[0] is None and "broken step" in errors[1] and errors[2] is None
     assert not any(k.endswith(":cb") for k in ran)  # the callback never ran
+
+
+def test_workflow_inspect_names_each_steps_queue_and_master(url: str, prefix: str) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from clusterq.cli import main
+
+    workflow = chain(spec("value", 1, "images"), spec("add", 1, "webhooks"))
+    result, _, _, info = _run(url, prefix, workflow)
+    assert result == 2
+    shown = CliRunner().invoke(
+        main, ["workflow", "inspect", info.id, "--json", "--url", url, "--prefix", prefix]
+    )
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    assert data["status"] == "succeeded" and data["result"] == 2
+    with Client(url, prefix=prefix) as client:
+        topology = client.backend.topology
+        for step in data["steps"]:
+            master = topology.locate(step["queue"]).master
+            assert master is not None and step["master"] == master.addr
+            assert step["state"] == "done" and step["task_id"] == f"wf:{info.id}:{step['id']}"
+    missing = CliRunner().invoke(main, ["workflow", "inspect", "nope", "--url", url])
+    assert missing.exit_code == 1 and "no workflow 'nope'" in missing.output

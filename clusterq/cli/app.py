@@ -18,6 +18,7 @@ from clusterq.cli.state import CliState, ClusterqGroup
 from clusterq.cli.stats import stats
 from clusterq.cli.tasks import enqueue, task
 from clusterq.cli.worker import worker
+from clusterq.cli.workflow import workflow_group
 from clusterq.cluster.connection import DEFAULT_URL, Mode
 from clusterq.keys import DEFAULT_PREFIX
 
@@ -64,6 +65,7 @@ main.add_command(metrics)
 main.add_command(dash)
 main.add_command(scheduler)
 main.add_command(cron_group)
+main.add_command(workflow_group)
 main.add_command(worker)
 main.add_command(drill)
 main.add_command(bench)
