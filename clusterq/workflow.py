@@ -179,9 +179,11 @@ def _spec_json(spec: TaskSpec) -> str:
 
 
 def create_args(plan: Plan, created: float) -> list[Any]:
+    handlers = {step.on_error for step in plan.steps.values() if step.on_error is not None}
     fields: dict[str, Any] = {
         "status": "running",
-        "left": len(plan.steps),
+        # an on_error step runs only if the workflow fails: success does not wait for it
+        "left": len(plan.steps) - len(handlers),
         "entries": json.dumps(plan.entries),
         "exits": json.dumps(plan.exits),
         "many": 1 if plan.many else 0,

@@ -118,6 +118,18 @@ def test_a_chord_sums_the_group(url: str, prefix: str) -> None:
     assert set(ran.values()) == {1}
 
 
+def test_a_chord_with_an_unused_on_error_succeeds(url: str, prefix: str) -> None:
+    workflow = chord(
+        [spec("value", i, QUEUES[i % 3]) for i in range(3)],
+        spec("add", 0, "webhooks"),
+        on_error=spec("errors", queue="notifications"),
+    )
+    result, ran, _, info = _run(url, prefix, workflow)
+    assert result == 3 and info.status == "succeeded"
+    assert {s.id: s.state for s in info.steps}["err"] == "waiting"  # never needed
+    assert not any(k.endswith(":err") for k in ran)
+
+
 def test_a_chain_with_a_group_inside(url: str, prefix: str) -> None:
     workflow = chain(
         spec("value", 2, "images"),
