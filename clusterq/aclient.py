@@ -37,7 +37,15 @@ from clusterq.producer import (
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
-from clusterq.workflow import AsyncWorkflows, Workflow, WorkflowHandle, WorkflowInfo
+from clusterq.workflow import (
+    AsyncWorkflows,
+    Chain,
+    Chord,
+    Group,
+    Workflow,
+    WorkflowHandle,
+    WorkflowInfo,
+)
 
 log = logging.getLogger("clusterq.client")
 
@@ -159,7 +167,7 @@ class AsyncClient(ClientBase):
         **options: Any,
     ) -> TaskInfo | WorkflowHandle:
         """See :meth:`Client.enqueue`."""
-        if not isinstance(type, str):  # a chain, group or chord: start it
+        if isinstance(type, Chain | Group | Chord):  # a workflow: start it
             return await AsyncWorkflows(self).start(type)
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:

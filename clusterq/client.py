@@ -43,7 +43,7 @@ from clusterq.producer import (
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
-from clusterq.workflow import Workflow, WorkflowHandle, WorkflowInfo, Workflows
+from clusterq.workflow import Chain, Chord, Group, Workflow, WorkflowHandle, WorkflowInfo, Workflows
 
 log = logging.getLogger("clusterq.client")
 
@@ -194,7 +194,7 @@ class Client(ClientBase):
         ``durability="replica"`` (or the client's default) waits until a replica has the
         task and raises :class:`DurabilityError` if none confirms it in time.
         """
-        if not isinstance(type, str):  # a chain, group or chord: start it
+        if isinstance(type, Chain | Group | Chord):  # a workflow: start it
             return Workflows(self).start(type)
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:

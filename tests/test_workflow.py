@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from clusterq import Client, Router, SkipRetry, Task, TaskSpec, WorkflowFailed, chain, chord, group
-from clusterq.workflow import compile_workflow
+from clusterq.retry import fixed
+from clusterq.slots import keyslot
+from clusterq.tools.devcluster import LocalCluster
+from clusterq.workflow import Workflows, compile_workflow
 from tests.helpers import await_for, running_worker
 
 QUEUES = ("images", "webhooks", "notifications")  # three masters on the cluster
@@ -192,3 +198,57 @@ def test_workflow_inspect_names_each_steps_queue_and_master(url: str, prefix: st
             assert step["state"] == "done" and step["task_id"] == f"wf:{info.id}:{step['id']}"
     missing = CliRunner().invoke(main, ["workflow", "inspect", "nope", "--url", url])
     assert missing.exit_code == 1 and "no workflow 'nope'" in missing.output
+
+
+@pytest.mark.slow
+def test_a_kill_of_the_workflows_master_mid_workflow_runs_the_callback_once(
+    fresh_cluster: Callable[[], LocalCluster], prefix: str
+) -> None:
+    """The master that holds the workflow's state is killed (-9) while the group runs;
+    the state's writes were confirmed by its replica, so after the promotion the workflow
+    goes on: the callback runs exactly once, with every member's result."""
+    cluster = fresh_cluster()
+    url = cluster.seed_url
+    ran: Counter[str] = Counter()
+    router = Router()
+
+    @router.task("slow")
+    async def slow(task: Task) -> int:
+        ran[task.id] += 1
+        await asyncio.sleep(0.3)
+        return int(task.payload)
+
+    @router.task("sum")
+    async def total(task: Task) -> int:
+        ran[task.id] += 1
+        return sum(task.parent_results or [])
+
+    workflow = chord(
+        [spec("slow", i, QUEUES[i % 3]) for i in range(30)], spec("sum", None, "webhooks")
+    )
+
+    async def scenario() -> Any:
+        with Client(url, prefix=prefix) as client:
+            topology = client.backend.topology
+            # a workflow whose state lives on the master of "images"
+            target = topology.locate("images").master
+            assert target is not None
+            workflow_id = next(
+                w
+                for w in (f"kill{n}" for n in range(10_000))
+                if topology.master_for_slot(keyslot(client.keys.workflow(w))) == target
+            )
+            async with running_worker(
+                url, router, queues=QUEUES, prefix=prefix, concurrency=6, retry_policy=fixed(0.2)
+            ):
+                handle = Workflows(client).start(workflow, workflow_id)
+                await await_for(lambda: len(ran) >= 8, 20, "part of the group")
+                cluster.kill_node(target.port)
+                result = await asyncio.to_thread(client.result, handle, timeout=90)
+                await asyncio.to_thread(cluster.restart_node, target.port)
+                return result, handle
+
+    result, handle = asyncio.run(scenario())
+    assert result == sum(range(30))
+    assert ran[f"wf:{handle.id}:cb"] == 1  # the callback exactly once
+    assert len([k for k in ran if not k.endswith(":cb")]) == 30
