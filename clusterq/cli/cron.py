@@ -7,7 +7,7 @@ import time
 import click
 
 from clusterq.cli.render import console, print_json, table
-from clusterq.cli.state import CliError, CliState, connection_options
+from clusterq.cli.state import CliError, CliState, connection_options, log_options
 from clusterq.cli.worker import load_object
 from clusterq.logs import LogFormat
 from clusterq.logs import configure as configure_logs
@@ -30,20 +30,7 @@ from clusterq.logs import configure as configure_logs
     help="A new leader fires missed ticks at most this many seconds old.",
 )
 @click.option("--name", default=None, help="Scheduler id (default host:pid:random).")
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    default="INFO",
-    show_default=True,
-    help="Log level.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="json: one object per line.",
-)
+@log_options
 @connection_options
 @click.pass_obj
 def scheduler(

@@ -96,6 +96,24 @@ def connection_options(fn: Any) -> Any:
     )(fn)
 
 
+def log_options(fn: Any) -> Any:
+    """``--log-level`` and ``--log-format`` (text, or JSON lines for log shippers)."""
+    fn = click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="json: one object per line, events under 'event' (for log shippers).",
+    )(fn)
+    return click.option(
+        "--log-level",
+        type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+        default="INFO",
+        show_default=True,
+        help="Log level.",
+    )(fn)
+
+
 def confirm(yes: bool, question: str) -> None:
     """Ask before a destructive action unless ``--yes``; stop with exit 1 on no, or
     when nobody answers (no input)."""

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from clusterq.cli.render import console, print_json, table
-from clusterq.cli.state import CliError, CliState, connection_options
+from clusterq.cli.state import CliError, CliState, connection_options, log_options
 from clusterq.inspector import Inspector
 from clusterq.logs import LogFormat
 from clusterq.logs import configure as configure_logs
@@ -87,20 +87,7 @@ def load_router(spec: str) -> Router:
     help="Longest blocking wait for work, in seconds (due delayed tasks are checked this often).",
 )
 @click.option("--name", default=None, help="Worker id (default host:pid:random).")
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    default="INFO",
-    show_default=True,
-    help="Log level.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="json: one object per line, events under 'event' (for log shippers).",
-)
+@log_options
 @click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
