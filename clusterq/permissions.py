@@ -37,8 +37,8 @@ DIRECT: dict[Role, tuple[str, ...]] = {
     # ZSCORE).
     "producer": ("multi", "exec", "hset", "lpush", "wait", "sadd", "hget", "zscore"),
     # dequeue waits with BLMOVE; the announcement in <prefix>:workers (HSET, EXPIRE,
-    # HGETALL, HDEL).
-    "worker": ("blmove", "sadd", "hset", "expire", "hgetall", "hdel", "hget", "zscore"),
+    # HGETALL, HDEL); advancing a workflow enqueues its next steps and WAITs for a replica.
+    "worker": ("blmove", "sadd", "hset", "expire", "hgetall", "hdel", "hget", "zscore", "wait"),
     # queue ls/inspect, worker ls, task ls/inspect, cluster watch; pause and unpause
     # (SET, DEL), queue rm (DEL, SREM); task actions run the manage script.
     "operator": (
