@@ -5,6 +5,8 @@ step enqueued once."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +18,7 @@ from clusterq.retry import fixed
 from clusterq.slots import keyslot
 from clusterq.tools.devcluster import LocalCluster
 from clusterq.workflow import Workflows, compile_workflow
-from tests.helpers import await_for, running_worker
+from tests.helpers import await_for, running_worker, wait_for
 
 QUEUES = ("images", "webhooks", "notifications")  # three masters on the cluster
 
@@ -252,3 +254,54 @@ def test_a_kill_of_the_workflows_master_mid_workflow_runs_the_callback_once(
     assert result == sum(range(30))
     assert ran[f"wf:{handle.id}:cb"] == 1  # the callback exactly once
     assert len([k for k in ran if not k.endswith(":cb")]) == 30
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_workflow_the_callback_still_runs_once(
+    cluster: LocalCluster, prefix: str, clusterq_bin: str
+) -> None:
+    """A worker process is kill -9'd while a chord's group runs; another worker takes
+    the expired leases over: every member runs (some twice: at-least-once), the callback
+    exactly once, with the right sum."""
+    url = cluster.seed_url
+    log = f"{prefix}:wfkill:{{log}}"
+    workflow = chord(
+        [spec("wf:slow", {"log": log, "n": i, "sleep": 0.4}, QUEUES[i % 3]) for i in range(24)],
+        spec("wf:sum", {"log": log}, "webhooks"),
+    )
+
+    def worker(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [clusterq_bin, "--url", url, "--prefix", prefix, "worker", "tests.wf_handlers:router",
+             "--queues", ",".join(QUEUES), "--concurrency", "6", "--lease", "2",
+             "--recover-interval", "0.2", "--name", name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    with Client(url, prefix=prefix) as client:
+        reader = client.backend
+
+        def runs() -> dict[str, int]:
+            raw = reader.execute_key(log, lambda c: c.hgetall(log))
+            return {k.decode(): int(v) for k, v in raw.items()}
+
+        first = worker("first")
+        second = None
+        try:
+            handle = client.enqueue(workflow)
+            wait_for(lambda: len(runs()) >= 6, 30, "part of the group")
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            second = worker("second")
+            result = client.result(handle, timeout=90)
+        finally:
+            for proc in (first, second):
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=10)
+        counts = runs()
+    assert result == sum(range(24))
+    assert counts[f"wf:{handle.id}:cb"] == 1  # the callback once
+    members = {k: v for k, v in counts.items() if not k.endswith(":cb")}
+    assert len(members) == 24 and min(members.values()) >= 1
