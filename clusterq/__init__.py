@@ -31,6 +31,7 @@ from clusterq.router import Router
 from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
 from clusterq.task import Task, TaskInfo, TaskState
+from clusterq.typed import TaskDef
 from clusterq.worker import Worker, current_worker
 from clusterq.workflow import WorkflowFailed, WorkflowHandle, chain, chord, group
 
@@ -58,6 +59,7 @@ __all__ = [
     "SkipRetry",
     "SlotMigrating",
     "Task",
+    "TaskDef",
     "TaskFailed",
     "TaskInfo",
     "TaskNotFound",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import arun_pipelined
@@ -26,6 +26,7 @@ from clusterq.durability import (
 from clusterq.keys import DEFAULT_PREFIX
 from clusterq.producer import (
     Batch,
+    EnqueueOptions,
     PreparedEnqueue,
     TaskSpec,
     attempts_for,
@@ -46,6 +47,9 @@ from clusterq.workflow import (
     WorkflowHandle,
     WorkflowInfo,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger("clusterq.client")
 
@@ -152,7 +156,7 @@ class AsyncClient(ClientBase):
         payload: Any = None,
         *,
         durability: Durability | None = None,
-        **options: Any,
+        **options: Unpack[EnqueueOptions],
     ) -> TaskInfo: ...
 
     @overload

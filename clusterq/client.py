@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import run_pipelined
@@ -31,6 +31,7 @@ from clusterq.errors import DuplicateTask
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.producer import (
     DEFAULT_QUEUE,
+    EnqueueOptions,
     PreparedEnqueue,
     Producer,
     TaskSpec,
@@ -44,6 +45,9 @@ from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import Chain, Chord, Group, Workflow, WorkflowHandle, WorkflowInfo, Workflows
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger("clusterq.client")
 
@@ -173,7 +177,7 @@ class Client(ClientBase):
         payload: Any = None,
         *,
         durability: Durability | None = None,
-        **options: Any,
+        **options: Unpack[EnqueueOptions],
     ) -> TaskInfo: ...
 
     @overload

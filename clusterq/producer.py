@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import Transaction, first_error
@@ -102,6 +102,21 @@ def validate_task_type(task_type: object) -> str:
             f"invalid task type {task_type[:40]!r}: printable, at most {MAX_TYPE_LENGTH} chars"
         )
     return task_type
+
+
+class EnqueueOptions(TypedDict, total=False):
+    """The options of an enqueue, typed (``client.enqueue(type, payload, **options)``):
+    see :meth:`Producer.template`; ``task_id`` makes a retried enqueue safe."""
+
+    queue: str
+    max_retry: int
+    process_in: float | timedelta | None
+    process_at: datetime | float | None
+    timeout: float | timedelta | None
+    deadline: datetime | float | None
+    unique_for: float | timedelta | None
+    retention: float | timedelta | None
+    task_id: str | None
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,17 @@ and is a prefix of the type (``"email:"`` handles ``"email:send"``).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar, overload
 
 from clusterq.task import Task
+from clusterq.typed import TaskDef, rebuild_payload, with_payload_type
 
 Handler = Callable[[Task], Any]
 CallNext = Callable[[Task], Awaitable[Any]]
 Middleware = Callable[[Task, CallNext], Awaitable[Any]]
-H = TypeVar("H", bound=Handler)
+P = TypeVar("P")
+R = TypeVar("R")
 
 
 class Router:
@@ -49,14 +51,18 @@ class Router:
         if pattern.endswith(":"):
             self._prefixes = sorted([*self._prefixes, pattern], key=len, reverse=True)
 
-    def task(self, pattern: str) -> Callable[[H], H]:
-        """Decorator form of :meth:`handle`."""
+    @overload
+    def task(self, pattern: str) -> _Register[Any]: ...
 
-        def register(handler: H) -> H:
-            self.handle(pattern, handler)
-            return handler
+    @overload
+    def task(self, pattern: str, payload: type[P]) -> _Register[P]: ...
 
-        return register
+    def task(self, pattern: str, payload: type[P] | None = None) -> _Register[Any]:
+        """Decorator form of :meth:`handle`; returns a :class:`~clusterq.typed.TaskDef`
+        (the handler, still callable, with typed ``enqueue``/``spec``/``result``).
+        ``payload``: the payload's type (a dataclass or pydantic model is rebuilt from
+        JSON before the handler sees it)."""
+        return _Register(self, pattern, payload)
 
     def use(self, *middleware: Middleware) -> None:
         """Add middleware; the first added is the outermost."""
@@ -74,6 +80,27 @@ class Router:
     @property
     def types(self) -> list[str]:
         return sorted(self._handlers)
+
+
+class _Register(Generic[P]):
+    """What ``router.task(pattern)`` returns: registers the handler it decorates."""
+
+    def __init__(self, router: Router, pattern: str, payload: type[P] | None) -> None:
+        self.router, self.pattern, self.payload = router, pattern, payload
+
+    @overload
+    def __call__(self, handler: Callable[[Task], Coroutine[Any, Any, R]]) -> TaskDef[P, R]: ...
+
+    @overload
+    def __call__(self, handler: Callable[[Task], R]) -> TaskDef[P, R]: ...
+
+    def __call__(self, handler: Callable[[Task], Any]) -> TaskDef[P, Any]:
+        rebuild = rebuild_payload(self.payload)
+        served = handler
+        if rebuild is not None:
+            served = with_payload_type(handler, rebuild, is_async(handler))
+        self.router.handle(self.pattern, served)
+        return TaskDef(self.pattern, handler, self.payload)
 
 
 def is_async(handler: Handler) -> bool:

@@ -6,6 +6,7 @@ payload can make a worker run code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import json.encoder
 from typing import Any, Protocol
@@ -29,11 +30,20 @@ class Codec(Protocol):
 
 
 #: Built once: json.dumps() with options builds an encoder per call.
-_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_JSON_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=lambda v: json_default(v)
+)
 _JSON_DECODE = json.JSONDecoder().decode
 
 
-def _unsupported(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """JSON for what the encoder does not know: a dataclass instance (its fields), a
+    pydantic model (``model_dump(mode="json")``); anything else is refused."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
     raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
 
 
@@ -43,7 +53,7 @@ if _c_make_encoder is not None:
     # more than encoding a small payload). No cycle markers: a shared table would keep
     # stale entries after an error; a cyclic value ends in RecursionError instead.
     _C_ENCODE = _c_make_encoder(
-        None, _unsupported, json.encoder.encode_basestring, None, ":", ",", False, False, False
+        None, json_default, json.encoder.encode_basestring, None, ":", ",", False, False, False
     )
 
     def _json_text(value: Any) -> str:

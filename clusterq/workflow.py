@@ -32,12 +32,13 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
 from clusterq.broker.script import LuaScript, arun_pipelined, run_pipelined
 from clusterq.errors import ClusterqError, DurabilityError, ResultTimeout, TaskFailed
 from clusterq.producer import TaskSpec, new_task_id
-from clusterq.serialization import json_bytes, json_value
+from clusterq.serialization import json_bytes, json_default, json_value
 from clusterq.slots import keyslot
 from clusterq.taskinfo import poll_delay
 
@@ -175,7 +176,16 @@ def _all_under(steps: dict[str, Step], prefix: str) -> list[str]:
 
 
 def _spec_json(spec: TaskSpec) -> str:
-    return json.dumps({"type": spec.type, "payload": spec.payload, "options": spec.options})
+    options = {
+        name: value.total_seconds()
+        if isinstance(value, timedelta)
+        else value.timestamp()
+        if isinstance(value, datetime)
+        else value
+        for name, value in spec.options.items()
+    }
+    data = {"type": spec.type, "payload": spec.payload, "options": options}
+    return json.dumps(data, default=json_default)
 
 
 def create_args(plan: Plan, created: float) -> list[Any]:
