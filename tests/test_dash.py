@@ -64,7 +64,14 @@ def test_the_dashboard_lists_queues_and_acts_on_tasks(
             assert _cell(app, "webhooks", 5) == "3"  # scheduled
             master = admin.topology.locate("images").master
             assert master is not None and _master_shown_above(app, "images", master.addr)
-            app.save_screenshot(str(tmp_path / "dash.svg"))
+
+            # what a person sees: both queues on the screen (exported as SVG)
+            def both_shown() -> str | None:
+                shot = app.export_screenshot()
+                return shot if "webhooks" in shot and "images" in shot else None
+
+            svg = await _until(pilot, both_shown, 10, "both queues on the screen")
+            (tmp_path / "dash.svg").write_text(svg)
             # open webhooks, show its scheduled tasks, run the first one now
             app.query_one("#queues", DataTable).move_cursor(row=app.queue_rows.index("webhooks"))
             await pilot.press("enter")
