@@ -23,6 +23,7 @@ from clusterq.serialization import json_value
 from clusterq.task import STATES, TaskInfo, TaskState
 from clusterq.taskinfo import info_commands, info_values, task_info
 from clusterq.worker.announce import WorkerAnnouncement, parse_announcements
+from clusterq.workflow import WorkflowInfo, workflow_info
 
 #: How long one queue's counts may take (through retries) before it is shown as an error.
 DEFAULT_INSPECT_TIMEOUT = 3.0
@@ -450,6 +451,14 @@ class Inspector:
             lease_token=token.decode(errors="replace") if isinstance(token, bytes) else token,
             lease_expires=info.next_process_at if info.state == TaskState.ACTIVE else None,
         )
+
+    # ------------------------------------------------------------------ workflows
+
+    def workflow(self, workflow_id: str) -> WorkflowInfo:
+        """A workflow's status, result and each step's state (``workflow inspect``)."""
+        key = self.keys.workflow(workflow_id)
+        fields = self.backend.execute_key(key, lambda c: c.hgetall(key), timeout=self.timeout)
+        return workflow_info(workflow_id, fields)
 
 
 def history_from_stats(fields: dict[Any, Any], now: float) -> list[Minute]:

@@ -6,8 +6,7 @@ import click
 
 from clusterq.cli.render import console, print_json, safe_text, table
 from clusterq.cli.state import CliState, connection_options
-from clusterq.client import Client
-from clusterq.workflow import WorkflowHandle
+from clusterq.inspector import Inspector
 
 
 @click.group("workflow")
@@ -22,9 +21,9 @@ def workflow_group() -> None:
 @click.pass_obj
 def inspect(state: CliState, workflow_id: str, as_json: bool) -> None:
     """Each step of WORKFLOW_ID: its task, type, queue, the master it lives on, state."""
-    client = Client(backend=state.backend())
-    info = client.info(WorkflowHandle(workflow_id))
-    topology = client.backend.topology
+    inspector = Inspector(backend=state.backend())
+    info = inspector.workflow(workflow_id)
+    topology = inspector.topology
     masters = {}
     for step in info.steps:
         location = topology.locate(step.queue).master
