@@ -43,15 +43,22 @@ os.register_at_fork(after_in_child=_forget_ids)
 
 
 def new_task_id() -> str:
-    """A random, URL-safe id of 16 characters (96 bits from ``secrets``).
+    """A random, URL-safe id of 16 characters (96 bits from ``secrets``), never
+    starting with ``-``.
 
     Drawn 256 at a time: one system call instead of one per task."""
     try:
         return _spare_ids.pop()
     except IndexError:
         text = base64.urlsafe_b64encode(secrets.token_bytes(12 * _ID_BATCH)).decode()
-        _spare_ids.extend(text[i : i + 16] for i in range(16, len(text), 16))
-        return text[:16]
+        # never a leading "-": an id is a command-line argument too (`task inspect ID`)
+        ids = [_no_dash(text[i : i + 16]) for i in range(0, len(text), 16)]
+        _spare_ids.extend(ids[1:])
+        return ids[0]
+
+
+def _no_dash(task_id: str) -> str:
+    return "A" + task_id[1:] if task_id.startswith("-") else task_id
 
 
 #: The longest duration an option takes (100 years): beyond it Redis refuses expiry

@@ -243,3 +243,12 @@ def test_new_record_heads_match_record_encode() -> None:
         head = with_enqueued(record_meta("a", max_retry=3, **options), 77)  # type: ignore[arg-type]
         assert head + b"P" == record.encode()
         assert Record.decode(head + b"P") == record
+
+
+def test_task_ids_never_start_with_a_dash() -> None:
+    """An id is also a command-line argument (`clusterq task inspect ID`)."""
+    from clusterq.producer import new_task_id
+
+    ids = [new_task_id() for _ in range(20_000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids) and {len(i) for i in ids} == {16}
