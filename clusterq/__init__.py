@@ -28,6 +28,7 @@ from clusterq.keys import KeySchema
 from clusterq.producer import TaskSpec
 from clusterq.retry import RetryIn, SkipRetry
 from clusterq.router import Router
+from clusterq.scheduler import Periodic, Scheduler
 from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
 from clusterq.task import Task, TaskInfo, TaskState
@@ -51,10 +52,12 @@ __all__ = [
     "KeySchema",
     "ModeMismatch",
     "PayloadError",
+    "Periodic",
     "QueueInfo",
     "ResultTimeout",
     "RetryIn",
     "Router",
+    "Scheduler",
     "ShardDown",
     "SkipRetry",
     "SlotMigrating",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clusterq import TaskSpec
-from clusterq.scheduler import Periodic
+from clusterq import Periodic
 
 QUEUE = "cron-ticks"
 ENTRIES = [Periodic("tick", TaskSpec("cron:tick", None, {"queue": QUEUE}), every=1)]
