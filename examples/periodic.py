@@ -3,8 +3,7 @@ examples.worker:router). Run two or three schedulers: one leads and fires each t
 
 from __future__ import annotations
 
-from clusterq import TaskSpec
-from clusterq import Periodic
+from clusterq import Periodic, TaskSpec
 
 ENTRIES = [
     # every 10 seconds, on the multiples of 10 s since the epoch

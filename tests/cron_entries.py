@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from clusterq import TaskSpec
-from clusterq import Periodic
+from clusterq import Periodic, TaskSpec
 
 QUEUE = "cron-ticks"
 ENTRIES = [Periodic("tick", TaskSpec("cron:tick", None, {"queue": QUEUE}), every=1)]
