@@ -23,7 +23,7 @@ from clusterq.serialization import json_value
 from clusterq.task import STATES, TaskInfo, TaskState
 from clusterq.taskinfo import info_commands, info_values, task_info
 from clusterq.worker.announce import WorkerAnnouncement, parse_announcements
-from clusterq.workflow import WorkflowInfo, workflow_info
+from clusterq.workflow import WorkflowInfo, read_workflow
 
 #: How long one queue's counts may take (through retries) before it is shown as an error.
 DEFAULT_INSPECT_TIMEOUT = 3.0
@@ -456,9 +456,7 @@ class Inspector:
 
     def workflow(self, workflow_id: str) -> WorkflowInfo:
         """A workflow's status, result and each step's state (``workflow inspect``)."""
-        key = self.keys.workflow(workflow_id)
-        fields = self.backend.execute_key(key, lambda c: c.hgetall(key), timeout=self.timeout)
-        return workflow_info(workflow_id, fields)
+        return read_workflow(self.backend, workflow_id, self.timeout)
 
 
 def history_from_stats(fields: dict[Any, Any], now: float) -> list[Minute]:

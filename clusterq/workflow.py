@@ -344,6 +344,13 @@ def workflow_info(workflow_id: str, fields: dict[Any, Any]) -> WorkflowInfo:
     )
 
 
+def read_workflow(backend: Any, workflow_id: str, timeout: float | None = None) -> WorkflowInfo:
+    """A workflow's state, read with a sync backend (one HGETALL of its hash)."""
+    key = backend.keys.workflow(workflow_id)
+    fields = backend.execute_key(key, lambda c: c.hgetall(key), timeout=timeout)
+    return workflow_info(workflow_id, fields)
+
+
 def settled(info: WorkflowInfo) -> bool:
     if info.status == "failed":
         shown = "; ".join(f"step {k}: {v}" for k, v in sorted(info.errors.items()))
@@ -417,8 +424,7 @@ class Workflows:
 
     def info(self, handle: WorkflowHandle | str) -> WorkflowInfo:
         workflow_id = handle.id if isinstance(handle, WorkflowHandle) else handle
-        key = self.backend.keys.workflow(workflow_id)
-        return workflow_info(workflow_id, self.backend.execute_key(key, lambda c: c.hgetall(key)))
+        return read_workflow(self.backend, workflow_id)
 
     def result(self, handle: WorkflowHandle, timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 
-from clusterq.cli.render import console, print_json, table
+from clusterq.cli.render import clock, console, print_json, table
 from clusterq.cli.state import CliError, CliState, connection_options, log_options
 from clusterq.cli.worker import load_object
 from clusterq.logs import LogFormat
@@ -92,9 +90,9 @@ def cron_ls(state: CliState, as_json: bool) -> None:
                     e.schedule,
                     e.type,
                     e.queue,
-                    _when(e.last_tick),
-                    _when(e.next_tick),
-                    _when(e.inflight),
+                    clock_ms(e.last_tick),
+                    clock_ms(e.next_tick),
+                    clock_ms(e.inflight),
                 ]
                 for e in entries
             ],
@@ -126,10 +124,10 @@ def cron_history_command(state: CliState, entry: str, limit: int, as_json: bool)
             ["Tick", "Task", "Queue", "Fired at", "Scheduler", "Note"],
             [
                 [
-                    _when(f.get("tick")),
+                    clock_ms(f.get("tick")),
                     f.get("task_id"),
                     f.get("queue"),
-                    _when(f.get("fired_at")),
+                    clock_ms(f.get("fired_at")),
                     f.get("scheduler"),
                     "already enqueued"
                     if f.get("already_enqueued")
@@ -141,7 +139,5 @@ def cron_history_command(state: CliState, entry: str, limit: int, as_json: bool)
     )
 
 
-def _when(at: object) -> str:
-    if not isinstance(at, int | float):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at * 1000) % 1000:03d}"
+def clock_ms(at: object) -> str:
+    return clock(at, ms=True)

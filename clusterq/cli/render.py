@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -65,6 +66,15 @@ def slot_map_table(topology: Topology, title: str | None = None) -> Table:
         for shard in topology.shards
     ]
     return table(title, ["Slots", "Count", "Master", "Replicas"], rows)
+
+
+def clock(at: object, *, ms: bool = False) -> str:
+    """Unix time ``at`` as local date and time (with milliseconds if ``ms``); "-" for
+    none."""
+    if not isinstance(at, int | float) or isinstance(at, bool) or not at:
+        return "-"
+    shown = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    return shown + f".{int(at * 1000) % 1000:03d}" if ms else shown
 
 
 def human_bytes(n: int) -> str:

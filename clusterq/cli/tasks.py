@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
 from clusterq.admin import Admin
 from clusterq.broker.manage import Action
-from clusterq.cli.render import console, print_json, progress_bar, table
+from clusterq.cli.render import clock, console, print_json, progress_bar, table
 from clusterq.cli.state import STATE_CHOICE, CliError, CliState, confirm, connection_options
 from clusterq.client import Client
 from clusterq.inspector import MAX_PAGE, Inspector
@@ -131,7 +130,7 @@ def task_ls(
             info.type,
             _short(json.dumps(info.payload, default=repr)),
             f"{info.retried}/{info.max_retry}",
-            _when(info.next_process_at),
+            clock(info.next_process_at),
             _short(info.last_error or ""),
         ]
         for info in infos
@@ -161,7 +160,7 @@ def task_inspect(state: CliState, task_id: str, queue: str, as_json: bool) -> No
         return
     for name in ("enqueued_at", "next_process_at", "last_failed_at", "retained_until",
                  "deadline", "lease_expires"):  # fmt: skip
-        data[name] = _when(data[name])
+        data[name] = clock(data[name])
     data["payload"] = json.dumps(data["payload"], default=repr)
     data["result"] = json.dumps(data["result"], default=repr)
     rows = [[name, value] for name, value in data.items() if value not in (None, "-")]
@@ -250,10 +249,6 @@ def _why(status: str) -> str:
 
 def _short(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _when(at: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
 
 
 task.add_command(

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from clusterq.cli.render import console, print_json, table
+from clusterq.cli.render import clock, console, print_json, table
 from clusterq.cli.state import CliError, CliState, connection_options, log_options
 from clusterq.inspector import Inspector
 from clusterq.logs import LogFormat
@@ -189,14 +189,10 @@ def ls(state: CliState, as_json: bool) -> None:
                     w.active,
                     w.processed,
                     w.failed,
-                    _clock(w.started),
+                    clock(w.started),
                     f"{max(0.0, now - w.at):.0f}s ago" if w.at else "-",
                 ]
                 for w in workers
             ],
         )
     )
-
-
-def _clock(at: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
