@@ -17,7 +17,6 @@ from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.routing import DEFAULT_DOWN_TIMEOUT, DEFAULT_RETRY_TIMEOUT
 from clusterq.cluster.wire import AsyncNodeClient
 from clusterq.durability import (
-    DEFAULT_DURABILITY_TIMEOUT,
     Durability,
     confirmed_replicas,
     durability_commands,
@@ -64,7 +63,7 @@ class AsyncClient(ClientBase):
         codec: str = "json",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         durability: Durability = "none",
-        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
+        durability_timeout: float | None = None,
         owns_backend: bool = False,
     ) -> None:
         self.backend = backend
@@ -84,7 +83,7 @@ class AsyncClient(ClientBase):
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
         down_timeout: float = DEFAULT_DOWN_TIMEOUT,
         durability: Durability = "none",
-        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
+        durability_timeout: float | None = None,
         watch_interval: float | None = None,
     ) -> AsyncClient:
         """``watch_interval``: re-read the cluster map that often in the background, so

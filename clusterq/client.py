@@ -21,7 +21,6 @@ from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.routing import DEFAULT_DOWN_TIMEOUT, DEFAULT_RETRY_TIMEOUT
 from clusterq.cluster.wire import NodeClient
 from clusterq.durability import (
-    DEFAULT_DURABILITY_TIMEOUT,
     Durability,
     confirmed_replicas,
     durability_commands,
@@ -67,7 +66,7 @@ class ClientBase:
         codec: str,
         max_payload_bytes: int,
         durability: Durability,
-        durability_timeout: float,
+        durability_timeout: float | None,
     ) -> None:
         self.keys = keys
         self.producer = Producer(keys, codec, max_payload_bytes)
@@ -118,7 +117,7 @@ class Client(ClientBase):
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
         down_timeout: float = DEFAULT_DOWN_TIMEOUT,
         durability: Durability = "none",
-        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
+        durability_timeout: float | None = None,
         backend: Backend | None = None,
     ) -> None:
         self.backend = backend or Backend(

@@ -10,16 +10,30 @@ from clusterq.cluster.connection import Addr, format_addr
 from clusterq.errors import ConfigError, DurabilityError
 
 Durability = Literal["none", "replica", "aof"]
-DEFAULT_DURABILITY_TIMEOUT = 1.0
+# How long the server may take to confirm, per level, when the caller sets no timeout.
+# ``aof`` waits for fsyncs: with ``appendfsync everysec`` (the usual setting) the master and
+# the replica each fsync once a second, so a WAITAOF takes up to about a second before any
+# network delay (0.87 s measured on the local cluster); 1 s would fail about half the time.
+DEFAULT_DURABILITY_TIMEOUTS: dict[str, float] = {"none": 0.0, "replica": 1.0, "aof": 3.0}
 
 
-def durability_commands(level: Durability, timeout: float) -> list[tuple[Any, ...]]:
+def durability_timeout_for(level: Durability, timeout: float | None) -> float:
+    """``timeout`` when given, else the default for ``level`` (see above)."""
+    if timeout is not None:
+        return timeout
+    if level not in DEFAULT_DURABILITY_TIMEOUTS:
+        raise ValueError(f"durability must be 'none', 'replica' or 'aof', got {level!r}")
+    return DEFAULT_DURABILITY_TIMEOUTS[level]
+
+
+def durability_commands(level: Durability, timeout: float | None) -> list[tuple[Any, ...]]:
     """What follows the writes on the same connection to confirm them.
 
     ``replica``: ``WAIT 1`` (one replica has the write in memory). ``aof``: ``WAITAOF 1 1``
     (fsynced to the master's and one replica's append-only file; Redis >= 7.2, Valkey).
+    ``timeout`` None: the level's default (:data:`DEFAULT_DURABILITY_TIMEOUTS`).
     """
-    ms = max(1, int(timeout * 1000))
+    ms = max(1, int(durability_timeout_for(level, timeout) * 1000))
     if level == "none":
         return []
     if level == "replica":
@@ -50,10 +64,15 @@ def confirmed_replicas(level: Durability, tail: Sequence[Any]) -> int | None:
 
 
 def require_confirmed(
-    level: Durability, replicas: int | None, ids: Sequence[str], where: Addr, timeout: float
+    level: Durability,
+    replicas: int | None,
+    ids: Sequence[str],
+    where: Addr,
+    timeout: float | None,
 ) -> None:
     """Raise :class:`DurabilityError` when no replica confirmed the writes of ``ids``."""
     if replicas is not None and replicas < 1:
+        timeout = durability_timeout_for(level, timeout)
         ids = list(ids)
         shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
         raise DurabilityError(

@@ -197,6 +197,9 @@ def test_durability_commands() -> None:
     assert durability_commands("none", 1) == []
     assert durability_commands("replica", 0.25) == [("WAIT", 1, 250)]
     assert durability_commands("aof", 2) == [("WAITAOF", 1, 1, 2000)]
+    # No timeout given: WAITAOF waits for once-a-second fsyncs, so it gets more than WAIT.
+    assert durability_commands("replica", None) == [("WAIT", 1, 1000)]
+    assert durability_commands("aof", None) == [("WAITAOF", 1, 1, 3000)]
     assert confirmed_replicas("replica", [1]) == 1
     assert confirmed_replicas("aof", [[1, 0]]) == 0
 
