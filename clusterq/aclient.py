@@ -5,13 +5,16 @@ concurrently and new queue names registered in the background."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
+from clusterq.broker import layout as layout_script
 from clusterq.broker.script import arun_pipelined
-from clusterq.client import ClientBase
+from clusterq.client import REGISTER_PATIENCE, ClientBase
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.routing import DEFAULT_DOWN_TIMEOUT, DEFAULT_RETRY_TIMEOUT
@@ -22,7 +25,9 @@ from clusterq.durability import (
     durability_commands,
     require_confirmed,
 )
+from clusterq.errors import ConfigError
 from clusterq.keys import DEFAULT_PREFIX
+from clusterq.partitions import DECLARE_ATTEMPTS, Layout, check_partitions, read_layout, relayout
 from clusterq.producer import (
     Batch,
     EnqueueOptions,
@@ -35,6 +40,7 @@ from clusterq.producer import (
     settle_replies,
 )
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+from clusterq.slots import keyslot
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import (
@@ -143,6 +149,48 @@ class AsyncClient(ClientBase):
         except Exception as exc:
             self._registration_failed(new, exc)
 
+    async def _refresh_layouts(self) -> None:
+        """See :meth:`Client._refresh_layouts`."""
+        if not self.layouts.due():
+            return
+        key = self.keys.layouts
+        try:
+            entries = await self.backend.execute_key(
+                key, lambda c: c.hgetall(key), timeout=REGISTER_PATIENCE
+            )
+        except Exception as exc:
+            self._layouts_failed(exc)
+        else:
+            self._layouts_read(entries)
+
+    async def declare_queue(self, name: str, partitions: int) -> Layout:
+        """See :meth:`Client.declare_queue`."""
+        check_partitions(name, partitions)
+        key = self.keys.layouts
+        for _ in range(DECLARE_ATTEMPTS):
+            current = await self.layout(name)
+            new = relayout(current, name, partitions, int(time.time() * 1000))
+            if new is not None:
+                script_keys, args = layout_script.put(
+                    self.keys, new, current.version if current else 0
+                )
+                reply = await self.backend.run_script(
+                    layout_script.SCRIPT, keyslot(key), script_keys, args
+                )
+                if not layout_script.written(reply, new):
+                    continue
+            layout = new or current
+            assert layout is not None
+            self._layout_written(layout)
+            await self.register_queues((name, *layout.members))
+            return layout
+        raise ConfigError(f"the declaration of queue {name!r} kept changing while it was written")
+
+    async def layout(self, name: str) -> Layout | None:
+        """See :meth:`Client.layout`."""
+        key = self.keys.layouts
+        return read_layout(await self.backend.execute_key(key, lambda c: c.hget(key, name)))
+
     async def _register(self, new: list[str], *, timeout: float | None) -> None:
         registry = self.keys.queues
         await self.backend.execute_key(registry, lambda c: c.sadd(registry, *new), timeout=timeout)
@@ -172,6 +220,7 @@ class AsyncClient(ClientBase):
         """See :meth:`Client.enqueue`."""
         if isinstance(type, Chain | Group | Chord):  # a workflow: start it
             return await AsyncWorkflows(self).start(type)
+        await self._refresh_layouts()
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:
             self._register_soon([prepared.queue])
@@ -190,6 +239,7 @@ class AsyncClient(ClientBase):
         **defaults: Any,
     ) -> list[TaskInfo]:
         """See :meth:`Client.enqueue_many`; the slots are written concurrently."""
+        await self._refresh_layouts()
         prepared = self.producer.prepare_many(items, defaults)
         self._register_soon(p.queue for p in prepared)
         return await self.send_prepared(
@@ -233,13 +283,15 @@ class AsyncClient(ClientBase):
         if isinstance(task, WorkflowHandle):
             return await AsyncWorkflows(self).info(task)
         task_id, queue = self._locate(task, queue)
-        qk = self.keys.queue(queue)
-        commands = info_commands(qk, task_id)
-
-        async def read(client: AsyncNodeClient) -> list[Any]:
-            return info_values(await client.fast_pipeline(commands))
-
-        return task_info(queue, task_id, await self.backend.execute(qk.slot, read))
+        await self._refresh_layouts()
+        members = self.layouts.members(queue)
+        for member in members:  # a partitioned queue: look in each partition
+            qk = self.keys.queue(member)
+            read = functools.partial(_read_info, commands=info_commands(qk, task_id))
+            values = await self.backend.execute(qk.slot, read)
+            if values[0] is not None or member == members[-1]:
+                return task_info(member if values[0] is not None else queue, task_id, values)
+        raise AssertionError("unreachable")
 
     async def result(
         self,
@@ -257,3 +309,7 @@ class AsyncClient(ClientBase):
             if wait.done(info):
                 return info.result
             await asyncio.sleep(wait.delay())
+
+
+async def _read_info(client: AsyncNodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    return info_values(await client.fast_pipeline(commands))

@@ -54,19 +54,22 @@ class BulkResult:
 
 
 class Admin(Inspector):
-    """:class:`Inspector` with the actions an operator takes."""
+    """:class:`Inspector` with the actions an operator takes. On a partitioned queue
+    each action applies to all its partitions (see :meth:`Inspector.members`)."""
 
     # ------------------------------------------------------------------ queues
 
     def pause(self, queue: str) -> None:
         """Stop workers taking tasks from ``queue`` (each worker notices at its next
         fetch; tasks already running finish). Enqueues still work."""
-        qk = self.keys.queue(queue)
-        self.backend.execute(qk.slot, lambda c: c.set(qk.paused, "1"), timeout=self.timeout)
+        for member in self.members(queue):
+            paused = self.keys.queue(member).paused
+            self.backend.call(paused, "SET", paused, "1", timeout=self.timeout)
 
     def unpause(self, queue: str) -> None:
-        qk = self.keys.queue(queue)
-        self.backend.execute(qk.slot, lambda c: c.delete(qk.paused), timeout=self.timeout)
+        for member in self.members(queue):
+            paused = self.keys.queue(member).paused
+            self.backend.call(paused, "DEL", paused, timeout=self.timeout)
 
     def purge(
         self, queue: str, state: TaskState | str, *, progress: Progress | None = None
@@ -78,7 +81,28 @@ class Admin(Inspector):
     def remove_queue(self, queue: str, *, force: bool = False) -> BulkResult:
         """Delete the queue's keys and take it out of the registry. Refused with
         :class:`QueueNotEmpty` while it holds tasks (completed ones aside) unless
-        ``force``: then every task is deleted first, active ones included."""
+        ``force``: then every task is deleted first, active ones included. A partitioned
+        queue is removed with all its partitions, and its declaration."""
+        members = self.members(queue)
+        if len(members) > 1:
+            infos = [self.queue(m) for m in members]
+            held = sum(i.size for i in infos)
+            if held and not force:
+                raise QueueNotEmpty(
+                    f"partitioned queue {queue!r} still holds {held} task(s) in its "
+                    f"{len(members)} queues; remove it with force to delete them"
+                )
+            result = BulkResult()
+            for member in members:
+                part = self._remove_one(member, force=True)
+                result.done += part.done
+                result.skipped += part.skipped
+            key = self.keys.layouts
+            self.backend.execute_key(key, lambda c: c.hdel(key, queue), timeout=self.timeout)
+            return result
+        return self._remove_one(queue, force=force)
+
+    def _remove_one(self, queue: str, *, force: bool) -> BulkResult:
         qk = self.keys.queue(queue)
         info = self.queue(queue)
         if info.error:
@@ -91,9 +115,7 @@ class Admin(Inspector):
                 f"archived {info.archived}); remove it with force to delete them"
             )
         for state in TaskState:
-            part = self.act_all("delete", queue, state, force=True)
-            result.done += part.done
-            result.skipped += part.skipped
+            self._act_all_in(queue, "delete", state, result, None, None, True)
         self.backend.execute(qk.slot, lambda c: c.delete(*qk.all_keys()), timeout=self.timeout)
         registry = self.keys.queues
         self.backend.execute_key(registry, lambda c: c.srem(registry, queue), timeout=self.timeout)
@@ -126,13 +148,15 @@ class Admin(Inspector):
         """``action`` on each of ``task_ids``; per id: ``ok``, ``missing``,
         ``state:<state>`` (the action does not apply to that state), or ``active``."""
         ids = [validate_task_id(task_id) for task_id in task_ids]
-        qk = self.keys.queue(queue)
         out: dict[str, str] = {}
-        for start in range(0, len(ids), BATCH):
-            batch = ids[start : start + BATCH]
-            for task_id, status in zip(batch, self._apply(qk, action, batch), strict=True):
-                out[task_id] = status
-        return out
+        for member in self.members(queue):  # a partitioned queue: each id where it is
+            qk = self.keys.queue(member)
+            missing = [i for i in ids if out.get(i, "missing") == "missing"]
+            for start in range(0, len(missing), BATCH):
+                batch = missing[start : start + BATCH]
+                for task_id, status in zip(batch, self._apply(qk, action, batch), strict=True):
+                    out[task_id] = status
+        return {task_id: out[task_id] for task_id in ids}
 
     def act_all(
         self,
@@ -155,9 +179,23 @@ class Admin(Inspector):
                 "active tasks are held by workers: they cannot be deleted, archived or run "
                 "(cancel them, or remove the queue with force)"
             )
+        result = BulkResult()
+        for member in self.members(queue):  # a partitioned queue: each partition
+            self._act_all_in(member, action, chosen, result, task_type, progress, force)
+        return result
+
+    def _act_all_in(
+        self,
+        queue: str,
+        action: manage.Action,
+        chosen: TaskState,
+        result: BulkResult,
+        task_type: str | None,
+        progress: Progress | None,
+        force: bool,
+    ) -> None:
         qk = self.keys.queue(queue)
         total = self._size(qk, chosen)
-        result = BulkResult()
         offset = seen = 0
         while seen < total:
             ids = self.task_ids(queue, chosen, offset=offset, limit=min(BATCH, total - seen))
@@ -172,7 +210,6 @@ class Admin(Inspector):
             offset += sum(1 for s in statuses if s in ("type", "active"))
             if progress is not None:
                 progress(seen, total)
-        return result
 
     def _size(self, qk: QueueKeys, state: TaskState) -> int:
         if state == TaskState.PENDING:

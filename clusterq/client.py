@@ -9,12 +9,14 @@ timeout (by you, or inside the client after a failover) never creates a second t
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
+from clusterq.broker import layout as layout_script
 from clusterq.broker.script import run_pipelined
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
@@ -26,8 +28,16 @@ from clusterq.durability import (
     durability_commands,
     require_confirmed,
 )
-from clusterq.errors import DuplicateTask
+from clusterq.errors import ConfigError, DuplicateTask
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
+from clusterq.partitions import (
+    DECLARE_ATTEMPTS,
+    Layout,
+    Layouts,
+    check_partitions,
+    read_layout,
+    relayout,
+)
 from clusterq.producer import (
     DEFAULT_QUEUE,
     EnqueueOptions,
@@ -75,6 +85,21 @@ class ClientBase:
         self.durability_timeout = durability_timeout
         self._registered: set[str] = set()
         self._register_again_at = 0.0
+        #: Declarations of partitioned queues, read from the cluster every LAYOUT_TTL.
+        self.layouts = Layouts()
+        self.producer.layouts = self.layouts
+
+    def _layouts_read(self, entries: Any) -> None:
+        if self.layouts.loaded(entries):
+            self.producer.forget_templates()
+
+    def _layouts_failed(self, exc: Exception) -> None:
+        self.layouts.failed(REGISTER_HOLDOFF)
+        log.warning("could not read the partitioned-queue declarations: %s (kept the last)", exc)
+
+    def _layout_written(self, layout: Layout) -> None:
+        self.layouts.put(layout)
+        self.producer.forget_templates()
 
     def _claim_unregistered(self, queues: Iterable[str], *, now: bool = True) -> list[str]:
         """Queue names to add to the registry, marked registered at once so that
@@ -158,6 +183,53 @@ class Client(ClientBase):
             except Exception as exc:
                 self._registration_failed(new, exc)
 
+    def _refresh_layouts(self) -> None:
+        """Read the partitioned-queue declarations when the cached ones are old (waiting
+        at most REGISTER_PATIENCE: a slow registry shard must not hold up enqueues)."""
+        if not self.layouts.due():
+            return
+        key = self.keys.layouts
+        try:
+            entries = self.backend.execute_key(
+                key, lambda c: c.hgetall(key), timeout=REGISTER_PATIENCE
+            )
+        except Exception as exc:
+            self._layouts_failed(exc)
+        else:
+            self._layouts_read(entries)
+
+    def declare_queue(self, name: str, partitions: int) -> Layout:
+        """Declare ``name`` a partitioned queue of ``partitions`` partitions (stored in
+        the cluster, so every producer and worker agrees); see :mod:`clusterq.partitions`.
+
+        Declaring it again with another count changes the layout of a live queue: new
+        tasks go to the new partitions, the old ones drain. ``partitions=1`` makes it a
+        plain queue again. Returns the layout now in force.
+        """
+        check_partitions(name, partitions)
+        key = self.keys.layouts
+        for _ in range(DECLARE_ATTEMPTS):
+            current = read_layout(self.backend.execute_key(key, lambda c: c.hget(key, name)))
+            new = relayout(current, name, partitions, int(time.time() * 1000))
+            if new is not None:
+                built = layout_script.put(self.keys, new, current.version if current else 0)
+                script_keys, args = built
+                put = functools.partial(layout_script.SCRIPT.call, keys=script_keys, args=args)
+                reply = self.backend.execute_key(key, put)
+                if not layout_script.written(reply, new):
+                    continue
+            layout = new or current
+            assert layout is not None
+            self._layout_written(layout)
+            self.register_queues((name, *layout.members))
+            return layout
+        raise ConfigError(f"the declaration of queue {name!r} kept changing while it was written")
+
+    def layout(self, name: str) -> Layout | None:
+        """The declaration of partitioned queue ``name`` as stored now (None: plain)."""
+        key = self.keys.layouts
+        return read_layout(self.backend.execute_key(key, lambda c: c.hget(key, name)))
+
     def _register(self, new: list[str], *, timeout: float | None) -> None:
         if not new:
             return
@@ -199,6 +271,7 @@ class Client(ClientBase):
         """
         if isinstance(type, Chain | Group | Chord):  # a workflow: start it
             return Workflows(self).start(type)
+        self._refresh_layouts()
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:
             self._register_soon([prepared.queue])
@@ -222,6 +295,7 @@ class Client(ClientBase):
         :class:`TaskSpec`. Unique tasks that were refused come back with ``duplicate_of``
         set instead of raising. With durability, one ``WAIT`` per slot covers its batch.
         """
+        self._refresh_layouts()
         prepared = self.producer.prepare_many(items, defaults)
         self._register_soon(p.queue for p in prepared)
         return self.send_prepared(prepared, durability or self.durability, raise_duplicate=False)
@@ -269,10 +343,16 @@ class Client(ClientBase):
         if isinstance(task, WorkflowHandle):
             return Workflows(self).info(task)
         task_id, queue = self._locate(task, queue)
-        qk = self.keys.queue(queue)
-        commands = info_commands(qk, task_id)
-        values = self.backend.execute(qk.slot, lambda c: info_values(c.fast_pipeline(commands)))
-        return task_info(queue, task_id, values)
+        self._refresh_layouts()
+        members = self.layouts.members(queue)
+        for member in members:  # a partitioned queue: look in each partition
+            qk = self.keys.queue(member)
+            commands = info_commands(qk, task_id)
+            read = functools.partial(_read_info, commands=commands)
+            values = self.backend.execute(qk.slot, read)
+            if values[0] is not None or member == members[-1]:
+                return task_info(member if values[0] is not None else queue, task_id, values)
+        raise AssertionError("unreachable")
 
     def result(
         self,
@@ -293,3 +373,7 @@ class Client(ClientBase):
         while not wait.done(info := self.info(task, queue=queue)):
             time.sleep(wait.delay())
         return info.result
+
+
+def _read_info(client: NodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    return info_values(client.fast_pipeline(commands))

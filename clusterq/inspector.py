@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis
@@ -19,6 +19,7 @@ from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError, InvalidName, TaskNotFound
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name, validate_task_id
+from clusterq.partitions import Layout, Layouts
 from clusterq.serialization import json_value
 from clusterq.task import STATES, TaskInfo, TaskState
 from clusterq.taskinfo import info_commands, info_values, task_info
@@ -61,6 +62,12 @@ class QueueInfo:
     #: Seconds since the oldest pending task was enqueued (0 with nothing pending).
     latency: float = 0.0
     error: str | None = None
+    #: A partition: the partitioned queue it belongs to, and its index in the current
+    #: layout (None while it drains after a change of the partition count).
+    partition_of: str | None = None
+    partition: int | None = None
+    #: A partitioned queue's own name: its number of partitions (0 for a plain queue).
+    partitions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +186,25 @@ class Inspector:
         self.timeout = timeout
         #: Registry entries that are not valid queue names, left out of the last listing.
         self.skipped: list[str] = []
+        self._layouts = Layouts()
+
+    # ------------------------------------------------------------------ partitioned queues
+
+    def layouts(self) -> dict[str, Layout]:
+        """The declarations of the partitioned queues, by name (read at most every
+        LAYOUT_TTL seconds)."""
+        if self._layouts.due():
+            key = self.keys.layouts
+            entries = self.backend.execute_key(key, lambda c: c.hgetall(key), timeout=self.timeout)
+            self._layouts.loaded(entries)
+        return dict(self._layouts.by_name)
+
+    def members(self, name: str) -> tuple[str, ...]:
+        """The queues behind ``name``: a partitioned queue's partitions (current and
+        draining) and its plain queue; ``(name,)`` for a plain queue."""
+        validate_queue_name(name)
+        layout = self.layouts().get(name)
+        return layout.members if layout is not None else (name,)
 
     def close(self) -> None:
         if self._owns_backend:
@@ -282,10 +308,23 @@ class Inspector:
         return parse_announcements(entries)
 
     def queues(self, names: Iterable[str] | None = None) -> list[QueueInfo]:
-        """:meth:`queue` for each registered queue (or each of ``names``)."""
-        chosen = sorted(names) if names is not None else self.queue_names()
-        self.backend.note_queues(chosen)
-        return [self.queue(name) for name in chosen]
+        """:meth:`queue` for each registered queue (or each of ``names``); partitioned
+        queues with all their partitions, each marked (``partition_of``)."""
+        chosen = set(names) if names is not None else set(self.queue_names())
+        layouts = self.layouts()
+        marks: dict[str, dict[str, Any]] = {}
+        for layout in layouts.values():
+            if names is not None and layout.name not in chosen:
+                continue
+            chosen.update(layout.members)
+            marks[layout.name] = {"partitions": layout.partitions}
+            for member in layout.members:
+                if member != layout.name:
+                    index = layout.queues.index(member) if member in layout.queues else None
+                    marks[member] = {"partition_of": layout.name, "partition": index}
+        ordered = sorted(chosen)
+        self.backend.note_queues(ordered)
+        return [replace(self.queue(name), **marks.get(name, {})) for name in ordered]
 
     def stats(self) -> Summary:
         """Every queue, the sums per master that owns them, and the live workers."""
@@ -418,22 +457,45 @@ class Inspector:
         newest_first: bool = False,
     ) -> list[TaskInfo]:
         """One page of the tasks in ``state`` (see :meth:`task_ids`), each as a
-        :class:`TaskInfo`; a task that left the state meanwhile is left out."""
+        :class:`TaskInfo`; a task that left the state meanwhile is left out. For a
+        partitioned queue, the page runs over its partitions one after the other."""
         out = []
-        for task_id in self.task_ids(
-            queue, state, offset=offset, limit=limit, newest_first=newest_first
-        ):
-            try:
-                out.append(self.task(queue, task_id).info)
-            except (TaskNotFound, ValueError):
-                continue
-        return out
+        members = self.members(queue)
+        if len(members) == 1:
+            pages = [(queue, offset, limit)]
+        else:  # read offset + limit from each, then cut the page out of the whole
+            pages = [(m, 0, min(MAX_PAGE, offset + limit)) for m in members]
+        for member, start, count in pages:
+            for task_id in self.task_ids(
+                member, state, offset=start, limit=count, newest_first=newest_first
+            ):
+                try:
+                    out.append(self._task(member, task_id).info)
+                except (TaskNotFound, ValueError):
+                    continue
+        return out if len(members) == 1 else out[offset : offset + limit]
 
     def task(self, queue: str, task_id: str) -> TaskDetail:
         """One task: its record, payload, state, retries, last error, result, and for an
         active task the lease's token (which worker) and expiry. Raises
         :class:`TaskNotFound`."""
         validate_task_id(task_id)
+        members = self.members(queue)
+        for member in members[:-1]:  # a partitioned queue: the partition that has it
+            try:
+                return self._task(member, task_id)
+            except TaskNotFound:
+                continue
+        try:
+            return self._task(members[-1], task_id)
+        except TaskNotFound:
+            if len(members) == 1:
+                raise
+            raise TaskNotFound(
+                f"no task {task_id!r} in partitioned queue {queue!r} ({len(members)} queues)"
+            ) from None
+
+    def _task(self, queue: str, task_id: str) -> TaskDetail:
         qk = self.keys.queue(queue)
         commands = [*info_commands(qk, task_id), ("HGET", qk.leases, task_id)]
 

@@ -193,6 +193,12 @@ class KeySchema:
         """Set of the names of every queue ever used (the registry)."""
         return f"{self.prefix}:queues"
 
+    @property
+    def layouts(self) -> str:
+        """Hash: logical queue name -> JSON declaration of its partitions (see
+        :mod:`clusterq.partitions`)."""
+        return f"{self.prefix}:layouts"
+
     def drill(self, run_id: str, tag: str) -> tuple[str, str]:
         """A failover drill's delivery log: (id -> deliveries hash, id -> first delivery
         time hash). ``tag`` picks the slot, so the log can live on a master other than

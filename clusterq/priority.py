@@ -32,12 +32,12 @@ class _Waiter:
 
 
 class Capacity:
-    def __init__(self, total: int, weights: Mapping[str, int], *, strict: bool = False) -> None:
+    def __init__(self, total: int, weights: Mapping[str, float], *, strict: bool = False) -> None:
         if total < 1:
             raise ValueError("concurrency must be at least 1")
         self.total = total
         self.free = total
-        self.weights = dict(weights)
+        self.weights: dict[str, float] = dict(weights)
         self.strict = strict
         self._waiters: dict[str, _Waiter] = {}
         self._scheduled = False

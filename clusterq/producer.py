@@ -23,6 +23,7 @@ from clusterq.broker.script import Transaction, first_error
 from clusterq.durability import Durability
 from clusterq.errors import DuplicateTask
 from clusterq.keys import KeySchema, QueueKeys, validate_task_id
+from clusterq.partitions import Layout, Layouts
 from clusterq.serialization import get_codec, too_large
 from clusterq.task import STATES, TaskInfo, TaskState, record_meta, with_enqueued
 
@@ -124,6 +125,7 @@ class EnqueueOptions(TypedDict, total=False):
     unique_for: float | timedelta | None
     retention: float | timedelta | None
     task_id: str | None
+    key: str | None
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,8 @@ class _Template:
     open: bytes | None
     #: record_meta()'s options, for unique tasks.
     meta: dict[str, Any]
+    #: The declaration of a partitioned queue: each task picks its partition.
+    layout: Layout | None = None
 
 
 class Producer:
@@ -218,6 +222,12 @@ class Producer:
         self._types: set[str] = set()
         self._plain: dict[tuple[str, str, int], _Template] = {}
         self._encode = self.codec.encode
+        #: The client's cache of partitioned-queue declarations.
+        self.layouts: Layouts | None = None
+
+    def forget_templates(self) -> None:
+        """Drop the kept templates (a partitioned queue's declaration changed)."""
+        self._plain.clear()
 
     def prepare(
         self,
@@ -225,23 +235,25 @@ class Producer:
         payload: Any = None,
         *,
         task_id: str | None = None,
+        key: str | None = None,
         **options: Any,
     ) -> PreparedEnqueue:
         """Check and encode one enqueue; ``options`` are those of :meth:`template`.
 
-        ``task_id`` (default: a new random id) makes a retried enqueue safe.
+        ``task_id`` (default: a new random id) makes a retried enqueue safe. ``key``: on a
+        partitioned queue, tasks with the same key go to the same partition.
         """
         if options.keys() <= _PLAIN:  # templates of plain enqueues are kept
             max_retry = options.get("max_retry", DEFAULT_MAX_RETRY)
-            key = (type, options.get("queue", DEFAULT_QUEUE), max_retry)
-            t = self._plain.get(key) if max_retry.__class__ is int else None
+            kept = (type, options.get("queue", DEFAULT_QUEUE), max_retry)
+            t = self._plain.get(kept) if max_retry.__class__ is int else None
             if t is None:
                 t = self.template(type, **options)
-                self._remember(self._plain, key, t)
+                self._remember(self._plain, kept, t)
         else:
             t = self.template(type, **options)
         now_ms = int(time.time() * 1000)
-        return self._one(t, payload, task_id, now_ms, _head(t, now_ms))
+        return self._one(t, payload, task_id, now_ms, _head(t, now_ms), key)
 
     def template(
         self,
@@ -265,6 +277,7 @@ class Producer:
         result that long.
         """
         qk = self._queue_keys(queue)
+        layout = self.layouts.get(queue) if self.layouts is not None else None
         if type not in self._types:
             self._remember(self._types, validate_task_type(type))
         if max_retry.__class__ is not int or not 0 <= max_retry <= MAX_RETRY:  # not a bool
@@ -281,7 +294,7 @@ class Producer:
             and retention is None
         ):  # the common case, kept short
             plain = record_meta(type, codec=codec, max_retry=max_retry)
-            return _Template(queue, qk, type, max_retry, None, None, 0, 0, 0, plain, {})
+            return _Template(queue, qk, type, max_retry, None, None, 0, 0, 0, plain, {}, layout)
         if process_in is not None and process_at is not None:
             raise ValueError("give process_in or process_at, not both")
         delay = _seconds(process_in, "process_in") or 0.0
@@ -308,6 +321,7 @@ class Producer:
             int((unique_s or 0) * 1000),
             None if unique_s else record_meta(type, **meta),
             meta,
+            layout,
         )
 
     def _one(
@@ -317,17 +331,28 @@ class Producer:
         task_id: str | None,
         enqueued_ms: int,
         head: bytes | None,
+        key: str | None = None,
     ) -> PreparedEnqueue:
         """``head``: ``_head(t, enqueued_ms)``, made once for a batch."""
         data = self._encode(payload)
         if len(data) > self.max_payload_bytes:
             raise too_large(len(data), self.max_payload_bytes)
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a string, got {key!r}")
+        queue, qk = t.queue, t.qk
         unique_key = None
+        digest = ""
+        if head is None:
+            digest = hashlib.sha256(t.type.encode() + b"\0" + data).hexdigest()
+        if t.layout is not None:
+            # A unique task without a key goes by its digest: the same task always meets
+            # its lock, whichever partition it would otherwise have taken.
+            queue = t.layout.pick(key if key is not None or not digest else digest)
+            qk = self._queue_keys(queue)
         if head is not None:
             record = head + data
         else:
-            digest = hashlib.sha256(t.type.encode() + b"\0" + data).hexdigest()
-            unique_key = t.qk.unique(digest[:32])
+            unique_key = qk.unique(digest[:32])
             meta = record_meta(t.type, unique_key=unique_key, **t.meta)
             record = with_enqueued(meta, enqueued_ms) + data
         fresh = task_id is None and unique_key is None
@@ -336,7 +361,7 @@ class Producer:
             task_id, record, t.delay_ms, t.due_ms, unique_key, t.unique_ttl_ms, fresh
         )
         return PreparedEnqueue(
-            t.queue, t.qk, new, t.type, payload, t.max_retry, t.timeout, t.deadline, enqueued_ms
+            queue, qk, new, t.type, payload, t.max_retry, t.timeout, t.deadline, enqueued_ms
         )
 
     def _queue_keys(self, queue: str) -> QueueKeys:
@@ -362,6 +387,7 @@ class Producer:
         """Check and encode a batch; all of it or (on the first bad item) nothing."""
         options = dict(defaults)
         task_id = options.pop("task_id", None)
+        key = options.pop("key", None)
         now_ms = int(time.time() * 1000)  # one clock reading per batch
         templates: dict[str, tuple[_Template, bytes | None]] = {}  # checked once per type
         one = self._one
@@ -372,6 +398,8 @@ class Producer:
                     own = {**options, **item.options}
                     if task_id is not None:
                         own.setdefault("task_id", task_id)
+                    if key is not None:
+                        own.setdefault("key", key)
                     out.append(self.prepare(item.type, item.payload, **own))
                     continue
                 task_type, payload = item.type, item.payload
@@ -381,7 +409,7 @@ class Producer:
             if known is None:
                 t = self.template(task_type, **options)
                 known = templates[task_type] = (t, _head(t, now_ms))
-            out.append(one(known[0], payload, task_id, now_ms, known[1]))
+            out.append(one(known[0], payload, task_id, now_ms, known[1], key))
         return out
 
 

@@ -9,7 +9,9 @@ import click
 from clusterq.admin import Admin
 from clusterq.cli.render import console, human_bytes, print_json, progress_bar, safe_text, table
 from clusterq.cli.state import STATE_CHOICE, CliError, CliState, confirm, connection_options
-from clusterq.inspector import Inspector
+from clusterq.client import Client
+from clusterq.errors import ClusterqError
+from clusterq.inspector import Inspector, QueueInfo
 
 
 @click.group()
@@ -53,27 +55,97 @@ def ls(state: CliState, show_cluster: bool, as_json: bool) -> None:
     if show_cluster:
         columns += ["KeySlot", "Master", "Replicas"]
     rows = []
+    members: dict[str, list[QueueInfo]] = {}
     for info in infos:
-        if info.error:
-            row: list[object] = [info.queue, f"error: {info.error}", "", "", "", "", "", ""]
+        if info.partition_of is not None:
+            members.setdefault(info.partition_of, []).append(info)
+    for info in infos:
+        if info.partition_of is not None:
+            continue  # listed under its partitioned queue
+        if info.partitions:
+            group = sorted(
+                members.get(info.queue, []),
+                key=lambda q: (q.partition is None, q.partition or 0, q.queue),
+            )
+            rows.append(_total_row(info, group, show_cluster))
+            for member in [*group, info]:
+                rows.append(_queue_row(member, show_cluster, indent=True))
         else:
-            row = [
-                info.queue,
-                info.pending,
-                info.active,
-                info.scheduled,
-                info.retry,
-                info.archived,
-                info.completed,
-                "yes" if info.paused else "no",
-            ]
-        if show_cluster:
-            row += [info.keyslot, info.master or "-", ", ".join(info.replicas) or "-"]
-        rows.append(row)
+            rows.append(_queue_row(info, show_cluster))
     if not rows:
         click.echo("no queues yet (queues register themselves when first used)")
         return
     console().print(table(None, columns, rows))
+
+
+def _queue_row(info: QueueInfo, show_cluster: bool, *, indent: bool = False) -> list[object]:
+    label = info.queue
+    if indent:
+        if info.partitions:
+            label = f"{info.queue} (not partitioned)"
+        elif info.partition is None:
+            label = f"{info.queue} (draining)"
+        label = f"  {label}"
+    if info.error:
+        row: list[object] = [label, f"error: {info.error}", "", "", "", "", "", ""]
+    else:
+        row = [
+            label,
+            info.pending,
+            info.active,
+            info.scheduled,
+            info.retry,
+            info.archived,
+            info.completed,
+            "yes" if info.paused else "no",
+        ]
+    if show_cluster:
+        row += [info.keyslot, info.master or "-", ", ".join(info.replicas) or "-"]
+    return row
+
+
+def _total_row(head: QueueInfo, group: list[QueueInfo], show_cluster: bool) -> list[object]:
+    """A partitioned queue's line: its sizes summed over its partitions and plain queue."""
+    everything = [*group, head]
+    paused = {q.paused for q in everything}
+    row: list[object] = [
+        f"{head.queue} ({head.partitions} partitions)",
+        *(
+            sum(getattr(q, state) for q in everything)
+            for state in ("pending", "active", "scheduled", "retry", "archived", "completed")
+        ),
+        "yes" if paused == {True} else "partly" if True in paused else "no",
+    ]
+    if show_cluster:
+        masters = {q.master for q in group if q.master}
+        row += ["-", f"{len(masters)} masters", "-"]
+    return row
+
+
+@queue.command("create")
+@click.argument("name")
+@click.option(
+    "--partitions",
+    type=int,
+    required=True,
+    help="How many partitions (1..256); 1 makes it a plain queue again.",
+)
+@connection_options
+@click.pass_obj
+def create(state: CliState, name: str, partitions: int) -> None:
+    """Declare a partitioned queue, or change its partition count (old partitions drain)."""
+    with Client(backend=state.backend()) as client:
+        try:
+            layout = client.declare_queue(name, partitions)
+        except (ValueError, ClusterqError) as exc:
+            raise CliError(str(exc)) from None
+    drain = f"; {len(layout.draining)} old partitions drain" if layout.draining else ""
+    if layout.partitions == 1:
+        click.echo(f"queue {name}: a plain queue (layout version {layout.version}){drain}")
+    else:
+        click.echo(
+            f"queue {name}: {layout.partitions} partitions (layout version {layout.version}){drain}"
+        )
 
 
 @queue.command("inspect")

@@ -186,8 +186,8 @@ class Backend(RouteState):
     def execute_key(self, key: str, fn: Callable[[NodeClient], T], **kwargs: Any) -> T:
         return self.execute(keyslot(key), fn, **kwargs)
 
-    def call(self, key: str, *command: Any) -> Any:
+    def call(self, key: str, *command: Any, timeout: float | None = None) -> Any:
         """One command on the master of ``key``'s slot, over the fast path, retried through
         failovers like every call here (so a command that is not idempotent may, rarely,
         run twice)."""
-        return self.execute_key(key, lambda c: c.fast(*command))
+        return self.execute_key(key, lambda c: c.fast(*command), timeout=timeout)

@@ -59,7 +59,7 @@ class Fetcher:
         """Fetch from ``q`` until the worker stops."""
         failures = 0
         outage_since = 0.0
-        while not self.run_state.stopping:
+        while not self.run_state.stopping and not q.retired:
             if failures:
                 # Degraded: probe the master without holding any concurrency, so that a
                 # dead or frozen shard never takes slots from the healthy ones.

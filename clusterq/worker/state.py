@@ -117,6 +117,8 @@ class QueueState:
     acks: list[Ack] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
     waiting: asyncio.Future[Any] | None = None
+    #: A drained partition that was retired: its fetch loop ends.
+    retired: bool = False
 
     def unfinished(self) -> list[tuple[str, str]]:
         """(id, token) of the tasks still held and neither decided nor lost."""

@@ -39,6 +39,7 @@ from clusterq.worker.announce import Announcer
 from clusterq.worker.fetcher import Fetcher
 from clusterq.worker.leases import Leases
 from clusterq.worker.outcomes import Outcomes
+from clusterq.worker.partitions import PartitionWatch
 from clusterq.worker.recoverer import Recoverer
 from clusterq.worker.runner import Runner
 from clusterq.worker.state import (
@@ -154,6 +155,7 @@ class Worker:
         self.backend: AsyncBackend | None = None
         self._listeners: list[EventListener] = []
         self._queues: dict[str, QueueState] = {}
+        self._all_queues: list[QueueState] = []
         self._capacity = Capacity(concurrency, self.weights, strict=strict_priority)
         self._state = RunState()
         self._supervisor = Supervisor(self.stats, self._emit)
@@ -286,17 +288,24 @@ class Worker:
         )
         self._announcer = Announcer(backend, self.id, self._describe, state)
         self.started_at = time.time()
-        fetching, running = (lambda: not state.stopping), (lambda: not state.closing)
+        running = lambda: not state.closing  # noqa: E731
         supervise = self._supervisor.start
-        for name in self.weights:
-            q = self._queues[name] = QueueState(name, backend.keys.queue(name))
-            supervise(f"fetch:{name}", functools.partial(self._fetcher.loop, q), fetching)
-        all_queues = list(self._queues.values())
+        self._partitions = PartitionWatch(
+            backend,
+            self.weights,
+            strict=self.strict_priority,
+            serve=self._serve_queue,
+            retire=self._retire_queue,
+            run_state=state,
+        )
+        await self._partitions.load()  # a fetch loop per queue, or per partition
+        all_queues = self._all_queues
         leases = Leases(broker, settings, stats, state, self._cancel)
         recoverer = Recoverer(broker, settings, stats, self._outcomes, state)
         supervise("heartbeat", lambda: leases.loop(all_queues), running)
         supervise("recover", lambda: recoverer.loop(all_queues), running)
         supervise("announce", self._announcer.loop, running)
+        supervise("partitions", self._partitions.loop, lambda: not state.stopping)
         log.info(
             "worker %s started: queues %s, concurrency %d, %s at %s",
             self.id,
@@ -305,6 +314,32 @@ class Worker:
             backend.mode,
             backend.topology.source,
         )
+
+    def _serve_queue(self, name: str, weight: float) -> None:
+        """Fetch from queue ``name`` (a plain queue or a partition) with ``weight``."""
+        self._capacity.weights[name] = weight
+        if name in self._queues:
+            return
+        assert self.backend is not None and self._fetcher is not None
+        q = self._queues[name] = QueueState(name, self.backend.keys.queue(name))
+        self._all_queues.append(q)
+        self.backend.note_queues([name])
+        fetching = lambda: not self._state.stopping and not q.retired  # noqa: E731
+        self._supervisor.start(f"fetch:{name}", functools.partial(self._fetcher.loop, q), fetching)
+
+    def _retire_queue(self, name: str) -> None:
+        """Stop fetching from ``name`` (a drained partition, retired)."""
+        q = self._queues.get(name)
+        if q is None or q.retired:
+            return
+        q.retired = True
+        if q.waiting is not None:
+            q.waiting.cancel()
+
+    @property
+    def fetching_from(self) -> list[str]:
+        """The queues this worker fetches from: its queues, partitions expanded."""
+        return [name for name, q in self._queues.items() if not q.retired]
 
     @property
     def _running(self) -> set[asyncio.Task[None]]:

@@ -1,0 +1,248 @@
+"""Partitioned queues: one logical queue over many slots and masters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from clusterq import Admin, Client, Inspector, Router, Task, TaskSpec, chain
+from clusterq.cli import main
+from clusterq.errors import DuplicateTask, InvalidName
+from clusterq.partitions import (
+    MAX_PARTITIONS,
+    Layout,
+    partition_names,
+    partition_of,
+    relayout,
+    without,
+)
+from clusterq.slots import SLOT_COUNT, keyslot
+from clusterq.tools.devcluster import LocalCluster
+from tests.helpers import await_for, running_worker
+
+# ---------------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize("count", [2, 3, 5, 7, 12, 64, 256])
+def test_partitions_spread_evenly_over_the_slot_space(count: int) -> None:
+    names = partition_names("clicks", count)
+    assert len(set(names)) == count
+    step = SLOT_COUNT / count
+    for index, name in enumerate(names):
+        # partition i hashes into the i-th of `count` equal stretches of the slots
+        assert index * step <= keyslot(name) < (index + 1) * step, (index, name)
+    assert partition_names("clicks", count) == names  # the same in every process
+
+
+def test_twelve_partitions_land_four_on_each_of_three_even_masters() -> None:
+    ranges = [(0, 5460), (5461, 10922), (10923, 16383)]  # redis-cli --cluster create
+    owners = Counter(
+        next(i for i, (lo, hi) in enumerate(ranges) if lo <= keyslot(n) <= hi)
+        for n in partition_names("clicks", 12)
+    )
+    assert owners == {0: 4, 1: 4, 2: 4}
+
+
+def test_a_key_always_picks_the_same_partition() -> None:
+    assert partition_of("user-42", 12) == partition_of(b"user-42", 12) == 7  # crc32 2097592435
+    layout = relayout(None, "clicks", 12, 0)
+    assert layout is not None
+    assert {layout.pick("user-42") for _ in range(5)} == {layout.queues[7]}
+    # without a key the partitions are taken in turn
+    assert [layout.pick() for _ in range(24)] == list(layout.queues) * 2
+
+
+def test_relayout_drains_the_old_partitions() -> None:
+    first = relayout(None, "clicks", 4, 1000)
+    assert first is not None and first.version == 1 and first.draining == ()
+    assert relayout(first, "clicks", 4, 2000) is None  # same count: nothing to change
+    second = relayout(first, "clicks", 6, 3000)
+    assert second is not None and second.version == 2 and second.partitions == 6
+    assert second.draining == first.queues and second.changed_ms == 3000
+    assert second.members == (*second.queues, *first.queues, "clicks")
+    plain = relayout(second, "clicks", 1, 4000)
+    assert plain is not None and plain.queues == ("clicks",)
+    assert set(plain.draining) == set(first.queues) | set(second.queues)
+    assert without(plain, first.queues, 5000).draining == second.queues
+    assert Layout.from_json(second.to_json()).members == second.members
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "error"),
+    [
+        ("cl{icks", 4, InvalidName),
+        ("clicks~2", 4, InvalidName),
+        ("x" * 120, 4, InvalidName),
+        ("clicks", 0, ValueError),
+        ("clicks", MAX_PARTITIONS + 1, ValueError),
+        ("clicks", True, ValueError),
+    ],
+)
+def test_bad_declarations_are_refused(name: str, count: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        relayout(None, name, count, 0)
+
+
+# ---------------------------------------------------------------------- against servers
+
+
+def test_declare_and_list_with_the_cluster_fields(cluster: LocalCluster, prefix: str) -> None:
+    url = cluster.seed_url
+    result = CliRunner().invoke(
+        main, ["queue", "create", "clicks", "--partitions", "12", "--url", url, "--prefix", prefix]
+    )
+    assert result.exit_code == 0, result.output
+    assert "12 partitions" in result.output
+    with Client(url, prefix=prefix) as client:
+        layout = client.layout("clicks")
+        assert layout is not None and layout.partitions == 12
+        assert client.declare_queue("clicks", 12).version == layout.version  # idempotent
+    listed = CliRunner().invoke(
+        main, ["queue", "ls", "--cluster", "--json", "--url", url, "--prefix", prefix]
+    )
+    assert listed.exit_code == 0, listed.output
+    rows = {row["queue"]: row for row in json.loads(listed.output)}
+    parts = [row for row in rows.values() if row["partition_of"] == "clicks"]
+    assert sorted(row["partition"] for row in parts) == list(range(12))
+    for row in parts:
+        assert row["keyslot"] == keyslot(row["queue"])
+        assert row["master"] and len(row["replicas"]) == 1
+    assert Counter(row["master"] for row in parts).most_common()[0][1] == 4
+    assert len({row["master"] for row in parts}) == 3
+    assert rows["clicks"]["partitions"] == 12
+    table = CliRunner().invoke(
+        main, ["queue", "ls", "--cluster", "--url", url, "--prefix", prefix]
+    )
+    assert table.exit_code == 0, table.output
+    assert "clicks" in table.output and "~0of12" in table.output
+
+
+def _router(ran: Counter[str], fail_once: set[str] | None = None) -> Router:
+    router = Router()
+
+    @router.task("click")
+    async def click(task: Task) -> Any:
+        ran[task.id] += 1
+        if fail_once is not None and task.payload.get("fail") and task.id not in fail_once:
+            fail_once.add(task.id)
+            raise RuntimeError("first attempt fails")
+        return {"queue": task.queue, "n": task.payload.get("n")}
+
+    @router.task("sum")
+    async def total(task: Task) -> int:
+        ran[task.id] += 1
+        return sum(task.parent_results) + int(task.payload)
+
+    return router
+
+
+def test_features_work_on_a_partitioned_queue(url: str, prefix: str) -> None:
+    """Keys, delays, retries, unique, results, durability, info by bare id, admin
+    actions and workflows: on a partitioned queue as on a plain one."""
+    ran: Counter[str] = Counter()
+    failed_once: set[str] = set()
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            layout = client.declare_queue("clicks", 6)
+            keyed = client.enqueue_many(
+                [("click", {"n": n}) for n in range(30)], queue="clicks", key="user-7"
+            )
+            assert {t.queue for t in keyed} == {layout.pick("user-7")}
+            spread = client.enqueue_many([("click", {"n": n}) for n in range(60)], queue="clicks")
+            assert Counter(t.queue for t in spread) == {q: 10 for q in layout.queues}
+            delayed = client.enqueue("click", {"n": 1}, queue="clicks", process_in=0.3)
+            retried = client.enqueue("click", {"fail": True}, queue="clicks", max_retry=2)
+            kept = client.enqueue("click", {"n": 2}, queue="clicks", retention=60, key="k")
+            unique = client.enqueue("click", {"u": 1}, queue="clicks", unique_for=60)
+            with pytest.raises(DuplicateTask):
+                client.enqueue("click", {"u": 1}, queue="clicks", unique_for=60)
+            if client.backend.mode == "cluster":
+                durable = client.enqueue("click", {}, queue="clicks", durability="replica")
+                assert durable.replicas == 1
+            # a bare id is found in whichever partition holds it
+            assert client.info(kept.id, queue="clicks").queue == kept.queue
+            with Admin(url, prefix=prefix) as admin:
+                admin.pause("clicks")
+                assert all(q.paused for q in admin.queues(["clicks"]))
+                parked = client.enqueue("click", {"n": 3}, queue="clicks")
+                assert admin.archive("clicks", [parked.id]) == {parked.id: "ok"}
+                assert admin.purge("clicks", "archived").done == 1
+                admin.unpause("clicks")
+            handle = client.enqueue(
+                chain(
+                    TaskSpec("sum", 1, {"queue": "clicks"}),
+                    TaskSpec("sum", 10, {"queue": "clicks"}),
+                )
+            )
+            async with running_worker(
+                url, _router(ran, failed_once), queues=["clicks"], prefix=prefix,
+                retry_policy=lambda *_: 0.05,
+            ):  # fmt: skip
+                result = await asyncio.to_thread(client.result, kept, timeout=20)
+                assert result == {"queue": kept.queue, "n": 2}
+                assert await asyncio.to_thread(client.result, handle, timeout=20) == 11
+
+                def quiet() -> bool:
+                    with Inspector(url, prefix=prefix) as inspector:
+                        infos = inspector.queues(["clicks"])
+                    return all(q.pending + q.active + q.scheduled + q.retry == 0 for q in infos)
+
+                await await_for(quiet, 20, "every partition to be empty")
+            ids = [*(t.id for t in keyed), *(t.id for t in spread), delayed.id, retried.id]
+            assert all(ran[i] == 1 for i in ids if i != retried.id)
+            assert ran[retried.id] == 2 and ran[unique.id] == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_running_worker_follows_a_change_of_the_partition_count(
+    cluster: LocalCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 partitions, then 6 while a worker runs: tasks already in the old partitions and
+    tasks a stale producer still sends there are processed; the new partitions get their
+    fetch loops; the drained old partitions are retired."""
+    import clusterq.worker.partitions as watch
+
+    monkeypatch.setattr(watch, "LAYOUT_TTL", 0.2)
+    monkeypatch.setattr(watch, "RETIRE_GRACE", 0.5)
+    url = cluster.seed_url
+    ran: Counter[str] = Counter()
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as stale, Client(url, prefix=prefix) as fresh:
+            old = stale.declare_queue("clicks", 4)
+            with Admin(url, prefix=prefix) as admin:
+                admin.pause("clicks")  # the old partitions keep their tasks for now
+                before = stale.enqueue_many([("click", {"n": n}) for n in range(40)], queue="clicks")
+                async with running_worker(url, _router(ran), queues=["clicks"], prefix=prefix) as w:
+                    assert set(w.fetching_from) == set(old.members)
+                    new = fresh.declare_queue("clicks", 6)
+                    assert new.draining == old.queues and new.version == old.version + 1
+                    late = stale.enqueue("click", {"n": 99}, queue="clicks")  # its cache is old
+                    assert late.queue in old.queues
+                    after = fresh.enqueue_many([("click", {"n": n}) for n in range(60)], queue="clicks")
+                    assert {t.queue for t in after} == set(new.queues)
+                    await await_for(
+                        lambda: set(new.queues) <= set(w.fetching_from), 10, "the new loops"
+                    )
+                    admin.unpause("clicks")
+                    ids = [t.id for t in (*before, late, *after)]
+                    await await_for(lambda: all(ran[i] == 1 for i in ids), 30, "every task")
+
+                    def retired() -> bool:
+                        layout = fresh.layout("clicks")
+                        return layout is not None and layout.draining == ()
+
+                    await await_for(retired, 20, "the drained partitions to be retired")
+                    await await_for(
+                        lambda: not set(old.queues) & set(w.fetching_from), 10, "loops to end"
+                    )
+            assert set(ran.values()) == {1}
+
+    asyncio.run(scenario())
