@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ import pytest
 
 from clusterq.tools import servers
 from clusterq.tools.devcluster import LocalCluster, LocalServer
+from tests.helpers import StartWorker
 
 _SERVER_DIRS: list[Path] = []
 
@@ -170,3 +172,66 @@ def env_without_clusterq(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("CLUSTERQ_"):
             monkeypatch.delenv(name)
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "events"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def start_worker(
+    clusterq_bin: str, log_dir: Path, prefix: str, tmp_path: Path
+) -> Iterator[StartWorker]:
+    """Start `clusterq worker tests.workload:router` processes; kill leftovers at the end."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(
+        url: str, *extra: str, queues: str = "default=1", concurrency: int = 4
+    ) -> subprocess.Popen[str]:
+        log = open(tmp_path / f"worker-{len(procs)}.out", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [
+                clusterq_bin,
+                "--url",
+                url,
+                "--prefix",
+                prefix,
+                "worker",
+                "tests.workload:router",
+                "--queues",
+                queues,
+                "--concurrency",
+                str(concurrency),
+                "--lease",
+                "1",
+                "--recover-interval",
+                "0.2",
+                "--poll-interval",
+                "0.05",
+                "--log-level",
+                "INFO",
+                *extra,
+            ],
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "CLUSTERQ_TEST_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from clusterq import Router, Worker
+
+#: The ``start_worker`` fixture (conftest): starts a `clusterq worker` process.
+StartWorker = Callable[..., subprocess.Popen[str]]
 
 #: Worker settings that make the tests quick: short leases, frequent sweeps.
 FAST = {"lease": 1.0, "recover_interval": 0.2, "poll_interval": 0.05, "shutdown_timeout": 5.0}

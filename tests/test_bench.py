@@ -96,6 +96,17 @@ def test_every_scenario_runs_and_cleans_up(url: str, prefix: str) -> None:
     else:
         assert any("redis-benchmark" in note for note in report.notes)
     assert "e2e" in seen and "enqueue" in seen
+    plain = rows["e2e plain queue"]
+    (part,) = (r for name, r in rows.items() if name.startswith("e2e partitioned queue"))
+    assert plain.rate and part.rate and part.tasks == 300
+    if report.mode == "cluster":
+        # the plain queue's work lands on one master; the partitions' on all three
+        shares = {}
+        for row in (plain, part):
+            spent = {a: m["commands_per_1k"] for a, m in row.extra["per_master"].items()}
+            shares[row.scenario] = sorted(c / sum(spent.values()) for c in spent.values())
+        assert shares["e2e plain queue"][-1] > 0.5
+        assert part.extra["partitions"] == 12 and shares[part.scenario][0] > 0.2
     assert _leftovers(url, prefix) == []
 
 

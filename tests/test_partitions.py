@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from clusterq import Admin, Client, Inspector, Router, Task, TaskSpec, chain
+from clusterq import Admin, AsyncClient, Client, Inspector, Router, Task, TaskSpec, Worker, chain
 from clusterq.cli import main
+from clusterq.cluster.changes import MasterChanged
 from clusterq.errors import DuplicateTask, InvalidName
 from clusterq.partitions import (
     MAX_PARTITIONS,
@@ -23,7 +27,8 @@ from clusterq.partitions import (
 )
 from clusterq.slots import SLOT_COUNT, keyslot
 from clusterq.tools.devcluster import LocalCluster
-from tests.helpers import await_for, running_worker
+from tests.helpers import FAST, StartWorker, await_for, running_worker, wait_for
+from tests.workload import read_events
 
 # ---------------------------------------------------------------------- pure functions
 
@@ -115,9 +120,7 @@ def test_declare_and_list_with_the_cluster_fields(cluster: LocalCluster, prefix:
     assert Counter(row["master"] for row in parts).most_common()[0][1] == 4
     assert len({row["master"] for row in parts}) == 3
     assert rows["clicks"]["partitions"] == 12
-    table = CliRunner().invoke(
-        main, ["queue", "ls", "--cluster", "--url", url, "--prefix", prefix]
-    )
+    table = CliRunner().invoke(main, ["queue", "ls", "--cluster", "--url", url, "--prefix", prefix])
     assert table.exit_code == 0, table.output
     assert "clicks" in table.output and "~0of12" in table.output
 
@@ -219,14 +222,18 @@ def test_a_running_worker_follows_a_change_of_the_partition_count(
             old = stale.declare_queue("clicks", 4)
             with Admin(url, prefix=prefix) as admin:
                 admin.pause("clicks")  # the old partitions keep their tasks for now
-                before = stale.enqueue_many([("click", {"n": n}) for n in range(40)], queue="clicks")
+                before = stale.enqueue_many(
+                    [("click", {"n": n}) for n in range(40)], queue="clicks"
+                )
                 async with running_worker(url, _router(ran), queues=["clicks"], prefix=prefix) as w:
                     assert set(w.fetching_from) == set(old.members)
                     new = fresh.declare_queue("clicks", 6)
                     assert new.draining == old.queues and new.version == old.version + 1
                     late = stale.enqueue("click", {"n": 99}, queue="clicks")  # its cache is old
                     assert late.queue in old.queues
-                    after = fresh.enqueue_many([("click", {"n": n}) for n in range(60)], queue="clicks")
+                    after = fresh.enqueue_many(
+                        [("click", {"n": n}) for n in range(60)], queue="clicks"
+                    )
                     assert {t.queue for t in after} == set(new.queues)
                     await await_for(
                         lambda: set(new.queues) <= set(w.fetching_from), 10, "the new loops"
@@ -244,5 +251,124 @@ def test_a_running_worker_follows_a_change_of_the_partition_count(
                         lambda: not set(old.queues) & set(w.fetching_from), 10, "loops to end"
                     )
             assert set(ran.values()) == {1}
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------- spread and faults
+
+
+def _commands_per_master(cluster: LocalCluster) -> dict[int, int]:
+    """Commands each master has processed so far (INFO stats)."""
+    counts = {}
+    for shard in cluster.topology().shards:
+        client = cluster.client(shard.master.port)
+        try:
+            counts[shard.master.port] = int(client.info("stats")["total_commands_processed"])
+        finally:
+            client.close()
+    return counts
+
+
+@pytest.mark.slow
+def test_10k_keyed_tasks_by_two_worker_processes_spread_over_the_masters(
+    cluster: LocalCluster, prefix: str, start_worker: StartWorker, log_dir: Path
+) -> None:
+    url = cluster.seed_url
+    with Client(url, prefix=prefix) as client:
+        layout = client.declare_queue("clicks", 12)
+        before = _commands_per_master(cluster)
+        infos = []
+        for _ in range(20):  # 500 keys, 20 tasks each
+            infos += client.enqueue_many(
+                [TaskSpec("record", n, {"key": f"user-{n % 500}"}) for n in range(500)],
+                queue="clicks",
+            )
+    by_key: dict[int, set[str]] = {}
+    for n, info in enumerate(infos):
+        by_key.setdefault(n % 500, set()).add(info.queue)
+    assert all(len(queues) == 1 for queues in by_key.values())  # a key, one partition
+    ids = {info.id for info in infos}
+    assert len(ids) == 10_000
+    # a long poll interval: idle fetch loops wake on an enqueue, and add few commands
+    workers = [
+        start_worker(url, "--poll-interval", "1", queues="clicks=1", concurrency=20)
+        for _ in range(2)
+    ]
+
+    def done() -> Counter[str]:
+        return Counter(i for event, i in read_events(log_dir) if event == "done")
+
+    wait_for(lambda: len(done()) >= len(ids), 240, "every task to be handled")
+    after = _commands_per_master(cluster)
+    counts = done()
+    assert set(counts) == ids and set(counts.values()) == {1}  # each exactly once
+    handled_by = {path.stem for path in log_dir.glob("*.log")}
+    assert handled_by == {str(w.pid) for w in workers}  # both processes took part
+    spent = {port: after[port] - before[port] for port in after}
+    total = sum(spent.values())
+    shares = {port: n / total for port, n in spent.items()}
+    print(f"\ncommands per master: {spent} (shares {shares}); layout v{layout.version}")
+    for share in shares.values():
+        assert abs(share - 1 / 3) <= 0.2 / 3, shares  # within ±20% of a third
+
+
+def test_a_dead_master_stalls_only_its_own_partitions(
+    fresh_cluster: Callable[[], LocalCluster], prefix: str
+) -> None:
+    cluster = fresh_cluster()
+    url = cluster.seed_url
+    done: dict[str, float] = {}
+    events: list[Any] = []
+    router = Router()
+
+    @router.task("t")
+    async def t(task: Task) -> None:
+        done.setdefault(task.id, time.time())
+
+    with Client(url, prefix=prefix) as client:
+        layout = client.declare_queue("clicks", 6)
+    topology = cluster.topology()
+    masters = [topology.locate(q).master for q in layout.queues]
+    # Not the master of the declarations' key: while that one is down, a client that
+    # has not read them yet sends to the plain queue (see the README); here the client
+    # connects after the kill, so it must be able to read them.
+    declarations = topology.master_for_slot(keyslot(f"{prefix}:layouts"))
+    victim = next(m for m in masters if m != declarations)
+    assert victim is not None
+    doomed = {q for q, m in zip(layout.queues, masters, strict=True) if m == victim}
+    assert len(doomed) == 2  # 6 partitions over 3 masters
+    keys = {  # a key for each partition
+        q: next(f"k{n}" for n in range(10_000) if layout.pick(f"k{n}") == q) for q in layout.queues
+    }
+
+    async def scenario() -> None:
+        worker = Worker(url, router, prefix=prefix, queues=["clicks"], **FAST)
+        worker.subscribe(events.append)
+        await worker.start()
+        client = await AsyncClient.connect(url, prefix=prefix)
+        try:
+            cluster.kill_node(victim.port)
+            healthy = []
+            for queue, key in keys.items():
+                if queue not in doomed:
+                    for n in range(10):
+                        healthy.append(await client.enqueue("t", n, queue="clicks", key=key))
+            assert {i.queue for i in healthy} == set(layout.queues) - doomed
+            await await_for(lambda: {i.id for i in healthy} <= done.keys(), 20, "healthy ones")
+            # Handled while the dead master's replica was still a replica: the other
+            # partitions did not wait for the failover.
+            assert not any(isinstance(e, MasterChanged) for e in events)
+            late = [
+                await client.enqueue("t", n, queue="clicks", key=keys[queue])
+                for queue in sorted(doomed)
+                for n in range(5)
+            ]  # these wait for the promotion
+            assert {i.queue for i in late} == doomed
+            await await_for(lambda: {i.id for i in late} <= done.keys(), 60, "the stalled ones")
+            assert any(isinstance(e, MasterChanged) for e in events)
+        finally:
+            await client.aclose()
+            await worker.stop()
 
     asyncio.run(scenario())

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,73 +15,11 @@ from click.testing import CliRunner
 from clusterq import Client, Inspector, TaskSpec
 from clusterq.cli import main
 from clusterq.tools.devcluster import LocalCluster
-from tests.helpers import wait_for
+from tests.helpers import StartWorker, wait_for
 from tests.workload import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUES = ("images", "webhooks", "notifications")
-
-StartWorker = Callable[..., subprocess.Popen[str]]
-
-
-@pytest.fixture
-def log_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "events"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def start_worker(
-    clusterq_bin: str, log_dir: Path, prefix: str, tmp_path: Path
-) -> Iterator[StartWorker]:
-    """Start `clusterq worker tests.workload:router` processes; kill leftovers at the end."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(
-        url: str, *extra: str, queues: str = "default=1", concurrency: int = 4
-    ) -> subprocess.Popen[str]:
-        log = open(tmp_path / f"worker-{len(procs)}.out", "w")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [
-                clusterq_bin,
-                "--url",
-                url,
-                "--prefix",
-                prefix,
-                "worker",
-                "tests.workload:router",
-                "--queues",
-                queues,
-                "--concurrency",
-                str(concurrency),
-                "--lease",
-                "1",
-                "--recover-interval",
-                "0.2",
-                "--poll-interval",
-                "0.05",
-                "--log-level",
-                "INFO",
-                *extra,
-            ],
-            cwd=ROOT,
-            env={**os.environ, "CLUSTERQ_TEST_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        proc.log_path = log.name  # type: ignore[attr-defined]
-        procs.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
 
 
 def _output(proc: subprocess.Popen[str]) -> str:

@@ -130,7 +130,11 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
 )
 @click.option("--samples", type=int, default=300, show_default=True, help="Idle pickup samples.")
 @click.option(
-    "--queues", type=int, default=None, help="Queues for e2e/latency (default: one per master)."
+    "--queues",
+    type=int,
+    default=None,
+    help="Queues for e2e/latency (default: one per master); partitions for partitioned "
+    "(default: 4 per master).",
 )
 @click.option("--no-baseline", is_flag=True, help="Skip the redis-benchmark baseline.")
 @click.option("--seed", type=int, default=None, hidden=True, help="Random seed (tests).")

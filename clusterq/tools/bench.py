@@ -17,6 +17,8 @@ Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them aft
 - ``latency``: the time from just before an enqueue to the start of its handler, in
   another process. Idle: one task at a time into an idle queue; under load: tasks
   produced at ``rate`` per second.
+- ``partitioned``: the e2e drain (noop) of one plain queue, then of one partitioned queue
+  over all masters, reporting each master's commands and CPU per 1k tasks.
 - ``memory``: ``used_memory`` of the queue's master before and after N small pending
   tasks, divided by N.
 
@@ -86,6 +88,7 @@ class _Session:
         self.backend: Backend = self.client.backend
         self.keys = KeySchema(settings.prefix)
         self.used_queues: list[str] = []
+        self.used_layouts: list[str] = []
         self.rng = random.Random(settings.seed)
         self._n = 0
 
@@ -152,6 +155,9 @@ class _Session:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.drop(self.used_queues)
+        with contextlib.suppress(Exception):
+            if self.used_layouts:
+                self.call(self.keys.layouts, "HDEL", self.keys.layouts, *self.used_layouts)
         self.client.close()
 
 
@@ -278,30 +284,8 @@ def bench_e2e(s: _Session) -> BenchRow:
     )
     s.fill(queues, n, task_type)
     cpu_before = _server_cpu(s)
-    workers = s.workers(queues, settings.workers)
-    try:
-        workers.start()
-        deadline = time.monotonic() + settings.timeout
-        first_at = None
-        first_count = 0
-        done = 0
-        while done < n:
-            if time.monotonic() > deadline:
-                raise ClusterqError(f"e2e: only {done} of {n} tasks processed in time")
-            done = s.processed(queues)
-            now = time.perf_counter()
-            if first_at is None:
-                if done:
-                    first_at, first_count = now, done
-                else:
-                    workers.check_running()
-            s.progress("e2e", done, n)
-            time.sleep(0.005)
-        assert first_at is not None
-        seconds = time.perf_counter() - first_at
-        cpu_after = _server_cpu(s)
-    finally:
-        workers.stop()
+    seconds, first_count = _drain(s, queues, queues, n, "e2e")
+    cpu_after = _server_cpu(s)
     cpu = {role: cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0) for role in cpu_after}
     if settings.work != "noop":
         counted = sum(
@@ -335,6 +319,111 @@ def bench_e2e(s: _Session) -> BenchRow:
             "server_cpu_ms_per_1k": {k: round(v * 1000 / n * 1000, 1) for k, v in cpu.items()},
         },
     )
+
+
+def _drain(
+    s: _Session, serve: Sequence[str], members: Sequence[str], n: int, label: str
+) -> tuple[float, int]:
+    """Start the worker processes on ``serve`` and wait until ``members`` processed ``n``
+    tasks; returns the seconds from the first task processed to the last, and how many
+    were processed at that first reading."""
+    workers = s.workers(serve, s.settings.workers)
+    try:
+        workers.start()
+        deadline = time.monotonic() + s.settings.timeout
+        first_at = None
+        first_count = 0
+        done = 0
+        while done < n:
+            if time.monotonic() > deadline:
+                raise ClusterqError(f"{label}: only {done} of {n} tasks processed in time")
+            done = s.processed(members)
+            now = time.perf_counter()
+            if first_at is None:
+                if done:
+                    first_at, first_count = now, done
+                else:
+                    workers.check_running()
+            s.progress(label, done, n)
+            time.sleep(0.005)
+        assert first_at is not None
+        return time.perf_counter() - first_at, first_count
+    finally:
+        workers.stop()
+
+
+def _per_master(s: _Session) -> dict[str, tuple[int, float]]:
+    """Commands processed and CPU seconds used so far by each master (INFO)."""
+    out: dict[str, tuple[int, float]] = {}
+    for master in s.backend.topology.masters:
+        node = s.backend.node(master.address)
+        stats, cpu = node.info("stats"), node.info("cpu")
+        used = float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+        out[master.addr] = (int(stats["total_commands_processed"]), used)
+    return out
+
+
+def bench_partitioned(s: _Session) -> list[BenchRow]:
+    """The e2e drain (noop handlers) of one plain queue, then of one partitioned queue
+    (``queues`` partitions, default 4 per master), with the commands and CPU each
+    master spent per 1k tasks."""
+    settings = s.settings
+    n = settings.tasks
+    masters = len(s.backend.topology.masters)
+    count = settings.queues or 4 * masters
+    plain = s.queues(1)
+    logical = f"bench-{s.run_id}-part"
+    layout = s.client.declare_queue(logical, count)
+    s.used_layouts.append(logical)
+    s.used_queues.extend(layout.members)
+    rows = []
+    for label, target, members, partitions in (
+        ("plain queue", plain[0], plain, 1),
+        (f"partitioned queue ({count} partitions)", logical, list(layout.members), count),
+    ):
+        payload = {"run": s.run_id}
+        for start in range(0, n, 2000):
+            s.client.enqueue_many([(NOOP_TYPE, payload)] * min(2000, n - start), queue=target)
+            s.progress(f"filling the {label}", min(n, start + 2000), n)
+        before = _per_master(s)
+        seconds, first_count = _drain(s, [target], members, n, f"e2e {label}")
+        after = _per_master(s)
+        rate = (n - first_count) / seconds if seconds > 0 else None
+        spent = {
+            addr: (after[addr][0] - before[addr][0], after[addr][1] - before[addr][1])
+            for addr in after
+        }
+        rows.append(
+            BenchRow(
+                f"e2e {label}",
+                n,
+                round(seconds, 3),
+                rate,
+                note=(
+                    f"{settings.workers} worker process(es) x concurrency "
+                    f"{settings.concurrency}; per master, commands / CPU ms per 1k tasks: "
+                    + ", ".join(
+                        f"{addr} {c * 1000 / n:.0f} / {cpu * 1e6 / n:.0f}"
+                        for addr, (c, cpu) in sorted(spent.items())
+                    )
+                ),
+                extra={
+                    "workers": settings.workers,
+                    "concurrency": settings.concurrency,
+                    "partitions": partitions,
+                    "masters": masters,
+                    "per_master": {
+                        addr: {
+                            "commands_per_1k": round(c * 1000 / n, 1),
+                            "cpu_ms_per_1k": round(cpu * 1e6 / n, 1),
+                        }
+                        for addr, (c, cpu) in sorted(spent.items())
+                    },
+                },
+            )
+        )
+    s.drop(plain)
+    return rows
 
 
 def _server_cpu(s: _Session) -> dict[str, float]:
@@ -505,6 +594,8 @@ def run_bench(
                 rows = [bench_e2e(session)]
             elif name == "latency":
                 rows = bench_latency(session)
+            elif name == "partitioned":
+                rows = bench_partitioned(session)
             else:
                 rows = [bench_memory(session)]
             for row in rows:

@@ -16,7 +16,9 @@ from typing import Any, Literal
 from clusterq.cluster.connection import RedisURL
 from clusterq.keys import DEFAULT_PREFIX
 
-Scenario = Literal["enqueue", "enqueue-many", "durability", "e2e", "latency", "memory"]
+Scenario = Literal[
+    "enqueue", "enqueue-many", "durability", "e2e", "latency", "memory", "partitioned"
+]
 SCENARIOS: tuple[Scenario, ...] = (
     "enqueue",
     "enqueue-many",
@@ -24,6 +26,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     "e2e",
     "latency",
     "memory",
+    "partitioned",
 )
 Work = Literal["noop", "incr", "incr-redis-py"]
 WORKS: tuple[Work, ...] = ("noop", "incr", "incr-redis-py")
@@ -87,7 +90,8 @@ class BenchSettings:
     rate: float = 2000.0
     samples: int = 300
     baseline: bool = True
-    #: Queues for e2e and latency under load; default: one per master.
+    #: Queues for e2e and latency under load (default: one per master); partitions for
+    #: ``partitioned`` (default: 4 per master).
     queues: int | None = None
     timeout: float = 300.0
     seed: int | None = None
