@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,8 @@ from typing import Any
 from clusterq.errors import ConfigError, InvalidName
 from clusterq.keys import MAX_QUEUE_NAME_LENGTH, validate_queue_name
 from clusterq.slots import SLOT_COUNT, keyslot
+
+log = logging.getLogger("clusterq.partitions")
 
 MAX_PARTITIONS = 256
 #: Seconds a producer or worker keeps a layout before reading it again.
@@ -217,10 +220,13 @@ def parse_layouts(entries: Mapping[Any, Any]) -> dict[str, Layout]:
         name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
         try:
             layout = Layout.from_json(raw)
-        except ConfigError:
+        except ConfigError as exc:
+            log.warning("partitioned queue %r: declaration skipped: %s", name, exc)
             continue
         if layout.name == name:
             out[name] = layout
+        else:
+            log.warning("partitioned queue %r: declaration names %r; skipped", name, layout.name)
     return out
 
 

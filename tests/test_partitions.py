@@ -372,3 +372,22 @@ def test_a_dead_master_stalls_only_its_own_partitions(
             await worker.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_bad_declaration_is_skipped_and_enqueues_go_on(
+    standalone: Any, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = standalone.seed_url
+    with Client(url, prefix=prefix) as client:
+        layouts = client.keys.layouts
+        client.backend.call(layouts, "HSET", layouts, "broken", "{not json")
+        layout = client.declare_queue("clicks", 3)
+    with Client(url, prefix=prefix) as fresh:  # reads every declaration
+        assert fresh.enqueue("t", 1, queue="clicks", key="a").queue == layout.pick("a")
+        assert fresh.enqueue("t", 1, queue="broken").queue == "broken"  # a plain queue
+    assert "'broken': declaration skipped" in caplog.text
+    result = CliRunner().invoke(
+        main, ["enqueue", "t", "1", "-q", "clicks", "--key", "a", "--url", url, "--prefix", prefix]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"in queue {layout.pick('a')}," in result.output

@@ -33,6 +33,9 @@ from clusterq.producer import DEFAULT_MAX_RETRY, DEFAULT_QUEUE
 )
 @click.option("--task-id", default=None, help="Task id (makes retrying the enqueue safe).")
 @click.option(
+    "--key", default=None, help="Partitioned queue: tasks with the same key share a partition."
+)
+@click.option(
     "--retention", type=float, default=None, help="Keep the completed task this many seconds."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -48,6 +51,7 @@ def enqueue(
     timeout: float | None,
     unique_for: float | None,
     task_id: str | None,
+    key: str | None,
     retention: float | None,
     as_json: bool,
 ) -> None:
@@ -66,6 +70,7 @@ def enqueue(
         timeout=timeout,
         unique_for=unique_for,
         task_id=task_id,
+        key=key,
         retention=retention,
     )
     if as_json:

@@ -81,13 +81,21 @@ class PartitionWatch:
 
     async def loop(self) -> None:
         """Re-read the declarations every ``interval``; retire drained partitions."""
+        failing = False
         while not self.run_state.stopping:
             await asyncio.sleep(self.interval)
-            await self.load()
-            for name in self.weights:
-                layout = self.layouts.get(name)
-                if layout is not None and layout.draining:
-                    await self._retire_drained(layout)
+            try:
+                await self.load()
+                for name in self.weights:
+                    layout = self.layouts.get(name)
+                    if layout is not None and layout.draining:
+                        await self._retire_drained(layout)
+            except Exception as exc:  # the declarations' master is down: keep what we have
+                if not failing:
+                    log.warning("could not read the partitioned-queue declarations: %s", exc)
+                failing = True
+            else:
+                failing = False
 
     async def _retire_drained(self, layout: Layout) -> None:
         now_ms = int(time.time() * 1000)
