@@ -345,9 +345,10 @@ class Producer:
         if head is None:
             digest = hashlib.sha256(t.type.encode() + b"\0" + data).hexdigest()
         if t.layout is not None:
-            # A unique task without a key goes by its digest: the same task always meets
-            # its lock, whichever partition it would otherwise have taken.
-            queue = t.layout.pick(key if key is not None or not digest else digest)
+            # Without a key, a unique task goes by its digest (the same task always meets
+            # its lock) and a task with an id by its id (an enqueue retried with the same
+            # id meets the first one); others take the partitions in turn.
+            queue = t.layout.pick(key if key is not None else digest or task_id)
             qk = self._queue_keys(queue)
         if head is not None:
             record = head + data

@@ -159,6 +159,10 @@ def test_features_work_on_a_partitioned_queue(url: str, prefix: str) -> None:
             assert {t.queue for t in keyed} == {layout.pick("user-7")}
             spread = client.enqueue_many([("click", {"n": n}) for n in range(60)], queue="clicks")
             assert Counter(t.queue for t in spread) == {q: 10 for q in layout.queues}
+            first = client.enqueue("click", {"n": 0}, queue="clicks", task_id="once")
+            again = [client.enqueue("click", {"n": 0}, queue="clicks", task_id="once")]
+            again += client.enqueue_many([("click", {"n": 0})] * 2, queue="clicks", task_id="once")
+            assert all(t.already_enqueued and t.queue == first.queue for t in again)
             delayed = client.enqueue("click", {"n": 1}, queue="clicks", process_in=0.3)
             retried = client.enqueue("click", {"fail": True}, queue="clicks", max_retry=2)
             kept = client.enqueue("click", {"n": 2}, queue="clicks", retention=60, key="k")
@@ -197,7 +201,7 @@ def test_features_work_on_a_partitioned_queue(url: str, prefix: str) -> None:
                     return all(q.pending + q.active + q.scheduled + q.retry == 0 for q in infos)
 
                 await await_for(quiet, 20, "every partition to be empty")
-            ids = [*(t.id for t in keyed), *(t.id for t in spread), delayed.id, retried.id]
+            ids = [*(t.id for t in keyed), *(t.id for t in spread), delayed.id, first.id]
             assert all(ran[i] == 1 for i in ids if i != retried.id)
             assert ran[retried.id] == 2 and ran[unique.id] == 1
 
