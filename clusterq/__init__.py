@@ -25,12 +25,14 @@ from clusterq.errors import (
 )
 from clusterq.inspector import Inspector, QueueInfo
 from clusterq.keys import KeySchema
+from clusterq.partitions import Layout
 from clusterq.producer import TaskSpec
 from clusterq.retry import RetryIn, SkipRetry
 from clusterq.router import Router
 from clusterq.scheduler import Periodic, Scheduler
 from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
+from clusterq.streams import Event, Published, StreamLayout
 from clusterq.task import Task, TaskInfo, TaskState
 from clusterq.typed import TaskDef
 from clusterq.worker import Worker, current_worker
@@ -47,12 +49,15 @@ __all__ = [
     "ConnectionFailed",
     "DuplicateTask",
     "DurabilityError",
+    "Event",
     "Inspector",
     "InvalidName",
     "KeySchema",
+    "Layout",
     "ModeMismatch",
     "PayloadError",
     "Periodic",
+    "Published",
     "QueueInfo",
     "ResultTimeout",
     "RetryIn",
@@ -61,6 +66,7 @@ __all__ = [
     "ShardDown",
     "SkipRetry",
     "SlotMigrating",
+    "StreamLayout",
     "Task",
     "TaskDef",
     "TaskFailed",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, overload
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker import layout as layout_script
 from clusterq.broker.script import arun_pipelined
-from clusterq.client import REGISTER_PATIENCE, ClientBase
+from clusterq.client import REGISTER_PATIENCE, ClientBase, _text
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.routing import DEFAULT_DOWN_TIMEOUT, DEFAULT_RETRY_TIMEOUT
@@ -27,7 +27,14 @@ from clusterq.durability import (
 )
 from clusterq.errors import ConfigError
 from clusterq.keys import DEFAULT_PREFIX
-from clusterq.partitions import DECLARE_ATTEMPTS, Layout, check_partitions, read_layout, relayout
+from clusterq.partitions import (
+    DECLARE_ATTEMPTS,
+    LAYOUT_TTL,
+    Layout,
+    check_partitions,
+    read_layout,
+    relayout,
+)
 from clusterq.producer import (
     Batch,
     EnqueueOptions,
@@ -41,6 +48,14 @@ from clusterq.producer import (
 )
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.slots import keyslot
+from clusterq.streams import (
+    Published,
+    StreamLayout,
+    plan_publish,
+    read_stream_layout,
+    redeclare,
+    stream_layout,
+)
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import (
@@ -186,6 +201,54 @@ class AsyncClient(ClientBase):
             return layout
         raise ConfigError(f"the declaration of queue {name!r} kept changing while it was written")
 
+    async def declare_stream(
+        self, name: str, partitions: int, *, maxlen: int | None = None
+    ) -> StreamLayout:
+        """See :meth:`Client.declare_stream`."""
+        wanted = stream_layout(name, partitions, maxlen)
+        key = self.keys.streams
+        raw = await self.backend.execute_key(key, lambda c: c.hget(key, name))
+        stored = read_stream_layout(name, raw) if raw is not None else None
+        new = redeclare(stored, wanted)
+        if new is not None:
+            await self.backend.execute_key(key, lambda c: c.hset(key, name, new.to_json()))
+        layout = new or stored
+        assert layout is not None
+        self._streams[name] = (layout, time.monotonic())
+        return layout
+
+    async def stream_layout(self, name: str) -> StreamLayout:
+        """See :meth:`Client.stream_layout`."""
+        cached = self._streams.get(name)
+        if cached is not None and time.monotonic() - cached[1] < LAYOUT_TTL:
+            return cached[0]
+        key = self.keys.streams
+        raw = await self.backend.execute_key(key, lambda c: c.hget(key, name))
+        layout = read_stream_layout(name, raw)
+        self._streams[name] = (layout, time.monotonic())
+        return layout
+
+    async def publish(self, stream: str, payload: Any, *, key: str | None = None) -> Published:
+        """See :meth:`Client.publish`."""
+        return (await self.publish_many(stream, [(payload, key)]))[0]
+
+    async def publish_many(
+        self, stream: str, events: Iterable[tuple[Any, str | None]]
+    ) -> list[Published]:
+        """See :meth:`Client.publish_many`; the slots are written concurrently."""
+        layout = await self.stream_layout(stream)
+        plan = plan_publish(layout, self.keys, events, self.producer.max_payload_bytes)
+        out: dict[int, Published] = {}
+
+        async def send(slot: int, planned: list[tuple[int, int, tuple[Any, ...]]]) -> None:
+            commands = [command for _, _, command in planned]
+            ids = await self.backend.execute(slot, functools.partial(_pipeline, commands=commands))
+            for (index, partition, _), event_id in zip(planned, ids, strict=True):
+                out[index] = Published(stream, partition, _text(event_id))
+
+        await asyncio.gather(*(send(slot, planned) for slot, planned in plan.items()))
+        return [out[i] for i in range(len(out))]
+
     async def layout(self, name: str) -> Layout | None:
         """See :meth:`Client.layout`."""
         key = self.keys.layouts
@@ -313,3 +376,7 @@ class AsyncClient(ClientBase):
 
 async def _read_info(client: AsyncNodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
     return info_values(await client.fast_pipeline(commands))
+
+
+async def _pipeline(client: AsyncNodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    return raise_first(await client.fast_pipeline(commands))

@@ -32,6 +32,7 @@ from clusterq.errors import ConfigError, DuplicateTask
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.partitions import (
     DECLARE_ATTEMPTS,
+    LAYOUT_TTL,
     Layout,
     Layouts,
     check_partitions,
@@ -51,6 +52,14 @@ from clusterq.producer import (
     settle_replies,
 )
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+from clusterq.streams import (
+    Published,
+    StreamLayout,
+    plan_publish,
+    read_stream_layout,
+    redeclare,
+    stream_layout,
+)
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import Chain, Chord, Group, Workflow, WorkflowHandle, WorkflowInfo, Workflows
@@ -87,6 +96,8 @@ class ClientBase:
         self._register_again_at = 0.0
         #: Declarations of partitioned queues, read from the cluster every LAYOUT_TTL.
         self.layouts = Layouts()
+        #: Declarations of streams, with when each was read.
+        self._streams: dict[str, tuple[StreamLayout, float]] = {}
         self.producer.layouts = self.layouts
 
     def _layouts_read(self, entries: Any) -> None:
@@ -224,6 +235,60 @@ class Client(ClientBase):
             self.register_queues((name, *layout.members))
             return layout
         raise ConfigError(f"the declaration of queue {name!r} kept changing while it was written")
+
+    # ------------------------------------------------------------------ streams
+
+    def declare_stream(
+        self, name: str, partitions: int, *, maxlen: int | None = None
+    ) -> StreamLayout:
+        """Declare stream ``name`` with ``partitions`` partitions, each trimmed to about
+        ``maxlen`` events on publish (None: never trimmed); see :mod:`clusterq.streams`.
+        Declaring it again with another ``maxlen`` changes that; another partition count
+        is refused."""
+        wanted = stream_layout(name, partitions, maxlen)
+        key = self.keys.streams
+        raw = self.backend.execute_key(key, lambda c: c.hget(key, name))
+        stored = read_stream_layout(name, raw) if raw is not None else None
+        new = redeclare(stored, wanted)
+        if new is not None:
+            self.backend.execute_key(key, lambda c: c.hset(key, name, new.to_json()))
+        layout = new or stored
+        assert layout is not None
+        self._streams[name] = (layout, time.monotonic())
+        return layout
+
+    def stream_layout(self, name: str) -> StreamLayout:
+        """The declaration of stream ``name`` (cached for LAYOUT_TTL seconds)."""
+        cached = self._streams.get(name)
+        if cached is not None and time.monotonic() - cached[1] < LAYOUT_TTL:
+            return cached[0]
+        key = self.keys.streams
+        layout = read_stream_layout(
+            name, self.backend.execute_key(key, lambda c: c.hget(key, name))
+        )
+        self._streams[name] = (layout, time.monotonic())
+        return layout
+
+    def publish(self, stream: str, payload: Any, *, key: str | None = None) -> Published:
+        """Append an event to ``stream`` (``XADD`` on the partition of ``key``; without a
+        key the partitions take turns). At least once: a call retried through a failover
+        may append it twice."""
+        return self.publish_many(stream, [(payload, key)])[0]
+
+    def publish_many(
+        self, stream: str, events: Iterable[tuple[Any, str | None]]
+    ) -> list[Published]:
+        """Append ``(payload, key)`` events: one pipeline per slot."""
+        layout = self.stream_layout(stream)
+        plan = plan_publish(layout, self.keys, events, self.producer.max_payload_bytes)
+        out: dict[int, Published] = {}
+        for slot, planned in plan.items():
+            commands = [command for _, _, command in planned]
+            send = functools.partial(_pipeline, commands=commands)
+            ids = self.backend.execute(slot, send)
+            for (index, partition, _), event_id in zip(planned, ids, strict=True):
+                out[index] = Published(stream, partition, _text(event_id))
+        return [out[i] for i in range(len(out))]
 
     def layout(self, name: str) -> Layout | None:
         """The declaration of partitioned queue ``name`` as stored now (None: plain)."""
@@ -377,3 +442,11 @@ class Client(ClientBase):
 
 def _read_info(client: NodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
     return info_values(client.fast_pipeline(commands))
+
+
+def _pipeline(client: NodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    return raise_first(client.fast_pipeline(commands))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -19,8 +19,14 @@ from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError, InvalidName, TaskNotFound
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name, validate_task_id
-from clusterq.partitions import Layout, Layouts
+from clusterq.partitions import Layout, Layouts, partition_marks
 from clusterq.serialization import json_value
+from clusterq.streaminfo import (
+    StreamPartitionInfo,
+    read_stream_layouts,
+    stream_partitions,
+)
+from clusterq.streams import StreamLayout
 from clusterq.task import STATES, TaskInfo, TaskState
 from clusterq.taskinfo import info_commands, info_values, task_info
 from clusterq.worker.announce import WorkerAnnouncement, parse_announcements
@@ -200,8 +206,7 @@ class Inspector:
         return dict(self._layouts.by_name)
 
     def members(self, name: str) -> tuple[str, ...]:
-        """The queues behind ``name``: a partitioned queue's partitions (current and
-        draining) and its plain queue; ``(name,)`` for a plain queue."""
+        """The queues behind ``name``: a partitioned queue's members, or ``(name,)``."""
         validate_queue_name(name)
         layout = self.layouts().get(name)
         return layout.members if layout is not None else (name,)
@@ -311,17 +316,7 @@ class Inspector:
         """:meth:`queue` for each registered queue (or each of ``names``); partitioned
         queues with all their partitions, each marked (``partition_of``)."""
         chosen = set(names) if names is not None else set(self.queue_names())
-        layouts = self.layouts()
-        marks: dict[str, dict[str, Any]] = {}
-        for layout in layouts.values():
-            if names is not None and layout.name not in chosen:
-                continue
-            chosen.update(layout.members)
-            marks[layout.name] = {"partitions": layout.partitions}
-            for member in layout.members:
-                if member != layout.name:
-                    index = layout.queues.index(member) if member in layout.queues else None
-                    marks[member] = {"partition_of": layout.name, "partition": index}
+        marks = partition_marks(self.layouts().values(), chosen, every=names is None)
         ordered = sorted(chosen)
         self.backend.note_queues(ordered)
         return [replace(self.queue(name), **marks.get(name, {})) for name in ordered]
@@ -347,6 +342,16 @@ class Inspector:
             running=sum(w.active for w in workers),
             concurrency=sum(w.concurrency for w in workers),
         )
+
+    # ------------------------------------------------------------------ streams
+
+    def stream_layouts(self) -> dict[str, StreamLayout]:
+        """Every declared stream, by name."""
+        return read_stream_layouts(self.backend, self.timeout)
+
+    def streams(self, names: Iterable[str] | None = None) -> list[StreamPartitionInfo]:
+        """Each partition of each stream (or of ``names``): node, length, groups."""
+        return stream_partitions(self.backend, names, self.timeout)
 
     # ------------------------------------------------------------------ one queue, closer
 

@@ -194,6 +194,23 @@ class KeySchema:
         return f"{self.prefix}:queues"
 
     @property
+    def streams(self) -> str:
+        """Hash: stream name -> JSON declaration of its partitions (see
+        :mod:`clusterq.streams`)."""
+        return f"{self.prefix}:streams"
+
+    def stream(self, partition: str) -> StreamKeys:
+        """Keys of one partition of a stream (hash tag: the partition's name)."""
+        return StreamKeys(self.prefix, validate_queue_name(partition))
+
+    def stream_consumers(self, stream: str, group: str) -> str:
+        """Hash: consumer name -> until when (ms) it is alive, for the ordered consumers
+        of ``group`` on ``stream`` (how they share the partitions)."""
+        validate_queue_name(stream)
+        validate_queue_name(group)
+        return f"{self.prefix}:stream-consumers:{stream}:{group}"
+
+    @property
     def layouts(self) -> str:
         """Hash: logical queue name -> JSON declaration of its partitions (see
         :mod:`clusterq.partitions`)."""
@@ -237,6 +254,37 @@ class KeySchema:
     def workers(self) -> str:
         """Hash: worker id -> JSON announcement (with its own expiry); the key has a TTL."""
         return f"{self.prefix}:workers"
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    """Keys of one stream partition, all tagged with the partition's name."""
+
+    prefix: str
+    partition: str
+
+    @property
+    def events(self) -> str:
+        """The Redis stream of the partition's events."""
+        return f"{self.prefix}:stream:{{{self.partition}}}"
+
+    @property
+    def slot(self) -> int:
+        return keyslot(self.events)
+
+    @property
+    def dead(self) -> str:
+        """Stream of the events that used up their deliveries (dead letters)."""
+        return f"{self.events}:dead"
+
+    def owner(self, group: str) -> str:
+        """Ordered consumption: the fencing token of the consumer of ``group`` that owns
+        the partition (with a TTL, the lease)."""
+        return f"{self.events}:owner:{group}"
+
+    def epoch(self, group: str) -> str:
+        """Counter: incremented by each new owner (the ``n`` of its token)."""
+        return f"{self.events}:epoch:{group}"
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class ClusterCollector:
         yield from (tasks, latency, paused, up, processed, failed)
         yield from self._topology(topology)
         yield from self._workers()
+        yield from self._streams()
         took = GaugeMetricFamily(
             "clusterq_scrape_duration_seconds", "How long this collection took."
         )
@@ -145,6 +146,37 @@ class ClusterCollector:
             concurrency.add_metric([w.id], w.concurrency)
         yield from (count, running, concurrency)
 
+    def _streams(self) -> Iterator[Any]:
+        part = ["stream", "partition", "node"]
+        length = GaugeMetricFamily(
+            "clusterq_stream_length", "Events held per stream partition.", labels=part
+        )
+        dead = GaugeMetricFamily(
+            "clusterq_stream_dead", "Dead-lettered events per stream partition.", labels=part
+        )
+        per_group = [*part, "group"]
+        pending = GaugeMetricFamily(
+            "clusterq_stream_pending", "Events delivered, not yet acked.", labels=per_group
+        )
+        lag = GaugeMetricFamily(
+            "clusterq_stream_lag", "Events not yet delivered to the group.", labels=per_group
+        )
+        trimmed = GaugeMetricFamily(
+            "clusterq_stream_trimmed_unread",
+            "Events trimmed before the group read them (while the gap is visible).",
+            labels=per_group,
+        )
+        for p in self.inspector.streams():
+            where = [p.stream, str(p.partition), p.master or "-"]
+            length.add_metric(where, p.length)
+            dead.add_metric(where, p.dead)
+            for g in p.groups:
+                pending.add_metric([*where, g.group], g.pending)
+                if g.lag is not None:
+                    lag.add_metric([*where, g.group], g.lag)
+                trimmed.add_metric([*where, g.group], g.trimmed_unread)
+        yield from (length, dead, pending, lag, trimmed)
+
 
 def serve_cluster_metrics(inspector: Inspector, port: int, host: str = "127.0.0.1") -> Any:
     """Serve :class:`ClusterCollector` on ``http://host:port/metrics`` (a daemon thread);
@@ -184,6 +216,14 @@ class WorkerMetrics:
         self.loop_restarts = Gauge(
             "clusterq_worker_loop_restarts",
             "Background loops that stopped and were started again.",
+            registry=self.registry,
+        )
+
+        self.stream_events = Gauge(
+            "clusterq_worker_stream_events",
+            "Stream events by what happened: handled, failed (attempts), dead (dead-lettered), "
+            "claimed (from other consumers), trimmed_unread (trimmed before the group read them).",
+            ["what"],
             registry=self.registry,
         )
 

@@ -230,6 +230,26 @@ def parse_layouts(entries: Mapping[Any, Any]) -> dict[str, Layout]:
     return out
 
 
+def partition_marks(
+    layouts: Iterable[Layout], chosen: set[str], *, every: bool
+) -> dict[str, dict[str, Any]]:
+    """For a listing of the queues in ``chosen``: adds the members of the partitioned
+    queues listed (of every one with ``every``) to ``chosen``, and returns the fields that
+    mark each (``partitions`` on the logical queue; ``partition_of``, ``partition`` on a
+    partition, ``partition`` None while it drains)."""
+    marks: dict[str, dict[str, Any]] = {}
+    for layout in layouts:
+        if not every and layout.name not in chosen:
+            continue
+        chosen.update(layout.members)
+        marks[layout.name] = {"partitions": layout.partitions}
+        for member in layout.members:
+            if member != layout.name:
+                index = layout.queues.index(member) if member in layout.queues else None
+                marks[member] = {"partition_of": layout.name, "partition": index}
+    return marks
+
+
 class Layouts:
     """A producer's or worker's cache of the declarations (no I/O: the clients load it)."""
 

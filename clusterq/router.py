@@ -22,6 +22,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar, overload
 
+from clusterq.keys import validate_queue_name
+from clusterq.streams import DEFAULT_MAX_DELIVERIES, ConsumerHandler, ConsumerSpec, validate_group
 from clusterq.task import Task
 from clusterq.typed import TaskDef, rebuild_payload, with_payload_type
 
@@ -39,6 +41,8 @@ class Router:
         self._handlers: dict[str, Handler] = {}
         self._prefixes: list[str] = []
         self.middleware: list[Middleware] = []
+        #: Stream consumers, by ``stream:group``.
+        self.consumers: dict[str, ConsumerSpec] = {}
 
     def handle(self, pattern: str, handler: Handler) -> None:
         if not isinstance(pattern, str) or not pattern:
@@ -63,6 +67,40 @@ class Router:
         ``payload``: the payload's type (a dataclass or pydantic model is rebuilt from
         JSON before the handler sees it)."""
         return _Register(self, pattern, payload)
+
+    def consumer(
+        self,
+        stream: str,
+        *,
+        group: str,
+        ordered: bool = False,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+    ) -> Callable[[ConsumerHandler], ConsumerHandler]:
+        """Register a handler of the events of ``stream`` for consumer group ``group``
+        (``def handle(event: Event)``, plain or ``async``); see :mod:`clusterq.streams`.
+
+        ``ordered``: events with the same key are handled one at a time in publish
+        order (each partition has one owner in the group at a time). An event that
+        fails ``max_deliveries`` times goes to the partition's dead-letter stream."""
+        validate_queue_name(stream)
+        validate_group(group)
+        if (
+            isinstance(max_deliveries, bool)
+            or not isinstance(max_deliveries, int)
+            or (max_deliveries < 1)
+        ):
+            raise ValueError(f"max_deliveries must be a positive integer, got {max_deliveries!r}")
+
+        def register(handler: ConsumerHandler) -> ConsumerHandler:
+            if not callable(handler):
+                raise TypeError(f"consumer of {stream}:{group} is not callable")
+            spec = ConsumerSpec(stream, group, handler, ordered, max_deliveries)
+            if spec.label in self.consumers:
+                raise ValueError(f"a consumer of {spec.label} is already registered")
+            self.consumers[spec.label] = spec
+            return handler
+
+        return register
 
     def use(self, *middleware: Middleware) -> None:
         """Add middleware; the first added is the outermost."""

@@ -190,5 +190,8 @@ def test_queue_ls_cluster_json_has_every_documented_field(
         "processed": 1,
         "failed": 2,
         "error": None,
+        "partition_of": None,
+        "partition": None,
+        "partitions": 0,
     }
     assert location.master.addr.startswith(f"{HOST}:")

@@ -75,6 +75,11 @@ def test_the_exporter_reports_what_the_queues_hold(url: str, prefix: str, export
         client.enqueue_many(
             [TaskSpec("b", i, {"queue": "webhooks", "process_in": 600}) for i in range(3)]
         )
+        client.declare_stream("orders", 2)
+        client.publish_many("orders", [({"n": n}, "k") for n in range(5)])
+        layout = client.stream_layout("orders")
+        sk = client.keys.stream(layout.partitions[layout.pick("k")])
+        client.backend.call(sk.events, "XGROUP", "CREATE", sk.events, "billing", "0")
     with Inspector(url, prefix=prefix) as inspector:
         images, webhooks = inspector.queue("images"), inspector.queue("webhooks")
         topology = inspector.topology
@@ -92,6 +97,10 @@ def test_the_exporter_reports_what_the_queues_hold(url: str, prefix: str, export
         slots = _value(samples, "clusterq_node_slots", node=shard.master.addr)
         assert slots == shard.slot_count
     assert _value(samples, "clusterq_workers") == 0
+    part = str(layout.pick("k"))
+    assert _value(samples, "clusterq_stream_length", stream="orders", partition=part) == 5
+    assert _value(samples, "clusterq_stream_lag", stream="orders", group="billing") == 5
+    assert _value(samples, "clusterq_stream_pending", stream="orders", group="billing") == 0
 
 
 def test_a_worker_serves_durations_and_outcomes_per_type(url: str, prefix: str) -> None:

@@ -6,11 +6,12 @@ so a test can count what every process started and finished, even after kill -9.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
 
-from clusterq import Router, Task
+from clusterq import Event, Router, Task
 
 router = Router()
 _log_dir = Path(os.environ.get("CLUSTERQ_TEST_LOG_DIR", "."))
@@ -33,6 +34,25 @@ def slow(task: Task) -> None:
     _note("start", task)
     time.sleep(float(task.payload.get("seconds", 1.0)))
     _note("done", task)
+
+
+def _note_event(group: str, event: Event) -> None:
+    with open(_log_dir / f"{os.getpid()}.log", "a", buffering=1) as handle:
+        handle.write(f"ev:{group} {event.id} {event.key} {event.payload['seq']}\n")
+
+
+@router.consumer("orders", group="billing")
+async def billing(event: Event) -> None:
+    """Unordered: a short pause, then a line per event."""
+    await asyncio.sleep(0.002)
+    _note_event("billing", event)
+
+
+@router.consumer("orders", group="ship", ordered=True)
+def ship(event: Event) -> None:
+    """Ordered: a short pause, then a line per event."""
+    time.sleep(0.002)
+    _note_event("ship", event)
 
 
 def read_events(log_dir: Path) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ from clusterq.cli.metrics import metrics
 from clusterq.cli.queue import queue
 from clusterq.cli.state import CliState, ClusterqGroup
 from clusterq.cli.stats import stats
+from clusterq.cli.stream import stream
 from clusterq.cli.tasks import enqueue, task
 from clusterq.cli.worker import worker
 from clusterq.cli.workflow import workflow_group
@@ -57,6 +58,7 @@ def main(ctx: click.Context, url: str, mode: bool | None, prefix: str) -> None:
 
 main.add_command(dev)
 main.add_command(queue)
+main.add_command(stream)
 main.add_command(cluster)
 main.add_command(enqueue)
 main.add_command(task)

@@ -98,6 +98,11 @@ def load_router(spec: str) -> Router:
 @click.option(
     "--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port."
 )
+@click.option(
+    "--streams",
+    default=None,
+    help="Stream consumers to run, stream:group,... (default: all the router's; 'none').",
+)
 @connection_options
 @click.pass_obj
 def run(
@@ -115,6 +120,7 @@ def run(
     log_format: LogFormat,
     metrics_port: int | None,
     metrics_host: str,
+    streams: str | None,
 ) -> None:
     """Run handlers from MODULE:ROUTER until SIGTERM/SIGINT (twice: stop at once)."""
     configure_logs(log_level, log_format)
@@ -136,8 +142,13 @@ def run(
         "poll_interval": poll_interval,
         "name": name,
         "metrics": metrics,
+        "streams": streams,
     }
-    Worker(state.url, load_router(router_spec), **options).run()
+    try:
+        worker = Worker(state.url, load_router(router_spec), **options)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    worker.run()
     # A sync handler abandoned after its timeout may still run in a thread; do not wait.
     if any(
         t.is_alive() and not t.daemon

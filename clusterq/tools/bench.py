@@ -27,23 +27,15 @@ Nothing here asserts a speed; the figures are for people (and ``--json`` for scr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import random
-import secrets
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from clusterq.client import Client
-from clusterq.cluster import topology as topo
-from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import RedisURL
 from clusterq.errors import ClusterqError, ConfigError
-from clusterq.keys import KeySchema
 from clusterq.slots import keyslot
 from clusterq.tools.bench_handlers import INCR_REDIS_PY_TYPE, INCR_TYPE, LATENCY_TYPE, NOOP_TYPE
 from clusterq.tools.bench_report import (
@@ -57,108 +49,7 @@ from clusterq.tools.bench_report import (
     ms_percentiles,
     run_baseline,
 )
-from clusterq.tools.workerprocs import WorkerProcesses
-
-
-def spread_queues(topology: topo.Topology, base: str, count: int) -> list[str]:
-    """``count`` queue names ``base-<n>``, taking the masters in turn (one queue per
-    master when ``count`` is the number of masters)."""
-    masters = sorted(m.id for m in topology.masters)
-    if not masters:
-        raise ClusterqError("no master owns any slot")
-    names: list[str] = []
-    for n in range(100_000):
-        if len(names) == count:
-            return names
-        name = f"{base}-{n}"
-        owner = topology.master_for_slot(keyslot(name))
-        if owner is not None and owner.id == masters[len(names) % len(masters)]:
-            names.append(name)
-    raise ClusterqError(f"could not place {count} queues on the masters")
-
-
-class _Session:
-    """Connections and bookkeeping shared by the scenarios of one run."""
-
-    def __init__(self, settings: BenchSettings, progress: Progress) -> None:
-        self.settings = settings
-        self.progress = progress
-        self.run_id = secrets.token_hex(4)
-        self.client = Client(settings.url, prefix=settings.prefix)
-        self.backend: Backend = self.client.backend
-        self.keys = KeySchema(settings.prefix)
-        self.used_queues: list[str] = []
-        self.used_layouts: list[str] = []
-        self.rng = random.Random(settings.seed)
-        self._n = 0
-
-    def queues(self, count: int | None = None) -> list[str]:
-        """Fresh queue names, one per master by default."""
-        self._n += 1
-        count = count or self.settings.queues or len(self.backend.topology.masters)
-        names = spread_queues(self.backend.topology, f"bench-{self.run_id}-{self._n}", count)
-        self.used_queues.extend(names)
-        return names
-
-    def drop(self, queues: Sequence[str]) -> None:
-        """Delete everything the benchmark wrote for ``queues``."""
-        for name in queues:
-            qk = self.keys.queue(name)
-            self.call(qk.pending, "DEL", *qk.all_keys(), *self.keys.bench(self.run_id, name))
-        if queues:
-            self.call(self.keys.queues, "SREM", self.keys.queues, *queues)
-
-    def call(self, key: str, *command: Any) -> Any:
-        """One command on the master of ``key``'s slot."""
-        return self.backend.call(key, *command)
-
-    def processed(self, queues: Sequence[str]) -> int:
-        total = 0
-        for name in queues:
-            stats = self.keys.queue(name).stats
-            total += int(self.call(stats, "HGET", stats, "processed") or 0)
-        return total
-
-    def fill(self, queues: Sequence[str], count: int, task_type: str) -> None:
-        """Enqueue ``count`` tasks spread over ``queues`` (untimed)."""
-        payload = {"run": self.run_id}
-        step = 2000
-        for start in range(0, count, step):
-            n = min(step, count - start)
-            queue = queues[(start // step) % len(queues)]
-            self.client.enqueue_many([(task_type, payload)] * n, queue=queue)
-            self.progress("filling queues", start + n, count)
-
-    def workers(self, queues: Sequence[str], count: int) -> WorkerProcesses:
-        return WorkerProcesses(
-            url=self.settings.url,
-            prefix=self.settings.prefix,
-            router="clusterq.tools.bench_handlers:router",
-            queues=",".join(queues),
-            count=count,
-            concurrency=self.settings.concurrency,
-            name=f"bench-{self.run_id}-{self._n}",
-        )
-
-    def start_workers(self, workers: WorkerProcesses) -> None:
-        workers.start()
-
-        async def wait() -> None:
-            backend = await AsyncBackend.connect(self.settings.url, prefix=self.settings.prefix)
-            try:
-                await workers.announced(backend, timeout=60)
-            finally:
-                await backend.aclose()
-
-        asyncio.run(wait())
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.drop(self.used_queues)
-        with contextlib.suppress(Exception):
-            if self.used_layouts:
-                self.call(self.keys.layouts, "HDEL", self.keys.layouts, *self.used_layouts)
-        self.client.close()
+from clusterq.tools.bench_session import Session, spread_queues
 
 
 def _server_version(backend: Backend) -> str:
@@ -171,7 +62,7 @@ def _server_version(backend: Backend) -> str:
 # ----------------------------------------------------------------------- scenarios
 
 
-def bench_enqueue(s: _Session) -> BenchRow:
+def bench_enqueue(s: Session) -> BenchRow:
     queues = s.queues()
     n = s.settings.tasks
     payload = {"run": s.run_id}
@@ -185,7 +76,7 @@ def bench_enqueue(s: _Session) -> BenchRow:
     return row
 
 
-def _timed_calls(s: _Session, label: str, n: int, call: Callable[[int], object]) -> BenchRow:
+def _timed_calls(s: Session, label: str, n: int, call: Callable[[int], object]) -> BenchRow:
     """``call(i)`` for i in 0..n-1, each timed: rate and per-call p50/p99."""
     times: list[float] = []
     clock = time.perf_counter
@@ -203,7 +94,7 @@ def _timed_calls(s: _Session, label: str, n: int, call: Callable[[int], object])
     return row
 
 
-def bench_enqueue_many(s: _Session) -> BenchRow:
+def bench_enqueue_many(s: Session) -> BenchRow:
     queues = s.queues()
     n = s.settings.tasks
     batch = max(1, s.settings.batch)
@@ -235,13 +126,13 @@ def bench_enqueue_many(s: _Session) -> BenchRow:
     )
 
 
-def _has_replica(s: _Session, queue: str) -> bool:
+def _has_replica(s: Session, queue: str) -> bool:
     addr = s.backend.master_addr(keyslot(queue))
     info = s.backend.node(addr).info("replication")
     return int(info.get("connected_slaves", 0)) > 0
 
 
-def bench_durability(s: _Session) -> list[BenchRow]:
+def bench_durability(s: Session) -> list[BenchRow]:
     (queue,) = s.queues(1)
     if not _has_replica(s, queue):
         return [
@@ -275,7 +166,7 @@ def bench_durability(s: _Session) -> list[BenchRow]:
     return rows
 
 
-def bench_e2e(s: _Session) -> BenchRow:
+def bench_e2e(s: Session) -> BenchRow:
     settings = s.settings
     queues = s.queues()
     n = settings.tasks
@@ -322,7 +213,7 @@ def bench_e2e(s: _Session) -> BenchRow:
 
 
 def _drain(
-    s: _Session, serve: Sequence[str], members: Sequence[str], n: int, label: str
+    s: Session, serve: Sequence[str], members: Sequence[str], n: int, label: str
 ) -> tuple[float, int]:
     """Start the worker processes on ``serve`` and wait until ``members`` processed ``n``
     tasks; returns the seconds from the first task processed to the last, and how many
@@ -352,7 +243,7 @@ def _drain(
         workers.stop()
 
 
-def _per_master(s: _Session) -> dict[str, tuple[int, float]]:
+def _per_master(s: Session) -> dict[str, tuple[int, float]]:
     """Commands processed and CPU seconds used so far by each master (INFO)."""
     out: dict[str, tuple[int, float]] = {}
     for master in s.backend.topology.masters:
@@ -363,7 +254,7 @@ def _per_master(s: _Session) -> dict[str, tuple[int, float]]:
     return out
 
 
-def bench_partitioned(s: _Session) -> list[BenchRow]:
+def bench_partitioned(s: Session) -> list[BenchRow]:
     """The e2e drain (noop handlers) of one plain queue, then of one partitioned queue
     (``queues`` partitions, default 4 per master), with the commands and CPU each
     master spent per 1k tasks."""
@@ -426,7 +317,7 @@ def bench_partitioned(s: _Session) -> list[BenchRow]:
     return rows
 
 
-def _server_cpu(s: _Session) -> dict[str, float]:
+def _server_cpu(s: Session) -> dict[str, float]:
     """CPU seconds used so far by the target's nodes, by role (INFO cpu of each)."""
     out: dict[str, float] = {}
     for node in s.backend.topology.nodes:
@@ -437,13 +328,13 @@ def _server_cpu(s: _Session) -> dict[str, float]:
     return out
 
 
-def _samples(s: _Session, queue: str) -> list[float]:
+def _samples(s: Session, queue: str) -> list[float]:
     key = s.keys.bench(s.run_id, queue)[1]
     values = s.backend.execute_key(key, lambda c: c.lrange(key, 0, -1))
     return [float(v) for v in values]
 
 
-def bench_latency(s: _Session) -> list[BenchRow]:
+def bench_latency(s: Session) -> list[BenchRow]:
     settings = s.settings
     (idle_queue,) = s.queues(1)
     load_queues = s.queues()
@@ -524,12 +415,12 @@ def bench_latency(s: _Session) -> list[BenchRow]:
     return rows
 
 
-def _used_memory(s: _Session, queue: str) -> int:
+def _used_memory(s: Session, queue: str) -> int:
     addr = s.backend.master_addr(keyslot(queue))
     return int(s.backend.node(addr).info("memory")["used_memory"])
 
 
-def bench_memory(s: _Session) -> BenchRow:
+def bench_memory(s: Session) -> BenchRow:
     (queue,) = s.queues(1)
     n = s.settings.tasks
     s.client.enqueue_many([(NOOP_TYPE, {"run": s.run_id})], queue=queue)  # keys exist
@@ -567,7 +458,7 @@ def run_bench(
         raise ConfigError("tasks, workers and concurrency must be at least 1")
     if settings.rate <= 0:
         raise ConfigError("rate must be positive")
-    session = _Session(settings, progress)
+    session = Session(settings, progress)
     try:
         backend = session.backend
         report = BenchReport(

@@ -59,6 +59,8 @@ class WorkerAnnouncement:
     at: float = 0.0
     #: Recent queue events: ``{"event", "queue", "node", "at", "outage"?}``, newest last.
     events: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    #: The stream consumers it runs (``stream:group``).
+    streams: tuple[str, ...] = ()
 
     def live(self, now: float | None = None) -> bool:
         """Not expired, and not claiming an expiry further ahead than a worker writes
@@ -69,6 +71,7 @@ class WorkerAnnouncement:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["events"] = list(self.events)
+        out["streams"] = list(self.streams)
         return out
 
     def to_json(self) -> str:
@@ -81,6 +84,7 @@ class WorkerAnnouncement:
             data = json.loads(raw)
             known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
             known["events"] = tuple(e for e in known.get("events", ()) if isinstance(e, dict))
+            known["streams"] = tuple(str(x) for x in known.get("streams", ()))
             announcement = cls(**known)
             float(announcement.expires)
         except (ValueError, KeyError, TypeError):

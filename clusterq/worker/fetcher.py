@@ -13,6 +13,7 @@ slot; when a dequeue works again, it reports the queue resumed (and on which nod
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from clusterq.events import QueueResumed, QueueUnavailable
 from clusterq.priority import Capacity
 from clusterq.worker.runner import Runner
 from clusterq.worker.state import Held, QueueState, RunState, WorkerSettings
+from clusterq.worker.supervise import LoopFactory
 
 log = logging.getLogger("clusterq.worker")
 
@@ -51,6 +53,33 @@ class Fetcher:
         self.next_token = next_token
         #: Tasks running now (their handlers).
         self.running: set[asyncio.Task[None]] = set()
+        #: The queues fetched from, by name and in order (shared with the worker), and
+        #: how a loop is started (the worker's supervisor).
+        self.queues: dict[str, QueueState] = {}
+        self.all_queues: list[QueueState] = []
+        self.supervise: Callable[[str, LoopFactory, Callable[[], bool]], None] | None = None
+
+    def serve(self, name: str, weight: float) -> None:
+        """Fetch from queue ``name`` (a plain queue or a partition) with ``weight``."""
+        self.capacity.weights[name] = weight
+        if name in self.queues:
+            return
+        assert self.supervise is not None
+        backend = self.broker.backend
+        q = self.queues[name] = QueueState(name, backend.keys.queue(name))
+        self.all_queues.append(q)
+        backend.note_queues([name])
+        fetching = lambda: not self.run_state.stopping and not q.retired  # noqa: E731
+        self.supervise(f"fetch:{name}", functools.partial(self.loop, q), fetching)
+
+    def retire(self, name: str) -> None:
+        """Stop fetching from ``name`` (a drained partition, retired)."""
+        q = self.queues.get(name)
+        if q is None or q.retired:
+            return
+        q.retired = True
+        if q.waiting is not None:
+            q.waiting.cancel()
 
     def _node(self, q: QueueState) -> str:
         return format_addr(self.broker.backend.master_addr(q.qk.slot))

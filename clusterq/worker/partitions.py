@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from clusterq.broker import layout as layout_script
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.partitions import LAYOUT_TTL, RETIRE_GRACE, Layout, Layouts, without
 from clusterq.slots import keyslot
+from clusterq.worker.fetcher import Fetcher
 from clusterq.worker.state import RunState
 
 log = logging.getLogger("clusterq.worker")
@@ -33,19 +34,18 @@ class PartitionWatch:
         self,
         backend: AsyncBackend,
         weights: Mapping[str, int],
-        *,
+        fetcher: Fetcher,
         strict: bool,
-        serve: Callable[[str, float], None],
-        retire: Callable[[str], None],
         run_state: RunState,
+        *,
         interval: float | None = None,
         retire_grace: float | None = None,
     ) -> None:
         self.backend = backend
         self.weights = dict(weights)
         self.strict = strict
-        self.serve = serve
-        self.retire = retire
+        self.serve = fetcher.serve
+        self.retire = fetcher.retire
         self.run_state = run_state
         self.interval = LAYOUT_TTL if interval is None else interval
         self.retire_grace = RETIRE_GRACE if retire_grace is None else retire_grace

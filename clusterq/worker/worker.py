@@ -35,7 +35,9 @@ from clusterq.producer import new_task_id
 from clusterq.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from clusterq.router import Router
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+from clusterq.streams import select_consumers
 from clusterq.worker.announce import Announcer
+from clusterq.worker.consumers import Consumers
 from clusterq.worker.fetcher import Fetcher
 from clusterq.worker.leases import Leases
 from clusterq.worker.outcomes import Outcomes
@@ -110,6 +112,7 @@ class Worker:
         name: str | None = None,
         no_handler_retries: int = DEFAULT_NO_HANDLER_RETRIES,
         metrics: WorkerMetrics | None = None,
+        streams: Iterable[str | tuple[str, str]] | str | None = None,
     ) -> None:
         if router is None:
             raise ValueError("a worker needs a Router")
@@ -129,6 +132,9 @@ class Worker:
         self.url = url
         self.router = router
         self.weights = parse_queues(queues)
+        #: The stream consumers it runs (``streams``: "stream:group" names,
+        #: default all the router's; "none" for none).
+        self.consumers = Consumers(select_consumers(router, streams))
         self.strict_priority = strict_priority
         self.prefix = prefix
         self.mode = mode
@@ -172,6 +178,9 @@ class Worker:
             metrics.running.set_function(lambda: self.running)
             metrics.leases_lost.set_function(lambda: self.stats.leases_lost)
             metrics.loop_restarts.set_function(lambda: self.stats.loop_restarts)
+            for what in ("handled", "failed", "dead", "claimed", "trimmed_unread"):
+                gauge = metrics.stream_events.labels(what)
+                gauge.set_function(functools.partial(getattr, self.consumers.stats, what))
 
     # ------------------------------------------------------------------ settings
 
@@ -253,6 +262,7 @@ class Worker:
             "processed": self.stats.processed,
             "failed": self.stats.failed,
             "loop_restarts": self.stats.loop_restarts,
+            "streams": self.consumers.labels,
         }
 
     async def start(self) -> None:
@@ -286,18 +296,14 @@ class Worker:
         self._fetcher = Fetcher(
             broker, settings, self._capacity, self._runner, state, self._emit, self._next_token
         )
+        self._fetcher.queues, self._fetcher.all_queues = self._queues, self._all_queues
+        self._fetcher.supervise = self._supervisor.start
         self._announcer = Announcer(backend, self.id, self._describe, state)
         self.started_at = time.time()
         running = lambda: not state.closing  # noqa: E731
         supervise = self._supervisor.start
-        self._partitions = PartitionWatch(
-            backend,
-            self.weights,
-            strict=self.strict_priority,
-            serve=self._serve_queue,
-            retire=self._retire_queue,
-            run_state=state,
-        )
+        fetcher, strict = self._fetcher, self.strict_priority
+        self._partitions = PartitionWatch(backend, self.weights, fetcher, strict, state)
         await self._partitions.load()  # a fetch loop per queue, or per partition
         all_queues = self._all_queues
         leases = Leases(broker, settings, stats, state, self._cancel)
@@ -306,6 +312,7 @@ class Worker:
         supervise("recover", lambda: recoverer.loop(all_queues), running)
         supervise("announce", self._announcer.loop, running)
         supervise("partitions", self._partitions.loop, lambda: not state.stopping)
+        self.consumers.start(backend, self.id, self.lease, state, self._supervisor.start)
         log.info(
             "worker %s started: queues %s, concurrency %d, %s at %s",
             self.id,
@@ -314,27 +321,6 @@ class Worker:
             backend.mode,
             backend.topology.source,
         )
-
-    def _serve_queue(self, name: str, weight: float) -> None:
-        """Fetch from queue ``name`` (a plain queue or a partition) with ``weight``."""
-        self._capacity.weights[name] = weight
-        if name in self._queues:
-            return
-        assert self.backend is not None and self._fetcher is not None
-        q = self._queues[name] = QueueState(name, self.backend.keys.queue(name))
-        self._all_queues.append(q)
-        self.backend.note_queues([name])
-        fetching = lambda: not self._state.stopping and not q.retired  # noqa: E731
-        self._supervisor.start(f"fetch:{name}", functools.partial(self._fetcher.loop, q), fetching)
-
-    def _retire_queue(self, name: str) -> None:
-        """Stop fetching from ``name`` (a drained partition, retired)."""
-        q = self._queues.get(name)
-        if q is None or q.retired:
-            return
-        q.retired = True
-        if q.waiting is not None:
-            q.waiting.cancel()
 
     @property
     def fetching_from(self) -> list[str]:
@@ -365,6 +351,7 @@ class Worker:
             await cancel_and_wait(late)
         await self._outcomes.return_unfinished(queues)
         await self._outcomes.flush_all(queues, max(5.0, self.retry_timeout))
+        await self.consumers.stop()
         await self._close(announce=True)
         log.info("worker %s stopped: %s", self.id, self.stats)
 

@@ -1,0 +1,122 @@
+"""What the benchmark scenarios share: fresh queue names spread over the masters, the
+client, filling queues, starting worker processes, and deleting it all afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from clusterq.client import Client
+from clusterq.cluster import topology as topo
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.backend import Backend
+from clusterq.errors import ClusterqError
+from clusterq.keys import KeySchema
+from clusterq.slots import keyslot
+from clusterq.tools.bench_report import BenchSettings, Progress
+from clusterq.tools.workerprocs import WorkerProcesses
+
+
+def spread_queues(topology: topo.Topology, base: str, count: int) -> list[str]:
+    """``count`` queue names ``base-<n>``, taking the masters in turn (one queue per
+    master when ``count`` is the number of masters)."""
+    masters = sorted(m.id for m in topology.masters)
+    if not masters:
+        raise ClusterqError("no master owns any slot")
+    names: list[str] = []
+    for n in range(100_000):
+        if len(names) == count:
+            return names
+        name = f"{base}-{n}"
+        owner = topology.master_for_slot(keyslot(name))
+        if owner is not None and owner.id == masters[len(names) % len(masters)]:
+            names.append(name)
+    raise ClusterqError(f"could not place {count} queues on the masters")
+
+
+class Session:
+    """Connections and bookkeeping shared by the scenarios of one run."""
+
+    def __init__(self, settings: BenchSettings, progress: Progress) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.run_id = secrets.token_hex(4)
+        self.client = Client(settings.url, prefix=settings.prefix)
+        self.backend: Backend = self.client.backend
+        self.keys = KeySchema(settings.prefix)
+        self.used_queues: list[str] = []
+        self.used_layouts: list[str] = []
+        self.rng = random.Random(settings.seed)
+        self._n = 0
+
+    def queues(self, count: int | None = None) -> list[str]:
+        """Fresh queue names, one per master by default."""
+        self._n += 1
+        count = count or self.settings.queues or len(self.backend.topology.masters)
+        names = spread_queues(self.backend.topology, f"bench-{self.run_id}-{self._n}", count)
+        self.used_queues.extend(names)
+        return names
+
+    def drop(self, queues: Sequence[str]) -> None:
+        """Delete everything the benchmark wrote for ``queues``."""
+        for name in queues:
+            qk = self.keys.queue(name)
+            self.call(qk.pending, "DEL", *qk.all_keys(), *self.keys.bench(self.run_id, name))
+        if queues:
+            self.call(self.keys.queues, "SREM", self.keys.queues, *queues)
+
+    def call(self, key: str, *command: Any) -> Any:
+        """One command on the master of ``key``'s slot."""
+        return self.backend.call(key, *command)
+
+    def processed(self, queues: Sequence[str]) -> int:
+        total = 0
+        for name in queues:
+            stats = self.keys.queue(name).stats
+            total += int(self.call(stats, "HGET", stats, "processed") or 0)
+        return total
+
+    def fill(self, queues: Sequence[str], count: int, task_type: str) -> None:
+        """Enqueue ``count`` tasks spread over ``queues`` (untimed)."""
+        payload = {"run": self.run_id}
+        step = 2000
+        for start in range(0, count, step):
+            n = min(step, count - start)
+            queue = queues[(start // step) % len(queues)]
+            self.client.enqueue_many([(task_type, payload)] * n, queue=queue)
+            self.progress("filling queues", start + n, count)
+
+    def workers(self, queues: Sequence[str], count: int) -> WorkerProcesses:
+        return WorkerProcesses(
+            url=self.settings.url,
+            prefix=self.settings.prefix,
+            router="clusterq.tools.bench_handlers:router",
+            queues=",".join(queues),
+            count=count,
+            concurrency=self.settings.concurrency,
+            name=f"bench-{self.run_id}-{self._n}",
+        )
+
+    def start_workers(self, workers: WorkerProcesses) -> None:
+        workers.start()
+
+        async def wait() -> None:
+            backend = await AsyncBackend.connect(self.settings.url, prefix=self.settings.prefix)
+            try:
+                await workers.announced(backend, timeout=60)
+            finally:
+                await backend.aclose()
+
+        asyncio.run(wait())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.drop(self.used_queues)
+        with contextlib.suppress(Exception):
+            if self.used_layouts:
+                self.call(self.keys.layouts, "HDEL", self.keys.layouts, *self.used_layouts)
+        self.client.close()

@@ -1,0 +1,154 @@
+"""Ordered stream consumption: one owner per partition and group at a time (see
+:mod:`clusterq.worker.consumer` for the shared parts).
+
+A membership loop keeps this consumer listed in the group's member hash, renews its
+partition leases and works out which partitions are its own (partition i goes to the
+i-th live member, in name order). One loop per partition acquires the partition's lease
+when it is this consumer's, takes over the events the previous owner left pending, then
+handles events one at a time in stream order, each acked with the lease's fencing token
+(refused once another consumer owns the partition). A failing event is tried again in
+place (the partition waits: order first) until ``max_deliveries``, then dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from clusterq.broker import stream as stream_script
+from clusterq.cluster.routing import backoff
+from clusterq.worker.consumer import BLOCK_MS, StreamConsumer, reply_text
+
+log = logging.getLogger("clusterq.worker")
+
+
+class OrderedConsumer(StreamConsumer):
+    """Events with the same key handled one at a time, in publish order."""
+
+    async def side_loop(self) -> None:
+        while self._running():
+            try:
+                await self._rebalance()
+            except Exception as exc:
+                log.warning("%s: membership round failed: %s", self.label, exc)
+            await self._check_lag()
+            await asyncio.sleep(self.lease / 4)
+
+    async def _rebalance(self) -> None:
+        """List ourselves, read the live members, work out our partitions, renew leases."""
+        key, now = self.members_key, int(time.time() * 1000)
+        until, lease_ms = now + self.lease_ms, self.lease_ms
+
+        async def round_trip(client: Any) -> Any:
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(key, self.name, until)
+            pipe.pexpire(key, max(60_000, 10 * lease_ms))
+            pipe.hgetall(key)
+            return await pipe.execute()
+
+        members = (await self.backend.execute_key(key, round_trip))[-1]
+        live = sorted(reply_text(m) for m, t in members.items() if int(t) > now)
+        gone = [m for m, t in members.items() if int(t) <= now]
+        if gone:
+            await self.backend.execute_key(key, lambda c: c.hdel(key, *gone))
+        me = live.index(self.name) if self.name in live else 0
+        self.assigned = {i for i in range(len(self.parts)) if i % max(1, len(live)) == me}
+        for index, token in list(self.tokens.items()):
+            renewed = await self._script(self.parts[index], stream_script.renew, token, lease_ms)
+            if not int(renewed):
+                log.warning("%s: lost partition %d (token %s)", self.label, index, token)
+                self.tokens.pop(index, None)
+
+    async def partition_loop(self, index: int) -> None:
+        sk = self.parts[index]
+        backlog = True
+        failures = 0
+        while self._running():
+            token = self.tokens.get(index)
+            if index not in self.assigned:
+                if token is not None:  # someone else's now: hand it over
+                    await self._script(sk, stream_script.release, token, quiet=True)
+                    self.tokens.pop(index, None)
+                    log.info("%s: released partition %d", self.label, index)
+                await asyncio.sleep(self.lease / 8)
+                continue
+            try:
+                if token is None:
+                    token = stream_script.text(
+                        await self._script(sk, stream_script.acquire, self.name, self.lease_ms)
+                    )
+                    if token is None:
+                        await asyncio.sleep(self.lease / 8)
+                        continue
+                    self.tokens[index] = token
+                    taken = await self._take_over(index)
+                    log.warning("%s: owns partition %d (token %s; took over %d pending events)",
+                                self.label, index, token, taken)  # fmt: skip
+                    backlog = True
+                entries = await self._read(
+                    sk, "0" if backlog else ">", None if backlog else BLOCK_MS
+                )
+            except Exception as exc:
+                if not failures:
+                    log.warning("%s: partition %d unavailable: %s", self.label, index, exc)
+                failures += 1
+                await asyncio.sleep(backoff(failures, base=0.05, cap=0.5))
+                continue
+            failures = 0
+            if backlog and not entries:
+                backlog = False
+            for eid, fields in entries:
+                if self.tokens.get(index) != token or not await self._handle_in_order(
+                    index, token, eid, fields
+                ):
+                    break
+
+    async def _take_over(self, index: int) -> int:
+        """Make the events the partition's previous owners left pending our own."""
+        sk = self.parts[index]
+        moved = 0
+        while True:
+
+            async def pending(client: Any) -> Any:
+                return await client.xpending_range(
+                    sk.events, self.group, min="-", max="+", count=500
+                )
+
+            left = [
+                reply_text(e["message_id"])
+                for e in await self.backend.execute(sk.slot, pending)
+                if reply_text(e["consumer"]) != self.name
+            ]
+            if not left:
+                return moved
+
+            async def claim(client: Any, ids: list[str] = left) -> Any:
+                return await client.xclaim(sk.events, self.group, self.name, 0, ids, justid=True)
+
+            await self.backend.execute(sk.slot, claim)
+            moved += len(left)
+
+    async def _handle_in_order(self, index: int, token: str, event_id: Any, fields: Any) -> bool:
+        """Handle one event until it succeeds (or is dead-lettered), then ack it with
+        ``token``; False when the partition is no longer ours."""
+        sk = self.parts[index]
+        eid = reply_text(event_id)
+        attempt = 1
+        while not await self._handle(index, event_id, fields, attempt):
+            if attempt >= self.spec.max_deliveries:
+                reason = self._errors.pop(eid, None) or "no success"
+                await self._dead(index, eid, f"failed {attempt} times: {reason}")
+                return self.tokens.get(index) == token
+            if self.tokens.get(index) != token or not self._running():
+                return False
+            attempt += 1
+            await asyncio.sleep(min(self.lease / 4, 0.05 * 2**attempt))
+        acked = await self._script(sk, stream_script.ack, token, [eid])
+        if int(acked) < 0:
+            log.warning("%s: partition %d was taken over; event %s not acked", self.label,
+                        index, eid)  # fmt: skip
+            self.tokens.pop(index, None)
+            return False
+        return True

@@ -1,0 +1,313 @@
+"""Event streams: partitioned Redis Streams with consumer groups."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from clusterq import Client, ConfigError, Event, Inspector, Router
+from clusterq.cli import main
+from clusterq.errors import InvalidName
+from clusterq.serialization import PayloadError
+from clusterq.slots import keyslot
+from clusterq.streams import (
+    decode_event,
+    encode_event,
+    redeclare,
+    select_consumers,
+    stream_layout,
+    trimmed_unread,
+)
+from clusterq.tools.devcluster import LocalCluster
+from tests.helpers import StartWorker, await_for, running_worker, wait_for
+from tests.workload import read_events
+
+# ---------------------------------------------------------------------- pure functions
+
+
+def test_a_stream_declaration_and_its_rules() -> None:
+    layout = stream_layout("orders", 6, 1000)
+    assert len(layout.partitions) == 6 and layout.maxlen == 1000
+    assert redeclare(None, layout) is layout
+    assert redeclare(layout, stream_layout("orders", 6, 1000)) is None
+    changed = redeclare(layout, stream_layout("orders", 6, 50))
+    assert changed is not None and changed.maxlen == 50 and changed.version == 2
+    with pytest.raises(ConfigError, match="cannot change"):
+        redeclare(layout, stream_layout("orders", 8, 1000))
+    with pytest.raises(ValueError, match="maxlen"):
+        stream_layout("orders", 6, 0)
+    with pytest.raises(InvalidName):
+        stream_layout("or{ders", 6, None)
+    assert {layout.pick(f"c{n % 7}") for n in range(70) if n % 7 == 3} == {layout.pick("c3")}
+
+
+def test_events_are_json_and_foreign_entries_are_refused() -> None:
+    fields = encode_event({"total": 12}, "customer-7")
+    event = decode_event("orders", 2, "billing", b"1-0", fields, 3)
+    assert (event.payload, event.key, event.partition, event.deliveries) == (
+        {"total": 12},
+        "customer-7",
+        2,
+        3,
+    )
+    with pytest.raises(ValueError, match="no 'd' field"):
+        decode_event("orders", 0, "g", "1-0", {b"x": b"1"})
+    with pytest.raises(ValueError):
+        decode_event("orders", 0, "g", "1-0", {b"d": b"\x80not json"})
+
+
+def test_trimmed_unread_counts_what_a_group_never_saw() -> None:
+    # 1000 added, 120 left (the first is the 881st); billing read 700, audit 990.
+    info = {"entries-added": 1000, "length": 120, "recorded-first-entry-id": b"5-881"}
+    groups = [
+        {"name": b"billing", "entries-read": 700, "last-delivered-id": b"5-700"},
+        {"name": "audit", "entries-read": 990, "last-delivered-id": "5-990"},
+        {"name": "new", "entries-read": None, "last-delivered-id": "0-0"},
+    ]
+    assert trimmed_unread(info, groups, "billing") == 180
+    assert trimmed_unread(info, groups, "audit") == 0
+    assert trimmed_unread(info, groups, "new") == 880
+    assert trimmed_unread({"length": 3}, groups, "new") == 0  # an older server: no figures
+
+
+def test_a_worker_runs_the_consumers_it_is_told() -> None:
+    router = Router()
+    router.consumer("orders", group="billing")(lambda event: None)
+    router.consumer("orders", group="audit", ordered=True)(lambda event: None)
+    assert [s.label for s in select_consumers(router, None)] == ["orders:billing", "orders:audit"]
+    assert select_consumers(router, "none") == []
+    assert [s.label for s in select_consumers(router, "orders:audit")] == ["orders:audit"]
+    with pytest.raises(ValueError, match="no consumer of orders:ship"):
+        select_consumers(router, ["orders:ship"])
+    with pytest.raises(ValueError, match="already registered"):
+        router.consumer("orders", group="billing")(lambda event: None)
+
+
+# ---------------------------------------------------------------------- against servers
+
+
+def _recording_router(seen: dict[str, list[tuple[str, str, str | None, int]]]) -> Router:
+    router = Router()
+
+    def note(group: str, event: Event) -> None:
+        seen[group].append((event.id, current_worker_name(), event.key, event.payload["seq"]))
+
+    @router.consumer("orders", group="billing")
+    async def billing(event: Event) -> None:
+        note("billing", event)
+
+    @router.consumer("orders", group="audit")
+    def audit(event: Event) -> None:
+        note("audit", event)
+
+    @router.consumer("orders", group="ship", ordered=True)
+    async def ship(event: Event) -> None:
+        await asyncio.sleep(0)
+        note("ship", event)
+
+    return router
+
+
+def current_worker_name() -> str:
+    from clusterq import current_worker
+
+    try:
+        return current_worker().id
+    except RuntimeError:  # a sync handler runs in a thread without the context
+        return "thread"
+
+
+def test_3000_events_two_groups_of_two_each_handle_all_exactly_once(url: str, prefix: str) -> None:
+    seen: dict[str, list[tuple[str, str, str | None, int]]] = defaultdict(list)
+    router = _recording_router(seen)
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            layout = client.declare_stream("orders", 6)
+            published = client.publish_many(
+                "orders", [({"seq": n}, f"customer-{n % 40}") for n in range(3000)]
+            )
+            assert Counter(p.partition for p in published).keys() == set(range(6))
+            # an event id is unique within its partition
+            assert len({(p.partition, p.id) for p in published}) == 3000
+            async with (
+                running_worker(url, router, prefix=prefix, name="w1"),
+                running_worker(url, router, prefix=prefix, name="w2"),
+            ):
+                await await_for(
+                    lambda: all(len(seen[g]) >= 3000 for g in ("billing", "audit", "ship")),
+                    60,
+                    "every group to handle every event",
+                )
+                await asyncio.sleep(0.2)  # anything handled twice would show up now
+            assert len(layout.partitions) == 6
+
+    asyncio.run(scenario())
+    for group in ("billing", "audit", "ship"):
+        handled = Counter(seq for *_, seq in seen[group])
+        assert set(handled) == set(range(3000)) and set(handled.values()) == {1}, group
+    # each event of a group went to one consumer; both consumers took part
+    assert {w for _, w, _, _ in seen["billing"]} == {"w1", "w2"}
+    assert {w for _, w, _, _ in seen["ship"]} == {"w1", "w2"}
+    # ordered: every key's events in publish order
+    order: dict[str | None, list[int]] = defaultdict(list)
+    for _, _, key, seq in seen["ship"]:
+        order[key].append(seq)
+    assert all(seqs == sorted(seqs) for seqs in order.values())
+
+
+def test_publish_to_an_undeclared_stream_or_too_big_is_refused(
+    standalone: Any, prefix: str
+) -> None:
+    with Client(standalone.seed_url, prefix=prefix, max_payload_bytes=100) as client:
+        with pytest.raises(ConfigError, match="not declared"):
+            client.publish("nowhere", 1)
+        client.declare_stream("orders", 2)
+        with pytest.raises(PayloadError):
+            client.publish("orders", "x" * 200)
+
+
+def test_a_failing_event_goes_to_the_dead_letters(standalone: Any, prefix: str) -> None:
+    url = standalone.seed_url
+    router = Router()
+    tries: Counter[Any] = Counter()
+
+    @router.consumer("orders", group="billing", max_deliveries=3)
+    async def billing(event: Event) -> None:
+        tries[event.payload] += 1
+        if event.payload == "bad":
+            raise RuntimeError("cannot bill this")
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            client.declare_stream("orders", 2)
+            bad = client.publish("orders", "bad")
+            good = client.publish("orders", "good")
+            async with running_worker(url, router, prefix=prefix, lease=0.3):
+                sk = client.keys.stream(client.stream_layout("orders").partitions[bad.partition])
+
+                def dead() -> list[Any]:
+                    return client.backend.call(sk.dead, "XRANGE", sk.dead, "-", "+")  # type: ignore[no-any-return]
+
+                [(_, fields)] = await await_for(dead, 20, "the dead letter")
+            record = dict(zip(fields[::2], fields[1::2], strict=True))
+            assert record[b"id"].decode() == bad.id and record[b"group"] == b"billing"
+            assert b"cannot bill this" in record[b"reason"]
+            assert json.loads(record[b"d"]) == "bad"
+            assert tries == {"bad": 3, "good": 1}
+            assert good.id
+            with Inspector(url, prefix=prefix) as inspector:
+                parts = inspector.streams(["orders"])
+            assert sum(p.dead for p in parts) == 1
+            assert all(g.pending == 0 for p in parts for g in p.groups)
+
+    asyncio.run(scenario())
+
+
+def test_trimming_past_a_group_is_reported(standalone: Any, prefix: str, caplog: Any) -> None:
+    url = standalone.seed_url
+    router = Router()
+    handled: list[str] = []
+    router.consumer("orders", group="slow")(lambda event: handled.append(event.id))
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            layout = client.declare_stream("orders", 1, maxlen=100)
+            sk = client.keys.stream(layout.partitions[0])
+            client.backend.call(sk.events, "XGROUP", "CREATE", sk.events, "slow", "0", "MKSTREAM")
+            client.publish_many("orders", [({"seq": n}, None) for n in range(1000)])
+            with Inspector(url, prefix=prefix) as inspector:
+                [part] = inspector.streams(["orders"])
+            [group] = part.groups
+            assert part.length < 1000 and group.trimmed_unread == 1000 - part.length
+            import clusterq.worker.consumer as consumer
+
+            consumer.LAG_CHECK_INTERVAL = 0.0
+            try:
+                async with running_worker(url, router, prefix=prefix) as worker:
+                    await await_for(lambda: worker.consumers.stats.trimmed_unread > 0, 10, "lag")
+            finally:
+                consumer.LAG_CHECK_INTERVAL = 5.0
+            assert worker.consumers.stats.trimmed_unread == group.trimmed_unread
+            assert "were trimmed before the group read them" in caplog.text
+
+    asyncio.run(scenario())
+
+
+def test_stream_cli_lists_partitions_with_the_cluster_fields(
+    cluster: LocalCluster, prefix: str
+) -> None:
+    url = cluster.seed_url
+    args = ["--url", url, "--prefix", prefix]
+    made = CliRunner().invoke(main, ["stream", "create", "orders", "--partitions", "6", *args])
+    assert made.exit_code == 0 and "6 partitions" in made.output, made.output
+    sent = CliRunner().invoke(
+        main, ["stream", "publish", "orders", '{"total": 3}', "--key", "c7", *args]
+    )
+    assert sent.exit_code == 0 and "published: event" in sent.output, sent.output
+    listed = CliRunner().invoke(main, ["stream", "ls", "--cluster", "--json", *args])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.output)
+    assert [r["partition"] for r in rows] == list(range(6))
+    for row in rows:
+        assert row["keyslot"] == keyslot(f"{{{row['name']}}}")
+        assert row["master"] and len(row["replicas"]) == 1
+    assert len({r["master"] for r in rows}) == 3
+    assert sum(r["length"] for r in rows) == 1
+    shown = CliRunner().invoke(main, ["stream", "inspect", "orders", *args])
+    assert shown.exit_code == 0 and "stream orders" in shown.output, shown.output
+    again = CliRunner().invoke(main, ["stream", "create", "orders", "--partitions", "4", *args])
+    assert again.exit_code == 1 and "cannot change" in again.output
+
+
+# ---------------------------------------------------------------------- a consumer dies
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_consumer_mid_run_loses_nothing_and_keeps_order(
+    cluster: LocalCluster, prefix: str, start_worker: StartWorker, log_dir: Path
+) -> None:
+    url = cluster.seed_url
+    with Client(url, prefix=prefix) as client:
+        client.declare_stream("orders", 6)
+        published = client.publish_many(
+            "orders", [({"seq": n}, f"customer-{n % 30}") for n in range(3000)]
+        )
+    assert len(published) == 3000
+    first = start_worker(url, queues="default=1")
+    start_worker(url, queues="default=1")
+
+    def handled(group: str) -> list[tuple[str, str, int]]:
+        out = []
+        for kind, rest in read_events(log_dir):
+            if kind == f"ev:{group}":
+                event_id, key, seq = rest.split(" ")
+                out.append((event_id, key, int(seq)))
+        return out
+
+    wait_for(lambda: len(handled("ship")) >= 600, 60, "a fifth of the events")
+    first.kill()  # SIGKILL: its pending events and its partitions are left behind
+    first.wait(timeout=10)
+    for group in ("billing", "ship"):
+        wait_for(
+            lambda g=group: {s for _, _, s in handled(g)} >= set(range(3000)),
+            90,
+            f"{group} to finish",
+        )
+    time.sleep(0.5)
+    order: dict[str, list[int]] = defaultdict(list)
+    for _, key, seq in handled("ship"):
+        if seq not in order[key]:  # at least once: a taken-over event may run again
+            order[key].append(seq)
+    assert all(seqs == sorted(seqs) for seqs in order.values())
+    assert sum(len(v) for v in order.values()) == 3000
+    with Inspector(url, prefix=prefix) as inspector:
+        parts = inspector.streams(["orders"])
+    assert all(g.pending == 0 for p in parts for g in p.groups if g.group == "billing")
