@@ -107,6 +107,11 @@ def test_every_scenario_runs_and_cleans_up(url: str, prefix: str) -> None:
             shares[row.scenario] = sorted(c / sum(spent.values()) for c in spent.values())
         assert shares["e2e plain queue"][-1] > 0.5
         assert part.extra["partitions"] == 12 and shares[part.scenario][0] > 0.2
+    consumed = next(r for name, r in rows.items() if name.startswith("stream consume"))
+    assert consumed.tasks == 300 and consumed.rate and rows["stream publish_many"].rate
+    if report.mode == "cluster":
+        assert consumed.extra["partitions"] == 6
+        assert all(m["commands_per_1k"] > 0 for m in consumed.extra["per_master"].values())
     assert _leftovers(url, prefix) == []
 
 

@@ -19,6 +19,8 @@ Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them aft
   produced at ``rate`` per second.
 - ``partitioned``: the e2e drain (noop) of one plain queue, then of one partitioned queue
   over all masters, reporting each master's commands and CPU per 1k tasks.
+- ``stream``: N events published (``publish_many``) over a stream of 2 partitions per
+  master, then handled by the worker processes' consumers of one group.
 - ``memory``: ``used_memory`` of the queue's master before and after N small pending
   tasks, divided by N.
 
@@ -28,16 +30,25 @@ Nothing here asserts a speed; the figures are for people (and ``--json`` for scr
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import RedisURL
 from clusterq.errors import ClusterqError, ConfigError
 from clusterq.slots import keyslot
-from clusterq.tools.bench_handlers import INCR_REDIS_PY_TYPE, INCR_TYPE, LATENCY_TYPE, NOOP_TYPE
+from clusterq.tools.bench_handlers import (
+    BENCH_GROUP,
+    BENCH_STREAM,
+    INCR_REDIS_PY_TYPE,
+    INCR_TYPE,
+    LATENCY_TYPE,
+    NOOP_TYPE,
+)
 from clusterq.tools.bench_report import (
     SCENARIOS,
     BenchReport,
@@ -254,6 +265,89 @@ def _per_master(s: Session) -> dict[str, tuple[int, float]]:
     return out
 
 
+def bench_stream(s: Session) -> list[BenchRow]:
+    """Publish N events (no key: the partitions in turn) over a stream of ``queues``
+    partitions (default 2 per master), then let the worker processes' consumers of one
+    group handle them all; per master commands and CPU of the consuming."""
+    settings = s.settings
+    n = settings.tasks
+    count = settings.queues or 2 * len(s.backend.topology.masters)
+    layout = s.client.declare_stream(BENCH_STREAM, count)
+    s.used_streams.append(BENCH_STREAM)
+    payload = {"run": s.run_id}
+    started = time.perf_counter()
+    for start in range(0, n, 2000):
+        s.client.publish_many(BENCH_STREAM, [(payload, None)] * min(2000, n - start))
+        s.progress("publishing", min(n, start + 2000), n)
+    published = time.perf_counter() - started
+    idle = s.queues(1)
+    before = _per_master(s)
+    workers = s.workers(idle, settings.workers, streams=f"{BENCH_STREAM}:{BENCH_GROUP}")
+    try:
+        workers.start()
+        deadline = time.monotonic() + settings.timeout
+        left, first = n, None  # timed from the first reading that shows progress
+        while left:
+            if time.monotonic() > deadline:
+                raise ClusterqError(f"stream: {left} of {n} events not handled in time")
+            left = _unhandled(s, layout.partitions, n)
+            if first is None and left < n:
+                first = (time.perf_counter(), n - left)
+            elif first is None:
+                workers.check_running()
+            s.progress("stream consume", n - left, n)
+            time.sleep(0.005)
+        assert first is not None
+        seconds, counted = time.perf_counter() - first[0], n - first[1]
+        after = _per_master(s)
+    finally:
+        workers.stop()
+    s.drop(idle)
+    spent = {a: (after[a][0] - before[a][0], after[a][1] - before[a][1]) for a in after}
+    return [
+        BenchRow("stream publish_many", n, round(published, 3), n / published),
+        BenchRow(
+            f"stream consume ({count} partitions)",
+            n,
+            round(seconds, 3),
+            counted / seconds if seconds > 0 else None,
+            note=f"{settings.workers} worker process(es), one group; " + _spent_note(spent, n),
+            extra={"partitions": count, "per_master": _spent_extra(spent, n)},
+        ),
+    ]
+
+
+def _unhandled(s: Session, partitions: Sequence[str], n: int) -> int:
+    """Events the benchmark group has not handled yet (n until the group exists)."""
+    left = 0
+    for partition in partitions:
+        key = s.keys.stream(partition).events
+        groups = s.backend.execute_key(key, functools.partial(_groups, key=key))
+        found = [g for g in groups if g["name"] in (BENCH_GROUP, BENCH_GROUP.encode())]
+        if not found or found[0].get("lag") is None:
+            return n
+        left += int(found[0]["lag"]) + int(found[0]["pending"])
+    return left
+
+
+def _groups(client: Any, key: str) -> Any:
+    return client.xinfo_groups(key)
+
+
+def _spent_note(spent: dict[str, tuple[int, float]], n: int) -> str:
+    return "per master, commands / CPU ms per 1k: " + ", ".join(
+        f"{addr} {c * 1000 / n:.0f} / {cpu * 1e6 / n:.0f}"
+        for addr, (c, cpu) in sorted(spent.items())
+    )
+
+
+def _spent_extra(spent: dict[str, tuple[int, float]], n: int) -> dict[str, dict[str, float]]:
+    return {
+        addr: {"commands_per_1k": round(c * 1000 / n, 1), "cpu_ms_per_1k": round(cpu * 1e6 / n, 1)}
+        for addr, (c, cpu) in sorted(spent.items())
+    }
+
+
 def bench_partitioned(s: Session) -> list[BenchRow]:
     """The e2e drain (noop handlers) of one plain queue, then of one partitioned queue
     (``queues`` partitions, default 4 per master), with the commands and CPU each
@@ -280,36 +374,21 @@ def bench_partitioned(s: Session) -> list[BenchRow]:
         seconds, first_count = _drain(s, [target], members, n, f"e2e {label}")
         after = _per_master(s)
         rate = (n - first_count) / seconds if seconds > 0 else None
-        spent = {
-            addr: (after[addr][0] - before[addr][0], after[addr][1] - before[addr][1])
-            for addr in after
-        }
+        spent = {a: (after[a][0] - before[a][0], after[a][1] - before[a][1]) for a in after}
         rows.append(
             BenchRow(
                 f"e2e {label}",
                 n,
                 round(seconds, 3),
                 rate,
-                note=(
-                    f"{settings.workers} worker process(es) x concurrency "
-                    f"{settings.concurrency}; per master, commands / CPU ms per 1k tasks: "
-                    + ", ".join(
-                        f"{addr} {c * 1000 / n:.0f} / {cpu * 1e6 / n:.0f}"
-                        for addr, (c, cpu) in sorted(spent.items())
-                    )
-                ),
+                note=f"{settings.workers} worker process(es) x concurrency "
+                f"{settings.concurrency}; " + _spent_note(spent, n),
                 extra={
                     "workers": settings.workers,
                     "concurrency": settings.concurrency,
                     "partitions": partitions,
                     "masters": masters,
-                    "per_master": {
-                        addr: {
-                            "commands_per_1k": round(c * 1000 / n, 1),
-                            "cpu_ms_per_1k": round(cpu * 1e6 / n, 1),
-                        }
-                        for addr, (c, cpu) in sorted(spent.items())
-                    },
+                    "per_master": _spent_extra(spent, n),
                 },
             )
         )
@@ -487,6 +566,8 @@ def run_bench(
                 rows = bench_latency(session)
             elif name == "partitioned":
                 rows = bench_partitioned(session)
+            elif name == "stream":
+                rows = bench_stream(session)
             else:
                 rows = [bench_memory(session)]
             for row in rows:

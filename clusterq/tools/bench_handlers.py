@@ -8,6 +8,7 @@ import time
 
 from clusterq.retry import SkipRetry
 from clusterq.router import Router
+from clusterq.streams import Event
 from clusterq.task import Task
 from clusterq.worker import current_worker
 
@@ -15,6 +16,9 @@ NOOP_TYPE = "clusterq:bench:noop"
 INCR_TYPE = "clusterq:bench:incr"
 INCR_REDIS_PY_TYPE = "clusterq:bench:incr-redis-py"
 LATENCY_TYPE = "clusterq:bench:latency"
+#: The stream and group of ``clusterq bench stream`` (under the benchmark's prefix).
+BENCH_STREAM = "clusterq-bench-events"
+BENCH_GROUP = "bench"
 
 # ----------------------------------------------------------------------- handlers
 
@@ -26,6 +30,11 @@ def _run_of(task: Task) -> str:
     if not isinstance(payload, dict) or not isinstance(payload.get("run"), str):
         raise SkipRetry("not a benchmark payload")
     return str(payload["run"])
+
+
+@router.consumer(BENCH_STREAM, group=BENCH_GROUP)
+async def consume(event: Event) -> None:
+    """Nothing: what consuming costs."""
 
 
 @router.task(NOOP_TYPE)

@@ -17,7 +17,7 @@ from clusterq.cluster.connection import RedisURL
 from clusterq.keys import DEFAULT_PREFIX
 
 Scenario = Literal[
-    "enqueue", "enqueue-many", "durability", "e2e", "latency", "memory", "partitioned"
+    "enqueue", "enqueue-many", "durability", "e2e", "latency", "memory", "partitioned", "stream"
 ]
 SCENARIOS: tuple[Scenario, ...] = (
     "enqueue",
@@ -27,6 +27,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     "latency",
     "memory",
     "partitioned",
+    "stream",
 )
 Work = Literal["noop", "incr", "incr-redis-py"]
 WORKS: tuple[Work, ...] = ("noop", "incr", "incr-redis-py")

@@ -50,6 +50,7 @@ class Session:
         self.keys = KeySchema(settings.prefix)
         self.used_queues: list[str] = []
         self.used_layouts: list[str] = []
+        self.used_streams: list[str] = []
         self.rng = random.Random(settings.seed)
         self._n = 0
 
@@ -90,8 +91,9 @@ class Session:
             self.client.enqueue_many([(task_type, payload)] * n, queue=queue)
             self.progress("filling queues", start + n, count)
 
-    def workers(self, queues: Sequence[str], count: int) -> WorkerProcesses:
+    def workers(self, queues: Sequence[str], count: int, streams: str = "none") -> WorkerProcesses:
         return WorkerProcesses(
+            streams=streams,
             url=self.settings.url,
             prefix=self.settings.prefix,
             router="clusterq.tools.bench_handlers:router",
@@ -119,4 +121,11 @@ class Session:
         with contextlib.suppress(Exception):
             if self.used_layouts:
                 self.call(self.keys.layouts, "HDEL", self.keys.layouts, *self.used_layouts)
+        for stream in self.used_streams:
+            with contextlib.suppress(Exception):
+                layout = self.client.stream_layout(stream)
+                for partition in layout.partitions:
+                    sk = self.keys.stream(partition)
+                    self.call(sk.events, "DEL", sk.events, sk.dead)
+                self.call(self.keys.streams, "HDEL", self.keys.streams, stream)
         self.client.close()

@@ -33,6 +33,7 @@ class WorkerProcesses:
         count: int,
         concurrency: int,
         name: str,
+        streams: str = "none",
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -41,6 +42,7 @@ class WorkerProcesses:
         self.count = count
         self.concurrency = concurrency
         self.name = name
+        self.streams = streams
         self.dir = Path(tempfile.mkdtemp(prefix=f"clusterq-{name}-"))
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -64,6 +66,8 @@ class WorkerProcesses:
                 str(self.concurrency),
                 "--name",
                 name,
+                "--streams",
+                self.streams,
             ]
             # The URL (and its password) goes through the environment, never the command
             # line: `ps` shows command lines to every user of the machine.
