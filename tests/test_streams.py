@@ -237,6 +237,7 @@ def test_trimming_past_a_group_is_reported(standalone: Any, prefix: str, caplog:
                 consumer.LAG_CHECK_INTERVAL = 5.0
             assert worker.consumers.stats.trimmed_unread == group.trimmed_unread
             assert "were trimmed before the group read them" in caplog.text
+            assert "the group lags 100 events behind on partition 0" in caplog.text
 
     asyncio.run(scenario())
 

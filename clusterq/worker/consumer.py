@@ -45,6 +45,8 @@ log = logging.getLogger("clusterq.worker")
 BLOCK_MS = 500
 #: Seconds between checks of a group's lag against trimming.
 LAG_CHECK_INTERVAL = 5.0
+#: A group whose lag reaches this share of the stream's maxlen is warned about.
+RISK = 0.9
 #: Events a read or a claim takes at once.
 BATCH = 50
 
@@ -90,6 +92,9 @@ class StreamConsumer:
         self.tokens: dict[int, str] = {}
         self._errors: dict[str, str] = {}
         self._trimmed: list[int] = []
+        #: Partitions whose lag came close to the stream's maxlen (warned once).
+        self._at_risk: set[int] = set()
+        self.maxlen: int | None = None
         self._lag_checked = 0.0
         self._stopped = False
 
@@ -134,6 +139,7 @@ class StreamConsumer:
         if layout is None:
             return
         self.parts = [self.backend.keys.stream(p) for p in layout.partitions]
+        self.maxlen = layout.maxlen
         self.inflight = [set() for _ in self.parts]
         self._trimmed = [0 for _ in self.parts]
         for sk in self.parts:
@@ -256,12 +262,27 @@ class StreamConsumer:
         if now - self._lag_checked < LAG_CHECK_INTERVAL:
             return
         self._lag_checked = now
+        maxlen = self.maxlen
         for index, sk in enumerate(self.parts):
             try:
-                unread_trimmed = await group_trimmed(self.backend, sk, self.group)
+                unread_trimmed, lag = await group_state(self.backend, sk, self.group)
             except Exception as exc:
                 log.debug("%s: lag check of partition %d failed: %s", self.label, index, exc)
                 continue
+            at_risk = maxlen is not None and lag is not None and lag >= RISK * maxlen
+            if at_risk and index not in self._at_risk:
+                log.warning(
+                    "%s: the group lags %d events behind on partition %d, which keeps about "
+                    "%d: unread events will be trimmed (raise maxlen, or add consumers)",
+                    self.label,
+                    lag,
+                    index,
+                    maxlen,
+                )
+            if at_risk:
+                self._at_risk.add(index)
+            else:
+                self._at_risk.discard(index)
             before, self._trimmed[index] = self._trimmed[index], unread_trimmed
             if unread_trimmed and unread_trimmed != before:
                 # the same gap grown, or (after a read jumped the last one) a new gap
@@ -368,15 +389,16 @@ class UnorderedConsumer(StreamConsumer):
             await self._handle_batch(index, entries, take)
 
 
-async def group_trimmed(backend: AsyncBackend, sk: StreamKeys, group: str) -> int:
-    """Events of the partition trimmed before ``group`` read them: what was added after
-    the group's last read, less what the stream still holds."""
+async def group_state(backend: AsyncBackend, sk: StreamKeys, group: str) -> tuple[int, int | None]:
+    """Of ``group`` on one partition: the events trimmed before it read them (see
+    :func:`~clusterq.streams.trimmed_unread`), and its lag (None when Redis cannot say)."""
 
     async def read(client: Any) -> Any:
         return await client.xinfo_stream(sk.events), await client.xinfo_groups(sk.events)
 
     info, groups = await backend.execute(sk.slot, read)
-    return trimmed_unread(info, groups, group)
+    lag = next((g.get("lag") for g in groups if reply_text(g.get("name")) == group), None)
+    return trimmed_unread(info, groups, group), None if lag is None else int(lag)
 
 
 def reply_text(value: Any) -> str:
