@@ -334,12 +334,11 @@ def test_a_dead_master_stalls_only_its_own_partitions(
         layout = client.declare_queue("clicks", 6)
     topology = cluster.topology()
     masters = [topology.locate(q).master for q in layout.queues]
-    # Not the master of the declarations' key: while that one is down, a client that
-    # has not read them yet sends to the plain queue (see the README); here the client
-    # connects after the kill, so it must be able to read them.
-    declarations = topology.master_for_slot(keyslot(f"{prefix}:layouts"))
-    victim = next(m for m in masters if m != declarations)
-    assert victim is not None
+    # The master that also holds the declarations (and the registry): clients and workers
+    # that read them before keep what they read (a client that starts while it is down
+    # sends to the plain queue: see the README).
+    victim = topology.master_for_slot(keyslot(f"{prefix}:layouts"))
+    assert victim is not None and victim in masters
     doomed = {q for q, m in zip(layout.queues, masters, strict=True) if m == victim}
     assert len(doomed) == 2  # 6 partitions over 3 masters
     keys = {  # a key for each partition
@@ -352,6 +351,8 @@ def test_a_dead_master_stalls_only_its_own_partitions(
         await worker.start()
         client = await AsyncClient.connect(url, prefix=prefix)
         try:
+            first = await client.enqueue("t", -1, queue="clicks", key=keys[layout.queues[0]])
+            assert first.queue == layout.queues[0]  # the client has read the declarations
             cluster.kill_node(victim.port)
             healthy = []
             for queue, key in keys.items():

@@ -245,6 +245,14 @@ class StreamConsumer:
                 raise
             return None
 
+    async def _unavailable(self, index: int, failures: int, exc: Exception) -> int:
+        """A read of partition ``index`` failed: say so once per outage, back off; returns
+        the failures so far."""
+        if not failures:
+            log.warning("%s: partition %d unavailable: %s", self.label, index, exc)
+        await asyncio.sleep(backoff(failures + 1, base=0.05, cap=0.5))
+        return failures + 1
+
     async def _read(self, sk: StreamKeys, since: str, block: int | None) -> list[Any]:
         async def read(client: Any) -> Any:
             return await client.xreadgroup(
@@ -307,10 +315,7 @@ class UnorderedConsumer(StreamConsumer):
             try:
                 entries = await self._read(sk, ">", BLOCK_MS)
             except Exception as exc:
-                if not failures:
-                    log.warning("%s: partition %d unavailable: %s", self.label, index, exc)
-                failures += 1
-                await asyncio.sleep(backoff(failures, base=0.05, cap=0.5))
+                failures = await self._unavailable(index, failures, exc)
                 continue
             if failures:
                 log.info("%s: partition %d resumed", self.label, index)

@@ -30,6 +30,9 @@ from clusterq.worker.supervise import LoopFactory
 
 log = logging.getLogger("clusterq.worker")
 
+#: Seconds a probe of an unavailable queue's master may take.
+PROBE_TIMEOUT = 2.0
+
 
 class Fetcher:
     """The fetch loops of one worker."""
@@ -92,8 +95,8 @@ class Fetcher:
             if failures:
                 # Degraded: probe the master without holding any concurrency, so that a
                 # dead or frozen shard never takes slots from the healthy ones.
-                try:
-                    await self.broker.probe(q.qk)
+                try:  # bounded: a probe that hangs (a half-open connection) is a failure
+                    await asyncio.wait_for(self.broker.probe(q.qk), PROBE_TIMEOUT)
                 except Exception:
                     failures += 1
                     await self._sleep(backoff(failures, base=0.02, cap=0.25))

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from clusterq.broker import stream as stream_script
-from clusterq.cluster.routing import backoff
 from clusterq.worker.consumer import BLOCK_MS, StreamConsumer, reply_text
 
 log = logging.getLogger("clusterq.worker")
@@ -91,10 +90,7 @@ class OrderedConsumer(StreamConsumer):
                     sk, "0" if backlog else ">", None if backlog else BLOCK_MS
                 )
             except Exception as exc:
-                if not failures:
-                    log.warning("%s: partition %d unavailable: %s", self.label, index, exc)
-                failures += 1
-                await asyncio.sleep(backoff(failures, base=0.05, cap=0.5))
+                failures = await self._unavailable(index, failures, exc)
                 continue
             failures = 0
             if backlog and not entries:
