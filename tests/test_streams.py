@@ -312,3 +312,32 @@ def test_kill_9_of_a_consumer_mid_run_loses_nothing_and_keeps_order(
     with Inspector(url, prefix=prefix) as inspector:
         parts = inspector.streams(["orders"])
     assert all(g.pending == 0 for p in parts for g in p.groups if g.group == "billing")
+
+
+def test_a_foreign_entry_is_set_aside_once_and_the_partition_goes_on(
+    standalone: Any, prefix: str
+) -> None:
+    url = standalone.seed_url
+    router = Router()
+    handled: list[Any] = []
+
+    @router.consumer("orders", group="ship", ordered=True)
+    async def ship(event: Event) -> None:
+        handled.append(event.payload)
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            layout = client.declare_stream("orders", 1)
+            sk = client.keys.stream(layout.partitions[0])
+            client.backend.call(sk.events, "XADD", sk.events, "*", "x", "not ours")
+            client.publish("orders", "after")
+            async with running_worker(url, router, prefix=prefix):
+                await await_for(lambda: handled == ["after"], 20, "the next event")
+            dead = client.backend.call(sk.dead, "XRANGE", sk.dead, "-", "+")
+            assert (
+                len(dead) == 1
+                and b"unreadable"
+                in dict(zip(dead[0][1][::2], dead[0][1][1::2], strict=True))[b"reason"]
+            )
+
+    asyncio.run(scenario())

@@ -195,8 +195,8 @@ class StreamConsumer:
                 await result
 
     async def _handle(self, index: int, event_id: Any, fields: Any, deliveries: int) -> bool:
-        """Run the handler on one entry; True when it succeeded. An entry that is not an
-        event of ours (not JSON, no payload) goes to the dead letters at once."""
+        """Run the handler on one entry; True when the entry is settled: handled, or not
+        an event of ours (not JSON, no payload) and moved to the dead letters at once."""
         sk = self.parts[index]
         eid = event_id.decode() if isinstance(event_id, bytes) else str(event_id)
         if fields is None:  # trimmed while pending: nothing left to handle
@@ -206,7 +206,7 @@ class StreamConsumer:
         except Exception as exc:
             log.error("%s: event %s of %s is unreadable: %s", self.label, eid, sk.events, exc)
             await self._dead(index, eid, f"unreadable: {exc}")
-            return False
+            return True
         self.inflight[index].add(eid)
         try:
             await self._call(event)
