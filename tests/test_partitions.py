@@ -96,6 +96,7 @@ def test_bad_declarations_are_refused(name: str, count: Any, error: type[Excepti
 # ---------------------------------------------------------------------- against servers
 
 
+@pytest.mark.both_servers
 def test_declare_and_list_with_the_cluster_fields(cluster: LocalCluster, prefix: str) -> None:
     url = cluster.seed_url
     result = CliRunner().invoke(
@@ -317,6 +318,7 @@ def test_10k_keyed_tasks_by_two_worker_processes_spread_over_the_masters(
         assert abs(share - 1 / 3) <= 0.2 / 3, shares  # within ±20% of a third
 
 
+@pytest.mark.both_servers
 def test_a_dead_master_stalls_only_its_own_partitions(
     fresh_cluster: Callable[[], LocalCluster], prefix: str
 ) -> None:

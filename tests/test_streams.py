@@ -124,6 +124,7 @@ def current_worker_name() -> str:
         return "thread"
 
 
+@pytest.mark.both_servers
 def test_3000_events_two_groups_of_two_each_handle_all_exactly_once(url: str, prefix: str) -> None:
     seen: dict[str, list[tuple[str, str, str | None, int]]] = defaultdict(list)
     router = _recording_router(seen)
@@ -174,6 +175,7 @@ def test_publish_to_an_undeclared_stream_or_too_big_is_refused(
             client.publish("orders", "x" * 200)
 
 
+@pytest.mark.both_servers
 def test_a_failing_event_goes_to_the_dead_letters(standalone: Any, prefix: str) -> None:
     url = standalone.seed_url
     router = Router()
@@ -211,6 +213,7 @@ def test_a_failing_event_goes_to_the_dead_letters(standalone: Any, prefix: str) 
     asyncio.run(scenario())
 
 
+@pytest.mark.both_servers
 def test_trimming_past_a_group_is_reported(standalone: Any, prefix: str, caplog: Any) -> None:
     url = standalone.seed_url
     router = Router()
@@ -286,12 +289,13 @@ def test_kill_9_of_a_consumer_mid_run_loses_nothing_and_keeps_order(
     start_worker(url, queues="default=1")
 
     def handled(group: str) -> list[tuple[str, str, int]]:
+        """(event id, key, seq) in the order the handlers ran, over both processes."""
         out = []
         for kind, rest in read_events(log_dir):
             if kind == f"ev:{group}":
-                event_id, key, seq = rest.split(" ")
-                out.append((event_id, key, int(seq)))
-        return out
+                event_id, key, seq, at = rest.split(" ")
+                out.append((int(at), event_id, key, int(seq)))
+        return [(event_id, key, seq) for _, event_id, key, seq in sorted(out)]
 
     wait_for(lambda: len(handled("ship")) >= 600, 60, "a fifth of the events")
     first.kill()  # SIGKILL: its pending events and its partitions are left behind

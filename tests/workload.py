@@ -38,7 +38,8 @@ def slow(task: Task) -> None:
 
 def _note_event(group: str, event: Event) -> None:
     with open(_log_dir / f"{os.getpid()}.log", "a", buffering=1) as handle:
-        handle.write(f"ev:{group} {event.id} {event.key} {event.payload['seq']}\n")
+        # the time: lines of different processes are in different files
+        handle.write(f"ev:{group} {event.id} {event.key} {event.payload['seq']} {time.time_ns()}\n")
 
 
 @router.consumer("orders", group="billing")

@@ -90,6 +90,8 @@ class StreamConsumer:
         #: Ordered: the partitions assigned to this consumer, and the tokens it holds.
         self.assigned: set[int] = set()
         self.tokens: dict[int, str] = {}
+        #: Ordered: until when (monotonic) each held lease is surely still ours.
+        self.valid_until: dict[int, float] = {}
         self._errors: dict[str, str] = {}
         self._trimmed: list[int] = []
         #: Partitions whose lag came close to the stream's maxlen (warned once).

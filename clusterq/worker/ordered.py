@@ -22,6 +22,11 @@ from clusterq.worker.consumer import BLOCK_MS, StreamConsumer, reply_text
 
 log = logging.getLogger("clusterq.worker")
 
+#: An owner handles events only while less than this share of its lease has passed since
+#: it last acquired or renewed it: a paused or starved owner stops before anyone else may
+#: take over (the fencing token stops its late acks; this stops its late handling).
+SAFE_SHARE = 0.8
+
 
 class OrderedConsumer(StreamConsumer):
     """Events with the same key handled one at a time, in publish order."""
@@ -55,8 +60,11 @@ class OrderedConsumer(StreamConsumer):
         me = live.index(self.name) if self.name in live else 0
         self.assigned = {i for i in range(len(self.parts)) if i % max(1, len(live)) == me}
         for index, token in list(self.tokens.items()):
+            sent = time.monotonic()
             renewed = await self._script(self.parts[index], stream_script.renew, token, lease_ms)
-            if not int(renewed):
+            if int(renewed):
+                self.valid_until[index] = sent + self.lease * SAFE_SHARE
+            else:
                 log.warning("%s: lost partition %d (token %s)", self.label, index, token)
                 self.tokens.pop(index, None)
 
@@ -73,8 +81,12 @@ class OrderedConsumer(StreamConsumer):
                     log.info("%s: released partition %d", self.label, index)
                 await asyncio.sleep(self.lease / 8)
                 continue
+            if token is not None and not self._owned(index, token):
+                await asyncio.sleep(self.lease / 8)  # not renewed in time: renewed, or lost
+                continue
             try:
                 if token is None:
+                    sent = time.monotonic()
                     token = stream_script.text(
                         await self._script(sk, stream_script.acquire, self.name, self.lease_ms)
                     )
@@ -82,6 +94,7 @@ class OrderedConsumer(StreamConsumer):
                         await asyncio.sleep(self.lease / 8)
                         continue
                     self.tokens[index] = token
+                    self.valid_until[index] = sent + self.lease * SAFE_SHARE
                     taken = await self._take_over(index)
                     log.warning("%s: owns partition %d (token %s; took over %d pending events)",
                                 self.label, index, token, taken)  # fmt: skip
@@ -96,10 +109,19 @@ class OrderedConsumer(StreamConsumer):
             if backlog and not entries:
                 backlog = False
             for eid, fields in entries:
-                if self.tokens.get(index) != token or not await self._handle_in_order(
+                if not self._owned(index, token) or not await self._handle_in_order(
                     index, token, eid, fields
                 ):
+                    backlog = True  # what is left of the batch is ours to read again first
                     break
+
+    def _owned(self, index: int, token: str) -> bool:
+        """Whether ``token`` surely still owns the partition: ours, and its lease renewed
+        less than SAFE_SHARE of a lease ago (counted from before the renewal was sent, so
+        this ends before the server's lease does, and no other owner can have started)."""
+        return self.tokens.get(index) == token and time.monotonic() < self.valid_until.get(
+            index, 0.0
+        )
 
     async def _take_over(self, index: int) -> int:
         """Make the events the partition's previous owners left pending our own."""
@@ -137,7 +159,7 @@ class OrderedConsumer(StreamConsumer):
                 reason = self._errors.pop(eid, None) or "no success"
                 await self._dead(index, eid, f"failed {attempt} times: {reason}")
                 return self.tokens.get(index) == token
-            if self.tokens.get(index) != token or not self._running():
+            if not self._owned(index, token) or not self._running():
                 return False
             attempt += 1
             await asyncio.sleep(min(self.lease / 4, 0.05 * 2**attempt))
