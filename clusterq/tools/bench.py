@@ -21,6 +21,8 @@ Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them aft
   over all masters, reporting each master's commands and CPU per 1k tasks.
 - ``stream``: N events published (``publish_many``) over a stream of 2 partitions per
   master, then handled by the worker processes' consumers of one group.
+- ``idle``: ``queues`` idle queues (default 100) served by the worker processes: commands/s
+  on the masters, connections per master, worker CPU; then pickup into a random one.
 - ``memory``: ``used_memory`` of the queue's master before and after N small pending
   tasks, divided by N.
 
@@ -30,20 +32,16 @@ Nothing here asserts a speed; the figures are for people (and ``--json`` for scr
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import RedisURL
 from clusterq.errors import ClusterqError, ConfigError
 from clusterq.slots import keyslot
 from clusterq.tools.bench_handlers import (
-    BENCH_GROUP,
-    BENCH_STREAM,
     INCR_REDIS_PY_TYPE,
     INCR_TYPE,
     LATENCY_TYPE,
@@ -60,7 +58,8 @@ from clusterq.tools.bench_report import (
     ms_percentiles,
     run_baseline,
 )
-from clusterq.tools.bench_session import Session, spread_queues
+from clusterq.tools.bench_session import Session, drain, spread_queues
+from clusterq.tools.bench_spread import bench_idle, bench_partitioned, bench_stream
 
 
 def _server_version(backend: Backend) -> str:
@@ -186,7 +185,7 @@ def bench_e2e(s: Session) -> BenchRow:
     )
     s.fill(queues, n, task_type)
     cpu_before = _server_cpu(s)
-    seconds, first_count = _drain(s, queues, queues, n, "e2e")
+    seconds, first_count = drain(s, queues, queues, n, "e2e")
     cpu_after = _server_cpu(s)
     cpu = {role: cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0) for role in cpu_after}
     if settings.work != "noop":
@@ -221,188 +220,6 @@ def bench_e2e(s: Session) -> BenchRow:
             "server_cpu_ms_per_1k": {k: round(v * 1000 / n * 1000, 1) for k, v in cpu.items()},
         },
     )
-
-
-def _drain(
-    s: Session, serve: Sequence[str], members: Sequence[str], n: int, label: str
-) -> tuple[float, int]:
-    """Start the worker processes on ``serve`` and wait until ``members`` processed ``n``
-    tasks; returns the seconds from the first task processed to the last, and how many
-    were processed at that first reading (0, timed from the launch, when all were done
-    by the first reading: a run too short to time otherwise)."""
-    workers = s.workers(serve, s.settings.workers)
-    try:
-        launched = time.perf_counter()
-        workers.start()
-        deadline = time.monotonic() + s.settings.timeout
-        first_at = None
-        first_count = 0
-        done = 0
-        while done < n:
-            if time.monotonic() > deadline:
-                raise ClusterqError(f"{label}: only {done} of {n} tasks processed in time")
-            done = s.processed(members)
-            now = time.perf_counter()
-            if first_at is None:
-                if done:
-                    first_at, first_count = now, done
-                else:
-                    workers.check_running()
-            s.progress(label, done, n)
-            time.sleep(0.005)
-        assert first_at is not None
-        if first_count >= n:
-            return time.perf_counter() - launched, 0
-        return time.perf_counter() - first_at, first_count
-    finally:
-        workers.stop()
-
-
-def _per_master(s: Session) -> dict[str, tuple[int, float]]:
-    """Commands processed and CPU seconds used so far by each master (INFO)."""
-    out: dict[str, tuple[int, float]] = {}
-    for master in s.backend.topology.masters:
-        node = s.backend.node(master.address)
-        stats, cpu = node.info("stats"), node.info("cpu")
-        used = float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
-        out[master.addr] = (int(stats["total_commands_processed"]), used)
-    return out
-
-
-def bench_stream(s: Session) -> list[BenchRow]:
-    """Publish N events (no key: the partitions in turn) over a stream of ``queues``
-    partitions (default 2 per master), then let the worker processes' consumers of one
-    group handle them all; per master commands and CPU of the consuming."""
-    settings = s.settings
-    n = settings.tasks
-    count = settings.queues or 2 * len(s.backend.topology.masters)
-    layout = s.client.declare_stream(BENCH_STREAM, count)
-    s.used_streams.append(BENCH_STREAM)
-    payload = {"run": s.run_id}
-    started = time.perf_counter()
-    for start in range(0, n, 2000):
-        s.client.publish_many(BENCH_STREAM, [(payload, None)] * min(2000, n - start))
-        s.progress("publishing", min(n, start + 2000), n)
-    published = time.perf_counter() - started
-    idle = s.queues(1)
-    before = _per_master(s)
-    workers = s.workers(idle, settings.workers, streams=f"{BENCH_STREAM}:{BENCH_GROUP}")
-    try:
-        launched = time.perf_counter()
-        workers.start()
-        deadline = time.monotonic() + settings.timeout
-        left, first = n, None  # timed from the first reading that shows progress
-        while left:
-            if time.monotonic() > deadline:
-                raise ClusterqError(f"stream: {left} of {n} events not handled in time")
-            left = _unhandled(s, layout.partitions, n)
-            if first is None and left < n:
-                first = (time.perf_counter(), n - left)
-            elif first is None:
-                workers.check_running()
-            s.progress("stream consume", n - left, n)
-            time.sleep(0.005)
-        assert first is not None
-        seconds, counted, timed = time.perf_counter() - first[0], n - first[1], ""
-        if counted <= 0:  # all handled between two readings: time from the launch
-            seconds, counted = time.perf_counter() - launched, n
-            timed = " (timed from the workers' launch: a short run)"
-        after = _per_master(s)
-    finally:
-        workers.stop()
-    s.drop(idle)
-    spent = {a: (after[a][0] - before[a][0], after[a][1] - before[a][1]) for a in after}
-    return [
-        BenchRow("stream publish_many", n, round(published, 3), n / published),
-        BenchRow(
-            f"stream consume ({count} partitions)",
-            n,
-            round(seconds, 3),
-            counted / seconds if seconds > 0 else None,
-            note=f"{settings.workers} worker process(es), one group{timed}; "
-            + _spent_note(spent, n),
-            extra={"partitions": count, "per_master": _spent_extra(spent, n)},
-        ),
-    ]
-
-
-def _unhandled(s: Session, partitions: Sequence[str], n: int) -> int:
-    """Events the benchmark group has not handled yet (n until the group exists)."""
-    left = 0
-    for partition in partitions:
-        key = s.keys.stream(partition).events
-        groups = s.backend.execute_key(key, functools.partial(_groups, key=key))
-        found = [g for g in groups if g["name"] in (BENCH_GROUP, BENCH_GROUP.encode())]
-        if not found or found[0].get("lag") is None:
-            return n
-        left += int(found[0]["lag"]) + int(found[0]["pending"])
-    return left
-
-
-def _groups(client: Any, key: str) -> Any:
-    return client.xinfo_groups(key)
-
-
-def _spent_note(spent: dict[str, tuple[int, float]], n: int) -> str:
-    return "per master, commands / CPU ms per 1k: " + ", ".join(
-        f"{addr} {c * 1000 / n:.0f} / {cpu * 1e6 / n:.0f}"
-        for addr, (c, cpu) in sorted(spent.items())
-    )
-
-
-def _spent_extra(spent: dict[str, tuple[int, float]], n: int) -> dict[str, dict[str, float]]:
-    return {
-        addr: {"commands_per_1k": round(c * 1000 / n, 1), "cpu_ms_per_1k": round(cpu * 1e6 / n, 1)}
-        for addr, (c, cpu) in sorted(spent.items())
-    }
-
-
-def bench_partitioned(s: Session) -> list[BenchRow]:
-    """The e2e drain (noop handlers) of one plain queue, then of one partitioned queue
-    (``queues`` partitions, default 4 per master), with the commands and CPU each
-    master spent per 1k tasks."""
-    settings = s.settings
-    n = settings.tasks
-    masters = len(s.backend.topology.masters)
-    count = settings.queues or 4 * masters
-    plain = s.queues(1)
-    logical = f"bench-{s.run_id}-part"
-    layout = s.client.declare_queue(logical, count)
-    s.used_layouts.append(logical)
-    s.used_queues.extend(layout.members)
-    rows = []
-    for label, target, members, partitions in (
-        ("plain queue", plain[0], plain, 1),
-        (f"partitioned queue ({count} partitions)", logical, list(layout.members), count),
-    ):
-        payload = {"run": s.run_id}
-        for start in range(0, n, 2000):
-            s.client.enqueue_many([(NOOP_TYPE, payload)] * min(2000, n - start), queue=target)
-            s.progress(f"filling the {label}", min(n, start + 2000), n)
-        before = _per_master(s)
-        seconds, first_count = _drain(s, [target], members, n, f"e2e {label}")
-        after = _per_master(s)
-        rate = (n - first_count) / seconds if seconds > 0 else None
-        spent = {a: (after[a][0] - before[a][0], after[a][1] - before[a][1]) for a in after}
-        rows.append(
-            BenchRow(
-                f"e2e {label}",
-                n,
-                round(seconds, 3),
-                rate,
-                note=f"{settings.workers} worker process(es) x concurrency "
-                f"{settings.concurrency}; " + _spent_note(spent, n),
-                extra={
-                    "workers": settings.workers,
-                    "concurrency": settings.concurrency,
-                    "partitions": partitions,
-                    "masters": masters,
-                    "per_master": _spent_extra(spent, n),
-                },
-            )
-        )
-    s.drop(plain)
-    return rows
 
 
 def _server_cpu(s: Session) -> dict[str, float]:
@@ -577,6 +394,8 @@ def run_bench(
                 rows = bench_partitioned(session)
             elif name == "stream":
                 rows = bench_stream(session)
+            elif name == "idle":
+                rows = bench_idle(session)
             else:
                 rows = [bench_memory(session)]
             for row in rows:

@@ -17,7 +17,15 @@ from clusterq.cluster.connection import RedisURL
 from clusterq.keys import DEFAULT_PREFIX
 
 Scenario = Literal[
-    "enqueue", "enqueue-many", "durability", "e2e", "latency", "memory", "partitioned", "stream"
+    "enqueue",
+    "enqueue-many",
+    "durability",
+    "e2e",
+    "latency",
+    "memory",
+    "partitioned",
+    "stream",
+    "idle",
 ]
 SCENARIOS: tuple[Scenario, ...] = (
     "enqueue",
@@ -28,6 +36,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     "memory",
     "partitioned",
     "stream",
+    "idle",
 )
 Work = Literal["noop", "incr", "incr-redis-py"]
 WORKS: tuple[Work, ...] = ("noop", "incr", "incr-redis-py")

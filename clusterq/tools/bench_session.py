@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import random
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,3 +130,38 @@ class Session:
                     self.call(sk.events, "DEL", sk.events, sk.dead)
                 self.call(self.keys.streams, "HDEL", self.keys.streams, stream)
         self.client.close()
+
+
+def drain(
+    s: Session, serve: Sequence[str], members: Sequence[str], n: int, label: str
+) -> tuple[float, int]:
+    """Start the worker processes on ``serve`` and wait until ``members`` processed ``n``
+    tasks; returns the seconds from the first task processed to the last, and how many
+    were processed at that first reading (0, timed from the launch, when all were done
+    by the first reading: a run too short to time otherwise)."""
+    workers = s.workers(serve, s.settings.workers)
+    try:
+        launched = time.perf_counter()
+        workers.start()
+        deadline = time.monotonic() + s.settings.timeout
+        first_at = None
+        first_count = 0
+        done = 0
+        while done < n:
+            if time.monotonic() > deadline:
+                raise ClusterqError(f"{label}: only {done} of {n} tasks processed in time")
+            done = s.processed(members)
+            now = time.perf_counter()
+            if first_at is None:
+                if done:
+                    first_at, first_count = now, done
+                else:
+                    workers.check_running()
+            s.progress(label, done, n)
+            time.sleep(0.005)
+        assert first_at is not None
+        if first_count >= n:
+            return time.perf_counter() - launched, 0
+        return time.perf_counter() - first_at, first_count
+    finally:
+        workers.stop()

@@ -79,6 +79,19 @@ class WorkerProcesses:
             finally:
                 log.close()
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the processes used so far; None where ``/proc`` does
+        not say (not Linux)."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for proc in self.procs:
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                return None
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return total
+
     def logs(self) -> list[Path]:
         return sorted(self.dir.glob("*.log"))
 
