@@ -87,6 +87,12 @@ class AsyncClient(ClientBase):
         durability_timeout: float | None = None,
         owns_backend: bool = False,
     ) -> None:
+        if not isinstance(backend, AsyncBackend):
+            raise TypeError(
+                f"AsyncClient() takes a connected AsyncBackend, not {backend!r}: connect with "
+                "`client = await AsyncClient.connect(url)` (or `async with await "
+                "AsyncClient.connect(url) as client:`)"
+            )
         self.backend = backend
         self._owns_backend = owns_backend
         self._background: set[asyncio.Future[None]] = set()

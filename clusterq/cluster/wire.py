@@ -37,7 +37,15 @@ from typing import Any
 import hiredis
 import redis
 import redis.asyncio
-from redis._parsers.base import BaseParser
+
+try:  # private in redis-py: where its error replies are parsed (5.x and later)
+    from redis._parsers.base import BaseParser
+except ImportError as exc:  # pragma: no cover - depends on the installed redis-py
+    raise ImportError(
+        f"clusterq needs redis-py's reply parser (redis._parsers.base.BaseParser), which the "
+        f"installed redis-py {getattr(redis, '__version__', '?')} does not have; install one "
+        "that has it (5.0 through 8.1 do): pip install 'redis[hiredis]>=5,<8.2'"
+    ) from exc
 
 __all__ = ["AsyncNodeClient", "Lane", "NodeClient", "pack"]
 
