@@ -14,12 +14,13 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from external import USER, USER_PASSWORD, ExternalCluster, Flavour, find_cli
+from external import HOST, USER, USER_PASSWORD, ExternalCluster, Flavour, find_cli
 from helpers import running_worker, wait_for
 
 from clusterq import AsyncClient, Client, Inspector, Router, Task
@@ -294,3 +295,28 @@ def test_rotating_credentials_from_a_provider(external: ExternalCluster) -> None
             admin.execute_command("ACL", "SETUSER", USER, f">{USER_PASSWORD}", "<rotated-3")
             admin.close()
         external.wait_ok(60)
+
+
+def test_the_managed_example_checks_a_tls_and_acl_cluster(external: ExternalCluster) -> None:
+    """examples/managed.py, given the settings a managed cluster's user has."""
+    env = {**os.environ, "CLUSTERQ_HOST": HOST, "CLUSTERQ_PORT": str(external.ports()[0])}
+    env.update(CLUSTERQ_USER=USER, CLUSTERQ_PASSWORD=USER_PASSWORD)
+    if external.tls:
+        assert external.certs is not None
+        env["CLUSTERQ_PORT"] = str(external.tls_port(external.ports()[0]))
+        env.update(
+            CLUSTERQ_CA=str(external.certs.ca),
+            CLUSTERQ_CERT=str(external.certs.client_cert),
+            CLUSTERQ_KEY=str(external.certs.client_key),
+        )
+    done = subprocess.run(
+        [sys.executable, "examples/managed.py"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "producer: ok" in done.stdout and "worker: ok" in done.stdout
+    assert "cluster with masters 127.0.0.1:" in done.stdout
