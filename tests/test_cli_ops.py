@@ -163,3 +163,22 @@ def test_cluster_watch_refuses_a_bad_interval_before_printing_anything(
     refused = _cli(url, prefix, "cluster", "watch", "--interval", "-1")
     assert refused.exit_code == 2 and "--interval" in refused.output
     assert "Slots" not in refused.output
+
+
+def test_the_reference_is_every_commands_own_help() -> None:
+    from click.testing import CliRunner
+
+    from clusterq.cli import main
+
+    result = CliRunner().invoke(main, ["reference"])
+    assert result.exit_code == 0, result.output
+    sections = result.output.split("======== ")[1:]
+    paths = [s.split("\n", 1)[0].split()[1:] for s in sections]
+    assert ["queue", "create"] in paths and ["stream", "inspect"] in paths
+    assert ["worker"] in paths and ["reference"] in paths and len(paths) > 40
+    for section, path in zip(sections, paths, strict=True):
+        own = CliRunner().invoke(main, [*path, "--help"], prog_name="clusterq", terminal_width=80)
+        assert own.exit_code == 0, own.output
+        assert section.split("\n", 1)[1].strip() == own.output.strip(), path
+    markdown = CliRunner().invoke(main, ["reference", "--markdown"]).output
+    assert "#### `clusterq stream ls`" in markdown and "```\nUsage: clusterq stream ls" in markdown

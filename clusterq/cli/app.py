@@ -14,6 +14,7 @@ from clusterq.cli.doctor import doctor
 from clusterq.cli.drill import drill
 from clusterq.cli.metrics import metrics
 from clusterq.cli.queue import queue
+from clusterq.cli.reference import reference
 from clusterq.cli.state import CliState, ClusterqGroup
 from clusterq.cli.stats import stats
 from clusterq.cli.stream import stream
@@ -72,3 +73,4 @@ main.add_command(worker)
 main.add_command(drill)
 main.add_command(bench)
 main.add_command(doctor)
+main.add_command(reference)
