@@ -132,16 +132,22 @@ def test_3000_events_two_groups_of_two_each_handle_all_exactly_once(url: str, pr
     async def scenario() -> None:
         with Client(url, prefix=prefix) as client:
             layout = client.declare_stream("orders", 6)
-            published = client.publish_many(
-                "orders", [({"seq": n}, f"customer-{n % 40}") for n in range(3000)]
-            )
-            assert Counter(p.partition for p in published).keys() == set(range(6))
-            # an event id is unique within its partition
-            assert len({(p.partition, p.id) for p in published}) == 3000
             async with (
-                running_worker(url, router, prefix=prefix, name="w1"),
-                running_worker(url, router, prefix=prefix, name="w2"),
+                running_worker(url, router, prefix=prefix, name="w1", lease=5.0) as w1,
+                running_worker(url, router, prefix=prefix, name="w2", lease=5.0) as w2,
             ):
+
+                def owned(worker: Any) -> int:
+                    return sum(len(c.tokens) for c in worker.consumers.running if c.spec.ordered)
+
+                # ordered: the two consumers share the six partitions before events come
+                await await_for(lambda: owned(w1) == owned(w2) == 3, 30, "the partitions split")
+                published = client.publish_many(
+                    "orders", [({"seq": n}, f"customer-{n % 40}") for n in range(3000)]
+                )
+                assert Counter(p.partition for p in published).keys() == set(range(6))
+                # an event id is unique within its partition
+                assert len({(p.partition, p.id) for p in published}) == 3000
                 await await_for(
                     lambda: all(len(seen[g]) >= 3000 for g in ("billing", "audit", "ship")),
                     60,

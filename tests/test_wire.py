@@ -138,3 +138,64 @@ def test_sync_wire_in_a_forked_child_opens_its_own(standalone: LocalServer, pref
     finally:
         client.fast("DEL", key)
         client.close()
+
+
+def test_a_connect_cut_short_by_close_is_a_connection_error_to_its_waiters() -> None:
+    """The node left the map while a call waited for the lane's connection: the caller
+    gets a ConnectionError (retried like any), never a CancelledError, which would end a
+    worker loop as if the worker had stopped it."""
+    import asyncio
+
+    import redis
+
+    from clusterq.cluster.wire import Lane, _Endpoint
+
+    async def scenario() -> None:
+        accepted = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+            await reader.read(1)  # the AUTH arrived: the client waits for its reply
+            accepted.set()  # which never comes
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        lane = Lane(_Endpoint("127.0.0.1", port, None, "secret", 0, None, 30.0, 5.0))
+        call = asyncio.ensure_future(lane.execute("PING"))
+        await asyncio.wait_for(accepted.wait(), 5)
+        lane.close()
+        with pytest.raises(redis.ConnectionError, match="closed while connecting"):
+            await asyncio.wait_for(call, 5)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_a_loop_cancelled_while_needed_is_reported_and_restarted() -> None:
+    import asyncio
+
+    from clusterq.worker.state import WorkerStats
+    from clusterq.worker.supervise import Supervisor
+
+    async def scenario() -> None:
+        stats, events = WorkerStats(), []
+        supervisor = Supervisor(stats, events.append, restart_delay=0.01)
+        started = []
+
+        async def loop() -> None:
+            started.append(asyncio.current_task())
+            await asyncio.Event().wait()
+
+        supervisor.start("fetch:images", loop, lambda: True)
+        await asyncio.sleep(0)
+        started[0].cancel()  # not the supervisor's doing
+        for _ in range(200):
+            if len(started) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(started) == 2 and stats.loop_restarts == 1
+        assert "it was cancelled" in events[0].describe()
+        for task in supervisor.running():
+            task.cancel()
+
+    asyncio.run(scenario())

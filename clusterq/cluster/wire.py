@@ -390,8 +390,18 @@ class Lane:
             raise redis.ConnectionError(f"connection to {self.where} closed")
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
         try:
-            return await asyncio.shield(self._connecting)
+            return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            # close() cancelled the shared connect (the node left the map) while we waited:
+            # to this caller that is a failed connection, retried like one, not a
+            # cancellation of its own task (which would end a worker loop silently).
+            if connecting.cancelled() and not _cancelling():
+                raise redis.ConnectionError(
+                    f"connection to {self.where} closed while connecting"
+                ) from None
+            raise
         finally:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
@@ -411,6 +421,9 @@ class Lane:
             )
         except (OSError, asyncio.TimeoutError) as exc:
             raise redis.ConnectionError(f"Error connecting to {self.where}: {exc}") from exc
+        if self._closed:  # closed meanwhile (wait_for may have lost close()'s cancel)
+            proto.close()
+            raise redis.ConnectionError(f"connection to {self.where} closed while connecting")
         handshake = endpoint.handshake()
         try:
             for command in handshake:
@@ -455,6 +468,13 @@ class Lane:
             self._proto.close()
         if self._connecting is not None:
             self._connecting.cancel()
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself was asked to stop (Python >= 3.11 can tell)."""
+    task = asyncio.current_task()
+    counter = getattr(task, "cancelling", None)
+    return bool(counter()) if counter is not None else False
 
 
 def _ssl_context(kwargs: dict[str, Any]) -> ssl.SSLContext | None:

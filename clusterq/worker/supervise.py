@@ -46,10 +46,15 @@ class Supervisor:
         task.add_done_callback(lambda done: self._ended(name, factory, done))
 
     def _ended(self, name: str, factory: LoopFactory, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or not self._needed[name]() or self.tasks.get(name) is not task:
+        if not self._needed[name]() or self.tasks.get(name) is not task:
             return
-        error = task.exception()
-        what = f"{type(error).__name__}: {error}" if error is not None else "it returned"
+        # Cancelled while still needed is a stop like any other (nothing here cancels a
+        # loop the worker still needs): reported and restarted, never silent.
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled():
+            what = "it was cancelled"
+        else:
+            what = f"{type(error).__name__}: {error}" if error is not None else "it returned"
         log.error("worker loop %s stopped (%s)", name, what, exc_info=error)
         self.stats.loop_restarts += 1
         self.emit(LoopStopped(name, what))
