@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, overload
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker import layout as layout_script
 from clusterq.broker.script import arun_pipelined
-from clusterq.client import REGISTER_PATIENCE, ClientBase, _text
+from clusterq.client import REGISTER_PATIENCE, ClientBase
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.routing import DEFAULT_DOWN_TIMEOUT, DEFAULT_RETRY_TIMEOUT
@@ -46,7 +46,7 @@ from clusterq.producer import (
     raise_first,
     settle_replies,
 )
-from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES, reply_text
 from clusterq.slots import keyslot
 from clusterq.streams import (
     Published,
@@ -250,7 +250,7 @@ class AsyncClient(ClientBase):
             commands = [command for _, _, command in planned]
             ids = await self.backend.execute(slot, functools.partial(_pipeline, commands=commands))
             for (index, partition, _), event_id in zip(planned, ids, strict=True):
-                out[index] = Published(stream, partition, _text(event_id))
+                out[index] = Published(stream, partition, reply_text(event_id))
 
         await asyncio.gather(*(send(slot, planned) for slot, planned in plan.items()))
         return [out[i] for i in range(len(out))]

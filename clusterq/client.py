@@ -51,7 +51,7 @@ from clusterq.producer import (
     raise_first,
     settle_replies,
 )
-from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES, reply_text
 from clusterq.streams import (
     Published,
     StreamLayout,
@@ -287,7 +287,7 @@ class Client(ClientBase):
             send = functools.partial(_pipeline, commands=commands)
             ids = self.backend.execute(slot, send)
             for (index, partition, _), event_id in zip(planned, ids, strict=True):
-                out[index] = Published(stream, partition, _text(event_id))
+                out[index] = Published(stream, partition, reply_text(event_id))
         return [out[i] for i in range(len(out))]
 
     def layout(self, name: str) -> Layout | None:
@@ -446,7 +446,3 @@ def _read_info(client: NodeClient, commands: Sequence[Sequence[Any]]) -> list[An
 
 def _pipeline(client: NodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
     return raise_first(client.fast_pipeline(commands))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -146,3 +146,9 @@ def encode_limited(codec: Codec, value: Any, limit: int, what: str = "payload") 
 
 def too_large(size: int, limit: int, what: str = "payload") -> PayloadError:
     return PayloadError(f"{what} is {size} bytes encoded, more than the limit of {limit} bytes")
+
+
+def reply_text(value: Any) -> str:
+    """A server reply (bytes, or already a str) as text; bytes that are not UTF-8 are
+    shown with replacement characters rather than raising."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -11,6 +11,7 @@ import redis
 
 from clusterq.cluster.backend import Backend
 from clusterq.errors import ClusterqError, ConfigError
+from clusterq.serialization import reply_text
 from clusterq.streams import StreamLayout, trimmed_unread
 
 
@@ -114,17 +115,13 @@ def partition_info(
         dead=int(dead) if not isinstance(dead, Exception) else 0,
         groups=[
             StreamGroupInfo(
-                group=_text(g["name"]),
+                group=reply_text(g["name"]),
                 consumers=int(g["consumers"]),
                 pending=int(g["pending"]),
                 lag=int(g["lag"]) if g.get("lag") is not None else None,
-                last_delivered=_text(g["last-delivered-id"]),
-                trimmed_unread=trimmed_unread(info, [g], _text(g["name"])),
+                last_delivered=reply_text(g["last-delivered-id"]),
+                trimmed_unread=trimmed_unread(info, [g], reply_text(g["name"])),
             )
             for g in groups
         ],
     )
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -33,7 +33,7 @@ from typing import Any, TypeAlias
 from clusterq.errors import ConfigError, InvalidName
 from clusterq.keys import KeySchema, validate_queue_name
 from clusterq.partitions import check_partitions, partition_names, partition_of
-from clusterq.serialization import too_large
+from clusterq.serialization import reply_text, too_large
 
 #: Field names of a published event: its key (may be absent) and its JSON payload.
 KEY_FIELD = b"k"
@@ -291,7 +291,7 @@ def trimmed_unread(info: dict[Any, Any], groups: list[dict[Any, Any]], group: st
     if added is None or first is None:
         return 0
     for g in groups:
-        if _name(g.get("name")) == group:
+        if reply_text(g.get("name")) == group:
             if stream_id(g.get("last-delivered-id", "0-0")) >= stream_id(first):
                 return 0
             read = int(g.get("entries-read") or 0)
@@ -301,9 +301,5 @@ def trimmed_unread(info: dict[Any, Any], groups: list[dict[Any, Any]], group: st
 
 def stream_id(value: Any) -> tuple[int, int]:
     """A stream entry id as (ms, seq), for comparing."""
-    ms, _, seq = _name(value).partition("-")
+    ms, _, seq = reply_text(value).partition("-")
     return int(ms or 0), int(seq or 0)
-
-
-def _name(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -38,7 +38,7 @@ from typing import Any, TypeAlias
 from clusterq.broker.script import LuaScript, arun_pipelined, run_pipelined
 from clusterq.errors import ClusterqError, DurabilityError, ResultTimeout, TaskFailed
 from clusterq.producer import TaskSpec, new_task_id
-from clusterq.serialization import json_bytes, json_default, json_value
+from clusterq.serialization import json_bytes, json_default, json_value, reply_text
 from clusterq.slots import keyslot
 from clusterq.taskinfo import poll_delay
 
@@ -228,20 +228,16 @@ def parse_ready(reply: Any) -> list[Ready]:
         return []
     out = []
     for i in range(0, len(reply), 3):
-        step_id = _text(reply[i])
-        spec = json.loads(_text(reply[i + 1]))
+        step_id = reply_text(reply[i])
+        spec = json.loads(reply_text(reply[i + 1]))
         out.append(
             Ready(
                 step_id,
                 TaskSpec(spec["type"], spec["payload"], dict(spec["options"])),
-                json.loads(_text(reply[i + 2])),
+                json.loads(reply_text(reply[i + 2])),
             )
         )
     return out
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def step_task_id(workflow_id: str, step_id: str) -> str:
@@ -311,7 +307,7 @@ class WorkflowInfo:
 
 
 def workflow_info(workflow_id: str, fields: dict[Any, Any]) -> WorkflowInfo:
-    data = {_text(k): _text(v) for k, v in fields.items()}
+    data = {reply_text(k): reply_text(v) for k, v in fields.items()}
     if "status" not in data:
         raise ClusterqError(f"no workflow {workflow_id!r} (or its state has expired)")
     steps, errors = [], {}

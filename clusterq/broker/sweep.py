@@ -8,6 +8,7 @@ from typing import Any
 
 from clusterq.broker.script import LuaScript
 from clusterq.keys import QueueKeys
+from clusterq.serialization import reply_text
 
 SCRIPT = LuaScript("sweep")
 
@@ -35,12 +36,9 @@ def build(
     return keys, [limit, archive_max_size, archive_max_age_ms]
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def parse(reply: Sequence[Any]) -> Swept:
     expired = [
-        (_text(reply[i]), _text(reply[i + 1]), bytes(reply[i + 2])) for i in range(1, len(reply), 3)
+        (reply_text(reply[i]), reply_text(reply[i + 1]), bytes(reply[i + 2]))
+        for i in range(1, len(reply), 3)
     ]
     return Swept(deleted=int(reply[0]), expired=expired)

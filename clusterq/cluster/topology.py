@@ -21,6 +21,7 @@ import redis.asyncio
 
 from clusterq.cluster.connection import Addr, Mode, acommand, command, format_addr
 from clusterq.keys import validate_queue_name
+from clusterq.serialization import reply_text
 from clusterq.slots import SLOT_COUNT, keyslot
 
 Role = Literal["master", "replica"]
@@ -185,16 +186,12 @@ class Topology:
 # --------------------------------------------------------------------------- parsing
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def _as_mapping(value: Any) -> dict[str, Any]:
     """RESP2 gives flat [k, v, k, v] lists, RESP3/redis-py callbacks give dicts."""
     if isinstance(value, Mapping):
-        return {_text(k): v for k, v in value.items()}
+        return {reply_text(k): v for k, v in value.items()}
     items = list(value)
-    return {_text(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
+    return {reply_text(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
 
 
 def _health(value: str) -> str:
@@ -273,24 +270,26 @@ def parse_cluster_shards(
 
 def _shard_node(raw: Any, epochs: Mapping[str, int], tls: bool = False) -> NodeInfo | None:
     entry = _as_mapping(raw)
-    endpoint = _text(entry.get("endpoint") or "")
+    endpoint = reply_text(entry.get("endpoint") or "")
     # The endpoint the cluster prefers (ip, hostname: cluster-preferred-endpoint-type),
     # unless it says it has none ("?"); then its ip.
-    host = endpoint if endpoint and endpoint != "?" else _text(entry.get("ip") or "")
+    host = endpoint if endpoint and endpoint != "?" else reply_text(entry.get("ip") or "")
     # A TLS client needs the TLS port; a node serving both lists both.
     first, second = ("tls-port", "port") if tls else ("port", "tls-port")
     port = entry.get(first) or entry.get(second)
     if not host or port is None:
         return None
-    role: Role = "master" if _text(entry.get("role", "")) in ("master", "primary") else "replica"
+    role: Role = (
+        "master" if reply_text(entry.get("role", "")) in ("master", "primary") else "replica"
+    )
     offset = entry.get("replication-offset")
-    node_id = _text(entry.get("id", ""))
+    node_id = reply_text(entry.get("id", ""))
     return NodeInfo(
         id=node_id,
         host=host,
         port=int(port),
         role=role,
-        health=_health(_text(entry.get("health", ONLINE))),
+        health=_health(reply_text(entry.get("health", ONLINE))),
         replication_offset=int(offset) if offset is not None else None,
         config_epoch=epochs.get(node_id),
     )
@@ -422,7 +421,7 @@ def parse_standalone(
     """A standalone server owns every slot; its replicas come from ``INFO replication``."""
     offset = replication.get("master_repl_offset")
     master = NodeInfo(
-        id=_text(server.get("run_id", format_addr(addr))),
+        id=reply_text(server.get("run_id", format_addr(addr))),
         host=addr[0],
         port=addr[1],
         role="master",
@@ -432,11 +431,11 @@ def parse_standalone(
     for key, value in replication.items():
         if not (key.startswith("slave") and key[5:].isdigit()):
             continue
-        entry = value if isinstance(value, Mapping) else _parse_info_fields(_text(value))
-        host, port = _text(entry.get("ip", "")), entry.get("port")
+        entry = value if isinstance(value, Mapping) else _parse_info_fields(reply_text(value))
+        host, port = reply_text(entry.get("ip", "")), entry.get("port")
         if not host or port is None:
             continue
-        state = _text(entry.get("state", "online"))
+        state = reply_text(entry.get("state", "online"))
         replicas.append(
             NodeInfo(
                 id=f"{host}:{port}",
@@ -475,8 +474,10 @@ def fetch(client: redis.Redis, mode: Mode, addr: Addr, *, tls: bool = False) -> 
     except redis.ResponseError as exc:
         if not _is_unknown_command(exc):
             raise
-        return parse_cluster_nodes(_text(command(client, "CLUSTER", "NODES")), source)
-    nodes_text = _text(command(client, "CLUSTER", "NODES")) if shards_ambiguous(reply) else None
+        return parse_cluster_nodes(reply_text(command(client, "CLUSTER", "NODES")), source)
+    nodes_text = (
+        reply_text(command(client, "CLUSTER", "NODES")) if shards_ambiguous(reply) else None
+    )
     return parse_cluster_shards(reply, source, nodes_text, tls=tls)
 
 
@@ -492,8 +493,8 @@ async def afetch(
     except redis.ResponseError as exc:
         if not _is_unknown_command(exc):
             raise
-        return parse_cluster_nodes(_text(await acommand(client, "CLUSTER", "NODES")), source)
+        return parse_cluster_nodes(reply_text(await acommand(client, "CLUSTER", "NODES")), source)
     nodes_text = (
-        _text(await acommand(client, "CLUSTER", "NODES")) if shards_ambiguous(reply) else None
+        reply_text(await acommand(client, "CLUSTER", "NODES")) if shards_ambiguous(reply) else None
     )
     return parse_cluster_shards(reply, source, nodes_text, tls=tls)

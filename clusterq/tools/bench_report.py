@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from clusterq.cluster.connection import RedisURL
 from clusterq.keys import DEFAULT_PREFIX
@@ -27,17 +27,7 @@ Scenario = Literal[
     "stream",
     "idle",
 ]
-SCENARIOS: tuple[Scenario, ...] = (
-    "enqueue",
-    "enqueue-many",
-    "durability",
-    "e2e",
-    "latency",
-    "memory",
-    "partitioned",
-    "stream",
-    "idle",
-)
+SCENARIOS: tuple[Scenario, ...] = get_args(Scenario)
 Work = Literal["noop", "incr", "incr-redis-py"]
 WORKS: tuple[Work, ...] = ("noop", "incr", "incr-redis-py")
 Progress = Callable[[str, int, int], None]

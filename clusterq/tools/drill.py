@@ -41,6 +41,7 @@ from clusterq.events import QueueResumed
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.retry import SkipRetry
 from clusterq.router import Router
+from clusterq.serialization import reply_text
 from clusterq.slots import keyslot
 from clusterq.task import Task
 from clusterq.tools.drill_report import DrillReport, verdict
@@ -460,13 +461,13 @@ async def run_drill(
             # and deleted). A task whose ack the failed master took and lost is still
             # there, active or waiting for its retry: it runs again first.
             raw = await backend.execute_key(deliveries_key, lambda c: c.hkeys(deliveries_key))
-            counts = Counter(_text(k).split("|", 1)[0] for k in raw)
+            counts = Counter(reply_text(k).split("|", 1)[0] for k in raw)
             left = await _still_there(backend, qk.slot, qk.tasks, ids)
             if (wanted <= counts.keys() and not left) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.25)
         firsts_raw = await backend.execute_key(first_key, lambda c: c.hgetall(first_key))
-        firsts = {_text(k): int(v) / 1000 for k, v in firsts_raw.items()}
+        firsts = {reply_text(k): int(v) / 1000 for k, v in firsts_raw.items()}
 
         missing = [i for i in acked if i not in counts]
         if missing:
@@ -520,7 +521,3 @@ async def run_drill(
         if client is not None:
             await client.aclose()
         await backend.aclose()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -35,6 +35,7 @@ from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.routing import backoff
 from clusterq.keys import StreamKeys
 from clusterq.partitions import LAYOUT_TTL
+from clusterq.serialization import reply_text
 from clusterq.streams import ConsumerSpec, Event, StreamLayout, decode_event, trimmed_unread
 from clusterq.worker.state import RunState
 from clusterq.worker.supervise import LoopFactory
@@ -406,7 +407,3 @@ async def group_state(backend: AsyncBackend, sk: StreamKeys, group: str) -> tupl
     info, groups = await backend.execute(sk.slot, read)
     lag = next((g.get("lag") for g in groups if reply_text(g.get("name")) == group), None)
     return trimmed_unread(info, groups, group), None if lag is None else int(lag)
-
-
-def reply_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

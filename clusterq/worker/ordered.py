@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 from clusterq.broker import stream as stream_script
-from clusterq.worker.consumer import BLOCK_MS, StreamConsumer, reply_text
+from clusterq.serialization import reply_text
+from clusterq.worker.consumer import BLOCK_MS, StreamConsumer
 
 log = logging.getLogger("clusterq.worker")
 
