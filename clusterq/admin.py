@@ -12,6 +12,7 @@ with ``force``, after which that worker's acknowledgement is refused by the fenc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,8 +69,12 @@ class Admin(Inspector):
 
     def unpause(self, queue: str) -> None:
         for member in self.members(queue):
-            paused = self.keys.queue(member).paused
-            self.backend.call(paused, "DEL", paused, timeout=self.timeout)
+            qk = self.keys.queue(member)
+            self.backend.call(qk.paused, "DEL", qk.paused, timeout=self.timeout)
+            # Wake the waiting workers now (else their survey finds out within a second);
+            # best effort: Redis < 7 has no SPUBLISH, an ACL may not allow it.
+            with contextlib.suppress(redis.RedisError, ClusterqError):
+                self.backend.call(qk.wake, "SPUBLISH", qk.wake, "", timeout=self.timeout)
 
     def purge(
         self, queue: str, state: TaskState | str, *, progress: Progress | None = None

@@ -1,6 +1,7 @@
 -- clusterq doctor: which of the commands clusterq's scripts call may this user run?
 -- KEYS[1]: a string key of the doctor's own (written here, expires in 30 s);
--- KEYS[2]: a key never written. Every call below either reads, or meets WRONGTYPE on
+-- KEYS[2]: a key never written; ARGV[1]: a channel in their slot (SPUBLISH, to no one).
+-- Every call below either reads, or meets WRONGTYPE on
 -- KEYS[1], so nothing but KEYS[1] is ever written. Returns the refused commands
 -- (lower case); {"?"} when SET itself is refused (nothing else was tried).
 local a, b = KEYS[1], KEYS[2]
@@ -30,6 +31,6 @@ try('LPOS', a, 'v'); try('LREM', a, 1, 'v'); try('LTRIM', a, 0, -1)
 try('HSETNX', a, 'f', 'v'); try('INCR', a); try('PEXPIRE', b, 30000)
 try('ZADD', a, 1, 'm'); try('ZCARD', a); try('ZRANGE', a, 0, -1)
 try('ZRANGEBYSCORE', a, 0, 1); try('ZREM', a, 'm'); try('ZREMRANGEBYSCORE', a, 0, 1)
-try('ZSCORE', a, 'm')
+try('ZSCORE', a, 'm'); try('HLEN', b); try('LLEN', b); try('SPUBLISH', ARGV[1], '')
 try('DEL', b)
 return refused

@@ -21,7 +21,7 @@ import redis
 
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import RedisURL, command
-from clusterq.cluster.wire import NodeClient
+from clusterq.cluster.wire import NodeClient, _Wire, pack
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
 from clusterq.permissions import ROLES, SCRIPTED, Role, commands
@@ -48,7 +48,6 @@ _PLAIN: dict[str, Probe] = {
     "cluster|nodes": lambda a, b: ("CLUSTER", "NODES"),
     "evalsha": lambda a, b: ("EVALSHA", "0" * 40, 1, b),
     "script|load": lambda a, b: ("SCRIPT", "LOAD", "return 0"),
-    "exec": lambda a, b: ("EXEC",),  # "EXEC without MULTI" once allowed
     "wait": lambda a, b: ("WAIT", 0, 0),
     "blmove": lambda a, b: ("BLMOVE", b, b, "RIGHT", "RIGHT", 0.01),
     "expire": lambda a, b: ("EXPIRE", b, 30),
@@ -117,20 +116,15 @@ def _try(client: NodeClient, args: tuple[Any, ...]) -> bool:
     return True
 
 
-def _try_multi(client: NodeClient) -> bool:
-    """MULTI on a connection of its own, closed afterwards (never left in a
-    transaction, whether DISCARD is allowed or not)."""
-    conn = client.connection_pool.get_connection()
+def _try_alone(client: NodeClient, args: tuple[Any, ...]) -> bool:
+    """A command that changes the connection's mode (SSUBSCRIBE), on a connection of its
+    own, closed afterwards."""
+    wire = _Wire(client._endpoint)
     try:
-        conn.send_command("MULTI")  # type: ignore[no-untyped-call]
-        try:
-            conn.read_response()
-        except redis.ResponseError as exc:
-            return not _denied(exc)
-        return True
+        (reply,) = wire.roundtrip(pack(args), 1)
     finally:
-        conn.disconnect()  # type: ignore[no-untyped-call]
-        client.connection_pool.release(conn)
+        wire.close()
+    return not (isinstance(reply, Exception) and _denied(reply))
 
 
 def _probe_scripted(
@@ -140,7 +134,7 @@ def _probe_scripted(
     whether the string key ``a`` now exists (for the direct write probes)."""
     try:
         sha = command(client, "SCRIPT", "LOAD", SCRIPT)
-        reply = command(client, "EVALSHA", sha, 2, a, b)
+        reply = command(client, "EVALSHA", sha, 2, a, b, f"{a}:wake")
     except redis.ResponseError as exc:
         if not _denied(exc):
             raise
@@ -179,8 +173,8 @@ def check(
             for name in wanted:
                 if name in report.allowed or name in report.denied:
                     continue  # decided by the script
-                if name == "multi":
-                    ok: bool | None = _try_multi(client)
+                if name == "ssubscribe":
+                    ok: bool | None = _try_alone(client, ("SSUBSCRIBE", f"{a}:wake"))
                 elif name == "select":
                     ok = _try(client, ("SELECT", backend.url.db))
                 elif name in _ON_STRING:

@@ -152,6 +152,13 @@ class QueueKeys:
         """Hash of counters: processed, failed."""
         return f"{self.base}:stats"
 
+    @cached_property
+    def wake(self) -> str:
+        """A shard channel, not a key: a message on it wakes the workers waiting for the
+        queue (sent when its pending list turns non-empty, or a scheduled/retry task
+        becomes the earliest due). In the queue's slot, like its keys."""
+        return f"{self.base}:wake"
+
     def unique(self, digest: str) -> str:
         """The lock that keeps a unique task from being enqueued twice in its window."""
         return f"{self.base}:u:{digest}"

@@ -13,6 +13,7 @@ Two sources:
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -226,6 +227,27 @@ class WorkerMetrics:
             ["what"],
             registry=self.registry,
         )
+
+        self.wakeups = Gauge(
+            "clusterq_worker_wakeups",
+            "Idle queues' wake-ups: messages received, surveys made, subscriptions the server "
+            "ended (failover, reshard) or lost with a connection.",
+            ["what"],
+            registry=self.registry,
+        )
+
+    def bind(self, worker: Any) -> None:
+        """Read ``worker``'s (a :class:`~clusterq.worker.Worker`) counters when scraped."""
+        self.running.set_function(lambda: worker.running)
+        self.leases_lost.set_function(lambda: worker.stats.leases_lost)
+        self.loop_restarts.set_function(lambda: worker.stats.loop_restarts)
+        for what in ("handled", "failed", "dead", "claimed", "trimmed_unread"):
+            gauge = self.stream_events.labels(what)
+            gauge.set_function(functools.partial(getattr, worker.consumers.stats, what))
+        for what in ("messages", "surveys", "dropped"):
+            self.wakeups.labels(what).set_function(
+                functools.partial(lambda w: getattr(worker.wakeups, w, 0), what)
+            )
 
     def observe(self, queue: str, task_type: str, seconds: float, ok: bool) -> None:
         self.duration.labels(queue, task_type).observe(seconds)

@@ -6,7 +6,8 @@ has each of them. Redis checks the commands a Lua script calls against the calle
 too, so the scripts' commands are listed (``SCRIPTED``).
 
 Keys: every key clusterq reads or writes starts with ``<prefix>:`` (``~clusterq:*``);
-it uses no Pub/Sub channels.
+so does every channel: the shard channels ``<prefix>:{queue}:wake`` that wake idle
+workers (``&clusterq:*``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ ROLES: tuple[Role, ...] = ("producer", "worker", "operator")
 #: Connecting, learning the mode and the cluster map (every role).
 CONNECT = ("ping", "info", "select", "cluster|shards", "cluster|nodes")
 
-#: Commands called inside clusterq's Lua scripts (enqueue, dequeue, ack, fail, extend,
-#: requeue, sweep, manage, cron).
+#: Commands called inside clusterq's Lua scripts (enqueue, push, dequeue, ack, fail,
+#: extend, requeue, sweep, survey, manage, cron); SPUBLISH wakes idle workers.
 SCRIPTED = (
-    "del", "exists", "get", "incr", "pexpire", "set", "time", "type",
-    "hdel", "hexists", "hget", "hincrby", "hkeys", "hmget", "hset", "hsetnx",
-    "lpos", "lpush", "lrem", "ltrim", "rpop", "rpush",
+    "del", "exists", "get", "incr", "pexpire", "set", "spublish", "time", "type",
+    "hdel", "hexists", "hget", "hincrby", "hkeys", "hlen", "hmget", "hset", "hsetnx",
+    "llen", "lpos", "lpush", "lrem", "ltrim", "rpop", "rpush",
     "zadd", "zcard", "zrange", "zrangebyscore", "zrem", "zremrangebyscore", "zscore",
 )  # fmt: skip
 
@@ -32,19 +33,22 @@ SCRIPTS = ("evalsha", "script|load")
 
 #: Commands sent directly, per role.
 DIRECT: dict[Role, tuple[str, ...]] = {
-    # enqueue: new tasks as MULTI/HSET/LPUSH/EXEC, the rest by script; WAIT for
-    # durability; queue names into the registry (SADD); task info and results (HGET,
-    # ZSCORE).
-    "producer": ("multi", "exec", "hset", "lpush", "wait", "sadd", "hget", "zscore"),
-    # dequeue waits with BLMOVE; the announcement in <prefix>:workers (HSET, EXPIRE,
-    # HGETALL, HDEL); advancing a workflow enqueues its next steps and WAITs for a replica.
-    "worker": ("blmove", "sadd", "hset", "expire", "hgetall", "hdel", "hget", "zscore", "wait"),
+    # enqueue by script; WAIT for durability; queue names into the registry (SADD);
+    # task info and results (HGET, ZSCORE).
+    "producer": ("hset", "wait", "sadd", "hget", "zscore"),
+    # idle queues wait for wake-ups (SSUBSCRIBE), or without them with BLMOVE; the
+    # announcement in <prefix>:workers (HSET, EXPIRE, HGETALL, HDEL); advancing a workflow
+    # enqueues its next steps and WAITs for a replica.
+    "worker": (
+        "ssubscribe", "blmove", "sadd", "hset", "expire", "hgetall", "hdel", "hget",
+        "zscore", "wait",
+    ),
     # queue ls/inspect, worker ls, task ls/inspect, cluster watch; pause and unpause
-    # (SET, DEL), queue rm (DEL, SREM); task actions run the manage script.
+    # (SET, DEL, SPUBLISH), queue rm (DEL, SREM); task actions run the manage script.
     "operator": (
         "smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore",
         "lrange", "lindex", "hmget", "hscan", "zrange", "memory|usage",
-        "set", "del", "srem",
+        "set", "del", "srem", "spublish",
     ),
 }  # fmt: skip
 
@@ -63,9 +67,10 @@ def commands(role: Role) -> list[str]:
 
 def acl_rules(prefix: str = "clusterq", roles: tuple[Role, ...] = ROLES) -> str:
     """The ACL rules for a user that plays ``roles``, e.g. for
-    ``ACL SETUSER app on >password <rules>``: no command but those, keys of ``prefix``
-    only, no channels."""
+    ``ACL SETUSER app on >password <rules>``: no command but those, keys and channels of
+    ``prefix`` only."""
     needed: set[str] = set()
     for role in roles:
         needed |= set(commands(role))
-    return " ".join(["resetchannels", f"~{prefix}:*", "-@all", *(f"+{c}" for c in sorted(needed))])
+    scope = ["resetchannels", f"~{prefix}:*", f"&{prefix}:*", "-@all"]
+    return " ".join([*scope, *(f"+{c}" for c in sorted(needed))])

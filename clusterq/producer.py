@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
 from clusterq.broker import enqueue as enqueue_script
-from clusterq.broker.script import Transaction, first_error
+from clusterq.broker.script import first_error
 from clusterq.durability import Durability
 from clusterq.errors import DuplicateTask
 from clusterq.keys import KeySchema, QueueKeys, validate_task_id
@@ -459,7 +459,7 @@ def raise_first(replies: Sequence[Any]) -> list[Any]:
 def one_info(prepared: PreparedEnqueue, attempts: enqueue_script.Attempts, reply: Any) -> TaskInfo:
     info = prepared.guess()
     step = attempts.sent[0]
-    if isinstance(step, Transaction):  # created, as guessed
+    if enqueue_script.created_as_sent(step):  # created, as guessed
         return info
     outcome = enqueue_script.parse(step, reply, 1)[0]
     if outcome is not enqueue_script.CREATED or info.state is not TaskState.PENDING:

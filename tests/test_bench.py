@@ -112,9 +112,13 @@ def test_every_scenario_runs_and_cleans_up(url: str, prefix: str) -> None:
     if report.mode == "cluster":
         assert consumed.extra["partitions"] == 6
         assert all(m["commands_per_1k"] > 0 for m in consumed.extra["per_master"].values())
-    idling = rows["idle, 100 queues"]
-    assert idling.extra["commands_per_s"] > 0 and idling.extra["connections_per_master"]
-    assert rows["pickup latency, 1 of 100 idle queues"].p50_ms is not None
+    woken, polling = rows["idle, 100 queues, wake-ups"], rows["idle, 100 queues, polling"]
+    for idling in (woken, polling):
+        assert idling.extra["commands_per_s"] > 0 and idling.extra["connections_per_master"]
+    # Polling sends a blocking command per queue every poll_interval; wake-ups a survey.
+    assert woken.extra["commands_per_s"] < polling.extra["commands_per_s"] / 5
+    for mode in ("wake-ups", "polling"):
+        assert rows[f"pickup latency, 1 of 100 idle queues, {mode}"].p50_ms is not None
     assert _leftovers(url, prefix) == []
 
 

@@ -36,7 +36,7 @@ def test_ack_layout_with_unique_locks() -> None:
 
 def test_fail_layout() -> None:
     keys, args = fail.build(QK, "id", "w:1", b"{}", retry_in_ms=1500)
-    assert keys == [QK.active, QK.leases, QK.tasks, QK.retry, QK.archived, QK.stats]
+    assert keys == [QK.active, QK.leases, QK.tasks, QK.retry, QK.archived, QK.stats, QK.wake]
     assert args == ["id", "w:1", b"{}", 1500, 0, 1]
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=None)[1][3] == -1  # archive
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=-3)[1][3] == 0  # not in the past
@@ -54,7 +54,10 @@ def test_extend_requeue_dequeue_layouts() -> None:
     )
     renewed = extend.parse([[b"a", "b"], [b"c"]])
     assert (renewed.lost, renewed.cancelled) == ({"a", "b"}, {"c"})
-    assert requeue.build(QK, held) == ([QK.active, QK.leases, QK.pending], ["a", "w:1", "b", "w:2"])
+    assert requeue.build(QK, held) == (
+        [QK.active, QK.leases, QK.pending, QK.wake],
+        ["a", "w:1", "b", "w:2"],
+    )
     assert requeue.parse(b"2") == 2
     keys, args = dequeue.build(QK, 7, 10000, "w:3")
     assert keys == [
@@ -65,6 +68,7 @@ def test_extend_requeue_dequeue_layouts() -> None:
         QK.tasks,
         QK.leases,
         QK.paused,
+        QK.wake,
     ]
     assert args == [7, 10000, "w:3", 100]
 

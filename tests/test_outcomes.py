@@ -24,6 +24,7 @@ from clusterq.tools.devcluster import LocalServer
 from clusterq.worker.outcomes import Outcomes
 from clusterq.worker.recoverer import LEASE_EXPIRED, Recoverer
 from clusterq.worker.state import QueueState, RunState, WorkerSettings, WorkerStats
+from clusterq.worker.wakeups import Wakeups
 from tests.helpers import FAST, await_for, running_worker
 
 
@@ -89,7 +90,9 @@ def _recoverer(backend: AsyncBackend, **settings: Any) -> tuple[Recoverer, Worke
     stats = WorkerStats()
     broker = Broker(backend)
     outcomes = Outcomes(broker, options, stats)
-    return Recoverer(broker, options, stats, outcomes, RunState()), stats
+    state = RunState()
+    wakeups = Wakeups(broker, options, state, list)
+    return Recoverer(broker, options, stats, outcomes, state, wakeups), stats
 
 
 def test_an_expired_lease_is_recovered_with_the_policys_delay(
@@ -302,19 +305,28 @@ def test_failed_meta_archives_when_the_policy_fails() -> None:
 # ------------------------------------------------------------- pickup and acks
 
 
-def test_an_idle_worker_waits_blocked_on_the_server(standalone: Any, prefix: str) -> None:
-    """Idle pickup is a blocking BLMOVE on the pending list, not polling."""
+@pytest.mark.parametrize("wakeups", [True, False])
+def test_an_idle_worker_does_not_poll(standalone: Any, prefix: str, wakeups: bool) -> None:
+    """Idle pickup waits on the server, never polls: subscribed to the queue's shard
+    channel (wake-ups), or without them blocked in a BLMOVE on the pending list."""
     import redis
 
     probe = redis.Redis(host="127.0.0.1", port=standalone.port, socket_timeout=5)
+    channel = f"{prefix}:{{default}}:wake"
 
-    def blocked_in_blmove() -> bool:
+    def waiting() -> bool:
         clients = probe.execute_command("CLIENT", "LIST").decode().splitlines()
-        return any("cmd=blmove" in c and " flags=b " in c for c in clients)
+        blocked = any("cmd=blmove" in c and " flags=b " in c for c in clients)
+        if wakeups:
+            subscribed = channel.encode() in probe.execute_command("PUBSUB", "SHARDCHANNELS")
+            return subscribed and not blocked
+        return blocked
 
     async def scenario() -> None:
-        async with running_worker(standalone.seed_url, Router(), prefix=prefix, poll_interval=5):
-            await await_for(blocked_in_blmove, 10, "a client blocked in BLMOVE")
+        async with running_worker(
+            standalone.seed_url, Router(), prefix=prefix, poll_interval=5, wakeups=wakeups
+        ):
+            await await_for(waiting, 10, "the worker waiting on the server")
 
     try:
         asyncio.run(scenario())

@@ -346,6 +346,13 @@ def test_a_dead_master_stalls_only_its_own_partitions(
     keys = {  # a key for each partition
         q: next(f"k{n}" for n in range(10_000) if layout.pick(f"k{n}") == q) for q in layout.queues
     }
+    # The replica to be promoted must hold the declarations before its master dies (a
+    # fresh cluster's replica may still be in its first sync).
+    (replica,) = topology.locate_slot_replicas(keyslot(f"{prefix}:layouts"))
+    mirror = cluster.client(replica.port)
+    mirror.execute_command("READONLY")
+    wait_for(lambda: mirror.hget(f"{prefix}:layouts", "clicks"), 10, "the replica's copy")
+    mirror.close()
 
     async def scenario() -> None:
         worker = Worker(url, router, prefix=prefix, queues=["clicks"], **FAST)

@@ -204,18 +204,20 @@ def test_durability_commands() -> None:
     assert confirmed_replicas("aof", [[1, 0]]) == 0
 
 
-def test_enqueue_is_a_transaction_on_the_first_attempt_only() -> None:
+def test_enqueue_is_a_push_on_the_first_attempt_only() -> None:
     from clusterq.broker import enqueue
-    from clusterq.broker.script import Transaction
     from clusterq.keys import KeySchema
 
     qk = KeySchema("u").queue("q")
     tasks = [enqueue.NewTask(f"id{i}", b"rec%d" % i, fresh=True) for i in range(2)]
     attempts = enqueue.Attempts([(qk, tasks)], durable=False)
     (first,) = attempts.next()
-    assert first == Transaction(
-        (["HSET", qk.tasks, "id0", b"rec0", "id1", b"rec1"], ["LPUSH", qk.pending, "id0", "id1"])
+    assert first == (
+        enqueue.PUSH,
+        [qk.tasks, qk.pending, qk.wake],
+        ["id0", b"rec0", "id1", b"rec1"],
     )
+    assert enqueue.created_as_sent(first)
     ((script, keys, args),) = attempts.next()  # a retry: the first may have run
     assert script is enqueue.SCRIPT and keys[:2] == [qk.tasks, qk.pending]
     assert args == [0, "id0", 0, 0, 0, 1, b"rec0", "id1", 0, 0, 0, 1, b"rec1"]
@@ -231,7 +233,7 @@ def test_enqueue_is_a_transaction_on_the_first_attempt_only() -> None:
         first_step(delayed),
         first_step(tasks[0], durable=True),
     ):
-        assert not isinstance(step, Transaction)
+        assert not enqueue.created_as_sent(step)
 
 
 def test_new_record_heads_match_record_encode() -> None:

@@ -42,3 +42,18 @@ local function count_history(key, kind, n, now)
   end
   if #old > 0 then redis.call('HDEL', key, unpack(old)) end
 end
+
+-- Wakes the workers waiting for this queue: a message on its shard channel (a KEYS entry
+-- in the queue's slot; see clusterq.worker.wakeups). Sent when the pending list turns
+-- non-empty, or a scheduled/retry task becomes the earliest due. pcall: on a server
+-- without sharded pub/sub (Redis < 7), or for a user not allowed to publish, only the
+-- wake-up is lost; waiting workers also look at every queue once a second.
+local function wake(channel)
+  redis.pcall('SPUBLISH', channel, '')
+end
+
+-- Whether member ``id`` of zset ``key`` is now its first (earliest due).
+local function is_first(key, id)
+  local first = redis.call('ZRANGE', key, 0, 0)
+  return first[1] == id
+end

@@ -2,22 +2,24 @@
 -- and retry tasks to pending first, so busy workers need no separate forwarder.
 --
 -- KEYS[1] pending   KEYS[2] active   KEYS[3] scheduled   KEYS[4] retry
--- KEYS[5] tasks   KEYS[6] leases   KEYS[7] paused
+-- KEYS[5] tasks   KEYS[6] leases   KEYS[7] paused   KEYS[8] wake channel
 -- ARGV[1] how many tasks at most   ARGV[2] lease ms   ARGV[3] fencing token
 -- ARGV[4] how many due tasks to forward at most
 --
 -- Returns {status, next_due, orphans, id1, record1, id2, record2, ...}: status 1, or 0
 -- when the queue is paused; next_due (ms) of the earliest scheduled/retry task when no
 -- task was taken, else -1; orphans: ids popped without a record (dropped, and counted).
-do local bad = wrong_type({'list', 'zset', 'zset', 'zset', 'hash', 'hash', '-'}) if bad then return bad end end
+do local bad = wrong_type({'list', 'zset', 'zset', 'zset', 'hash', 'hash', '-', '-'}) if bad then return bad end end
 local now = now_ms()
 if redis.call('EXISTS', KEYS[7]) == 1 then return {0, -1, 0} end
 
+local forwarded = 0
 for _, key in ipairs({KEYS[3], KEYS[4]}) do
   local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, ARGV[4])
   if #due > 0 then
     redis.call('ZREM', key, unpack(due))
     redis.call('LPUSH', KEYS[1], unpack(due))
+    forwarded = forwarded + #due
   end
 end
 
@@ -45,6 +47,9 @@ if ids then
     redis.call('HSET', KEYS[6], unpack(hargs))
   end
 end
+
+-- Forwarded more than this call takes: wake the other waiting workers for the rest.
+if forwarded > 0 and redis.call('LLEN', KEYS[1]) > 0 then wake(KEYS[8]) end
 
 if #out == 3 then
   local next_due = -1

@@ -26,7 +26,7 @@ class Dequeued:
 def build(
     qk: QueueKeys, count: int, lease_ms: int, token: str, forward_limit: int = 100
 ) -> tuple[list[str], list[Any]]:
-    keys = [qk.pending, qk.active, qk.scheduled, qk.retry, qk.tasks, qk.leases, qk.paused]
+    keys = [qk.pending, qk.active, qk.scheduled, qk.retry, qk.tasks, qk.leases, qk.paused, qk.wake]
     return keys, [count, lease_ms, token, forward_limit]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from clusterq.broker import ack, dequeue, extend, fail, requeue, sweep
+from clusterq.broker import ack, dequeue, extend, fail, requeue, survey, sweep
 from clusterq.broker.script import LuaScript
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.keys import QueueKeys
@@ -81,6 +81,25 @@ class Broker:
             qk, archive_max_size=archive_max_size, archive_max_age_ms=archive_max_age_ms
         )
         return sweep.parse(await self._run(sweep.SCRIPT, qk, built, timeout))
+
+    async def survey(
+        self,
+        qks: Sequence[QueueKeys],
+        *,
+        archive_max_size: int,
+        archive_max_age_ms: int,
+        timeout: float,
+    ) -> list[survey.Look]:
+        """How ``qks`` stand, in one call to the node that serves the first of them (no
+        retry: the caller looks again soon); a queue whose slot is served elsewhere now
+        comes back unknown. The archive limits are the sweep's (see :meth:`sweep`)."""
+        keys, args = survey.build(
+            qks, archive_max_size=archive_max_size, archive_max_age_ms=archive_max_age_ms
+        )
+        reply = await self.backend.run_script(
+            survey.SCRIPT, qks[0].slot, keys, args, timeout=timeout
+        )
+        return survey.parse(reply)
 
     async def probe(self, qk: QueueKeys) -> None:
         """One PING to the queue's master, no retry: is it back?"""

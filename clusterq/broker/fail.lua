@@ -2,13 +2,13 @@
 -- tasks whose lease expired (only_if_expired), so a lease extended meanwhile wins.
 --
 -- KEYS[1] active   KEYS[2] leases   KEYS[3] tasks   KEYS[4] retry   KEYS[5] archived
--- KEYS[6] stats
+-- KEYS[6] stats   KEYS[7] wake channel
 -- ARGV[1] id   ARGV[2] token   ARGV[3] new meta (the record's part before its newline)
 -- ARGV[4] retry delay ms, or -1 to archive   ARGV[5] only_if_expired (1/0)
 -- ARGV[6] count as a failure in stats (1/0)
 --
 -- Returns 1 retry, 2 archived, 0 not the lease holder or lease still valid (no-op).
-do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash'}) if bad then return bad end end
+do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash', '-'}) if bad then return bad end end
 local now, id = now_ms(), ARGV[1]
 if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then return 0 end
 if ARGV[5] == '1' then
@@ -29,6 +29,7 @@ end
 local delay = tonumber(ARGV[4])
 if delay >= 0 then
   redis.call('ZADD', KEYS[4], now + delay, id)
+  if is_first(KEYS[4], id) then wake(KEYS[7]) end
   return 1
 end
 redis.call('ZADD', KEYS[5], now, id)

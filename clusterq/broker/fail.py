@@ -23,7 +23,7 @@ def build(
     count_failure: bool = True,
 ) -> tuple[list[str], list[Any]]:
     """``retry_in_ms=None`` archives the task."""
-    keys = [qk.active, qk.leases, qk.tasks, qk.retry, qk.archived, qk.stats]
+    keys = [qk.active, qk.leases, qk.tasks, qk.retry, qk.archived, qk.stats, qk.wake]
     delay = -1 if retry_in_ms is None else max(0, retry_in_ms)
     args = [task_id, token, new_meta, delay, int(only_if_expired), int(count_failure)]
     return keys, args

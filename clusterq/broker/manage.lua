@@ -5,7 +5,7 @@
 --
 -- KEYS[1] tasks   KEYS[2] pending   KEYS[3] scheduled   KEYS[4] retry   KEYS[5] active
 -- KEYS[6] archived   KEYS[7] completed   KEYS[8] results   KEYS[9] leases
--- KEYS[10] cancel requests   KEYS[11..] unique locks
+-- KEYS[10] cancel requests   KEYS[11] wake channel   KEYS[12..] unique locks
 -- ARGV[1] action: delete | archive | run | cancel
 -- ARGV[2] only tasks in this state ('' any state)
 -- ARGV[3] only tasks of this type ('' any type)
@@ -16,7 +16,7 @@
 -- Returns one status per task: 'ok'; 'missing' (no such task); 'state:<s>' (in another
 -- state than asked, or one the action does not apply to); 'type' (another type);
 -- 'active' (a worker holds it).
-do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash', 'hash'}) if bad then return bad end end
+do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash', 'hash', '-'}) if bad then return bad end end
 local action, want_state, want_type = ARGV[1], ARGV[2], ARGV[3]
 local force = ARGV[4] == '1'
 local now = now_ms()
@@ -57,7 +57,7 @@ if not applies[action] then
   return redis.error_reply('ERR manage: unknown action ' .. action .. '; nothing was written')
 end
 
-local out = {}
+local out, woken = {}, false
 for i = 5, #ARGV, 2 do
   local id, lock = ARGV[i], tonumber(ARGV[i + 1])
   local record = redis.call('HGET', KEYS[1], id)
@@ -92,8 +92,10 @@ for i = 5, #ARGV, 2 do
       redis.call('ZADD', KEYS[6], now, id)
     else
       redis.call('LPUSH', KEYS[2], id)
+      woken = true
     end
   end
   out[#out + 1] = status
 end
+if woken then wake(KEYS[11]) end
 return out

@@ -47,6 +47,7 @@ def build(
         qk.results,
         qk.leases,
         qk.cancel,
+        qk.wake,
     ]
     args: list[Any] = [action, state, task_type, 1 if force else 0]
     for target in targets:

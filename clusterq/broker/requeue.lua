@@ -1,11 +1,11 @@
 -- requeue: active -> pending, at the head of the line, without using up a retry. A
 -- worker that shuts down returns the tasks it will not finish.
 --
--- KEYS[1] active   KEYS[2] leases   KEYS[3] pending
+-- KEYS[1] active   KEYS[2] leases   KEYS[3] pending   KEYS[4] wake channel
 -- ARGV, two per task: id, token
 --
 -- Returns how many tasks were returned (the others were no longer held by the caller).
-do local bad = wrong_type({'zset', 'hash', 'list'}) if bad then return bad end end
+do local bad = wrong_type({'zset', 'hash', 'list', '-'}) if bad then return bad end end
 local n = 0
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]
@@ -16,4 +16,5 @@ for i = 1, #ARGV, 2 do
     n = n + 1
   end
 end
+if n > 0 and redis.call('LLEN', KEYS[3]) == n then wake(KEYS[4]) end
 return n

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeAlias
 
@@ -24,16 +23,19 @@ def _read(name: str) -> str:
 
 
 class LuaScript:
-    """One Lua script: its source (with the shared prelude) and SHA1.
+    """One Lua script: its source (with the shared prelude, unless ``prelude`` is false:
+    a script small enough that defining the prelude's functions would be a good part of
+    its cost, or one that starts with flags, ``#!lua flags=...``) and SHA1.
 
     A promoted replica or a restarted node has an empty script cache: on ``NOSCRIPT`` the
     script is loaded on that one node and called again (never on all masters, which
     fails while any of them is down).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, prelude: bool = True) -> None:
         self.name = name
-        self.source = _read("_prelude.lua") + "\n" + _read(f"{name}.lua")
+        body = _read(f"{name}.lua")
+        self.source = _read("_prelude.lua") + "\n" + body if prelude else body
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
@@ -62,58 +64,28 @@ class LuaScript:
 Call = tuple[LuaScript, Sequence[Any], Sequence[Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class Transaction:
-    """Writes that need no decision on the server, sent as ``MULTI ... EXEC`` in place of
-    a script call: just as atomic, and a fraction of the server time (no script to run,
-    no arguments to convert). Its reply is the list of the commands' replies.
-
-    Never sent with blocking commands after it (``WAIT``): those use a pooled
-    connection on asyncio, where these are not sent."""
-
-    commands: tuple[Sequence[Any], ...]
-
-
-#: What one pipelined step is: a script call or a transaction.
-Step: TypeAlias = Call | Transaction
+#: What one pipelined step is: a script call.
+Step: TypeAlias = Call
 
 
 def _commands(step: Step) -> list[Sequence[Any]]:
-    if isinstance(step, Transaction):
-        return [("MULTI",), *step.commands, ("EXEC",)]
     script, keys, args = step
     return [script.command(keys, args)]
 
 
 def _reply(step: Step, answers: Sequence[Any]) -> Any:
     """The reply of ``step`` from the answers to its commands (an error in its place)."""
-    if not isinstance(step, Transaction):
-        return answers[0]
-    result = answers[-1]
-    if isinstance(result, list):  # EXEC ran every command
-        return first_error(result) or result
-    # EXECABORT: a command was refused when queued (MOVED, READONLY...); nothing ran
-    return first_error(answers[:-1]) or result or redis.ResponseError("transaction aborted")
+    return answers[0]
 
 
 def run_one(client: NodeClient, step: Step) -> Any:
     """Run one step; an error reply is raised."""
-    if not isinstance(step, Transaction):
-        return step[0].call(client, step[1], step[2])
-    reply = _reply(step, client.fast_pipeline(_commands(step)))
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
+    return step[0].call(client, step[1], step[2])
 
 
 async def arun_one(client: AsyncNodeClient, step: Step) -> Any:
     """Asynchronous :func:`run_one` (over the node's lane)."""
-    if not isinstance(step, Transaction):
-        return await step[0].acall(client, step[1], step[2])
-    reply = _reply(step, await client.fast_pipeline(_commands(step)))
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
+    return await step[0].acall(client, step[1], step[2])
 
 
 class _Rounds:
@@ -176,8 +148,6 @@ async def arun_pipelined(
 ) -> tuple[list[Any], list[Any]]:
     """Asynchronous :func:`run_pipelined`. Without ``after`` the steps share the node's
     lane; with it they take a pooled connection of their own (``WAIT`` blocks)."""
-    if after and any(isinstance(step, Transaction) for step in steps):
-        raise ValueError("a transaction is not sent with blocking commands after it")
     rounds = _Rounds(steps, after)
     while (commands := rounds.next_round()) is not None:
         if after:
@@ -194,12 +164,7 @@ async def arun_pipelined(
 
 def _scripts(steps: Sequence[Step], indexes: list[int]) -> set[LuaScript]:
     """The scripts of those steps (to load where they met NOSCRIPT)."""
-    out = set()
-    for i in indexes:
-        step = steps[i]
-        if not isinstance(step, Transaction):
-            out.add(step[0])
-    return out
+    return {steps[i][0] for i in indexes}
 
 
 def _settle(

@@ -18,7 +18,13 @@ from clusterq.inspector import Inspector
 from clusterq.logs import LogFormat
 from clusterq.logs import configure as configure_logs
 from clusterq.router import Router
-from clusterq.worker import DEFAULT_LEASE, DEFAULT_POLL_INTERVAL, Worker, parse_queues
+from clusterq.worker import (
+    DEFAULT_LEASE,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_SURVEY_INTERVAL,
+    Worker,
+    parse_queues,
+)
 
 
 class _RunByDefault(click.Group):
@@ -84,7 +90,22 @@ def load_router(spec: str) -> Router:
     type=float,
     default=DEFAULT_POLL_INTERVAL,
     show_default=True,
-    help="Longest blocking wait for work, in seconds (due delayed tasks are checked this often).",
+    help="Without wake-ups: longest blocking wait for work, in seconds (due delayed tasks "
+    "are checked this often).",
+)
+@click.option(
+    "--wakeups/--no-wakeups",
+    default=True,
+    show_default=True,
+    help="Idle queues wait for wake-ups (sharded pub/sub, Redis >= 7) instead of polling.",
+)
+@click.option(
+    "--survey-interval",
+    type=float,
+    default=DEFAULT_SURVEY_INTERVAL,
+    show_default=True,
+    help="With wake-ups: seconds between looks at idle queues (a lost wake-up waits this long "
+    "at most).",
 )
 @click.option("--name", default=None, help="Worker id (default host:pid:random).")
 @log_options
@@ -115,6 +136,8 @@ def run(
     lease: float,
     recover_interval: float,
     poll_interval: float,
+    wakeups: bool,
+    survey_interval: float,
     name: str | None,
     log_level: str,
     log_format: LogFormat,
@@ -140,6 +163,8 @@ def run(
         "lease": lease,
         "recover_interval": recover_interval,
         "poll_interval": poll_interval,
+        "wakeups": wakeups,
+        "survey_interval": survey_interval,
         "name": name,
         "metrics": metrics,
         "streams": streams,

@@ -201,7 +201,6 @@ def _in_ranges(slot: int, ranges: Sequence[SlotRange]) -> bool:
 def diff(old: Topology, new: Topology, queues: Iterable[str] = ()) -> list[TopologyEvent]:
     """Events that lead from ``old`` to ``new``; ``queues`` are named in slot events."""
     events: list[TopologyEvent] = []
-    queue_slots = [(q, keyslot(q)) for q in sorted(set(queues))]
     old_nodes = {n.id: n for n in old.nodes}
     new_nodes = {n.id: n for n in new.nodes}
 
@@ -219,8 +218,10 @@ def diff(old: Topology, new: Topology, queues: Iterable[str] = ()) -> list[Topol
     changed = (
         (slot, a, b) for slot, (a, b) in enumerate(zip(old_owner, new_owner, strict=True)) if a != b
     )
+    groups = _group(changed) if old_owner != new_owner else {}
+    queue_slots = [(q, keyslot(q)) for q in sorted(set(queues))] if groups else []
     promoted: set[tuple[str, str]] = set()
-    for (old_id, new_id), ranges in _group(changed).items():
+    for (old_id, new_id), ranges in groups.items():
         affected = tuple(q for q, s in queue_slots if _in_ranges(s, ranges))
         before = old_nodes.get(old_id) if old_id else None
         after = new_nodes.get(new_id) if new_id else None

@@ -92,9 +92,12 @@ class Session:
             self.client.enqueue_many([(task_type, payload)] * n, queue=queue)
             self.progress("filling queues", start + n, count)
 
-    def workers(self, queues: Sequence[str], count: int, streams: str = "none") -> WorkerProcesses:
+    def workers(
+        self, queues: Sequence[str], count: int, streams: str = "none", extra: Sequence[str] = ()
+    ) -> WorkerProcesses:
         return WorkerProcesses(
             streams=streams,
+            extra=extra,
             url=self.settings.url,
             prefix=self.settings.prefix,
             router="clusterq.tools.bench_handlers:router",

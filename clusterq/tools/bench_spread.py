@@ -163,9 +163,12 @@ def bench_partitioned(s: Session) -> list[BenchRow]:
     return rows
 
 
-#: Seconds the idle scenario lets the workers settle, then measures.
+#: Seconds the idle scenario lets the workers settle (plus one per 500 queues: the first
+#: dequeue and sweep of each, the subscriptions), then measures.
 IDLE_SETTLE = 1.0
 IDLE_WINDOW = 2.0
+#: The two ways an idle worker waits, measured in the same run: (label, worker options).
+IDLE_MODES = (("wake-ups", ()), ("polling", ("--no-wakeups",)))
 
 
 def _connections(s: Session) -> dict[str, int]:
@@ -177,18 +180,30 @@ def _connections(s: Session) -> dict[str, int]:
 
 
 def bench_idle(s: Session) -> list[BenchRow]:
-    """``queues`` idle queues (default 100) served by the worker processes: what the
-    masters receive per second, the connections per master and the workers' CPU while
-    nothing happens; then the pickup latency of tasks sent one at a time into random ones
-    of those queues."""
-    settings = s.settings
-    n = settings.queues or 100
+    """``queues`` idle queues (default 100) served by the worker processes, first with
+    wake-ups, then polling (``--no-wakeups``, the baseline): what the masters receive
+    per second and the CPU they spend, the connections per master and the workers' CPU
+    while nothing happens; then the pickup latency of tasks sent one at a time into
+    random ones of those queues."""
+    n = s.settings.queues or 100
     queues = s.queues(n)
+    rows: list[BenchRow] = []
+    try:
+        for label, extra in IDLE_MODES:
+            rows += _idle_round(s, queues, label, extra)
+    finally:
+        s.drop(queues)
+    return rows
+
+
+def _idle_round(s: Session, queues: list[str], label: str, extra: Sequence[str]) -> list[BenchRow]:
+    settings = s.settings
+    n = len(queues)
     connected = _connections(s)
-    workers = s.workers(queues, settings.workers)
+    workers = s.workers(queues, settings.workers, extra=extra)
     try:
         s.start_workers(workers)
-        time.sleep(IDLE_SETTLE)  # every fetch loop at its idle rhythm before measuring
+        time.sleep(IDLE_SETTLE + n / 500)  # every fetch loop at its idle rhythm
         before, cpu_before, started = _per_master(s), workers.cpu_seconds(), time.perf_counter()
         time.sleep(IDLE_WINDOW)
         after, cpu_after = _per_master(s), workers.cpu_seconds()
@@ -206,35 +221,39 @@ def bench_idle(s: Session) -> list[BenchRow]:
                 raise ClusterqError(f"idle: a task into {queue} was not picked up within 4 s")
             if i >= 5:  # the first ones warm up connections
                 samples.append(float(reply[1]))
-            s.progress(f"pickup, 1 of {n} idle queues", i + 1, count + 5)
+            s.progress(f"pickup, 1 of {n} idle queues ({label})", i + 1, count + 5)
     finally:
         workers.stop()
-    s.drop(queues)
     rate = sum(after[a][0] - before[a][0] for a in after) / seconds
+    server_ms = 1000 * sum(after[a][1] - before[a][1] for a in after) / seconds
     cpu = None
     if cpu_before is not None and cpu_after is not None:
         cpu = round(100 * (cpu_after - cpu_before) / seconds / settings.workers, 1)
     p50, p99 = ms_percentiles(samples)
     per_master = {a: connections[a] for a in sorted(connections)}
+    per_queue = rate / n / settings.workers
     return [
         BenchRow(
-            f"idle, {n} queues",
+            f"idle, {n} queues, {label}",
             n,
             round(seconds, 3),
             None,
             note=f"{settings.workers} worker process(es): {rate:,.0f} commands/s on the "
-            f"masters ({rate / n / settings.workers:.1f} per queue and worker), connections "
-            f"per master {per_master}, worker CPU {cpu if cpu is not None else '?'}% of a core "
+            f"masters ({per_queue:.2f} per queue and worker; commands run by scripts "
+            f"count), masters' CPU {server_ms:.1f} ms/s, connections per master "
+            f"{per_master}, worker CPU {cpu if cpu is not None else '?'}% of a core "
             "(per process)",
             extra={
+                "mode": label,
                 "commands_per_s": round(rate, 1),
-                "commands_per_s_per_queue": round(rate / n / settings.workers, 2),
+                "commands_per_s_per_queue": round(per_queue, 3),
+                "masters_cpu_ms_per_s": round(server_ms, 2),
                 "connections_per_master": per_master,
                 "worker_cpu_percent": cpu,
             },
         ),
         BenchRow(
-            f"pickup latency, 1 of {n} idle queues",
+            f"pickup latency, 1 of {n} idle queues, {label}",
             count,
             0.0,
             None,

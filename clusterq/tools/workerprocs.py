@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from clusterq.cluster.abackend import AsyncBackend
@@ -34,6 +35,7 @@ class WorkerProcesses:
         concurrency: int,
         name: str,
         streams: str = "none",
+        extra: Sequence[str] = (),
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -43,6 +45,8 @@ class WorkerProcesses:
         self.concurrency = concurrency
         self.name = name
         self.streams = streams
+        #: More `clusterq worker run` options (e.g. --no-wakeups).
+        self.extra = list(extra)
         self.dir = Path(tempfile.mkdtemp(prefix=f"clusterq-{name}-"))
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -68,6 +72,7 @@ class WorkerProcesses:
                 name,
                 "--streams",
                 self.streams,
+                *self.extra,
             ]
             # The URL (and its password) goes through the environment, never the command
             # line: `ps` shows command lines to every user of the machine.

@@ -1,7 +1,8 @@
 """Workers: fetch tasks, run their handlers, ack or fail them, keep their leases alive.
 
 - :mod:`~clusterq.worker.worker`: :class:`Worker`, the lifecycle (start, stop, signals);
-- :mod:`~clusterq.worker.fetcher`: one fetch loop per queue, blocking pickup, probes;
+- :mod:`~clusterq.worker.fetcher`: one fetch loop per queue, its idle wait, probes;
+- :mod:`~clusterq.worker.wakeups`: what wakes an idle queue (sharded pub/sub, survey);
 - :mod:`~clusterq.worker.runner`: running a handler, timeouts, middleware, threads;
 - :mod:`~clusterq.worker.outcomes`: acks (batched), failures and retries, hand-backs;
 - :mod:`~clusterq.worker.leases`: the heartbeat that renews leases;
@@ -16,6 +17,7 @@ from clusterq.worker.state import (
     DEFAULT_LEASE,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_RECOVER_INTERVAL,
+    DEFAULT_SURVEY_INTERVAL,
     WorkerSettings,
     WorkerStats,
     parse_queues,
@@ -27,6 +29,7 @@ __all__ = [
     "DEFAULT_LEASE",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_RECOVER_INTERVAL",
+    "DEFAULT_SURVEY_INTERVAL",
     "Worker",
     "WorkerAnnouncement",
     "WorkerSettings",

@@ -3,11 +3,15 @@ and a slow or dead shard holds up no other.
 
 A loop takes concurrency slots (shared among the queues by weight, see
 :mod:`clusterq.priority`), dequeues up to that many tasks in one script call, and starts
-each. An idle loop blocks on the server (``BLMOVE`` of the pending list onto itself) and
-wakes within milliseconds of an enqueue, and at least every ``poll_interval`` to forward
-scheduled and retry tasks that became due. When the queue's master cannot be reached,
-the loop reports the queue unavailable and probes the master without holding any
-slot; when a dequeue works again, it reports the queue resumed (and on which node).
+each. An idle loop sends nothing: it waits for a wake-up (:mod:`clusterq.worker.wakeups`)
+or for the earliest scheduled/retry task it knows of to be due; while its subscription
+is being made (at start, after a failover) it dequeues every ``poll_interval``. Without
+wake-ups (no sharded pub/sub, or turned off), it blocks on the server instead
+(``BLMOVE`` of the pending list onto itself, on a connection of its own), which wakes
+within milliseconds of an enqueue and at least every ``poll_interval``. When
+the queue's master cannot be reached, the loop reports the queue unavailable and probes
+the master without holding any slot; when a dequeue works again, it reports the queue
+resumed (and on which node).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from clusterq.priority import Capacity
 from clusterq.worker.runner import Runner
 from clusterq.worker.state import Held, QueueState, RunState, WorkerSettings
 from clusterq.worker.supervise import LoopFactory
+from clusterq.worker.wakeups import Wakeups
 
 log = logging.getLogger("clusterq.worker")
 
@@ -46,8 +51,10 @@ class Fetcher:
         run_state: RunState,
         emit: Callable[[TopologyEvent], None],
         next_token: Callable[[], str],
+        wakeups: Wakeups,
     ) -> None:
         self.broker = broker
+        self.wakeups = wakeups
         self.settings = settings
         self.capacity = capacity
         self.runner = runner
@@ -72,6 +79,7 @@ class Fetcher:
         q = self.queues[name] = QueueState(name, backend.keys.queue(name))
         self.all_queues.append(q)
         backend.note_queues([name])
+        self.wakeups.add(q)
         fetching = lambda: not self.run_state.stopping and not q.retired  # noqa: E731
         self.supervise(f"fetch:{name}", functools.partial(self.loop, q), fetching)
 
@@ -81,6 +89,7 @@ class Fetcher:
         if q is None or q.retired:
             return
         q.retired = True
+        q.wake.set()
         if q.waiting is not None:
             q.waiting.cancel()
 
@@ -105,6 +114,7 @@ class Fetcher:
             if granted == 0:
                 break
             token = self.next_token()
+            q.wake.clear()  # a wake-up from here on is for what this dequeue may miss
             try:
                 got = await self.broker.dequeue(q.qk, granted, self.settings.lease_ms, token)
             except Exception as exc:
@@ -123,19 +133,50 @@ class Fetcher:
                     "queue %s: dropped %d pending ids without a record", q.name, got.orphans
                 )
             self.capacity.release(granted - len(got.tasks))
+            if got.tasks:
+                q.sweep_due = True
             for task_id, raw in got.tasks:
                 running = asyncio.create_task(self.runner.execute(q, task_id, token, raw))
                 q.held[task_id] = Held(token, run=running)
                 self.running.add(running)
                 running.add_done_callback(self.running.discard)
             if got.paused:
-                await self._sleep(min(1.0, self.settings.poll_interval * 10))
+                if self.wakeups.covers(q):  # the survey wakes it once it has work again
+                    await self._wait_woken(q, None)
+                else:
+                    await self._sleep(min(1.0, self.settings.poll_interval * 10))
             elif not got.tasks:
-                await self._wait_for_work(q, got.next_due)
+                q.next_due = got.next_due
+                if self.wakeups.covers(q):
+                    await self._wait_woken(q, got.next_due)
+                elif self.wakeups.active:
+                    # Its subscription is being made (at start, after a failover): look
+                    # again within poll_interval, over the shared connection.
+                    soon = time.time() + self.settings.poll_interval
+                    await self._wait_woken(q, min(got.next_due or soon, soon))
+                else:
+                    await self._wait_for_work(q, got.next_due)
 
     async def _sleep(self, seconds: float) -> None:
         if not self.run_state.stopping:
             await asyncio.sleep(seconds)
+
+    async def _wait_woken(self, q: QueueState, next_due: float | None) -> None:
+        """Wait, sending nothing, for a wake-up (which the survey also gives when it
+        finds an earlier due time) or until ``next_due``."""
+        if q.wake.is_set() or self.run_state.stopping or q.retired:
+            return
+        timer = None
+        if next_due is not None:
+            wait = next_due - time.time()
+            if wait <= 0.001:
+                return
+            timer = asyncio.get_running_loop().call_later(wait, q.wake.set)
+        try:
+            await q.wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _wait_for_work(self, q: QueueState, next_due: float | None) -> None:
         """Block on the server until the pending list has an id, or until the next
@@ -162,5 +203,6 @@ class Fetcher:
         cancelling its wait); the caller awaits the loops."""
         self.capacity.close()
         for q in queues:
+            q.wake.set()
             if q.waiting is not None:
                 q.waiting.cancel()

@@ -38,7 +38,7 @@ class Leases:
     async def loop(self, queues: list[QueueState]) -> None:
         while not self.run_state.closing:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            await asyncio.gather(*(self.renew(q) for q in queues))
+            await asyncio.gather(*(self.renew(q) for q in queues if q.held))
 
     async def renew(self, q: QueueState) -> None:
         held = q.renewable()

@@ -4,6 +4,10 @@ dedup window of deleted ids) and takes back the tasks whose lease expired, those
 worker that crashed or was cut off, for another attempt (or the archive, when no
 retries are left). A lease renewed meanwhile wins: recovery only applies to a lease that
 is still expired on the server.
+
+A queue that wake-ups cover (:mod:`clusterq.worker.wakeups`) is swept only when there is
+something to sweep for: it had work since its last sweep, or the survey saw something
+(an expired lease, an ended retention, an archive over its limits).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from clusterq.worker.state import (
     WorkerSettings,
     WorkerStats,
 )
+from clusterq.worker.wakeups import Wakeups
 
 log = logging.getLogger("clusterq.worker")
 
@@ -42,7 +47,9 @@ class Recoverer:
         stats: WorkerStats,
         outcomes: Outcomes,
         run_state: RunState,
+        wakeups: Wakeups,
     ) -> None:
+        self.wakeups = wakeups
         self.broker = broker
         self.settings = settings
         self.stats = stats
@@ -52,10 +59,12 @@ class Recoverer:
     async def loop(self, queues: list[QueueState]) -> None:
         while not self.run_state.closing:
             await asyncio.sleep(self.settings.recover_interval * (0.75 + 0.5 * random.random()))
-            await asyncio.gather(*(self.sweep(q) for q in queues))
+            due = [q for q in queues if q.sweep_due or q.held or not self.wakeups.covers(q)]
+            await asyncio.gather(*(self.sweep(q) for q in due))
 
     async def sweep(self, q: QueueState) -> None:
         self.stats.sweeps += 1
+        q.sweep_due = bool(q.held)  # once more after they finish (cancel requests...)
         try:
             swept = await self.broker.sweep(
                 q.qk,

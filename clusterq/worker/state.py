@@ -4,6 +4,7 @@ queue, and the outcome of one handler call."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,9 @@ DEFAULT_LEASE = 10.0
 DEFAULT_RECOVER_INTERVAL = 1.0
 DEFAULT_POLL_INTERVAL = 0.1
 DEFAULT_TOPOLOGY_INTERVAL = 0.5
+#: Seconds between surveys of idle queues (see :mod:`clusterq.worker.wakeups`): the
+#: longest a lost wake-up can delay a task.
+DEFAULT_SURVEY_INTERVAL = 1.0
 #: How long the id of a task deleted on success is remembered: an enqueue of the same id
 #: (a producer retrying after a timeout or a failover) is then "already enqueued" instead
 #: of a second run. Longer than the client's retry timeout.
@@ -52,6 +56,17 @@ def parse_queues(queues: Mapping[str, int] | Iterable[str] | str | None) -> dict
     return weights
 
 
+def check_options(concurrency: object, shutdown_timeout: float, **seconds: float) -> None:
+    """A worker's numeric options, each named in its error: ``seconds`` must be above 0."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be an integer of at least 1, got {concurrency!r}")
+    for option, value in seconds.items():
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{option} must be a number of seconds above 0, got {value!r}")
+    if not (math.isfinite(shutdown_timeout) and shutdown_timeout >= 0):
+        raise ValueError(f"shutdown_timeout must be 0 or more seconds, got {shutdown_timeout!r}")
+
+
 @dataclass
 class WorkerSettings:
     """How a worker behaves; see :class:`~clusterq.worker.Worker` for each setting."""
@@ -71,6 +86,9 @@ class WorkerSettings:
     heartbeat_interval: float = DEFAULT_LEASE / 4
     #: Retries of a task whose type no handler here knows, before it is archived.
     no_handler_retries: int = DEFAULT_NO_HANDLER_RETRIES
+    #: Idle queues wait for wake-ups (sharded pub/sub) instead of polling.
+    wakeups: bool = True
+    survey_interval: float = DEFAULT_SURVEY_INTERVAL
 
     @property
     def lease_ms(self) -> int:
@@ -119,6 +137,14 @@ class QueueState:
     waiting: asyncio.Future[Any] | None = None
     #: A drained partition that was retired: its fetch loop ends.
     retired: bool = False
+    #: Set to wake the idle fetch loop (a wake-up, the survey, a stop); cleared by the
+    #: loop before each dequeue.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Unix time (s) the earliest scheduled/retry task is due, as last seen; None: none.
+    next_due: float | None = None
+    #: The recoverer should sweep it (work was taken since its last sweep, or the survey
+    #: saw something to sweep for); an idle queue with wake-ups is not swept otherwise.
+    sweep_due: bool = True
 
     def unfinished(self) -> list[tuple[str, str]]:
         """(id, token) of the tasks still held and neither decided nor lost."""

@@ -2,9 +2,11 @@
 
 One asyncio event loop per worker process runs, for each queue, a fetch loop
 (:mod:`~clusterq.worker.fetcher`), the tasks it starts (:mod:`~clusterq.worker.runner`,
-whose outcomes go through :mod:`~clusterq.worker.outcomes`), and three background
-loops: the heartbeat (:mod:`~clusterq.worker.leases`), the recoverer
-(:mod:`~clusterq.worker.recoverer`) and the announcer (:mod:`~clusterq.worker.announce`).
+whose outcomes go through :mod:`~clusterq.worker.outcomes`), and background loops: the
+heartbeat (:mod:`~clusterq.worker.leases`), the recoverer
+(:mod:`~clusterq.worker.recoverer`), the announcer (:mod:`~clusterq.worker.announce`)
+and the wake-ups of idle queues (:mod:`~clusterq.worker.wakeups`: with them, an idle
+queue costs next to nothing on Redis >= 7.0 and Valkey).
 This module owns only the lifecycle: start, graceful stop, abort, signals, events.
 """
 
@@ -12,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import logging
-import math
 import os
 import signal
 import socket
@@ -50,14 +50,17 @@ from clusterq.worker.state import (
     DEFAULT_NO_HANDLER_RETRIES,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_RECOVER_INTERVAL,
+    DEFAULT_SURVEY_INTERVAL,
     DEFAULT_TOPOLOGY_INTERVAL,
     QueueState,
     RunState,
     WorkerSettings,
     WorkerStats,
+    check_options,
     parse_queues,
 )
 from clusterq.worker.supervise import Supervisor
+from clusterq.worker.wakeups import Wakeups
 from clusterq.workflow import AsyncWorkflows
 
 if TYPE_CHECKING:
@@ -84,7 +87,9 @@ class Worker:
     ``concurrency`` tasks run at once. ``lease`` seconds is how long a task stays
     reserved without a heartbeat; a worker that dies loses its tasks to the recoverer
     after about that long. ``shutdown_timeout`` is how long :meth:`stop` lets running
-    tasks finish before it returns the rest to their queues.
+    tasks finish before it returns the rest to their queues. ``wakeups`` and
+    ``survey_interval``: see :mod:`clusterq.worker.wakeups` (without, an idle queue is
+    polled every ``poll_interval``).
     """
 
     def __init__(
@@ -113,22 +118,19 @@ class Worker:
         no_handler_retries: int = DEFAULT_NO_HANDLER_RETRIES,
         metrics: WorkerMetrics | None = None,
         streams: Iterable[str | tuple[str, str]] | str | None = None,
+        wakeups: bool = True,
+        survey_interval: float = DEFAULT_SURVEY_INTERVAL,
     ) -> None:
         if router is None:
             raise ValueError("a worker needs a Router")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be an integer of at least 1, got {concurrency!r}")
-        for option, seconds in (
-            ("lease", lease),
-            ("poll_interval", poll_interval),
-            ("recover_interval", recover_interval),
-        ):
-            if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
-                raise ValueError(f"{option} must be a number of seconds above 0, got {seconds!r}")
-        if not (math.isfinite(shutdown_timeout) and shutdown_timeout >= 0):
-            raise ValueError(
-                f"shutdown_timeout must be 0 or more seconds, got {shutdown_timeout!r}"
-            )
+        check_options(
+            concurrency,
+            shutdown_timeout,
+            lease=lease,
+            poll_interval=poll_interval,
+            recover_interval=recover_interval,
+            survey_interval=survey_interval,
+        )
         self.url = url
         self.router = router
         self.weights = parse_queues(queues)
@@ -154,6 +156,8 @@ class Worker:
             dedup_window=dedup_window,
             heartbeat_interval=lease / 4,
             no_handler_retries=no_handler_retries,
+            wakeups=wakeups,
+            survey_interval=survey_interval,
         )
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
         self.stats = WorkerStats()
@@ -172,15 +176,12 @@ class Worker:
         self._fetcher: Fetcher | None = None
         self._outcomes: Outcomes | None = None
         self._announcer: Announcer | None = None
+        #: How idle queues are woken (set up by :meth:`start`).
+        self.wakeups: Wakeups | None = None
         #: Prometheus metrics of this worker (``clusterq.metrics.WorkerMetrics``), if any.
         self.metrics = metrics
         if metrics is not None:
-            metrics.running.set_function(lambda: self.running)
-            metrics.leases_lost.set_function(lambda: self.stats.leases_lost)
-            metrics.loop_restarts.set_function(lambda: self.stats.loop_restarts)
-            for what in ("handled", "failed", "dead", "claimed", "trimmed_unread"):
-                gauge = metrics.stream_events.labels(what)
-                gauge.set_function(functools.partial(getattr, self.consumers.stats, what))
+            metrics.bind(self)
 
     # ------------------------------------------------------------------ settings
 
@@ -282,44 +283,44 @@ class Worker:
         await backend.execute_key(registry, lambda c: c.sadd(registry, *queues))
         broker = Broker(backend)
         settings, stats, state = self.settings, self.stats, self._state
+        self.wakeups = wakeups = Wakeups(broker, settings, state, lambda: self._all_queues)
+        idle = await wakeups.start()
         self._outcomes = Outcomes(broker, settings, stats)
-        self._runner = Runner(
-            self.router,
-            settings,
-            self._capacity,
-            self._outcomes,
-            lambda: state.aborting,
-            observe=self.metrics.observe if self.metrics is not None else None,
-        )
+        observe = self.metrics.observe if self.metrics is not None else None
+        aborting = lambda: state.aborting  # noqa: E731
+        self._runner = Runner(self.router, settings, self._capacity, self._outcomes, aborting)
+        self._runner.observe = observe
         workflows = AsyncWorkflows(AsyncClient(backend))
         self._runner.workflows = self._outcomes.workflows = workflows
-        self._fetcher = Fetcher(
-            broker, settings, self._capacity, self._runner, state, self._emit, self._next_token
+        cap, runner = self._capacity, self._runner
+        fetcher = Fetcher(
+            broker, settings, cap, runner, state, self._emit, self._next_token, wakeups
         )
-        self._fetcher.queues, self._fetcher.all_queues = self._queues, self._all_queues
-        self._fetcher.supervise = self._supervisor.start
+        self._fetcher, fetcher.queues, fetcher.all_queues = fetcher, self._queues, self._all_queues
+        fetcher.supervise = supervise = self._supervisor.start
         self._announcer = Announcer(backend, self.id, self._describe, state)
         self.started_at = time.time()
         running = lambda: not state.closing  # noqa: E731
-        supervise = self._supervisor.start
-        fetcher, strict = self._fetcher, self.strict_priority
+        strict = self.strict_priority
         self._partitions = PartitionWatch(backend, self.weights, fetcher, strict, state)
         await self._partitions.load()  # a fetch loop per queue, or per partition
         all_queues = self._all_queues
         leases = Leases(broker, settings, stats, state, self._cancel)
-        recoverer = Recoverer(broker, settings, stats, self._outcomes, state)
+        recoverer = Recoverer(broker, settings, stats, self._outcomes, state, wakeups)
         supervise("heartbeat", lambda: leases.loop(all_queues), running)
         supervise("recover", lambda: recoverer.loop(all_queues), running)
         supervise("announce", self._announcer.loop, running)
         supervise("partitions", self._partitions.loop, lambda: not state.stopping)
+        supervise("wakeups", wakeups.loop, lambda: not state.closing and wakeups.active)
         self.consumers.start(backend, self.id, self.lease, state, self._supervisor.start)
         log.info(
-            "worker %s started: queues %s, concurrency %d, %s at %s",
+            "worker %s started: queues %s, concurrency %d, %s at %s; %s",
             self.id,
-            ", ".join(f"{q}={w}" for q, w in self.weights.items()),
+            _queues_phrase(self.weights),
             self.concurrency,
             backend.mode,
             backend.topology.source,
+            idle,
         )
 
     @property
@@ -386,6 +387,8 @@ class Worker:
 
     async def _close(self, *, announce: bool) -> None:
         self._state.closing = True
+        if self.wakeups is not None:
+            self.wakeups.close()
         await cancel_and_wait(self._supervisor.running())
         if self.backend is not None:
             if announce and self._announcer is not None:
@@ -426,6 +429,14 @@ class Worker:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
             await asyncio.gather(*stopping, return_exceptions=True)
+
+
+def _queues_phrase(weights: Mapping[str, int]) -> str:
+    """``a=1, b=2``: one line, even for a worker of a thousand queues."""
+    named = [f"{q}={w}" for q, w in weights.items()]
+    if len(named) > 12:
+        named = [*named[:10], f"… ({len(named)} queues)"]
+    return ", ".join(named)
 
 
 async def cancel_and_wait(tasks: set[asyncio.Task[Any]], *, limit: float = 10.0) -> None:

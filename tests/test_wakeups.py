@@ -1,0 +1,299 @@
+"""Idle queues cost (almost) nothing: wake-ups by sharded pub/sub, the survey that
+catches a lost one, and what happens to both across a reshard and a master's death.
+Real servers: the session's standalone node and cluster, and fresh clusters for the
+failover and the reshard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from external import find_cli
+from helpers import FAST, await_for, running_worker, write_raw_records
+from test_reshard import _queue_on_slot, _reshard_with_cli
+
+from clusterq import Admin, AsyncClient, Client, Router, Task
+from clusterq.broker.facade import Broker
+from clusterq.broker.survey import UNKNOWN
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.permissions import acl_rules
+from clusterq.tools.devcluster import HOST, LocalCluster, LocalServer
+from clusterq.worker import Worker
+from clusterq.worker.wakeups import sharded_pubsub
+
+ARCHIVE = {"archive_max_size": 10_000, "archive_max_age_ms": 3_600_000}
+
+
+def _router(started: dict[str, float]) -> Router:
+    router = Router()
+
+    @router.task("t")
+    async def t(task: Task) -> None:
+        started.setdefault(task.id, time.time())
+
+    return router
+
+
+def _covered(worker: Worker, queues: list[str]) -> bool:
+    assert worker.wakeups is not None
+    return all(worker.wakeups.covers(worker._queues[q]) for q in queues)
+
+
+def _masters(target: LocalServer | LocalCluster) -> list[redis.Redis]:
+    if isinstance(target, LocalCluster):
+        return [target.client(s.master.port) for s in target.topology().shards]
+    return [target.client()]
+
+
+def _commands_and_clients(masters: list[redis.Redis]) -> tuple[int, list[int]]:
+    commands = sum(int(m.info("stats")["total_commands_processed"]) for m in masters)
+    return commands, [int(m.info("clients")["connected_clients"]) for m in masters]
+
+
+def test_servers_with_sharded_pubsub() -> None:
+    assert sharded_pubsub("7.0.15") and sharded_pubsub("7.2.4") and sharded_pubsub("8.1.0")
+    assert not sharded_pubsub("6.2.14") and not sharded_pubsub("")
+
+
+def test_the_survey_says_how_each_queue_stands(url: str, prefix: str) -> None:
+    async def scenario() -> None:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        backend = await AsyncBackend.connect(url, prefix=prefix)
+        broker = Broker(backend)
+        names = ["ready", "held", "later", "empty", "broken"]
+        await client.enqueue("t", 1, queue="ready")
+        await client.enqueue("t", 2, queue="held")
+        admin = Admin(url, prefix=prefix)
+        admin.pause("held")
+        later = await client.enqueue("t", 3, queue="later", process_in=60)
+        qks = {n: backend.keys.queue(n) for n in names}
+        broken = qks["broken"].scheduled
+        await backend.execute_key(broken, lambda c: c.set(broken, "not a zset"))
+        looks = {}
+        for name, qk in qks.items():  # one call per queue: each on its own node
+            (looks[name],) = await broker.survey([qk], timeout=0, **ARCHIVE)
+        assert looks["ready"].ready and looks["ready"].pending == 1
+        assert looks["held"].paused and looks["held"].pending == 1 and not looks["held"].ready
+        scheduled = await client.info(later)
+        assert scheduled.next_process_at is not None
+        assert looks["later"].next_due == pytest.approx(scheduled.next_process_at, abs=0.002)
+        assert looks["empty"].known and not looks["empty"].ready and looks["empty"].next_due is None
+        assert looks["broken"] is UNKNOWN  # keys that are not clusterq's: the loop finds out
+        if backend.mode == "cluster":  # a queue served by another node: unknown there
+            here = backend.master_addr(qks["ready"].slot)
+            elsewhere = next(
+                n
+                for n in [f"x{i}" for i in range(100)]
+                if backend.master_addr(backend.keys.queue(n).slot) != here
+            )
+            mixed = await broker.survey(
+                [qks["ready"], backend.keys.queue(elsewhere)], timeout=0, **ARCHIVE
+            )
+            assert mixed[0].ready and mixed[1] is UNKNOWN
+        admin.unpause("held")
+        admin.close()
+        await backend.aclose()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_thousand_idle_queues_cost_almost_nothing(cluster: LocalCluster, prefix: str) -> None:
+    """One worker, 1,000 idle queues on the cluster: few commands and connections; a task
+    into a random queue runs at once, a scheduled one in another on time."""
+    queues = [f"idle{i}" for i in range(1000)]
+    started: dict[str, float] = {}
+    masters = _masters(cluster)
+    rng = random.Random(17)
+
+    async def scenario() -> dict[str, Any]:
+        client = await AsyncClient.connect(cluster.seed_url, prefix=prefix)
+        _, clients_before = _commands_and_clients(masters)
+        # A long survey period: a scheduled task can then start on time only by the
+        # worker's own timer (its due time known in memory).
+        options = {**FAST, "survey_interval": 30.0}
+        async with running_worker(
+            cluster.seed_url, _router(started), prefix=prefix, queues=queues, **options
+        ) as worker:
+            await await_for(lambda: _covered(worker, queues), 30, "every queue subscribed")
+            await asyncio.sleep(1.0)  # the first dequeue and sweep of every queue: done
+            commands_before, _ = _commands_and_clients(masters)
+            began = time.monotonic()
+            await asyncio.sleep(2.0)
+            commands_after, clients_after = _commands_and_clients(masters)
+            per_second = (commands_after - commands_before) / (time.monotonic() - began)
+            assert worker.wakeups is not None
+            messages = worker.wakeups.messages
+            now = await client.enqueue("t", 1, queue=rng.choice(queues))
+            await await_for(lambda: now.id in started, 10, "the task into an idle queue")
+            assert worker.wakeups.messages > messages  # woken, not found by polling
+            due = await client.enqueue("t", 2, queue=rng.choice(queues), process_in=1.5)
+            due_at = (await client.info(due)).next_process_at or 0.0
+            await await_for(lambda: due.id in started, 10, "the scheduled task")
+        await client.aclose()
+        return {
+            "per_second": per_second,
+            "extra_clients": [a - b for a, b in zip(clients_after, clients_before, strict=True)],
+            "late": started[due.id] - due_at,
+        }
+
+    result = asyncio.run(scenario())
+    print(
+        f"\n1,000 idle queues: {result['per_second']:.0f} commands/s on the masters (scripts' "
+        f"inner commands counted), {result['extra_clients']} connections per master, "
+        f"scheduled task started {result['late'] * 1000:.0f} ms after its due time"
+    )
+    # Before wake-ups: ~33,000 commands/s (a blocking poll per queue every 0.1 s) and a
+    # pooled connection per waiting queue (the pool's cap).
+    assert result["per_second"] < 3 * len(queues)
+    assert max(result["extra_clients"]) <= 8
+    assert -0.01 <= result["late"] < 1.0
+
+
+def test_a_lost_wakeup_is_found_by_the_survey(url: str, prefix: str) -> None:
+    """A task written without its wake-up (as if the message were lost) still starts,
+    found by the survey: a waiting queue is never polled."""
+    started: dict[str, float] = {}
+
+    async def scenario() -> None:
+        async with running_worker(
+            url, _router(started), prefix=prefix, queues=["quiet"], survey_interval=0.3
+        ) as worker:
+            await await_for(lambda: _covered(worker, ["quiet"]), 10, "the subscription")
+            with Client(url, prefix=prefix) as client:  # a record, from a queue not served
+                info = client.enqueue("t", 1, queue="elsewhere")
+                qk = client.keys.queue("elsewhere")
+                raw = client.backend.execute_key(qk.tasks, lambda c: c.hget(qk.tasks, info.id))
+            assert worker.wakeups is not None
+            messages, surveys = worker.wakeups.messages, worker.wakeups.surveys
+            await asyncio.to_thread(
+                write_raw_records, url, prefix, "quiet", {info.id: raw}, active=False
+            )
+            await await_for(lambda: info.id in started, 10, "the task without a wake-up")
+            assert worker.wakeups.messages == messages
+            assert worker.wakeups.surveys > surveys
+
+    asyncio.run(scenario())
+
+
+def test_without_the_right_to_subscribe_a_worker_polls_and_says_so(
+    standalone: LocalServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user without channel permissions: the enqueue's wake-up is refused inside
+    the script without failing it, the worker falls back to polling and logs why."""
+    admin = standalone.client()
+    user = f"nochan-{prefix}"
+    rules = acl_rules(prefix).replace(f"&{prefix}:* ", "")
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">pw", *rules.split())
+    url = standalone.seed_url.replace("redis://", f"redis://{user}:pw@")
+    started: dict[str, float] = {}
+
+    async def scenario() -> bool:
+        async with running_worker(url, _router(started), prefix=prefix, queues=["acl"]) as w:
+            client = await AsyncClient.connect(url, prefix=prefix)
+            info = await client.enqueue("t", 1, queue="acl")
+            await await_for(lambda: info.id in started, 10, "the task, by polling")
+            await client.aclose()
+            assert w.wakeups is not None
+            return w.wakeups.active
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="clusterq.worker"):
+            active = asyncio.run(scenario())
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+    assert not active
+    assert any(
+        "wake-ups off" in r.getMessage() and f"&{prefix}:*" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_wakeups_off_polls_as_before(standalone: LocalServer, prefix: str) -> None:
+    started: dict[str, float] = {}
+
+    async def scenario() -> None:
+        async with running_worker(
+            standalone.seed_url, _router(started), prefix=prefix, queues=["old"], wakeups=False
+        ) as worker:
+            assert worker.wakeups is not None and not worker.wakeups.active
+            client = await AsyncClient.connect(standalone.seed_url, prefix=prefix)
+            info = await client.enqueue("t", 1, queue="old")
+            await await_for(lambda: info.id in started, 10, "the task")
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_no_wakeup_is_lost_across_a_reshard_and_a_master_kill(
+    fresh_cluster: Callable[..., LocalCluster], server_bin: Path
+) -> None:
+    """The slot of a waiting queue moves (the server ends the subscription), then the
+    master of another waiting queue dies (kill -9): the worker subscribes again where the
+    slots went, and tasks enqueued meanwhile, whose wake-ups reached no one, still run."""
+    cli = find_cli(server_bin)
+    if cli is None:
+        pytest.fail("no redis-cli/valkey-cli beside the server or on PATH")
+    cluster = fresh_cluster()
+    shards = sorted(cluster.topology().shards, key=lambda s: s.slots[0][0])
+    source, target, doomed = shards[1], shards[2], shards[0]
+    moving = _queue_on_slot(source.slots[0][0])
+    orphan = next(
+        f"k{i}"
+        for i in range(10_000)
+        if (s := cluster.topology().locate(f"k{i}")) and s.master.id == doomed.master.id
+    )
+    queues = [moving, orphan]
+    started: dict[str, float] = {}
+
+    async def scenario() -> dict[str, Any]:
+        client = await AsyncClient.connect(cluster.seed_url, retry_timeout=30)
+        async with running_worker(
+            cluster.seed_url, _router(started), queues=queues, survey_interval=1.0
+        ) as worker:
+            assert worker.wakeups is not None
+            await await_for(lambda: _covered(worker, queues), 10, "the subscriptions")
+            await asyncio.to_thread(_reshard_with_cli, cli, cluster, source, target)
+            moved = await client.enqueue("t", "moved", queue=moving)
+            await await_for(lambda: moved.id in started, 15, "the task after the reshard")
+            await await_for(lambda: _covered(worker, queues), 15, "subscribed again")
+            assert worker.wakeups._on[moving] == (HOST, target.master.port)
+            messages = worker.wakeups.messages
+            woken = await client.enqueue("t", "woken", queue=moving)
+            await await_for(lambda: woken.id in started, 10, "a task once subscribed again")
+            assert worker.wakeups.messages > messages
+            cluster.kill_node(doomed.master.port)
+            killed_at = time.time()
+            during = await client.enqueue("t", "during", queue=orphan)  # to the promoted one
+            acked_at = time.time()
+            await await_for(lambda: during.id in started, 30, "the task after the kill")
+            await await_for(lambda: _covered(worker, queues), 30, "subscribed again")
+            assert worker.wakeups._on[orphan] != (HOST, doomed.master.port)
+            messages = worker.wakeups.messages
+            after = await client.enqueue("t", "after", queue=orphan)
+            await await_for(lambda: after.id in started, 10, "a task once subscribed again")
+            assert worker.wakeups.messages > messages
+            dropped = worker.wakeups.dropped
+        await client.aclose()
+        return {
+            "dropped": dropped,
+            "failover": acked_at - killed_at,
+            "pickup": started[during.id] - acked_at,
+        }
+
+    result = asyncio.run(scenario())
+    print(
+        f"\nenqueue during the failover acknowledged {result['failover']:.2f}s after the kill, "
+        f"started {result['pickup']:.2f}s after that"
+    )
+    assert result["dropped"] >= 2  # one subscription ended by the reshard, one by the kill
+    assert result["pickup"] < 1.0 + 2.0  # within the survey period (1 s), with slack
