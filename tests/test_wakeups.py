@@ -105,6 +105,7 @@ def test_the_survey_says_how_each_queue_stands(url: str, prefix: str) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.both_servers
 def test_a_thousand_idle_queues_cost_almost_nothing(cluster: LocalCluster, prefix: str) -> None:
     """One worker, 1,000 idle queues on the cluster: few commands and connections; a task
     into a random queue runs at once, a scheduled one in another on time."""
@@ -157,6 +158,7 @@ def test_a_thousand_idle_queues_cost_almost_nothing(cluster: LocalCluster, prefi
     assert -0.01 <= result["late"] < 1.0
 
 
+@pytest.mark.both_servers
 def test_a_lost_wakeup_is_found_by_the_survey(url: str, prefix: str) -> None:
     """A task written without its wake-up (as if the message were lost) still starts,
     found by the survey: a waiting queue is never polled."""
@@ -234,6 +236,7 @@ def test_wakeups_off_polls_as_before(standalone: LocalServer, prefix: str) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.both_servers
 def test_no_wakeup_is_lost_across_a_reshard_and_a_master_kill(
     fresh_cluster: Callable[..., LocalCluster], server_bin: Path
 ) -> None:
