@@ -81,6 +81,7 @@ class Wakeups:
         self._on: dict[str, Addr] = {}
         self._subscribers: dict[Addr, Subscriber] = {}
         self._replan = asyncio.Event()
+        broker.backend.subscribe(self._on_topology)
         #: Counters for tests and metrics.
         self.messages = 0
         self.surveys = 0
@@ -152,6 +153,23 @@ class Wakeups:
                 reason,
             )
             self.broker.backend.refresh_soon()
+            self._replan.set()
+
+    def _on_topology(self, _topology: object, _events: object) -> None:
+        """The map changed: a subscription on a node that no longer serves its queue's
+        slot (a failover the old master did not report, cut off from the others) is
+        given up, and made again where the slot is now."""
+        backend = self.broker.backend
+        moved = []
+        for q in self.queues():
+            addr = self._on.get(q.name)
+            with contextlib.suppress(Exception):
+                if addr is not None and backend.master_addr(q.qk.slot) != addr:
+                    moved.append(q)
+        for q in moved:
+            del self._on[q.name]
+            q.wake.set()
+        if moved:
             self._replan.set()
 
     # ------------------------------------------------------------------ loop
