@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -300,3 +302,39 @@ def test_no_wakeup_is_lost_across_a_reshard_and_a_master_kill(
     )
     assert result["dropped"] >= 2  # one subscription ended by the reshard, one by the kill
     assert result["pickup"] < 1.0 + 2.0  # within the survey period (1 s), with slack
+
+
+def test_a_frozen_server_is_noticed_by_the_keepalive(
+    tmp_path: Path, server_bin: Path, prefix: str
+) -> None:
+    """SIGSTOP the server: the subscription's keepalive PING goes unanswered, the queue's
+    loop is woken to find out (and polls); after SIGCONT the worker subscribes again and
+    a task wakes it as before."""
+    from test_outcomes import _own_server
+
+    server = _own_server(tmp_path, server_bin)
+    url = server.seed_url + "?socket_timeout=1"
+    started: dict[str, float] = {}
+
+    async def scenario() -> int:
+        async with running_worker(url, _router(started), prefix=prefix, queues=["cold"]) as w:
+            assert w.wakeups is not None
+            await await_for(lambda: _covered(w, ["cold"]), 10, "the subscription")
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                await await_for(lambda: w.wakeups.dropped >= 1, 10, "the keepalive to give up")
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            await await_for(lambda: _covered(w, ["cold"]), 15, "subscribed again")
+            messages = w.wakeups.messages
+            client = await AsyncClient.connect(url, prefix=prefix)
+            info = await client.enqueue("t", 1, queue="cold")
+            await await_for(lambda: info.id in started, 10, "the task")
+            await client.aclose()
+            return w.wakeups.messages - messages
+
+    try:
+        assert asyncio.run(scenario()) >= 1
+    finally:
+        server.stop()

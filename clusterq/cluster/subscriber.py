@@ -25,7 +25,7 @@ from typing import Any
 import hiredis
 import redis
 
-from clusterq.cluster.wire import _MORE, _Endpoint, _reader, pack
+from clusterq.cluster.wire import _MORE, _Endpoint, _reader, open_connection, pack
 
 #: Seconds between keepalive PINGs; a node that does not answer one within the
 #: connection's socket timeout (a frozen master) is given up as if the connection broke.
@@ -131,25 +131,9 @@ class Subscriber:
         self._keepalive: asyncio.Task[None] | None = None
         self.closed = False
 
-    @property
-    def connected(self) -> bool:
-        return self._proto is not None and self._proto.error is None
-
     async def _connect(self) -> _SubscriberProtocol:
         endpoint = self.endpoint
-        loop = asyncio.get_running_loop()
-        try:
-            _, proto = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _SubscriberProtocol(self),
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=endpoint.ssl_context,
-                ),
-                endpoint.connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise redis.ConnectionError(f"Error connecting to {self.where}: {exc}") from exc
+        proto = await open_connection(endpoint, lambda: _SubscriberProtocol(self))
         # AUTH before the connection is in subscribed mode: its replies are plain ones,
         # which this protocol takes as errors or unexpected; read them by hand instead.
         try:

@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import redis
@@ -407,20 +407,10 @@ class Lane:
                 self._connecting = None
 
     async def _connect(self) -> _LaneProtocol:
-        loop = asyncio.get_running_loop()
         endpoint = self.endpoint
-        try:
-            _, proto = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _LaneProtocol(self.where, endpoint.socket_timeout),
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=endpoint.ssl_context,
-                ),
-                endpoint.connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise redis.ConnectionError(f"Error connecting to {self.where}: {exc}") from exc
+        proto = await open_connection(
+            endpoint, lambda: _LaneProtocol(self.where, endpoint.socket_timeout)
+        )
         if self._closed:  # closed meanwhile (wait_for may have lost close()'s cancel)
             proto.close()
             raise redis.ConnectionError(f"connection to {self.where} closed while connecting")
@@ -468,6 +458,25 @@ class Lane:
             self._proto.close()
         if self._connecting is not None:
             self._connecting.cancel()
+
+
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+async def open_connection(endpoint: _Endpoint, protocol: Callable[[], P]) -> P:
+    """A connection to ``endpoint`` (TLS if it says so) served by ``protocol()``, within
+    its connect timeout; failures are redis-py's ``ConnectionError``."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(
+                protocol, endpoint.host, endpoint.port, ssl=endpoint.ssl_context
+            ),
+            endpoint.connect_timeout,
+        )
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise redis.ConnectionError(f"Error connecting to {endpoint.where}: {exc}") from exc
+    return proto
 
 
 def _cancelling() -> bool:
