@@ -1,17 +1,30 @@
-"""docker-compose.cluster.yml describes the same nodes and settings as `clusterq dev up`.
+"""docker-compose.cluster.yml: six nodes with the settings of `clusterq dev up`, on a
+bridge network, reachable from its containers and from the host.
 
-There is no Docker engine here, so the file is checked, not run.
+The file is checked everywhere as Docker would render it; where a Docker engine with
+the compose plugin runs, it is also brought up, and a worker in a container processes
+tasks the host enqueues (skipped, saying why, elsewhere). What the host side relies on
+(nodes announcing names it cannot resolve, reached with ``remap_host``) is tested on a
+local cluster everywhere.
 """
 
 from __future__ import annotations
 
-import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from clusterq import Client, Inspector
+from clusterq.errors import ConnectionFailed
 from clusterq.tools.devcluster import DEFAULT_BASE_PORT, LocalCluster, cluster_config_file
+from clusterq.tools.servers import port_is_free
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_IN_CONTAINER = "/usr/local/etc/redis/cluster.conf"
@@ -31,31 +44,104 @@ def _settings(text: str) -> dict[str, str]:
     return out
 
 
-def test_nodes_use_the_same_ports_and_config_file() -> None:
-    services = _compose()["services"]
-    expected_ports = LocalCluster(DEFAULT_BASE_PORT).ports
-    nodes = {name: svc for name, svc in services.items() if name.startswith("node-")}
-    assert sorted(int(name.split("-")[1]) for name in nodes) == expected_ports
+def _rendered_nodes() -> dict[str, dict[str, Any]]:
+    """Each node service as Docker would run it: the YAML anchors merged, ``$$`` as ``$``
+    and the service's environment put into its shell command; its redis-server flags."""
+    out = {}
+    for name, svc in _compose()["services"].items():
+        if not name.startswith("node-"):
+            continue
+        script = svc["command"][-1].replace("$$", "$")
+        for var, value in svc["environment"].items():
+            script = script.replace(f"${var}", str(value))
+        words = script.split()
+        assert words[:3] == ["exec", "redis-server", CONF_IN_CONTAINER], words
+        flags = dict(zip(words[3::2], words[4::2], strict=True))
+        out[name] = {**svc, "flags": flags}
+    return out
+
+
+def test_six_nodes_on_a_bridge_network_announce_their_service_names() -> None:
+    compose = _compose()
+    nodes = _rendered_nodes()
+    assert sorted(nodes) == [f"node-{i}" for i in range(6)]
+    assert compose["networks"]["clusterq"]["driver"] == "bridge"
+    dev_ports = set(LocalCluster(DEFAULT_BASE_PORT).ports)
+    ports = []
     for name, svc in nodes.items():
-        port = int(name.split("-")[1])
-        assert svc["network_mode"] == "host"
+        flags = svc["flags"]
+        port = int(flags["--port"])
+        ports.append(port)
+        assert "network_mode" not in svc and svc["networks"] == ["clusterq"]
+        assert svc["hostname"] == name
+        # Containers reach the node by its service name, on the port it announces:
+        assert flags["--cluster-announce-hostname"] == name
+        assert flags["--cluster-preferred-endpoint-type"] == "hostname"
+        assert flags["--bind"] == "0.0.0.0" and flags["--protected-mode"] == "no"
+        # ... and the host on the same port, published on loopback only.
+        assert svc["ports"] == [f"127.0.0.1:{port}:{port}"]
+        # Data in a named volume; the shared settings file read-only.
+        volume = next(v for v in svc["volumes"] if v.endswith(":/data"))
+        assert volume.split(":")[0] in compose["volumes"]
         assert f"./cluster-config/cluster.conf:{CONF_IN_CONTAINER}:ro" in svc["volumes"]
-        command = svc["command"]
-        assert command[:2] == ["redis-server", CONF_IN_CONTAINER]
-        flags = dict(zip(command[2::2], command[3::2], strict=True))
-        # Only what differs per node is given on the command line; the rest is cluster.conf.
-        assert flags == {"--port": str(port), "--cluster-config-file": f"nodes-{port}.conf"}
+        assert flags["--dir"] == "/data"
+        assert "cluster_state:ok" in " ".join(svc["healthcheck"]["test"])
+    assert sorted(ports) == list(range(7100, 7106))
+    assert not dev_ports & set(ports)  # `dev up` and compose can run side by side
 
 
 def test_one_shot_create_service_names_every_node() -> None:
     services = _compose()["services"]
     create = services["cluster-create"]
-    script = " ".join(create["command"])
-    addresses = re.findall(r"127\.0\.0\.1:(\d+)", script.split("--cluster create", 1)[1])
-    assert sorted(set(map(int, addresses))) == LocalCluster(DEFAULT_BASE_PORT).ports
-    assert "--cluster-replicas 1" in script
-    assert set(create["depends_on"]) == {n for n in services if n.startswith("node-")}
+    script = create["command"][-1].replace("$$", "$")
+    nodes = _rendered_nodes()
+    for name, svc in nodes.items():
+        n, port = name.split("-")[1], svc["flags"]["--port"]
+        assert port == f"710{n}"  # the loop's node-$n / 710$n pairs
+    assert "for n in 0 1 2 3 4 5" in script and "getent hosts node-$n" in script
+    assert "--cluster-replicas 1" in script and "cluster_known_nodes:1" in script
+    assert set(create["depends_on"]) == set(nodes)
+    assert create["networks"] == ["clusterq"]
     assert create.get("restart", "no") == "no"
+
+
+def test_the_example_worker_waits_for_the_cluster_and_names_nodes_it_can_reach() -> None:
+    services = _compose()["services"]
+    worker = services["worker"]
+    assert worker["depends_on"]["cluster-create"]["condition"] == "service_completed_successfully"
+    url = worker["environment"]["CLUSTERQ_URL"]
+    nodes = _rendered_nodes()
+    for seed in url.removeprefix("redis://").split(","):
+        host, port = seed.split(":")
+        assert nodes[host]["flags"]["--port"] == port
+    assert "examples.worker:router" in worker["command"][-1]
+    assert (ROOT / "examples" / "worker.py").is_file()
+
+
+def test_the_host_reaches_nodes_announcing_names_it_cannot_resolve(
+    fresh_cluster: Callable[..., LocalCluster], prefix: str
+) -> None:
+    """What the host side of the compose file relies on, without Docker: nodes that
+    announce a hostname (as there), reached with ``remap_host`` at the announced ports."""
+    cluster = fresh_cluster(
+        ["cluster-announce-hostname node.invalid", "cluster-preferred-endpoint-type hostname"]
+    )
+    url = f"{cluster.seed_url}?remap_host=127.0.0.1"
+    queues = [f"q{i}" for i in range(6)]
+    with Client(url, prefix=prefix) as client:
+        infos = [client.enqueue("t", i, queue=q) for i, q in enumerate(queues)]
+    with Inspector(url, prefix=prefix) as inspector:
+        found = inspector.queues(queues)
+        assert {q.master.split(":")[0] for q in found} == {"node.invalid"}  # as announced
+        assert len({q.master for q in found}) == 3 and all(q.pending == 1 for q in found)
+    # Without the remap the announced name is where the client goes, and it says so.
+    bare = Client(f"{cluster.seed_url}?connect_timeout=1", prefix=prefix, retry_timeout=1)
+    try:
+        with pytest.raises(ConnectionFailed, match="remap_host"):
+            bare.enqueue("t", 0, queue=queues[0])
+    finally:
+        bare.close()
+    assert len(infos) == 6
 
 
 def test_the_mounted_file_is_the_one_dev_up_uses() -> None:
@@ -65,3 +151,49 @@ def test_the_mounted_file_is_the_one_dev_up_uses() -> None:
     assert settings["appendonly"] == "yes"
     assert int(settings["cluster-node-timeout"]) <= 5000
     assert settings["cluster-require-full-coverage"] == "no"
+
+
+def _docker_missing() -> str | None:
+    """Why the compose file cannot be run here, or None."""
+    if shutil.which("docker") is None:
+        return "no docker command"
+    for args, what in (
+        (["info"], "no Docker engine answers"),
+        (["compose", "version"], "no docker compose plugin"),
+    ):
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            return f"{what}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+    busy = [p for p in range(7100, 7106) if not port_is_free(p)]
+    return f"ports {busy} are taken" if busy else None
+
+
+def test_the_compose_cluster_serves_containers_and_the_host() -> None:
+    missing = _docker_missing()
+    if missing:
+        print(f"\ncompose file not run: {missing}")
+        pytest.skip(f"compose file not run: {missing}")
+    compose = ["docker", "compose", "-f", str(ROOT / "docker-compose.cluster.yml")]
+    compose += ["-p", f"clusterq-test-{secrets.token_hex(3)}"]
+    url = "redis://127.0.0.1:7100?remap_host=127.0.0.1"
+    try:
+        subprocess.run([*compose, "up", "-d"], check=True, timeout=900)
+        deadline = time.monotonic() + 300
+        while True:  # the host reads the formed cluster through the published ports
+            try:
+                with Inspector(url) as inspector:
+                    if inspector.backend.topology.slots_covered() == 16384:
+                        break
+            except Exception:
+                pass
+            assert time.monotonic() < deadline, "the compose cluster did not form"
+            time.sleep(1)
+        with Client(url) as client:  # the worker in its container takes them
+            infos = [
+                client.enqueue("images:resize", {"src": f"{i}.png"}, queue="images", retention=120)
+                for i in range(20)
+            ]
+            for info in infos:
+                assert client.result(info, timeout=300)["width"] == 128
+    finally:
+        subprocess.run([*compose, "down", "-v"], timeout=300)

@@ -110,3 +110,16 @@ def test_wrong_password(standalone: LocalServer) -> None:
 def test_db_in_cluster_is_refused(cluster: LocalCluster) -> None:
     with pytest.raises(ConfigError, match="only has database 0"):
         detect_mode(RedisURL.parse(cluster.seed_url + "/3"))
+
+
+def test_remap_host_reaches_every_node_at_one_host_on_its_announced_port() -> None:
+    url = RedisURL.parse("redis://127.0.0.1:7100?remap_host=127.0.0.1")
+    assert url.reach(("node-3", 7103)) == ("127.0.0.1", 7103)
+    client = url.node_client(("node-3", 7103))
+    assert client.connection_pool.connection_kwargs["host"] == "127.0.0.1"
+    client.close()
+    assert RedisURL.parse("redis://h:1?remap_host=[::1]").reach(("n", 5)) == ("::1", 5)
+    assert RedisURL.parse("redis://h:1").reach(("n", 5)) == ("n", 5)
+    for bad in ("", "h:7000", "a,b", "u@h"):
+        with pytest.raises(ConfigError, match="remap_host"):
+            RedisURL.parse(f"redis://h:1?remap_host={bad}")

@@ -9,7 +9,11 @@ Options: ``socket_timeout`` and ``connect_timeout`` (seconds); for TLS, as redis
 names them: ``ssl_ca_certs`` (the CA file), ``ssl_cert_reqs`` (none|optional|required),
 ``ssl_certfile`` and ``ssl_keyfile`` (a client certificate, for servers that ask for
 one), ``ssl_check_hostname`` (true|false; default true when certificates are required).
-``db`` is only allowed in standalone mode.
+``db`` is only allowed in standalone mode. ``remap_host``: reach every node at this host,
+on the port the cluster announces for it, for a cluster whose nodes announce addresses
+this client cannot reach (containers on a Docker network, with their ports published on
+the host; an SSH tunnel or a NAT that keeps the ports); the map still shows the announced
+addresses.
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ class RedisURL:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_check_hostname: bool | None = None
+    #: Connect to every node at this host instead of the one it announces (port kept).
+    remap_host: str | None = None
     #: A redis-py ``CredentialProvider`` (``get_credentials()`` -> ``(password,)`` or
     #: ``(username, password)``), asked on every new connection, so credentials that
     #: rotate (IAM auth tokens) are used after failovers too. Not part of the URL: see
@@ -166,6 +172,13 @@ class RedisURL:
                 if value not in ("none", "optional", "required"):
                     raise ConfigError(f"invalid URL option ssl_cert_reqs={value!r}")
                 options[key] = value
+            elif key == "remap_host":
+                if not value or any(c in value for c in "/@,") or value.count(":") == 1:
+                    raise ConfigError(
+                        f"invalid URL option remap_host={value!r}: a host name or address, "
+                        "without a port"
+                    )
+                options[key] = value.strip("[]")
             elif key == "db":
                 try:
                     db = int(value)
@@ -238,7 +251,8 @@ class RedisURL:
         kwargs = self.node_kwargs(db=db)
         kwargs["retry"] = Retry(NoBackoff(), 0)
         kwargs.update(overrides)
-        return NodeClient(host=addr[0], port=addr[1], **kwargs)
+        host, port = self.reach(addr)
+        return NodeClient(host=host, port=port, **kwargs)
 
     def async_node_client(
         self, addr: Addr, *, db: int | None = None, **overrides: Any
@@ -248,7 +262,12 @@ class RedisURL:
         kwargs = self.node_kwargs(db=db)
         kwargs["retry"] = AsyncRetry(NoBackoff(), 0)
         kwargs.update(overrides)
-        return AsyncNodeClient(host=addr[0], port=addr[1], **kwargs)
+        host, port = self.reach(addr)
+        return AsyncNodeClient(host=host, port=port, **kwargs)
+
+    def reach(self, addr: Addr) -> Addr:
+        """Where to connect for the node at ``addr`` (see ``remap_host``)."""
+        return (self.remap_host, addr[1]) if self.remap_host else addr
 
 
 def command(client: redis.Redis, *args: Any) -> Any:
@@ -271,7 +290,14 @@ def translate_error(exc: BaseException, addr: Addr | str) -> Exception:
     ):
         return AuthFailed(f"authentication refused by {where}: {text}")
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError | socket.error):
-        return ConnectionFailed(f"cannot reach {where}: {text}")
+        hint = ""
+        if any(s in text for s in ("Name or service not known", "nodename nor servname")):
+            hint = (
+                " (a name this client cannot resolve: if the cluster announces addresses of "
+                "another network, e.g. Docker's, add ?remap_host=<a host that reaches the "
+                "nodes' ports> to the URL)"
+            )
+        return ConnectionFailed(f"cannot reach {where}: {text}{hint}")
     return exc if isinstance(exc, Exception) else RuntimeError(text)
 
 
