@@ -163,12 +163,18 @@ def test_a_thousand_idle_queues_cost_almost_nothing(cluster: LocalCluster, prefi
 @pytest.mark.both_servers
 def test_a_lost_wakeup_is_found_by_the_survey(url: str, prefix: str) -> None:
     """A task written without its wake-up (as if the message were lost) still starts,
-    found by the survey: a waiting queue is never polled."""
+    found by the survey: a waiting queue is never polled. (A long ``poll_interval``: the
+    loop's polls until its subscription is confirmed cannot be what finds it.)"""
     started: dict[str, float] = {}
 
     async def scenario() -> None:
         async with running_worker(
-            url, _router(started), prefix=prefix, queues=["quiet"], survey_interval=0.3
+            url,
+            _router(started),
+            prefix=prefix,
+            queues=["quiet"],
+            survey_interval=0.3,
+            poll_interval=30,
         ) as worker:
             await await_for(lambda: _covered(worker, ["quiet"]), 10, "the subscription")
             with Client(url, prefix=prefix) as client:  # a record, from a queue not served
@@ -180,7 +186,7 @@ def test_a_lost_wakeup_is_found_by_the_survey(url: str, prefix: str) -> None:
             await asyncio.to_thread(
                 write_raw_records, url, prefix, "quiet", {info.id: raw}, active=False
             )
-            await await_for(lambda: info.id in started, 10, "the task without a wake-up")
+            await await_for(lambda: info.id in started, 5, "the task without a wake-up")
             assert worker.wakeups.messages == messages
             assert worker.wakeups.surveys > surveys
 
