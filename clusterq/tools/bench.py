@@ -249,19 +249,8 @@ def bench_latency(s: Session) -> list[BenchRow]:
         s.start_workers(workers)
         # Idle: one task at a time; the worker is back to blocking on the server when
         # the next one arrives.
-        key = s.keys.bench(s.run_id, idle_queue)[1]
-        samples: list[float] = []
         count = max(1, settings.samples)
-        node = s.backend
-        for i in range(count + 10):
-            time.sleep(s.rng.uniform(0.005, 0.015))  # let the worker go idle again
-            s.client.enqueue(LATENCY_TYPE, {"run": s.run_id, "t": time.time()}, queue=idle_queue)
-            reply = node.execute_key(key, lambda c: c.blpop([key], timeout=4))
-            if reply is None:
-                raise ClusterqError("latency: a task was not picked up within 4 s")
-            if i >= 10:  # the first ones warm up connections and caches
-                samples.append(float(reply[1]))
-            s.progress("latency, idle queue", i + 1, count + 10)
+        samples = s.pickups([idle_queue], count, warmup=10, what="latency, idle queue")
         p50, p99 = ms_percentiles(samples)
         rows.append(
             BenchRow(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import secrets
 import time
@@ -18,6 +19,7 @@ from clusterq.cluster.backend import Backend
 from clusterq.errors import ClusterqError
 from clusterq.keys import KeySchema
 from clusterq.slots import keyslot
+from clusterq.tools.bench_handlers import LATENCY_TYPE
 from clusterq.tools.bench_report import BenchSettings, Progress
 from clusterq.tools.workerprocs import WorkerProcesses
 
@@ -92,6 +94,26 @@ class Session:
             self.client.enqueue_many([(task_type, payload)] * n, queue=queue)
             self.progress("filling queues", start + n, count)
 
+    def pickups(self, queues: Sequence[str], count: int, *, warmup: int, what: str) -> list[float]:
+        """Enqueue to handler start (s), one task at a time into a random one of
+        ``queues`` (the bench handler pushes its latency beside the queue), after
+        ``warmup`` unmeasured ones."""
+        samples: list[float] = []
+        for i in range(count + warmup):
+            time.sleep(self.rng.uniform(0.005, 0.015))  # let the worker go idle again
+            queue = self.rng.choice(queues)
+            key = self.keys.bench(self.run_id, queue)[1]
+            self.client.enqueue(LATENCY_TYPE, {"run": self.run_id, "t": time.time()}, queue=queue)
+            reply = self.backend.execute_key(key, functools.partial(_pop, key=key))
+            if reply is None:
+                raise ClusterqError(
+                    f"{what}: a task into {queue} was not picked up within {PICKUP_PATIENCE:g} s"
+                )
+            if i >= warmup:  # the first ones warm up connections and caches
+                samples.append(float(reply[1]))
+            self.progress(what, i + 1, count + warmup)
+        return samples
+
     def workers(
         self, queues: Sequence[str], count: int, streams: str = "none", extra: Sequence[str] = ()
     ) -> WorkerProcesses:
@@ -133,6 +155,20 @@ class Session:
                     self.call(sk.events, "DEL", sk.events, sk.dead)
                 self.call(self.keys.streams, "HDEL", self.keys.streams, stream)
         self.client.close()
+
+
+#: Seconds a pickup may take before a scenario gives up (polling 1,000 idle queues on a
+#: small machine takes seconds).
+PICKUP_PATIENCE = 16.0
+
+
+def _pop(client: Any, key: str) -> Any:
+    # Blocks of 4 s: shorter than the connection's socket timeout (5 s).
+    for _ in range(int(PICKUP_PATIENCE // 4) + 1):
+        reply = client.blpop([key], timeout=4)
+        if reply is not None:
+            return reply
+    return None
 
 
 def drain(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clusterq.errors import ClusterqError
-from clusterq.tools.bench_handlers import BENCH_GROUP, BENCH_STREAM, LATENCY_TYPE, NOOP_TYPE
+from clusterq.tools.bench_handlers import BENCH_GROUP, BENCH_STREAM, NOOP_TYPE
 from clusterq.tools.bench_report import BenchRow, ms_percentiles
 from clusterq.tools.bench_session import Session, drain
 
@@ -167,9 +167,6 @@ def bench_partitioned(s: Session) -> list[BenchRow]:
 #: dequeue and sweep of each, the subscriptions), then measures.
 IDLE_SETTLE = 1.0
 IDLE_WINDOW = 2.0
-#: Seconds a pickup may take before the scenario gives up (polling 1,000 queues on a
-#: small machine takes seconds).
-PICKUP_PATIENCE = 16.0
 #: The two ways an idle worker waits, measured in the same run: (label, worker options).
 IDLE_MODES = (("wake-ups", ()), ("polling", ("--no-wakeups",)))
 
@@ -212,22 +209,9 @@ def _idle_round(s: Session, queues: list[str], label: str, extra: Sequence[str])
         after, cpu_after = _per_master(s), workers.cpu_seconds()
         seconds = time.perf_counter() - started
         connections = {a: c - connected.get(a, 0) for a, c in _connections(s).items()}
-        samples: list[float] = []
         count = max(1, settings.samples)
-        for i in range(count + 5):
-            time.sleep(s.rng.uniform(0.005, 0.015))
-            queue = s.rng.choice(queues)
-            key = s.keys.bench(s.run_id, queue)[1]
-            s.client.enqueue(LATENCY_TYPE, {"run": s.run_id, "t": time.time()}, queue=queue)
-            reply = s.backend.execute_key(key, functools.partial(_pop, key=key))
-            if reply is None:
-                raise ClusterqError(
-                    f"idle ({label}): a task into {queue} was not picked up within "
-                    f"{PICKUP_PATIENCE:g} s"
-                )
-            if i >= 5:  # the first ones warm up connections
-                samples.append(float(reply[1]))
-            s.progress(f"pickup, 1 of {n} idle queues ({label})", i + 1, count + 5)
+        what = f"pickup, 1 of {n} idle queues ({label})"
+        samples = s.pickups(queues, count, warmup=5, what=what)
     finally:
         workers.stop()
     rate = sum(after[a][0] - before[a][0] for a in after) / seconds
@@ -269,12 +253,3 @@ def _idle_round(s: Session, queues: list[str], label: str, extra: Sequence[str])
             extra={"max_ms": round(max(samples) * 1000, 3)},
         ),
     ]
-
-
-def _pop(client: Any, key: str) -> Any:
-    # Blocks of 4 s: shorter than the connection's socket timeout (5 s).
-    for _ in range(int(PICKUP_PATIENCE // 4) + 1):
-        reply = client.blpop([key], timeout=4)
-        if reply is not None:
-            return reply
-    return None
