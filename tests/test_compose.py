@@ -10,6 +10,8 @@ local cluster everywhere.
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 from clusterq import Client, Inspector
-from clusterq.errors import ConnectionFailed
+from clusterq.errors import ClusterqError, ConnectionFailed
 from clusterq.tools.devcluster import DEFAULT_BASE_PORT, LocalCluster, cluster_config_file
 from clusterq.tools.servers import port_is_free
 
@@ -153,47 +156,131 @@ def test_the_mounted_file_is_the_one_dev_up_uses() -> None:
     assert settings["cluster-require-full-coverage"] == "no"
 
 
-def _docker_missing() -> str | None:
-    """Why the compose file cannot be run here, or None."""
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def _compose_command() -> tuple[list[str] | None, str]:
+    """How to run compose here (the plugin, else the standalone v1 command), or why not."""
     if shutil.which("docker") is None:
-        return "no docker command"
-    for args, what in (
-        (["info"], "no Docker engine answers"),
-        (["compose", "version"], "no docker compose plugin"),
-    ):
-        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            return f"{what}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+        return None, "no docker command"
+    done = _run(["docker", "info"])
+    if done.returncode != 0:
+        return None, f"no Docker engine answers: {(done.stderr or done.stdout).strip()[-200:]}"
+    if _run(["docker", "compose", "version"]).returncode == 0:
+        command = ["docker", "compose"]
+    elif shutil.which("docker-compose") and _run(["docker-compose", "version"]).returncode == 0:
+        command = ["docker-compose"]
+    else:
+        return None, "neither the docker compose plugin nor docker-compose"
+    for image in sorted(_images()):
+        if _run(["docker", "image", "inspect", image]).returncode != 0:
+            try:
+                pulled = subprocess.run(["docker", "pull", image], capture_output=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                return None, f"image {image} was not pulled in 600 s"
+            if pulled.returncode != 0:
+                return None, f"image {image} cannot be pulled: {pulled.stderr.decode()[-200:]}"
     busy = [p for p in range(7100, 7106) if not port_is_free(p)]
-    return f"ports {busy} are taken" if busy else None
+    return (None, f"ports {busy} are taken") if busy else (command, "")
 
 
+def _images() -> set[str]:
+    """The images the file names, ``${VAR:-default}`` read from the environment."""
+    out = set()
+    for svc in _compose()["services"].values():
+        image = svc["image"]
+        found = re.fullmatch(r"\$\{(\w+):-(.+)\}", image)
+        out.add(os.environ.get(found[1], found[2]) if found else image)
+    return out
+
+
+def test_images_are_the_official_ones_unless_the_environment_names_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CLUSTERQ_REDIS_IMAGE", raising=False)
+    monkeypatch.delenv("CLUSTERQ_PYTHON_IMAGE", raising=False)
+    assert _images() == {"redis:7.2", "python:3.11-slim"}
+    monkeypatch.setenv("CLUSTERQ_REDIS_IMAGE", "mirror.example/redis:7.2")
+    assert _images() == {"mirror.example/redis:7.2", "python:3.11-slim"}
+
+
+def _probe_queues(inspector: Inspector) -> list[str]:
+    """Queue names whose slots are owned by three different masters."""
+    by_master: dict[str, str] = {}
+    for info in inspector.queues([f"probe-{i}" for i in range(30)]):
+        assert info.master is not None
+        by_master.setdefault(info.master, info.queue)
+    assert len(by_master) == 3, by_master
+    return sorted(by_master.values())
+
+
+# Run in the worker's container, where the package is installed: one task per queue given.
+CONTAINER_ENQUEUE = """
+import os, sys
+from clusterq import Client
+with Client(os.environ["CLUSTERQ_URL"]) as client:
+    for queue in sys.argv[1:]:
+        client.enqueue("probe", {"from": "container"}, queue=queue)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_the_compose_cluster_serves_containers_and_the_host() -> None:
-    missing = _docker_missing()
-    if missing:
+    command, missing = _compose_command()
+    if command is None:
         print(f"\ncompose file not run: {missing}")
         pytest.skip(f"compose file not run: {missing}")
-    compose = ["docker", "compose", "-f", str(ROOT / "docker-compose.cluster.yml")]
+    compose = [*command, "-f", str(ROOT / "docker-compose.cluster.yml")]
     compose += ["-p", f"clusterq-test-{secrets.token_hex(3)}"]
     url = "redis://127.0.0.1:7100?remap_host=127.0.0.1"
+    names = [f"node-{n}" for n in range(6)]
     try:
         subprocess.run([*compose, "up", "-d"], check=True, timeout=900)
         deadline = time.monotonic() + 300
         while True:  # the host reads the formed cluster through the published ports
             try:
                 with Inspector(url) as inspector:
-                    if inspector.backend.topology.slots_covered() == 16384:
+                    topology = inspector.backend.topology
+                    if topology.slots_covered == 16384 and len(topology.nodes) == 6:
                         break
-            except Exception:
+            except ClusterqError:  # not up yet, or not yet a cluster
                 pass
             assert time.monotonic() < deadline, "the compose cluster did not form"
             time.sleep(1)
-        with Client(url) as client:  # the worker in its container takes them
+        # Each node announces its service name; the host reaches all six on loopback.
+        assert sorted(node.addr for node in topology.nodes) == [f"{x}:710{x[-1]}" for x in names]
+        roles = []
+        for n in range(6):
+            with redis.Redis(port=7100 + n, socket_timeout=5) as node:
+                roles.append(node.role()[0])
+        assert sorted(roles) == [b"master"] * 3 + [b"slave"] * 3
+        # So does a container on the bridge network, by name.
+        pings = [f"redis-cli -h {name} -p 710{name[-1]} ping" for name in names]
+        done = subprocess.run(
+            [*compose, "exec", "-T", "node-0", "sh", "-c", " && ".join(pings)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert done.stdout.split() == ["PONG"] * 6
+        with Client(url) as client:  # the worker in its container takes what the host sends
             infos = [
                 client.enqueue("images:resize", {"src": f"{i}.png"}, queue="images", retention=120)
                 for i in range(20)
             ]
             for info in infos:
                 assert client.result(info, timeout=300)["width"] == 128
+        # A clusterq client in a container reaches every master (queues on all three).
+        with Inspector(url) as inspector:
+            probes = _probe_queues(inspector)
+            subprocess.run(
+                [*compose, "exec", "-T", "worker", "python", "-c", CONTAINER_ENQUEUE, *probes],
+                timeout=120,
+                check=True,
+            )
+            assert [q.pending for q in inspector.queues(probes)] == [1, 1, 1]
     finally:
         subprocess.run([*compose, "down", "-v"], timeout=300)
