@@ -1,11 +1,13 @@
 """docker-compose.cluster.yml: six nodes with the settings of `clusterq dev up`, on a
 bridge network, reachable from its containers and from the host.
 
-The file is checked everywhere as Docker would render it; where a Docker engine with
-the compose plugin runs, it is also brought up, and a worker in a container processes
-tasks the host enqueues (skipped, saying why, elsewhere). What the host side relies on
-(nodes announcing names it cannot resolve, reached with ``remap_host``) is tested on a
-local cluster everywhere.
+The file is checked everywhere as Docker would render it. Where a Docker engine runs
+with compose (the plugin, or docker-compose v1) and the images can be had, it is also
+brought up: the host and a container reach all six nodes, a worker in a container
+processes tasks the host enqueues, and follows a master killed under it (skipped, saying
+why, elsewhere). Without Docker Hub, name images of your own: CLUSTERQ_REDIS_IMAGE and
+CLUSTERQ_PYTHON_IMAGE. What the host side relies on (nodes announcing names it cannot
+resolve, reached with ``remap_host``) is tested on a local cluster everywhere.
 """
 
 from __future__ import annotations
@@ -282,5 +284,31 @@ def test_the_compose_cluster_serves_containers_and_the_host() -> None:
                 check=True,
             )
             assert [q.pending for q in inspector.queues(probes)] == [1, 1, 1]
+            (images,) = inspector.queues(["images"])
+        # Kill the master of `images`: the worker in its container follows the promotion
+        # (announced by name) and says so; the host follows it through the remap.
+        assert images.master is not None
+        old_master, replica = images.master, images.replicas[0]
+        subprocess.run([*compose, "kill", old_master.split(":")[0]], check=True, timeout=120)
+        with Client(url) as client:
+            info = client.enqueue(
+                "images:resize", {"src": "after.png"}, queue="images", retention=120
+            )
+            assert client.result(info, timeout=120)["width"] == 128
+        logs = subprocess.run(
+            [*compose, "logs", "--no-color", "worker"], capture_output=True, text=True, timeout=60
+        ).stdout
+        assert f"changed from {old_master} to {replica}" in logs, logs[-2000:]
+        assert "queue images: resumed on " + replica in logs, logs[-2000:]
+        # Started again, the old master rejoins as a replica, keeping its name.
+        subprocess.run([*compose, "start", old_master.split(":")[0]], check=True, timeout=120)
+        deadline = time.monotonic() + 120
+        while True:
+            with Inspector(url) as inspector:
+                (images,) = inspector.queues(["images"])
+                if images.master == replica and images.replicas == [old_master]:
+                    break
+            assert time.monotonic() < deadline, f"{old_master} did not rejoin: {images}"
+            time.sleep(0.5)
     finally:
         subprocess.run([*compose, "down", "-v"], timeout=300)
