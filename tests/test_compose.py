@@ -310,5 +310,6 @@ def test_the_compose_cluster_serves_containers_and_the_host() -> None:
                     break
             assert time.monotonic() < deadline, f"{old_master} did not rejoin: {images}"
             time.sleep(0.5)
-    finally:
+    finally:  # what the worker said, for a failure's report
+        subprocess.run([*compose, "logs", "--no-color", "--tail=40", "worker"], timeout=60)
         subprocess.run([*compose, "down", "-v"], timeout=300)
