@@ -80,7 +80,7 @@ build_standin() {
         -c 'CMD ["sh"]' - "$STANDIN" >/dev/null
     rm -rf "$root"
 }
-if [ -z "${CLUSTERQ_REDIS_IMAGE:-}" ] && ! docker pull -q redis:7.2 >/dev/null 2>&1; then
+if [ -z "${CLUSTERQ_REDIS_IMAGE:-}" ] && ! timeout 600 docker pull -q redis:7.2 >/dev/null 2>&1; then
     docker image inspect "$STANDIN" >/dev/null 2>&1 || build_standin
     export CLUSTERQ_REDIS_IMAGE=$STANDIN CLUSTERQ_PYTHON_IMAGE=$STANDIN
     log "Docker Hub unreachable: running with $STANDIN (redis-server 7.0, Python 3.11)"
