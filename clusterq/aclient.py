@@ -67,6 +67,7 @@ from clusterq.workflow import (
     WorkflowHandle,
     WorkflowInfo,
 )
+from clusterq.workflow.run import start_options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -276,7 +277,14 @@ class AsyncClient(ClientBase):
     ) -> TaskInfo: ...
 
     @overload
-    async def enqueue(self, type: Workflow, payload: None = None) -> WorkflowHandle: ...
+    async def enqueue(
+        self,
+        type: Workflow,
+        payload: None = None,
+        *,
+        durability: Durability | None = None,
+        retention: float | None = None,
+    ) -> WorkflowHandle: ...
 
     async def enqueue(
         self,
@@ -288,7 +296,8 @@ class AsyncClient(ClientBase):
     ) -> TaskInfo | WorkflowHandle:
         """See :meth:`Client.enqueue`."""
         if isinstance(type, Chain | Group | Chord):  # a workflow: start it
-            return await AsyncWorkflows(self).start(type)
+            options = start_options(payload, options)
+            return await AsyncWorkflows(self).start(type, durability=durability, **options)
         await self._refresh_layouts()
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:

@@ -63,6 +63,7 @@ from clusterq.streams import (
 from clusterq.task import TaskInfo
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import Chain, Chord, Group, Workflow, WorkflowHandle, WorkflowInfo, Workflows
+from clusterq.workflow.run import start_options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -317,7 +318,14 @@ class Client(ClientBase):
     ) -> TaskInfo: ...
 
     @overload
-    def enqueue(self, type: Workflow, payload: None = None) -> WorkflowHandle: ...
+    def enqueue(
+        self,
+        type: Workflow,
+        payload: None = None,
+        *,
+        durability: Durability | None = None,
+        retention: float | None = None,
+    ) -> WorkflowHandle: ...
 
     def enqueue(
         self,
@@ -335,7 +343,8 @@ class Client(ClientBase):
         task and raises :class:`DurabilityError` if none confirms it in time.
         """
         if isinstance(type, Chain | Group | Chord):  # a workflow: start it
-            return Workflows(self).start(type)
+            options = start_options(payload, options)
+            return Workflows(self).start(type, durability=durability, **options)
         self._refresh_layouts()
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:

@@ -252,6 +252,11 @@ class KeySchema:
         workflow, so its steps may live on any queue and master)."""
         return f"{self.prefix}:{{wf:{validate_task_id(workflow_id)}}}"
 
+    def workflow_staging(self, workflow_id: str) -> str:
+        """Hash: a large workflow's state while it is written in parts (same slot as
+        :meth:`workflow`; renamed to it when complete, expires if never completed)."""
+        return f"{self.workflow(workflow_id)}:staging"
+
     @property
     def cron(self) -> CronKeys:
         """Keys of the periodic scheduler (one slot: hash tag ``{cron}``)."""

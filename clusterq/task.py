@@ -73,6 +73,8 @@ class Record:
     workflow: str | None = None
     step: str | None = None
     parent_results: list[Any] | None = None
+    #: The workflow's durability, where it is not "none" (its state's changes wait on it).
+    workflow_durability: str | None = None
 
     def meta(self) -> bytes:
         fields = _meta_fields(
@@ -94,6 +96,8 @@ class Record:
             fields["wf"] = self.workflow
             fields["ws"] = self.step
             fields["pr"] = self.parent_results
+            if self.workflow_durability is not None:
+                fields["wd"] = self.workflow_durability
         return json_bytes(fields)[:-1] + b',"e":%d}' % self.enqueued_ms  # last, as in with_enqueued
 
     def encode(self) -> bytes:
@@ -125,6 +129,7 @@ class Record:
             get("wf"),
             get("ws"),
             get("pr"),
+            get("wd"),
         )
         record._check()
         return record
@@ -155,6 +160,8 @@ class Record:
             or not isinstance(self.parent_results, list | None)
         ):
             raise ValueError("record fields 'wf', 'ws' and 'pr' are not a workflow step")
+        if self.workflow_durability not in (None, "replica", "aof"):
+            raise ValueError(f"record field 'wd' is not a durability: {self.workflow_durability!r}")
         for name, text in (("u", self.unique_key), ("err", self.last_error)):
             if text is not None and type(text) is not str:
                 raise ValueError(f"record field {name!r} is not a string: {text!r}")

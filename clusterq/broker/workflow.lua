@@ -4,34 +4,69 @@
 -- a caller that died is returned again by the next call that touches its parent, so
 -- the caller enqueues it again under the same task id (answered "already enqueued").
 --
+-- KEYS[1] the state (hash)   KEYS[2] the staging hash of a large workflow being written
+--
 -- Fields: status (running|succeeded|failed), left (steps not yet finished), exits (JSON
--- list of the steps whose results are the workflow's), and per step <id>:
---   st:<id> w waiting | q claimed | e enqueued | d done | f failed | s skipped
+-- list of the steps whose results are the workflow's), keep (ms the state is kept once
+-- the workflow ended), and per step <id>:
+--   st:<id> w waiting | q claimed | e enqueued | d done | f failed
+--   (a step still waiting when the workflow failed is shown as skipped; nothing runs it)
 --   n:<id> deps not yet done     dep:<id> JSON list of deps     out:<id> JSON list of dependents
 --   spec:<id> JSON spec          res:<id> JSON result           err:<id> error text
 --   onerr:<id> the step to run if this one fails (a chord's on_error)
 --
--- create   ARGV 'create', field, value, ...   -> ready steps (or {} if it exists already)
--- done     ARGV 'done', step, result JSON     -> ready steps
+-- create   ARGV 'create', field, value, ...    -> ready steps (the claimed entries, also
+--          when it exists already: a retried start)
+-- stage    ARGV 'stage', field, value, ...     a part of a large workflow, written to the
+--          staging hash (expires after 10 minutes unless committed)        -> 1
+-- commit   ARGV 'commit'                       the staging hash becomes the state (at
+--          once, so nothing half-written is ever seen)    -> ready steps, as create
+-- done     ARGV 'done', step, result JSON, max parent bytes   -> ready steps
 -- fail     ARGV 'fail', step, error           -> ready steps (an on_error step)
--- enqueued ARGV 'enqueued', step              -> 1
+-- enqueued ARGV 'enqueued', step, ...         -> 1
+-- done / fail / enqueued on a workflow that no longer exists (expired) answer 0.
 -- Ready steps come back as {id, spec JSON, parent results JSON, ...}.
+do local bad = wrong_type({'hash', 'hash'}) if bad then return bad end end
 local key = KEYS[1]
 local op = ARGV[1]
+local STAGING_MS = 600000
 
 local function get(field) return redis.call('HGET', key, field) end
 
-local function finish_one()
-  local left = redis.call('HINCRBY', key, 'left', -1)
-  if left <= 0 and get('status') == 'running' then redis.call('HSET', key, 'status', 'succeeded') end
+-- HSET of ARGV[first..] in parts (unpack() has a limit on how many values it takes)
+local function hset_args(target, first)
+  local part = {}
+  for i = first, #ARGV do
+    part[#part + 1] = ARGV[i]
+    if #part == 1000 then
+      redis.call('HSET', target, unpack(part))
+      part = {}
+    end
+  end
+  if #part > 0 then redis.call('HSET', target, unpack(part)) end
 end
 
-local function parents(id)
-  local out = {}
+local function ended(status)
+  redis.call('HSET', key, 'status', status)
+  local keep = tonumber(get('keep'))
+  if keep and keep > 0 then redis.call('PEXPIRE', key, keep) end
+end
+
+local function finish_one()
+  local left = redis.call('HINCRBY', key, 'left', -1)
+  if left <= 0 and get('status') == 'running' then ended('succeeded') end
+end
+
+-- the results `id` waited for, as a JSON list; nil if they are more than `most` bytes
+local function parents(id, most)
+  local out, size = {}, 2
   for _, dep in ipairs(cjson.decode(get('dep:' .. id) or '[]')) do
-    out[#out + 1] = get('res:' .. dep) or 'null'
+    local res = get('res:' .. dep) or 'null'
+    size = size + #res + 1
+    if most and size > most then return nil, size end
+    out[#out + 1] = res
   end
-  return '[' .. table.concat(out, ',') .. ']'
+  return '[' .. table.concat(out, ',') .. ']', size
 end
 
 local function errors_of(id)
@@ -49,37 +84,74 @@ local function ready_entry(out, id, parent_json)
   out[#out + 1] = parent_json
 end
 
+-- step `id` failed for good: the workflow fails; its error handler (a chord's on_error)
+-- is claimed and returned
+local function fail_step(id, error, out)
+  redis.call('HSET', key, 'st:' .. id, 'f', 'err:' .. id, error)
+  if get('status') == 'running' then ended('failed') end
+  local handler = get('onerr:' .. id)
+  if handler and get('st:' .. handler) == 'w' then
+    redis.call('HSET', key, 'st:' .. handler, 'q')
+  end
+  if handler and get('st:' .. handler) == 'q' then ready_entry(out, handler, errors_of(handler)) end
+end
+
 -- claim the waiting dependents of `id` whose deps are all done; return claimed ones
 -- left at q too (a caller that died before enqueueing them)
-local function release(id, out)
+local function release(id, out, most)
   for _, nxt in ipairs(cjson.decode(get('out:' .. id) or '[]')) do
     local st = get('st:' .. nxt)
     if st == 'w' and tonumber(get('n:' .. nxt)) <= 0 then
       redis.call('HSET', key, 'st:' .. nxt, 'q')
       st = 'q'
     end
-    if st == 'q' then ready_entry(out, nxt, parents(nxt)) end
+    if st == 'q' then
+      local results, size = parents(nxt, most)
+      if results then
+        ready_entry(out, nxt, results)
+      else
+        fail_step(nxt, 'the results it waits for are more than ' .. most .. ' bytes ('
+          .. size .. ' bytes and counting)', out)
+        return
+      end
+    end
   end
 end
 
-if op == 'create' then
-  if redis.call('HEXISTS', key, 'status') == 1 then
-    local out = {}
-    for _, id in ipairs(cjson.decode(get('entries') or '[]')) do
-      if get('st:' .. id) == 'q' then ready_entry(out, id, '[]') end
-    end
-    return out
-  end
-  local fields = {}
-  for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', key, unpack(fields))
+-- the entries, claimed (a new workflow), or those still claimed (a retried start)
+local function entries(claim)
   local out = {}
-  for _, id in ipairs(cjson.decode(get('entries'))) do
-    redis.call('HSET', key, 'st:' .. id, 'q')
-    ready_entry(out, id, '[]')
+  for _, id in ipairs(cjson.decode(get('entries') or '[]')) do
+    if claim then redis.call('HSET', key, 'st:' .. id, 'q') end
+    if get('st:' .. id) == 'q' then ready_entry(out, id, '[]') end
   end
   return out
-elseif op == 'done' then
+end
+
+if op == 'create' then
+  if redis.call('EXISTS', key) == 1 then return entries(false) end
+  hset_args(key, 2)
+  return entries(true)
+elseif op == 'stage' then
+  hset_args(KEYS[2], 2)
+  redis.call('PEXPIRE', KEYS[2], STAGING_MS)
+  return 1
+elseif op == 'commit' then
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('DEL', KEYS[2])
+    return entries(false)
+  end
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    return redis.error_reply('ERR workflow: its staged state expired before it was complete')
+  end
+  redis.call('RENAME', KEYS[2], key)
+  redis.call('PERSIST', key)
+  return entries(true)
+end
+
+if redis.call('EXISTS', key) == 0 then return 0 end
+
+if op == 'done' then
   local id = ARGV[2]
   local st = get('st:' .. id)
   if not st then return redis.error_reply('ERR workflow: no step ' .. id) end
@@ -92,34 +164,34 @@ elseif op == 'done' then
     finish_one()
   end
   if get('status') == 'failed' then return out end
-  release(id, out)
+  release(id, out, tonumber(ARGV[4]))
   return out
 elseif op == 'fail' then
   local id = ARGV[2]
   local st = get('st:' .. id)
   if not st then return redis.error_reply('ERR workflow: no step ' .. id) end
   local out = {}
-  if st == 'd' or st == 'f' then
+  if st == 'd' then
+    -- its result was recorded, but the steps it released were never enqueued (their
+    -- enqueue kept failing until its task was archived): they fail, and the workflow
+    for _, nxt in ipairs(cjson.decode(get('out:' .. id) or '[]')) do
+      if get('st:' .. nxt) == 'q' then
+        fail_step(nxt, 'never enqueued: ' .. ARGV[3], out)
+      end
+    end
+    return out
+  end
+  if st == 'f' then
     local handler = get('onerr:' .. id)
     if handler and get('st:' .. handler) == 'q' then ready_entry(out, handler, errors_of(handler)) end
     return out
   end
-  redis.call('HSET', key, 'st:' .. id, 'f', 'err:' .. id, ARGV[3], 'status', 'failed')
-  local handler = get('onerr:' .. id)
-  -- every step still waiting is skipped, but the failed step's error handler
-  for _, field in ipairs(redis.call('HKEYS', key)) do
-    local other = string.match(field, '^st:(.+)$')
-    if other and other ~= handler and get(field) == 'w' then
-      redis.call('HSET', key, field, 's')
-    end
-  end
-  if handler and get('st:' .. handler) == 'w' then
-    redis.call('HSET', key, 'st:' .. handler, 'q')
-  end
-  if handler and get('st:' .. handler) == 'q' then ready_entry(out, handler, errors_of(handler)) end
+  fail_step(id, ARGV[3], out)
   return out
 elseif op == 'enqueued' then
-  if get('st:' .. ARGV[2]) == 'q' then redis.call('HSET', key, 'st:' .. ARGV[2], 'e') end
+  for i = 2, #ARGV do
+    if get('st:' .. ARGV[i]) == 'q' then redis.call('HSET', key, 'st:' .. ARGV[i], 'e') end
+  end
   return 1
 end
 return redis.error_reply('ERR workflow: unknown op ' .. tostring(op))

@@ -156,9 +156,15 @@ class Topology:
         return tuple(shard.master for shard in self.shards)
 
     def locate_slot_replicas(self, slot: int) -> tuple[NodeInfo, ...]:
-        """The replicas of the master that owns ``slot`` (none if no master owns it)."""
+        """The replicas of the master that owns ``slot`` (none if no master owns it),
+        whatever their health."""
         shard = self.shard_for_slot(slot)
         return shard.replicas if shard else ()
+
+    def live_replicas(self, slot: int) -> tuple[NodeInfo, ...]:
+        """The replicas of ``slot``'s master that are online: those that can confirm a
+        write (a failed or loading replica is no replica)."""
+        return tuple(r for r in self.locate_slot_replicas(slot) if r.online)
 
     @property
     def slots_covered(self) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import math
 import time
+from typing import Any
 
 from clusterq.broker.ack import Ack
 from clusterq.broker.facade import Broker
@@ -135,7 +136,7 @@ class Outcomes:
         elif result == "archived":
             self.stats.failed += 1
             self.stats.archived += 1
-            await self._workflow_failed(q, task_id, record, error)
+            await self.workflow_failed(q, task_id, record, error)
             log.warning(
                 "queue %s: task %s (%s) archived: %s",
                 q.name,
@@ -155,13 +156,16 @@ class Outcomes:
                 exc_info=_traceback(outcome),
             )
 
-    async def _workflow_failed(
+    async def workflow_failed(
         self, q: QueueState, task_id: str, record: Record | None, error: str
     ) -> None:
+        """Tell the workflow of a step archived for good (by its worker, or by lease
+        recovery): the workflow fails, and its on_error step is enqueued."""
         if record is None or record.workflow is None or self.workflows is None:
             return
+        level: Any = record.workflow_durability or "none"
         try:
-            await self.workflows.step_failed(record.workflow, record.step or "", error)
+            await self.workflows.step_failed(record.workflow, record.step or "", error, level)
         except Exception:
             # The step stays archived; running it again (`clusterq task run`) retells it.
             log.exception(

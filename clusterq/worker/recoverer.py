@@ -123,6 +123,8 @@ class Recoverer:
         except Exception as exc:
             log.debug("queue %s: recovery of %s failed (%s)", q.name, task_id, exc)
             return
+        if result == "archived":
+            await self.outcomes.workflow_failed(q, task_id, record, error)
         if result != "stale":
             self.stats.recovered += 1
             log.warning(

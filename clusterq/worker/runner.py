@@ -21,7 +21,13 @@ from typing import Any
 from clusterq.priority import Capacity
 from clusterq.retry import RetryIn, SkipRetry
 from clusterq.router import CallNext, Handler, Router, is_async
-from clusterq.serialization import PayloadError, encode_limited, get_codec, json_bytes
+from clusterq.serialization import (
+    PayloadError,
+    encode_limited,
+    get_codec,
+    json_bytes,
+    too_large,
+)
 from clusterq.task import Record, Task
 from clusterq.worker.outcomes import Outcomes
 from clusterq.worker.state import Outcome, QueueState, WorkerSettings
@@ -77,14 +83,9 @@ class Runner:
             if self.observe is not None:
                 self.observe(q.name, record.type, time.perf_counter() - began, outcome.ok)
             keep_slot = task_id in self._threads  # an abandoned sync handler still runs
+            if outcome.ok and record.workflow is not None:
+                outcome = await self._advance(q, task_id, record, outcome)
             if outcome.ok:
-                if record.workflow is not None and self.workflows is not None:
-                    # advanced before the ack: a crash in between runs the step again,
-                    # and advancing again changes nothing
-                    assert record.step is not None
-                    await self.workflows.step_done(
-                        record.workflow, record.step, outcome.workflow_result
-                    )
                 self.outcomes.ack(q, task_id, token, record, outcome.result)
             else:
                 await self.outcomes.fail(q, task_id, token, record, outcome)
@@ -115,6 +116,33 @@ class Runner:
         finally:
             if not keep_slot:
                 self.capacity.release(1)
+
+    async def _advance(
+        self, q: QueueState, task_id: str, record: Record, outcome: Outcome
+    ) -> Outcome:
+        """Record a workflow step's result and enqueue what follows, before the ack: a
+        crash in between runs the step again, and advancing again changes nothing. If
+        the workflow cannot be advanced, the attempt fails (and is retried)."""
+        if self.workflows is None:
+            return outcome
+        assert record.workflow is not None and record.step is not None
+        level: Any = record.workflow_durability or "none"
+        try:
+            advanced = await self.workflows.step_done(
+                record.workflow, record.step, outcome.workflow_result, level
+            )
+        except Exception as exc:
+            error = f"workflow {record.workflow}: the step's result was not recorded: {exc}"
+            return Outcome(False, error=error, exception=exc)
+        if not advanced:
+            log.warning(
+                "queue %s: task %s: its workflow %s is gone (ended and expired); "
+                "nothing to advance",
+                q.name,
+                task_id,
+                record.workflow,
+            )
+        return outcome
 
     async def call(self, q: QueueState, task_id: str, record: Record, token: str) -> Outcome:
         """Call the handler of ``record``'s type and say how the attempt ended."""
@@ -175,23 +203,26 @@ class Runner:
             thread = self._threads.get(task_id)
             if thread is not None and thread.done():
                 del self._threads[task_id]
+        step_result = b"null"
         if record.workflow is not None:
+            # The work is done; running it again would repeat its effects: a result that
+            # cannot be kept archives the task (and fails the workflow), visibly.
             try:
                 step_result = json_bytes(result)
             except (TypeError, ValueError) as exc:
                 error = f"a workflow step's result must be JSON: {exc}"
                 return Outcome(False, error=error, archive=True)
-            if not record.retention_ms:
-                return Outcome(True, workflow_result=step_result)
+            limit = self.settings.max_result_bytes
+            if len(step_result) > limit:
+                error = f"result not stored: {too_large(len(step_result), limit, 'result')}"
+                return Outcome(False, error=error, archive=True)
         if not record.retention_ms:
-            return Outcome(True)
+            return Outcome(True, workflow_result=step_result)
         try:
-            return Outcome(
-                True, result=encode_limited(codec, result, self.settings.max_result_bytes, "result")
-            )
+            kept = encode_limited(codec, result, self.settings.max_result_bytes, "result")
         except PayloadError as exc:
-            # The work is done; running it again would repeat its effects. Keep it visible.
             return Outcome(False, error=f"result not stored: {exc}", archive=True)
+        return Outcome(True, result=kept, workflow_result=step_result)
 
     def _chain(self, handler: Handler) -> Callable[[Task], Awaitable[Any]]:
         chain = self._chains.get(id(handler))
