@@ -15,12 +15,13 @@
 --   spec:<id> JSON spec          res:<id> JSON result           err:<id> error text
 --   onerr:<id> the step to run if this one fails (a chord's on_error)
 --
--- create   ARGV 'create', field, value, ...    -> ready steps (the claimed entries, also
---          when it exists already: a retried start)
+-- create   ARGV 'create', field, value, ...    -> ready steps (the entries, written claimed;
+--          when it exists already, a retried start, those still claimed)
 -- stage    ARGV 'stage', field, value, ...     a part of a large workflow, written to the
 --          staging hash (expires after 10 minutes unless committed)        -> 1
 -- commit   ARGV 'commit'                       the staging hash becomes the state (at
---          once, so nothing half-written is ever seen)    -> ready steps, as create
+--          once, so nothing half-written is ever seen) -> the entries' ids (JSON text),
+--          all to enqueue; when it exists already, the ready steps, as create
 -- done     ARGV 'done', step, result JSON, max parent bytes   -> ready steps
 -- fail     ARGV 'fail', step, error           -> ready steps (an on_error step)
 -- enqueued ARGV 'enqueued', step, ...         -> 1
@@ -118,20 +119,19 @@ local function release(id, out, most)
   end
 end
 
--- the entries, claimed (a new workflow), or those still claimed (a retried start)
-local function entries(claim)
+-- the entries still claimed (a new workflow's are written claimed; a retried start
+-- gets those not yet marked enqueued)
+local function entries()
   local out = {}
   for _, id in ipairs(cjson.decode(get('entries') or '[]')) do
-    if claim then redis.call('HSET', key, 'st:' .. id, 'q') end
     if get('st:' .. id) == 'q' then ready_entry(out, id, '[]') end
   end
   return out
 end
 
 if op == 'create' then
-  if redis.call('EXISTS', key) == 1 then return entries(false) end
-  hset_args(key, 2)
-  return entries(true)
+  if redis.call('EXISTS', key) == 0 then hset_args(key, 2) end
+  return entries()
 elseif op == 'stage' then
   hset_args(KEYS[2], 2)
   redis.call('PEXPIRE', KEYS[2], STAGING_MS)
@@ -139,14 +139,15 @@ elseif op == 'stage' then
 elseif op == 'commit' then
   if redis.call('EXISTS', key) == 1 then
     redis.call('DEL', KEYS[2])
-    return entries(false)
+    return entries()
   end
   if redis.call('EXISTS', KEYS[2]) == 0 then
     return redis.error_reply('ERR workflow: its staged state expired before it was complete')
   end
   redis.call('RENAME', KEYS[2], key)
   redis.call('PERSIST', key)
-  return entries(true)
+  -- the caller has the entries' specs: their ids say that all of them are to enqueue
+  return get('entries')
 end
 
 if redis.call('EXISTS', key) == 0 then return 0 end

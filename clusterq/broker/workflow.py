@@ -67,6 +67,24 @@ def enqueued(step_ids: Sequence[str]) -> list[Any]:
     return ["enqueued", *step_ids]
 
 
+#: The most step ids one ``enqueued`` call marks.
+MARKS_PER_CALL = 1000
+
+
+def enqueued_calls(step_ids: Sequence[str]) -> list[list[Any]]:
+    return [
+        enqueued(step_ids[i : i + MARKS_PER_CALL]) for i in range(0, len(step_ids), MARKS_PER_CALL)
+    ]
+
+
+def committed(reply: Any) -> list[str] | None:
+    """The entries' ids, when ``reply`` is that of a ``commit`` that made the state (the
+    caller enqueues them all, from the specs it has); None for any other reply."""
+    if isinstance(reply, bytes | str):
+        return [str(i) for i in json.loads(reply)]
+    return None
+
+
 def parse_ready(reply: Any) -> list[ReadyStep] | None:
     """The steps a call made ready; None when the workflow no longer exists (it ended
     and its state expired, or it never was)."""

@@ -34,7 +34,8 @@ def inspect(state: CliState, workflow_id: str, as_json: bool) -> None:
             step["master"] = masters[step["id"]]
         print_json(data)
         return
-    click.echo(safe_text(f"workflow {info.id}: {info.status}"))
+    kept = f" (state kept {info.expires_in:.0f}s more)" if info.expires_in is not None else ""
+    click.echo(safe_text(f"workflow {info.id}: {info.status}{kept}"))
     rows = [
         [s.id, s.task_id, s.type, s.queue, masters[s.id] or "-", s.state, (s.error or "")[:60]]
         for s in info.steps

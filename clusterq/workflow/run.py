@@ -72,9 +72,11 @@ def state_fields(plan: Plan, created: float, retention: float) -> list[tuple[str
         ("created", created),
         ("keep", int(retention * 1000)),
     ]
+    entries = set(plan.entries)
     for step in plan.steps.values():
         fields += [
-            (f"st:{step.id}", "w"),
+            # the entries are enqueued at once: written claimed
+            (f"st:{step.id}", "q" if step.id in entries else "w"),
             (f"n:{step.id}", len(step.deps)),
             (f"dep:{step.id}", json.dumps(step.deps)),
             (f"out:{step.id}", json.dumps(step.out)),
@@ -94,7 +96,9 @@ class Ready:
     parents: list[Any]
 
 
-def _ready(reply: Any) -> list[Ready] | None:
+def _ready(reply: Any, start: StartPlan | None = None) -> list[Ready] | None:
+    if start is not None and (ids := wf_script.committed(reply)) is not None:
+        return [Ready(i, start.specs[i], []) for i in ids]
     steps = wf_script.parse_ready(reply)
     if steps is None:
         return None
@@ -160,6 +164,8 @@ class StartPlan:
     id: str
     calls: list[list[Any]]
     queues: set[str]
+    #: The entries' specs, by step id.
+    specs: dict[str, TaskSpec]
 
 
 def plan_start(
@@ -197,7 +203,8 @@ def plan_start(
             f"a workflow's state is at most {MAX_STATE_BYTES} bytes, this one is {size} "
             "(payloads included)"
         )
-    return StartPlan(workflow_id, wf_script.create_calls(fields), queues)
+    specs = {i: plan.steps[i].spec for i in plan.entries}
+    return StartPlan(workflow_id, wf_script.create_calls(fields), queues, specs)
 
 
 def _retention(retention: float | None) -> float:
@@ -275,6 +282,7 @@ class Workflows:
         what: str,
         level: Durability,
         confirm: Confirmation | None = None,
+        start: StartPlan | None = None,
     ) -> list[Ready] | None:
         slot = keyslot(self.backend.keys.workflow(workflow_id))
         c = confirm or confirmation(level, self.backend, slot, self.client.durability_timeout)
@@ -283,7 +291,7 @@ class Workflows:
         def call(node: Any) -> Any:
             return check(*run_pipelined(node, [step], after))
 
-        return _ready(self.backend.execute(slot, call))
+        return _ready(self.backend.execute(slot, call), start)
 
     def start(
         self,
@@ -298,7 +306,7 @@ class Workflows:
         level = durability or self.client.durability
         for args in plan.calls[:-1]:  # the parts of a large workflow, if any
             self._state(plan.id, args, "parts", level, UNCONFIRMED)
-        ready = self._state(plan.id, plan.calls[-1], "creation", level)
+        ready = self._state(plan.id, plan.calls[-1], "creation", level, start=plan)
         self.enqueue_ready(plan.id, ready or [], level)
         return WorkflowHandle(plan.id)
 
@@ -317,7 +325,8 @@ class Workflows:
                     if c.required:
                         raise
                 ids = [step_id for step_id, _ in steps]
-                self._state(workflow_id, wf_script.enqueued(ids), "enqueue mark", level)
+                for args in wf_script.enqueued_calls(ids):
+                    self._state(workflow_id, args, "enqueue mark", level)
 
     def info(self, handle: WorkflowHandle | str) -> WorkflowInfo:
         workflow_id = handle.id if isinstance(handle, WorkflowHandle) else handle
@@ -350,6 +359,7 @@ class AsyncWorkflows:
         what: str,
         level: Durability,
         confirm: Confirmation | None = None,
+        start: StartPlan | None = None,
     ) -> list[Ready] | None:
         slot = keyslot(self.backend.keys.workflow(workflow_id))
         c = confirm or confirmation(level, self.backend, slot, self.client.durability_timeout)
@@ -358,7 +368,7 @@ class AsyncWorkflows:
         async def call(node: Any) -> Any:
             return check(*await arun_pipelined(node, [step], after))
 
-        return _ready(await self.backend.execute(slot, call))
+        return _ready(await self.backend.execute(slot, call), start)
 
     async def start(
         self,
@@ -373,7 +383,7 @@ class AsyncWorkflows:
         level = durability or self.client.durability
         for args in plan.calls[:-1]:
             await self._state(plan.id, args, "parts", level, UNCONFIRMED)
-        ready = await self._state(plan.id, plan.calls[-1], "creation", level)
+        ready = await self._state(plan.id, plan.calls[-1], "creation", level, start=plan)
         await self.enqueue_ready(plan.id, ready or [], level)
         return WorkflowHandle(plan.id)
 
@@ -394,7 +404,8 @@ class AsyncWorkflows:
                     if c.required:
                         raise
                 ids = [step_id for step_id, _ in steps]
-                await self._state(workflow_id, wf_script.enqueued(ids), "enqueue mark", level)
+                for args in wf_script.enqueued_calls(ids):
+                    await self._state(workflow_id, args, "enqueue mark", level)
 
     async def step_done(
         self, workflow_id: str, step_id: str, result: bytes, level: Durability = "none"
