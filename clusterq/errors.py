@@ -43,6 +43,12 @@ class ModeMismatch(ClusterqError):
     """``--cluster`` against a standalone server, or ``--standalone`` against a cluster."""
 
 
+class ForeignData(ClusterqError):
+    """A key clusterq uses holds what clusterq does not write there (another type, a
+    value it cannot read), written by something else. The message names the key; the
+    call that met it changed nothing."""
+
+
 class TopologyError(ClusterqError):
     """The cluster map could not be read or makes no sense."""
 

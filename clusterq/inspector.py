@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -20,7 +20,18 @@ from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError, InvalidName, TaskNotFound
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name, validate_task_id
 from clusterq.partitions import Layout, Layouts, partition_marks
-from clusterq.serialization import json_value
+from clusterq.queueinfo import (
+    HISTORY_MINUTES,
+    Minute,
+    NodeTotals,
+    QueueDetail,
+    QueueInfo,
+    Summary,
+    count_commands,
+    history_from_stats,
+    read_counts,
+    stored_meta,
+)
 from clusterq.streaminfo import (
     StreamPartitionInfo,
     read_stream_layouts,
@@ -32,10 +43,24 @@ from clusterq.taskinfo import info_commands, info_values, task_info
 from clusterq.worker.announce import WorkerAnnouncement, parse_announcements
 from clusterq.workflow import WorkflowInfo, read_workflow
 
+__all__ = [
+    "HISTORY_MINUTES",
+    "MAX_PAGE",
+    "Inspector",
+    "Minute",
+    "NodeTotals",
+    "QueueDetail",
+    "QueueInfo",
+    "Summary",
+    "TaskDetail",
+    "WorkerInfo",
+    "history_from_stats",
+    "parse_state",
+    "stored_meta",
+]
+
 #: How long one queue's counts may take (through retries) before it is shown as an error.
 DEFAULT_INSPECT_TIMEOUT = 3.0
-#: Minutes of per-minute history a queue keeps (``HISTORY_MINUTES`` in ``_prelude.lua``).
-HISTORY_MINUTES = 360
 #: Records read per call when counting a queue's tasks by type.
 SCAN_BATCH = 500
 #: The most tasks one listing returns.
@@ -44,110 +69,6 @@ MAX_PAGE = 1000
 
 #: A live worker, as it last announced itself (kept under its old name).
 WorkerInfo = WorkerAnnouncement
-
-
-@dataclass(frozen=True)
-class QueueInfo:
-    """A queue's location in the cluster and the number of tasks in each state."""
-
-    queue: str
-    keyslot: int
-    master: str | None
-    master_id: str | None
-    replicas: list[str] = field(default_factory=list)
-    pending: int = 0
-    scheduled: int = 0
-    retry: int = 0
-    active: int = 0
-    archived: int = 0
-    completed: int = 0
-    paused: bool = False
-    #: Tasks acknowledged / failed attempts, since the queue was first used.
-    processed: int = 0
-    failed: int = 0
-    #: Seconds since the oldest pending task was enqueued (0 with nothing pending).
-    latency: float = 0.0
-    error: str | None = None
-    #: A partition: the partitioned queue it belongs to, and its index in the current
-    #: layout (None while it drains after a change of the partition count).
-    partition_of: str | None = None
-    partition: int | None = None
-    #: A partitioned queue's own name: its number of partitions (0 for a plain queue).
-    partitions: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def size(self) -> int:
-        """Tasks in the queue, completed ones aside."""
-        return self.pending + self.scheduled + self.retry + self.active + self.archived
-
-
-@dataclass(frozen=True)
-class NodeTotals:
-    """The sums over the queues one master owns."""
-
-    master: str
-    queues: int = 0
-    pending: int = 0
-    active: int = 0
-    scheduled: int = 0
-    retry: int = 0
-    archived: int = 0
-    processed: int = 0
-    failed: int = 0
-    #: The highest latency among its queues.
-    latency: float = 0.0
-
-
-@dataclass(frozen=True)
-class Summary:
-    """``clusterq stats``: per master, per queue, and the workers."""
-
-    nodes: list[NodeTotals]
-    queues: list[QueueInfo]
-    workers: int
-    running: int
-    concurrency: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "nodes": [asdict(n) for n in self.nodes],
-            "queues": [q.to_dict() for q in self.queues],
-            "workers": self.workers,
-            "running": self.running,
-            "concurrency": self.concurrency,
-        }
-
-
-@dataclass(frozen=True)
-class Minute:
-    """Counts of one minute of a queue's history."""
-
-    at: float
-    processed: int
-    failed: int
-
-
-@dataclass(frozen=True)
-class QueueDetail:
-    """:class:`QueueInfo` and what ``queue inspect`` adds: memory, history, task types."""
-
-    info: QueueInfo
-    #: Bytes used by the queue's keys (``MEMORY USAGE``, sampled), None if not allowed.
-    memory: int | None
-    #: Per minute, oldest first, minutes without activity left out.
-    history: list[Minute]
-    #: Tasks per type (completed aside), when asked for.
-    types: dict[str, int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = self.info.to_dict()
-        out["memory"] = self.memory
-        out["history"] = [asdict(m) for m in self.history]
-        out["types"] = self.types
-        return out
 
 
 @dataclass(frozen=True)
@@ -245,43 +166,28 @@ class Inspector:
         return sorted(names)
 
     def queue(self, name: str) -> QueueInfo:
-        """Location and counts of one queue (registered or not)."""
+        """Location and counts of one queue (registered or not). A key holding what
+        clusterq does not write (another type, a counter that is not a number) is this
+        queue's ``error``, naming the key; what could be read is still shown."""
         validate_queue_name(name)
         qk = self.keys.queue(name)
+        commands = count_commands(qk)
 
-        def counts(client: redis.Redis) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            pipe.llen(qk.pending)
-            for key in (qk.scheduled, qk.retry, qk.active, qk.archived, qk.completed):
-                pipe.zcard(key)
-            pipe.exists(qk.paused)
-            pipe.hmget(qk.stats, "processed", "failed")
-            pipe.lindex(qk.pending, -1)
-            return pipe.execute()
+        def counts(client: Any) -> list[Any]:
+            return list(client.fast_pipeline(commands))
 
         try:
             values = self.backend.execute(qk.slot, counts, timeout=self.timeout)
-            latency = self._latency(qk, values[-1])
         except (ClusterqError, redis.RedisError) as exc:
             return self._located(name, error=str(exc))
-        pending, scheduled, retry, active, archived, completed, paused = (
-            int(v) for v in values[:7]
-        )
-        processed, failed = (int(v or 0) for v in values[7])
+        fields, problems = read_counts(qk, values)
+        try:
+            oldest = values[-1] if not isinstance(values[-1], Exception) else None
+            fields["latency"] = self._latency(qk, oldest)
+        except (ClusterqError, redis.RedisError) as exc:
+            problems.append(f"{qk.tasks}: {exc}")
         # Located after the counts: the map may have changed while the call retried.
-        return self._located(
-            name,
-            pending=pending,
-            scheduled=scheduled,
-            retry=retry,
-            active=active,
-            archived=archived,
-            completed=completed,
-            paused=bool(paused),
-            processed=processed,
-            failed=failed,
-            latency=latency,
-        )
+        return self._located(name, **fields, error="; ".join(problems) or None)
 
     def _latency(self, qk: QueueKeys, oldest: bytes | None) -> float:
         """Seconds since the oldest pending task (the list's right end) was enqueued."""
@@ -524,35 +430,6 @@ class Inspector:
     def workflow(self, workflow_id: str) -> WorkflowInfo:
         """A workflow's status, result and each step's state (``workflow inspect``)."""
         return read_workflow(self.backend, workflow_id, self.timeout)
-
-
-def history_from_stats(fields: dict[Any, Any], now: float) -> list[Minute]:
-    """The per-minute counters of a stats hash (fields ``p:<minute>``/``f:<minute>``)
-    within the last :data:`HISTORY_MINUTES`, oldest first."""
-    oldest = int(now // 60) - HISTORY_MINUTES
-    minutes: dict[int, list[int]] = {}
-    for key, value in fields.items():
-        name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
-        kind, _, minute = name.partition(":")
-        if kind not in ("p", "f") or not minute.isdigit() or int(minute) <= oldest:
-            continue
-        counts = minutes.setdefault(int(minute), [0, 0])
-        try:
-            counts[0 if kind == "p" else 1] += int(value)
-        except ValueError:
-            continue
-    return [Minute(at=m * 60.0, processed=p, failed=f) for m, (p, f) in sorted(minutes.items())]
-
-
-def stored_meta(raw: Any) -> dict[str, Any]:
-    """The meta object of a stored record, or {} for one that is not readable."""
-    if not isinstance(raw, bytes):
-        return {}
-    try:
-        meta = json_value(raw.partition(b"\n")[0])
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def parse_state(state: TaskState | str) -> TaskState:

@@ -75,8 +75,12 @@ def json_bytes(value: Any) -> bytes:
 
 
 def json_value(data: bytes | str) -> Any:
-    """Parse UTF-8 JSON (what :func:`json_bytes` writes)."""
-    return _JSON_DECODE(data.decode() if isinstance(data, bytes) else data)
+    """Parse UTF-8 JSON (what :func:`json_bytes` writes). Raises ValueError for what is
+    not JSON, or is nested deeper than the stack allows."""
+    try:
+        return _JSON_DECODE(data.decode() if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to be read") from None
 
 
 class JSONCodec:
@@ -94,6 +98,7 @@ class JSONCodec:
         try:
             return json_value(data)
         except (UnicodeDecodeError, ValueError) as exc:
+            # (nested deeper than this process's stack allows: json_value says so)
             raise PayloadError(f"payload is not valid JSON: {exc}") from None
 
 

@@ -27,6 +27,20 @@ local function wrong_type(types)
   return nil
 end
 
+-- Whether HINCRBY can count field `field` of hash `key`: absent, or an integer (a value
+-- written by something else would make HINCRBY fail halfway through a script). A
+-- counter that cannot count is skipped, not overwritten: the transition still happens,
+-- and the views name the field.
+local function countable(key, field)
+  local v = redis.call('HGET', key, field)
+  return not v or (#v < 19 and string.match(v, '^%-?%d+$') ~= nil)
+end
+
+-- The stats fields a count of kind ('p' processed, 'f' failed) adds to at `now`.
+local function history_field(kind, now)
+  return kind .. ':' .. math.floor(now / 60000)
+end
+
 -- Per-minute history in a queue's stats hash: field '<kind>:<minute>' (kind p processed,
 -- f failed; minute = ms since the epoch / 60000). The first count of a minute also
 -- drops the fields older than HISTORY_MINUTES (so a hash holds at most two per minute
@@ -34,7 +48,7 @@ end
 local HISTORY_MINUTES = 360
 local function count_history(key, kind, n, now)
   local minute = math.floor(now / 60000)
-  if redis.call('HINCRBY', key, kind .. ':' .. minute, n) ~= n then return end
+  if redis.call('HINCRBY', key, history_field(kind, now), n) ~= n then return end
   local oldest, old = minute - HISTORY_MINUTES, {}
   for _, field in ipairs(redis.call('HKEYS', key)) do
     local m = tonumber(string.match(field, '^[pf]:(%d+)$'))

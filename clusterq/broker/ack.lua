@@ -11,9 +11,12 @@
 --
 -- Returns one value per task: 1 acked, 0 not the lease holder (no-op).
 -- The writes go out as one command per key for the whole batch (cheaper here and on
--- the replicas, which receive them as they are).
+-- the replicas, which receive them as they are). Nothing here fails after the first
+-- write: key types are checked first, and a stats counter holding something else than
+-- an integer is not counted (see countable).
 do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'hash', 'hash', 'zset'}) if bad then return bad end end
 local now = now_ms()
+local counting = countable(KEYS[6], 'processed') and countable(KEYS[6], history_field('p', now))
 local remember = tonumber(ARGV[1])
 local ids = {}
 for i = 2, #ARGV, 5 do ids[#ids + 1] = ARGV[i] end
@@ -51,8 +54,10 @@ end
 if #acked > 0 then
   redis.call('ZREM', KEYS[1], unpack(acked))
   redis.call('HDEL', KEYS[2], unpack(acked))
-  redis.call('HINCRBY', KEYS[6], 'processed', #acked)
-  count_history(KEYS[6], 'p', #acked, now)
+  if counting then
+    redis.call('HINCRBY', KEYS[6], 'processed', #acked)
+    count_history(KEYS[6], 'p', #acked, now)
+  end
 end
 if #kept > 0 then redis.call('ZADD', KEYS[4], unpack(kept)) end
 if #results > 0 then redis.call('HSET', KEYS[5], unpack(results)) end

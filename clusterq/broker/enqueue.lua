@@ -37,6 +37,7 @@ for i = 2, #ARGV, 6 do
 end
 
 local now = now_ms()
+local counting = ARGV[1] == '1' and countable(KEYS[8], 'enqueue_repeats')
 local out, ready, existing = {}, {}, 0
 local earliest, earliest_due = nil, nil  -- the first due of the tasks scheduled here
 for i = 2, #ARGV, 6 do
@@ -72,7 +73,7 @@ end
 -- before anything scheduled so far (they wait until the earliest due time they know).
 local was_empty = #ready > 0 and redis.call('LPUSH', KEYS[2], unpack(ready)) == #ready
 if was_empty or (earliest and is_first(KEYS[3], earliest)) then wake(KEYS[10]) end
-if ARGV[1] == '1' and existing > 0 then
+if counting and existing > 0 then
   redis.call('HINCRBY', KEYS[8], 'enqueue_repeats', existing)
 end
 return out

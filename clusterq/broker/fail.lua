@@ -8,9 +8,13 @@
 -- ARGV[6] count as a failure in stats (1/0)
 --
 -- Returns 1 retry, 2 archived, 0 not the lease holder or lease still valid (no-op).
+-- Every check that can fail comes before the first write (a stats counter that is not
+-- an integer is not counted).
 do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash', '-'}) if bad then return bad end end
 local now, id = now_ms(), ARGV[1]
 if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then return 0 end
+local counting = ARGV[6] == '1' and countable(KEYS[6], 'failed')
+  and countable(KEYS[6], history_field('f', now))
 if ARGV[5] == '1' then
   local expiry = redis.call('ZSCORE', KEYS[1], id)
   if expiry and tonumber(expiry) > now then return 0 end
@@ -22,7 +26,7 @@ if rec then
   local cut = string.find(rec, '\n', 1, true) or (#rec + 1)
   redis.call('HSET', KEYS[3], id, ARGV[3] .. string.sub(rec, cut))
 end
-if ARGV[6] == '1' then
+if counting then
   redis.call('HINCRBY', KEYS[6], 'failed', 1)
   count_history(KEYS[6], 'f', 1, now)
 end

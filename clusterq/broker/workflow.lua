@@ -158,8 +158,17 @@ if op == 'done' then
   if not st then return redis.error_reply('ERR workflow: no step ' .. id) end
   local out = {}
   if st ~= 'd' and st ~= 'f' then
+    local dependents = cjson.decode(get('out:' .. id) or '[]')
+    local counters = {'left'}
+    for _, nxt in ipairs(dependents) do counters[#counters + 1] = 'n:' .. nxt end
+    for _, field in ipairs(counters) do
+      if not countable(key, field) then
+        return redis.error_reply('ERR workflow: field ' .. field .. ' of ' .. key
+          .. ' is not an integer; nothing was written')
+      end
+    end
     redis.call('HSET', key, 'st:' .. id, 'd', 'res:' .. id, ARGV[3])
-    for _, nxt in ipairs(cjson.decode(get('out:' .. id) or '[]')) do
+    for _, nxt in ipairs(dependents) do
       redis.call('HINCRBY', key, 'n:' .. nxt, -1)
     end
     finish_one()

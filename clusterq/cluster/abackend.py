@@ -20,7 +20,14 @@ import redis.asyncio
 from clusterq.broker.script import LuaScript
 from clusterq.cluster import topology as topo
 from clusterq.cluster.changes import TopologyEvent
-from clusterq.cluster.connection import Addr, Mode, RedisURL, format_addr, translate_error
+from clusterq.cluster.connection import (
+    Addr,
+    Mode,
+    RedisURL,
+    foreign_key_error,
+    format_addr,
+    translate_error,
+)
 from clusterq.cluster.routing import (
     DEFAULT_DOWN_TIMEOUT,
     DEFAULT_RETRY_TIMEOUT,
@@ -245,7 +252,11 @@ class AsyncBackend(RouteState):
     async def execute_key(
         self, key: str, fn: Callable[[AsyncNodeClient], Awaitable[T]], **kwargs: Any
     ) -> T:
-        return await self.execute(keyslot(key), fn, **kwargs)
+        """:meth:`execute` on ``key``'s slot; a ``WRONGTYPE`` names ``key``."""
+        try:
+            return await self.execute(keyslot(key), fn, **kwargs)
+        except redis.ResponseError as exc:
+            raise foreign_key_error(exc, key) from exc
 
     async def call(self, key: str, *command: Any) -> Any:
         """One command on the master of ``key``'s slot, over the node's lane (the fast path

@@ -22,6 +22,7 @@ from clusterq.cluster.connection import (
     Mode,
     RedisURL,
     call_node,
+    foreign_key_error,
     format_addr,
 )
 from clusterq.cluster.routing import (
@@ -184,7 +185,11 @@ class Backend(RouteState):
                 time.sleep(decision.delay)
 
     def execute_key(self, key: str, fn: Callable[[NodeClient], T], **kwargs: Any) -> T:
-        return self.execute(keyslot(key), fn, **kwargs)
+        """:meth:`execute` on ``key``'s slot; a ``WRONGTYPE`` names ``key``."""
+        try:
+            return self.execute(keyslot(key), fn, **kwargs)
+        except redis.ResponseError as exc:
+            raise foreign_key_error(exc, key) from exc
 
     def call(self, key: str, *command: Any, timeout: float | None = None) -> Any:
         """One command on the master of ``key``'s slot, over the fast path, retried through

@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from clusterq.cluster.wire import AsyncNodeClient, NodeClient
-from clusterq.errors import AuthFailed, ConfigError, ConnectionFailed, ModeMismatch
+from clusterq.errors import AuthFailed, ConfigError, ConnectionFailed, ForeignData, ModeMismatch
 
 Mode = Literal["cluster", "standalone"]
 Addr = tuple[str, int]
@@ -298,7 +298,21 @@ def translate_error(exc: BaseException, addr: Addr | str) -> Exception:
                 "nodes' ports> to the URL)"
             )
         return ConnectionFailed(f"cannot reach {where}: {text}{hint}")
+    if upper.startswith("WRONGTYPE CLUSTERQ KEY"):  # a script's check of its keys' types
+        return ForeignData(text)
     return exc if isinstance(exc, Exception) else RuntimeError(text)
+
+
+def foreign_key_error(exc: Exception, key: str) -> Exception:
+    """A plain ``WRONGTYPE`` met by a command on ``key`` (it names no key) as a
+    :class:`ForeignData` that names it; any other error as it is."""
+    text = str(exc).strip()
+    if isinstance(exc, redis.ResponseError) and text.upper().startswith("WRONGTYPE"):
+        return ForeignData(
+            f"clusterq key {key} holds another type than clusterq writes there ({text}); "
+            "nothing was changed"
+        )
+    return exc
 
 
 def call_node(addr: Addr, fn: Callable[[], T]) -> T:

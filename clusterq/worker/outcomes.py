@@ -118,8 +118,8 @@ class Outcomes:
             result = await self.broker.fail(q.qk, task_id, token, meta, retry_in_ms=_ms(delay))
         except Exception as exc:
             log.error(
-                "queue %s: could not record the failure of task %s (%s); its lease will "
-                "expire and it will be retried",
+                "queue %s: could not record the failure of task %s (%s); it stays active "
+                "until its lease expires, then lease recovery records it",
                 q.name,
                 task_id,
                 exc,

@@ -23,6 +23,7 @@ from clusterq.worker.outcomes import Outcomes
 from clusterq.worker.state import (
     MAX_ERROR_LENGTH,
     Outcome,
+    Persistent,
     QueueState,
     RunState,
     WorkerSettings,
@@ -55,6 +56,8 @@ class Recoverer:
         self.stats = stats
         self.outcomes = outcomes
         self.run_state = run_state
+        self.sweeps = Persistent(log, "the sweep")
+        self.recoveries = Persistent(log, "recovery of expired leases")
 
     async def loop(self, queues: list[QueueState]) -> None:
         while not self.run_state.closing:
@@ -73,8 +76,9 @@ class Recoverer:
                 timeout=self.settings.recover_interval,
             )
         except Exception as exc:
-            log.debug("queue %s: sweep failed (%s)", q.name, exc)
+            self.sweeps.failed(f"queue {q.name}", exc)
             return
+        self.sweeps.worked(f"queue {q.name}")
         for task_id, token, raw in swept.expired:
             mine = q.held.get(task_id)
             if mine is not None and mine.token == token:
@@ -121,8 +125,9 @@ class Recoverer:
                 only_if_expired=True,
             )
         except Exception as exc:
-            log.debug("queue %s: recovery of %s failed (%s)", q.name, task_id, exc)
+            self.recoveries.failed(f"queue {q.name}", exc)
             return
+        self.recoveries.worked(f"queue {q.name}")
         if result == "archived":
             await self.outcomes.workflow_failed(q, task_id, record, error)
         if result != "stale":

@@ -4,7 +4,9 @@ queue, and the outcome of one handler call."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,3 +186,44 @@ class RunState:
         self.aborting = False
         #: Background loops end.
         self.closing = False
+
+
+class Persistent:
+    """Says at WARNING when an operation keeps failing for one subject (a queue): a
+    failure or two (a failover) at DEBUG, then WARNING with the reason, at most once per
+    ``every`` seconds while it goes on (with how many failed meanwhile), and INFO when it
+    works again."""
+
+    def __init__(
+        self, log: logging.Logger, what: str, *, after: int = 3, every: float = 60.0
+    ) -> None:
+        self.log = log
+        self.what = what
+        self.after = after
+        self.every = every
+        #: subject -> (failures in a row, when last warned, failures since)
+        self._state: dict[str, tuple[int, float, int]] = {}
+
+    def failed(self, subject: str, exc: BaseException) -> None:
+        count, warned, since = self._state.get(subject, (0, 0.0, 0))
+        count += 1
+        since += 1
+        now = time.monotonic()
+        if count < self.after:
+            self.log.debug("%s of %s failed (%s)", self.what, subject, exc)
+        elif now - warned >= self.every:
+            self.log.warning(
+                "%s of %s keeps failing (%d in a row, %d since last said): %s",
+                self.what,
+                subject,
+                count,
+                since,
+                exc,
+            )
+            warned, since = now, 0
+        self._state[subject] = (count, warned, since)
+
+    def worked(self, subject: str) -> None:
+        state = self._state.pop(subject, None)
+        if state is not None and state[0] >= self.after:
+            self.log.info("%s of %s works again (after %d failures)", self.what, subject, state[0])
