@@ -79,3 +79,40 @@ def write_raw_records(
             return pipe.execute()
 
         client.backend.execute(qk.slot, write)
+
+
+def keys_holding(node: Any, prefix: str, needle: str) -> list[str]:
+    """Every key under ``prefix`` on ``node`` (one server: a standalone server or one
+    master) that names ``needle`` or holds it: in its name, as a hash field, a (sorted)
+    set member, a list element, a string value or a stream entry's field or value.
+    Read straight from the server, not through clusterq."""
+    want = needle.encode()
+    found: list[str] = []
+    for raw in node.scan_iter(match=f"{prefix}:*", count=1000):
+        key = raw.decode(errors="replace")
+        kind = node.type(raw)
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if want in raw:
+            held = True
+        elif kind == "hash":
+            held = bool(node.hexists(raw, want))
+        elif kind == "zset":
+            held = node.zscore(raw, want) is not None
+        elif kind == "set":
+            held = bool(node.sismember(raw, want))
+        elif kind == "list":
+            held = node.lpos(raw, want) is not None
+        elif kind == "string":
+            held = want in (node.get(raw) or b"")
+        elif kind == "stream":
+            held = any(
+                want in part
+                for _id, fields in node.xrange(raw)
+                for pair in fields.items()
+                for part in pair
+            )
+        else:
+            held = False
+        if held:
+            found.append(key)
+    return found
