@@ -405,7 +405,8 @@ def test_listings_show_data_as_it_is_never_as_markup_or_escapes(
     standalone: Any, prefix: str
 ) -> None:
     import json
-    import time as clock
+
+    from clusterq.worker.announce import MAX_AHEAD
 
     url = standalone.seed_url
     with Client(url, prefix=prefix) as client:
@@ -413,7 +414,13 @@ def test_listings_show_data_as_it_is_never_as_markup_or_escapes(
         client.enqueue("t", None, queue="[bold]q")
         registry, workers = client.keys.queues, client.keys.workers
         client.backend.execute_key(registry, lambda c: c.sadd(registry, "bad{name}", "x y"))
-        now = clock.time()
+
+    def announce() -> None:
+        """Write the workers' entries as a live worker keeps writing its own, just before
+        a listing reads them: a fake one, live (its expiry about as far ahead as a worker
+        ever writes, so that a slow listing does not find it past), one claiming an
+        expiry no worker writes, and one that is no JSON."""
+        now = time.time()
         fake = {
             "id": "[red]w\x1b[31mevil\x07",
             "host": "h\x1b]0;title\x07",
@@ -424,15 +431,14 @@ def test_listings_show_data_as_it_is_never_as_markup_or_escapes(
             "active": 0,
             "processed": 0,
             "failed": 0,
-            "expires": now + 5,
+            "expires": now + MAX_AHEAD - 1,
         }
         forever = {**fake, "id": "immortal", "expires": now + 10**9}
-        client.backend.execute_key(
-            workers,
-            lambda c: c.hset(
-                workers, mapping={"a": json.dumps(fake), "b": json.dumps(forever), "c": "{oops"}
-            ),
-        )
+        entries = {"a": json.dumps(fake), "b": json.dumps(forever), "c": "{oops"}
+        with Client(url, prefix=prefix) as client:
+            client.backend.execute_key(workers, lambda c: c.hset(workers, mapping=entries))
+
+    announce()
     table = _cli(url, prefix, "queue", "ls", "--cluster")
     assert table.exit_code == 0, table.output
     assert "[/x]" in table.stdout and "[bold]q" in table.stdout
@@ -442,10 +448,12 @@ def test_listings_show_data_as_it_is_never_as_markup_or_escapes(
     listed = _cli(url, prefix, "queue", "ls", "--json")
     assert listed.exit_code == 0
     assert sorted(r["queue"] for r in json.loads(listed.stdout)) == ["[/x]", "[bold]q"]
+    announce()
     shown = _cli(url, prefix, "worker", "ls")
     assert shown.exit_code == 0, shown.output
     assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
     assert "[red]w\\x1b[31mevil\\x07" in shown.stdout.replace("\n", "")
     assert "immortal" not in shown.stdout  # an expiry no worker writes: not live
+    announce()
     ids = [w["id"] for w in json.loads(_cli(url, prefix, "worker", "ls", "--json").stdout)]
-    assert ids == [fake["id"]]
+    assert ids == ["[red]w\x1b[31mevil\x07"]
