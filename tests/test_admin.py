@@ -6,20 +6,26 @@ tasks, history counters, and the true worker counts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from clusterq import Client, Router, Task, TaskState
+import clusterq.admin
+from clusterq import Client, Router, Task, TaskState, Worker
 from clusterq.admin import Admin, QueueNotEmpty
+from clusterq.broker import manage
+from clusterq.broker.dequeue import Dequeued
+from clusterq.broker.facade import Broker
 from clusterq.inspector import HISTORY_MINUTES, Inspector, history_from_stats
+from clusterq.keys import QueueKeys
 from clusterq.producer import TaskSpec
 from clusterq.tools.devcluster import LocalCluster
-from tests.helpers import await_for, running_worker, wait_for
+from tests.helpers import FAST, await_for, running_worker, wait_for
 
 
 def _park(client: Client, queue: str, count: int, task_type: str, **options: Any) -> list[str]:
@@ -29,6 +35,30 @@ def _park(client: Client, queue: str, count: int, task_type: str, **options: Any
         for i in range(count)
     ]
     return [info.id for info in client.enqueue_many(specs)]
+
+
+@contextlib.asynccontextmanager
+async def _renewing_worker(url: str, router: Router, **options: Any) -> AsyncIterator[Worker]:
+    """A worker whose leases (30 s) cannot run out on a loaded machine during a test,
+    renewed every 0.25 s: an operator's cancel, which travels with a renewal, arrives at
+    once, and a lease lost can only mean the cancel took it."""
+    worker = Worker(url, router, **{**FAST, "lease": 30.0, **options})
+    worker.heartbeat_interval = 0.25
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+def _bulk_step(
+    admin: Admin, qk: QueueKeys, action: manage.Action, ids: list[str], state: str
+) -> dict[str, str]:
+    """One script call of a bulk action (``manage.lua``, as ``Admin.act_all`` makes it):
+    ``action`` on ``ids``, taken from a listing of ``state``."""
+    keys, args = manage.build(qk, action, [manage.Target(i) for i in ids], state=state)
+    reply = admin.backend.execute(qk.slot, lambda c: manage.SCRIPT.call(c, keys, args))
+    return dict(zip(ids, manage.parse(reply), strict=True))
 
 
 def test_single_actions_and_what_each_refuses(url: str, prefix: str) -> None:
@@ -87,6 +117,56 @@ def test_an_active_task_is_never_moved_under_its_worker(url: str, prefix: str) -
     asyncio.run(scenario())
 
 
+def test_a_bulk_step_leaves_alone_the_tasks_that_moved_since_its_listing(
+    url: str, prefix: str
+) -> None:
+    """A bulk action lists a state, then acts on what it listed. Here the gap between the
+    two is made long: pending tasks are listed, then a worker takes one (active) and an
+    operator archives another; the delete of the listed ids "as pending" removes only
+    those still pending. The active task keeps its record and lease (its worker's ack is
+    applied, its result kept), the archived one stays archived."""
+    router = Router()
+    taken: list[str] = []
+    release = asyncio.Event()
+
+    @router.task("hold")
+    async def hold(task: Task) -> str:
+        taken.append(task.id)
+        await release.wait()
+        return "done"
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+            client.enqueue_many([("hold", i) for i in range(4)], queue="moves", retention=600)
+            listed = admin.task_ids("moves", "pending")
+            assert len(listed) == 4
+            async with running_worker(
+                url, router, queues=["moves"], prefix=prefix, concurrency=1, lease=30.0
+            ) as worker:
+                await await_for(lambda: taken, 30, "a worker to take one")
+                (active,) = taken
+                archived = next(i for i in listed if i != active)
+                assert admin.archive("moves", [archived]) == {archived: "ok"}
+                statuses = _bulk_step(admin, admin.keys.queue("moves"), "delete", listed, "pending")
+                moved = {active: "state:active", archived: "state:archived"}
+                assert statuses == {**dict.fromkeys(listed, "ok"), **moved}
+                assert admin.task("moves", active).info.state == TaskState.ACTIVE
+                assert client.info(archived, queue="moves").state == TaskState.ARCHIVED
+                release.set()
+                await await_for(
+                    lambda: client.info(active, queue="moves").state == TaskState.COMPLETED,
+                    30,
+                    "the active task to complete",
+                )
+                assert worker.stats.leases_lost == 0  # its ack was applied
+            assert client.result(active, queue="moves") == "done"
+            assert taken == [active]  # the others were deleted before it could take them
+            info = admin.queue("moves")
+            assert (info.pending, info.active, info.archived) == (0, 0, 1)
+
+    asyncio.run(scenario())
+
+
 def test_cancel_reaches_the_running_async_handler_and_archives_the_task(
     url: str, prefix: str
 ) -> None:
@@ -108,9 +188,7 @@ def test_cancel_reaches_the_running_async_handler_and_archives_the_task(
         with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
             task_id = client.enqueue("long", queue="c", max_retry=5).id
             waiting = client.enqueue("long", queue="c", process_in=600).id
-            async with running_worker(
-                url, router, queues=["c"], prefix=prefix, lease=1.0
-            ) as worker:
+            async with _renewing_worker(url, router, queues=["c"], prefix=prefix) as worker:
                 await asyncio.wait_for(started.wait(), 10)
                 assert admin.cancel("c", [task_id, waiting, "nope"]) == {
                     task_id: "ok",
@@ -119,20 +197,21 @@ def test_cancel_reaches_the_running_async_handler_and_archives_the_task(
                 }
                 await await_for(
                     lambda: client.info(task_id, queue="c").state == TaskState.ARCHIVED,
-                    10,
+                    30,
                     "the cancelled task to be archived",
                 )
-                await await_for(lambda: worker.running == 0, 5, "its handler to end")
+                await await_for(lambda: worker.running == 0, 30, "its handler to end")
                 qk = admin.keys.queue("c")
                 # the request goes once the task is no longer active (the worker's sweep)
                 await await_for(
                     lambda: not admin.backend.execute(qk.slot, lambda c: c.exists(qk.cancel)),
-                    5,
+                    30,
                     "the cancel request to be dropped",
                 )
             info = client.info(task_id, queue="c")
             assert info.last_error == "cancelled by an operator"
             assert outcome == ["cancelled"]  # the handler saw CancelledError, no retry
+            # archived by its worker, under its lease (30 s: it cannot have run out)
             assert worker.stats.leases_lost == 0
 
     asyncio.run(scenario())
@@ -153,19 +232,19 @@ def test_cancel_of_a_sync_handler_archives_the_task_and_keeps_its_slot_until_it_
     async def scenario() -> None:
         with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
             task_id = client.enqueue("blocking", queue="cs", retention=60).id
-            async with running_worker(
-                url, router, queues=["cs"], prefix=prefix, lease=1.0, concurrency=2
+            async with _renewing_worker(
+                url, router, queues=["cs"], prefix=prefix, concurrency=2
             ) as worker:
                 await asyncio.to_thread(started.wait, 10)
                 assert admin.cancel("cs", [task_id]) == {task_id: "ok"}
                 await await_for(
                     lambda: client.info(task_id, queue="cs").state == TaskState.ARCHIVED,
-                    10,
+                    30,
                     "the cancelled task to be archived",
                 )
                 assert worker.active == 1  # the thread still runs: its slot stays taken
                 release.set()
-                await await_for(lambda: worker.active == 0, 10, "the slot back")
+                await await_for(lambda: worker.active == 0, 30, "the slot back")
             info = client.info(task_id, queue="cs")
             assert info.state == TaskState.ARCHIVED and info.result is None
 
@@ -226,7 +305,74 @@ def test_bulk_run_and_delete_of_10000_archived_tasks_while_a_worker_is_busy(
     asyncio.run(scenario())
 
 
-def test_pause_stops_fetching_and_unpause_resumes(url: str, prefix: str) -> None:
+def _archived(client: Client, admin: Admin, queue: str, count: int, task_type: str) -> list[str]:
+    ids = _park(client, queue, count, task_type)
+    assert set(admin.archive(queue, ids).values()) == {"ok"}
+    return ids
+
+
+def test_a_bulk_action_goes_through_every_batch_stepping_over_what_it_leaves(
+    url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 7: 30 tasks of one type behind 10 of another (due first) are all
+    archived, over several script calls, and the 10 are stepped over, each seen once."""
+    monkeypatch.setattr(clusterq.admin, "BATCH", 7)
+    with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+        first = [
+            info.id
+            for info in client.enqueue_many(
+                [TaskSpec("other", i, {"queue": "walk", "process_in": 600}) for i in range(10)]
+            )
+        ]
+        wanted = _park(client, "walk", 30, "wanted")  # an hour ahead: due after the others
+        assert set(admin.task_ids("walk", "scheduled", limit=10)) == set(first)
+        calls: list[tuple[int, int]] = []
+        result = admin.act_all(
+            "archive",
+            "walk",
+            "scheduled",
+            task_type="wanted",
+            progress=lambda done, total: calls.append((done, total)),
+        )
+        assert (result.done, result.skipped, result.statuses) == (30, 10, {"ok": 30, "type": 10})
+        assert len(calls) == 6 and calls[-1] == (40, 40)  # ceil(40 / 7) script calls
+        assert set(admin.task_ids("walk", "archived", limit=100)) == set(wanted)
+        assert set(admin.task_ids("walk", "scheduled", limit=100)) == set(first)
+
+
+def test_a_bulk_action_stops_after_as_many_tasks_as_the_state_held_when_it_began(
+    url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive grows while a bulk delete walks it (15 tasks archived after its first
+    batch, at the newest end): the 20 it held at the start are deleted, in batches of 7,
+    and the delete stops there; the 15 newcomers stay."""
+    monkeypatch.setattr(clusterq.admin, "BATCH", 7)
+    with (
+        Client(url, prefix=prefix) as client,
+        Admin(url, prefix=prefix) as admin,
+        Admin(url, prefix=prefix) as other,
+    ):
+        held = _archived(client, admin, "grows", 20, "x")
+        newcomers: list[str] = []
+        calls: list[tuple[int, int]] = []
+
+        def progress(done: int, total: int) -> None:
+            calls.append((done, total))
+            if not newcomers:  # meanwhile, another operator archives more
+                newcomers.extend(_archived(client, other, "grows", 15, "x"))
+
+        result = admin.act_all("delete", "grows", "archived", progress=progress)
+        assert (result.done, result.skipped) == (20, 0)
+        assert calls == [(7, 20), (14, 20), (20, 20)]
+        assert set(admin.task_ids("grows", "archived", limit=100)) == set(newcomers)
+        for task_id in held:
+            with pytest.raises(Exception, match="no task"):
+                client.info(task_id, queue="grows")
+
+
+def test_pause_stops_fetching_and_unpause_resumes(
+    url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ran: list[str] = []
     router = Router()
 
@@ -234,21 +380,43 @@ def test_pause_stops_fetching_and_unpause_resumes(url: str, prefix: str) -> None
     async def t(task: Task) -> None:
         ran.append(task.id)
 
+    # What the server answered the worker's dequeues of "p" (a spy: the real call, its
+    # real reply), with when each was sent.
+    answers: list[tuple[float, Dequeued]] = []
+    dequeue = Broker.dequeue
+
+    async def spy(self: Broker, qk: QueueKeys, *args: Any, **kwargs: Any) -> Dequeued:
+        sent = time.monotonic()
+        got = await dequeue(self, qk, *args, **kwargs)
+        if qk.queue == "p":
+            answers.append((sent, got))
+        return got
+
+    monkeypatch.setattr(Broker, "dequeue", spy)
+
     async def scenario() -> None:
         with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
-            async with running_worker(url, router, queues=["p"], prefix=prefix) as worker:
+            async with running_worker(url, router, queues=["p"], prefix=prefix):
                 first = client.enqueue("t", queue="p").id
-                await await_for(lambda: ran == [first], 10, "the first task")
+                await await_for(lambda: ran == [first], 30, "the first task")
                 admin.pause("p")
                 assert admin.queue("p").paused
                 second = client.enqueue("t", queue="p").id
-                # the worker keeps asking (a paused dequeue answers at once) and takes nothing
-                asked = worker.stats.processed
-                await asyncio.sleep(1.5)  # a negative: nothing may happen in this window
-                assert ran == [first] and worker.stats.processed == asked
-                assert admin.queue("p").pending == 1
+                enqueued = time.monotonic()
+                # Its wake-up makes the worker ask; the server answers "paused".
+                await await_for(
+                    lambda: (
+                        second in ran or any(at > enqueued and got.paused for at, got in answers)
+                    ),
+                    30,
+                    "a dequeue made after the enqueue, answered paused",
+                )
+                assert ran == [first]
+                assert all(not got.tasks for at, got in answers if at > enqueued)
+                info = admin.queue("p")
+                assert (info.pending, info.active) == (1, 0)
                 admin.unpause("p")
-                await await_for(lambda: ran == [first, second], 5, "the task after unpause")
+                await await_for(lambda: ran == [first, second], 30, "the task after unpause")
 
     asyncio.run(scenario())
 
