@@ -1,7 +1,7 @@
 """Leases and fencing, with two live workers on one queue (standalone and cluster).
 
-- A task that runs longer than the lease keeps it while its worker renews it: the other
-  worker's recoverer never takes it, and it runs once.
+- A task that outlives its lease keeps it while its worker renews it: the other worker's
+  recoverer never takes it, and it runs once.
 - A worker whose lease was taken over may still finish: its ack or fail reaches the
   server, is refused (the token is not the holder's), is counted in ``leases_lost``, and
   the new owner's outcome stays.
@@ -22,25 +22,55 @@ from tests.helpers import FAST, await_for, running_worker
 
 
 def test_renewal_keeps_a_task_longer_than_its_lease(url: str, prefix: str) -> None:
+    """The handler runs until the test has seen its task outlive the lease it started
+    with (renewed after that lease ran out) and both workers sweep the queue since; then
+    it returns: it ran once, nobody took it back. No duration is assumed: a slow machine
+    only makes the waits longer (the lease is 3 s, renewed every 0.75 s)."""
+    lease = 3.0
     runs: list[str] = []
+    release = asyncio.Event()
     router = Router()
 
     @router.task("long")
     async def long(task: Task) -> str:
         runs.append(task.id)
-        await asyncio.sleep(3.5)  # 3.5 leases of 1 s
+        await release.wait()
         return "done"
 
     async def scenario() -> None:
         client = await AsyncClient.connect(url, prefix=prefix)
         info = await client.enqueue("long", None, retention=60)
+        # Without wake-ups each worker sweeps the queue every recover_interval (with them,
+        # a worker holding nothing sweeps only when its survey sees an expired lease).
+        settings: dict[str, Any] = {"lease": lease, "wakeups": False}
         async with (
-            running_worker(url, router, prefix=prefix, name="renewing-a") as a,
-            running_worker(url, router, prefix=prefix, name="renewing-b") as b,
+            running_worker(url, router, prefix=prefix, name="renewing-a", **settings) as a,
+            running_worker(url, router, prefix=prefix, name="renewing-b", **settings) as b,
         ):
+            await await_for(lambda: runs, 20, "the task to start")
+            first = await client.info(info)
+            assert first.state == TaskState.ACTIVE and first.next_process_at is not None
+            first_expiry = first.next_process_at
+
+            async def renewed_after_first_expiry() -> bool:
+                # a renewal at t sets the expiry to t + lease: this one came after the
+                # first lease had run out (and the run above is still the only one)
+                now = await client.info(info)
+                expiry = now.next_process_at or 0.0
+                return now.state == TaskState.ACTIVE and expiry >= first_expiry + lease
+
+            await await_for(renewed_after_first_expiry, 60, "a renewal past the first lease")
+            assert runs == [info.id], "taken back while it ran"
+            swept = a.stats.sweeps, b.stats.sweeps
+            await await_for(
+                lambda: a.stats.sweeps > swept[0] + 1 and b.stats.sweeps > swept[1] + 1,
+                30,
+                "both workers to sweep the queue twice more",
+            )
+            assert runs == [info.id], "taken back while it ran"
+            release.set()
             assert await client.result(info, timeout=30) == "done"
             done = await client.info(info)
-            # The other worker swept the queue ~15 times while the task ran.
             assert a.stats.recovered == b.stats.recovered == 0
             assert a.stats.leases_lost == b.stats.leases_lost == 0
         await client.aclose()
