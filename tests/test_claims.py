@@ -113,15 +113,23 @@ def test_cli_reads_url_and_prefix_from_the_environment(
     assert [r["queue"] for r in json.loads(listed.stdout)] == ["from-env"]
     with Inspector(standalone.seed_url, prefix=prefix) as inspector:  # really that prefix
         assert inspector.queue("from-env").pending == 1
-    # Without them, the CLI talks to its default URL, not to our server.
+    # Without CLUSTERQ_PREFIX, the CLI uses its default prefix: the same listing of the
+    # same server shows the queue only when given the prefix as an option.
     bare = {k: v for k, v in env.items() if not k.startswith("CLUSTERQ_")}
-    other = subprocess.run(
-        [clusterq_bin, "--url", standalone.seed_url, "queue", "ls", "--json"],
-        env=bare,
-        capture_output=True,
-        text=True,
-    )
-    assert "from-env" not in other.stdout  # the default prefix has no such queue
+
+    def names(*options: str) -> list[str]:
+        listing = subprocess.run(
+            [clusterq_bin, "--url", standalone.seed_url, *options, "queue", "ls", "--json"],
+            env=bare,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listing.returncode == 0, listing.stderr
+        return [r["queue"] for r in json.loads(listing.stdout)]
+
+    assert "from-env" not in names()
+    assert names("--prefix", prefix) == ["from-env"]
 
 
 def test_queue_ls_cluster_json_has_every_documented_field(
