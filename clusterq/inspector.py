@@ -277,7 +277,9 @@ class Inspector:
         """Processed and failed per minute for the last :data:`HISTORY_MINUTES` minutes,
         oldest first; minutes without activity are left out."""
         qk = self.keys.queue(name)
-        fields = self.backend.execute(qk.slot, lambda c: c.hgetall(qk.stats), timeout=self.timeout)
+        fields = self.backend.execute_key(
+            qk.stats, lambda c: c.hgetall(qk.stats), timeout=self.timeout
+        )
         return history_from_stats(fields, time.time())
 
     def _memory(self, qk: QueueKeys) -> int | None:
