@@ -17,9 +17,10 @@ import pytest
 
 from clusterq import Router, Task, TaskSpec
 from clusterq.cluster.backend import Backend
+from clusterq.croninfo import cron_history, cron_status
 from clusterq.errors import ConfigError
 from clusterq.keys import KeySchema
-from clusterq.scheduler import Periodic, Scheduler, cron_history, cron_status
+from clusterq.scheduler import Periodic, Scheduler
 from clusterq.slots import keyslot
 from clusterq.tools.devcluster import LocalCluster
 from tests.cron_entries import ENTRIES, QUEUE
