@@ -18,6 +18,8 @@ Run several schedulers for availability; one leads at a time and fires:
 - **Catch-up.** A new leader fires the ticks the old one missed, if they are at most
   ``catch_up`` seconds old; older ones are skipped (and said so in the log). An entry
   seen for the first time fires from its next tick.
+- **Entries checked when made**: each one's enqueue is prepared (queue, options, payload,
+  the id of its longest tick); one that could never be enqueued is refused in one line.
 """
 
 from __future__ import annotations
@@ -42,9 +44,17 @@ from clusterq.broker import cron
 from clusterq.broker.script import arun_pipelined
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
-from clusterq.errors import ConfigError
-from clusterq.keys import DEFAULT_PREFIX, CronKeys, validate_entry_name
-from clusterq.producer import TaskSpec, new_task_id
+from clusterq.durability import durability_commands
+from clusterq.errors import ConfigError, InvalidName
+from clusterq.keys import (
+    DEFAULT_PREFIX,
+    MAX_TASK_ID_LENGTH,
+    CronKeys,
+    KeySchema,
+    validate_entry_name,
+)
+from clusterq.producer import MAX_SECONDS, EnqueueOptions, Producer, TaskSpec, new_task_id
+from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.slots import keyslot
 
 croniter: Any
@@ -61,6 +71,17 @@ DEFAULT_CATCH_UP = 60.0
 HISTORY_KEEP = 100
 #: The most ticks one entry fires in one pass (a catch-up after a long outage).
 MAX_TICKS_PER_PASS = 1000
+#: Ticks are ms since the epoch: 13 digits until the year 2286 (and ``every`` is at most
+#: 100 years, so no tick is further).
+LONGEST_TICK_MS = 10**13 - 1
+#: The longest entry name: its task ids ``cron:<name>:<tick ms>`` must be valid ids.
+MAX_ENTRY_NAME_LENGTH = MAX_TASK_ID_LENGTH - len(f"cron::{LONGEST_TICK_MS}")
+#: The options an entry's task may have (those of ``AsyncClient.enqueue``).
+TASK_OPTIONS = frozenset(EnqueueOptions.__optional_keys__) | {"durability"}
+
+#: Prepares an entry's enqueue without sending it (the scheduler's client has the same
+#: codec and payload limit).
+_CHECKER = Producer(KeySchema(DEFAULT_PREFIX), "json", DEFAULT_MAX_PAYLOAD_BYTES)
 
 
 def _require_croniter() -> Any:
@@ -83,17 +104,30 @@ class Periodic:
     tz: str | None = None
 
     def __post_init__(self) -> None:
-        validate_entry_name(self.name)
+        try:
+            validate_entry_name(self.name)
+        except InvalidName as exc:
+            raise ConfigError(str(exc)) from None
+        if len(self.name) > MAX_ENTRY_NAME_LENGTH:
+            raise ConfigError(
+                f"periodic entry name {self.name[:20]!r}...: {len(self.name)} characters, at "
+                f"most {MAX_ENTRY_NAME_LENGTH} (its task ids are cron:<name>:<tick ms>, at most "
+                f"{MAX_TASK_ID_LENGTH} characters)"
+            )
         if not isinstance(self.task, TaskSpec):
             raise ConfigError(f"periodic entry {self.name!r}: task must be a TaskSpec")
         if (self.cron is None) == (self.every is None):
             raise ConfigError(f"periodic entry {self.name!r}: give cron= or every=, not both")
         if self.every is not None:
             every = self.every
-            if not isinstance(every, int | float) or not math.isfinite(every) or every < 0.001:
+            if (
+                isinstance(every, bool)
+                or not isinstance(every, int | float)
+                or not 0.001 <= every <= MAX_SECONDS
+            ):
                 raise ConfigError(
-                    f"periodic entry {self.name!r}: every must be a number of seconds "
-                    f">= 0.001, got {every!r}"
+                    f"periodic entry {self.name!r}: every must be a number of seconds from "
+                    f"0.001 to {MAX_SECONDS:.0f} (100 years), got {every!r}"
                 )
         if self.cron is not None:
             checker = _require_croniter()
@@ -114,6 +148,31 @@ class Periodic:
             raise ConfigError(
                 f"periodic entry {self.name!r}: the scheduler chooses the task id of each tick"
             )
+        self._check_enqueue()
+
+    def _check_enqueue(self) -> None:
+        """Prepare the enqueue of the longest tick as the scheduler will (nothing sent):
+        an entry that could never be enqueued is refused now, not at each tick."""
+        options = dict(self.task.options)
+        unknown = sorted(str(k) for k in set(options) - TASK_OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"periodic entry {self.name!r}: unknown task option(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(TASK_OPTIONS))})"
+            )
+        durability = options.pop("durability", None)
+        try:
+            if durability is not None:
+                durability_commands(durability, None)
+            _CHECKER.prepare(
+                self.task.type,
+                self.task.payload,
+                task_id=self.task_id(LONGEST_TICK_MS),
+                **options,
+            )
+        except (ValueError, TypeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"periodic entry {self.name!r}: {reason}") from None
 
     @property
     def _seconds(self) -> bool:

@@ -11,6 +11,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -19,8 +20,8 @@ from clusterq import Router, Task, TaskSpec
 from clusterq.cluster.backend import Backend
 from clusterq.croninfo import cron_history, cron_status
 from clusterq.errors import ConfigError
-from clusterq.keys import KeySchema
-from clusterq.scheduler import Periodic, Scheduler
+from clusterq.keys import MAX_TASK_ID_LENGTH, KeySchema
+from clusterq.scheduler import MAX_ENTRY_NAME_LENGTH, Periodic, Scheduler
 from clusterq.slots import keyslot
 from clusterq.tools.devcluster import LocalCluster
 from tests.cron_entries import ENTRIES, QUEUE
@@ -231,3 +232,57 @@ def test_cron_ls_and_history_show_the_entries(url: str, prefix: str) -> None:
     assert scheduler.token is None  # gave up the lead on the way out
     listing = CliRunner().invoke(main, ["--url", url, "--prefix", prefix, "cron", "ls"])
     assert "leader: none" in listing.output
+
+
+# ---------------------------------------------------------------------- bad entries
+
+
+@pytest.mark.parametrize(
+    "name,task,reason",
+    [
+        ("spaced", TaskSpec("t", None, {"queue": "bad queue"}), "invalid queue name 'bad queue'"),
+        ("nan", TaskSpec("t", {"x": float("nan")}), "payload is not JSON-serialisable"),
+        ("n" * 120, SPEC, "120 characters, at most 109"),
+        ("option", TaskSpec("t", None, {"priority": 1}), "unknown task option(s) priority"),
+        ("late", TaskSpec("t", None, {"process_in": -1}), "process_in must be between"),
+        ("big", TaskSpec("t", "x" * 600_000), "more than the limit"),
+        ("untyped", TaskSpec("", None), "task type must be a non-empty string"),
+        ("durable", TaskSpec("t", None, {"durability": "all"}), "durability must be"),
+    ],
+)
+def test_an_entry_that_could_never_be_enqueued_is_refused_in_one_line(
+    name: str, task: TaskSpec, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Periodic(name, task, every=1)
+    message = str(caught.value)
+    assert reason in message, message
+    assert "\n" not in message and name[:20] in message
+
+
+def test_the_longest_entry_name_still_makes_valid_task_ids() -> None:
+    assert MAX_ENTRY_NAME_LENGTH == 109
+    entry = Periodic("n" * MAX_ENTRY_NAME_LENGTH, SPEC, every=1)
+    assert len(entry.task_id(9_999_999_999_999)) == MAX_TASK_ID_LENGTH
+    with pytest.raises(ConfigError, match="every must be"):
+        Periodic("e", SPEC, every=1e12)  # its ticks would pass the 13 digits
+
+
+def test_the_scheduler_command_refuses_a_bad_entry_in_one_line(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from clusterq.cli import main
+
+    module = f"bad_entries_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(
+        "from clusterq import Periodic, TaskSpec\n"
+        "ENTRIES = [Periodic('nan', TaskSpec('t', float('nan')), every=1)]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["--url", "redis://127.0.0.1:1", "scheduler",
+                                       f"{module}:ENTRIES"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    assert "periodic entry 'nan'" in result.output and "not JSON-serialisable" in result.output
