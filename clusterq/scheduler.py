@@ -20,6 +20,9 @@ Run several schedulers for availability; one leads at a time and fires:
   seen for the first time fires from its next tick.
 - **Entries checked when made**: each one's enqueue is prepared (queue, options, payload,
   the id of its longest tick); one that could never be enqueued is refused in one line.
+- **A failing entry fails alone**: an enqueue that raises all the same (foreign data in
+  a queue key, a shard down) is logged with its traceback (once a minute), its tick kept
+  in flight and retried on the next pass; the other entries go on firing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -71,6 +74,8 @@ DEFAULT_CATCH_UP = 60.0
 HISTORY_KEEP = 100
 #: The most ticks one entry fires in one pass (a catch-up after a long outage).
 MAX_TICKS_PER_PASS = 1000
+#: A failing entry's traceback is logged at most this often (seconds).
+FAILURE_REPORT_EVERY = 60.0
 #: Ticks are ms since the epoch: 13 digits until the year 2286 (and ``every`` is at most
 #: 100 years, so no tick is further).
 LONGEST_TICK_MS = 10**13 - 1
@@ -229,6 +234,17 @@ class SchedulerStats:
     repeated: int = 0
     skipped: int = 0
     leaderships: int = 0
+    #: Enqueues that raised (the entry retried on the next pass).
+    failed: int = 0
+
+
+@dataclass
+class _Failing:
+    """An entry whose enqueue raised: when its traceback was last logged, and how many
+    failures since."""
+
+    reported_at: float
+    since: int = 0
 
 
 @dataclass
@@ -245,6 +261,8 @@ class Scheduler:
     stats: SchedulerStats = field(default_factory=SchedulerStats)
 
     def __post_init__(self) -> None:
+        if not all(isinstance(e, Periodic) for e in self.entries):
+            raise ConfigError("a scheduler's entries must be clusterq.Periodic")
         names = [e.name for e in self.entries]
         if not names:
             raise ConfigError("a scheduler needs at least one Periodic entry")
@@ -259,7 +277,12 @@ class Scheduler:
         self._stopping = asyncio.Event()
         self._backend: AsyncBackend | None = None
         self._client: AsyncClient | None = None
+        #: Per entry: the last tick claimed (or fired before this leader).
         self._last: dict[str, int] = {}
+        #: Per entry: the tick claimed and not yet enqueued (its enqueue failed, or a
+        #: previous leader left it in flight); re-driven before new ticks are claimed.
+        self._inflight: dict[str, int] = {}
+        self._failing: dict[str, _Failing] = {}
 
     @property
     def leading(self) -> bool:
@@ -284,15 +307,10 @@ class Scheduler:
 
     async def serve(self) -> None:
         """Lead or stand by until :meth:`stop`; gives up the lease on the way out."""
-        self._backend = backend = await AsyncBackend.connect(
-            self.url, mode=self.mode, prefix=self.prefix, retry_timeout=self.lease / 2
-        )
-        if backend.mode == "cluster":
-            backend.start_watching(0.5)
-        self._client = AsyncClient(backend)
-        keys = backend.keys.cron
-        log.info("scheduler %s: %d entries, lease %.3gs", self.id, len(self.entries), self.lease)
-        try:
+        async with self._connected() as keys:
+            log.info(
+                "scheduler %s: %d entries, lease %.3gs", self.id, len(self.entries), self.lease
+            )
             while not self._stopping.is_set():
                 try:
                     await self._round(keys)
@@ -301,6 +319,19 @@ class Scheduler:
                     self.token = None
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self._pause())
+
+    @contextlib.asynccontextmanager
+    async def _connected(self) -> AsyncIterator[CronKeys]:
+        """The backend and client of :meth:`serve`; on the way out, the lease given up."""
+        self._backend = backend = await AsyncBackend.connect(
+            self.url, mode=self.mode, prefix=self.prefix, retry_timeout=self.lease / 2
+        )
+        if backend.mode == "cluster":
+            backend.start_watching(0.5)
+        self._client = AsyncClient(backend)
+        keys = backend.keys.cron
+        try:
+            yield keys
         finally:
             if self.token is not None:
                 with contextlib.suppress(Exception):
@@ -309,23 +340,30 @@ class Scheduler:
             await backend.aclose()
 
     def _pause(self) -> float:
-        """Until the next renewal, or the next tick if sooner."""
+        """Until the next renewal, or the next tick if sooner (an entry with a tick in
+        flight is retried at the renewals)."""
         wait = self.lease / 3
         if self.token is not None:
             now = now_ms()
-            soonest = min(e.next_tick(self._last.get(e.name, now)) for e in self.entries)
-            wait = min(wait, max(0.0, (soonest - now) / 1000))
+            upcoming = [
+                e.next_tick(self._last.get(e.name, now))
+                for e in self.entries
+                if e.name not in self._inflight
+            ]
+            if upcoming:
+                wait = min(wait, max(0.0, (min(upcoming) - now) / 1000))
         return max(0.005, wait)
 
     async def _script(
         self, keys: CronKeys, built: tuple[list[str], list[Any]], *, durable: bool = False
     ) -> Any:
+        """Run ``cron.lua``; ``durable``: confirmed by a replica (``WAIT``) where the
+        slot's master has a live one."""
         assert self._backend is not None
         script_keys, args = built
-        if not durable:
-            return await self._backend.run_script(
-                cron.SCRIPT, keyslot(keys.base), script_keys, args
-            )
+        slot = keyslot(keys.base)
+        if not durable or not self._backend.topology.live_replicas(slot):
+            return await self._backend.run_script(cron.SCRIPT, slot, script_keys, args)
         steps = [(cron.SCRIPT, script_keys, args)]
 
         async def call(client: Any) -> Any:
@@ -334,7 +372,7 @@ class Scheduler:
                 raise replies[0]
             return replies[0]
 
-        return await self._backend.execute(keyslot(keys.base), call)
+        return await self._backend.execute(slot, call)
 
     async def _round(self, keys: CronKeys) -> None:
         lease_ms = int(self.lease * 1000)
@@ -353,25 +391,35 @@ class Scheduler:
         await self._fire_due(keys)
 
     async def _take_over(self, keys: CronKeys) -> None:
-        """Publish the entries, learn where each stands, and enqueue the ticks a previous
-        leader claimed but may not have enqueued."""
-        assert self._backend is not None and self.token is not None
+        """Publish the entries, learn where each stands, and note the ticks a previous
+        leader claimed but may not have enqueued (re-driven by :meth:`_fire_due`)."""
+        assert self.token is not None
+        self._last.clear()
+        self._inflight.clear()
+        state = await self._publish(keys)
+        now = now_ms()
+        for entry in self.entries:
+            if self.token is None:
+                return
+            inflight = state.get(f"inflight:{entry.name}")
+            if inflight is not None and inflight.isdigit():
+                self._inflight[entry.name] = int(inflight)
+            last = await self._script(keys, cron.start(keys, self.token, entry.name, now))
+            if int(last) < 0:
+                self.token = None
+                return
+            self._last[entry.name] = int(last)
+
+    async def _publish(self, keys: CronKeys) -> dict[str, str]:
+        """Describe the entries (for ``cron ls``); returns the state."""
+        assert self._backend is not None
         raw = await self._backend.execute_key(keys.state, lambda c: c.hgetall(keys.state))
         state = {str(cron.text(k)): str(cron.text(v)) for k, v in raw.items()}
         described: dict[Any, Any] = {e.name: json.dumps(e.describe()) for e in self.entries}
         await self._backend.execute_key(
             keys.entries, lambda c: c.hset(keys.entries, mapping=described)
         )
-        now = now_ms()
-        for entry in self.entries:
-            inflight = state.get(f"inflight:{entry.name}")
-            if inflight is not None:
-                await self._enqueue(keys, entry, int(inflight), redriven=True)
-            last = await self._script(keys, cron.start(keys, self.token, entry.name, now))
-            if int(last) < 0:
-                self.token = None
-                return
-            self._last[entry.name] = int(last)
+        return state
 
     async def _fire_due(self, keys: CronKeys) -> None:
         now = now_ms()
@@ -379,6 +427,8 @@ class Scheduler:
         for entry in self.entries:
             if self.token is None:
                 return
+            if entry.name in self._inflight and not await self._redrive(keys, entry):
+                continue  # set aside for this pass
             last = self._last.get(entry.name, now)
             if last < oldest - 1:
                 missed = entry.ticks(last, oldest - 1)
@@ -405,9 +455,68 @@ class Scheduler:
                     return
                 self._last[entry.name] = tick
                 if claimed == 1:
-                    await self._enqueue(keys, entry, tick)
+                    self._inflight[entry.name] = tick
+                    if not await self._enqueue(keys, entry, tick):
+                        break  # set aside: its tick stays in flight
+
+    async def _redrive(self, keys: CronKeys, entry: Periodic) -> bool:
+        """Enqueue the entry's tick in flight, if it still is and this scheduler still
+        leads; True when the entry may claim new ticks."""
+        assert self.token is not None
+        tick = self._inflight[entry.name]
+        still = int(await self._script(keys, cron.redrive(keys, self.token, entry.name, tick)))
+        if still < 0:
+            log.warning("scheduler %s: no longer the leader", self.id)
+            self.token = None
+            return False
+        if still == 0:  # enqueued meanwhile, or the entry was forgotten
+            del self._inflight[entry.name]
+            return True
+        return await self._enqueue(keys, entry, tick, redriven=True)
 
     async def _enqueue(
+        self, keys: CronKeys, entry: Periodic, tick: int, *, redriven: bool = False
+    ) -> bool:
+        """Enqueue the tick's task and record it; False (logged) if that raised."""
+        try:
+            await self._send(keys, entry, tick, redriven=redriven)
+        except Exception as exc:
+            self._failed(entry, tick, exc)
+            return False
+        self._inflight.pop(entry.name, None)
+        failing = self._failing.pop(entry.name, None)
+        if failing is not None:
+            log.warning(
+                "scheduler %s: entry %s enqueues again (tick %d, after %d failures)",
+                self.id,
+                entry.name,
+                tick,
+                failing.since + 1,
+            )
+        return True
+
+    def _failed(self, entry: Periodic, tick: int, exc: Exception) -> None:
+        self.stats.failed += 1
+        now = time.monotonic()
+        failing = self._failing.get(entry.name)
+        if failing is not None and now - failing.reported_at < FAILURE_REPORT_EVERY:
+            failing.since += 1
+            return
+        since = failing.since if failing is not None else 0
+        self._failing[entry.name] = _Failing(now)
+        log.error(
+            "scheduler %s: entry %s: the task of tick %d could not be enqueued (%d more "
+            "failures since the last report); retried on the next pass, the other entries "
+            "go on: %s",
+            self.id,
+            entry.name,
+            tick,
+            since,
+            exc,
+            exc_info=exc,
+        )
+
+    async def _send(
         self, keys: CronKeys, entry: Periodic, tick: int, *, redriven: bool = False
     ) -> None:
         assert self._client is not None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import logging
 import signal
 import subprocess
 from collections import Counter
@@ -16,12 +18,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from clusterq import Router, Task, TaskSpec
+from clusterq import Inspector, Router, Task, TaskSpec
 from clusterq.cluster.backend import Backend
 from clusterq.croninfo import cron_history, cron_status
-from clusterq.errors import ConfigError
+from clusterq.errors import ConfigError, TaskNotFound
+from clusterq.inspector import MAX_PAGE
 from clusterq.keys import MAX_TASK_ID_LENGTH, KeySchema
-from clusterq.scheduler import MAX_ENTRY_NAME_LENGTH, Periodic, Scheduler
+from clusterq.scheduler import MAX_ENTRY_NAME_LENGTH, Periodic, Scheduler, now_ms
 from clusterq.slots import keyslot
 from clusterq.tools.devcluster import LocalCluster
 from tests.cron_entries import ENTRIES, QUEUE
@@ -74,6 +77,11 @@ def test_bad_entries_are_refused_with_the_reason(kwargs: dict[str, object], mess
 
 def _ticks_ran(ran: Counter[str]) -> list[int]:
     return sorted(int(task_id.rsplit(":", 1)[1]) for task_id in ran)
+
+
+def _all_ran(history: list[dict[str, Any]], ran: Counter[str]) -> bool:
+    """Has every task the history says was enqueued run (counted by the handler)?"""
+    return all(h["task_id"] in ran for h in history)
 
 
 def _assert_every_tick_once(ran: Counter[str], history: list[dict[str, object]]) -> list[int]:
@@ -132,7 +140,8 @@ def test_three_schedulers_fire_each_tick_once_through_a_leader_killed(
                 proc.terminate()
             for proc in procs.values():
                 proc.wait(timeout=10)
-            await asyncio.sleep(0.5)  # the last enqueued tick runs
+            fired = await asyncio.to_thread(cron_history, backend, "tick", 100)
+            await await_for(lambda: _all_ran(fired, ran), 20, "every tick enqueued to run")
         return first, str(second)
 
     try:
@@ -164,6 +173,7 @@ def test_a_failover_of_the_schedulers_master_fires_no_tick_twice(
         ran[task.id] += 1
 
     backend = Backend(url, prefix=prefix)
+    inspector = Inspector(backend=backend)
     slot = keyslot(KeySchema(prefix).cron.base)
     location = backend.topology.shard_for_slot(slot)
     assert location is not None and location.replicas
@@ -191,8 +201,11 @@ def test_a_failover_of_the_schedulers_master_fires_no_tick_twice(
             for s in schedulers:
                 s.stop()
             await asyncio.gather(*serving)
-            await asyncio.sleep(0.5)
-            assert sum(s.stats.fired for s in schedulers) == len(ran)
+            fired = await asyncio.to_thread(cron_history, backend, "tick", 100)
+            await await_for(lambda: _all_ran(fired, ran), 20, "every tick enqueued to run")
+            # nothing enqueued is left: each task the schedulers enqueued ran
+            info = await asyncio.to_thread(inspector.queue, QUEUE)
+            assert (info.pending, info.scheduled, info.active, info.retry) == (0, 0, 0, 0)
 
     try:
         asyncio.run(scenario())
@@ -210,13 +223,16 @@ def test_cron_ls_and_history_show_the_entries(url: str, prefix: str) -> None:
     async def scenario() -> Scheduler:
         scheduler = Scheduler(url, ENTRIES, prefix=prefix, lease=1, name="only")
         serving = asyncio.create_task(scheduler.serve())
-        await await_for(lambda: scheduler.stats.fired >= 2, 10, "two firings")
+        with Inspector(url, prefix=prefix) as inspector:  # no worker: the tasks stay
+            await await_for(
+                lambda: asyncio.to_thread(lambda: len(_queued(inspector, QUEUE)) >= 2),
+                20,
+                "two tasks enqueued",
+            )
         listing = CliRunner().invoke(
             main, ["--url", url, "--prefix", prefix, "cron", "ls", "--json"]
         )
         assert listing.exit_code == 0, listing.output
-        import json
-
         data = json.loads(listing.output)
         assert data["leader"].startswith("only:")
         [entry] = data["entries"]
@@ -232,6 +248,31 @@ def test_cron_ls_and_history_show_the_entries(url: str, prefix: str) -> None:
     assert scheduler.token is None  # gave up the lead on the way out
     listing = CliRunner().invoke(main, ["--url", url, "--prefix", prefix, "cron", "ls"])
     assert "leader: none" in listing.output
+
+
+# ---------------------------------------------------------------------- what a queue holds
+
+
+def _queued(inspector: Inspector, queue: str) -> list[str]:
+    """The ids of the tasks pending in ``queue``, oldest first, read from the queue itself
+    (not from the scheduler's counters)."""
+    ids: list[str] = []
+    while True:
+        page = inspector.task_ids(queue, "pending", offset=len(ids), limit=MAX_PAGE)
+        ids += page
+        if len(page) < MAX_PAGE:
+            return ids
+
+
+def _ticks(ids: list[str], entry: str) -> list[int]:
+    """The ticks (ms) of the entry's task ids ``cron:<entry>:<tick>``, in order."""
+    return sorted(int(i.rsplit(":", 1)[1]) for i in ids if i.startswith(f"cron:{entry}:"))
+
+
+def _state(backend: Backend) -> dict[str, str]:
+    key = backend.keys.cron.state
+    raw = backend.execute_key(key, lambda c: c.hgetall(key))
+    return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 # ---------------------------------------------------------------------- bad entries
@@ -286,3 +327,181 @@ def test_the_scheduler_command_refuses_a_bad_entry_in_one_line(
     assert result.exit_code == 1, result.output
     assert result.output.strip().count("\n") == 0, result.output
     assert "periodic entry 'nan'" in result.output and "not JSON-serialisable" in result.output
+
+
+GOOD, BAD = "cron-good", "cron-bad"
+
+
+def _good_and_bad(every: float) -> list[Periodic]:
+    # the bad entry first: each pass meets it before the good one
+    return [
+        Periodic("bad", TaskSpec("cron:bad", None, {"queue": BAD}), every=every),
+        Periodic("good", TaskSpec("cron:good", None, {"queue": GOOD}), every=every),
+    ]
+
+
+def test_an_entry_whose_enqueue_fails_holds_up_no_other(
+    url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bad entry's queue holds foreign data (what no check at start can see): its
+    claimed tick fails at each pass and at each takeover, and is logged with its
+    traceback; the good entry fires every tick, through a change of leader; once the
+    foreign key is gone, the bad entry's tick in flight is enqueued (late, once)."""
+    caplog.set_level(logging.ERROR, logger="clusterq.scheduler")
+    every = 0.5
+    inspector = Inspector(url, prefix=prefix)
+    backend = inspector.backend
+    bad_pending = backend.keys.queue(BAD).pending
+    backend.execute_key(bad_pending, lambda c: c.set(bad_pending, "not a list"))
+
+    def good_count() -> int:
+        return len(_queued(inspector, GOOD))
+
+    def leader() -> str | None:
+        token, _ = cron_status(backend)
+        return token.rsplit(":", 1)[0] if token else None
+
+    async def scenario() -> int:
+        schedulers = {
+            f"s{n}": Scheduler(url, _good_and_bad(every), prefix=prefix, lease=1, name=f"s{n}")
+            for n in range(3)
+        }
+        serving = {name: asyncio.create_task(s.serve()) for name, s in schedulers.items()}
+        try:
+            await await_for(
+                lambda: asyncio.to_thread(
+                    lambda: "inflight:bad" in _state(backend) and good_count() >= 3
+                ),
+                30,
+                "the bad entry's tick in flight and three good ticks",
+            )
+            first = await asyncio.to_thread(leader)
+            assert first is not None
+            schedulers[first].stop()  # its successor takes over the bad claim in flight
+            await serving.pop(first)
+            handed_over = await asyncio.to_thread(good_count)
+            await await_for(
+                lambda: asyncio.to_thread(lambda: (w := leader()) is not None and w != first),
+                30,
+                "a new leader",
+            )
+            await await_for(
+                lambda: asyncio.to_thread(lambda: good_count() >= handed_over + 4),
+                30,
+                "four more good ticks under the new leader",
+            )
+            stuck = int((await asyncio.to_thread(_state, backend))["inflight:bad"])
+            with pytest.raises(TaskNotFound):  # (its pending list cannot be read)
+                await asyncio.to_thread(inspector.task, BAD, f"cron:bad:{stuck}")
+            # the foreign data removed: the tick in flight is enqueued at last
+            await asyncio.to_thread(
+                backend.execute_key, bad_pending, lambda c: c.delete(bad_pending)
+            )
+            await await_for(
+                lambda: asyncio.to_thread(_queued, inspector, BAD), 30, "the bad entry's tick"
+            )
+        finally:
+            for s in schedulers.values():
+                s.stop()
+            await asyncio.gather(*serving.values())
+        return stuck
+
+    try:
+        stuck = asyncio.run(scenario())
+        good = _ticks(_queued(inspector, GOOD), "good")
+        bad = _queued(inspector, BAD)
+    finally:
+        inspector.close()
+    gaps = [b - a for a, b in itertools.pairwise(good) if b - a != every * 1000]
+    assert not gaps, f"good ticks missed: {gaps}"
+    assert bad[0] == f"cron:bad:{stuck}"  # the tick claimed first, once
+    assert len(set(bad)) == len(bad)
+    reports = [
+        r for r in caplog.records if r.levelno == logging.ERROR and "entry bad:" in r.getMessage()
+    ]
+    assert all(r.exc_info for r in reports)
+    # the first leader's failing tick, and its successor's re-drive of it, each reported
+    assert len({r.args[0] for r in reports if isinstance(r.args, tuple)}) >= 2, reports
+
+
+# ---------------------------------------------------------------------- fencing, catch-up
+
+
+def test_a_stale_leader_claims_nothing(url: str, prefix: str) -> None:
+    """A leader frozen after its renewal, whose lease expired and was taken: its claims
+    are refused by the token check in cron.lua."""
+    queue = "cron-stale"
+    entry = Periodic("stale", TaskSpec("cron:stale", None, {"queue": queue}), every=0.2)
+    inspector = Inspector(url, prefix=prefix)
+    backend = inspector.backend
+    leader_key = backend.keys.cron.leader
+
+    def expire_lease() -> bool:
+        backend.execute_key(leader_key, lambda c: c.pexpire(leader_key, 1))
+        return wait_for(
+            lambda: not backend.execute_key(leader_key, lambda c: c.exists(leader_key)),
+            10,
+            "the lease expired",
+        )
+
+    async def scenario() -> None:
+        a = Scheduler(url, [entry], prefix=prefix, lease=60, name="a")
+        b = Scheduler(url, [entry], prefix=prefix, lease=60, name="b")
+        async with a._connected() as a_keys:
+            await a._round(a_keys)
+            assert a.leading
+            stale = a.token
+            await asyncio.to_thread(expire_lease)
+            async with b._connected() as b_keys:
+                await b._round(b_keys)
+                assert b.leading and b.token != stale
+                fired = b._last["stale"]
+                next_tick = entry.next_tick(fired)
+                await await_for(lambda: now_ms() > next_tick + 50, 10, "a tick b did not claim")
+                before = await asyncio.to_thread(_queued, inspector, queue)
+                await a._fire_due(a_keys)  # a wakes up: claims the ticks due
+                after = await asyncio.to_thread(_queued, inspector, queue)
+                assert after == before, "a stale leader enqueued a tick"
+                assert int((await asyncio.to_thread(_state, backend))["last:stale"]) == fired
+                assert not a.leading
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        inspector.close()
+
+
+def test_ticks_older_than_the_catch_up_window_are_skipped(url: str, prefix: str) -> None:
+    """The entry last fired an hour ago: the ticks of the last ``catch_up`` seconds are
+    fired, the older ones not."""
+    queue = "cron-late"
+    entry = Periodic("late", TaskSpec("cron:late", None, {"queue": queue}), every=1)
+    inspector = Inspector(url, prefix=prefix)
+    backend = inspector.backend
+    state_key = backend.keys.cron.state
+    started = now_ms()
+    backend.execute_key(state_key, lambda c: c.hset(state_key, "last:late", started - 3_600_000))
+    catch_up = 20
+
+    async def scenario() -> None:
+        scheduler = Scheduler(url, [entry], prefix=prefix, catch_up=catch_up, name="late")
+        serving = asyncio.create_task(scheduler.serve())
+        await await_for(
+            lambda: asyncio.to_thread(
+                lambda: any(t >= started for t in _ticks(_queued(inspector, queue), "late"))
+            ),
+            30,
+            "a tick after the start",
+        )
+        scheduler.stop()
+        await serving
+
+    try:
+        asyncio.run(scenario())
+        ticks = _ticks(_queued(inspector, queue), "late")
+    finally:
+        inspector.close()
+    oldest_allowed = started - catch_up * 1000 - 1000
+    assert ticks[0] >= oldest_allowed, f"a tick {started - ticks[0]} ms old fired"
+    assert ticks[0] < started - 5000, "the missed ticks within the window were not fired"
+    assert all(b - a == 1000 for a, b in itertools.pairwise(ticks)), ticks

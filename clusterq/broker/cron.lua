@@ -9,6 +9,9 @@
 --          unless it has a last tick already                               -> last / -1
 -- claim    KEYS leader, state            ARGV 'claim', token, entry, tick ms
 --          -1 not the leader; 0 already fired; 1 claimed (last and inflight := tick)
+-- redrive  KEYS leader, state            ARGV 'redrive', token, entry, tick ms
+--          may the leader enqueue again the claimed tick (one that failed, or that a
+--          previous leader left in flight)? -1 not the leader; 0 no longer in flight; 1 yes
 -- done     KEYS state, history           ARGV 'done', entry, tick ms, record, keep
 --          the claimed tick's task is enqueued: inflight cleared, history kept to `keep`
 local op = ARGV[1]
@@ -43,6 +46,10 @@ elseif op == 'claim' then
   if last and last >= tick then return 0 end
   redis.call('HSET', KEYS[2], 'last:' .. ARGV[3], ARGV[4], 'inflight:' .. ARGV[3], ARGV[4])
   return 1
+elseif op == 'redrive' then
+  if redis.call('GET', KEYS[1]) ~= ARGV[2] then return -1 end
+  if redis.call('HGET', KEYS[2], 'inflight:' .. ARGV[3]) == ARGV[4] then return 1 end
+  return 0
 elseif op == 'done' then
   if redis.call('HGET', KEYS[1], 'inflight:' .. ARGV[2]) == ARGV[3] then
     redis.call('HDEL', KEYS[1], 'inflight:' .. ARGV[2])

@@ -30,6 +30,10 @@ def claim(keys: CronKeys, token: str, entry: str, tick_ms: int) -> tuple[list[st
     return [keys.leader, keys.state], ["claim", token, entry, tick_ms]
 
 
+def redrive(keys: CronKeys, token: str, entry: str, tick_ms: int) -> tuple[list[str], list[Any]]:
+    return [keys.leader, keys.state], ["redrive", token, entry, tick_ms]
+
+
 def done(
     keys: CronKeys, entry: str, tick_ms: int, record: str, keep: int
 ) -> tuple[list[str], list[Any]]:
