@@ -185,8 +185,7 @@ def serve_cluster_metrics(inspector: Inspector, port: int, host: str = "127.0.0.
     require_prometheus()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ClusterCollector(inspector))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server
+    return _serve(port, host, registry)
 
 
 class WorkerMetrics:
@@ -254,5 +253,15 @@ class WorkerMetrics:
         self.outcomes.labels(queue, task_type, "succeeded" if ok else "failed").inc()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> Any:
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server
+        return _serve(port, host, self.registry)
+
+
+def _serve(port: int, host: str, registry: Any) -> Any:
+    """The HTTP server of ``registry`` on ``host:port``; a port in use or a host that
+    cannot be bound is a one-line :class:`ConfigError`."""
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except (OSError, ValueError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {reason}") from None
+    return server

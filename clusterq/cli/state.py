@@ -4,6 +4,7 @@ imports the commands: no loop."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import redis
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import Mode, redact_url, translate_error
 from clusterq.errors import ClusterqError
+from clusterq.serialization import json_value
 from clusterq.task import STATES
 
 #: ``--state`` choices.
@@ -23,23 +25,50 @@ class CliError(click.ClickException):
     """Printed as ``error: <message>`` on stderr; exit status 1."""
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        click.echo(f"error: {one_line(self.format_message())}", err=True)
+
+
+def json_argument(text: str, name: str = "PAYLOAD_JSON") -> Any:
+    """A command-line argument that holds a JSON value, parsed; else a one-line error."""
+    try:
+        return json_value(text)
+    except ValueError as exc:
+        raise CliError(f"{name} is not valid JSON: {one_line(str(exc))}") from None
+
+
+def one_line(text: str, most: int = 1000) -> str:
+    """``text`` as one line of at most ``most`` characters (for an error message)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= most else flat[: most - 3] + "..."
 
 
 class ClusterqGroup(click.Group):
-    """Turns clusterq and redis errors raised by any subcommand into one-line messages."""
+    """Turns clusterq and redis errors raised by any subcommand into one-line messages.
+    Anything else is a bug: said in one line too (``CLUSTERQ_DEBUG=1`` shows the
+    traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except ClusterqError as exc:
-            raise CliError(str(exc)) from exc
+            raise CliError(one_line(str(exc))) from exc
         except ValueError as exc:
-            raise CliError(str(exc)) from exc
+            raise CliError(one_line(str(exc))) from exc
         except redis.RedisError as exc:
             state = ctx.find_object(CliState)
             where = redact_url(state.url) if state else "server"
-            raise CliError(str(translate_error(exc, where))) from exc
+            raise CliError(one_line(str(translate_error(exc, where)))) from exc
+        except OSError as exc:  # a port in use, a name that does not resolve, a file
+            raise CliError(one_line(str(exc))) from exc
+        except Exception as exc:
+            if os.environ.get("CLUSTERQ_DEBUG") == "1":
+                raise
+            raise CliError(
+                f"internal error: {type(exc).__name__}: {one_line(str(exc))} (a bug in "
+                "clusterq: please report it; CLUSTERQ_DEBUG=1 shows the traceback)"
+            ) from exc
 
 
 @dataclass

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from clusterq.cli.render import console, print_json, table
-from clusterq.cli.state import CliError, CliState, connection_options
+from clusterq.cli.state import CliError, CliState, connection_options, json_argument
 from clusterq.client import Client
 from clusterq.errors import ClusterqError
 from clusterq.inspector import Inspector
@@ -44,10 +42,7 @@ def create(state: CliState, name: str, partitions: int, maxlen: int | None) -> N
 @click.pass_obj
 def publish(state: CliState, name: str, payload_json: str, key: str | None) -> None:
     """Publish one event (PAYLOAD_JSON, a JSON value) to stream NAME."""
-    try:
-        payload = json.loads(payload_json)
-    except ValueError as exc:
-        raise CliError(f"PAYLOAD_JSON is not valid JSON: {exc}") from None
+    payload = json_argument(payload_json)
     with Client(backend=state.backend()) as client:
         try:
             published = client.publish(name, payload, key=key)

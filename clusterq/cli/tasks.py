@@ -9,7 +9,14 @@ import click
 from clusterq.admin import Admin
 from clusterq.broker.manage import Action
 from clusterq.cli.render import clock, console, print_json, progress_bar, table
-from clusterq.cli.state import STATE_CHOICE, CliError, CliState, confirm, connection_options
+from clusterq.cli.state import (
+    STATE_CHOICE,
+    CliError,
+    CliState,
+    confirm,
+    connection_options,
+    json_argument,
+)
 from clusterq.client import Client
 from clusterq.inspector import MAX_PAGE, Inspector
 from clusterq.producer import DEFAULT_MAX_RETRY, DEFAULT_QUEUE
@@ -56,10 +63,7 @@ def enqueue(
     as_json: bool,
 ) -> None:
     """Enqueue one task of TASK_TYPE with PAYLOAD_JSON (a JSON value) into a queue."""
-    try:
-        payload = json.loads(payload_json)
-    except ValueError as exc:
-        raise CliError(f"PAYLOAD_JSON is not valid JSON: {exc}") from None
+    payload = json_argument(payload_json)
     client = Client(backend=state.backend(retry_timeout=15.0))
     info = client.enqueue(
         task_type,

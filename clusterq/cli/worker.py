@@ -52,6 +52,10 @@ def load_object(spec: str, what: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CliError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself failed (SyntaxError is one too)
+        raise CliError(
+            f"cannot import {module_name!r}: it raised {type(exc).__name__}: {exc}"
+        ) from None
     return getattr(module, attribute, None)
 
 
