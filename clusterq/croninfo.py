@@ -57,7 +57,8 @@ def entry_from_description(data: dict[str, Any]) -> Periodic | None:
 
 
 def cron_status(backend: Backend) -> tuple[str | None, list[EntryStatus]]:
-    """The leader's token (None: no scheduler leads) and every entry a leader published."""
+    """The leader's token (None: no scheduler leads) and every entry a leader published
+    (and did not forget: see :attr:`Scheduler.forget_after`)."""
     keys = backend.keys.cron
 
     def read(client: Any) -> list[Any]:

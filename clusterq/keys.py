@@ -325,7 +325,8 @@ class CronKeys:
     @property
     def state(self) -> str:
         """Hash: ``last:<entry>`` -> last tick fired (ms), ``inflight:<entry>`` -> tick
-        claimed whose task may not be enqueued yet."""
+        claimed whose task may not be enqueued yet, ``seen:<entry>`` -> when a leader
+        last declared the entry (ms; an entry unseen for long is forgotten)."""
         return f"{self.base}:state"
 
     @property

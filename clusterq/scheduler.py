@@ -23,6 +23,9 @@ Run several schedulers for availability; one leads at a time and fires:
 - **A failing entry fails alone**: an enqueue that raises all the same (foreign data in
   a queue key, a shard down) is logged with its traceback (once a minute), its tick kept
   in flight and retried on the next pass; the other entries go on firing.
+- **Ghosts forgotten**: the leader marks its entries seen every ``forget_after / 4`` (at
+  most a minute); an entry no leader declared for ``forget_after`` (default a day) loses
+  its description, state and history.
 """
 
 from __future__ import annotations
@@ -74,8 +77,12 @@ DEFAULT_CATCH_UP = 60.0
 HISTORY_KEEP = 100
 #: The most ticks one entry fires in one pass (a catch-up after a long outage).
 MAX_TICKS_PER_PASS = 1000
+#: Entries no leader declared for this long are forgotten (:attr:`Scheduler.forget_after`).
+DEFAULT_FORGET_AFTER = 24 * 3600.0
 #: A failing entry's traceback is logged at most this often (seconds).
 FAILURE_REPORT_EVERY = 60.0
+#: The ghosts one leader forgets in one script call at most (the rest on the next).
+MAX_FORGET_PER_CALL = 500
 #: Ticks are ms since the epoch: 13 digits until the year 2286 (and ``every`` is at most
 #: 100 years, so no tick is further).
 LONGEST_TICK_MS = 10**13 - 1
@@ -236,6 +243,8 @@ class SchedulerStats:
     leaderships: int = 0
     #: Enqueues that raised (the entry retried on the next pass).
     failed: int = 0
+    #: Entries forgotten: no leader declared them for ``forget_after``.
+    forgotten: int = 0
 
 
 @dataclass
@@ -258,6 +267,8 @@ class Scheduler:
     lease: float = DEFAULT_LEASE
     catch_up: float = DEFAULT_CATCH_UP
     name: str | None = None
+    #: Seconds after which an entry that no leader declares is forgotten.
+    forget_after: float = DEFAULT_FORGET_AFTER
     stats: SchedulerStats = field(default_factory=SchedulerStats)
 
     def __post_init__(self) -> None:
@@ -272,6 +283,8 @@ class Scheduler:
             raise ConfigError(f"lease must be at least 0.5 seconds, got {self.lease!r}")
         if not (math.isfinite(self.catch_up) and self.catch_up >= 0):
             raise ConfigError(f"catch_up must be 0 or more seconds, got {self.catch_up!r}")
+        if not (math.isfinite(self.forget_after) and self.forget_after > 0):
+            raise ConfigError(f"forget_after must be over 0 seconds, got {self.forget_after!r}")
         self.id = self.name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
         self.token: str | None = None
         self._stopping = asyncio.Event()
@@ -283,6 +296,7 @@ class Scheduler:
         #: previous leader left it in flight); re-driven before new ticks are claimed.
         self._inflight: dict[str, int] = {}
         self._failing: dict[str, _Failing] = {}
+        self._publish_at = 0.0
 
     @property
     def leading(self) -> bool:
@@ -388,6 +402,8 @@ class Scheduler:
             log.warning("scheduler %s lost the lead (token %s)", self.id, self.token)
             self.token = None
             return
+        elif time.monotonic() >= self._publish_at:
+            await self._publish(keys)
         await self._fire_due(keys)
 
     async def _take_over(self, keys: CronKeys) -> None:
@@ -411,14 +427,47 @@ class Scheduler:
             self._last[entry.name] = int(last)
 
     async def _publish(self, keys: CronKeys) -> dict[str, str]:
-        """Describe the entries (for ``cron ls``); returns the state."""
-        assert self._backend is not None
-        raw = await self._backend.execute_key(keys.state, lambda c: c.hgetall(keys.state))
-        state = {str(cron.text(k)): str(cron.text(v)) for k, v in raw.items()}
-        described: dict[Any, Any] = {e.name: json.dumps(e.describe()) for e in self.entries}
-        await self._backend.execute_key(
-            keys.entries, lambda c: c.hset(keys.entries, mapping=described)
-        )
+        """Describe the entries and mark them seen; forget the entries no leader declared
+        for ``forget_after``. Returns the state read before."""
+        assert self._backend is not None and self.token is not None
+
+        async def read(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            pipe.hgetall(keys.state)
+            pipe.hgetall(keys.entries)
+            return list(await pipe.execute())
+
+        raw_state, raw_entries = await self._backend.execute(keyslot(keys.base), read)
+        state = {str(cron.text(k)): str(cron.text(v)) for k, v in raw_state.items()}
+        now = now_ms()
+        cutoff = now - int(self.forget_after * 1000)
+        declared = {e.name: json.dumps(e.describe()) for e in self.entries}
+        known = {str(cron.text(k)) for k in raw_entries}
+        for name in state:
+            kind, _, entry = name.partition(":")
+            if kind in ("last", "inflight", "seen"):
+                known.add(entry)
+        ghosts = []
+        for name in sorted(known - declared.keys()):
+            seen = state.get(f"seen:{name}", "")
+            if seen.isdigit() and int(seen) >= cutoff:
+                continue
+            with contextlib.suppress(InvalidName):  # not a name clusterq writes
+                ghosts.append(validate_entry_name(name))
+        built = cron.publish(keys, self.token, now, cutoff, declared, ghosts[:MAX_FORGET_PER_CALL])
+        forgotten = int(await self._script(keys, built))
+        if forgotten < 0:
+            self.token = None
+            return state
+        if forgotten:
+            self.stats.forgotten += forgotten
+            log.warning(
+                "scheduler %s: forgot %d entries no scheduler declared for %gs",
+                self.id,
+                forgotten,
+                self.forget_after,
+            )
+        self._publish_at = time.monotonic() + min(60.0, self.forget_after / 4)
         return state
 
     async def _fire_due(self, keys: CronKeys) -> None:

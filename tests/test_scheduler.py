@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from clusterq import Inspector, Router, Task, TaskSpec
+from clusterq.broker import cron
 from clusterq.cluster.backend import Backend
 from clusterq.croninfo import cron_history, cron_status
 from clusterq.errors import ConfigError, TaskNotFound
@@ -427,11 +428,12 @@ def test_an_entry_whose_enqueue_fails_holds_up_no_other(
 # ---------------------------------------------------------------------- fencing, catch-up
 
 
-def test_a_stale_leader_claims_nothing(url: str, prefix: str) -> None:
+def test_a_stale_leader_claims_and_forgets_nothing(url: str, prefix: str) -> None:
     """A leader frozen after its renewal, whose lease expired and was taken: its claims
-    are refused by the token check in cron.lua."""
+    and its publishing are refused by the token check in cron.lua."""
     queue = "cron-stale"
     entry = Periodic("stale", TaskSpec("cron:stale", None, {"queue": queue}), every=0.2)
+    extra = Periodic("extra", TaskSpec("cron:extra", None, {"queue": queue}), every=3600)
     inspector = Inspector(url, prefix=prefix)
     backend = inspector.backend
     leader_key = backend.keys.cron.leader
@@ -445,8 +447,8 @@ def test_a_stale_leader_claims_nothing(url: str, prefix: str) -> None:
         )
 
     async def scenario() -> None:
-        a = Scheduler(url, [entry], prefix=prefix, lease=60, name="a")
-        b = Scheduler(url, [entry], prefix=prefix, lease=60, name="b")
+        a = Scheduler(url, [entry], prefix=prefix, lease=60, name="a", forget_after=0.001)
+        b = Scheduler(url, [entry, extra], prefix=prefix, lease=60, name="b")
         async with a._connected() as a_keys:
             await a._round(a_keys)
             assert a.leading
@@ -463,6 +465,11 @@ def test_a_stale_leader_claims_nothing(url: str, prefix: str) -> None:
                 after = await asyncio.to_thread(_queued, inspector, queue)
                 assert after == before, "a stale leader enqueued a tick"
                 assert int((await asyncio.to_thread(_state, backend))["last:stale"]) == fired
+                assert not a.leading
+                a.token = stale  # and publishes: "extra" is a ghost to it
+                await a._publish(a_keys)
+                _, listed = await asyncio.to_thread(cron_status, backend)
+                assert [e.name for e in listed] == ["extra", "stale"], "a stale leader forgot"
                 assert not a.leading
 
     try:
@@ -505,3 +512,76 @@ def test_ticks_older_than_the_catch_up_window_are_skipped(url: str, prefix: str)
     assert ticks[0] >= oldest_allowed, f"a tick {started - ticks[0]} ms old fired"
     assert ticks[0] < started - 5000, "the missed ticks within the window were not fired"
     assert all(b - a == 1000 for a, b in itertools.pairwise(ticks)), ticks
+
+
+# ---------------------------------------------------------------------- ghosts
+
+
+def test_entries_no_scheduler_declares_are_forgotten(url: str, prefix: str) -> None:
+    """A deployment drops an entry: it stays listed within ``forget_after`` of its last
+    declaration, then its description, state and history go; the others stay."""
+    from click.testing import CliRunner
+
+    from clusterq.cli import main
+
+    queue = "cron-forget"
+    tick = Periodic("tick", TaskSpec("cron:tick", None, {"queue": queue}), every=0.5)
+    ghost = Periodic("ghost", TaskSpec("cron:ghost", None, {"queue": queue}), every=0.5)
+    backend = Backend(url, prefix=prefix)
+    keys = backend.keys.cron
+
+    def history_exists(name: str) -> bool:
+        key = keys.history(name)
+        return bool(backend.execute_key(key, lambda c: c.exists(key)))
+
+    def fired_by(entry: str, scheduler: str) -> bool:
+        return any(h["scheduler"] == scheduler for h in cron_history(backend, entry, 100))
+
+    def listed() -> list[str]:
+        return [e.name for e in cron_status(backend)[1]]
+
+    async def run(entries: list[Periodic], name: str, until: Callable[[], bool], **kw: Any) -> None:
+        scheduler = Scheduler(url, entries, prefix=prefix, lease=1, name=name, **kw)
+        serving = asyncio.create_task(scheduler.serve())
+        try:
+            await await_for(lambda: asyncio.to_thread(until), 30, f"{name}: {until.__name__}")
+        finally:
+            scheduler.stop()
+            await serving
+
+    def publish_as_leader(ghosts: list[str], grace_ms: int) -> int:
+        def run_script(built: tuple[list[str], list[Any]]) -> Any:
+            return backend.execute(keyslot(keys.base), lambda c: cron.SCRIPT.call(c, *built))
+
+        token = cron.text(run_script(cron.acquire(keys, "probe", 60_000)))
+        assert token is not None
+        try:
+            now = now_ms()
+            return int(run_script(cron.publish(keys, token, now, now - grace_ms, {}, ghosts)))
+        finally:
+            run_script(cron.release(keys, token))
+
+    def both_fired() -> bool:
+        return fired_by("ghost", "old") and fired_by("tick", "old")
+
+    def tick_fired() -> bool:
+        return fired_by("tick", "new")
+
+    def ghost_gone() -> bool:
+        return "ghost" not in listed()
+
+    try:
+        asyncio.run(run([tick, ghost], "old", both_fired))
+        asyncio.run(run([tick], "new", tick_fired))  # the default grace: a day
+        assert listed() == ["ghost", "tick"] and history_exists("ghost")
+        # cron.lua itself keeps a ghost seen within the grace, whatever the caller asks
+        assert publish_as_leader(["ghost"], grace_ms=3_600_000) == 0
+        assert listed() == ["ghost", "tick"] and history_exists("ghost")
+        asyncio.run(run([tick], "newer", ghost_gone, forget_after=0.5))
+        assert listed() == ["tick"]
+        assert not history_exists("ghost") and history_exists("tick")
+        assert not [f for f in _state(backend) if f.endswith(":ghost")], _state(backend)
+        shown = CliRunner().invoke(main, ["--url", url, "--prefix", prefix, "cron", "ls"])
+        assert shown.exit_code == 0 and "ghost" not in shown.output and "tick" in shown.output
+    finally:
+        backend.close()

@@ -14,6 +14,12 @@
 --          previous leader left in flight)? -1 not the leader; 0 no longer in flight; 1 yes
 -- done     KEYS state, history           ARGV 'done', entry, tick ms, record, keep
 --          the claimed tick's task is enqueued: inflight cleared, history kept to `keep`
+-- publish  KEYS leader, state, entries, history of each ghost
+--          ARGV 'publish', token, now ms, cutoff ms, n, n x (entry, description), ghosts...
+--          the leader's entries described and seen now (seen:<entry> := now); each ghost
+--          (an entry the leader does not declare) seen before cutoff is forgotten (its
+--          description, state and history removed), one never seen is seen from now
+--          -> how many were forgotten / -1 not the leader
 local op = ARGV[1]
 if op == 'acquire' then
   local holder = redis.call('GET', KEYS[1])
@@ -50,6 +56,29 @@ elseif op == 'redrive' then
   if redis.call('GET', KEYS[1]) ~= ARGV[2] then return -1 end
   if redis.call('HGET', KEYS[2], 'inflight:' .. ARGV[3]) == ARGV[4] then return 1 end
   return 0
+elseif op == 'publish' then
+  if redis.call('GET', KEYS[1]) ~= ARGV[2] then return -1 end
+  local now, cutoff, declared = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  for i = 0, declared - 1 do
+    local name = ARGV[6 + 2 * i]
+    redis.call('HSET', KEYS[3], name, ARGV[7 + 2 * i])
+    redis.call('HSET', KEYS[2], 'seen:' .. name, now)
+  end
+  local forgotten = 0
+  local first = 6 + 2 * declared
+  for i = first, #ARGV do
+    local name = ARGV[i]
+    local seen = tonumber(redis.call('HGET', KEYS[2], 'seen:' .. name))
+    if not seen then
+      redis.call('HSET', KEYS[2], 'seen:' .. name, now)
+    elseif seen < cutoff then
+      redis.call('HDEL', KEYS[3], name)
+      redis.call('HDEL', KEYS[2], 'last:' .. name, 'inflight:' .. name, 'seen:' .. name)
+      redis.call('DEL', KEYS[4 + i - first])
+      forgotten = forgotten + 1
+    end
+  end
+  return forgotten
 elseif op == 'done' then
   if redis.call('HGET', KEYS[1], 'inflight:' .. ARGV[2]) == ARGV[3] then
     redis.call('HDEL', KEYS[1], 'inflight:' .. ARGV[2])

@@ -34,6 +34,24 @@ def redrive(keys: CronKeys, token: str, entry: str, tick_ms: int) -> tuple[list[
     return [keys.leader, keys.state], ["redrive", token, entry, tick_ms]
 
 
+def publish(
+    keys: CronKeys,
+    token: str,
+    now_ms: int,
+    cutoff_ms: int,
+    described: dict[str, str],
+    ghosts: list[str],
+) -> tuple[list[str], list[Any]]:
+    """``described``: the leader's entries (name -> JSON description); ``ghosts``: names
+    it does not declare, forgotten if no leader declared them since ``cutoff_ms``."""
+    args: list[Any] = ["publish", token, now_ms, cutoff_ms, len(described)]
+    for name, description in described.items():
+        args += [name, description]
+    args += ghosts
+    history = [keys.history(name) for name in ghosts]
+    return [keys.leader, keys.state, keys.entries, *history], args
+
+
 def done(
     keys: CronKeys, entry: str, tick_ms: int, record: str, keep: int
 ) -> tuple[list[str], list[Any]]:

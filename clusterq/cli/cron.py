@@ -28,6 +28,14 @@ from clusterq.logs import configure as configure_logs
     help="A new leader fires missed ticks at most this many seconds old.",
 )
 @click.option("--name", default=None, help="Scheduler id (default host:pid:random).")
+@click.option(
+    "--forget-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=86400.0,
+    show_default=True,
+    help="Entries no leading scheduler declared for this many seconds are forgotten "
+    "(their state and history removed).",
+)
 @log_options
 @connection_options
 @click.pass_obj
@@ -37,6 +45,7 @@ def scheduler(
     lease: float,
     catch_up: float,
     name: str | None,
+    forget_after: float,
     log_level: str,
     log_format: LogFormat,
 ) -> None:
@@ -56,6 +65,7 @@ def scheduler(
         lease=lease,
         catch_up=catch_up,
         name=name,
+        forget_after=forget_after,
     ).run()
 
 
