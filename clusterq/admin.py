@@ -206,8 +206,20 @@ class Admin(Inspector):
             ids = self.task_ids(queue, chosen, offset=offset, limit=min(BATCH, total - seen))
             if not ids:
                 break
+            # where each is in a pending list, from its oldest end (the listing's order)
+            positions = (
+                [-(offset + k + 1) for k in range(len(ids))]
+                if chosen == TaskState.PENDING
+                else None
+            )
             statuses = self._apply(
-                qk, action, ids, state=chosen.value, task_type=task_type or "", force=force
+                qk,
+                action,
+                ids,
+                state=chosen.value,
+                task_type=task_type or "",
+                force=force,
+                positions=positions,
             )
             result.add(statuses)
             seen += len(ids)
@@ -233,14 +245,18 @@ class Admin(Inspector):
         state: str = "",
         task_type: str = "",
         force: bool = False,
+        positions: Sequence[int] | None = None,
     ) -> list[str]:
         records = self.backend.execute(
             qk.slot, lambda c: c.hmget(qk.tasks, list(ids)), timeout=self.timeout
         )
         targets = []
-        for task_id, raw in zip(ids, records, strict=True):
+        for n, (task_id, raw) in enumerate(zip(ids, records, strict=True)):
             lock = stored_meta(raw).get("u")
-            targets.append(manage.Target(task_id, lock if isinstance(lock, str) else None))
+            position = positions[n] if positions is not None else 0
+            targets.append(
+                manage.Target(task_id, lock if isinstance(lock, str) else None, position)
+            )
         keys, args = manage.build(
             qk, action, targets, state=state, task_type=task_type, force=force
         )

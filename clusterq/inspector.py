@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -66,6 +66,8 @@ SCAN_BATCH = 500
 #: The most tasks one listing returns.
 MAX_PAGE = 1000
 
+
+_Self = TypeVar("_Self", bound="Inspector")
 
 #: A live worker, as it last announced itself (kept under its old name).
 WorkerInfo = WorkerAnnouncement
@@ -136,7 +138,7 @@ class Inspector:
         if self._owns_backend:
             self.backend.close()
 
-    def __enter__(self) -> Inspector:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,7 +11,13 @@
 -- ARGV[3] only tasks of this type ('' any type)
 -- ARGV[4] 1: delete active tasks too (their worker's ack is then refused: its lease is
 --         gone), 0: leave active tasks alone
--- ARGV[5..], two per task: id, unique lock index into KEYS (0: none)
+-- ARGV[5..], three per task: id, unique lock index into KEYS (0: none), where the caller
+-- saw it in the pending list (an index from the tail, -1 the oldest; 0: not known)
+--
+-- A pending task is found at the index its caller gives (LINDEX: a walk from the nearer
+-- end), else by a search from the tail; it is taken out of the list by a tombstone
+-- (LSET), and the tombstones go in one LREM at the end: a bulk walk from the oldest end
+-- costs O(batch + its offset) per call, not O(list) per task.
 --
 -- Returns one status per task: 'ok'; 'missing' (no such task); 'state:<s>' (in another
 -- state than asked, or one the action does not apply to); 'type' (another type);
@@ -23,11 +29,25 @@ local now = now_ms()
 local zsets = {scheduled = KEYS[3], retry = KEYS[4], active = KEYS[5], archived = KEYS[6],
   completed = KEYS[7]}
 
-local function state_of(id)
+local TOMBSTONE = '\0clusterq:taken\0'
+local tombstones = 0
+
+-- the task's state, and for a pending one its index in the list
+local function state_of(id, hint)
   for _, name in ipairs({'active', 'scheduled', 'retry', 'archived', 'completed'}) do
     if redis.call('ZSCORE', zsets[name], id) then return name end
   end
-  if redis.call('LPOS', KEYS[2], id) then return 'pending' end
+  if hint ~= 0 and redis.call('LINDEX', KEYS[2], hint) == id then return 'pending', hint end
+  -- moved since the caller saw it: only toward the tail (workers take from there), or
+  -- behind the few tasks a stopping worker hands back (RPUSH): a bounded search
+  local at
+  if hint ~= 0 then
+    at = redis.call('LPOS', KEYS[2], id, 'RANK', -1, 'MAXLEN', 2000 - hint)
+  else
+    at = redis.call('LPOS', KEYS[2], id, 'RANK', -1)
+  end
+  -- (as an index from the tail: LSET walks from the end its index counts from)
+  if at then return 'pending', at - redis.call('LLEN', KEYS[2]) end
   return nil
 end
 
@@ -38,9 +58,10 @@ local function type_of(record)
   return nil
 end
 
-local function take_out(id, state)
+local function take_out(id, state, at)
   if state == 'pending' then
-    redis.call('LREM', KEYS[2], 1, id)
+    redis.call('LSET', KEYS[2], at, TOMBSTONE)
+    tombstones = tombstones + 1
   else
     redis.call('ZREM', zsets[state], id)
   end
@@ -58,10 +79,10 @@ if not applies[action] then
 end
 
 local out, woken = {}, false
-for i = 5, #ARGV, 2 do
-  local id, lock = ARGV[i], tonumber(ARGV[i + 1])
+for i = 5, #ARGV, 3 do
+  local id, lock, hint = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local record = redis.call('HGET', KEYS[1], id)
-  local state = state_of(id)
+  local state, at = state_of(id, hint)
   local status = 'ok'
   if not record and not state then
     status = 'missing'
@@ -81,7 +102,7 @@ for i = 5, #ARGV, 2 do
   elseif action == 'cancel' then
     redis.call('HSET', KEYS[10], id, now)
   else
-    if state ~= 'none' then take_out(id, state) end
+    if state ~= 'none' then take_out(id, state, at) end
     if action == 'delete' then
       redis.call('HDEL', KEYS[1], id)
       redis.call('HDEL', KEYS[8], id)
@@ -97,5 +118,7 @@ for i = 5, #ARGV, 2 do
   end
   out[#out + 1] = status
 end
+-- the tombstones are the tasks taken out nearest the tail (a bulk walk's): from there
+if tombstones > 0 then redis.call('LREM', KEYS[2], -tombstones, TOMBSTONE) end
 if woken then wake(KEYS[11]) end
 return out

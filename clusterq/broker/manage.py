@@ -21,6 +21,9 @@ class Target:
 
     id: str
     unique_key: str | None = None
+    #: Where the caller saw it in the pending list: an index from the tail (-1 the
+    #: oldest); 0 when not known (the script searches the list).
+    position: int = 0
 
 
 def build(
@@ -56,7 +59,7 @@ def build(
         if target.unique_key is not None and target.unique_key.startswith(qk.base + ":u:"):
             keys.append(target.unique_key)
             index = len(keys)
-        args += [target.id, index]
+        args += [target.id, index, target.position]
     return keys, args
 
 

@@ -157,7 +157,7 @@ def bench(
     as_json: bool,
 ) -> None:
     """Measure clusterq on the server at --url: SCENARIOS among enqueue, enqueue-many,
-    durability, e2e, latency, memory (default: all).
+    durability, e2e, latency, memory, partitioned, stream, idle, purge (default: all).
 
     Uses fresh queues and deletes them afterwards. With redis-benchmark installed, its
     PING rate on the same server is measured too, and each rate is related to it.

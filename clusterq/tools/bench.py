@@ -25,6 +25,9 @@ Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them aft
   on the masters, connections per master, worker CPU; then pickup into a random one.
 - ``memory``: ``used_memory`` of the queue's master before and after N small pending
   tasks, divided by N.
+- ``purge``: N pending tasks of two types taking turns; a bulk delete of one type, then a
+  purge of the rest, each timed, with the PING latency of that master meanwhile
+  (:mod:`clusterq.tools.bench_purge`).
 
 Nothing here asserts a speed; the figures are for people (and ``--json`` for scripts).
 """
@@ -47,6 +50,7 @@ from clusterq.tools.bench_handlers import (
     LATENCY_TYPE,
     NOOP_TYPE,
 )
+from clusterq.tools.bench_purge import bench_purge
 from clusterq.tools.bench_report import (
     SCENARIOS,
     BenchReport,
@@ -385,6 +389,8 @@ def run_bench(
                 rows = bench_stream(session)
             elif name == "idle":
                 rows = bench_idle(session)
+            elif name == "purge":
+                rows = bench_purge(session)
             else:
                 rows = [bench_memory(session)]
             for row in rows:

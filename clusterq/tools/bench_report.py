@@ -26,6 +26,7 @@ Scenario = Literal[
     "partitioned",
     "stream",
     "idle",
+    "purge",
 ]
 SCENARIOS: tuple[Scenario, ...] = get_args(Scenario)
 Work = Literal["noop", "incr", "incr-redis-py"]
