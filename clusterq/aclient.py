@@ -298,6 +298,11 @@ class AsyncClient(ClientBase):
         if isinstance(type, Chain | Group | Chord):  # a workflow: start it
             options = start_options(payload, options)
             return await AsyncWorkflows(self).start(type, durability=durability, **options)
+        if isinstance(type, TaskSpec):
+            raise TypeError(
+                "enqueue takes a task type and a payload: enqueue(spec.type, spec.payload, "
+                "**spec.options), or enqueue_many([spec]) for TaskSpecs"
+            )
         await self._refresh_layouts()
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:

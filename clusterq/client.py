@@ -345,6 +345,11 @@ class Client(ClientBase):
         if isinstance(type, Chain | Group | Chord):  # a workflow: start it
             options = start_options(payload, options)
             return Workflows(self).start(type, durability=durability, **options)
+        if isinstance(type, TaskSpec):
+            raise TypeError(
+                "enqueue takes a task type and a payload: enqueue(spec.type, spec.payload, "
+                "**spec.options), or enqueue_many([spec]) for TaskSpecs"
+            )
         self._refresh_layouts()
         prepared = self.producer.prepare(type, payload, **options)
         if prepared.queue not in self._registered:

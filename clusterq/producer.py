@@ -22,7 +22,7 @@ from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import first_error
 from clusterq.durability import Durability
 from clusterq.errors import DuplicateTask
-from clusterq.keys import KeySchema, QueueKeys, validate_task_id
+from clusterq.keys import KeySchema, QueueKeys, validate_queue_name, validate_task_id
 from clusterq.partitions import Layout, Layouts
 from clusterq.serialization import get_codec, too_large
 from clusterq.task import STATES, TaskInfo, TaskState, record_meta, with_enqueued
@@ -246,7 +246,10 @@ class Producer:
         if options.keys() <= _PLAIN:  # templates of plain enqueues are kept
             max_retry = options.get("max_retry", DEFAULT_MAX_RETRY)
             kept = (type, options.get("queue", DEFAULT_QUEUE), max_retry)
-            t = self._plain.get(kept) if max_retry.__class__ is int else None
+            try:
+                t = self._plain.get(kept) if max_retry.__class__ is int else None
+            except TypeError:  # not hashable: not a name; template() says which
+                t = self.template(type, **options)
             if t is None:
                 t = self.template(type, **options)
                 self._remember(self._plain, kept, t)
@@ -276,6 +279,10 @@ class Producer:
         payload and queue) for that long; ``retention`` keeps the completed task and its
         result that long.
         """
+        if not isinstance(queue, str):
+            validate_queue_name(queue)  # raises, naming it
+        if not isinstance(type, str):
+            validate_task_type(type)
         qk = self._queue_keys(queue)
         layout = self.layouts.get(queue) if self.layouts is not None else None
         if type not in self._types:
@@ -406,6 +413,8 @@ class Producer:
                 task_type, payload = item.type, item.payload
             else:
                 task_type, payload = item
+            if not isinstance(task_type, str):
+                validate_task_type(task_type)  # raises, naming it
             known = templates.get(task_type)
             if known is None:
                 t = self.template(task_type, **options)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from typing import Any
 
 import pytest
 
-from clusterq import Client, Inspector, InvalidName, PayloadError
+from clusterq import (
+    AsyncClient,
+    Client,
+    ForeignData,
+    Inspector,
+    InvalidName,
+    PayloadError,
+    Router,
+    Task,
+    TaskSpec,
+)
 from clusterq.tools.devcluster import LocalServer
+from tests.helpers import await_for, running_worker
 
 
 @pytest.fixture
@@ -82,3 +95,61 @@ def test_bad_task_types(client: Client, task_type: object) -> None:
 def test_unknown_codec(standalone: LocalServer, prefix: str) -> None:
     with pytest.raises(PayloadError, match="unknown codec 'pickle'"):
         Client(standalone.seed_url, prefix=prefix, codec="pickle")
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda c: c.enqueue("t", 1, queue=["a"]), "invalid queue name ['a']"),
+        (lambda c: c.enqueue(["t"], 1), "task type must be a non-empty string"),
+        (lambda c: c.enqueue_many([("t", 1)], queue={"a": 1}), "invalid queue name {'a': 1}"),
+        (lambda c: c.enqueue_many([(["t"], 1)]), "task type must be a non-empty string"),
+        (lambda c: c.enqueue_many([TaskSpec("t", 1, {"queue": ["x"]})]), "invalid queue name"),
+        (lambda c: c.enqueue(TaskSpec("t", 1, {"queue": "a"})), "enqueue_many([spec])"),
+    ],
+)
+def test_unhashable_names_and_a_task_spec_get_a_clear_error(
+    client: Client, url: str, prefix: str, call: Any, fragment: str
+) -> None:
+    with pytest.raises((TypeError, ValueError)) as refused:
+        call(client)
+    assert fragment in str(refused.value) and "unhashable" not in str(refused.value)
+    _nothing_written(url, prefix)
+
+
+def test_the_async_client_says_the_same_of_a_task_spec(url: str, prefix: str) -> None:
+    async def scenario() -> None:
+        async with await AsyncClient.connect(url, prefix=prefix) as client:
+            with pytest.raises(TypeError, match=r"enqueue_many\(\[spec\]\)"):
+                await client.enqueue(TaskSpec("t", 1))  # type: ignore[call-overload]
+
+    asyncio.run(scenario())
+
+
+def test_a_registry_of_another_type_is_named_and_stops_no_worker(
+    standalone: LocalServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``<prefix>:queues`` written as a string by something else: listing the queues says
+    which key, in one line; a worker still serves its queues (and says why they are not
+    registered)."""
+    url = standalone.seed_url
+    standalone.client().set(f"{prefix}:queues", "foreign")
+    with Inspector(url, prefix=prefix) as inspector, pytest.raises(ForeignData) as named:
+        inspector.queue_names()
+    assert f"{prefix}:queues" in str(named.value) and "\n" not in str(named.value)
+    ran: list[int] = []
+    router = Router()
+
+    @router.task("t")
+    async def handle(task: Task) -> None:
+        ran.append(task.payload)
+
+    async def scenario() -> None:
+        async with running_worker(url, router, prefix=prefix):
+            with Client(url, prefix=prefix) as client:
+                client.enqueue("t", 7)
+            await await_for(lambda: ran == [7], 30, "the task to run")
+
+    with caplog.at_level("WARNING", logger="clusterq.worker"):
+        asyncio.run(scenario())
+    assert any(f"{prefix}:queues" in r.getMessage() for r in caplog.records)

@@ -29,6 +29,7 @@ from clusterq.cluster.changes import ReplicaAdded, TopologyEvent
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.routing import DEFAULT_RETRY_TIMEOUT
 from clusterq.cluster.topology import Topology
+from clusterq.errors import ForeignData
 from clusterq.events import EventListener, QueueResumed
 from clusterq.priority import Capacity
 from clusterq.producer import new_task_id
@@ -280,7 +281,10 @@ class Worker:
         if backend.mode == "cluster":
             backend.start_watching(self.topology_interval)
         registry, queues = backend.keys.queues, list(self.weights)
-        await backend.execute_key(registry, lambda c: c.sadd(registry, *queues))
+        try:
+            await backend.execute_key(registry, lambda c: c.sadd(registry, *queues))
+        except ForeignData as exc:  # the listing's loss, not the work's: serve anyway
+            log.warning("queues not registered (`queue ls` will not list them): %s", exc)
         broker = Broker(backend)
         settings, stats, state = self.settings, self.stats, self._state
         self.wakeups = wakeups = Wakeups(broker, settings, state, lambda: self._all_queues)
