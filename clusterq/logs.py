@@ -41,13 +41,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+#: Control characters (C0, DEL, C1), newlines included, as they are escaped in text logs.
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``): a worker name, a task's
+    error or a queue name cannot colour, move or forge lines of a terminal or a log."""
+    return text.translate(_ESCAPES)
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, with control characters of the message escaped (the
+    traceback that may follow keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.message = escape_controls(record.message)
+        return super().formatMessage(safe)
+
+    def formatException(self, ei: Any) -> str:
+        lines = super().formatException(ei).split("\n")
+        return "\n".join(escape_controls(line) for line in lines)
+
+
 def configure(level: str = "INFO", fmt: LogFormat = "text") -> None:
     """Log to stderr at ``level`` in ``fmt``; replaces handlers set before."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -80,6 +80,18 @@ def partition_names(name: str, count: int) -> tuple[str, ...]:
     return tuple(partition_name(name, i, count) for i in range(count))
 
 
+def check_plain_name(name: str) -> str:
+    """A queue name given by a user (to enqueue into, to declare): not a partition's
+    name, which only the partitioned queue's declaration chooses."""
+    if PARTITION_MARK in name:
+        base = name.partition(PARTITION_MARK)[0]
+        raise InvalidName(
+            f"invalid queue name {name!r}: {PARTITION_MARK!r} marks the partitions of a "
+            f"partitioned queue (enqueue into {base!r}: its declaration picks the partition)"
+        )
+    return name
+
+
 def check_partitions(name: str, count: object) -> int:
     validate_queue_name(name)
     if PARTITION_MARK in name:
@@ -221,13 +233,30 @@ def parse_layouts(entries: Mapping[Any, Any]) -> dict[str, Layout]:
         try:
             layout = Layout.from_json(raw)
         except ConfigError as exc:
-            log.warning("partitioned queue %r: declaration skipped: %s", name, exc)
+            _warn_once(name, raw, f"partitioned queue {name!r}: declaration skipped: {exc}")
             continue
         if layout.name == name:
             out[name] = layout
         else:
-            log.warning("partitioned queue %r: declaration names %r; skipped", name, layout.name)
+            _warn_once(
+                name, raw, f"partitioned queue {name!r}: declaration names {layout.name!r}; skipped"
+            )
     return out
+
+
+#: The unreadable declarations said already (name, stored value): each is logged once
+#: per process, not at every read (every few seconds, by every worker and command).
+_SAID: set[tuple[str, Any]] = set()
+
+
+def _warn_once(name: str, raw: Any, message: str) -> None:
+    key = (name, raw if isinstance(raw, bytes | str) else repr(raw))
+    if key in _SAID:
+        return
+    if len(_SAID) > 1000:
+        _SAID.clear()
+    _SAID.add(key)
+    log.warning("%s", message)
 
 
 def partition_marks(

@@ -23,7 +23,7 @@ from clusterq.broker.script import first_error
 from clusterq.durability import Durability
 from clusterq.errors import DuplicateTask
 from clusterq.keys import KeySchema, QueueKeys, validate_queue_name, validate_task_id
-from clusterq.partitions import Layout, Layouts
+from clusterq.partitions import Layout, Layouts, check_plain_name
 from clusterq.serialization import get_codec, too_large
 from clusterq.task import STATES, TaskInfo, TaskState, record_meta, with_enqueued
 
@@ -283,7 +283,7 @@ class Producer:
             validate_queue_name(queue)  # raises, naming it
         if not isinstance(type, str):
             validate_task_type(type)
-        qk = self._queue_keys(queue)
+        qk = self._queue_keys(check_plain_name(queue))
         layout = self.layouts.get(queue) if self.layouts is not None else None
         if type not in self._types:
             self._remember(self._types, validate_task_type(type))

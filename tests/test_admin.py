@@ -647,3 +647,37 @@ def test_a_bulk_walk_of_a_pending_list_searches_it_for_no_task(
     assert after["lindex"] - before["lindex"] >= 3000  # each task found where it was seen
     tasks = client.keys.queue("big").tasks
     assert node.hlen(tasks) == 0  # every record went with its task
+
+
+def test_a_worker_whose_task_was_removed_with_its_queue_says_so(
+    url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``queue rm --force`` while a handler runs: its ack is refused because the task is
+    gone, and the worker says that (not "its lease was taken over")."""
+    started = threading.Event()
+    release = asyncio.Event()
+    router = Router()
+
+    @router.task("slow")
+    async def slow(task: Task) -> None:
+        started.set()
+        await release.wait()
+
+    async def scenario() -> None:
+        async with running_worker(url, router, queues=["doomed"], prefix=prefix, lease=30):
+            with Client(url, prefix=prefix) as client:
+                client.enqueue("slow", None, queue="doomed")
+            await asyncio.to_thread(started.wait, 30)
+            with Admin(url, prefix=prefix) as admin:
+                removed = await asyncio.to_thread(admin.remove_queue, "doomed", force=True)
+            assert removed.done == 1
+            release.set()
+            await await_for(
+                lambda: any("the task is gone" in r.getMessage() for r in caplog.records),
+                30,
+                "the worker to say the task is gone",
+            )
+
+    with caplog.at_level("WARNING", logger="clusterq.worker"):
+        asyncio.run(scenario())
+    assert not any("taken over" in r.getMessage() for r in caplog.records)

@@ -153,3 +153,54 @@ def test_a_registry_of_another_type_is_named_and_stops_no_worker(
     with caplog.at_level("WARNING", logger="clusterq.worker"):
         asyncio.run(scenario())
     assert any(f"{prefix}:queues" in r.getMessage() for r in caplog.records)
+
+
+def test_a_url_with_an_empty_port_is_refused() -> None:
+    from clusterq.cluster.connection import RedisURL
+    from clusterq.errors import ConfigError
+
+    for text in ("redis://127.0.0.1:", "redis://[::1]:", "redis://a:1,b:"):
+        with pytest.raises(ConfigError, match="empty port"):
+            RedisURL.parse(text)
+
+
+def test_a_partitions_name_is_not_a_queue_to_enqueue_into(client: Client) -> None:
+    with pytest.raises(InvalidName, match=r"marks the partitions.*enqueue into 'clicks'"):
+        client.enqueue("t", 1, queue="clicks~0of12.41")
+
+
+def test_text_logs_escape_control_characters() -> None:
+    import io
+    import logging
+
+    from clusterq.logs import TEXT_FORMAT, TextFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    logger = logging.getLogger("clusterq.test-escape")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ValueError("bad\x1b[2J")
+        except ValueError:
+            logger.error("worker %s: %s", "w\x1b[31m", "line\nforged line", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "\x1b" not in text
+    assert "w\\x1b[31m" in text and "line\\x0aforged line" in text
+    assert "ValueError: bad\\x1b[2J" in text
+    assert text.count("\n") >= 3  # the traceback keeps its lines
+
+
+def test_an_unreadable_layout_is_said_once(
+    standalone: LocalServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    standalone.client().hset(f"{prefix}:layouts", "clicks", "not json")
+    with caplog.at_level("WARNING", logger="clusterq.partitions"):
+        for _ in range(3):
+            with Inspector(standalone.seed_url, prefix=prefix) as inspector:
+                inspector.queues()
+    said = [r for r in caplog.records if "'clicks'" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]

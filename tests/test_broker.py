@@ -31,7 +31,7 @@ def test_ack_layout_with_unique_locks() -> None:
     # negative), result, index of its unique lock in KEYS (1-based; 0 none).
     assert args == [0, "a", "w:1", 0, b"", 0, "b", "w:1", 5000, b"r", 8, "c", "w:2", 0, b"", 9]
     assert ack.build(QK, acks[:1], remember_ms=20000)[1][0] == 20000
-    assert ack.parse([1, 0, b"1"]) == [True, False, True]
+    assert ack.parse([1, 0, b"1", -1]) == [ack.ACKED, ack.STALE, ack.ACKED, ack.GONE]
 
 
 def test_fail_layout() -> None:
@@ -43,7 +43,13 @@ def test_fail_layout() -> None:
     recovery = fail.build(QK, "id", "t", b"m", retry_in_ms=0, only_if_expired=True)[1]
     assert recovery[4:] == [1, 1]
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=0, count_failure=False)[1][5] == 0
-    assert [fail.parse(r) for r in (1, 2, 0, b"1")] == ["retry", "archived", "stale", "retry"]
+    assert [fail.parse(r) for r in (1, 2, 0, b"1", -1)] == [
+        "retry",
+        "archived",
+        "stale",
+        "retry",
+        "gone",
+    ]
 
 
 def test_extend_requeue_dequeue_layouts() -> None:

@@ -9,7 +9,9 @@
 -- ARGV[2..], five per task: id, token, retention ms (0: delete now), encoded result
 -- ('' none), unique lock index into KEYS (0: none)
 --
--- Returns one value per task: 1 acked, 0 not the lease holder (no-op).
+-- Returns one value per task: 1 acked, 0 not the lease holder (no-op: another worker
+-- holds it, or recovery took it back), -1 the task is gone (deleted by an operator, its
+-- queue removed).
 -- The writes go out as one command per key for the whole batch (cheaper here and on
 -- the replicas, which receive them as they are). Nothing here fails after the first
 -- write: key types are checked first, and a stats counter holding something else than
@@ -47,6 +49,8 @@ for n, id in ipairs(ids) do
       end
     end
     out[n] = 1
+  elseif redis.call('HEXISTS', KEYS[3], id) == 0 then
+    out[n] = -1
   else
     out[n] = 0
   end

@@ -35,6 +35,12 @@ def build(
     return keys, args
 
 
-def parse(reply: Sequence[Any]) -> list[bool]:
-    """Per ack: True if applied, False if the caller no longer held the lease."""
-    return [int(v) == 1 for v in reply]
+#: Per ack: applied; refused, the caller no longer holding the lease; the task is gone.
+ACKED, STALE, GONE = 1, 0, -1
+
+
+def parse(reply: Sequence[Any]) -> list[int]:
+    """Per ack: :data:`ACKED`, :data:`STALE` (the caller no longer held the lease: another
+    worker holds the task, or recovery took it back) or :data:`GONE` (its record was
+    deleted: by an operator, or with its queue)."""
+    return [int(v) for v in reply]

@@ -38,8 +38,9 @@ class Broker:
         built = dequeue.build(qk, count, lease_ms, token)
         return dequeue.parse(await self._run(dequeue.SCRIPT, qk, built, timeout))
 
-    async def ack(self, qk: QueueKeys, acks: Sequence[ack.Ack], *, remember_ms: int) -> list[bool]:
-        """Per ack: applied, or refused because the caller no longer held the lease."""
+    async def ack(self, qk: QueueKeys, acks: Sequence[ack.Ack], *, remember_ms: int) -> list[int]:
+        """Per ack: applied, refused because the caller no longer held the lease, or the
+        task is gone (see :func:`clusterq.broker.ack.parse`)."""
         built = ack.build(qk, acks, remember_ms=remember_ms)
         return ack.parse(await self._run(ack.SCRIPT, qk, built))
 

@@ -7,12 +7,16 @@
 -- ARGV[4] retry delay ms, or -1 to archive   ARGV[5] only_if_expired (1/0)
 -- ARGV[6] count as a failure in stats (1/0)
 --
--- Returns 1 retry, 2 archived, 0 not the lease holder or lease still valid (no-op).
+-- Returns 1 retry, 2 archived, 0 not the lease holder or lease still valid (no-op), -1
+-- the task is gone (deleted by an operator, its queue removed).
 -- Every check that can fail comes before the first write (a stats counter that is not
 -- an integer is not counted).
 do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash', '-'}) if bad then return bad end end
 local now, id = now_ms(), ARGV[1]
-if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then return 0 end
+if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then
+  if redis.call('HEXISTS', KEYS[3], id) == 0 then return -1 end  -- deleted meanwhile
+  return 0
+end
 local counting = ARGV[6] == '1' and countable(KEYS[6], 'failed')
   and countable(KEYS[6], history_field('f', now))
 if ARGV[5] == '1' then

@@ -9,7 +9,7 @@ from clusterq.keys import QueueKeys
 
 SCRIPT = LuaScript("fail")
 
-FailOutcome = Literal["retry", "archived", "stale"]
+FailOutcome = Literal["retry", "archived", "stale", "gone"]
 
 
 def build(
@@ -30,4 +30,4 @@ def build(
 
 
 def parse(reply: Any) -> FailOutcome:
-    return {1: "retry", 2: "archived"}.get(int(reply), "stale")  # type: ignore[return-value]
+    return {1: "retry", 2: "archived", -1: "gone"}.get(int(reply), "stale")  # type: ignore[return-value]

@@ -78,6 +78,11 @@ def parse_addr(text: str, default_port: int = DEFAULT_PORT) -> Addr:
         host, port_text = text, ""
     if not host:
         raise ConfigError(f"missing host in address {text!r}")
+    if not port_text and (text.endswith(":")):
+        raise ConfigError(
+            f"empty port in address {text!r} (leave out the ':' for the default port "
+            f"{default_port})"
+        )
     if not port_text:
         return host, default_port
     try:

@@ -11,6 +11,7 @@ import math
 import time
 from typing import Any
 
+from clusterq.broker import ack as ack_script
 from clusterq.broker.ack import Ack
 from clusterq.broker.facade import Broker
 from clusterq.cluster.routing import backoff, classify
@@ -74,10 +75,17 @@ class Outcomes:
                 await asyncio.sleep(backoff(failures, base=0.05, cap=1.0))
                 continue
             failures = 0
-            for one, done in zip(batch, applied, strict=True):
+            for one, status in zip(batch, applied, strict=True):
                 held = q.held.pop(one.id, None)
-                if done:
+                if status == ack_script.ACKED:
                     self.stats.processed += 1  # counted once the server took the ack
+                elif status == ack_script.GONE:
+                    log.warning(
+                        "queue %s: ack of task %s ignored: the task is gone (deleted by an "
+                        "operator, or its queue removed)",
+                        q.name,
+                        one.id,
+                    )
                 else:
                     if held is None or not held.lost:  # the heartbeat counted it already
                         self.stats.leases_lost += 1
@@ -127,7 +135,14 @@ class Outcomes:
             q.held.pop(task_id, None)
             return
         q.held.pop(task_id, None)
-        if result == "stale":
+        if result == "gone":
+            log.warning(
+                "queue %s: failure of task %s ignored: the task is gone (deleted by an "
+                "operator, or its queue removed)",
+                q.name,
+                task_id,
+            )
+        elif result == "stale":
             if held is None or not held.lost:  # the heartbeat counted it already
                 self.stats.leases_lost += 1
             log.warning(

@@ -130,7 +130,7 @@ class Recoverer:
         self.recoveries.worked(f"queue {q.name}")
         if result == "archived":
             await self.outcomes.workflow_failed(q, task_id, record, error)
-        if result != "stale":
+        if result not in ("stale", "gone"):
             self.stats.recovered += 1
             log.warning(
                 "queue %s: recovered task %s from an expired lease (%s)",
