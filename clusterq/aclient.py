@@ -235,23 +235,45 @@ class AsyncClient(ClientBase):
         self._streams[name] = (layout, time.monotonic())
         return layout
 
-    async def publish(self, stream: str, payload: Any, *, key: str | None = None) -> Published:
+    async def publish(
+        self,
+        stream: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        durability: Durability | None = None,
+    ) -> Published:
         """See :meth:`Client.publish`."""
-        return (await self.publish_many(stream, [(payload, key)]))[0]
+        return (await self.publish_many(stream, [(payload, key)], durability=durability))[0]
 
     async def publish_many(
-        self, stream: str, events: Iterable[tuple[Any, str | None]]
+        self,
+        stream: str,
+        events: Iterable[tuple[Any, str | None]],
+        *,
+        durability: Durability | None = None,
     ) -> list[Published]:
         """See :meth:`Client.publish_many`; the slots are written concurrently."""
         layout = await self.stream_layout(stream)
         plan = plan_publish(layout, self.keys, events, self.producer.max_payload_bytes)
+        level = durability or self.durability
+        after = durability_commands(level, self.durability_timeout)
         out: dict[int, Published] = {}
 
         async def send(slot: int, planned: list[tuple[int, int, tuple[Any, ...]]]) -> None:
             commands = [command for _, _, command in planned]
-            ids = await self.backend.execute(slot, functools.partial(_pipeline, commands=commands))
-            for (index, partition, _), event_id in zip(planned, ids, strict=True):
-                out[index] = Published(stream, partition, reply_text(event_id))
+            ids, replicas = await self.backend.execute(
+                slot, functools.partial(_append, commands=commands, after=after, level=level)
+            )
+            published = [
+                Published(stream, partition, reply_text(event_id))
+                for (_, partition, _), event_id in zip(planned, ids, strict=True)
+            ]
+            where = self.backend.master_addr(slot)
+            shown = [p.id for p in published]
+            require_confirmed(level, replicas, shown, where, self.durability_timeout, events=True)
+            for (index, _, _), one in zip(planned, published, strict=True):
+                out[index] = one
 
         await asyncio.gather(*(send(slot, planned) for slot, planned in plan.items()))
         return [out[i] for i in range(len(out))]
@@ -398,5 +420,20 @@ async def _read_info(client: AsyncNodeClient, commands: Sequence[Sequence[Any]])
     return info_values(await client.fast_pipeline(commands))
 
 
-async def _pipeline(client: AsyncNodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
-    return raise_first(await client.fast_pipeline(commands))
+async def _append(
+    client: AsyncNodeClient,
+    commands: Sequence[Sequence[Any]],
+    after: Sequence[Sequence[Any]],
+    level: Durability,
+) -> tuple[list[Any], int | None]:
+    """See the sync client's ``_append``. With a ``WAIT``, on a pooled connection of its
+    own (it blocks): the lane that other calls share is held up by nothing."""
+    if not after:
+        return raise_first(await client.fast_pipeline(commands)), None
+    pipe = client.pipeline(transaction=False)
+    for command in [*commands, *after]:
+        pipe.execute_command(*command)
+    replies = await pipe.execute(raise_on_error=False)
+    return raise_first(replies[: len(commands)]), confirmed_replicas(
+        level, replies[len(commands) :]
+    )

@@ -270,25 +270,48 @@ class Client(ClientBase):
         self._streams[name] = (layout, time.monotonic())
         return layout
 
-    def publish(self, stream: str, payload: Any, *, key: str | None = None) -> Published:
+    def publish(
+        self,
+        stream: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        durability: Durability | None = None,
+    ) -> Published:
         """Append an event to ``stream`` (``XADD`` on the partition of ``key``; without a
         key the partitions take turns). At least once: a call retried through a failover
-        may append it twice."""
-        return self.publish_many(stream, [(payload, key)])[0]
+        may append it twice. ``durability`` (default: the client's) as for
+        :meth:`enqueue`: with ``"replica"``, an event no replica confirmed raises
+        :class:`DurabilityError` instead of being acknowledged."""
+        return self.publish_many(stream, [(payload, key)], durability=durability)[0]
 
     def publish_many(
-        self, stream: str, events: Iterable[tuple[Any, str | None]]
+        self,
+        stream: str,
+        events: Iterable[tuple[Any, str | None]],
+        *,
+        durability: Durability | None = None,
     ) -> list[Published]:
-        """Append ``(payload, key)`` events: one pipeline per slot."""
+        """Append ``(payload, key)`` events: one pipeline per slot (with durability, its
+        ``WAIT`` on the same connection covers the slot's events)."""
         layout = self.stream_layout(stream)
         plan = plan_publish(layout, self.keys, events, self.producer.max_payload_bytes)
+        level = durability or self.durability
+        after = durability_commands(level, self.durability_timeout)
         out: dict[int, Published] = {}
         for slot, planned in plan.items():
             commands = [command for _, _, command in planned]
-            send = functools.partial(_pipeline, commands=commands)
-            ids = self.backend.execute(slot, send)
-            for (index, partition, _), event_id in zip(planned, ids, strict=True):
-                out[index] = Published(stream, partition, reply_text(event_id))
+            send = functools.partial(_append, commands=commands, after=after, level=level)
+            ids, replicas = self.backend.execute(slot, send)
+            published = [
+                Published(stream, partition, reply_text(event_id))
+                for (_, partition, _), event_id in zip(planned, ids, strict=True)
+            ]
+            where = self.backend.master_addr(slot)
+            shown = [p.id for p in published]
+            require_confirmed(level, replicas, shown, where, self.durability_timeout, events=True)
+            for (index, _, _), one in zip(planned, published, strict=True):
+                out[index] = one
         return [out[i] for i in range(len(out))]
 
     def layout(self, name: str) -> Layout | None:
@@ -458,5 +481,15 @@ def _read_info(client: NodeClient, commands: Sequence[Sequence[Any]]) -> list[An
     return info_values(client.fast_pipeline(commands))
 
 
-def _pipeline(client: NodeClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
-    return raise_first(client.fast_pipeline(commands))
+def _append(
+    client: NodeClient,
+    commands: Sequence[Sequence[Any]],
+    after: Sequence[Sequence[Any]],
+    level: Durability,
+) -> tuple[list[Any], int | None]:
+    """Events appended, then what confirms them on the same connection (retried whole:
+    a WAIT cut short by a failover appends them again, at least once)."""
+    replies = client.fast_pipeline([*commands, *after])
+    return raise_first(replies[: len(commands)]), confirmed_replicas(
+        level, replies[len(commands) :]
+    )

@@ -69,16 +69,24 @@ def require_confirmed(
     ids: Sequence[str],
     where: Addr,
     timeout: float | None,
+    *,
+    events: bool = False,
 ) -> None:
-    """Raise :class:`DurabilityError` when no replica confirmed the writes of ``ids``."""
+    """Raise :class:`DurabilityError` when no replica confirmed the writes of ``ids``
+    (task ids; with ``events``, the ids of published events)."""
     if replicas is not None and replicas < 1:
         timeout = durability_timeout_for(level, timeout)
         ids = list(ids)
         shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        what, advice = (
+            ("event(s) appended", "publish them again (they may then be there twice)")
+            if events
+            else ("task(s) written", "enqueue again with the same task_id")
+        )
         raise DurabilityError(
-            f"{len(ids)} task(s) written to {format_addr(where)} but no replica confirmed "
-            f"them within {timeout:g}s (durability={level!r}); they may be lost if that "
-            f"master fails: enqueue again with the same task_id ({shown})",
+            f"{len(ids)} {what} to {format_addr(where)} but no replica confirmed them "
+            f"within {timeout:g}s (durability={level!r}); they may be lost if that master "
+            f"fails: {advice} ({shown})",
             ids,
             replicas,
         )

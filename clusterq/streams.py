@@ -33,7 +33,7 @@ from typing import Any, TypeAlias
 from clusterq.errors import ConfigError, InvalidName
 from clusterq.keys import KeySchema, validate_queue_name
 from clusterq.partitions import check_partitions, partition_names, partition_of
-from clusterq.serialization import reply_text, too_large
+from clusterq.serialization import get_codec, reply_text, too_large
 
 #: Field names of a published event: its key (may be absent) and its JSON payload.
 KEY_FIELD = b"k"
@@ -161,8 +161,10 @@ class ConsumerSpec:
 
 
 def encode_event(payload: Any, key: str | None) -> dict[bytes, bytes]:
-    """The fields of a published event (JSON payload; never pickle)."""
-    fields = {DATA_FIELD: json.dumps(payload, separators=(",", ":")).encode()}
+    """The fields of a published event: its payload as JSON, by the rules of task
+    payloads (no NaN or infinities, no lone surrogates, nothing JSON cannot hold, not
+    nested deeper than can be read back: :class:`PayloadError`); never pickle."""
+    fields = {DATA_FIELD: get_codec("json").encode(payload)}
     if key is not None:
         if not isinstance(key, str):
             raise TypeError(f"key must be a string, got {key!r}")

@@ -204,3 +204,36 @@ def test_an_unreadable_layout_is_said_once(
                 inspector.queues()
     said = [r for r in caplog.records if "'clicks'" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
+
+
+@pytest.mark.parametrize("payload", [math.nan, math.inf, "\ud800", object(), {1, 2}], ids=repr)
+def test_stream_publish_takes_what_task_payloads_take(
+    standalone: LocalServer, prefix: str, payload: object
+) -> None:
+    with Client(standalone.seed_url, prefix=prefix) as client:
+        client.declare_stream("s", 1)
+        with pytest.raises(PayloadError, match="not JSON-serialisable"):
+            client.publish("s", payload)
+        nested: list[Any] = []
+        inner = nested
+        for _ in range(5000):
+            inner.append([])
+            inner = inner[0]
+        with pytest.raises(PayloadError, match="nested too deeply"):
+            client.publish("s", nested)
+        sk = client.keys.stream(client.stream_layout("s").partitions[0])
+        assert standalone.client().xlen(sk.events) == 0  # nothing appended
+
+
+def test_stream_publish_of_nan_from_the_command_line_is_refused(
+    standalone: LocalServer, prefix: str
+) -> None:
+    from click.testing import CliRunner
+
+    from clusterq.cli import main
+
+    base = ["--url", standalone.seed_url, "--prefix", prefix]
+    runner = CliRunner()
+    assert runner.invoke(main, [*base, "stream", "create", "s", "--partitions", "1"]).exit_code == 0
+    result = runner.invoke(main, [*base, "stream", "publish", "s", "NaN"])
+    assert result.exit_code == 1 and "not JSON-serialisable" in result.output

@@ -152,3 +152,76 @@ def test_waitaof_needs_a_server_that_has_it(cluster: LocalCluster, prefix: str) 
 def test_bad_durability_value(standalone: LocalServer) -> None:
     with pytest.raises(ValueError, match="durability must be"):
         Client(standalone.seed_url, durability="always")  # type: ignore[arg-type]
+
+
+def test_publish_without_a_replica_to_confirm_is_refused(
+    standalone: LocalServer, prefix: str
+) -> None:
+    """Publishing honours durability like enqueue, on both clients: a standalone node
+    has no replica, so ``"replica"`` refuses to acknowledge (and ``"none"`` does not)."""
+    import asyncio
+
+    from clusterq import AsyncClient
+
+    url = standalone.seed_url
+    with Client(url, prefix=prefix, durability="replica", durability_timeout=0.1) as client:
+        client.declare_stream("s", 1)
+        with pytest.raises(DurabilityError, match=r"event\(s\) appended.*no replica confirmed"):
+            client.publish("s", {"n": 1})
+        with pytest.raises(DurabilityError):
+            client.publish_many("s", [({"n": 2}, None), ({"n": 3}, "k")])
+        assert client.publish("s", {"n": 4}, durability="none").partition == 0
+
+    async def scenario() -> None:
+        async with await AsyncClient.connect(
+            url, prefix=prefix, durability="replica", durability_timeout=0.1
+        ) as aclient:
+            with pytest.raises(DurabilityError, match="no replica confirmed"):
+                await aclient.publish("s", {"n": 5})
+            await aclient.publish("s", {"n": 6}, durability="none")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_no_acknowledged_event_is_lost_when_its_master_dies_with_its_replica_frozen(
+    fresh_cluster: Callable[[], LocalCluster], prefix: str
+) -> None:
+    """A stream of 3 partitions, ``durability="replica"``. Partition 0's replica is frozen
+    (SIGSTOP), events are published to it, then its master is killed (-9) and the replica,
+    thawed, is promoted: every event that ``publish`` acknowledged is there (those that
+    no replica confirmed were refused with DurabilityError instead)."""
+    cluster = fresh_cluster()
+    url = cluster.seed_url
+    with Client(url, prefix=prefix, durability="replica", durability_timeout=0.2) as client:
+        layout = client.declare_stream("events", 3)
+        sk = client.keys.stream(layout.partitions[0])
+        key = next(f"k{n}" for n in range(1000) if layout.pick(f"k{n}") == 0)
+        acknowledged = [client.publish("events", {"n": n}, key=key).id for n in range(5)]
+        topology = cluster.topology()
+        master = topology.master_for_slot(sk.slot)
+        assert master is not None
+        [replica] = topology.locate_slot_replicas(sk.slot)
+        cluster.kill_node(replica.port, signal.SIGSTOP)
+        refused = 0
+        try:
+            for n in range(5, 25):
+                try:
+                    acknowledged.append(client.publish("events", {"n": n}, key=key).id)
+                except DurabilityError:
+                    refused += 1
+            cluster.kill_node(master.port)
+        finally:
+            cluster.kill_node(replica.port, signal.SIGCONT)
+
+        def promoted() -> bool:
+            client.backend.refresh_topology()
+            now = client.backend.topology.master_for_slot(sk.slot)
+            return now is not None and now.port == replica.port
+
+        wait_for(promoted, 60, "the replica's promotion")
+        stored = client.backend.execute_key(sk.events, lambda c: c.xrange(sk.events))
+    ids = {reply_id.decode() for reply_id, _ in stored}
+    assert refused == 20  # nothing unconfirmed was acknowledged
+    assert set(acknowledged) <= ids, set(acknowledged) - ids
+    cluster.restart_node(master.port)
