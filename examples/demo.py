@@ -33,3 +33,12 @@ with Inspector(URL) as inspector:
             break
         time.sleep(0.2)
     print(f"all queues drained in {time.monotonic() - started:.1f}s")
+    # Workers announce their counts every few seconds: wait until they announced every
+    # task they processed, so that `clusterq worker ls` (next) shows the whole burst.
+    total = len(specs) + 1
+    deadline = time.monotonic() + 60
+    workers = inspector.workers()
+    while time.monotonic() < deadline and sum(w.processed for w in workers) < total:
+        time.sleep(0.2)
+        workers = inspector.workers()
+    print(f"workers announced {sum(w.processed for w in workers)} of {total} tasks processed")

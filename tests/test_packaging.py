@@ -109,6 +109,8 @@ def test_a_wheel_in_a_fresh_venv_runs_dev_up_and_the_demo(
     try:
         out = run(str(py), "examples/demo.py", timeout=180)
         assert "enqueued 3000 tasks" in out and "all queues drained" in out
+        # `worker ls` comes after the workers announced the whole burst (it raced them)
+        assert "workers announced 3001 of 3001 tasks processed" in out, out
         listing = run(str(cli), "queue", "ls", "--cluster")
         assert all(q in listing for q in ("images", "webhooks", "notifications"))
     finally:
