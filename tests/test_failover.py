@@ -371,3 +371,37 @@ def servers_pid_alive(pid: int) -> bool:
     from clusterq.tools.servers import pid_alive
 
     return pid_alive(pid)
+
+
+def test_a_sync_client_follows_a_frozen_master_to_its_replica_without_waiting_on_it(
+    fresh_cluster: Callable[[], LocalCluster], prefix: str
+) -> None:
+    """A master is frozen (SIGSTOP) and stays frozen until the test ends: a sync client's
+    enqueue into its queue times out once on it, then follows the map to the promoted
+    replica. It sends the call to the frozen node once: after the timeout it pings it and
+    re-reads the map instead of waiting another socket timeout there (the call used to
+    go back, stalling a socket timeout past the promotion)."""
+    import signal
+
+    cluster = fresh_cluster()
+    with Client(cluster.seed_url, prefix=prefix, retry_timeout=90) as client:
+        client.enqueue("t", 0, queue="images")  # connections and scripts in place
+        frozen = cluster.topology().locate("images").master
+        assert frozen is not None
+        sent: Counter[tuple[str, int]] = Counter()
+        node = client.backend.node
+
+        def counting(addr: Any) -> Any:
+            sent[addr] += 1
+            return node(addr)
+
+        client.backend.node = counting  # type: ignore[method-assign]
+        cluster.kill_node(frozen.port, signal.SIGSTOP)
+        try:
+            info = client.enqueue("t", 1, queue="images")
+            now = client.backend.topology.locate("images").master
+        finally:
+            cluster.kill_node(frozen.port, signal.SIGCONT)
+    assert now is not None and now.port != frozen.port  # it went to the promoted replica
+    assert sent[(frozen.host, frozen.port)] == 1, sent
+    assert info.state.value == "pending"

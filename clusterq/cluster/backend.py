@@ -32,6 +32,7 @@ from clusterq.cluster.routing import (
     RouteState,
     mode_of,
     no_seed_answered,
+    timed_out,
 )
 from clusterq.cluster.wire import NodeClient
 from clusterq.errors import ConnectionFailed, ShardDown
@@ -182,7 +183,26 @@ class Backend(RouteState):
                 if decision.action == "raise":
                     raise self.give_up(exc, addr, slot) from exc
                 log.debug("transient error on %s (%s); retrying", format_addr(addr), exc)
+                if timed_out(exc):
+                    self._until_answers_or_moves(slot, addr, attempts.deadline)
                 time.sleep(decision.delay)
+
+    def _until_answers_or_moves(self, slot: int, addr: Addr, deadline: float) -> None:
+        """After a call to ``addr`` timed out (a frozen master: nothing comes back), the
+        call is not sent there again to wait another socket timeout: the map is read
+        again (from other nodes) and ``addr`` pinged (topology timeout, 1 s) until its
+        slot has another master (promoted) or ``addr`` answers again, or ``deadline``."""
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ConnectionFailed):
+                self.refresh_topology(force=True, avoid=addr)
+            if self.master_addr(slot) != addr:
+                return
+            try:
+                call_node(addr, self._topology_client(addr).ping)
+            except (ConnectionFailed, redis.RedisError, OSError):
+                time.sleep(0.05)
+                continue
+            return
 
     def execute_key(self, key: str, fn: Callable[[NodeClient], T], **kwargs: Any) -> T:
         """:meth:`execute` on ``key``'s slot; a ``WRONGTYPE`` names ``key``."""

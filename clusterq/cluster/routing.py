@@ -99,6 +99,11 @@ def classify(exc: BaseException) -> ErrorKind:
     return "fatal"
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` says a node sent nothing back in time (frozen, or cut off)."""
+    return isinstance(exc, redis.TimeoutError | TimeoutError)
+
+
 def backoff(attempt: int, *, base: float = 0.025, cap: float = 0.5) -> float:
     """Exponential backoff with full jitter: a random delay in [0, min(cap, base*2^n)]."""
     return random.uniform(0, min(cap, base * (2 ** min(attempt, 16))))
