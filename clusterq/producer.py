@@ -277,7 +277,8 @@ class Producer:
         delay the task; ``timeout`` limits one attempt; ``deadline`` is when the task
         must no longer run; ``unique_for`` refuses an identical task (same type,
         payload and queue) for that long; ``retention`` keeps the completed task and its
-        result that long.
+        result that long. A duration of 0 is the same as None (no time limit, not kept,
+        not unique).
         """
         if not isinstance(queue, str):
             validate_queue_name(queue)  # raises, naming it
