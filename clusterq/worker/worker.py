@@ -280,11 +280,7 @@ class Worker:
         backend.subscribe(self._on_topology)
         if backend.mode == "cluster":
             backend.start_watching(self.topology_interval)
-        registry, queues = backend.keys.queues, list(self.weights)
-        try:
-            await backend.execute_key(registry, lambda c: c.sadd(registry, *queues))
-        except ForeignData as exc:  # the listing's loss, not the work's: serve anyway
-            log.warning("queues not registered (`queue ls` will not list them): %s", exc)
+        await _register(backend, list(self.weights))
         broker = Broker(backend)
         settings, stats, state = self.settings, self.stats, self._state
         self.wakeups = wakeups = Wakeups(broker, settings, state, lambda: self._all_queues)
@@ -468,3 +464,13 @@ def _dump_tasks() -> None:
         out = io.StringIO()
         running.print_stack(file=out)
         log.warning("task %s:\n%s", running.get_name(), out.getvalue())
+
+
+async def _register(backend: AsyncBackend, queues: list[str]) -> None:
+    """Add the worker's queues to the registry (what `queue ls` lists). A registry that
+    holds something else is the listing's loss, not the work's: said, and served anyway."""
+    registry = backend.keys.queues
+    try:
+        await backend.execute_key(registry, lambda c: c.sadd(registry, *queues))
+    except ForeignData as exc:
+        log.warning("queues not registered (`queue ls` will not list them): %s", exc)
