@@ -19,6 +19,7 @@ and is a prefix of the type (``"email:"`` handles ``"email:send"``).
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar, overload
 
@@ -65,7 +66,9 @@ class Router:
         """Decorator form of :meth:`handle`; returns a :class:`~clusterq.typed.TaskDef`
         (the handler, still callable, with typed ``enqueue``/``spec``/``result``).
         ``payload``: the payload's type (a dataclass or pydantic model is rebuilt from
-        JSON before the handler sees it)."""
+        JSON before the handler sees it). A handler given here instead (as to
+        :meth:`handle`) is refused with a TypeError."""
+        check_payload_type(pattern, payload)
         return _Register(self, pattern, payload)
 
     def consumer(
@@ -139,6 +142,29 @@ class _Register(Generic[P]):
             served = with_payload_type(handler, rebuild, is_async(handler))
         self.router.handle(self.pattern, served)
         return TaskDef(self.pattern, handler, self.payload)
+
+
+def check_payload_type(pattern: str, payload: object) -> None:
+    """Refuse a payload type that is no type: most often the handler itself, as in
+    ``router.task("t", handler)`` (which would register nothing, without a word)."""
+    if (
+        payload is None
+        or isinstance(payload, type | typing.NewType)
+        or typing.get_origin(payload) is not None  # list[int], Literal[...], X | None
+    ):
+        return
+    if callable(payload):
+        what = f"the callable {getattr(payload, '__name__', type(payload).__name__)!r}"
+        hint = (
+            f"; to register it as the handler use router.handle({pattern!r}, handler) "
+            f"or decorate it with @router.task({pattern!r})"
+        )
+    else:
+        what, hint = f"{payload!r:.80} ({type(payload).__name__})", ""
+    raise TypeError(
+        f"router.task({pattern!r}, payload): the payload type must be a class (a dataclass, "
+        f"a pydantic model, a TypedDict), not {what}{hint}"
+    )
 
 
 def is_async(handler: Handler) -> bool:
