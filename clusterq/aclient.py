@@ -46,7 +46,7 @@ from clusterq.producer import (
     raise_first,
     settle_replies,
 )
-from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES, reply_text
+from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.slots import keyslot
 from clusterq.streams import (
     Published,
@@ -265,15 +265,7 @@ class AsyncClient(ClientBase):
             ids, replicas = await self.backend.execute(
                 slot, functools.partial(_append, commands=commands, after=after, level=level)
             )
-            published = [
-                Published(stream, partition, reply_text(event_id))
-                for (_, partition, _), event_id in zip(planned, ids, strict=True)
-            ]
-            where = self.backend.master_addr(slot)
-            shown = [p.id for p in published]
-            require_confirmed(level, replicas, shown, where, self.durability_timeout, events=True)
-            for (index, _, _), one in zip(planned, published, strict=True):
-                out[index] = one
+            self._published(stream, slot, planned, ids, (level, replicas), out)
 
         await asyncio.gather(*(send(slot, planned) for slot, planned in plan.items()))
         return [out[i] for i in range(len(out))]

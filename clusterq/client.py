@@ -101,6 +101,28 @@ class ClientBase:
         self._streams: dict[str, tuple[StreamLayout, float]] = {}
         self.producer.layouts = self.layouts
 
+    def _published(
+        self,
+        stream: str,
+        slot: int,
+        planned: Sequence[tuple[int, int, Any]],
+        ids: Sequence[Any],
+        confirmed: tuple[Durability, int | None],
+        out: dict[int, Published],
+    ) -> None:
+        """The events of one slot, appended as ``planned`` with ``ids``, into ``out`` (by
+        their index in the call); :class:`DurabilityError` if no replica confirmed them."""
+        published = [
+            Published(stream, partition, reply_text(event_id))
+            for (_, partition, _), event_id in zip(planned, ids, strict=True)
+        ]
+        level, replicas = confirmed
+        where = self.backend.master_addr(slot)  # type: ignore[attr-defined]
+        shown = [p.id for p in published]
+        require_confirmed(level, replicas, shown, where, self.durability_timeout, events=True)
+        for (index, _, _), one in zip(planned, published, strict=True):
+            out[index] = one
+
     def _layouts_read(self, entries: Any) -> None:
         if self.layouts.loaded(entries):
             self.producer.forget_templates()
@@ -303,15 +325,7 @@ class Client(ClientBase):
             commands = [command for _, _, command in planned]
             send = functools.partial(_append, commands=commands, after=after, level=level)
             ids, replicas = self.backend.execute(slot, send)
-            published = [
-                Published(stream, partition, reply_text(event_id))
-                for (_, partition, _), event_id in zip(planned, ids, strict=True)
-            ]
-            where = self.backend.master_addr(slot)
-            shown = [p.id for p in published]
-            require_confirmed(level, replicas, shown, where, self.durability_timeout, events=True)
-            for (index, _, _), one in zip(planned, published, strict=True):
-                out[index] = one
+            self._published(stream, slot, planned, ids, (level, replicas), out)
         return [out[i] for i in range(len(out))]
 
     def layout(self, name: str) -> Layout | None:

@@ -22,12 +22,7 @@ from clusterq.slots import keyslot
 from clusterq.tools.devcluster import LocalCluster
 from clusterq.workflow import MAX_STEPS, WorkflowGone, WorkflowHandle, Workflows
 from tests.helpers import running_worker, wait_for
-
-QUEUES = ("images", "webhooks", "notifications")  # three masters on the cluster
-
-
-def spec(task_type: str, payload: Any = None, queue: str = "images", **options: Any) -> TaskSpec:
-    return TaskSpec(task_type, payload, {"queue": queue, **options})
+from tests.test_workflow import QUEUES, spec
 
 
 def _router(ran: Counter[str], seen: dict[str, Any]) -> Router:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from clusterq.admin import Admin
+from clusterq.admin import Admin, BulkResult
 from clusterq.cluster.backend import Backend
 from clusterq.slots import keyslot
 from clusterq.tools.bench_handlers import NOOP_TYPE
@@ -75,6 +76,18 @@ def _row(name: str, n: int, seconds: float, pings: list[float], note: str) -> Be
     )
 
 
+def _measured(
+    s: Session, queue: str, name: str, note: str, action: Callable[[Any], BulkResult]
+) -> BenchRow:
+    """Run ``action(progress)`` with the prober on; its row."""
+    with Prober(s.settings.url, s.settings.prefix, queue) as prober:
+        began = time.perf_counter()
+        result = action(lambda done, total: s.progress(f"purge: {name}", done, total))
+        took = time.perf_counter() - began
+        pings = list(prober.samples)
+    return _row(name, result.done, took, pings, note)
+
+
 def bench_purge(s: Session) -> list[BenchRow]:
     (queue,) = s.queues(1)
     n = s.settings.tasks
@@ -84,45 +97,22 @@ def bench_purge(s: Session) -> list[BenchRow]:
         items = [(NOOP_TYPE if (start + i) % 2 else OTHER_TYPE, None) for i in range(size)]
         s.client.enqueue_many(items, queue=queue)
         s.progress("purge: filling the queue", start + size, n)
-    rows = []
     with Admin(s.settings.url, prefix=s.settings.prefix, timeout=30.0) as admin:
-        with Prober(s.settings.url, s.settings.prefix, queue) as prober:
-            began = time.perf_counter()
-            by_type = admin.act_all(
-                "delete",
-                queue,
-                "pending",
-                task_type=OTHER_TYPE,
-                progress=lambda done, total: s.progress("purge: by type", done, total),
-            )
-            took = time.perf_counter() - began
-            pings = list(prober.samples)
-        rows.append(
-            _row(
-                "bulk delete by type",
-                by_type.done,
-                took,
-                pings,
-                f"every other task of {n} pending (the walk steps over the others)",
-            )
+        by_type = _measured(
+            s,
+            queue,
+            "bulk delete by type",
+            f"every other task of {n} pending (the walk steps over the others)",
+            lambda progress: admin.act_all(
+                "delete", queue, "pending", task_type=OTHER_TYPE, progress=progress
+            ),
         )
-        with Prober(s.settings.url, s.settings.prefix, queue) as prober:
-            began = time.perf_counter()
-            purged = admin.purge(
-                queue,
-                "pending",
-                progress=lambda done, total: s.progress("purge: the rest", done, total),
-            )
-            took = time.perf_counter() - began
-            pings = list(prober.samples)
-        rows.append(
-            _row(
-                "purge pending",
-                purged.done,
-                took,
-                pings,
-                f"the {n - half} left",
-            )
+        rest = _measured(
+            s,
+            queue,
+            "purge pending",
+            f"the {n - half} left",
+            lambda progress: admin.purge(queue, "pending", progress=progress),
         )
     s.drop([queue])
-    return rows
+    return [by_type, rest]
