@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from clusterq import Client, ConfigError, Event, Inspector, Router
+from clusterq import Client, ConfigError, Event, Inspector, Router, Worker
 from clusterq.cli import main
 from clusterq.errors import InvalidName
 from clusterq.serialization import PayloadError
@@ -26,7 +26,7 @@ from clusterq.streams import (
     trimmed_unread,
 )
 from clusterq.tools.devcluster import LocalCluster
-from tests.helpers import StartWorker, await_for, running_worker, wait_for
+from tests.helpers import FAST, StartWorker, await_for, running_worker, wait_for
 from tests.workload import read_events
 
 # ---------------------------------------------------------------------- pure functions
@@ -351,3 +351,58 @@ def test_a_foreign_entry_is_set_aside_once_and_the_partition_goes_on(
             )
 
     asyncio.run(scenario())
+
+
+@pytest.mark.both_servers
+def test_an_ordered_event_handled_again_after_its_owner_died_counts_its_deliveries(
+    standalone: Any, prefix: str
+) -> None:
+    """The owner of the partition takes the event and dies in its handler (its worker
+    aborted: no ack, no retry, its lease left to expire); the next owner handles it again
+    and sees ``deliveries == 2`` (it used to see 1: it could not tell a redelivery), then
+    3 on a retry in place: the group's delivery counter counts, not the local attempt."""
+    url = standalone.seed_url
+    first, second = Router(), Router()
+    seen: list[tuple[str, int]] = []
+    dying: list[asyncio.Event] = []
+
+    @first.consumer("orders", group="ship", ordered=True)
+    async def dies(event: Event) -> None:
+        seen.append(("first", event.deliveries))
+        dying.append(asyncio.Event())
+        await dying[0].wait()  # until the worker is being aborted
+        raise RuntimeError("killed mid-handler")
+
+    @second.consumer("orders", group="ship", ordered=True, max_deliveries=3)
+    async def ship(event: Event) -> None:
+        seen.append(("second", event.deliveries))
+        if len(seen) == 2:
+            raise RuntimeError("once more")
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client:
+            layout = client.declare_stream("orders", 1)
+            client.publish("orders", {"n": 1}, key="c1")
+            worker = Worker(url, first, prefix=prefix, name="w1", **FAST)
+            await worker.start()
+            try:
+                await await_for(lambda: dying, 30, "the first owner to take the event")
+            finally:
+                # abort waits for the handler: let it fail once nothing retries it
+                aborted = asyncio.create_task(worker.abort())
+                [consumer] = worker.consumers.running
+                await await_for(lambda: consumer.run_state.stopping, 10, "the abort")
+                if dying:
+                    dying[0].set()
+                await aborted
+            async with running_worker(url, second, prefix=prefix, name="w2"):
+                sk = client.keys.stream(layout.partitions[0])
+                await await_for(
+                    lambda: client.backend.call(sk.events, "XPENDING", sk.events, "ship")[0] == 0,
+                    60,
+                    "the second owner to handle and ack it",
+                )
+            assert client.backend.call(sk.dead, "XLEN", sk.dead) == 0
+
+    asyncio.run(scenario())
+    assert seen == [("first", 1), ("second", 2), ("second", 3)]

@@ -109,9 +109,14 @@ class OrderedConsumer(StreamConsumer):
             failures = 0
             if backlog and not entries:
                 backlog = False
+            try:
+                delivered = await self._delivered(index, entries) if backlog else {}
+            except Exception as exc:
+                failures = await self._unavailable(index, failures, exc)
+                continue
             for eid, fields in entries:
                 if not self._owned(index, token) or not await self._handle_in_order(
-                    index, token, eid, fields
+                    index, token, eid, fields, delivered.get(reply_text(eid), 1)
                 ):
                     backlog = True  # what is left of the batch is ours to read again first
                     break
@@ -149,16 +154,42 @@ class OrderedConsumer(StreamConsumer):
             await self.backend.execute(sk.slot, claim)
             moved += len(left)
 
-    async def _handle_in_order(self, index: int, token: str, event_id: Any, fields: Any) -> bool:
+    async def _delivered(self, index: int, entries: list[Any]) -> dict[str, int]:
+        """How many times the group delivered each of ``entries`` (read again from this
+        consumer's pending entries), by event id: a previous owner's deliveries count
+        (taken over with ``XCLAIM JUSTID``, which leaves the counter alone; reading them
+        again adds one)."""
+        if not entries:
+            return {}
+        sk = self.parts[index]
+        first, last = reply_text(entries[0][0]), reply_text(entries[-1][0])
+
+        async def pending(client: Any) -> Any:
+            return await client.xpending_range(
+                sk.events, self.group, min=first, max=last, count=len(entries),
+                consumername=self.name,
+            )  # fmt: skip
+
+        return {
+            reply_text(e["message_id"]): int(e["times_delivered"])
+            for e in await self.backend.execute(sk.slot, pending)
+        }
+
+    async def _handle_in_order(
+        self, index: int, token: str, event_id: Any, fields: Any, delivered: int
+    ) -> bool:
         """Handle one event until it succeeds (or is dead-lettered), then ack it with
-        ``token``; False when the partition is no longer ours."""
+        ``token``; False when the partition is no longer ours. ``delivered``: how many
+        times the group delivered it so far, this delivery included (each retry in place
+        is one more, as the handler sees it in ``Event.deliveries``)."""
         sk = self.parts[index]
         eid = reply_text(event_id)
         attempt = 1
-        while not await self._handle(index, event_id, fields, attempt):
-            if attempt >= self.spec.max_deliveries:
+        while not await self._handle(index, event_id, fields, delivered + attempt - 1):
+            deliveries = delivered + attempt - 1
+            if deliveries >= self.spec.max_deliveries:
                 reason = self._errors.pop(eid, None) or "no success"
-                await self._dead(index, eid, f"failed {attempt} times: {reason}")
+                await self._dead(index, eid, f"delivered {deliveries} times: {reason}")
                 return self.tokens.get(index) == token
             if not self._owned(index, token) or not self._running():
                 return False
