@@ -406,3 +406,64 @@ def test_an_ordered_event_handled_again_after_its_owner_died_counts_its_deliveri
 
     asyncio.run(scenario())
     assert seen == [("first", 1), ("second", 2), ("second", 3)]
+
+
+@pytest.mark.both_servers
+def test_a_stale_owners_ack_is_refused_and_the_event_stays_pending_for_the_new_owner(
+    standalone: Any, prefix: str, caplog: Any
+) -> None:
+    """While the owner of the partition is in its handler, its lease goes to another
+    consumer (here the test, through the same script), which takes the event over. The
+    old owner's ack, sent with its old token, is refused: the event stays pending for the
+    new owner, whose ack (with the current token) goes through."""
+    from clusterq.broker import stream as stream_script
+
+    url = standalone.seed_url
+    router = Router()
+    started: list[str] = []
+    finish = asyncio.Event()
+
+    @router.consumer("orders", group="ship", ordered=True)
+    async def ship(event: Event) -> None:
+        started.append(event.id)
+        await finish.wait()
+
+    def run(build: Any, sk: Any, *args: Any) -> Any:
+        keys, argv = build(sk, "ship", *args)
+        return client.backend.call(keys[0], "EVAL", stream_script.SCRIPT.source, len(keys),
+                                   *keys, *argv)  # fmt: skip
+
+    async def scenario() -> None:
+        layout = client.declare_stream("orders", 1)
+        sk = client.keys.stream(layout.partitions[0])
+        event = client.publish("orders", {"n": 1}, key="c1")
+        async with running_worker(url, router, prefix=prefix, name="w1") as worker:
+            await await_for(lambda: started == [event.id], 30, "the owner to take the event")
+            [consumer] = worker.consumers.running
+            [old] = consumer.tokens.values()
+            # the lease ends (as if the owner had been paused past it) and is taken over
+            client.backend.call(sk.owner("ship"), "DEL", sk.owner("ship"))
+            new = stream_script.text(run(stream_script.acquire, sk, "usurper", 60_000))
+            assert new is not None and new != old
+            client.backend.call(sk.events, "XCLAIM", sk.events, "ship", "usurper", 0, event.id,
+                                "JUSTID")  # fmt: skip
+            finish.set()  # the old owner's handler returns; it acks with its old token
+
+            def pending() -> Any:
+                return client.backend.call(sk.events, "XPENDING", sk.events, "ship", "-", "+", 10)
+
+            await await_for(
+                lambda: "not acked" in caplog.text or not pending(), 30, "the old owner's ack"
+            )
+            held = pending()
+            assert held, "the stale owner's ack was accepted"
+            [(eid, consumer_name, _, _)] = held
+            assert (eid.decode(), consumer_name) == (event.id, b"usurper")
+            assert run(stream_script.ack, sk, old, [event.id]) == -1  # refused again
+            assert run(stream_script.ack, sk, new, [event.id]) == 1  # the new owner's
+            assert pending() == []
+            assert started == [event.id]  # the old owner did not take it again
+            assert f"partition 0 was taken over; event {event.id} not acked" in caplog.text
+
+    with Client(url, prefix=prefix) as client:
+        asyncio.run(scenario())
