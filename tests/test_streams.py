@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,9 @@ from click.testing import CliRunner
 
 from clusterq import Client, ConfigError, Event, Inspector, Router, Worker
 from clusterq.cli import main
+from clusterq.cluster.topology import fetch
 from clusterq.errors import InvalidName
+from clusterq.keys import KeySchema
 from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
 from clusterq.streams import (
@@ -25,7 +29,7 @@ from clusterq.streams import (
     stream_layout,
     trimmed_unread,
 )
-from clusterq.tools.devcluster import LocalCluster
+from clusterq.tools.devcluster import HOST, LocalCluster
 from tests.helpers import FAST, StartWorker, await_for, running_worker, wait_for
 from tests.workload import read_events
 
@@ -467,3 +471,107 @@ def test_a_stale_owners_ack_is_refused_and_the_event_stays_pending_for_the_new_o
 
     with Client(url, prefix=prefix) as client:
         asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------- a master dies
+
+
+@pytest.mark.slow
+@pytest.mark.both_servers
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_dead_master_holds_up_only_its_own_partitions(
+    fresh_cluster: Callable[..., LocalCluster], prefix: str, how: str
+) -> None:
+    """A stream of 6 partitions over 3 masters, an unordered and an ordered group. The
+    master of two partitions is killed (-9) or frozen (SIGSTOP), and no replica may take
+    its place (``cluster-replica-no-failover``): it stays down while the test runs. Events
+    published to the other four partitions meanwhile are all handled by both groups. The
+    dead master also holds the ordered group's membership hash, so the ordered owner's
+    leases of the live partitions must not wait on it."""
+    cluster = fresh_cluster(["cluster-replica-no-failover yes"])
+    seeds = "redis://" + ",".join(f"{HOST}:{p}" for p in cluster.ports)
+    topology = cluster.topology()
+
+    def master_of(key: str) -> str:
+        shard = topology.shard_for_slot(keyslot(key))
+        assert shard is not None and shard.master is not None
+        return shard.master.addr
+
+    # a prefix whose stream declarations live apart from the membership hash (a producer
+    # reads the declarations again every few seconds: that master must stay up here)
+    keys = next(
+        k
+        for k in (KeySchema(f"{prefix}{n}") for n in range(100))
+        if master_of(k.streams) != master_of(k.stream_consumers("orders", "ship"))
+    )
+    victim = master_of(keys.stream_consumers("orders", "ship"))
+    seen: dict[str, set[int]] = defaultdict(set)
+    router = Router()
+
+    @router.consumer("orders", group="billing")
+    async def billing(event: Event) -> None:
+        seen["billing"].add(event.payload)
+
+    @router.consumer("orders", group="ship", ordered=True)
+    async def ship(event: Event) -> None:
+        seen["ship"].add(event.payload)
+
+    async def scenario() -> None:
+        with Client(seeds, prefix=keys.prefix) as client:
+            layout = client.declare_stream("orders", 6)
+            dead = {i for i, p in enumerate(layout.partitions) if master_of(p) == victim}
+            assert 0 < len(dead) < 6
+            live_keys = [k for k in (f"c{n}" for n in range(200)) if layout.pick(k) not in dead]
+            async with running_worker(seeds, router, prefix=keys.prefix, lease=2.0) as worker:
+                [ordered] = [c for c in worker.consumers.running if c.spec.ordered]
+                await await_for(lambda: len(ordered.tokens) == 6, 60, "the ordered owner")
+                before = client.publish_many("orders", [(n, f"c{n}") for n in range(60)])
+                assert {p.partition for p in before} == set(range(6))
+                for group in ("billing", "ship"):
+                    await await_for(lambda g=group: len(seen[g]) == 60, 60, f"{group}: all 60")
+
+                port = int(victim.rsplit(":", 1)[1])
+                cluster.kill_node(port, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+                killed = time.monotonic()
+                live = set(range(6)) - dead
+                try:
+                    for wave in (range(60, 210), range(210, 360)):
+                        after = client.publish_many(
+                            "orders", [(n, live_keys[n % len(live_keys)]) for n in wave]
+                        )
+                        assert {p.partition for p in after} <= live
+                        for group in ("billing", "ship"):
+                            await await_for(
+                                lambda g=group, w=wave: seen[g] >= set(w),
+                                120,
+                                f"{group}: the events of the live partitions",
+                            )
+                        # the second wave comes after any lease held at the kill would
+                        # have run out: the owner renews the live partitions' leases
+                        await await_for(
+                            lambda: all(
+                                ordered.valid_until.get(i, 0) > killed + 2 * ordered.lease
+                                for i in live
+                            ),
+                            120,
+                            "the live partitions' leases renewed",
+                        )
+                    # still down, and nothing took its place meanwhile
+                    if how == "kill":
+                        assert cluster.pid(port) is None
+                    other = next(p for p in cluster.ports if p != port)
+                    node = cluster.client(other)
+                    try:
+                        now = fetch(node, "cluster", (HOST, other))
+                    finally:
+                        node.close()
+                    shard = now.shard_for_slot(keyslot(layout.partitions[min(dead)]))
+                    assert shard is not None and shard.master is not None
+                    assert shard.master.addr == victim
+                finally:
+                    if how == "stop":
+                        cluster.kill_node(port, signal.SIGCONT)
+
+    asyncio.run(scenario())
+    for group in ("billing", "ship"):
+        assert seen[group] == set(range(360)), group

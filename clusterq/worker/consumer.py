@@ -4,17 +4,20 @@ One :class:`StreamConsumer` per ``stream:group`` the worker serves; the consumer
 in the group is the worker's id. Its loops (supervised like the fetch loops):
 
 - unordered: one read loop per partition (``XREADGROUP ... >`` with a bounded ``BLOCK``,
-  over the partition master's pooled connections, so a dead node holds up only its own
-  partitions); the events of a batch are handled concurrently and acked together. A
-  claim loop renews the idle time of events still being handled, and claims events that
-  stayed pending longer than the lease (their consumer died, or their handler failed):
-  ``XPENDING ... IDLE`` then ``XCLAIM``, so it knows each event's delivery count; an event
-  delivered ``max_deliveries`` times goes to the dead-letter stream.
+  over the partition master's pooled connections); the events of a batch are handled
+  concurrently and acked together. A claim loop per partition renews the idle time of
+  events still being handled, and claims events that stayed pending longer than the
+  lease (their consumer died, or their handler failed): ``XPENDING ... IDLE`` then
+  ``XCLAIM``, so it knows each event's delivery count; an event delivered
+  ``max_deliveries`` times goes to the dead-letter stream.
 - ordered (:class:`~clusterq.worker.ordered.OrderedConsumer`): one owner per partition
-  at a time, events handled one by one in stream order.
+  at a time, events handled one by one in stream order; a renewal loop per partition
+  keeps its lease.
 
-Both check the group's lag every few seconds and warn when trimming (``maxlen``) dropped
-events the group had not read yet.
+Both check the group's lag every few seconds (a loop of its own) and warn when trimming
+(``maxlen``) dropped events the group had not read yet. Every loop that talks to a
+partition's master is that partition's own, so a dead or frozen master holds up only
+its own partitions.
 """
 
 from __future__ import annotations
@@ -116,9 +119,15 @@ class StreamConsumer:
         """Read and handle the events of partition ``index`` until the worker stops."""
         raise NotImplementedError
 
-    async def side_loop(self) -> None:
-        """The consumer's other loop (claims, or membership and leases)."""
+    async def partition_side_loop(self, index: int) -> None:
+        """What else partition ``index`` needs (claims, or its lease's renewals)."""
         raise NotImplementedError
+
+    async def side_loop(self) -> None:
+        """The consumer's loop that is no partition's: the lag checks (and membership)."""
+        while self._running():
+            await self._check_lag()
+            await asyncio.sleep(self.lease / 4)
 
     # ------------------------------------------------------------------ start and stop
 
@@ -152,6 +161,8 @@ class StreamConsumer:
         for index in range(len(self.parts)):
             loop = functools.partial(self.partition_loop, index)
             supervise(f"fetch:stream:{self.label}:{index}", loop, running)
+            side = functools.partial(self.partition_side_loop, index)
+            supervise(f"stream:{self.label}:side:{index}", side, running)
         supervise(f"stream:{self.label}:side", self.side_loop, running)
         self.layout = layout
         log.info(
@@ -339,18 +350,16 @@ class UnorderedConsumer(StreamConsumer):
         if done:
             await self._script(self.parts[index], stream_script.ack, None, done)
 
-    async def side_loop(self) -> None:
+    async def partition_side_loop(self, index: int) -> None:
         while self._running():
             await asyncio.sleep(self.lease / 2)
-            for index in range(len(self.parts)):
-                if not self._running():
-                    return
-                try:
-                    await self._renew_inflight(index)
-                    await self._claim(index)
-                except Exception as exc:
-                    log.warning("%s: claim on partition %d failed: %s", self.label, index, exc)
-            await self._check_lag()
+            if not self._running():
+                return
+            try:
+                await self._renew_inflight(index)
+                await self._claim(index)
+            except Exception as exc:
+                log.warning("%s: claim on partition %d failed: %s", self.label, index, exc)
 
     async def _renew_inflight(self, index: int) -> None:
         """Reset the idle time of events still being handled (so nobody claims them)."""

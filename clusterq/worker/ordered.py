@@ -1,9 +1,11 @@
 """Ordered stream consumption: one owner per partition and group at a time (see
 :mod:`clusterq.worker.consumer` for the shared parts).
 
-A membership loop keeps this consumer listed in the group's member hash, renews its
-partition leases and works out which partitions are its own (partition i goes to the
-i-th live member, in name order). One loop per partition acquires the partition's lease
+A membership loop keeps this consumer listed in the group's member hash and works out
+which partitions are its own (partition i goes to the i-th live member, in name order);
+while that hash's master is unreachable the partitions stay as they were. Each held
+lease is renewed by a loop of its partition's own (a dead master holds up only the
+leases it holds). One loop per partition acquires the partition's lease
 when it is this consumer's, takes over the events the previous owner left pending, then
 handles events one at a time in stream order, each acked with the lease's fencing token
 (refused once another consumer owns the partition). A failing event is tried again in
@@ -33,16 +35,55 @@ class OrderedConsumer(StreamConsumer):
     """Events with the same key handled one at a time, in publish order."""
 
     async def side_loop(self) -> None:
+        """Membership rounds, and beside them (a slow partition's lag check must not
+        delay them) the lag checks."""
+        loops = [asyncio.ensure_future(self._membership_loop()),
+                 asyncio.ensure_future(super().side_loop())]  # fmt: skip
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            for loop in loops:
+                loop.cancel()
+
+    async def _membership_loop(self) -> None:
         while self._running():
             try:
                 await self._rebalance()
             except Exception as exc:
                 log.warning("%s: membership round failed: %s", self.label, exc)
-            await self._check_lag()
             await asyncio.sleep(self.lease / 4)
 
+    async def partition_side_loop(self, index: int) -> None:
+        """Renew partition ``index``'s lease while this consumer holds it."""
+        failing = False
+        while self._running():
+            token = self.tokens.get(index)
+            if token is not None:
+                try:
+                    await self._renew(index, token)
+                    if failing:
+                        log.info("%s: lease of partition %d renewed again", self.label, index)
+                    failing = False
+                except Exception as exc:
+                    if not failing:
+                        log.warning("%s: cannot renew the lease of partition %d: %s",
+                                    self.label, index, exc)  # fmt: skip
+                    failing = True
+            await asyncio.sleep(self.lease / 4)
+
+    async def _renew(self, index: int, token: str) -> None:
+        sent = time.monotonic()
+        renewed = await self._script(self.parts[index], stream_script.renew, token, self.lease_ms)
+        if self.tokens.get(index) != token:
+            return  # released or replaced meanwhile
+        if int(renewed):
+            self.valid_until[index] = sent + self.lease * SAFE_SHARE
+        else:
+            log.warning("%s: lost partition %d (token %s)", self.label, index, token)
+            self.tokens.pop(index, None)
+
     async def _rebalance(self) -> None:
-        """List ourselves, read the live members, work out our partitions, renew leases."""
+        """List ourselves, read the live members, work out our partitions."""
         key, now = self.members_key, int(time.time() * 1000)
         until, lease_ms = now + self.lease_ms, self.lease_ms
 
@@ -60,14 +101,6 @@ class OrderedConsumer(StreamConsumer):
             await self.backend.execute_key(key, lambda c: c.hdel(key, *gone))
         me = live.index(self.name) if self.name in live else 0
         self.assigned = {i for i in range(len(self.parts)) if i % max(1, len(live)) == me}
-        for index, token in list(self.tokens.items()):
-            sent = time.monotonic()
-            renewed = await self._script(self.parts[index], stream_script.renew, token, lease_ms)
-            if int(renewed):
-                self.valid_until[index] = sent + self.lease * SAFE_SHARE
-            else:
-                log.warning("%s: lost partition %d (token %s)", self.label, index, token)
-                self.tokens.pop(index, None)
 
     async def partition_loop(self, index: int) -> None:
         sk = self.parts[index]
