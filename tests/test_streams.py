@@ -119,6 +119,17 @@ def _recording_router(seen: dict[str, list[tuple[str, str, str | None, int]]]) -
     return router
 
 
+def settled(client: Client, layout: Any, groups: tuple[str, ...], *workers: Any) -> bool:
+    """Whether no event of ``groups`` is pending on any partition (read from the
+    streams) and no handler of ``workers`` runs: no event can be handled again."""
+    for name in layout.partitions:
+        sk = client.keys.stream(name)
+        for group in groups:
+            if client.backend.call(sk.events, "XPENDING", sk.events, group)[0]:
+                return False
+    return not any(ids for w in workers for c in w.consumers.running for ids in c.inflight)
+
+
 def current_worker_name() -> str:
     from clusterq import current_worker
 
@@ -157,7 +168,12 @@ def test_3000_events_two_groups_of_two_each_handle_all_exactly_once(url: str, pr
                     60,
                     "every group to handle every event",
                 )
-                await asyncio.sleep(0.2)  # anything handled twice would show up now
+                # once every event is acked and no handler runs, none can run again
+                await await_for(
+                    lambda: settled(client, layout, ("billing", "audit", "ship"), w1, w2),
+                    60,
+                    "every event acked, no handler running",
+                )
             assert len(layout.partitions) == 6
 
     asyncio.run(scenario())
@@ -227,8 +243,8 @@ def test_a_failing_event_goes_to_the_dead_letters(standalone: Any, prefix: str) 
 def test_trimming_past_a_group_is_reported(standalone: Any, prefix: str, caplog: Any) -> None:
     url = standalone.seed_url
     router = Router()
-    handled: list[str] = []
-    router.consumer("orders", group="slow")(lambda event: handled.append(event.id))
+    handled: list[int] = []
+    router.consumer("orders", group="slow")(lambda event: handled.append(event.payload["seq"]))
 
     async def scenario() -> None:
         with Client(url, prefix=prefix) as client:
@@ -236,19 +252,25 @@ def test_trimming_past_a_group_is_reported(standalone: Any, prefix: str, caplog:
             sk = client.keys.stream(layout.partitions[0])
             client.backend.call(sk.events, "XGROUP", "CREATE", sk.events, "slow", "0", "MKSTREAM")
             client.publish_many("orders", [({"seq": n}, None) for n in range(1000)])
+            held = int(client.backend.call(sk.events, "XLEN", sk.events))  # the newest ones
+            assert 0 < held < 1000
             with Inspector(url, prefix=prefix) as inspector:
                 [part] = inspector.streams(["orders"])
             [group] = part.groups
-            assert part.length < 1000 and group.trimmed_unread == 1000 - part.length
+            assert part.length == held and group.trimmed_unread == 1000 - held
             import clusterq.worker.consumer as consumer
 
             consumer.LAG_CHECK_INTERVAL = 0.0
             try:
                 async with running_worker(url, router, prefix=prefix) as worker:
+                    await await_for(lambda: len(handled) >= held, 30, "the events still held")
                     await await_for(lambda: worker.consumers.stats.trimmed_unread > 0, 10, "lag")
             finally:
                 consumer.LAG_CHECK_INTERVAL = 5.0
-            assert worker.consumers.stats.trimmed_unread == group.trimmed_unread
+            # the handlers saw the newest events, each once; the others were never read,
+            # and that is what the worker counted
+            assert sorted(handled) == list(range(1000 - held, 1000))
+            assert worker.consumers.stats.trimmed_unread == 1000 - len(handled)
             assert "were trimmed before the group read them" in caplog.text
             assert "the group lags 100 events behind on partition 0" in caplog.text
 
@@ -316,16 +338,16 @@ def test_kill_9_of_a_consumer_mid_run_loses_nothing_and_keeps_order(
             90,
             f"{group} to finish",
         )
-    time.sleep(0.5)
+    with Client(url, prefix=prefix) as client:
+        layout = client.stream_layout("orders")
+        # the survivor acks what it took over (the order is checked on what ran)
+        wait_for(lambda: settled(client, layout, ("billing", "ship")), 60, "every event acked")
     order: dict[str, list[int]] = defaultdict(list)
     for _, key, seq in handled("ship"):
         if seq not in order[key]:  # at least once: a taken-over event may run again
             order[key].append(seq)
     assert all(seqs == sorted(seqs) for seqs in order.values())
     assert sum(len(v) for v in order.values()) == 3000
-    with Inspector(url, prefix=prefix) as inspector:
-        parts = inspector.streams(["orders"])
-    assert all(g.pending == 0 for p in parts for g in p.groups if g.group == "billing")
 
 
 def test_a_foreign_entry_is_set_aside_once_and_the_partition_goes_on(
