@@ -383,32 +383,35 @@ def test_a_foreign_entry_is_set_aside_once_and_the_partition_goes_on(
 def test_an_ordered_event_handled_again_after_its_owner_died_counts_its_deliveries(
     standalone: Any, prefix: str
 ) -> None:
-    """The owner of the partition takes the event and dies in its handler (its worker
-    aborted: no ack, no retry, its lease left to expire); the next owner handles it again
-    and sees ``deliveries == 2`` (it used to see 1: it could not tell a redelivery), then
-    3 on a retry in place: the group's delivery counter counts, not the local attempt."""
+    """The owner of the partition reads two events and dies in the first one's handler
+    (its worker aborted: no ack, no retry, its lease left to expire); the next owner
+    handles the first again and sees ``deliveries == 2`` (it used to see 1: it could not
+    tell a redelivery), then 3 on a retry in place. The second, which always fails, is
+    dead-lettered once delivered ``max_deliveries`` (3) times in all, the dead owner's
+    delivery included: the group's delivery counter counts, not the local attempt."""
     url = standalone.seed_url
     first, second = Router(), Router()
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, int]] = []
     dying: list[asyncio.Event] = []
 
     @first.consumer("orders", group="ship", ordered=True)
     async def dies(event: Event) -> None:
-        seen.append(("first", event.deliveries))
+        seen.append(("first", event.payload, event.deliveries))
         dying.append(asyncio.Event())
         await dying[0].wait()  # until the worker is being aborted
         raise RuntimeError("killed mid-handler")
 
     @second.consumer("orders", group="ship", ordered=True, max_deliveries=3)
     async def ship(event: Event) -> None:
-        seen.append(("second", event.deliveries))
-        if len(seen) == 2:
-            raise RuntimeError("once more")
+        seen.append(("second", event.payload, event.deliveries))
+        if len(seen) == 2 or event.payload == 2:
+            raise RuntimeError("cannot ship")
 
     async def scenario() -> None:
         with Client(url, prefix=prefix) as client:
             layout = client.declare_stream("orders", 1)
-            client.publish("orders", {"n": 1}, key="c1")
+            sk = client.keys.stream(layout.partitions[0])
+            client.publish_many("orders", [(1, "c1"), (2, "c1")])
             worker = Worker(url, first, prefix=prefix, name="w1", **FAST)
             await worker.start()
             try:
@@ -421,17 +424,26 @@ def test_an_ordered_event_handled_again_after_its_owner_died_counts_its_deliveri
                 if dying:
                     dying[0].set()
                 await aborted
+            assert client.backend.call(sk.events, "XPENDING", sk.events, "ship")[0] == 2
             async with running_worker(url, second, prefix=prefix, name="w2"):
-                sk = client.keys.stream(layout.partitions[0])
                 await await_for(
                     lambda: client.backend.call(sk.events, "XPENDING", sk.events, "ship")[0] == 0,
                     60,
-                    "the second owner to handle and ack it",
+                    "the second owner to settle both",
                 )
-            assert client.backend.call(sk.dead, "XLEN", sk.dead) == 0
+            [(_, fields)] = client.backend.call(sk.dead, "XRANGE", sk.dead, "-", "+")
+            record = dict(zip(fields[::2], fields[1::2], strict=True))
+            assert json.loads(record[b"d"]) == 2
+            assert record[b"reason"].startswith(b"delivered 3 times: RuntimeError: cannot ship")
 
     asyncio.run(scenario())
-    assert seen == [("first", 1), ("second", 2), ("second", 3)]
+    assert seen == [
+        ("first", 1, 1),
+        ("second", 1, 2),
+        ("second", 1, 3),
+        ("second", 2, 2),
+        ("second", 2, 3),
+    ]
 
 
 @pytest.mark.both_servers
