@@ -83,8 +83,9 @@ class Router:
         (``def handle(event: Event)``, plain or ``async``); see :mod:`clusterq.streams`.
 
         ``ordered``: events with the same key are handled one at a time in publish
-        order (each partition has one owner in the group at a time). An event that
-        fails ``max_deliveries`` times goes to the partition's dead-letter stream."""
+        order (each partition has one owner in the group at a time). An event delivered
+        ``max_deliveries`` times without success (deliveries to consumers that died
+        count) goes to the partition's dead-letter stream."""
         validate_queue_name(stream)
         validate_group(group)
         if (

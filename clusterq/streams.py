@@ -137,7 +137,9 @@ class Event:
     id: str
     key: str | None
     payload: Any
-    #: The consumer group handling it, and how many times it was delivered (1 the first).
+    #: The consumer group handling it, and how many times the group delivered it: 1 the
+    #: first time; more on a retry, or when a consumer that died had it (ordered groups
+    #: too: the stream's delivery counter of the event, plus retries in place).
     group: str
     deliveries: int = 1
 
