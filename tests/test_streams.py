@@ -609,3 +609,50 @@ def test_a_dead_master_holds_up_only_its_own_partitions(
     asyncio.run(scenario())
     for group in ("billing", "ship"):
         assert seen[group] == set(range(360)), group
+
+
+def test_the_consumers_of_workers_gone_are_removed_from_the_group(
+    standalone: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker start adds a consumer to every partition's group: those of workers no
+    longer alive are removed once idle (here at once) and holding nothing pending. One
+    that still holds an event keeps it until a live consumer claimed it (it is handled,
+    not lost); then it goes too. The live worker's own consumer stays (where the server
+    made one: a read that returns nothing makes none)."""
+    import clusterq.worker.consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "FORGET_AFTER", 0.0)
+    monkeypatch.setattr(consumer_module, "FORGET_CHECK_INTERVAL", 0.0)
+    url = standalone.seed_url
+    node = standalone.client()
+    seen: list[Any] = []
+    router = Router()
+
+    @router.consumer("orders", group="billing")
+    def bill(event: Event) -> None:
+        seen.append(event.payload)
+
+    with Client(url, prefix=prefix) as client:
+        layout = client.declare_stream("orders", 2)
+        events = [client.keys.stream(p).events for p in layout.partitions]
+        for key in events:
+            node.xgroup_create(key, "billing", id="0", mkstream=True)
+            node.xreadgroup("billing", "gone-idle", {key: ">"}, count=1)  # nothing yet
+        client.publish("orders", {"held": True}, key="k")
+        holding = next(k for k in events if node.xlen(k))
+        node.xreadgroup("billing", "gone-holding", {holding: ">"}, count=1)
+
+    def consumers(key: str) -> set[str]:
+        return {c["name"].decode() for c in node.xinfo_consumers(key, "billing")}
+
+    async def scenario() -> None:
+        async with running_worker(url, router, prefix=prefix, name="alive", lease=1.0):
+            await await_for(
+                lambda: all(consumers(k) <= {"alive"} for k in events),
+                60,
+                "the gone consumers to be removed",
+            )
+
+    asyncio.run(scenario())
+    assert seen == [{"held": True}]  # the event the gone consumer held was handled
+    assert all(node.xpending(k, "billing")["pending"] == 0 for k in events)

@@ -6,6 +6,9 @@
 --   ack      KEYS events, owner; ARGV group, token ('' for unordered), ids... -> acked, or
 --            -1 when the token no longer owns the partition (nothing acked)
 --   dead     KEYS events, dead; ARGV group, id, reason, dead maxlen -> 1 when moved
+--   forget   KEYS events; ARGV group, idle ms, names... -> the names removed from the group:
+--            those (of workers no longer alive) holding nothing pending and idle that long
+--            (checked and removed in one step: a pending entry is never dropped)
 local op = ARGV[1]
 if op == 'acquire' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return false end
@@ -41,5 +44,21 @@ elseif op == 'dead' then
   end
   redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
   return #entries
+end
+if op == 'forget' then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+  local gone = {}
+  for i = 4, #ARGV do gone[ARGV[i]] = true end
+  local removed = {}
+  for _, entry in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[2])) do
+    local info = {}
+    for j = 1, #entry, 2 do info[entry[j]] = entry[j + 1] end
+    if gone[info['name']] and tonumber(info['pending']) == 0
+        and tonumber(info['idle']) >= tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[2], info['name'])
+      removed[#removed + 1] = info['name']
+    end
+  end
+  return removed
 end
 return redis.error_reply('ERR unknown stream operation ' .. tostring(op))

@@ -39,6 +39,14 @@ def dead(sk: StreamKeys, group: str, event_id: str, reason: str) -> tuple[list[s
     return [sk.events, sk.dead], ["dead", group, event_id, reason[:2000], DEAD_MAXLEN]
 
 
+def forget(
+    sk: StreamKeys, group: str, idle_ms: int, names: Sequence[str]
+) -> tuple[list[str], list[Any]]:
+    """Remove from ``group`` those of ``names`` (consumers of workers no longer alive)
+    that hold nothing pending and were idle ``idle_ms``."""
+    return [sk.events], ["forget", group, idle_ms, *names]
+
+
 def text(reply: Any) -> str | None:
     if reply is None or reply is False:
         return None

@@ -40,6 +40,7 @@ from clusterq.keys import StreamKeys
 from clusterq.partitions import LAYOUT_TTL
 from clusterq.serialization import reply_text
 from clusterq.streams import ConsumerSpec, Event, StreamLayout, decode_event, trimmed_unread
+from clusterq.worker.announce import parse_announcements
 from clusterq.worker.state import RunState
 from clusterq.worker.supervise import LoopFactory
 
@@ -53,6 +54,10 @@ LAG_CHECK_INTERVAL = 5.0
 RISK = 0.9
 #: Events a read or a claim takes at once.
 BATCH = 50
+#: Seconds a consumer of a worker no longer alive stays in a group (holding nothing
+#: pending) before it is removed; and seconds between the looks for such consumers.
+FORGET_AFTER = 3600.0
+FORGET_CHECK_INTERVAL = 60.0
 
 
 @dataclass
@@ -102,6 +107,7 @@ class StreamConsumer:
         self._at_risk: set[int] = set()
         self.maxlen: int | None = None
         self._lag_checked = 0.0
+        self._forget_checked = 0.0
         self._stopped = False
 
     @property
@@ -127,6 +133,7 @@ class StreamConsumer:
         """The consumer's loop that is no partition's: the lag checks (and membership)."""
         while self._running():
             await self._check_lag()
+            await self._forget_gone()
             await asyncio.sleep(self.lease / 4)
 
     # ------------------------------------------------------------------ start and stop
@@ -277,6 +284,46 @@ class StreamConsumer:
         return list(reply[0][1]) if reply else []
 
     # ------------------------------------------------------------------ lag
+
+    async def _forget_gone(self) -> None:
+        """Remove from the group, on every partition, the consumers of workers that are
+        no longer alive (no announcement), once they hold nothing pending and have been
+        idle :data:`FORGET_AFTER` (each worker start adds one; nothing else removes them)."""
+        now = time.monotonic()
+        if now - self._forget_checked < FORGET_CHECK_INTERVAL:
+            return
+        self._forget_checked = now
+        try:
+            workers = self.backend.keys.workers
+            entries = await self.backend.execute_key(workers, lambda c: c.hgetall(workers))
+        except Exception as exc:
+            log.debug("%s: live workers not read (%s): no consumer forgotten", self.label, exc)
+            return
+        alive = {w.id for w in parse_announcements(entries)} | {self.name}
+        idle_ms = int(FORGET_AFTER * 1000)
+        for sk in self.parts:
+            try:
+                gone = await self._gone_consumers(sk, alive, idle_ms)
+                if gone:
+                    removed = await self._script(sk, stream_script.forget, idle_ms, gone)
+                    for name in removed or []:
+                        log.info("%s: consumer %s (gone) removed from the group", self.label,
+                                 reply_text(name))  # fmt: skip
+            except Exception as exc:
+                log.debug("%s: gone consumers of %s not removed: %s", self.label, sk.events, exc)
+
+    async def _gone_consumers(self, sk: StreamKeys, alive: set[str], idle_ms: int) -> list[str]:
+        async def read(client: Any) -> Any:
+            return await client.xinfo_consumers(sk.events, self.group)
+
+        consumers = await self.backend.execute(sk.slot, read)
+        out = []
+        for consumer in consumers:
+            name = reply_text(consumer.get("name"))
+            pending, idle = int(consumer.get("pending", 0)), int(consumer.get("idle", 0))
+            if name not in alive and pending == 0 and idle >= idle_ms:
+                out.append(name)
+        return out
 
     async def _check_lag(self) -> None:
         """Warn when trimming dropped events this group had not read yet."""
