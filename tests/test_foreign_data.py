@@ -29,7 +29,7 @@ from clusterq.errors import ClusterqError, ForeignData
 from clusterq.keys import QueueKeys
 from clusterq.metrics import ClusterCollector
 from clusterq.tools.devcluster import LocalServer
-from tests.helpers import FAST, await_for
+from tests.helpers import FAST, await_for, running_worker
 
 QUEUE = "victim"
 OTHER = "bystander"
@@ -317,3 +317,72 @@ def test_foreign_data_in_any_key_loses_no_task_and_blinds_no_view(
     asyncio.run(_run_worker(url, prefix, handled, len(accepted) + 1))
     _check_states(r, qk, accepted, damage)
     _check_views(url, prefix, qk, damage)
+
+
+def test_a_recovery_that_keeps_failing_is_said_at_warning_naming_the_key(
+    standalone: LocalServer, prefix: str, caplog: Any
+) -> None:
+    """Tasks held by a worker that died (expired leases), and the queue's ``done`` key a
+    string: every sweep is refused. The worker says so at WARNING, with the reason
+    naming the key, once (rate-limited) — not at DEBUG, where it went unnoticed."""
+    from clusterq.task import record_meta, with_enqueued
+    from tests.helpers import write_raw_records
+
+    url = standalone.seed_url
+    record = with_enqueued(record_meta("ok"), int(time.time() * 1000)) + b"1"
+    write_raw_records(url, prefix, QUEUE, {f"held{n}": record for n in range(5)}, active=True)
+    with Client(url, prefix=prefix) as client:
+        qk = client.keys.queue(QUEUE)
+    standalone.client().set(qk.done, "foreign")
+
+    def said() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelname == "WARNING" and "keeps failing" in r.getMessage()
+        ]
+
+    async def scenario() -> None:
+        worker = Worker(url, _router({}), queues=[QUEUE], prefix=prefix, **FAST)
+        await worker.start()
+        try:
+            await await_for(lambda: said(), 60, "a warning that the sweep keeps failing")
+            start = worker.stats.sweeps
+            await await_for(lambda: worker.stats.sweeps >= start + 10, 60, "more sweeps")
+        finally:
+            await worker.stop()
+
+    with caplog.at_level("DEBUG", logger="clusterq.worker"):
+        asyncio.run(scenario())
+    [message] = said()  # once: rate-limited, however many sweeps failed
+    assert QUEUE in message and qk.done in message
+
+
+def test_a_payload_nested_too_deeply_to_read_is_archived_at_once(
+    standalone: LocalServer, prefix: str
+) -> None:
+    """A payload deeper than the worker's decoder can go (a producer with more stack to
+    spare wrote it): archived at once as unreadable, with the reason, no retry spent."""
+    from clusterq.task import record_meta, with_enqueued
+    from tests.helpers import write_raw_records
+
+    url = standalone.seed_url
+    deep = b"[" * 100_000 + b"]" * 100_000
+    record = with_enqueued(record_meta("ok"), int(time.time() * 1000)) + deep
+    write_raw_records(url, prefix, QUEUE, {"deep": record}, active=False)
+    handled: dict[str, int] = {}
+
+    async def scenario() -> None:
+        async with running_worker(url, _router(handled), queues=[QUEUE], prefix=prefix):
+            with Client(url, prefix=prefix) as client:
+                await await_for(
+                    lambda: client.info("deep", queue=QUEUE).state.value == "archived",
+                    60,
+                    "the task to be archived",
+                )
+
+    asyncio.run(scenario())
+    with Client(url, prefix=prefix) as client:
+        info = client.info("deep", queue=QUEUE)
+    assert info.retried == 0 and "nested too deeply" in (info.last_error or "")
+    assert handled == {}
