@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from clusterq import Client, Router, SkipRetry, Task, TaskSpec, WorkflowFailed, chain, chord, group
+from clusterq import Client, Router, Task, TaskSpec, WorkflowFailed, chain, chord, group
 from clusterq.cli import main
 from clusterq.errors import ClusterqError, DurabilityError
 from clusterq.slots import keyslot
@@ -23,21 +23,12 @@ from clusterq.tools.devcluster import LocalCluster
 from clusterq.workflow import MAX_STEPS, WorkflowGone, WorkflowHandle, Workflows
 from tests.helpers import running_worker, wait_for
 from tests.test_workflow import QUEUES, spec
+from tests.test_workflow import _router as workflow_router
 
 
 def _router(ran: Counter[str], seen: dict[str, Any]) -> Router:
-    router = Router()
-
-    @router.task("value")
-    async def value(task: Task) -> Any:
-        ran[task.id] += 1
-        return task.payload
-
-    @router.task("add")
-    async def add(task: Task) -> int:
-        ran[task.id] += 1
-        seen[task.id] = task.parent_results
-        return sum(task.parent_results or []) + int(task.payload or 0)
+    """test_workflow's handlers (value, add, bad, errors), and big and count."""
+    router = workflow_router(ran, seen)
 
     @router.task("big")
     async def big(task: Task) -> str:
@@ -49,11 +40,6 @@ def _router(ran: Counter[str], seen: dict[str, Any]) -> Router:
         ran[task.id] += 1
         seen[task.id] = task.parent_results
         return len(task.parent_results or [])
-
-    @router.task("bad")
-    async def bad(task: Task) -> None:
-        ran[task.id] += 1
-        raise SkipRetry("broken step")
 
     return router
 
