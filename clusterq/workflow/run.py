@@ -227,6 +227,11 @@ class ReadyBatch:
     by_slot: dict[int, list[tuple[str, PreparedEnqueue]]]
     bad: list[tuple[str, str]]
 
+    @property
+    def step_ids(self) -> list[str]:
+        """The steps to enqueue (every slot's)."""
+        return [step_id for steps in self.by_slot.values() for step_id, _ in steps]
+
 
 def prepare_ready(
     client: Any, workflow_id: str, ready: list[Ready], level: Durability
@@ -324,9 +329,9 @@ class Workflows:
                 except DurabilityError:
                     if c.required:
                         raise
-                ids = [step_id for step_id, _ in steps]
-                for args in wf_script.enqueued_calls(ids):
-                    self._state(workflow_id, args, "enqueue mark", level)
+            # one mark for the steps of every slot (fewer calls to the workflow's master)
+            for args in wf_script.enqueued_calls(batch.step_ids):
+                self._state(workflow_id, args, "enqueue mark", level)
 
     def info(self, handle: WorkflowHandle | str) -> WorkflowInfo:
         workflow_id = handle.id if isinstance(handle, WorkflowHandle) else handle
@@ -403,9 +408,9 @@ class AsyncWorkflows:
                 except DurabilityError:
                     if c.required:
                         raise
-                ids = [step_id for step_id, _ in steps]
-                for args in wf_script.enqueued_calls(ids):
-                    await self._state(workflow_id, args, "enqueue mark", level)
+            # one mark for the steps of every slot (fewer calls to the workflow's master)
+            for args in wf_script.enqueued_calls(batch.step_ids):
+                await self._state(workflow_id, args, "enqueue mark", level)
 
     async def step_done(
         self, workflow_id: str, step_id: str, result: bytes, level: Durability = "none"
