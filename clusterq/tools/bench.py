@@ -43,7 +43,9 @@ from collections.abc import Callable, Sequence
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import RedisURL
 from clusterq.errors import ClusterqError, ConfigError
+from clusterq.producer import new_task_id
 from clusterq.slots import keyslot
+from clusterq.task import TaskInfo
 from clusterq.tools.bench_handlers import (
     INCR_REDIS_PY_TYPE,
     INCR_TYPE,
@@ -77,17 +79,52 @@ def _server_version(backend: Backend) -> str:
 
 
 def bench_enqueue(s: Session) -> BenchRow:
+    """One ``Client.enqueue`` per task, and in turns of 500 with it, on the same node
+    client, the raw round trip of its writes (``MULTI HSET LPUSH EXEC``, a record of the
+    same size, ids drawn beforehand): ``vs_raw`` is the enqueue's mean over that one's."""
     queues = s.queues()
     n = s.settings.tasks
     payload = {"run": s.run_id}
     enqueue = s.client.enqueue
-    for queue in queues:  # connections, script cache, registry: not part of the figure
-        enqueue(NOOP_TYPE, payload, queue=queue)
-    row = _timed_calls(
-        s, "enqueue", n, lambda i: enqueue(NOOP_TYPE, payload, queue=queues[i % len(queues)])
-    )
+    # connections, script cache, registry: not part of the figure
+    raws = [_raw_enqueue(s, enqueue(NOOP_TYPE, payload, queue=queue)) for queue in queues]
+    ids = [new_task_id() for _ in range(n)]
+    times: list[float] = []
+    raw_times: list[float] = []
+    clock = time.perf_counter
+    for start in range(0, n, 500):
+        for i in range(start, min(n, start + 500)):
+            t0 = clock()
+            enqueue(NOOP_TYPE, payload, queue=queues[i % len(queues)])
+            times.append(clock() - t0)
+        for i in range(start, min(n, start + 500)):
+            t0 = clock()
+            raws[i % len(raws)](ids[i])
+            raw_times.append(clock() - t0)
+        s.progress("enqueue", len(times), n)
     s.drop(queues)
+    seconds, mean, raw_mean = sum(times), statistics.fmean(times), statistics.fmean(raw_times)
+    row = BenchRow("enqueue", n, round(seconds, 3), n / seconds, *ms_percentiles(times))
+    row.extra.update(
+        mean_ms=round(mean * 1000, 4),
+        raw_mean_ms=round(raw_mean * 1000, 4),
+        vs_raw=round(mean / raw_mean, 3),
+    )
+    row.note = (
+        f"mean {mean * 1e6:.1f} µs, {mean / raw_mean:.2f}x the raw MULTI HSET LPUSH EXEC "
+        f"round trip ({raw_mean * 1e6:.1f} µs) in turns with it"
+    )
     return row
+
+
+def _raw_enqueue(s: Session, first: TaskInfo) -> Callable[[str], object]:
+    """What an enqueue into ``first``'s queue writes, sent raw (its record's bytes)."""
+    qk = s.keys.queue(first.queue)
+    node = s.backend.node(s.backend.master_addr(qk.slot))
+    record = node.fast("HGET", qk.tasks, first.id)
+    return lambda task_id: node.fast_pipeline(
+        [("MULTI",), ("HSET", qk.tasks, task_id, record), ("LPUSH", qk.pending, task_id), ("EXEC",)]
+    )
 
 
 def _timed_calls(s: Session, label: str, n: int, call: Callable[[int], object]) -> BenchRow:
