@@ -2,9 +2,12 @@
 middleware with its timeout or deadline, and hand the outcome to
 :class:`~clusterq.worker.outcomes.Outcomes`.
 
-An ``async def`` handler past its timeout is cancelled. A plain function runs in a
-thread and cannot be interrupted: it is abandoned (its result ignored), the attempt
-counts as failed, and its concurrency slot stays taken until the function returns.
+An ``async def`` handler past its timeout is cancelled. A plain function runs in one of
+the worker's handler threads (:mod:`clusterq.worker.threads`) and cannot be interrupted:
+it is abandoned (its result ignored; :attr:`Runner.abandoned` says since when), the
+attempt counts as failed, and its concurrency slot stays taken until the function
+returns. With ``hard_timeout`` set (:class:`~clusterq.worker.state.WorkerSettings`), a
+plain function's attempt whose task has no timeout of its own gets that one.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from clusterq.cluster.backend import Backend
 from clusterq.priority import Capacity
 from clusterq.retry import RetryIn, SkipRetry
 from clusterq.router import CallNext, Handler, Router, is_async
@@ -29,8 +32,10 @@ from clusterq.serialization import (
     too_large,
 )
 from clusterq.task import Record, Task
+from clusterq.worker.blocking import BlockingBackend
 from clusterq.worker.outcomes import Outcomes
 from clusterq.worker.state import Outcome, QueueState, WorkerSettings
+from clusterq.worker.threads import HandlerThreads, Job
 from clusterq.workflow import AsyncWorkflows
 
 log = logging.getLogger("clusterq.worker")
@@ -58,18 +63,39 @@ class Runner:
         self.settings = settings
         self.capacity = capacity
         self.outcomes = outcomes
-        self.executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="clusterq-task")
-        self._chains: dict[int, Callable[[Task], Awaitable[Any]]] = {}
-        #: Sync handlers still running in a thread, by task id.
-        self._threads: dict[str, Future[Any]] = {}
+        #: The threads of sync handlers: one per concurrency slot at most, kept.
+        self.threads = HandlerThreads(settings.concurrency, self._returned)
+        #: handler id -> (its middleware chain, whether it is a plain function)
+        self._chains: dict[int, tuple[Callable[[Task], Awaitable[Any]], bool]] = {}
+        #: Sync handlers still running in a thread, by task id (the latest attempt's, if
+        #: an abandoned one of an earlier attempt runs too); ``job.done()`` once returned.
+        self._threads: dict[str, Job] = {}
+        #: Sync handlers abandoned (their attempt failed: a timeout, an operator's
+        #: cancel, a stop) whose threads still run: task id -> ``time.monotonic()`` when
+        #: it was abandoned (the earliest, if several attempts of it still run). An entry
+        #: goes once its thread returns.
+        self.abandoned: dict[str, float] = {}
+        #: Abandoned jobs still running, by attempt (task id, fencing token); and the
+        #: attempts whose concurrency slot they hold (released when the last returns).
+        self._strays: dict[tuple[str, str], list[Job]] = {}
+        self._kept: set[tuple[str, str]] = set()
+        #: The blocking backend of sync handlers (:mod:`clusterq.worker.blocking`).
+        self.blocking = BlockingBackend()
+
+    @property
+    def sync_backend(self) -> Backend:
+        """A blocking :class:`~clusterq.cluster.backend.Backend` for sync handlers,
+        connected on first use (see :mod:`clusterq.worker.blocking`)."""
+        return self.blocking.get(self.outcomes.broker.backend)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Let the handler threads end (running handlers run on); close the sync backend."""
+        self.threads.close()
+        self.blocking.close()
 
     async def execute(self, q: QueueState, task_id: str, token: str, raw: bytes) -> None:
         """Run one task taken under ``token``; releases its concurrency slot when done
         (or, for an abandoned sync handler, when its thread returns)."""
-        keep_slot = False
         record: Record | None = None
         try:
             try:
@@ -82,7 +108,6 @@ class Runner:
             outcome = await self.call(q, task_id, record, token)
             if self.observe is not None:
                 self.observe(q.name, record.type, time.perf_counter() - began, outcome.ok)
-            keep_slot = task_id in self._threads  # an abandoned sync handler still runs
             if outcome.ok and record.workflow is not None:
                 outcome = await self._advance(q, task_id, record, outcome)
             if outcome.ok:
@@ -99,7 +124,6 @@ class Runner:
             uncancel = getattr(current, "uncancel", None)  # Python >= 3.11
             if uncancel is not None:
                 uncancel()
-            keep_slot = task_id in self._threads
             log.warning(
                 "queue %s: task %s cancelled by an operator",
                 q.name,
@@ -114,7 +138,10 @@ class Runner:
             if held is not None:
                 held.done = True  # no heartbeat: the lease expires, the recoverer retries it
         finally:
-            if not keep_slot:
+            attempt = (task_id, token)
+            if attempt in self._strays:  # an abandoned sync handler still runs
+                self._kept.add(attempt)  # its slot: released when it returns
+            else:
                 self.capacity.release(1)
 
     async def _advance(
@@ -156,7 +183,10 @@ class Runner:
             payload = codec.decode(record.payload)
         except PayloadError as exc:
             return Outcome(False, error=str(exc), archive=True)
+        call, sync = self._chain(handler)
         timeout = record.timeout_ms / 1000 if record.timeout_ms else None
+        if timeout is None and sync:
+            timeout = self.settings.hard_timeout
         if record.deadline_ms is not None:
             left = record.deadline_ms / 1000 - time.time()
             if left <= 0:
@@ -178,7 +208,6 @@ class Runner:
             record.parent_results,
             record.workflow,
         )
-        call = self._chain(handler)
         try:
             if timeout is None:
                 result = await call(task)
@@ -199,10 +228,6 @@ class Runner:
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             return Outcome(False, error=error, exception=exc, traceback=True)
-        finally:
-            thread = self._threads.get(task_id)
-            if thread is not None and thread.done():
-                del self._threads[task_id]
         step_result = b"null"
         if record.workflow is not None:
             # The work is done; running it again would repeat its effects: a result that
@@ -224,48 +249,74 @@ class Runner:
             return Outcome(False, error=f"result not stored: {exc}", archive=True)
         return Outcome(True, result=kept, workflow_result=step_result)
 
-    def _chain(self, handler: Handler) -> Callable[[Task], Awaitable[Any]]:
-        chain = self._chains.get(id(handler))
-        if chain is not None:
-            return chain
-        if is_async(handler):
-
-            async def call(task: Task) -> Any:
-                return await handler(task)
-
-        else:
+    def _chain(self, handler: Handler) -> tuple[Callable[[Task], Awaitable[Any]], bool]:
+        """The handler wrapped in the middleware, and whether it is a plain function."""
+        known = self._chains.get(id(handler))
+        if known is not None:
+            return known
+        sync = not is_async(handler)
+        if sync:
 
             async def call(task: Task) -> Any:
                 return await self._in_thread(handler, task)
 
-        chain = call
+        else:
+
+            async def call(task: Task) -> Any:
+                return await handler(task)
+
+        chain: Callable[[Task], Awaitable[Any]] = call
         for middleware in reversed(self.router.middleware):
             chain = _wrap(middleware, chain)
-        self._chains[id(handler)] = chain
-        return chain
+        self._chains[id(handler)] = chain, sync
+        return chain, sync
 
     async def _in_thread(self, handler: Handler, task: Task) -> Any:
-        future = self.executor.submit(contextvars.copy_context().run, handler, task)
-        self._threads[task.id] = future
-        loop = asyncio.get_running_loop()
-
-        def finished(done: Future[Any]) -> None:
-            # Release the slot of a handler that was abandoned after a timeout.
-            def settle() -> None:
-                if self._threads.get(task.id) is done:
-                    del self._threads[task.id]
-                    self.capacity.release(1)
-
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle)
-
+        """Run ``handler(task)`` in a handler thread, in a copy of this context (what the
+        handler sees: ``current_worker()``, variables a middleware set). If the wait is
+        cancelled (a timeout, an operator's cancel, a stop), the thread runs on: the job
+        is abandoned, and holds the attempt's concurrency slot until it returns."""
+        job = self.threads.submit(handler, task, contextvars.copy_context())
+        job.key = (task.id, task.attempt)
+        self._threads[task.id] = job
         try:
-            return await asyncio.wrap_future(future)
+            return await job.future
         finally:
-            if future.done():
-                self._threads.pop(task.id, None)
-            else:
-                future.add_done_callback(finished)
+            if not job.returned:
+                self._abandon(job)
+
+    def _abandon(self, job: Job) -> None:
+        job.abandoned = now = time.monotonic()
+        task_id, _ = attempt = job.key
+        self.abandoned.setdefault(task_id, now)
+        self._strays.setdefault(attempt, []).append(job)
+
+    def _returned(self, job: Job) -> None:
+        """On the loop: a handler thread's function returned."""
+        task_id, _ = attempt = job.key
+        if self._threads.get(task_id) is job:
+            del self._threads[task_id]
+        if job.abandoned is None:
+            return
+        strays = self._strays.get(attempt, [])
+        if job in strays:
+            strays.remove(job)
+        if not strays:
+            self._strays.pop(attempt, None)
+            if attempt in self._kept:  # the attempt is over: its slot was left to us
+                self._kept.discard(attempt)
+                self.capacity.release(1)
+        since = [
+            stray.abandoned
+            for (other, _), jobs in self._strays.items()
+            if other == task_id
+            for stray in jobs
+            if stray.abandoned is not None
+        ]
+        if since:
+            self.abandoned[task_id] = min(since)
+        else:
+            self.abandoned.pop(task_id, None)
 
 
 def _wrap(middleware: Any, call_next: CallNext) -> Callable[[Task], Awaitable[Any]]:

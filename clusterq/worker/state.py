@@ -91,6 +91,12 @@ class WorkerSettings:
     #: Idle queues wait for wake-ups (sharded pub/sub) instead of polling.
     wakeups: bool = True
     survey_interval: float = DEFAULT_SURVEY_INTERVAL
+    #: Seconds a plain ``def`` handler's attempt may run when its task has no timeout
+    #: (None: no limit). Past it the attempt fails with a "timeout: ..." error like any
+    #: timeout, and its thread is abandoned (see :attr:`Runner.abandoned
+    #: <clusterq.worker.runner.Runner.abandoned>`). ``async def`` handlers are not
+    #: affected (they are cancelled at a task's own timeout).
+    hard_timeout: float | None = None
 
     @property
     def lease_ms(self) -> int:
