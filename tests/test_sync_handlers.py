@@ -307,3 +307,20 @@ def test_many_sync_tasks_each_run_once_on_few_threads(url: str, prefix: str) -> 
         assert sorted(seen) == sorted(ids)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("work", ["incr-sync", "cpu"])
+def test_bench_e2e_with_sync_handlers(url: str, prefix: str, work: str) -> None:
+    from clusterq.tools.bench import run_bench
+    from clusterq.tools.bench_report import BenchSettings
+
+    settings = BenchSettings(url=url, prefix=prefix, tasks=300, work=work, baseline=False)  # type: ignore[arg-type]
+    (row,) = run_bench(settings, ["e2e"]).rows  # incr-sync: raises unless 300 INCRs counted
+    assert row.scenario == f"e2e {work}" and row.rate is not None and row.rate > 0
+
+
+def test_the_cpu_work_is_calibrated_once() -> None:
+    from clusterq.tools import bench_handlers
+
+    loops = bench_handlers._loops_per_task()
+    assert loops > 0 and bench_handlers._loops_per_task() == loops

@@ -13,9 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from clusterq.cli.render import console, print_json, table
 from clusterq.cli.state import CliState, connection_options
 from clusterq.tools.bench import run_bench
+from clusterq.tools.bench_handlers import WORK_TYPES
 from clusterq.tools.bench_report import (
     SCENARIOS,
-    WORKS,
     BenchReport,
     BenchSettings,
     describe_target,
@@ -112,11 +112,13 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
 )
 @click.option(
     "--work",
-    type=click.Choice(WORKS),
+    type=click.Choice(tuple(WORK_TYPES)),
     default="noop",
     show_default=True,
     help="What an e2e task does: nothing, one INCR over the worker's connection, "
-    "or one INCR through redis-py's asyncio client.",
+    "one INCR through redis-py's asyncio client, one INCR through sync redis-py from a "
+    "plain def handler (incr-sync), or ~1 ms of pure-Python CPU in a plain def handler "
+    "(cpu).",
 )
 @click.option(
     "--batch", type=int, default=1000, show_default=True, help="Tasks per enqueue_many call."

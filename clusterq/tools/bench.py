@@ -11,9 +11,13 @@ Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them aft
 - ``e2e``: N tasks are enqueued first, then ``workers`` worker processes (``concurrency``
   each) drain them; the rate counts from the first task processed to the last. ``work``
   is ``noop`` (the handler returns at once), ``incr`` (it sends one INCR, as the peers'
-  benchmark tasks do, over the worker's own connection: ``backend.call``) or
-  ``incr-redis-py`` (the same INCR through redis-py's asyncio client). On a cluster the
-  tasks go to one queue per master.
+  benchmark tasks do, over the worker's own connection: ``backend.call``),
+  ``incr-redis-py`` (the same INCR through redis-py's asyncio client), ``incr-sync``
+  (the same INCR from a plain ``def`` handler, through sync redis-py over the worker's
+  blocking backend, ``current_worker().sync_backend``) or ``cpu`` (a plain ``def``
+  handler burning ~1 ms of pure-Python CPU: at most ~1,000 tasks/s per process; the
+  shortfall is what running them costs). On a cluster the tasks go to one queue per
+  master.
 - ``latency``: the time from just before an enqueue to the start of its handler, in
   another process. Idle: one task at a time into an idle queue; under load: tasks
   produced at ``rate`` per second.
@@ -46,12 +50,7 @@ from clusterq.errors import ClusterqError, ConfigError
 from clusterq.producer import new_task_id
 from clusterq.slots import keyslot
 from clusterq.task import TaskInfo
-from clusterq.tools.bench_handlers import (
-    INCR_REDIS_PY_TYPE,
-    INCR_TYPE,
-    LATENCY_TYPE,
-    NOOP_TYPE,
-)
+from clusterq.tools.bench_handlers import LATENCY_TYPE, NOOP_TYPE, WORK_TYPES
 from clusterq.tools.bench_purge import bench_purge
 from clusterq.tools.bench_report import (
     SCENARIOS,
@@ -221,15 +220,13 @@ def bench_e2e(s: Session) -> BenchRow:
     settings = s.settings
     queues = s.queues()
     n = settings.tasks
-    task_type = {"incr": INCR_TYPE, "incr-redis-py": INCR_REDIS_PY_TYPE}.get(
-        settings.work, NOOP_TYPE
-    )
+    task_type = WORK_TYPES.get(settings.work, NOOP_TYPE)
     s.fill(queues, n, task_type)
     cpu_before = _server_cpu(s)
     seconds, first_count = drain(s, queues, queues, n, "e2e")
     cpu_after = _server_cpu(s)
     cpu = {role: cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0) for role in cpu_after}
-    if settings.work != "noop":
+    if settings.work.startswith("incr"):
         counted = sum(
             int(s.call(key, "GET", key) or 0)
             for key in (s.keys.bench(s.run_id, q)[0] for q in queues)

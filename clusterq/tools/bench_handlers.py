@@ -1,11 +1,14 @@
 """The handlers that benchmark worker processes run (``clusterq.tools.bench_handlers:router``):
-a no-op, one INCR over the worker's connection or through redis-py, and the latency
-probe that records how long after its enqueue each task started."""
+a no-op, one INCR over the worker's connection or through redis-py (asyncio, or sync
+from a plain ``def`` handler), about 1 ms of pure-Python CPU in a plain ``def`` handler,
+and the latency probe that records how long after its enqueue each task started."""
 
 from __future__ import annotations
 
+import threading
 import time
 
+from clusterq.cluster.backend import Backend
 from clusterq.retry import SkipRetry
 from clusterq.router import Router
 from clusterq.streams import Event
@@ -15,7 +18,20 @@ from clusterq.worker import current_worker
 NOOP_TYPE = "clusterq:bench:noop"
 INCR_TYPE = "clusterq:bench:incr"
 INCR_REDIS_PY_TYPE = "clusterq:bench:incr-redis-py"
+INCR_SYNC_TYPE = "clusterq:bench:incr-sync"
+CPU_TYPE = "clusterq:bench:cpu"
 LATENCY_TYPE = "clusterq:bench:latency"
+#: ``clusterq bench e2e --work``: what each task does, and the task type that does it.
+#: The ``incr*`` kinds each count one INCR per task (checked after the run).
+WORK_TYPES: dict[str, str] = {
+    "noop": NOOP_TYPE,
+    "incr": INCR_TYPE,
+    "incr-redis-py": INCR_REDIS_PY_TYPE,
+    "incr-sync": INCR_SYNC_TYPE,
+    "cpu": CPU_TYPE,
+}
+#: Milliseconds of pure-Python CPU one ``cpu`` task burns (see :func:`burn`).
+CPU_WORK_MS = 1.0
 #: The stream and group of ``clusterq bench stream`` (under the benchmark's prefix).
 BENCH_STREAM = "clusterq-bench-events"
 BENCH_GROUP = "bench"
@@ -59,6 +75,62 @@ async def incr_redis_py(task: Task) -> None:
     assert backend is not None
     counter, _ = backend.keys.bench(_run_of(task), task.queue)
     await backend.execute_key(counter, lambda c: c.incr(counter))
+
+
+def _sync_backend() -> Backend:
+    """The blocking backend a plain ``def`` handler uses: what
+    ``current_worker().sync_backend`` gives (:mod:`clusterq.worker.blocking`)."""
+    runner = current_worker()._runner
+    assert runner is not None
+    return runner.sync_backend
+
+
+@router.task(INCR_SYNC_TYPE)
+def incr_sync(task: Task) -> None:
+    """One INCR from a plain ``def`` handler, through redis-py's sync client over the
+    worker's blocking backend (``current_worker().sync_backend``): what a handler
+    written against sync redis-py pays, in the worker's handler threads."""
+    backend = _sync_backend()
+    counter, _ = backend.keys.bench(_run_of(task), task.queue)
+    backend.execute_key(counter, lambda c: c.incr(counter))
+
+
+@router.task(CPU_TYPE)
+def cpu(task: Task) -> None:
+    """About :data:`CPU_WORK_MS` of pure-Python CPU in a plain ``def`` handler (it holds
+    the GIL throughout): one worker process cannot go past ~1,000 of them a second, and
+    what it reaches below that is what running them costs."""
+    burn(_loops_per_task())
+
+
+def burn(loops: int) -> int:
+    """A loop of pure-Python arithmetic, ``loops`` rounds."""
+    total = 0
+    for i in range(loops):
+        total += i * i % 7
+    return total
+
+
+_calibration = threading.Lock()
+_loops: list[int] = []
+
+
+def _loops_per_task() -> int:
+    """Rounds of :func:`burn` that take :data:`CPU_WORK_MS` on this machine: measured
+    once per process, on the first ``cpu`` task (the fastest of 7 timed runs of 20,000
+    rounds each: the others were slowed by something else)."""
+    if _loops:
+        return _loops[0]
+    with _calibration:
+        if not _loops:
+            rounds = 20_000
+            best = float("inf")
+            for _ in range(7):
+                started = time.perf_counter()
+                burn(rounds)
+                best = min(best, time.perf_counter() - started)
+            _loops.append(max(1, int(rounds * CPU_WORK_MS / 1000 / best)))
+    return _loops[0]
 
 
 @router.task(LATENCY_TYPE)
