@@ -6,8 +6,29 @@
 --
 -- Wakes the queue's waiting workers when the pending list was empty before (a list that
 -- had ids has workers taking them, or awake). Returns the pending list's length.
--- Key types first (as the other scripts' wrong_type): a list that is not one would
--- fail the LPUSH after the HSET, leaving records in no state.
+--
+-- Key types are looked at on the way out of a refusal only (no TYPE per call). A script
+-- is not rolled back when a command fails, so: the LPUSH goes first (refused on a key of
+-- another type: nothing was written); an HSET refused after it is undone by an LTRIM of
+-- just the ids pushed (at the head: nothing runs in between). Either way nothing stays
+-- written and the reply names the key, as the other scripts' wrong_type does.
+local count = #ARGV / 2
+local n, written
+if count == 1 then
+  n = redis.pcall('LPUSH', KEYS[2], ARGV[1])
+else
+  local ids = {}
+  for i = 1, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+  n = redis.pcall('LPUSH', KEYS[2], unpack(ids))
+end
+if type(n) == 'number' then
+  written = redis.pcall('HSET', KEYS[1], unpack(ARGV))
+  if type(written) == 'number' then
+    if n == count then redis.pcall('SPUBLISH', KEYS[3], '') end
+    return n
+  end
+  redis.call('LTRIM', KEYS[2], count, -1)
+end
 for i, want in ipairs({'hash', 'list'}) do
   local got = redis.call('TYPE', KEYS[i])['ok']
   if got ~= 'none' and got ~= want then
@@ -15,9 +36,5 @@ for i, want in ipairs({'hash', 'list'}) do
       .. ', not a ' .. want .. '; nothing was written')
   end
 end
-local ids = {}
-for i = 1, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-local n = redis.call('LPUSH', KEYS[2], unpack(ids))
-if n == #ids then redis.pcall('SPUBLISH', KEYS[3], '') end
+if type(n) == 'number' then return written end
 return n
