@@ -80,6 +80,37 @@ class LoopStopped(TopologyEvent):
         return {**super().to_dict(), "loop": self.loop, "error": self.error, "at": self.at}
 
 
+@dataclass(frozen=True)
+class WorkerLeaving(TopologyEvent):
+    """A worker stops by itself to be replaced by a fresh process: it took its
+    ``max_tasks_per_process``, its memory passed ``max_memory_per_process``, or a sync
+    handler ran on past its timeout (see :mod:`clusterq.worker.recycle`)."""
+
+    kind: ClassVar[str] = "worker_leaving"
+    worker: str
+    reason: str
+    #: ``max_tasks``, ``memory`` or ``hard_timeout``.
+    cause: str
+    at: float = field(default_factory=time.time)
+
+    @property
+    def routine(self) -> bool:
+        """Planned (it took its tasks): logged at INFO, not WARNING."""
+        return self.cause == "max_tasks"
+
+    def describe(self) -> str:
+        return f"worker {self.worker} stops to be replaced: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "worker": self.worker,
+            "reason": self.reason,
+            "cause": self.cause,
+            "at": self.at,
+        }
+
+
 EventListener = Callable[[TopologyEvent], None]
 
 __all__ = [
@@ -96,4 +127,5 @@ __all__ = [
     "ReplicaRemoved",
     "SlotsMoved",
     "TopologyEvent",
+    "WorkerLeaving",
 ]

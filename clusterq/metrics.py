@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from clusterq.cluster.changes import MasterChanged, TopologyEvent
@@ -25,8 +25,16 @@ from clusterq.errors import ConfigError
 from clusterq.inspector import Inspector
 
 try:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client import (
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+        start_http_server,
+    )
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.parser import text_string_to_metric_families
 except ImportError:  # pragma: no cover - the extra is not installed
     _MISSING = True
 else:
@@ -254,6 +262,65 @@ class WorkerMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> Any:
         return _serve(port, host, self.registry)
+
+    def exposition(self) -> str:
+        """This worker's metrics as Prometheus text (a process of ``--processes N``
+        sends it to its supervisor, which serves the sum)."""
+        return generate_latest(self.registry).decode()
+
+
+class SummedCollector:
+    """The metrics of several worker processes as one worker's: each sample summed
+    over the processes (counters, gauges, histogram buckets, sums and counts add up;
+    ``_created`` timestamps are left out), plus ``clusterq_worker_processes`` and
+    ``clusterq_worker_process_replacements`` from the supervisor."""
+
+    def __init__(
+        self, texts: Callable[[], list[str]], processes: Callable[[], int], replaced: Any
+    ) -> None:
+        self.texts = texts
+        self.processes = processes
+        self.replaced = replaced
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        families: dict[str, Any] = {}
+        sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for text in self.texts():
+            for family in text_string_to_metric_families(text):
+                families.setdefault(family.name, family)
+                into = sums.setdefault(family.name, {})
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):
+                        continue
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    into[key] = into.get(key, 0.0) + sample.value
+        for name, family in families.items():
+            merged = Metric(name, family.documentation, family.type, family.unit)
+            for (sample_name, labels), value in sums[name].items():
+                merged.add_sample(sample_name, dict(labels), value)
+            yield merged
+        yield GaugeMetricFamily(
+            "clusterq_worker_processes", "Worker processes running.", value=self.processes()
+        )
+        replaced = CounterMetricFamily(
+            "clusterq_worker_process_replacements",
+            "Worker processes replaced, by cause (max_tasks, memory, hard_timeout, died, killed).",
+            labels=["cause"],
+        )
+        for cause, count in dict(self.replaced).items():
+            replaced.add_metric([cause], count)
+        yield replaced
+
+
+def serve_summed(collector: SummedCollector, port: int, host: str = "127.0.0.1") -> Any:
+    """Serve ``collector`` (a supervisor's ``--metrics-port``)."""
+    require_prometheus()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return _serve(port, host, registry)
 
 
 def _serve(port: int, host: str, registry: Any) -> Any:

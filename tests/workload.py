@@ -65,3 +65,58 @@ def read_events(log_dir: Path) -> list[tuple[str, str]]:
                 event, task_id = line.split(" ", 1)
                 events.append((event, task_id))
     return events
+
+
+# ------------------------------------------------------------- worker processes' tests
+
+_counter: tuple[int, object] | None = None
+
+
+def _count(event: str, task: Task) -> None:
+    """Also count ``<event> <task id>`` through redis-py, on the server named by
+    $CLUSTERQ_TEST_COUNT_URL (not the one under test), if set."""
+    global _counter
+    url = os.environ.get("CLUSTERQ_TEST_COUNT_URL")
+    if not url:
+        return
+    import redis
+
+    if _counter is None or _counter[0] != os.getpid():  # a forked process: its own
+        _counter = (os.getpid(), redis.Redis.from_url(url))
+    client = _counter[1]
+    assert isinstance(client, redis.Redis)
+    client.hincrby(os.environ["CLUSTERQ_TEST_COUNT_KEY"], f"{event} {task.id}", 1)
+
+
+def _both(event: str, task: Task) -> None:
+    _note(event, task)
+    _count(event, task)
+
+
+@router.task("counted")
+def counted(task: Task) -> None:
+    """A line and a redis-py count per run."""
+    _both("done", task)
+
+
+@router.task("stuck")
+def stuck(task: Task) -> None:
+    """Never returns on its own: payload["how"] is "sleep" (time.sleep(3600): the GIL
+    released) or "spin" (a pure-Python loop holding the GIL)."""
+    _both("start", task)
+    if task.payload.get("how") == "spin":
+        while True:
+            pass
+    time.sleep(3600)
+
+
+_leaked: list[bytearray] = []
+
+
+@router.task("leak")
+def leak(task: Task) -> None:
+    """Keeps ~1 MiB for ever (per process), then a line and a count."""
+    chunk = bytearray(1 << 20)
+    chunk[::4096] = b"x" * len(chunk[::4096])  # touched: resident, not just reserved
+    _leaked.append(chunk)
+    _both("done", task)

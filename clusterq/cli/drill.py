@@ -99,6 +99,12 @@ def render(report: DrillReport) -> None:
 )
 @click.option("--concurrency", type=int, default=16, show_default=True, help="Per worker process.")
 @click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Each worker a supervisor of N processes (worker run --processes N).",
+)
+@click.option(
     "--use-running-workers",
     is_flag=True,
     help="Start none; use workers running clusterq.tools.drill:router.",
@@ -136,6 +142,7 @@ def failover(
     durability: str,
     workers: int,
     concurrency: int,
+    processes: int | None,
     use_running_workers: bool,
     settle_timeout: float,
     seed: int | None,
@@ -164,6 +171,7 @@ def failover(
         seed=seed,
         stall_margin=stall_margin,
         keep_log=keep_log,
+        processes=processes,
     )
     report = asyncio.run(run_drill(settings, lambda msg: click.echo(f"drill: {msg}", err=True)))
     if as_json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -12,11 +13,12 @@ from typing import Any
 
 import click
 
-from clusterq.cli.render import clock, console, print_json, table
+from clusterq.cli.render import clock, console, print_json, safe_text, table
 from clusterq.cli.state import CliError, CliState, connection_options, log_options
 from clusterq.inspector import Inspector
 from clusterq.logs import LogFormat
 from clusterq.logs import configure as configure_logs
+from clusterq.producer import new_task_id
 from clusterq.router import Router
 from clusterq.worker import (
     DEFAULT_LEASE,
@@ -25,6 +27,10 @@ from clusterq.worker import (
     Worker,
     parse_queues,
 )
+from clusterq.worker.announce import WorkerAnnouncement
+from clusterq.worker.child import LEAVE_MARGIN, run_child
+from clusterq.worker.processes import WorkerPool
+from clusterq.worker.recycle import ProcessLimits
 
 
 class _RunByDefault(click.Group):
@@ -128,6 +134,41 @@ def load_router(spec: str) -> Router:
     default=None,
     help="Stream consumers to run, stream:group,... (default: all the router's; 'none').",
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Run N worker processes under a supervisor (forked; each a full worker with "
+    "--concurrency slots). Without it: one process, no supervisor.",
+)
+@click.option(
+    "--hard-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Seconds: the timeout of plain-function (sync) handlers whose task has none.",
+)
+@click.option(
+    "--kill-grace",
+    type=click.FloatRange(0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="With --processes: a sync handler still running this long after its timeout "
+    "gets its process replaced (the attempt already counted as a timeout).",
+)
+@click.option(
+    "--max-tasks-per-process",
+    type=click.IntRange(1),
+    default=None,
+    help="With --processes: a process that took this many tasks finishes them and is replaced.",
+)
+@click.option(
+    "--max-memory-per-process",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    metavar="MB",
+    help="With --processes: a process whose resident memory passes this (MiB, checked "
+    "after each task) takes nothing more, finishes what it holds and is replaced.",
+)
 @connection_options
 @click.pass_obj
 def run(
@@ -148,15 +189,16 @@ def run(
     metrics_port: int | None,
     metrics_host: str,
     streams: str | None,
+    processes: int | None,
+    hard_timeout: float | None,
+    kill_grace: float,
+    max_tasks_per_process: int | None,
+    max_memory_per_process: float | None,
 ) -> None:
     """Run handlers from MODULE:ROUTER until SIGTERM/SIGINT (twice: stop at once)."""
     configure_logs(log_level, log_format)
-    metrics = None
-    if metrics_port is not None:
-        from clusterq.metrics import WorkerMetrics
-
-        metrics = WorkerMetrics()
-        metrics.serve(metrics_port, metrics_host)
+    if processes is None and (max_tasks_per_process or max_memory_per_process):
+        raise CliError("--max-tasks-per-process and --max-memory-per-process need --processes")
     options: dict[str, Any] = {
         "queues": parse_queues(queues),
         "strict_priority": strict,
@@ -170,13 +212,22 @@ def run(
         "wakeups": wakeups,
         "survey_interval": survey_interval,
         "name": name,
-        "metrics": metrics,
         "streams": streams,
+        "hard_timeout": hard_timeout,
     }
+    router = load_router(router_spec)
     try:
-        worker = Worker(state.url, load_router(router_spec), **options)
+        Worker(state.url, router, **options)  # the options checked here, once
+        limits = ProcessLimits(max_tasks_per_process, max_memory_per_process, kill_grace)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if processes is not None:
+        run_processes(state, router, options, processes, limits, metrics_port, metrics_host)
+        return
+    if metrics_port is not None:
+        options["metrics"] = worker_metrics()
+        options["metrics"].serve(metrics_port, metrics_host)
+    worker = Worker(state.url, router, **options)
     worker.run()
     # A sync handler abandoned after its timeout may still run in a thread; do not wait.
     if any(
@@ -187,6 +238,51 @@ def run(
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)
+
+
+def worker_metrics() -> Any:
+    from clusterq.metrics import WorkerMetrics
+
+    return WorkerMetrics()
+
+
+def run_processes(
+    state: CliState,
+    router: Router,
+    options: dict[str, Any],
+    processes: int,
+    limits: ProcessLimits,
+    metrics_port: int | None,
+    metrics_host: str,
+) -> None:
+    """``--processes N``: a supervisor forks N workers (see clusterq.worker.processes)."""
+    name = options["name"]
+    supervisor_id = name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
+    server: Any = None
+
+    def start_child(index: int, sock: socket.socket, supervisor: str) -> int:
+        if server is not None:
+            server.socket.close()  # the supervisor's, inherited by the fork
+        child = dict(options, name=f"{name}/{index}:{os.getpid()}" if name else None)
+        if metrics_port is not None:
+            child["metrics"] = worker_metrics()
+        worker = Worker(state.url, router, **child)
+        worker.limits = limits
+        return run_child(worker, sock, supervisor, index)
+
+    pool = WorkerPool(
+        start_child,
+        processes,
+        supervisor_id=supervisor_id,
+        stall_after=max(30.0, 3 * options["lease"]),
+        leave_within=options["shutdown_timeout"] + LEAVE_MARGIN,
+    )
+    if metrics_port is not None:
+        from clusterq.metrics import SummedCollector, serve_summed
+
+        collector = SummedCollector(pool.metrics_texts, lambda: len(pool.children), pool.replaced)
+        server = serve_summed(collector, metrics_port, metrics_host)
+    pool.run()
 
 
 @worker.command("ls")
@@ -204,11 +300,13 @@ def ls(state: CliState, as_json: bool) -> None:
         click.echo("no live workers")
         return
     now = time.time()
+    supervised = any(w.supervisor is not None for w in workers)
     console().print(
         table(
             None,
             [
                 "Worker",
+                *(["Supervisor"] if supervised else []),
                 "Host",
                 "Pid",
                 "Queues",
@@ -222,6 +320,7 @@ def ls(state: CliState, as_json: bool) -> None:
             [
                 [
                     w.id,
+                    *([_process_of(w)] if supervised else []),
                     w.host,
                     w.pid,
                     ", ".join(f"{q}={n}" for q, n in w.queues.items()),
@@ -236,3 +335,27 @@ def ls(state: CliState, as_json: bool) -> None:
             ],
         )
     )
+    for supervisor, group in _by_supervisor(workers).items():
+        console().print(
+            f"supervisor {safe_text(supervisor)}: {len(group)} processes, "
+            f"concurrency {sum(w.concurrency for w in group)}, "
+            f"running {sum(w.active for w in group)}, "
+            f"processed {sum(w.processed for w in group)}, "
+            f"failed {sum(w.failed for w in group)}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _process_of(w: WorkerAnnouncement) -> str:
+    return "-" if w.supervisor is None else f"{w.supervisor} #{w.process}"
+
+
+def _by_supervisor(workers: list[WorkerAnnouncement]) -> dict[str, list[WorkerAnnouncement]]:
+    """One line per process in the table (each has its own leases, pid and heartbeat);
+    the sums per supervisor below it."""
+    groups: dict[str, list[WorkerAnnouncement]] = {}
+    for w in workers:
+        if w.supervisor is not None:
+            groups.setdefault(w.supervisor, []).append(w)
+    return groups

@@ -102,6 +102,8 @@ class DrillSettings:
     stall_margin: float = 5.0
     #: Keep the delivery log (an hour) for an independent count.
     keep_log: bool = False
+    #: Each worker a supervisor of this many processes (``--processes``), if set.
+    processes: int | None = None
 
 
 async def replication_problems(backend: AsyncBackend) -> list[str]:
@@ -197,7 +199,11 @@ async def resumed_at(
         chosen = [
             a
             for a in await read_announcements(backend)
-            if (a.id in workers if workers is not None else queue in a.queues)
+            if (
+                a.id in workers or a.supervisor in workers
+                if workers is not None
+                else queue in a.queues
+            )
         ]
         fresh = all(a.at >= asked for a in chosen)
         if fresh or time.monotonic() > deadline:
@@ -322,12 +328,15 @@ async def run_drill(
                 count=settings.workers,
                 concurrency=settings.concurrency,
                 name=f"drill-{run_id}",
+                processes=settings.processes,
             )
             progress(f"starting {settings.workers} workers (logs in {workers.dir})")
             workers.start()
             await workers.announced(backend, 60)
             report.worker_logs = str(workers.dir)
-            report.in_flight_bound = settings.workers * settings.concurrency
+            report.in_flight_bound = (
+                settings.workers * settings.concurrency * (settings.processes or 1)
+            )
 
         client = producer = await AsyncClient.connect(
             settings.url,

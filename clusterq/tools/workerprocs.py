@@ -36,6 +36,7 @@ class WorkerProcesses:
         name: str,
         streams: str = "none",
         extra: Sequence[str] = (),
+        processes: int | None = None,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -47,6 +48,10 @@ class WorkerProcesses:
         self.streams = streams
         #: More `clusterq worker run` options (e.g. --no-wakeups).
         self.extra = list(extra)
+        #: Each a supervisor of this many worker processes (``--processes``), if set.
+        self.processes = processes
+        if processes is not None:
+            self.extra += ["--processes", str(processes)]
         self.dir = Path(tempfile.mkdtemp(prefix=f"clusterq-{name}-"))
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -90,11 +95,13 @@ class WorkerProcesses:
         total = 0.0
         tick = os.sysconf("SC_CLK_TCK")
         for proc in self.procs:
-            try:
-                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                return None
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for pid in [proc.pid, *_children(proc.pid)]:  # a supervisor's processes too
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    fields = stat.rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    return None
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
         return total
 
     def logs(self) -> list[Path]:
@@ -126,9 +133,22 @@ class WorkerProcesses:
         names = set(self.names())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            present = {a.id for a in await read_announcements(backend)}
-            if names <= present:
+            live = await read_announcements(backend)
+            if self.processes is None:
+                if names <= {a.id for a in live}:
+                    return
+            elif all(
+                sum(1 for a in live if a.supervisor == name) >= self.processes for name in names
+            ):
                 return
             self.check_running()
             await asyncio.sleep(0.1)
         raise ClusterqError(f"{self.name}: workers did not start within {timeout:.0f}s")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux), none where ``/proc`` does not say."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []

@@ -61,6 +61,10 @@ class WorkerAnnouncement:
     events: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     #: The stream consumers it runs (``stream:group``).
     streams: tuple[str, ...] = ()
+    #: For one of the processes of ``worker run --processes N``: its supervisor's id and
+    #: its number there (0..N-1); None for a worker on its own.
+    supervisor: str | None = None
+    process: int | None = None
 
     def live(self, now: float | None = None) -> bool:
         """Not expired, and not claiming an expiry further ahead than a worker writes

@@ -68,6 +68,10 @@ class Fetcher:
         self.queues: dict[str, QueueState] = {}
         self.all_queues: list[QueueState] = []
         self.supervise: Callable[[str, LoopFactory, Callable[[], bool]], None] | None = None
+        #: Tasks this worker may still take (None: no limit); when it reaches 0 the
+        #: loops stop taking and ``on_spent`` is called once (recycling a process).
+        self.budget: int | None = None
+        self.on_spent: Callable[[], None] | None = None
 
     def serve(self, name: str, weight: float) -> None:
         """Fetch from queue ``name`` (a plain queue or a partition) with ``weight``."""
@@ -110,15 +114,26 @@ class Fetcher:
                     failures += 1
                     await self._sleep(backoff(failures, base=0.02, cap=0.25))
                     continue
-            granted = await self.capacity.acquire(q.name, self.settings.batch_size)
+            granted = await self.capacity.acquire(q.name, self._wanted())
             if granted == 0:
                 break
+            if self.budget is not None:
+                if self.budget <= 0:  # spent: wait for the stop (recycling) to come
+                    self.capacity.release(granted)
+                    q.wake.clear()
+                    await self._wait_woken(q, None)
+                    continue
+                take = min(granted, self.budget)
+                self.capacity.release(granted - take)
+                granted = take
+                self.budget -= granted
             token = self.next_token()
             q.wake.clear()  # a wake-up from here on is for what this dequeue may miss
             try:
                 got = await self.broker.dequeue(q.qk, granted, self.settings.lease_ms, token)
             except Exception as exc:
                 self.capacity.release(granted)
+                self._refund(granted)
                 if not failures:
                     outage_since = time.monotonic()
                     self.emit(QueueUnavailable(q.name, self._node(q), str(exc)))
@@ -133,6 +148,7 @@ class Fetcher:
                     "queue %s: dropped %d pending ids without a record", q.name, got.orphans
                 )
             self.capacity.release(granted - len(got.tasks))
+            self._refund(granted - len(got.tasks))
             if got.tasks:
                 q.sweep_due = True
             for task_id, raw in got.tasks:
@@ -156,6 +172,21 @@ class Fetcher:
                     await self._wait_woken(q, min(got.next_due or soon, soon))
                 else:
                     await self._wait_for_work(q, got.next_due)
+
+    def _wanted(self) -> int:
+        if self.budget is None:
+            return self.settings.batch_size
+        return max(1, min(self.settings.batch_size, self.budget))
+
+    def _refund(self, count: int) -> None:
+        """Give back budget reserved for tasks a dequeue did not return; call
+        ``on_spent`` once nothing is left and nothing is reserved."""
+        if self.budget is None:
+            return
+        self.budget += count
+        if self.budget <= 0 and self.on_spent is not None:
+            spent, self.on_spent = self.on_spent, None
+            spent()
 
     async def _sleep(self, seconds: float) -> None:
         if not self.run_state.stopping:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from clusterq.aclient import AsyncClient
@@ -44,6 +45,7 @@ from clusterq.worker.leases import Leases
 from clusterq.worker.outcomes import Outcomes
 from clusterq.worker.partitions import PartitionWatch
 from clusterq.worker.recoverer import Recoverer
+from clusterq.worker.recycle import ProcessLimits, Recycler
 from clusterq.worker.runner import Runner
 from clusterq.worker.state import (
     DEFAULT_DEDUP_WINDOW,
@@ -90,7 +92,8 @@ class Worker:
     after about that long. ``shutdown_timeout`` is how long :meth:`stop` lets running
     tasks finish before it returns the rest to their queues. ``wakeups`` and
     ``survey_interval``: see :mod:`clusterq.worker.wakeups` (without, an idle queue is
-    polled every ``poll_interval``).
+    polled every ``poll_interval``). ``hard_timeout``: the timeout of a plain-function
+    handler whose task has none. Several processes: :mod:`clusterq.worker.processes`.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Worker:
         streams: Iterable[str | tuple[str, str]] | str | None = None,
         wakeups: bool = True,
         survey_interval: float = DEFAULT_SURVEY_INTERVAL,
+        hard_timeout: float | None = None,
     ) -> None:
         if router is None:
             raise ValueError("a worker needs a Router")
@@ -159,6 +163,7 @@ class Worker:
             no_handler_retries=no_handler_retries,
             wakeups=wakeups,
             survey_interval=survey_interval,
+            hard_timeout=hard_timeout,
         )
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
         self.stats = WorkerStats()
@@ -181,6 +186,11 @@ class Worker:
         self.wakeups: Wakeups | None = None
         #: Prometheus metrics of this worker (``clusterq.metrics.WorkerMetrics``), if any.
         self.metrics = metrics
+        #: More fields for its announcement (a supervised process: its supervisor).
+        self.labels: dict[str, Any] = {}
+        #: Limits after which this process stops to be replaced (:mod:`.recycle`).
+        self.limits = ProcessLimits()
+        self.recycler: Recycler | None = None
         if metrics is not None:
             metrics.bind(self)
 
@@ -236,7 +246,8 @@ class Worker:
             self._emit(event)
 
     def _emit(self, event: TopologyEvent) -> None:
-        level = logging.INFO if isinstance(event, QueueResumed | ReplicaAdded) else logging.WARNING
+        routine = isinstance(event, QueueResumed | ReplicaAdded) or getattr(event, "routine", False)
+        level = logging.INFO if routine else logging.WARNING
         log.log(level, "%s", event.describe(), extra={"event": event.to_dict()})
         if self._announcer is not None:
             self._announcer.note(event)
@@ -265,6 +276,7 @@ class Worker:
             "failed": self.stats.failed,
             "loop_restarts": self.stats.loop_restarts,
             "streams": self.consumers.labels,
+            **self.labels,
         }
 
     async def start(self) -> None:
@@ -298,6 +310,13 @@ class Worker:
         )
         self._fetcher, fetcher.queues, fetcher.all_queues = fetcher, self._queues, self._all_queues
         fetcher.supervise = supervise = self._supervisor.start
+        if self.limits.any:
+            self.recycler = recycler = Recycler(self.id, self.limits, self._emit, self.stop)
+            recycler.attach(fetcher, runner)
+            if self.limits.kill_after is not None:
+                stopping = lambda: state.stopping  # noqa: E731
+                watch = functools.partial(recycler.watch_stuck, runner.abandoned, stopping)
+                supervise("recycle", watch, lambda: not state.stopping)
         self._announcer = Announcer(backend, self.id, self._describe, state)
         self.started_at = time.time()
         running = lambda: not state.closing  # noqa: E731
@@ -401,34 +420,39 @@ class Worker:
 
     def run(self) -> None:
         """Run until SIGTERM or SIGINT: the first stops gracefully, a second at once."""
-        asyncio.run(self._serve())
+        asyncio.run(serve(self))
 
-    async def _serve(self) -> None:
-        await self.start()
-        loop = asyncio.get_running_loop()
-        signals = 0
-        stopping: list[asyncio.Task[None]] = []
 
-        def on_signal(signum: int) -> None:
-            nonlocal signals
-            signals += 1
-            name = signal.Signals(signum).name
-            if signals == 1:
-                log.info("received %s: stopping gracefully (again to stop at once)", name)
-                stopping.append(asyncio.ensure_future(self.stop()))
-            else:
-                log.warning("received %s again: stopping at once", name)
-                stopping.append(asyncio.ensure_future(self.abort()))
+async def serve(worker: Worker, on_started: Callable[[], object] | None = None) -> None:
+    """Start ``worker`` and run it until SIGTERM or SIGINT (the first stops it
+    gracefully, a second at once) or until it is stopped otherwise."""
+    await worker.start()
+    if on_started is not None:
+        on_started()
+    loop = asyncio.get_running_loop()
+    signals = 0
+    stopping: list[asyncio.Task[None]] = []
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
-        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
-        try:
-            await self.wait_closed()
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-                loop.remove_signal_handler(signum)
-            await asyncio.gather(*stopping, return_exceptions=True)
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        name = signal.Signals(signum).name
+        if signals == 1:
+            log.info("received %s: stopping gracefully (again to stop at once)", name)
+            stopping.append(asyncio.ensure_future(worker.stop()))
+        else:
+            log.warning("received %s again: stopping at once", name)
+            stopping.append(asyncio.ensure_future(worker.abort()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+    try:
+        await worker.wait_closed()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(signum)
+        await asyncio.gather(*stopping, return_exceptions=True)
 
 
 def _queues_phrase(weights: Mapping[str, int]) -> str:
