@@ -108,6 +108,12 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     "--workers", "-w", type=int, default=1, show_default=True, help="Worker processes (e2e)."
 )
 @click.option(
+    "--processes",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="e2e: each worker a supervisor of N processes (worker run --processes N).",
+)
+@click.option(
     "--concurrency", "-c", type=int, default=50, show_default=True, help="Per worker process."
 )
 @click.option(
@@ -148,6 +154,7 @@ def bench(
     scenarios: tuple[str, ...],
     tasks: int,
     workers: int,
+    processes: int | None,
     concurrency: int,
     work: str,
     batch: int,
@@ -169,6 +176,7 @@ def bench(
         prefix=state.prefix,
         tasks=tasks,
         workers=workers,
+        processes=processes,
         concurrency=concurrency,
         work=work,  # type: ignore[arg-type]
         batch=batch,

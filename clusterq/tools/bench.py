@@ -252,15 +252,19 @@ def bench_e2e(s: Session) -> BenchRow:
         round(seconds, 3),
         rate,
         note=(
-            f"{settings.workers} worker process(es) x concurrency {settings.concurrency}, "
+            f"{settings.workers} worker(s) x {settings.processes or 1} process(es) x "
+            f"concurrency {settings.concurrency}, "
             f"{where}; server CPU per 1k tasks: "
             + ", ".join(f"{role}s {v * 1e6 / n:.0f} ms" for role, v in sorted(cpu.items()))
         ),
         extra={
             "workers": settings.workers,
+            "processes": settings.processes or 1,
             "concurrency": settings.concurrency,
             "queues": len(queues),
-            "per_process": round(rate / settings.workers, 1) if rate else None,
+            "per_process": (
+                round(rate / settings.workers / (settings.processes or 1), 1) if rate else None
+            ),
             "server_cpu_ms_per_1k": {k: round(v * 1000 / n * 1000, 1) for k, v in cpu.items()},
         },
     )

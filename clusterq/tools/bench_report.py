@@ -85,6 +85,8 @@ class BenchSettings:
     prefix: str = DEFAULT_PREFIX
     tasks: int = 10_000
     workers: int = 1
+    #: Each worker a supervisor of this many processes (``--processes``), if set.
+    processes: int | None = None
     concurrency: int = 50
     work: Work = "noop"
     batch: int = 1000

@@ -127,6 +127,7 @@ class Session:
             count=count,
             concurrency=self.settings.concurrency,
             name=f"bench-{self.run_id}-{self._n}",
+            processes=self.settings.processes,
         )
 
     def start_workers(self, workers: WorkerProcesses) -> None:
