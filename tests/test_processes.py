@@ -130,6 +130,18 @@ def test_a_stuck_sync_handler_is_killed_retried_then_archived(
     # Each attempt's process was replaced (one process may have held both attempts).
     assert causes["hard_timeout"] in (1, 2), replaced
     assert set(causes) == {"hard_timeout"}
+
+    # What the replaced processes did with the rest they held: finished, or handed back.
+    def gone() -> list[dict[str, Any]]:
+        exited = _supervisor_events(worker, "process_exited")
+        return [e for e in exited if e["reason"].startswith("task ")]
+
+    left = wait_for(lambda: len(gone()) == len(replaced) and gone(), 30, "them to exit")
+    assert all("returned" in e for e in left)  # each said so before it went
+    print(
+        f"\nstuck ({how}): {len(replaced)} process(es) replaced; they processed "
+        f"{sum(e['processed'] for e in left)} and handed back {sum(e['returned'] for e in left)}"
+    )
     _stop(worker)
 
 

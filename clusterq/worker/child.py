@@ -56,7 +56,15 @@ class ChildLink:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._flush()
+            stats = self.worker.stats
+            self._send(
+                {
+                    "t": "bye",
+                    "processed": stats.processed,
+                    "failed": stats.failed,
+                    "returned": stats.returned,
+                }
+            )
 
     def _started(self) -> None:
         self._tasks = [

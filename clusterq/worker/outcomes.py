@@ -251,6 +251,7 @@ class Outcomes:
                 continue
             try:
                 n = await self.broker.requeue(q.qk, unfinished)
+                self.stats.returned += n
                 log.info("queue %s: returned %d unfinished tasks", q.name, n)
             except Exception as exc:
                 log.warning(

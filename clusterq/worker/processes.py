@@ -66,6 +66,8 @@ class _Process:
     #: Its latest Prometheus exposition text (with ``--metrics-port``).
     metrics: str = ""
     worker_id: str = ""
+    #: What it said when it stopped: processed, failed, returned (handed back).
+    bye: dict[str, Any] = field(default_factory=dict)
 
 
 class WorkerPool:
@@ -216,16 +218,18 @@ class WorkerPool:
             extra={"event": {"event": "process_started", "index": index, "pid": pid}},
         )
 
-    def _read(self, child: _Process) -> None:
+    def _read(self, child: _Process) -> bool:
+        """Read what ``child`` sent; False once nothing more is there."""
         try:
             data = child.sock.recv(1 << 16)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:  # it exited or closed its end: reaped below
-            self._selector.unregister(child.sock)
-            return
+            with _gone_ok():
+                self._selector.unregister(child.sock)
+            return False
         child.seen = time.monotonic()
         child.buffer += data
         *lines, rest = child.buffer.split(b"\n")
@@ -236,12 +240,15 @@ class WorkerPool:
                 self._message(child, message)
             except Exception:
                 log.exception("supervisor %s: bad message from pid %d", self.id, child.pid)
+        return True
 
     def _message(self, child: _Process, message: dict[str, Any]) -> None:
         kind = message.get("t")
         if kind == "beat":
             child.metrics = str(message.get("metrics") or "")
             child.worker_id = str(message.get("id") or child.worker_id)
+        elif kind == "bye":
+            child.bye = {k: message.get(k) for k in ("processed", "failed", "returned")}
         elif kind == "leaving" and child.leaving is None:
             child.leaving = str(message.get("reason"))
             child.cause = str(message.get("cause") or "other")
@@ -261,6 +268,8 @@ class WorkerPool:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            while self._read(child):  # its last words (the bye) may still be unread
+                pass
             with _gone_ok():
                 self._selector.unregister(child.sock)
             child.sock.close()
@@ -283,6 +292,7 @@ class WorkerPool:
                         "pid": pid,
                         "code": code,
                         "reason": reason,
+                        **child.bye,
                     }
                 },
             )

@@ -118,6 +118,8 @@ class WorkerStats:
     loop_restarts: int = 0
     #: Sweeps of a queue started (retention, archive trimming, expired leases).
     sweeps: int = 0
+    #: Tasks handed back to their queues unfinished at a stop (no retry spent).
+    returned: int = 0
 
 
 @dataclass
