@@ -309,24 +309,27 @@ class AsyncClient(ClientBase):
         **options: Any,
     ) -> TaskInfo | WorkflowHandle:
         """See :meth:`Client.enqueue`."""
-        if isinstance(type, Chain | Group | Chord):  # a workflow: start it
+        if type.__class__ is not str and isinstance(type, Chain | Group | Chord):  # a workflow
             options = start_options(payload, options)
             return await AsyncWorkflows(self).start(type, durability=durability, **options)
-        if isinstance(type, TaskSpec):
+        if type.__class__ is not str and isinstance(type, TaskSpec):
             raise TypeError(
                 "enqueue takes a task type and a payload: enqueue(spec.type, spec.payload, "
                 "**spec.options), or enqueue_many([spec]) for TaskSpecs"
             )
-        await self._refresh_layouts()
-        prepared = self.producer.prepare(type, payload, **options)
+        if self.layouts.due():  # (no coroutine made for nothing)
+            await self._refresh_layouts()
+        prepared = self.producer.prepare_options(type, payload, options)
         if prepared.queue not in self._registered:
             self._register_soon([prepared.queue])
         level = durability or self.durability
         if level != "none":
             return (await self.send_prepared([prepared], level, raise_duplicate=True))[0]
-        attempts = enqueue_script.Attempts([(prepared.qk, [prepared.new])], durable=False)
-        reply = await self.backend.execute(prepared.qk.slot, attempts.arun)
-        return one_info(prepared, attempts, reply)
+        one = enqueue_script.One(prepared.qk, prepared.new)
+        reply = await self.backend.execute(prepared.qk.slot, one.arun)
+        if one.pushed:  # created, as guessed
+            return prepared.guess()
+        return one_info(prepared, one, reply)
 
     async def enqueue_many(
         self,

@@ -379,24 +379,27 @@ class Client(ClientBase):
         ``durability="replica"`` (or the client's default) waits until a replica has the
         task and raises :class:`DurabilityError` if none confirms it in time.
         """
-        if isinstance(type, Chain | Group | Chord):  # a workflow: start it
+        if type.__class__ is not str and isinstance(type, Chain | Group | Chord):  # a workflow
             options = start_options(payload, options)
             return Workflows(self).start(type, durability=durability, **options)
-        if isinstance(type, TaskSpec):
+        if type.__class__ is not str and isinstance(type, TaskSpec):
             raise TypeError(
                 "enqueue takes a task type and a payload: enqueue(spec.type, spec.payload, "
                 "**spec.options), or enqueue_many([spec]) for TaskSpecs"
             )
-        self._refresh_layouts()
-        prepared = self.producer.prepare(type, payload, **options)
+        if self.layouts.due():
+            self._refresh_layouts()
+        prepared = self.producer.prepare_options(type, payload, options)
         if prepared.queue not in self._registered:
             self._register_soon([prepared.queue])
         level = durability or self.durability
         if level != "none":
             return self.send_prepared([prepared], level, raise_duplicate=True)[0]
-        attempts = enqueue_script.Attempts([(prepared.qk, [prepared.new])], durable=False)
-        reply = self.backend.execute(prepared.qk.slot, attempts.run)
-        return one_info(prepared, attempts, reply)
+        one = enqueue_script.One(prepared.qk, prepared.new)
+        reply = self.backend.execute(prepared.qk.slot, one)
+        if one.pushed:  # created, as guessed
+            return prepared.guess()
+        return one_info(prepared, one, reply)
 
     def enqueue_many(
         self,

@@ -244,19 +244,55 @@ class Producer:
         partitioned queue, tasks with the same key go to the same partition.
         """
         if options.keys() <= _PLAIN:  # templates of plain enqueues are kept
-            max_retry = options.get("max_retry", DEFAULT_MAX_RETRY)
-            kept = (type, options.get("queue", DEFAULT_QUEUE), max_retry)
-            try:
-                t = self._plain.get(kept) if max_retry.__class__ is int else None
-            except TypeError:  # not hashable: not a name; template() says which
-                t = self.template(type, **options)
-            if t is None:
-                t = self.template(type, **options)
-                self._remember(self._plain, kept, t)
+            t = self._plain_template(type, options)
         else:
             t = self.template(type, **options)
         now_ms = int(time.time() * 1000)
         return self._one(t, payload, task_id, now_ms, _head(t, now_ms), key)
+
+    def prepare_options(self, type: str, payload: Any, options: dict[str, Any]) -> PreparedEnqueue:
+        """``prepare(type, payload, **options)``, the options read from the dict as given
+        (a client's ``enqueue`` passes its own ``**options``: not copied, not changed).
+
+        The most common enqueue, a task with a new id into a plain queue and no options
+        but ``queue`` and ``max_retry``, takes the shortest way: the kept template's
+        record head, the payload, an id."""
+        if not options.keys() <= _PLAIN:
+            return self.prepare(type, payload, **options)
+        max_retry = options.get("max_retry", DEFAULT_MAX_RETRY)
+        try:  # _plain_template(), the lookup inline: once per enqueue
+            kept = (type, options.get("queue", DEFAULT_QUEUE), max_retry)
+            t = self._plain.get(kept) if max_retry.__class__ is int else None
+        except TypeError:
+            t = None
+        if t is None:
+            t = self._plain_template(type, options)
+        if t.open is None or t.layout is not None:  # a partitioned queue: _one picks
+            now_ms = int(time.time() * 1000)
+            return self._one(t, payload, None, now_ms, _head(t, now_ms))
+        data = self._encode(payload)
+        if len(data) > self.max_payload_bytes:
+            raise too_large(len(data), self.max_payload_bytes)
+        now_ms = int(time.time() * 1000)
+        record = t.open + b',"e":%d}\n' % now_ms + data  # with_enqueued(), inline
+        new = enqueue_script.NewTask(new_task_id(), record, t.delay_ms, t.due_ms, None, 0, True)
+        return PreparedEnqueue(
+            t.queue, t.qk, new, t.type, payload, t.max_retry, t.timeout, t.deadline, now_ms
+        )
+
+    def _plain_template(self, type: str, options: dict[str, Any]) -> _Template:
+        """The template of an enqueue with no options but ``queue`` and ``max_retry``
+        (kept: checked once)."""
+        max_retry = options.get("max_retry", DEFAULT_MAX_RETRY)
+        kept = (type, options.get("queue", DEFAULT_QUEUE), max_retry)
+        try:
+            t = self._plain.get(kept) if max_retry.__class__ is int else None
+        except TypeError:  # not hashable: not a name; template() says which
+            return self.template(type, **options)
+        if t is None:
+            t = self.template(type, **options)
+            self._remember(self._plain, kept, t)
+        return t
 
     def template(
         self,
@@ -466,12 +502,13 @@ def raise_first(replies: Sequence[Any]) -> list[Any]:
     return list(replies)
 
 
-def one_info(prepared: PreparedEnqueue, attempts: enqueue_script.Attempts, reply: Any) -> TaskInfo:
+def one_info(prepared: PreparedEnqueue, one: enqueue_script.One, reply: Any) -> TaskInfo:
+    """The TaskInfo of a one-task enqueue that ``one`` sent, from its latest reply."""
     info = prepared.guess()
-    step = attempts.sent[0]
-    if enqueue_script.created_as_sent(step):  # created, as guessed
+    if one.pushed:  # created, as guessed
         return info
-    outcome = enqueue_script.parse(step, reply, 1)[0]
+    assert one.sent is not None
+    outcome = enqueue_script.parse(one.sent, reply, 1)[0]
     if outcome is not enqueue_script.CREATED or info.state is not TaskState.PENDING:
         prepared.settle(info, outcome, raise_duplicate=True)
     return info

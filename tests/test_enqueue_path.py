@@ -1,18 +1,22 @@
 """The one-call enqueue's own path: ``push.lua`` (key types looked at only when a write
-is refused, the refusal undone), the wake-up it sends, a script cache emptied under it.
-Real standalone server."""
+is refused, the refusal undone), the wake-up it sends, a script cache emptied under it,
+and the producer's shortest way for the most common enqueue. Real standalone server for
+the script's tests."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 import redis
 
-from clusterq import Client, TaskState
+from clusterq import AsyncClient, Client, TaskState
 from clusterq.broker import enqueue
 from clusterq.keys import KeySchema, QueueKeys
+from clusterq.producer import Producer
 from clusterq.serialization import reply_text
+from clusterq.task import Record
 
 
 def _push(r: redis.Redis, qk: QueueKeys, *pairs: Any) -> Any:
@@ -142,3 +146,81 @@ def test_an_enqueue_meets_an_emptied_script_cache(standalone: Any, prefix: str) 
             assert r.llen(qk.pending) == 2 and r.hexists(qk.tasks, info.id)
         finally:
             r.close()
+
+
+def test_both_clients_push_a_fresh_task_and_check_the_others(standalone: Any, prefix: str) -> None:
+    import asyncio
+
+    url = standalone.seed_url
+    sent: list[object] = []
+    real = enqueue.One.__call__
+
+    def spy(self: enqueue.One, client: Any) -> Any:
+        reply = real(self, client)
+        sent.append(self.pushed)
+        return reply
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(enqueue.One, "__call__", spy)
+        with Client(url, prefix=prefix) as client:
+            fresh = client.enqueue("t", {"n": 1}, queue="q")
+            given = client.enqueue("t", {"n": 2}, queue="q", task_id="mine")
+            again = client.enqueue("t", {"n": 2}, queue="q", task_id="mine")
+            later = client.enqueue("t", None, queue="q", process_in=60)
+    assert sent == [True, False, False, False]
+    assert (fresh.state, fresh.already_enqueued, fresh.enqueued_at is not None) == (
+        TaskState.PENDING,
+        False,
+        True,
+    )
+    assert (given.already_enqueued, again.already_enqueued) == (False, True)
+    assert later.state == TaskState.SCHEDULED
+
+    async def in_asyncio() -> list[Any]:
+        async with await AsyncClient.connect(url, prefix=prefix) as client:
+            return [
+                await client.enqueue("t", {"n": 3}, queue="q"),
+                await client.enqueue("t", {"n": 2}, queue="q", task_id="mine"),
+            ]
+
+    afresh, aagain = asyncio.run(in_asyncio())
+    assert (afresh.state, afresh.already_enqueued) == (TaskState.PENDING, False)
+    assert aagain.already_enqueued
+    r = redis.Redis.from_url(url)
+    try:
+        qk = KeySchema(prefix).queue("q")
+        assert set(r.lrange(qk.pending, 0, -1)) == {fresh.id.encode(), b"mine", afresh.id.encode()}
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"queue": "q"},
+        {"queue": "q", "max_retry": 3},
+        {"queue": "q", "task_id": "given"},
+        {"retention": 5, "timeout": 2},
+        {"process_in": 30},
+        {"unique_for": 60},
+    ],
+)
+def test_the_shortest_way_prepares_what_prepare_does(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = Producer(KeySchema("u"), "json", 1024)
+    ids = iter(["id-1", "id-2"])
+    monkeypatch.setattr("clusterq.producer.new_task_id", lambda: next(ids))
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.5)
+    kept = dict(options)
+    short = producer.prepare_options("t", {"a": 1}, options)
+    assert options == kept  # read, not changed
+    full = producer.prepare("t", {"a": 1}, **options)
+    if "task_id" not in options:
+        assert (short.new.id, full.new.id) == ("id-1", "id-2")
+        short.new.id = full.new.id
+    assert short == full
+    assert Record.decode(short.new.record).payload == b'{"a":1}'
+    with pytest.raises(Exception, match="more than the limit of 1024 bytes"):
+        producer.prepare_options("t", "x" * 2000, options)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from clusterq.broker.script import LuaScript, Step, arun_one, run_one
 from clusterq.cluster.wire import AsyncNodeClient, NodeClient
 from clusterq.keys import QueueKeys
@@ -42,6 +44,11 @@ class EnqueueOutcome:
     duplicate_of: str | None = None
 
 
+def pushable(task: NewTask) -> bool:
+    """Whether ``push.lua`` may write ``task`` on a first attempt (see :func:`call`)."""
+    return task.fresh and task.unique_key is None and task.delay_ms <= 0 and task.due_ms <= 0
+
+
 def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False, first: bool) -> Step:
     """What to send for ``tasks``, which all belong to queue ``qk``.
 
@@ -57,7 +64,7 @@ def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False, firs
     if first and not durable:
         pairs: list[Any] = []
         for t in tasks:
-            if not t.fresh or t.unique_key is not None or t.delay_ms > 0 or t.due_ms > 0:
+            if not pushable(t):
                 break
             pairs += (t.id, t.record)
         else:
@@ -120,6 +127,59 @@ class Attempts:
     async def arun(self, client: AsyncNodeClient) -> Any:
         (step,) = self.next()
         return await arun_one(client, step)
+
+
+class One:
+    """The attempts of one task's enqueue without durability (what ``Client.enqueue``
+    sends), for a backend to call (``one(client)``, or ``one.arun``) and retry: as
+    :class:`Attempts` for one group of one task, with less built per call. The first
+    attempt of a pushable task is ``push.lua``'s ``EVALSHA``, its arguments given in
+    place; any other attempt goes through ``enqueue.lua``.
+
+    ``pushed``: whether the latest attempt was a push (its reply: the task was created,
+    pending), None before the first; ``sent``: the step of the latest attempt, None
+    after a push."""
+
+    __slots__ = ("pushed", "qk", "sent", "task")
+
+    def __init__(self, qk: QueueKeys, task: NewTask) -> None:
+        self.qk = qk
+        self.task = task
+        self.pushed: bool | None = None
+        self.sent: Step | None = None
+
+    def __call__(self, client: NodeClient) -> Any:
+        task = self.task
+        if self.pushed is None and pushable(task):
+            self.pushed = True
+            qk = self.qk
+            command = ("EVALSHA", PUSH.sha, 3, qk.tasks, qk.pending, qk.wake, task.id, task.record)
+            try:
+                return client.fast(*command)
+            except redis.exceptions.NoScriptError:  # it did not run: loaded, sent again
+                client.fast("SCRIPT", "LOAD", PUSH.source)
+                return client.fast(*command)
+        return run_one(client, self._checked())
+
+    async def arun(self, client: AsyncNodeClient) -> Any:
+        task = self.task
+        if self.pushed is None and pushable(task):
+            self.pushed = True
+            qk = self.qk
+            command = ("EVALSHA", PUSH.sha, 3, qk.tasks, qk.pending, qk.wake, task.id, task.record)
+            try:
+                return await client.fast(*command)
+            except redis.exceptions.NoScriptError:  # it did not run: loaded, sent again
+                await client.fast("SCRIPT", "LOAD", PUSH.source)
+                return await client.fast(*command)
+        return await arun_one(client, self._checked())
+
+    def _checked(self) -> Step:
+        """The step of an attempt through ``enqueue.lua``: a retry (the first may have
+        run, its reply lost), or a task that needs the checks."""
+        self.pushed = False
+        self.sent = call(self.qk, [self.task], first=False)
+        return self.sent
 
 
 #: The outcome of a task created pending (shared: outcomes are read, never changed).
