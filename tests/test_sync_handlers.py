@@ -324,3 +324,36 @@ def test_the_cpu_work_is_calibrated_once() -> None:
 
     loops = bench_handlers._loops_per_task()
     assert loops > 0 and bench_handlers._loops_per_task() == loops
+
+
+def test_handler_threads_grow_for_blocked_jobs_and_drop_waiting_ones_at_close() -> None:
+    """The pool's own rules, without a worker: jobs beyond ``eager`` wait for the threads
+    awake; blocked ones get more threads (up to ``size``); ``close`` drops what waits."""
+    from clusterq.worker.threads import HandlerThreads, Job
+
+    async def scenario() -> None:
+        returned: list[Job] = []
+        pool = HandlerThreads(3, returned.append, eager=1, patience=0.001)
+        together = threading.Barrier(3, timeout=20)
+        context = contextvars.copy_context  # one each: a context runs in one thread at once
+        jobs = [pool.submit(lambda _: together.wait(), None, context()) for _ in range(3)]
+        assert sorted(await asyncio.gather(*(job.future for job in jobs))) == [0, 1, 2]
+        assert pool.started == 3 and all(job.done() for job in jobs)
+        release = threading.Event()
+        begun: list[int] = []
+
+        def hold(n: int) -> bool:
+            begun.append(n)
+            return release.wait(20)
+
+        running = [pool.submit(hold, n, context()) for n in range(3)]
+        await await_for(lambda: len(begun) == 3, 20, "a thread for each (woken by the timer)")
+        waiting = pool.submit(lambda _: "never", None, context())  # every thread is taken
+        pool.close()
+        assert waiting.future.cancelled() and waiting.done() and waiting in returned
+        release.set()
+        assert await asyncio.gather(*(job.future for job in running)) == [True] * 3
+        with pytest.raises(RuntimeError, match="closed"):
+            pool.submit(lambda _: None, None, context())
+
+    asyncio.run(scenario())
