@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -438,3 +439,37 @@ def test_metrics_add_up_over_the_processes(
     seen = wait_for(lambda: (m := scrape()).get("succeeded") == 300 and m, 30, "the sum")
     assert seen["clusterq_worker_processes"] == 2
     _stop(worker)
+
+
+def test_run_processes_from_python(
+    standalone: LocalServer, prefix: str, log_dir: Path, counts: Any, tmp_path: Path
+) -> None:
+    """The Python API behind --processes: run_processes(url, router, N, **options)."""
+    url = str(standalone.seed_url)
+    script = (
+        "from clusterq.worker import ProcessLimits, run_processes\n"
+        "from tests.workload import router\n"
+        f"run_processes({url!r}, router, 2, prefix={prefix!r}, streams='none',\n"
+        "              limits=ProcessLimits(max_tasks=50))\n"
+    )
+    with Client(url, prefix=prefix) as client:
+        ids = [t.id for t in client.enqueue_many([("counted", {})] * 200)]
+    out = open(tmp_path / "pool.out", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "CLUSTERQ_TEST_LOG_DIR": str(log_dir)},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: len(_per_task(counts(), "done")) == 200, 60, "the 200 tasks")
+        assert set(_per_task(counts(), "done")) == set(ids)
+        # 200 tasks, 50 per process: at least three processes took their 50 and left.
+        assert sum(1 for c in _done_by_pid(log_dir).values() if c.total() == 50) >= 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -18,7 +17,6 @@ from clusterq.cli.state import CliError, CliState, connection_options, log_optio
 from clusterq.inspector import Inspector
 from clusterq.logs import LogFormat
 from clusterq.logs import configure as configure_logs
-from clusterq.producer import new_task_id
 from clusterq.router import Router
 from clusterq.worker import (
     DEFAULT_LEASE,
@@ -28,8 +26,7 @@ from clusterq.worker import (
     parse_queues,
 )
 from clusterq.worker.announce import WorkerAnnouncement
-from clusterq.worker.child import LEAVE_MARGIN, run_child
-from clusterq.worker.processes import WorkerPool
+from clusterq.worker.processes import run_processes
 from clusterq.worker.recycle import ProcessLimits
 
 
@@ -222,10 +219,20 @@ def run(
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if processes is not None:
-        run_processes(state, router, options, processes, limits, metrics_port, metrics_host)
+        run_processes(
+            state.url,
+            router,
+            processes,
+            limits=limits,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            **options,
+        )
         return
     if metrics_port is not None:
-        options["metrics"] = worker_metrics()
+        from clusterq.metrics import WorkerMetrics
+
+        options["metrics"] = WorkerMetrics()
         options["metrics"].serve(metrics_port, metrics_host)
     worker = Worker(state.url, router, **options)
     worker.run()
@@ -238,51 +245,6 @@ def run(
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)
-
-
-def worker_metrics() -> Any:
-    from clusterq.metrics import WorkerMetrics
-
-    return WorkerMetrics()
-
-
-def run_processes(
-    state: CliState,
-    router: Router,
-    options: dict[str, Any],
-    processes: int,
-    limits: ProcessLimits,
-    metrics_port: int | None,
-    metrics_host: str,
-) -> None:
-    """``--processes N``: a supervisor forks N workers (see clusterq.worker.processes)."""
-    name = options["name"]
-    supervisor_id = name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
-    server: Any = None
-
-    def start_child(index: int, sock: socket.socket, supervisor: str) -> int:
-        if server is not None:
-            server.socket.close()  # the supervisor's, inherited by the fork
-        child = dict(options, name=f"{name}/{index}:{os.getpid()}" if name else None)
-        if metrics_port is not None:
-            child["metrics"] = worker_metrics()
-        worker = Worker(state.url, router, **child)
-        worker.limits = limits
-        return run_child(worker, sock, supervisor, index)
-
-    pool = WorkerPool(
-        start_child,
-        processes,
-        supervisor_id=supervisor_id,
-        stall_after=max(30.0, 3 * options["lease"]),
-        leave_within=options["shutdown_timeout"] + LEAVE_MARGIN,
-    )
-    if metrics_port is not None:
-        from clusterq.metrics import SummedCollector, serve_summed
-
-        collector = SummedCollector(pool.metrics_texts, lambda: len(pool.children), pool.replaced)
-        server = serve_summed(collector, metrics_port, metrics_host)
-    pool.run()
 
 
 @worker.command("ls")

@@ -34,7 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from clusterq.worker.recycle import EXIT_REPLACE
+from clusterq.producer import new_task_id
+from clusterq.worker.recycle import EXIT_REPLACE, ProcessLimits
+from clusterq.worker.state import DEFAULT_LEASE
 
 log = logging.getLogger("clusterq.worker")
 
@@ -334,6 +336,58 @@ class WorkerPool:
     def metrics_texts(self) -> list[str]:
         """The live processes' latest metrics (exposition text)."""
         return [c.metrics for c in list(self.children.values()) if c.metrics]
+
+
+def run_processes(
+    url: Any,
+    router: Any,
+    processes: int,
+    *,
+    limits: ProcessLimits | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    name: str | None = None,
+    **worker_options: Any,
+) -> None:
+    """Run ``processes`` workers — ``Worker(url, router, **worker_options)`` each, with
+    ``limits`` — under a supervisor until SIGTERM/SIGINT (what ``clusterq worker run
+    --processes N`` does). With ``metrics_port``, the supervisor serves their metrics
+    summed. ``name`` names the supervisor; its processes are ``<name>/<n>:<pid>``."""
+    from clusterq.worker.child import LEAVE_MARGIN, run_child
+    from clusterq.worker.worker import Worker
+
+    Worker(url, router, name=name, **worker_options)  # the options checked here, once
+    limits = limits or ProcessLimits()
+    supervisor_id = name or f"{socket.gethostname()}:{os.getpid()}:{new_task_id()[:6]}"
+    server: Any = None
+
+    def start_child(index: int, sock: socket.socket, supervisor: str) -> int:
+        if server is not None:
+            server.socket.close()  # the supervisor's, inherited by the fork
+        options = dict(worker_options, name=f"{name}/{index}:{os.getpid()}" if name else None)
+        if metrics_port is not None:
+            from clusterq.metrics import WorkerMetrics
+
+            options["metrics"] = WorkerMetrics()
+        worker = Worker(url, router, **options)
+        worker.limits = limits
+        return run_child(worker, sock, supervisor, index)
+
+    lease = float(worker_options.get("lease", DEFAULT_LEASE))
+    grace = float(worker_options.get("shutdown_timeout", 10.0))
+    pool = WorkerPool(
+        start_child,
+        processes,
+        supervisor_id=supervisor_id,
+        stall_after=max(30.0, 3 * lease),
+        leave_within=grace + LEAVE_MARGIN,
+    )
+    if metrics_port is not None:
+        from clusterq.metrics import SummedCollector, serve_summed
+
+        collector = SummedCollector(pool.metrics_texts, lambda: len(pool.children), pool.replaced)
+        server = serve_summed(collector, metrics_port, metrics_host)
+    pool.run()
 
 
 class _gone_ok:
