@@ -473,3 +473,30 @@ def test_run_processes_from_python(
         if proc.poll() is None:
             proc.kill()
         out.close()
+
+
+def test_processes_that_cannot_start_stop_the_supervisor_with_the_reason(
+    dead_port: int, clusterq_bin: str
+) -> None:
+    """A wrong URL: the first processes die before their worker starts. The supervisor
+    says so and exits 1, instead of restarting them for ever."""
+    done = subprocess.run(
+        [
+            clusterq_bin,
+            "--url",
+            f"redis://127.0.0.1:{dead_port}",
+            "worker",
+            "tests.workload:router",
+            "--processes",
+            "2",
+            "--streams",
+            "none",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"cannot reach 127.0.0.1:{dead_port}" in done.stderr
+    assert "before its worker started" in done.stderr.splitlines()[-1]

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from clusterq.errors import ClusterqError
 from clusterq.producer import new_task_id
 from clusterq.worker.recycle import EXIT_REPLACE, ProcessLimits
 from clusterq.worker.state import DEFAULT_LEASE
@@ -63,6 +64,8 @@ class _Process:
     killed: str | None = None
     #: Its replacement was started (when it said it was leaving).
     replaced: bool = False
+    #: It ran: its worker started and sent a beat.
+    ran: bool = False
     #: When it is killed if it has not exited (monotonic), if set.
     kill_at: float | None = None
     #: Its latest Prometheus exposition text (with ``--metrics-port``).
@@ -104,6 +107,9 @@ class WorkerPool:
         self._handled_signals = 0
         self._stopping = False
         self._restart_at: dict[int, float] = {}
+        #: Why the pool gave up: no process ever started (a wrong URL, a refused password).
+        self.failed: str | None = None
+        self._ever_ran = False
         self._delays: dict[int, float] = {}
 
     # ------------------------------------------------------------------ running
@@ -129,6 +135,8 @@ class WorkerPool:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._selector.close()
+        if self.failed is not None:
+            raise ClusterqError(self.failed)
         log.info(
             "supervisor %s: all worker processes stopped (replaced: %s)",
             self.id,
@@ -201,6 +209,8 @@ class WorkerPool:
                     signal.signal(signum, signal.SIG_DFL)
                 os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only
                 status = self.start_child(index, theirs, self.id)
+            except ClusterqError as exc:  # said in one line, as a worker alone says it
+                log.error("worker process %d: %s", index, exc)
             except BaseException:
                 log.exception("worker process %d failed", index)
             finally:
@@ -247,6 +257,7 @@ class WorkerPool:
     def _message(self, child: _Process, message: dict[str, Any]) -> None:
         kind = message.get("t")
         if kind == "beat":
+            child.ran = self._ever_ran = True
             child.metrics = str(message.get("metrics") or "")
             child.worker_id = str(message.get("id") or child.worker_id)
         elif kind == "bye":
@@ -298,6 +309,14 @@ class WorkerPool:
                     }
                 },
             )
+            if not child.ran and not self._ever_ran and not self._stopping:
+                # The first processes cannot start at all: a supervisor restarting them
+                # for ever would hide a wrong URL or password behind a loop of errors.
+                self.failed = (
+                    f"worker process {child.index} exited ({how}) before its worker started "
+                    "(its error is logged above); stopping"
+                )
+                self._stop(now, at_once=True)
             if not child.replaced and not self._stopping:
                 early = now - child.started < EARLY_EXIT and code != EXIT_REPLACE
                 cause = child.cause or ("killed" if child.killed else "died")
