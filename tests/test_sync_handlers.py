@@ -357,3 +357,21 @@ def test_handler_threads_grow_for_blocked_jobs_and_drop_waiting_ones_at_close() 
             pool.submit(lambda _: None, None, context())
 
     asyncio.run(scenario())
+
+
+def test_busy_handler_threads_run_short_jobs_on_few_threads() -> None:
+    """While the process is busy, jobs beyond ``eager`` wait for the threads awake, and
+    a thread with another job to run leaves its results for up to ``lazy`` (it wakes the
+    loop when none is left): every job completes, on one thread."""
+    from clusterq.worker.threads import HandlerThreads
+
+    async def scenario() -> None:
+        pool = HandlerThreads(8, eager=1, patience=60)  # no growth: never blocked here
+        pool._busy = True  # as measured under load
+        pool._sampled = (float("inf"), 0.0)  # and not measured again here
+        jobs = [pool.submit(lambda n: n * 2, n, contextvars.copy_context()) for n in range(200)]
+        assert await asyncio.gather(*(job.future for job in jobs)) == [n * 2 for n in range(200)]
+        assert pool.started == 1  # the others waited for it
+        pool.close()
+
+    asyncio.run(scenario())

@@ -2,20 +2,24 @@
 
 A worker runs its event loop in one thread and its sync handlers in long-lived threads,
 at most one per concurrency slot, started when first needed and kept. What a sync task
-costs is mostly not Python but the GIL changing hands: every time a thread blocks (a
-socket call, a lock) another one takes it, and the loop, which feeds every handler,
-waits behind each thread that wants it too. So:
+costs is mostly not Python but the GIL changing hands: each blocking call of a handler
+(redis-py makes five syscalls per command) lets another thread take the GIL, on another
+CPU, and the loop, which feeds every handler, waits behind each thread that wants it
+too. So:
 
 - No executor: the loop hands a :class:`Job` to an idle thread directly (the one idle
-  since the shortest time, likeliest to still be warm), or leaves it in a queue that
-  the threads awake take from as they finish, before going to sleep. With
-  :data:`EAGER` threads awake, a new job waits for one of them: short handlers (a
-  command to Redis, some computing) run on a few threads, which keeps the GIL with
-  few contenders. While jobs wait, the loop looks every :data:`PATIENCE` seconds at
-  how much CPU the process used meanwhile: under :data:`BUSY` of one CPU, the threads
-  awake are waiting (I/O, ``sleep``, a lock), and as many threads again are woken.
-  Handlers that block thus get a thread each within a few milliseconds, up to the
-  concurrency, as before.
+  since the shortest time), or leaves it in a queue that the threads awake take from as
+  they finish, before going to sleep.
+- While the process is busy (it used :data:`BUSY` of a CPU or more, measured every
+  :data:`SAMPLE` seconds while jobs come in), a new job waits for one of the
+  :data:`EAGER` threads awake instead of waking another, and a thread that has another
+  job to run leaves its finished ones for up to :data:`LAZY` seconds before waking the
+  loop: short handlers run on a couple of threads, and the loop settles them in larger
+  batches, meeting the threads less often on the GIL. Not busy (handlers that mostly
+  wait), each job wakes a thread and each result the loop, as before.
+- While jobs wait, the loop looks every :data:`PATIENCE` seconds: if the process used
+  under :data:`IDLE` of a CPU meanwhile, the threads awake are blocked (I/O, ``sleep``,
+  a lock) and as many again are woken, up to the concurrency.
 - Results go back in batches: a thread that finishes puts its job on a list and wakes
   the loop only if no wake-up is on its way already; the loop then settles every job
   finished meanwhile (their futures, the runner's bookkeeping). That is one
@@ -43,14 +47,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-#: Threads awake (running a job or about to take the next) beyond which a new job waits
-#: for one of them instead of waking another.
-EAGER = 4
+#: Seconds between two measures of how busy the process is (while jobs come in).
+SAMPLE = 0.01
+#: The process is busy when it used at least this share of one CPU since the last measure.
+BUSY = 0.75
+#: While the process is busy: threads awake (running a job or about to take the next)
+#: beyond which a new job waits for one of them instead of waking another.
+EAGER = 2
+#: While the process is busy: seconds a finished job may wait for the next one to finish
+#: before its thread wakes the loop (it does at once when no job waits for a thread).
+LAZY = 0.002
 #: Seconds between looks at jobs waiting for a thread.
 PATIENCE = 0.002
 #: When the process used less than this share of one CPU since the last look while jobs
 #: waited, the threads awake are taken to be blocked and as many again are woken.
-BUSY = 0.5
+IDLE = 0.5
 
 
 class Job:
@@ -123,12 +134,14 @@ class HandlerThreads:
         name: str = "clusterq-task",
         eager: int = EAGER,
         patience: float = PATIENCE,
+        lazy: float = LAZY,
     ) -> None:
         self.size = size
         self.name = name
         self.on_return = on_return
         self.eager = eager
         self.patience = patience
+        self.lazy = lazy
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         # Under the lock:
@@ -140,14 +153,21 @@ class HandlerThreads:
         self._awake = 0
         #: Jobs whose function returned, not yet settled on the loop.
         self._returned: list[Job] = []
+        #: When the first of ``_returned`` returned (``time.monotonic()``).
+        self._first_returned = 0.0
         #: A settling of ``_returned`` is scheduled on the loop already.
         self._wake_sent = False
         self._closed = False
+        #: The process was busy at the last measure (set on the loop, read anywhere).
+        self._busy = False
         # On the loop only:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         #: When the timer was set: (time.monotonic(), time.process_time()).
         self._since = (0.0, 0.0)
+        #: The last measure of how busy the process is: (time.monotonic(),
+        #: time.process_time()).
+        self._sampled = (0.0, 0.0)
 
     @property
     def started(self) -> int:
@@ -161,11 +181,14 @@ class HandlerThreads:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         job = Job(fn, arg, context, loop.create_future())
+        now = time.monotonic()
+        if now - self._sampled[0] >= SAMPLE:
+            self._measure(now)
         sleeper = None
         with self._lock:
             if self._closed:
                 raise RuntimeError("the worker's handler threads are closed")
-            if self._awake >= self.eager:
+            if self._busy and self._awake >= self.eager:
                 # The threads awake take it as they finish theirs (the timer wakes
                 # more if they are blocked).
                 self._pending.append(job)
@@ -230,10 +253,11 @@ class HandlerThreads:
                 except BaseException as exc:
                     job.error = exc
             job.arg = None  # nothing of the task kept past its run
+            now = time.monotonic()
             with self._lock:
+                if not self._returned:
+                    self._first_returned = now
                 self._returned.append(job)
-                wake_loop = not self._wake_sent
-                self._wake_sent = True
                 if self._pending:
                     job = self._pending.popleft()
                 else:
@@ -241,6 +265,14 @@ class HandlerThreads:
                     self._awake -= 1
                     if not self._closed:
                         self._idle.append(sleeper)
+                # Busy, the loop is not woken while this thread has another job, for
+                # ``lazy`` at most: it then settles more at once, and fights the
+                # threads for the GIL less often.
+                wake_loop = not self._wake_sent and (
+                    job is None or not self._busy or now - self._first_returned >= self.lazy
+                )
+                if wake_loop:
+                    self._wake_sent = True
             if wake_loop:
                 assert self._loop is not None
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -252,15 +284,16 @@ class HandlerThreads:
     # ------------------------------------------------------------------ on the loop
 
     def _check(self) -> None:
-        """Jobs wait: if the threads awake are blocked, wake (or start) as many again
-        (one per waiting job at most); look again in ``patience`` while jobs wait."""
+        """While jobs wait for a thread: settle jobs that busy threads left finished, and
+        if the threads awake are blocked, wake (or start) as many again (one per waiting
+        job at most); look again in ``patience`` while jobs wait."""
         self._timer = None
         woken: list[_Sleeper] = []
         starting: list[Job] = []
         with self._lock:
-            if not self._pending:
-                return
-            if self._idling():
+            late = bool(self._returned) and not self._wake_sent
+            waiting = bool(self._pending)
+            if waiting and self._idling():
                 more = max(1, self._awake)  # as many again
                 while self._pending and more:
                     more -= 1
@@ -277,15 +310,26 @@ class HandlerThreads:
             sleeper.wake.release()
         for job in starting:
             self._start_thread(job)
-        assert self._loop is not None
-        self._since = (time.monotonic(), time.process_time())
-        self._timer = self._loop.call_later(self.patience, self._check)
+        if late:
+            self._settle()
+        if waiting:
+            assert self._loop is not None
+            self._since = (time.monotonic(), time.process_time())
+            self._timer = self._loop.call_later(self.patience, self._check)
 
     def _idling(self) -> bool:
-        """This process used less than :data:`BUSY` of one CPU since the last look: the
+        """This process used less than :data:`IDLE` of one CPU since the last look: the
         threads awake are waiting (on I/O, a lock, a sleep), not running Python."""
         wall, cpu = self._since
-        return time.process_time() - cpu < (time.monotonic() - wall) * BUSY
+        return time.process_time() - cpu < (time.monotonic() - wall) * IDLE
+
+    def _measure(self, now: float) -> None:
+        """Whether the process used :data:`BUSY` of one CPU or more since the last
+        measure (one every :data:`SAMPLE` seconds at most, when a job comes in)."""
+        wall, cpu = self._sampled
+        used = time.process_time()
+        self._busy = used - cpu >= (now - wall) * BUSY and now - wall < 10 * SAMPLE
+        self._sampled = (now, used)
 
     def _settle(self) -> None:
         with self._lock:
