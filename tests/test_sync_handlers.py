@@ -31,7 +31,7 @@ def _runner(worker: Worker) -> Runner:
 
 def _blocking_backend() -> Backend:
     """What ``current_worker().sync_backend`` gives a sync handler."""
-    return _runner(current_worker()).sync_backend
+    return current_worker().sync_backend
 
 
 def test_sync_handlers_see_the_worker_and_the_middlewares_context(url: str, prefix: str) -> None:
@@ -122,7 +122,6 @@ def test_a_sync_handler_gets_a_blocking_backend_closed_with_the_worker(
     asyncio.run(scenario())
 
 
-@pytest.mark.skipif(not hasattr(Worker, "sync_backend"), reason="Worker.sync_backend not added")
 def test_current_worker_sync_backend(standalone: Any, prefix: str) -> None:
     router = Router()
 

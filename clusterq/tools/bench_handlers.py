@@ -80,9 +80,7 @@ async def incr_redis_py(task: Task) -> None:
 def _sync_backend() -> Backend:
     """The blocking backend a plain ``def`` handler uses: what
     ``current_worker().sync_backend`` gives (:mod:`clusterq.worker.blocking`)."""
-    runner = current_worker()._runner
-    assert runner is not None
-    return runner.sync_backend
+    return current_worker().sync_backend
 
 
 @router.task(INCR_SYNC_TYPE)

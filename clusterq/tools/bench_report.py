@@ -29,7 +29,7 @@ Scenario = Literal[
     "purge",
 ]
 SCENARIOS: tuple[Scenario, ...] = get_args(Scenario)
-Work = Literal["noop", "incr", "incr-redis-py"]
+Work = Literal["noop", "incr", "incr-redis-py", "incr-sync", "cpu"]
 WORKS: tuple[Work, ...] = ("noop", "incr", "incr-redis-py")
 Progress = Callable[[str, int, int], None]
 

@@ -67,6 +67,7 @@ from clusterq.worker.wakeups import Wakeups
 from clusterq.workflow import AsyncWorkflows
 
 if TYPE_CHECKING:
+    from clusterq.cluster.backend import Backend
     from clusterq.metrics import WorkerMetrics
 
 log = logging.getLogger("clusterq.worker")
@@ -341,6 +342,13 @@ class Worker:
             backend.topology.source,
             idle,
         )
+
+    @property
+    def sync_backend(self) -> Backend:
+        """A blocking backend for plain ``def`` handlers: :mod:`clusterq.worker.blocking`."""
+        if self._runner is None:
+            raise RuntimeError("the worker is not started")
+        return self._runner.sync_backend
 
     @property
     def fetching_from(self) -> list[str]:
