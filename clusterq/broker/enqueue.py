@@ -148,12 +148,19 @@ class One:
         self.pushed: bool | None = None
         self.sent: Step | None = None
 
-    def __call__(self, client: NodeClient) -> Any:
+    def _push(self) -> tuple[Any, ...] | None:
+        """The first attempt's ``push.lua`` call for a task that needs no checks; None
+        when ``enqueue.lua`` must decide (a retry, a given id, a lock, a delay)."""
         task = self.task
-        if self.pushed is None and pushable(task):
-            self.pushed = True
-            qk = self.qk
-            command = ("EVALSHA", PUSH.sha, 3, qk.tasks, qk.pending, qk.wake, task.id, task.record)
+        if self.pushed is not None or not pushable(task):
+            return None
+        self.pushed = True
+        qk = self.qk
+        return ("EVALSHA", PUSH.sha, 3, qk.tasks, qk.pending, qk.wake, task.id, task.record)
+
+    def __call__(self, client: NodeClient) -> Any:
+        command = self._push()
+        if command is not None:
             try:
                 return client.fast(*command)
             except redis.exceptions.NoScriptError:  # it did not run: loaded, sent again
@@ -162,11 +169,8 @@ class One:
         return run_one(client, self._checked())
 
     async def arun(self, client: AsyncNodeClient) -> Any:
-        task = self.task
-        if self.pushed is None and pushable(task):
-            self.pushed = True
-            qk = self.qk
-            command = ("EVALSHA", PUSH.sha, 3, qk.tasks, qk.pending, qk.wake, task.id, task.record)
+        command = self._push()
+        if command is not None:
             try:
                 return await client.fast(*command)
             except redis.exceptions.NoScriptError:  # it did not run: loaded, sent again
