@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from clusterq.errors import ClusterqError
+from clusterq.errors import ClusterqError, ConfigError
 from clusterq.producer import new_task_id
 from clusterq.worker.recycle import EXIT_REPLACE, ProcessLimits
 from clusterq.worker.state import DEFAULT_LEASE
@@ -90,9 +90,9 @@ class WorkerPool:
         leave_within: float = 30.0,
     ) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-            raise ValueError(f"processes must be an integer of at least 1, got {processes!r}")
+            raise ConfigError(f"processes must be an integer of at least 1, got {processes!r}")
         if not hasattr(os, "fork"):
-            raise ValueError("worker processes need os.fork (Linux, macOS)")
+            raise ConfigError("worker processes need os.fork (Linux, macOS)")
         self.start_child = start_child
         self.processes = processes
         self.id = supervisor_id
