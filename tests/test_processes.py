@@ -500,3 +500,42 @@ def test_processes_that_cannot_start_stop_the_supervisor_with_the_reason(
     assert done.returncode == 1
     assert f"cannot reach 127.0.0.1:{dead_port}" in done.stderr
     assert "before its worker started" in done.stderr.splitlines()[-1]
+
+
+def test_cpus_pin_each_process_to_its_cpu(
+    standalone: LocalServer, prefix: str, start_worker: StartWorker
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    spec = ",".join(str(c) for c in allowed)
+    worker = start_worker(
+        str(standalone.seed_url),
+        "--processes",
+        "2",
+        "--cpus",
+        spec,
+        "--log-format",
+        "json",
+        "--streams",
+        "none",
+    )
+    started = wait_for(
+        lambda: len(s := _supervisor_events(worker, "process_started")) == 2 and s, 30, "both"
+    )
+
+    def pinned() -> dict[int, set[int]]:
+        # pinned as each process starts: wait until both have started their workers
+        return {e["index"]: os.sched_getaffinity(e["pid"]) for e in started}
+
+    wait_for(lambda: all(len(c) == 1 for c in pinned().values()), 30, "both pinned")
+    assert pinned() == {i: {allowed[i % len(allowed)]} for i in (0, 1)}
+    _stop(worker)
+
+
+@pytest.mark.parametrize("spec", ["999", "1-", "x"])
+def test_bad_cpus_are_refused_in_one_line(standalone: LocalServer, spec: str) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["--url", str(standalone.seed_url), "worker", "tests.workload:router", "--cpus", spec],
+    )
+    assert result.exit_code != 0
+    assert "--cpus" in result.output and "Traceback" not in result.output

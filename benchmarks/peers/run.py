@@ -98,11 +98,18 @@ PEERS = {
         "arq", "arq", ("arq", "arq_tasks.WorkerSettings"), "max_jobs 50, poll_delay 0.05 s"
     ),
 }
-#: clusterq's rows: (key in the results, bench --work, label, handler).
-CLUSTERQ_ROWS = (
-    ("processed", "incr", "clusterq", "async def, INCR over the worker's connection"),
-    ("processed_redis_py", "incr-redis-py", "clusterq, redis-py asyncio", "async def"),
-    ("processed_sync", "incr-sync", "clusterq, sync handler", "def, sync redis-py"),
+#: clusterq's rows: (key in the results, bench --work, label, handler, more options).
+CLUSTERQ_ROWS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
+    ("processed", "incr", "clusterq", "async def, INCR over the worker's connection", ()),
+    ("processed_redis_py", "incr-redis-py", "clusterq, redis-py asyncio", "async def", ()),
+    ("processed_sync", "incr-sync", "clusterq, sync handler", "def, sync redis-py", ()),
+    (
+        "processed_sync_pinned",
+        "incr-sync",
+        "clusterq, sync handler, --cpus",
+        "def, sync redis-py; the worker pinned to one CPU (worker run --cpus)",
+        ("--cpus", "last"),
+    ),
 )
 
 
@@ -186,12 +193,14 @@ def run_clusterq(url: str, n: int, skip: set[str], console: Console) -> dict[str
     this clusterq's bench refuses as unknown is added to ``skip`` and said once."""
     command = [sys.executable, "-m", "clusterq", "--url", url, "bench", "--json", "--no-baseline"]
     rates: dict[str, float] = {}
-    for key, work, _, _ in CLUSTERQ_ROWS:
-        if work in skip:
+    for key, work, _, _, options in CLUSTERQ_ROWS:
+        if work in skip or key in skip:
             continue
         scenarios = ["enqueue", "e2e"] if work == "incr" else ["e2e"]
+        if options == ("--cpus", "last"):  # the last CPU this script may use
+            options = ("--cpus", str(max(os.sched_getaffinity(0))))
         done = subprocess.run(
-            [*command, "--tasks", str(n), "--work", work, *scenarios],
+            [*command, "--tasks", str(n), "--work", work, *options, *scenarios],
             capture_output=True,
             text=True,
         )
@@ -199,6 +208,13 @@ def run_clusterq(url: str, n: int, skip: set[str], console: Console) -> dict[str
             skip.add(work)
             console.print(
                 f"[yellow]clusterq bench does not know --work {work} yet: its row is skipped "
+                f"({done.stderr.strip().splitlines()[-1]})[/]"
+            )
+            continue
+        if done.returncode == 2 and "No such option" in done.stderr:
+            skip.add(key)
+            console.print(
+                f"[yellow]clusterq bench does not know {' '.join(options)}: its row is skipped "
                 f"({done.stderr.strip().splitlines()[-1]})[/]"
             )
             continue
@@ -309,7 +325,7 @@ def main() -> None:
     columns = ("system", "settings", "enqueue/s", "processed/s", "enqueue vs", "processed vs")
     for column in columns:
         table.add_column(column, justify="left" if column in columns[:2] else "right")
-    for key, _, label, handler in CLUSTERQ_ROWS:
+    for key, _, label, handler, _ in CLUSTERQ_ROWS:
         if key not in cq:
             continue
         concurrency = cq.get(f"{key}_concurrency")

@@ -114,6 +114,12 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     help="e2e: each worker a supervisor of N processes (worker run --processes N).",
 )
 @click.option(
+    "--cpus",
+    default=None,
+    metavar="LIST",
+    help="Pin the benchmark's workers to CPUs (worker run --cpus LIST).",
+)
+@click.option(
     "--concurrency", "-c", type=int, default=50, show_default=True, help="Per worker process."
 )
 @click.option(
@@ -155,6 +161,7 @@ def bench(
     tasks: int,
     workers: int,
     processes: int | None,
+    cpus: str | None,
     concurrency: int,
     work: str,
     batch: int,
@@ -177,6 +184,7 @@ def bench(
         tasks=tasks,
         workers=workers,
         processes=processes,
+        cpus=cpus,
         concurrency=concurrency,
         work=work,  # type: ignore[arg-type]
         batch=batch,

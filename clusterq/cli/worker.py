@@ -26,7 +26,7 @@ from clusterq.worker import (
     parse_queues,
 )
 from clusterq.worker.announce import WorkerAnnouncement
-from clusterq.worker.processes import run_processes
+from clusterq.worker.processes import parse_cpus, pin, run_processes
 from clusterq.worker.recycle import ProcessLimits
 
 
@@ -166,6 +166,14 @@ def load_router(spec: str) -> Router:
     help="With --processes: a process whose resident memory passes this (MiB, checked "
     "after each task) takes nothing more, finishes what it holds and is replaced.",
 )
+@click.option(
+    "--cpus",
+    default=None,
+    metavar="LIST",
+    help="Pin the worker to one CPU of LIST (e.g. 1, 0-3, 0,2); with --processes, "
+    "process n to the n-th (round robin). Sync handlers run faster on one CPU; C code "
+    "that releases the GIL no longer runs on several.",
+)
 @connection_options
 @click.pass_obj
 def run(
@@ -191,6 +199,7 @@ def run(
     kill_grace: float,
     max_tasks_per_process: int | None,
     max_memory_per_process: float | None,
+    cpus: str | None,
 ) -> None:
     """Run handlers from MODULE:ROUTER until SIGTERM/SIGINT (twice: stop at once)."""
     configure_logs(log_level, log_format)
@@ -216,6 +225,7 @@ def run(
     try:
         Worker(state.url, router, **options)  # the options checked here, once
         limits = ProcessLimits(max_tasks_per_process, max_memory_per_process, kill_grace)
+        pinned = parse_cpus(cpus) if cpus is not None else None
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if processes is not None:
@@ -226,9 +236,11 @@ def run(
             limits=limits,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            cpus=pinned,
             **options,
         )
         return
+    pin(pinned)
     if metrics_port is not None:
         from clusterq.metrics import WorkerMetrics
 

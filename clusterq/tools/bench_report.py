@@ -87,6 +87,8 @@ class BenchSettings:
     workers: int = 1
     #: Each worker a supervisor of this many processes (``--processes``), if set.
     processes: int | None = None
+    #: ``worker run --cpus`` of the benchmark's workers (pinning), if set.
+    cpus: str | None = None
     concurrency: int = 50
     work: Work = "noop"
     batch: int = 1000

@@ -117,9 +117,10 @@ class Session:
     def workers(
         self, queues: Sequence[str], count: int, streams: str = "none", extra: Sequence[str] = ()
     ) -> WorkerProcesses:
+        pinned = ["--cpus", self.settings.cpus] if self.settings.cpus else []
         return WorkerProcesses(
             streams=streams,
-            extra=extra,
+            extra=[*extra, *pinned],
             url=self.settings.url,
             prefix=self.settings.prefix,
             router="clusterq.tools.bench_handlers:router",

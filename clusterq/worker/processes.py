@@ -357,6 +357,43 @@ class WorkerPool:
         return [c.metrics for c in list(self.children.values()) if c.metrics]
 
 
+def parse_cpus(spec: str) -> list[int]:
+    """``"1"``, ``"0-3"`` or ``"0,2,4-5"``: CPU numbers this process may run on, in order;
+    a :class:`ConfigError` naming the problem otherwise."""
+    cpus: list[int] = []
+    try:
+        for part in spec.split(","):
+            first, dash, last = part.strip().partition("-")
+            cpus.extend(range(int(first), int(last if dash else first) + 1))
+    except ValueError:
+        raise ConfigError(
+            f"--cpus: expected CPU numbers like 1, 0-3 or 0,2,4-5, got {spec!r}"
+        ) from None
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("--cpus: this system cannot pin a process to CPUs (Linux only)")
+    allowed = os.sched_getaffinity(0)
+    outside = sorted(set(cpus) - allowed)
+    if not cpus or outside:
+        raise ConfigError(
+            f"--cpus {spec!r}: CPU(s) {outside or spec} not available here "
+            f"(this process may use {_ranges(sorted(allowed))})"
+        )
+    return cpus
+
+
+def _ranges(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+def pin(cpus: list[int] | None, index: int = 0) -> None:
+    """Pin this process to one CPU: ``cpus[index % len(cpus)]`` (nothing when None).
+    One process of sync handlers pinned to one CPU stops the GIL moving between CPUs
+    with its threads (benchmarks/README.md, "Sync handlers: profile"); it gives up
+    running C code that releases the GIL on several CPUs at once."""
+    if cpus:
+        os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+
+
 def run_processes(
     url: Any,
     router: Any,
@@ -366,12 +403,14 @@ def run_processes(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     name: str | None = None,
+    cpus: list[int] | None = None,
     **worker_options: Any,
 ) -> None:
     """Run ``processes`` workers — ``Worker(url, router, **worker_options)`` each, with
     ``limits`` — under a supervisor until SIGTERM/SIGINT (what ``clusterq worker run
     --processes N`` does). With ``metrics_port``, the supervisor serves their metrics
-    summed. ``name`` names the supervisor; its processes are ``<name>/<n>:<pid>``."""
+    summed. ``name`` names the supervisor; its processes are ``<name>/<n>:<pid>``.
+    ``cpus``: process ``n`` is pinned to ``cpus[n % len(cpus)]`` (see :func:`pin`)."""
     from clusterq.worker.child import LEAVE_MARGIN, run_child
     from clusterq.worker.worker import Worker
 
@@ -383,6 +422,7 @@ def run_processes(
     def start_child(index: int, sock: socket.socket, supervisor: str) -> int:
         if server is not None:
             server.socket.close()  # the supervisor's, inherited by the fork
+        pin(cpus, index)
         options = dict(worker_options, name=f"{name}/{index}:{os.getpid()}" if name else None)
         if metrics_port is not None:
             from clusterq.metrics import WorkerMetrics
