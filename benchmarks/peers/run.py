@@ -204,17 +204,15 @@ def run_clusterq(url: str, n: int, skip: set[str], console: Console) -> dict[str
             capture_output=True,
             text=True,
         )
+        unknown = None
         if done.returncode == 2 and "Invalid value for '--work'" in done.stderr:
-            skip.add(work)
+            unknown, skipped = f"--work {work}", work
+        elif done.returncode == 2 and "No such option" in done.stderr:
+            unknown, skipped = " ".join(options), key
+        if unknown is not None:
+            skip.add(skipped)
             console.print(
-                f"[yellow]clusterq bench does not know --work {work} yet: its row is skipped "
-                f"({done.stderr.strip().splitlines()[-1]})[/]"
-            )
-            continue
-        if done.returncode == 2 and "No such option" in done.stderr:
-            skip.add(key)
-            console.print(
-                f"[yellow]clusterq bench does not know {' '.join(options)}: its row is skipped "
+                f"[yellow]clusterq bench does not know {unknown}: its row is skipped "
                 f"({done.stderr.strip().splitlines()[-1]})[/]"
             )
             continue
