@@ -23,6 +23,7 @@ imported before are shared, and a replacement starts in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ log = logging.getLogger("clusterq.worker")
 #: pause that doubles each time (up to MAX_RESTART_DELAY).
 EARLY_EXIT = 5.0
 MAX_RESTART_DELAY = 10.0
+#: A process or socket already gone is no error here.
+_gone_ok = contextlib.suppress(ProcessLookupError, KeyError, ValueError)
 #: After a second signal, or once a leaving process's time is up: seconds before SIGKILL.
 KILL_MARGIN = 5.0
 
@@ -174,7 +177,7 @@ class WorkerPool:
         for child in self.children.values():
             # The worker's own handler: the first SIGTERM stops it gracefully, a second
             # at once; a process that ignores both is killed.
-            with _gone_ok():
+            with _gone_ok:
                 os.kill(child.pid, signal.SIGTERM)
             limit = KILL_MARGIN if at_once else self.leave_within + KILL_MARGIN
             child.kill_at = min(child.kill_at or now + limit, now + limit)
@@ -188,7 +191,7 @@ class WorkerPool:
             why,
             extra={"event": {"event": "process_killed", "pid": child.pid, "reason": why}},
         )
-        with _gone_ok():
+        with _gone_ok:
             os.kill(child.pid, signal.SIGKILL)
         child.kill_at = None
         child.killed = child.killed or why
@@ -239,7 +242,7 @@ class WorkerPool:
         except OSError:
             data = b""
         if not data:  # it exited or closed its end: reaped below
-            with _gone_ok():
+            with _gone_ok:
                 self._selector.unregister(child.sock)
             return False
         child.seen = time.monotonic()
@@ -283,7 +286,7 @@ class WorkerPool:
                 continue
             while self._read(child):  # its last words (the bye) may still be unread
                 pass
-            with _gone_ok():
+            with _gone_ok:
                 self._selector.unregister(child.sock)
             child.sock.close()
             code = os.waitstatus_to_exitcode(status)
@@ -447,13 +450,3 @@ def run_processes(
         collector = SummedCollector(pool.metrics_texts, lambda: len(pool.children), pool.replaced)
         server = serve_summed(collector, metrics_port, metrics_host)
     pool.run()
-
-
-class _gone_ok:
-    """Ignore a process or socket that is already gone."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, *_: Any) -> bool:
-        return kind is not None and issubclass(kind, ProcessLookupError | KeyError | ValueError)
