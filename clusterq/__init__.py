@@ -26,9 +26,10 @@ from clusterq.errors import (
 )
 from clusterq.inspector import Inspector, QueueInfo
 from clusterq.keys import KeySchema
+from clusterq.limits import InvalidLimits, Limits
 from clusterq.partitions import Layout
 from clusterq.producer import TaskSpec
-from clusterq.retry import RetryIn, SkipRetry
+from clusterq.retry import RateLimited, RetryIn, SkipRetry
 from clusterq.router import Router
 from clusterq.scheduler import Periodic, Scheduler
 from clusterq.serialization import PayloadError
@@ -53,14 +54,17 @@ __all__ = [
     "Event",
     "ForeignData",
     "Inspector",
+    "InvalidLimits",
     "InvalidName",
     "KeySchema",
     "Layout",
+    "Limits",
     "ModeMismatch",
     "PayloadError",
     "Periodic",
     "Published",
     "QueueInfo",
+    "RateLimited",
     "ResultTimeout",
     "RetryIn",
     "Router",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker import layout as layout_script
+from clusterq.broker import limits as limits_script
 from clusterq.broker.script import arun_pipelined
 from clusterq.client import REGISTER_PATIENCE, ClientBase
 from clusterq.cluster.abackend import AsyncBackend
@@ -27,6 +28,7 @@ from clusterq.durability import (
 )
 from clusterq.errors import ConfigError
 from clusterq.keys import DEFAULT_PREFIX
+from clusterq.limits import Limits
 from clusterq.partitions import (
     DECLARE_ATTEMPTS,
     LAYOUT_TTL,
@@ -274,6 +276,26 @@ class AsyncClient(ClientBase):
         """See :meth:`Client.layout`."""
         key = self.keys.layouts
         return read_layout(await self.backend.execute_key(key, lambda c: c.hget(key, name)))
+
+    async def set_limits(
+        self,
+        queue: str,
+        *,
+        rate: str | None = None,
+        burst: int | None = None,
+        concurrency: int | None = None,
+    ) -> Limits | None:
+        """See :meth:`Client.set_limits`."""
+        limits = Limits.of(rate, burst, concurrency)
+        layout = await self.layout(self.keys.queue(queue).queue)
+        members = layout.members if layout is not None else (queue,)
+        await limits_script.astore(self.backend, members, limits)
+        return None if limits.empty else limits
+
+    async def limits(self, queue: str) -> Limits | None:
+        """See :meth:`Client.limits`."""
+        layout = await self.layout(self.keys.queue(queue).queue)
+        return await limits_script.aload(self.backend, layout.members[0] if layout else queue)
 
     async def _register(self, new: list[str], *, timeout: float | None) -> None:
         registry = self.keys.queues

@@ -19,10 +19,12 @@ from typing import Any
 
 import redis
 
+from clusterq.broker import limits as limits_script
 from clusterq.broker import manage
 from clusterq.errors import ClusterqError
 from clusterq.inspector import Inspector, parse_state, stored_meta
 from clusterq.keys import QueueKeys, validate_task_id
+from clusterq.limits import Limits
 from clusterq.task import TaskState
 
 #: Tasks per script call in bulk actions.
@@ -75,6 +77,19 @@ class Admin(Inspector):
             # best effort: Redis < 7 has no SPUBLISH, an ACL may not allow it.
             with contextlib.suppress(redis.RedisError, ClusterqError):
                 self.backend.call(qk.wake, "SPUBLISH", qk.wake, "", timeout=self.timeout)
+
+    def set_limits(
+        self,
+        queue: str,
+        *,
+        rate: str | None = None,
+        burst: int | None = None,
+        concurrency: int | None = None,
+    ) -> Limits | None:
+        """See :meth:`clusterq.Client.set_limits`."""
+        limits = Limits.of(rate, burst, concurrency)
+        limits_script.store(self.backend, self.members(queue), limits)
+        return None if limits.empty else limits
 
     def purge(
         self, queue: str, state: TaskState | str, *, progress: Progress | None = None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker import layout as layout_script
+from clusterq.broker import limits as limits_script
 from clusterq.broker.script import run_pipelined
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
@@ -30,6 +31,7 @@ from clusterq.durability import (
 )
 from clusterq.errors import ConfigError, DuplicateTask
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
+from clusterq.limits import Limits
 from clusterq.partitions import (
     DECLARE_ATTEMPTS,
     LAYOUT_TTL,
@@ -332,6 +334,33 @@ class Client(ClientBase):
         """The declaration of partitioned queue ``name`` as stored now (None: plain)."""
         key = self.keys.layouts
         return read_layout(self.backend.execute_key(key, lambda c: c.hget(key, name)))
+
+    # ------------------------------------------------------------------ limits
+
+    def set_limits(
+        self,
+        queue: str,
+        *,
+        rate: str | None = None,
+        burst: int | None = None,
+        concurrency: int | None = None,
+    ) -> Limits | None:
+        """Limit how fast and how many of ``queue``'s tasks start, across every worker:
+        ``rate`` (``"200/s"``, ``"5000/m"``, ``"3/10s"``) with a ``burst`` (default: a
+        tenth of a second's worth, at least 1), and ``concurrency`` (tasks running at
+        once). Replaces the queue's limits; with none given, clears them. On a
+        partitioned queue each partition enforces an even share (see
+        :mod:`clusterq.limits`). Returns the limits now in force (None: none)."""
+        limits = Limits.of(rate, burst, concurrency)
+        layout = self.layout(self.keys.queue(queue).queue)
+        members = layout.members if layout is not None else (queue,)
+        limits_script.store(self.backend, members, limits)
+        return None if limits.empty else limits
+
+    def limits(self, queue: str) -> Limits | None:
+        """The limits declared on ``queue`` (None: none)."""
+        layout = self.layout(self.keys.queue(queue).queue)
+        return limits_script.load(self.backend, layout.members[0] if layout else queue)
 
     def _register(self, new: list[str], *, timeout: float | None) -> None:
         if not new:

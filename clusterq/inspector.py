@@ -14,11 +14,13 @@ from typing import Any, TypeVar
 
 import redis
 
+from clusterq.broker import limits as limits_script
 from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError, InvalidName, TaskNotFound
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name, validate_task_id
+from clusterq.limits import Limits
 from clusterq.partitions import Layout, Layouts, partition_marks
 from clusterq.queueinfo import (
     HISTORY_MINUTES,
@@ -133,6 +135,10 @@ class Inspector:
         validate_queue_name(name)
         layout = self.layouts().get(name)
         return layout.members if layout is not None else (name,)
+
+    def limits(self, queue: str) -> Limits | None:
+        """The limits declared on ``queue`` (None: none); see :mod:`clusterq.limits`."""
+        return limits_script.load(self.backend, self.members(queue)[0])
 
     def close(self) -> None:
         if self._owns_backend:

@@ -153,6 +153,12 @@ class QueueKeys:
         return f"{self.base}:stats"
 
     @cached_property
+    def limits(self) -> str:
+        """Hash: the queue's rate limit and concurrency cap, and the rate limiter's state
+        (see :mod:`clusterq.limits`)."""
+        return f"{self.base}:limits"
+
+    @cached_property
     def wake(self) -> str:
         """A shard channel, not a key: a message on it wakes the workers waiting for the
         queue (sent when its pending list turns non-empty, or a scheduled/retry task
@@ -179,6 +185,7 @@ class QueueKeys:
             self.paused,
             self.cancel,
             self.stats,
+            self.limits,
         )
 
 

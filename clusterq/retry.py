@@ -23,6 +23,24 @@ class RetryIn(Exception):
         self.seconds = max(0.0, float(seconds))
 
 
+class RateLimited(Exception):
+    """Raise from a handler when what it calls said "too many requests" (an HTTP 429):
+    the task goes back to its queue and runs again after ``retry_in`` seconds, without
+    using up a retry or counting as a failure. ``scope="queue"`` also holds back every
+    other task of the queue for that long (none starts on any worker until then);
+    ``scope="task"`` (the default) only this one."""
+
+    def __init__(self, retry_in: float, scope: str = "task", reason: str = "") -> None:
+        if scope not in ("task", "queue"):
+            raise ValueError(f"RateLimited scope {scope!r}: must be 'task' or 'queue'")
+        seconds = float(retry_in)
+        if not seconds >= 0 or seconds == float("inf"):
+            raise ValueError(f"RateLimited retry_in {retry_in!r}: must be seconds, 0 or more")
+        super().__init__(reason or f"rate limited, again in {seconds:g}s ({scope})")
+        self.retry_in = seconds
+        self.scope = scope
+
+
 class SkipRetry(Exception):
     """Raise from a handler to archive the task at once, without further retries."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,11 +13,20 @@ from clusterq.keys import QueueKeys
 SCRIPT = LuaScript("dequeue")
 
 
+#: Why a dequeue took nothing although tasks wait: the queue's limits (``limited``).
+RATE, CONCURRENCY, HOLD = "rate", "concurrency", "hold"
+_LIMITED = {2: RATE, 3: CONCURRENCY, 4: HOLD}
+
+
 @dataclass(frozen=True)
 class Dequeued:
     paused: bool = False
-    #: Unix time (s) the earliest scheduled/retry task is due, when nothing was taken.
+    #: Unix time (s) the earliest scheduled/retry task is due, when nothing was taken;
+    #: when ``limited`` is "rate" or "hold", when the next task may start.
     next_due: float | None = None
+    #: Tasks wait, but the queue's limits let none start now: "rate", "concurrency"
+    #: (until a task of the queue ends) or "hold" (a handler's ``RateLimited``).
+    limited: str | None = None
     #: Ids that were pending without a record (dropped by the script; worth a warning).
     orphans: int = 0
     #: (task id, raw record) pairs now active under the caller's token.
@@ -26,7 +36,10 @@ class Dequeued:
 def build(
     qk: QueueKeys, count: int, lease_ms: int, token: str, forward_limit: int = 100
 ) -> tuple[list[str], list[Any]]:
-    keys = [qk.pending, qk.active, qk.scheduled, qk.retry, qk.tasks, qk.leases, qk.paused, qk.wake]
+    keys = [
+        qk.pending, qk.active, qk.scheduled, qk.retry, qk.tasks, qk.leases, qk.paused, qk.wake,
+        qk.limits,
+    ]  # fmt: skip
     return keys, [count, lease_ms, token, forward_limit]
 
 
@@ -36,8 +49,12 @@ def parse(reply: Sequence[Any]) -> Dequeued:
         (reply[i].decode() if isinstance(reply[i], bytes) else str(reply[i]), reply[i + 1])
         for i in range(3, len(reply), 2)
     ]
+    limited = _LIMITED.get(status)
+    if limited is not None and next_due >= 0:
+        next_due += int(time.time() * 1000)  # the script said how long from now
     return Dequeued(
         paused=status == 0,
+        limited=limited,
         next_due=next_due / 1000.0 if next_due >= 0 else None,
         orphans=orphans,
         tasks=tasks,

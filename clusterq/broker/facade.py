@@ -53,11 +53,22 @@ class Broker:
         *,
         retry_in_ms: int | None,
         only_if_expired: bool = False,
+        count_failure: bool = True,
+        hold_ms: int = 0,
     ) -> fail.FailOutcome:
         """To retry (after ``retry_in_ms``) or, with None, to the archive; "stale" when
-        the lease is not the caller's (or, ``only_if_expired``, still valid)."""
+        the lease is not the caller's (or, ``only_if_expired``, still valid).
+        ``count_failure=False``: not counted as failed (a rate-limited attempt);
+        ``hold_ms``: nothing of the queue starts for that long."""
         built = fail.build(
-            qk, task_id, token, meta, retry_in_ms=retry_in_ms, only_if_expired=only_if_expired
+            qk,
+            task_id,
+            token,
+            meta,
+            retry_in_ms=retry_in_ms,
+            only_if_expired=only_if_expired,
+            count_failure=count_failure,
+            hold_ms=hold_ms,
         )
         return fail.parse(await self._run(fail.SCRIPT, qk, built))
 

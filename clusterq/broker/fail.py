@@ -21,11 +21,15 @@ def build(
     retry_in_ms: int | None,
     only_if_expired: bool = False,
     count_failure: bool = True,
+    hold_ms: int = 0,
 ) -> tuple[list[str], list[Any]]:
-    """``retry_in_ms=None`` archives the task."""
-    keys = [qk.active, qk.leases, qk.tasks, qk.retry, qk.archived, qk.stats, qk.wake]
+    """``retry_in_ms=None`` archives the task; ``hold_ms`` keeps every task of the queue
+    from starting for that long (a handler's ``RateLimited(scope="queue")``)."""
+    keys = [qk.active, qk.leases, qk.tasks, qk.retry, qk.archived, qk.stats, qk.wake, qk.limits]
     delay = -1 if retry_in_ms is None else max(0, retry_in_ms)
-    args = [task_id, token, new_meta, delay, int(only_if_expired), int(count_failure)]
+    args = [
+        task_id, token, new_meta, delay, int(only_if_expired), int(count_failure), max(0, hold_ms)
+    ]  # fmt: skip
     return keys, args
 
 

@@ -37,6 +37,9 @@ log = logging.getLogger("clusterq.worker")
 
 #: Seconds a probe of an unavailable queue's master may take.
 PROBE_TIMEOUT = 2.0
+#: Seconds at most between two looks at a queue whose concurrency cap is reached (a
+#: task of the queue ending in this worker, or a wake-up, looks again at once).
+CONCURRENCY_RECHECK = 1.0
 
 
 class Fetcher:
@@ -156,7 +159,19 @@ class Fetcher:
                 q.held[task_id] = Held(token, run=running)
                 self.running.add(running)
                 running.add_done_callback(self.running.discard)
-            if got.paused:
+            # Kept until the next dequeue, so that a slot freed while it is on its way
+            # wakes the loop (see QueueState.slot_freed).
+            q.flow_limited = got.limited
+            if got.limited is not None:
+                # Tasks wait, but the queue's limits let none start yet: wait for the next
+                # token or the hold's end (a timer), or for a slot (a task of the queue
+                # ending here, a wake-up, or a look once a second), sending nothing.
+                q.held_back[got.limited] = q.held_back.get(got.limited, 0) + 1
+                until = got.next_due
+                if until is None:
+                    until = time.time() + CONCURRENCY_RECHECK
+                await self._wait_woken(q, until)
+            elif got.paused:
                 if self.wakeups.covers(q):  # the survey wakes it once it has work again
                     await self._wait_woken(q, None)
                 else:

@@ -75,6 +75,7 @@ class Outcomes:
                 await asyncio.sleep(backoff(failures, base=0.05, cap=1.0))
                 continue
             failures = 0
+            q.slot_freed()
             for one, status in zip(batch, applied, strict=True):
                 held = q.held.pop(one.id, None)
                 if status == ack_script.ACKED:
@@ -122,8 +123,18 @@ class Outcomes:
         meta, delay = self.failed_meta(
             record, error, now_ms, outcome, task_id=task_id, queue=q.name
         )
+        if outcome.rate_limited:
+            self.stats.rate_limited += 1
         try:
-            result = await self.broker.fail(q.qk, task_id, token, meta, retry_in_ms=_ms(delay))
+            result = await self.broker.fail(
+                q.qk,
+                task_id,
+                token,
+                meta,
+                retry_in_ms=_ms(delay),
+                count_failure=not outcome.rate_limited,
+                hold_ms=(_ms(delay) or 0) if outcome.hold else 0,
+            )
         except Exception as exc:
             log.error(
                 "queue %s: could not record the failure of task %s (%s); it stays active "
@@ -135,6 +146,7 @@ class Outcomes:
             q.held.pop(task_id, None)
             return
         q.held.pop(task_id, None)
+        q.slot_freed()
         if result == "gone":
             log.warning(
                 "queue %s: failure of task %s ignored: the task is gone (deleted by an "
@@ -159,6 +171,14 @@ class Outcomes:
                 record.type if record else "?",
                 error,
                 exc_info=_traceback(outcome),
+            )
+        elif outcome.rate_limited:
+            log.info(
+                "queue %s: task %s rate limited, again in %.3gs%s (no retry spent)",
+                q.name,
+                task_id,
+                delay,
+                ", the queue held back meanwhile" if outcome.hold else "",
             )
         else:
             self.stats.failed += 1
@@ -212,8 +232,10 @@ class Outcomes:
             error = f"{error}; the retry policy failed: {type(exc).__name__}: {exc}"
             delay = None
         # ``retried`` counts retries: an attempt that is not retried does not add one
-        # (max_retry=4 runs five times and ends with retried=4).
-        failed = record.failed(error[:MAX_ERROR_LENGTH], now_ms, count=delay is not None)
+        # (max_retry=4 runs five times and ends with retried=4); nor does a rate-limited
+        # one.
+        count = delay is not None and not outcome.rate_limited
+        failed = record.failed(error[:MAX_ERROR_LENGTH], now_ms, count=count)
         return failed.meta(), delay
 
     def retry_delay(
@@ -221,6 +243,8 @@ class Outcomes:
     ) -> float | None:
         """Seconds until the next attempt, or None to archive. The policy sees the task
         (without its payload) and the error of the attempt."""
+        if outcome.rate_limited and outcome.retry_in is not None:
+            return outcome.retry_in  # no retry spent: whatever retries are left
         if outcome.archive or record.retried >= record.max_retry:
             return None
         if outcome.no_handler and record.retried >= self.settings.no_handler_retries:

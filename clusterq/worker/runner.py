@@ -24,7 +24,7 @@ from typing import Any
 
 from clusterq.cluster.backend import Backend
 from clusterq.priority import Capacity
-from clusterq.retry import RetryIn, SkipRetry
+from clusterq.retry import RateLimited, RetryIn, SkipRetry
 from clusterq.router import CallNext, Handler, Router, is_async
 from clusterq.serialization import (
     PayloadError,
@@ -228,6 +228,15 @@ class Runner:
             return Outcome(False, error=f"SkipRetry: {exc}", exception=exc, archive=True)
         except RetryIn as exc:
             return Outcome(False, error=f"RetryIn: {exc}", exception=exc, retry_in=exc.seconds)
+        except RateLimited as exc:
+            return Outcome(
+                False,
+                error=f"RateLimited: {exc}",
+                exception=exc,
+                retry_in=exc.retry_in,
+                rate_limited=True,
+                hold=exc.scope == "queue",
+            )
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             return Outcome(False, error=error, exception=exc, traceback=True)

@@ -120,6 +120,8 @@ class WorkerStats:
     sweeps: int = 0
     #: Tasks handed back to their queues unfinished at a stop (no retry spent).
     returned: int = 0
+    #: Handlers that raised ``RateLimited`` (their tasks wait, no retry spent).
+    rate_limited: int = 0
 
 
 @dataclass
@@ -155,6 +157,18 @@ class QueueState:
     #: The recoverer should sweep it (work was taken since its last sweep, or the survey
     #: saw something to sweep for); an idle queue with wake-ups is not swept otherwise.
     sweep_due: bool = True
+    #: Why the fetch loop waits with tasks pending (the queue's limits: "rate",
+    #: "concurrency", "hold"); None when it does not.
+    flow_limited: str | None = None
+    #: Dequeues that found tasks pending but took none because of the queue's limits,
+    #: by reason.
+    held_back: dict[str, int] = field(default_factory=dict)
+
+    def slot_freed(self) -> None:
+        """A task of the queue ended here (acked, failed): a loop waiting for the
+        queue's concurrency cap looks again."""
+        if self.flow_limited == "concurrency":
+            self.wake.set()
 
     def unfinished(self) -> list[tuple[str, str]]:
         """(id, token) of the tasks still held and neither decided nor lost."""
@@ -175,6 +189,10 @@ class Outcome:
     exception: BaseException | None = None
     retry_in: float | None = None
     archive: bool = False
+    #: ``RateLimited``: again after ``retry_in`` without spending a retry; the queue held
+    #: back for that long too when ``hold``.
+    rate_limited: bool = False
+    hold: bool = False
     #: No handler for the task's type here: retried a few times (another worker version
     #: may know it), then archived.
     no_handler: bool = False

@@ -1,0 +1,70 @@
+"""limits: replace a queue's declared limits (``limits.lua``); reading them back."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from clusterq.broker.script import LuaScript
+from clusterq.cluster.abackend import AsyncBackend
+from clusterq.cluster.backend import Backend
+from clusterq.keys import QueueKeys
+from clusterq.limits import Limits
+from clusterq.slots import keyslot
+
+SCRIPT = LuaScript("limits")
+
+
+def put(qk: QueueKeys, fields: dict[str, str] | None) -> tuple[list[str], list[Any]]:
+    """Store ``fields`` (one share of :meth:`Limits.shares`) as ``qk``'s limits; None
+    clears them (and any hold)."""
+    args: list[Any] = ["1" if fields is None else "0"]
+    for name, value in (fields or {}).items():
+        args += [name, value]
+    return [qk.limits, qk.wake], args
+
+
+def read(raw: dict[Any, Any]) -> Limits | None:
+    """The declaration in a limits hash as ``HGETALL`` returns it."""
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    return Limits.from_fields(fields)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def store(backend: Backend, members: Sequence[str], limits: Limits | None) -> None:
+    """Write ``limits`` (None: clear them) over a queue's ``members`` (one plain queue,
+    or a partitioned queue's partitions, each with its share)."""
+    shares = _shares(members, limits)
+    for member, fields in zip(members, shares, strict=True):
+        keys, args = put(backend.keys.queue(member), fields)
+        backend.execute_key(keys[0], functools.partial(SCRIPT.call, keys=keys, args=args))
+
+
+async def astore(backend: AsyncBackend, members: Sequence[str], limits: Limits | None) -> None:
+    """:func:`store` on an asyncio backend."""
+    shares = _shares(members, limits)
+    for member, fields in zip(members, shares, strict=True):
+        keys, args = put(backend.keys.queue(member), fields)
+        await backend.run_script(SCRIPT, keyslot(keys[0]), keys, args)
+
+
+def load(backend: Backend, queue: str) -> Limits | None:
+    """The declared limits of ``queue`` (a plain queue or one partition)."""
+    key = backend.keys.queue(queue).limits
+    return read(backend.execute_key(key, lambda c: c.hgetall(key)))
+
+
+async def aload(backend: AsyncBackend, queue: str) -> Limits | None:
+    """:func:`load` on an asyncio backend."""
+    key = backend.keys.queue(queue).limits
+    return read(await backend.execute_key(key, lambda c: c.hgetall(key)))
+
+
+def _shares(members: Sequence[str], limits: Limits | None) -> list[dict[str, str] | None]:
+    if limits is None or limits.empty:
+        return [None] * len(members)
+    return list(limits.shares(len(members)))

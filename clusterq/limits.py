@@ -1,0 +1,217 @@
+"""Flow control: a queue's rate limit and concurrency cap (the vocabulary; no I/O).
+
+A queue's limits live in one hash in the queue's own slot (``<prefix>:{queue}:limits``,
+see :mod:`clusterq.keys`), beside its other keys, so ``dequeue.lua`` checks them and
+takes tasks in one atomic step on the queue's master. The hash holds:
+
+- the declaration as the user gave it (``spec``, JSON: ``rate``, ``burst``,
+  ``concurrency``, and for a partitioned queue how many partitions share it);
+- what this queue (or partition) enforces: ``interval`` (ms between two tasks at the
+  steady rate, a float), ``burst`` (tasks that may start at once after a quiet time),
+  ``concurrency`` (tasks active at once: the size of the queue's ``active`` set, so a
+  crashed worker's slots come back with its leases);
+- state the scripts keep: ``tat`` (the rate limiter's "theoretical arrival time", ms:
+  GCRA, a token bucket kept as one number) and ``hold`` (ms until which nothing starts,
+  set by a handler's ``raise RateLimited(..., scope="queue")``).
+
+The rate is a token bucket of ``burst`` tokens refilled one per ``interval``: over any
+window of W ms, at most ``burst + W / interval`` tasks start.
+
+A partitioned queue's limits are split into static shares, one per partition (rate and
+burst divided evenly, concurrency divided with the remainder to the first partitions):
+the queue as a whole never goes over its declaration (plus rounding of the burst), and
+a partition without a backlog leaves its share unused (see the README, "Rate limits,
+concurrency caps").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from clusterq.errors import ClusterqError
+
+
+class InvalidLimits(ClusterqError, ValueError):
+    """A rate, burst or concurrency that cannot be a limit."""
+
+
+#: Units a rate may be given in, in ms.
+_PERIODS = {
+    "ms": 1.0,
+    "s": 1000.0,
+    "sec": 1000.0,
+    "second": 1000.0,
+    "m": 60_000.0,
+    "min": 60_000.0,
+    "minute": 60_000.0,
+    "h": 3_600_000.0,
+    "hour": 3_600_000.0,
+    "d": 86_400_000.0,
+    "day": 86_400_000.0,
+}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
+
+#: The default burst: this share of a second's worth of the rate (at least 1).
+DEFAULT_BURST_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` tasks per ``period_ms``."""
+
+    count: float
+    period_ms: float
+    text: str
+
+    @property
+    def interval_ms(self) -> float:
+        """Milliseconds between two tasks at the steady rate."""
+        return self.period_ms / self.count
+
+    @property
+    def per_second(self) -> float:
+        return self.count * 1000.0 / self.period_ms
+
+    def default_burst(self) -> int:
+        return max(1, math.ceil(self.per_second * DEFAULT_BURST_SECONDS))
+
+
+def parse_rate(text: str) -> Rate:
+    """``"200/s"``, ``"5000/m"``, ``"10/h"``, ``"3/10s"``: a count per period."""
+    if not isinstance(text, str):
+        raise InvalidLimits(f"invalid rate {text!r}: give it as text such as '200/s'")
+    match = _RATE.match(text.lower())
+    if match is None or match.group(3) not in _PERIODS:
+        raise InvalidLimits(
+            f"invalid rate {text!r}: give a count per period, such as '200/s', '5000/m', "
+            "'10/h' or '3/10s'"
+        )
+    count = float(match.group(1))
+    period = float(match.group(2) or 1) * _PERIODS[match.group(3)]
+    if count <= 0 or period <= 0 or not math.isfinite(count):
+        raise InvalidLimits(f"invalid rate {text!r}: the count and period must be above 0")
+    if period / count < 0.01:
+        raise InvalidLimits(f"invalid rate {text!r}: at most 100 tasks per ms")
+    return Rate(count, period, text.strip())
+
+
+def _positive_int(what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidLimits(f"invalid {what} {value!r}: must be a whole number of at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A queue's declared limits (None: no such limit)."""
+
+    rate: Rate | None = None
+    burst: int | None = None
+    concurrency: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        rate: str | Rate | None = None,
+        burst: int | None = None,
+        concurrency: int | None = None,
+    ) -> Limits:
+        """Checked limits from what a user gives (:class:`InvalidLimits` names what is
+        wrong)."""
+        parsed = rate if isinstance(rate, Rate) or rate is None else parse_rate(rate)
+        if burst is not None:
+            _positive_int("burst", burst)
+            if parsed is None:
+                raise InvalidLimits("a burst needs a rate")
+        if concurrency is not None:
+            _positive_int("concurrency", concurrency)
+        return cls(parsed, burst, concurrency)
+
+    @property
+    def empty(self) -> bool:
+        return self.rate is None and self.concurrency is None
+
+    @property
+    def effective_burst(self) -> int | None:
+        if self.rate is None:
+            return None
+        return self.burst if self.burst is not None else self.rate.default_burst()
+
+    def describe(self) -> str:
+        """One short line: ``200/s (burst 20), 5 at once``; ``-`` without limits."""
+        parts = []
+        if self.rate is not None:
+            parts.append(f"{self.rate.text} (burst {self.effective_burst})")
+        if self.concurrency is not None:
+            parts.append(f"{self.concurrency} at once")
+        return ", ".join(parts) or "-"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rate": self.rate.text if self.rate else None,
+            "rate_per_second": round(self.rate.per_second, 6) if self.rate else None,
+            "burst": self.effective_burst,
+            "concurrency": self.concurrency,
+        }
+
+    # ------------------------------------------------------------------ storage
+
+    def shares(self, partitions: int) -> list[dict[str, str]]:
+        """The hash fields each of ``partitions`` queues enforces (one for a plain
+        queue): the rate and burst divided evenly, the concurrency with the remainder
+        to the first ones. A concurrency below the number of partitions is refused (a
+        partition with no share could run nothing)."""
+        if partitions < 1:
+            raise InvalidLimits("a queue has at least one partition")
+        if self.concurrency is not None and self.concurrency < partitions:
+            raise InvalidLimits(
+                f"concurrency {self.concurrency} cannot be shared by {partitions} "
+                f"partitions (each needs at least 1): set at least {partitions}"
+            )
+        spec = {
+            "rate": self.rate.text if self.rate else None,
+            "burst": self.burst,
+            "concurrency": self.concurrency,
+            "partitions": partitions,
+        }
+        out = []
+        for i in range(partitions):
+            fields = {"spec": json.dumps(spec, separators=(",", ":"))}
+            if self.rate is not None:
+                burst = self.effective_burst or 1
+                fields["interval"] = repr(self.rate.interval_ms * partitions)
+                fields["burst"] = str(max(1, math.ceil(burst / partitions)))
+            if self.concurrency is not None:
+                base, extra = divmod(self.concurrency, partitions)
+                fields["concurrency"] = str(base + (1 if i < extra else 0))
+            out.append(fields)
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Limits | None:
+        """The declaration stored in a limits hash (None: no limits, or none readable)."""
+        raw = fields.get("spec")
+        if not raw:
+            return None
+        try:
+            spec = json.loads(raw)
+            limits = cls.of(spec.get("rate"), spec.get("burst"), spec.get("concurrency"))
+        except (ValueError, TypeError, AttributeError):
+            return None
+        return None if limits.empty else limits
+
+
+#: The hash fields a declaration writes (all of them are cleared before a new one).
+DECLARED_FIELDS = ("spec", "interval", "burst", "concurrency")
+
+
+def partitions_of(fields: dict[str, str]) -> int:
+    """How many partitions share the declaration stored in ``fields`` (1 if unknown)."""
+    try:
+        return max(1, int(json.loads(fields.get("spec") or "{}").get("partitions", 1)))
+    except (ValueError, TypeError, AttributeError):
+        return 1
