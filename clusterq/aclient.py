@@ -28,7 +28,7 @@ from clusterq.durability import (
 )
 from clusterq.errors import ConfigError
 from clusterq.keys import DEFAULT_PREFIX
-from clusterq.limits import Limits
+from clusterq.limits import LimitOptions, Limits
 from clusterq.partitions import (
     DECLARE_ATTEMPTS,
     LAYOUT_TTL,
@@ -277,25 +277,17 @@ class AsyncClient(ClientBase):
         key = self.keys.layouts
         return read_layout(await self.backend.execute_key(key, lambda c: c.hget(key, name)))
 
-    async def set_limits(
-        self,
-        queue: str,
-        *,
-        rate: str | None = None,
-        burst: int | None = None,
-        concurrency: int | None = None,
-    ) -> Limits | None:
+    async def set_limits(self, queue: str, **options: Unpack[LimitOptions]) -> Limits | None:
         """See :meth:`Client.set_limits`."""
-        limits = Limits.of(rate, burst, concurrency)
-        layout = await self.layout(self.keys.queue(queue).queue)
-        members = layout.members if layout is not None else (queue,)
+        limits = Limits.of(**options)
+        members = self._members(await self.layout(queue), queue)
         await limits_script.astore(self.backend, members, limits)
-        return None if limits.empty else limits
+        return limits.declared
 
     async def limits(self, queue: str) -> Limits | None:
         """See :meth:`Client.limits`."""
-        layout = await self.layout(self.keys.queue(queue).queue)
-        return await limits_script.aload(self.backend, layout.members[0] if layout else queue)
+        members = self._members(await self.layout(queue), queue)
+        return await limits_script.aload(self.backend, members[0])
 
     async def _register(self, new: list[str], *, timeout: float | None) -> None:
         registry = self.keys.queues

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -24,8 +24,11 @@ from clusterq.broker import manage
 from clusterq.errors import ClusterqError
 from clusterq.inspector import Inspector, parse_state, stored_meta
 from clusterq.keys import QueueKeys, validate_task_id
-from clusterq.limits import Limits
+from clusterq.limits import LimitOptions, Limits
 from clusterq.task import TaskState
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 #: Tasks per script call in bulk actions.
 BATCH = 200
@@ -78,18 +81,11 @@ class Admin(Inspector):
             with contextlib.suppress(redis.RedisError, ClusterqError):
                 self.backend.call(qk.wake, "SPUBLISH", qk.wake, "", timeout=self.timeout)
 
-    def set_limits(
-        self,
-        queue: str,
-        *,
-        rate: str | None = None,
-        burst: int | None = None,
-        concurrency: int | None = None,
-    ) -> Limits | None:
+    def set_limits(self, queue: str, **options: Unpack[LimitOptions]) -> Limits | None:
         """See :meth:`clusterq.Client.set_limits`."""
-        limits = Limits.of(rate, burst, concurrency)
+        limits = Limits.of(**options)
         limits_script.store(self.backend, self.members(queue), limits)
-        return None if limits.empty else limits
+        return limits.declared
 
     def purge(
         self, queue: str, state: TaskState | str, *, progress: Progress | None = None

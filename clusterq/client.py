@@ -31,7 +31,7 @@ from clusterq.durability import (
 )
 from clusterq.errors import ConfigError, DuplicateTask
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
-from clusterq.limits import Limits
+from clusterq.limits import LimitOptions, Limits
 from clusterq.partitions import (
     DECLARE_ATTEMPTS,
     LAYOUT_TTL,
@@ -152,6 +152,10 @@ class ClientBase:
         self._registered.difference_update(new)
         self._register_again_at = time.monotonic() + REGISTER_HOLDOFF
         log.warning("could not register queues %s: %s (retried on a later enqueue)", new, exc)
+
+    def _members(self, layout: Layout | None, queue: str) -> tuple[str, ...]:
+        """The queues behind ``queue``: its partitions, or itself (its name checked)."""
+        return layout.members if layout is not None else (self.keys.queue(queue).queue,)
 
     @staticmethod
     def _locate(task: TaskInfo | str, queue: str | None) -> tuple[str, str]:
@@ -335,32 +339,18 @@ class Client(ClientBase):
         key = self.keys.layouts
         return read_layout(self.backend.execute_key(key, lambda c: c.hget(key, name)))
 
-    # ------------------------------------------------------------------ limits
-
-    def set_limits(
-        self,
-        queue: str,
-        *,
-        rate: str | None = None,
-        burst: int | None = None,
-        concurrency: int | None = None,
-    ) -> Limits | None:
-        """Limit how fast and how many of ``queue``'s tasks start, across every worker:
-        ``rate`` (``"200/s"``, ``"5000/m"``, ``"3/10s"``) with a ``burst`` (default: a
-        tenth of a second's worth, at least 1), and ``concurrency`` (tasks running at
-        once). Replaces the queue's limits; with none given, clears them. On a
-        partitioned queue each partition enforces an even share (see
-        :mod:`clusterq.limits`). Returns the limits now in force (None: none)."""
-        limits = Limits.of(rate, burst, concurrency)
-        layout = self.layout(self.keys.queue(queue).queue)
-        members = layout.members if layout is not None else (queue,)
-        limits_script.store(self.backend, members, limits)
-        return None if limits.empty else limits
+    def set_limits(self, queue: str, **options: Unpack[LimitOptions]) -> Limits | None:
+        """Limit ``queue``'s tasks across every worker: ``rate`` (``"200/s"``, ``"3/10s"``)
+        with a ``burst`` (default a tenth of a second's worth, at least 1), ``concurrency``
+        (running at once). Replaces its limits; none given clears them. A partitioned
+        queue's partitions each enforce a share (:mod:`clusterq.limits`)."""
+        limits = Limits.of(**options)
+        limits_script.store(self.backend, self._members(self.layout(queue), queue), limits)
+        return limits.declared
 
     def limits(self, queue: str) -> Limits | None:
         """The limits declared on ``queue`` (None: none)."""
-        layout = self.layout(self.keys.queue(queue).queue)
-        return limits_script.load(self.backend, layout.members[0] if layout else queue)
+        return limits_script.load(self.backend, self._members(self.layout(queue), queue)[0])
 
     def _register(self, new: list[str], *, timeout: float | None) -> None:
         if not new:

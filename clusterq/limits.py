@@ -30,7 +30,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from clusterq.errors import ClusterqError
 
@@ -57,6 +57,14 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
 
 #: The default burst: this share of a second's worth of the rate (at least 1).
 DEFAULT_BURST_SECONDS = 0.1
+
+
+class LimitOptions(TypedDict, total=False):
+    """What ``set_limits`` takes (see :meth:`Limits.of`)."""
+
+    rate: str | None
+    burst: int | None
+    concurrency: int | None
 
 
 @dataclass(frozen=True)
@@ -136,10 +144,18 @@ class Limits:
         return self.rate is None and self.concurrency is None
 
     @property
+    def declared(self) -> Limits | None:
+        """These limits, or None when they limit nothing."""
+        return None if self.empty else self
+
+    @property
     def effective_burst(self) -> int | None:
         if self.rate is None:
             return None
         return self.burst if self.burst is not None else self.rate.default_burst()
+
+    def __str__(self) -> str:
+        return self.describe()
 
     def describe(self) -> str:
         """One short line: ``200/s (burst 20), 5 at once``; ``-`` without limits."""
