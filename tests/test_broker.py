@@ -3,6 +3,8 @@ ARGV layout each script documents at its top, and replies in both RESP shapes.""
 
 from __future__ import annotations
 
+import time
+
 from clusterq.broker import ack, dequeue, extend, fail, requeue, sweep
 from clusterq.keys import KeySchema
 
@@ -36,13 +38,18 @@ def test_ack_layout_with_unique_locks() -> None:
 
 def test_fail_layout() -> None:
     keys, args = fail.build(QK, "id", "w:1", b"{}", retry_in_ms=1500)
-    assert keys == [QK.active, QK.leases, QK.tasks, QK.retry, QK.archived, QK.stats, QK.wake]
-    assert args == ["id", "w:1", b"{}", 1500, 0, 1]
+    assert keys == [
+        QK.active, QK.leases, QK.tasks, QK.retry, QK.archived, QK.stats, QK.wake, QK.limits
+    ]  # fmt: skip
+    # id, token, meta, delay, only_if_expired, count as failed, hold ms
+    assert args == ["id", "w:1", b"{}", 1500, 0, 1, 0]
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=None)[1][3] == -1  # archive
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=-3)[1][3] == 0  # not in the past
     recovery = fail.build(QK, "id", "t", b"m", retry_in_ms=0, only_if_expired=True)[1]
-    assert recovery[4:] == [1, 1]
+    assert recovery[4:] == [1, 1, 0]
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=0, count_failure=False)[1][5] == 0
+    assert fail.build(QK, "id", "t", b"m", retry_in_ms=0, hold_ms=-5)[1][6] == 0
+    assert fail.build(QK, "id", "t", b"m", retry_in_ms=900, hold_ms=900)[1][6] == 900
     assert [fail.parse(r) for r in (1, 2, 0, b"1", -1)] == [
         "retry",
         "archived",
@@ -75,6 +82,7 @@ def test_extend_requeue_dequeue_layouts() -> None:
         QK.leases,
         QK.paused,
         QK.wake,
+        QK.limits,
     ]
     assert args == [7, 10000, "w:3", 100]
 
@@ -86,6 +94,17 @@ def test_dequeue_replies() -> None:
     idle = dequeue.parse([1, 1_700_000_000_500, 0])
     assert idle.next_due == 1_700_000_000.5 and idle.tasks == []
     assert dequeue.parse([0, -1, 0]).paused
+    # Held back by the limits: how long from now (ms) until the next token / the hold's
+    # end, made a Unix time here; the concurrency cap says no time.
+    before = time.time()
+    rate = dequeue.parse([2, 250, 0])
+    assert rate.limited == "rate" and rate.tasks == [] and not rate.paused
+    assert rate.next_due is not None  # in ms: up to 1 ms earlier than exact
+    assert before + 0.249 <= rate.next_due <= time.time() + 0.25
+    assert dequeue.parse([4, 1000, 0]).limited == "hold"
+    capped = dequeue.parse([3, -1, 0])
+    assert capped.limited == "concurrency" and capped.next_due is None
+    assert dequeue.parse([1, -1, 0]).limited is None
 
 
 def test_sweep_replies_in_both_shapes() -> None:
