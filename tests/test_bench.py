@@ -14,6 +14,7 @@ from clusterq.cluster import topology as topo
 from clusterq.errors import ConfigError
 from clusterq.slots import keyslot
 from clusterq.tools.bench import run_bench, spread_queues
+from clusterq.tools.bench_limits import overlap, rate_text, window_counts
 from clusterq.tools.bench_report import (
     SCENARIOS,
     BenchSettings,
@@ -71,7 +72,9 @@ def test_every_scenario_runs_and_cleans_up(url: str, prefix: str) -> None:
         url=url, prefix=prefix, tasks=300, samples=15, rate=400.0, concurrency=10, seed=1
     )
     seen: list[str] = []
-    report = run_bench(settings, SCENARIOS, lambda label, _done, _total: seen.append(label))
+    # limits (slow by design: it waits for its rate) has a test of its own, below
+    chosen = [name for name in SCENARIOS if name != "limits"]
+    report = run_bench(settings, chosen, lambda label, _done, _total: seen.append(label))
 
     rows = {row.scenario: row for row in report.rows}
     assert {"enqueue", "enqueue-many", "e2e noop", "memory"} <= rows.keys()
@@ -173,3 +176,92 @@ def test_cli_bench_table_and_errors(standalone: object, prefix: str, dead_port: 
     )
     assert result.exit_code == 1
     assert "cannot reach" in result.output or "no seed node answered" in result.output
+
+
+# ----------------------------------------------------------------------- limits
+
+
+def test_window_counts_most_and_fewest() -> None:
+    starts = [1.05, 0.0, 0.1, 0.2, 1.0, 3.0]  # any order
+    # [0.1, 1.1) holds 0.1, 0.2, 1.0, 1.05; (1.05, 2.05] holds nothing
+    assert window_counts(starts, 1.0) == (4, 0)
+    # half-open: a start exactly one window later is in the next window
+    assert window_counts([0.0, 1.0], 1.0) == (1, 1)
+    assert window_counts([0.0, 0.5], 1.0) == (2, None)  # shorter than a window
+    assert window_counts([], 1.0) == (0, None)
+    steady = [i / 10 for i in range(100)]  # 10/s for 10 s
+    assert window_counts(steady, 2.0) == (20, 20)
+
+
+def test_overlap_most_and_average_while_backlog() -> None:
+    # one ends exactly when the third starts: never three at once
+    most, average = overlap([(0.0, 1.0), (0.5, 1.5), (1.0, 2.0)])
+    assert most == 2
+    assert average == pytest.approx(1.5)  # from 0 to 1 (the last start): 1 + 0.5
+    # the average counts until the last start, not the last end (when none waits)
+    most, average = overlap([(0.0, 1.0), (0.0, 1.0), (0.5, 3.0)])
+    assert most == 3 and average == pytest.approx(2.0)
+    assert overlap([]) == (0, 0.0)
+    assert overlap([(5.0, 6.0)]) == (1, 1.0)
+
+
+def test_rate_text_reads_back() -> None:
+    assert rate_text(200.0) == "200/s" and rate_text(12.5) == "12.5/s"
+
+
+def test_bench_limits_holds_the_limits(url: str, prefix: str) -> None:
+    """The scenario through the CLI, small: its figures come from the handlers' own
+    records, and the hard invariants hold (no speed is asserted)."""
+    result = CliRunner().invoke(
+        main,
+        [
+            *("--url", url, "--prefix", prefix, "bench", "limits", "--json", "--no-baseline"),
+            *("--tasks", "300", "--limit-rate", "100", "--limit-window", "1"),
+            *("--limit-concurrency", "4"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    rate, cap, plain, limited = data["rows"]
+    assert rate["scenario"] == "limits: rate 100/s" and rate["tasks"] == 300
+    extra = rate["extra"]
+    assert extra["rate"] == 100.0 and extra["window_s"] == 1.0
+    assert extra["burst"] == 10 and extra["bound"] == 110.0  # the default: 0.1 s worth
+    # The token bucket: at most 100 x 1 + 10 starts in any second; slack for the time
+    # between a task's token and its handler's start on a busy machine. Without the
+    # limit, 300 noop tasks start within a fraction of a second.
+    assert 0 < extra["max_in_window"] <= extra["bound"] + 50, extra
+    assert extra["average_rate"] > 0 and extra["share_of_rate"] > 0
+    assert 1 <= extra["processes_seen"] <= 3
+    assert rate["vs_baseline"] is None and "bound 100 x 1 + burst 10 = 110" in rate["note"]
+
+    assert cap["scenario"] == "limits: concurrency 4" and cap["tasks"] == 300
+    # Each handler runs inside its task's time in the active set: never more than 4.
+    assert 1 <= cap["extra"]["max_running"] <= 4, cap
+    assert 0 < cap["extra"]["average_running"] <= 4
+    assert cap["extra"]["handler_ms"] == 50
+    assert cap["extra"]["shortest_ms"] >= 45  # each handler's record spans its sleep
+
+    assert plain["scenario"] == "limits cost: e2e noop, no limits"
+    assert limited["scenario"] == "limits cost: e2e noop, rate 100000/s"
+    for row in (plain, limited):
+        assert row["tasks"] == 300 and len(row["extra"]["runs"]) == 3
+        assert all(r > 0 for r in row["extra"]["runs"])
+        assert row["rate"] == pytest.approx(sum(row["extra"]["runs"]) / 3, rel=1e-3)
+    assert limited["extra"]["ratio"] == pytest.approx(limited["rate"] / plain["rate"], rel=1e-3)
+    assert _leftovers(url, prefix) == []
+
+
+def test_bench_limits_refuses_bad_limits(standalone: object, prefix: str) -> None:
+    url = standalone.seed_url  # type: ignore[attr-defined]
+    for bad in (
+        {"limit_rate": 0.0},
+        {"limit_rate": 1e6},  # above 100 per ms
+        {"limit_burst": 0},
+        {"limit_concurrency": 0},
+        {"limit_window": 0.0},
+    ):
+        settings = BenchSettings(url=url, prefix=prefix, baseline=False, **bad)
+        with pytest.raises(ConfigError, match="limits"):
+            run_bench(settings, ["limits"])
+    assert _leftovers(url, prefix) == []

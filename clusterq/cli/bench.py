@@ -105,13 +105,19 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     "--tasks", "-n", type=int, default=10_000, show_default=True, help="Tasks per scenario."
 )
 @click.option(
-    "--workers", "-w", type=int, default=1, show_default=True, help="Worker processes (e2e)."
+    "--workers",
+    "-w",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes (e2e); limits: worker supervisors (see --processes).",
 )
 @click.option(
     "--processes",
     type=click.IntRange(1, 256),
     default=None,
-    help="e2e: each worker a supervisor of N processes (worker run --processes N).",
+    help="e2e: each worker a supervisor of N processes (worker run --processes N); "
+    "limits: default 3.",
 )
 @click.option(
     "--cpus",
@@ -142,6 +148,33 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     show_default=True,
     help="Tasks per second for latency under load.",
 )
+@click.option(
+    "--limit-rate",
+    type=float,
+    default=200.0,
+    show_default=True,
+    help="limits: the rate (tasks/s) set on the queue of its rate part.",
+)
+@click.option(
+    "--limit-burst",
+    type=int,
+    default=None,
+    help="limits: that rate's burst (default: a tenth of a second's worth).",
+)
+@click.option(
+    "--limit-concurrency",
+    type=int,
+    default=5,
+    show_default=True,
+    help="limits: the cap set on the queue of its concurrency part.",
+)
+@click.option(
+    "--limit-window",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="limits: seconds over which starts are counted against rate x window + burst.",
+)
 @click.option("--samples", type=int, default=300, show_default=True, help="Idle pickup samples.")
 @click.option(
     "--queues",
@@ -166,6 +199,10 @@ def bench(
     work: str,
     batch: int,
     rate: float,
+    limit_rate: float,
+    limit_burst: int | None,
+    limit_concurrency: int,
+    limit_window: float,
     samples: int,
     queues: int | None,
     no_baseline: bool,
@@ -173,7 +210,8 @@ def bench(
     as_json: bool,
 ) -> None:
     """Measure clusterq on the server at --url: SCENARIOS among enqueue, enqueue-many,
-    durability, e2e, latency, memory, partitioned, stream, idle, purge (default: all).
+    durability, e2e, latency, memory, partitioned, stream, idle, purge, limits (default:
+    all).
 
     Uses fresh queues and deletes them afterwards. With redis-benchmark installed, its
     PING rate on the same server is measured too, and each rate is related to it.
@@ -189,6 +227,10 @@ def bench(
         work=work,  # type: ignore[arg-type]
         batch=batch,
         rate=rate,
+        limit_rate=limit_rate,
+        limit_burst=limit_burst,
+        limit_concurrency=limit_concurrency,
+        limit_window=limit_window,
         samples=samples,
         baseline=not no_baseline,
         queues=queues,

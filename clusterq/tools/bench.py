@@ -32,6 +32,9 @@ Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them aft
 - ``purge``: N pending tasks of two types taking turns; a bulk delete of one type, then a
   purge of the rest, each timed, with the PING latency of that master meanwhile
   (:mod:`clusterq.tools.bench_purge`).
+- ``limits``: a queue's rate limit and concurrency cap, checked against the start (and
+  end) times the handlers record, and what a rate limit costs the e2e drain
+  (:mod:`clusterq.tools.bench_limits`).
 
 Nothing here asserts a speed; the figures are for people (and ``--json`` for scripts).
 """
@@ -51,6 +54,7 @@ from clusterq.producer import new_task_id
 from clusterq.slots import keyslot
 from clusterq.task import TaskInfo
 from clusterq.tools.bench_handlers import LATENCY_TYPE, NOOP_TYPE, WORK_TYPES
+from clusterq.tools.bench_limits import bench_limits, check_settings
 from clusterq.tools.bench_purge import bench_purge
 from clusterq.tools.bench_report import (
     SCENARIOS,
@@ -400,6 +404,8 @@ def run_bench(
         raise ConfigError("tasks, workers and concurrency must be at least 1")
     if settings.rate <= 0:
         raise ConfigError("rate must be positive")
+    if "limits" in scenarios:
+        check_settings(settings)
     session = Session(settings, progress)
     try:
         backend = session.backend
@@ -435,6 +441,8 @@ def run_bench(
                 rows = bench_idle(session)
             elif name == "purge":
                 rows = bench_purge(session)
+            elif name == "limits":
+                rows = bench_limits(session)
             else:
                 rows = [bench_memory(session)]
             for row in rows:

@@ -1,10 +1,13 @@
 """The handlers that benchmark worker processes run (``clusterq.tools.bench_handlers:router``):
 a no-op, one INCR over the worker's connection or through redis-py (asyncio, or sync
 from a plain ``def`` handler), about 1 ms of pure-Python CPU in a plain ``def`` handler,
-and the latency probe that records how long after its enqueue each task started."""
+the latency probe that records how long after its enqueue each task started, and the
+probes of ``clusterq bench limits`` that record when each task started (and ended)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 import time
 
@@ -21,6 +24,10 @@ INCR_REDIS_PY_TYPE = "clusterq:bench:incr-redis-py"
 INCR_SYNC_TYPE = "clusterq:bench:incr-sync"
 CPU_TYPE = "clusterq:bench:cpu"
 LATENCY_TYPE = "clusterq:bench:latency"
+#: ``clusterq bench limits``: a task that records its start; one that sleeps and records
+#: its start and end.
+START_TYPE = "clusterq:bench:start"
+SPAN_TYPE = "clusterq:bench:span"
 #: ``clusterq bench e2e --work``: what each task does, and the task type that does it.
 #: The ``incr*`` kinds each count one INCR per task (checked after the run).
 WORK_TYPES: dict[str, str] = {
@@ -145,3 +152,32 @@ async def latency(task: Task) -> None:
     # starts, put tens of ms into the first samples of the loaded run.
     sample = f"{started - sent:.6f}"
     await backend.execute_key(samples, lambda c: c.fast("RPUSH", samples, sample))
+
+
+@router.task(START_TYPE)
+async def start(task: Task) -> None:
+    """Record when this task started, and in which process (``"<time> <pid>"``)."""
+    started = time.time()
+    await _record(task, f"{started:.6f} {os.getpid()}")
+
+
+@router.task(SPAN_TYPE)
+async def span(task: Task) -> None:
+    """Sleep the payload's ``ms``, then record when this task started and ended, and in
+    which process (``"<start> <end> <pid>"``)."""
+    started = time.time()
+    ms = task.payload.get("ms") if isinstance(task.payload, dict) else None
+    if not isinstance(ms, float | int) or not 0 <= ms <= 60_000:
+        raise SkipRetry("not a span payload")
+    await asyncio.sleep(ms / 1000)
+    ended = time.time()
+    await _record(task, f"{started:.6f} {ended:.6f} {os.getpid()}")
+
+
+async def _record(task: Task, sample: str) -> None:
+    """RPUSH ``sample`` through redis-py onto the run's list beside the task's queue: what
+    the limits are checked with, independently of clusterq's own counters."""
+    backend = current_worker().backend
+    assert backend is not None
+    _, samples = backend.keys.bench(_run_of(task), task.queue)
+    await backend.execute_key(samples, lambda c: c.rpush(samples, sample))

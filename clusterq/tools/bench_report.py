@@ -27,6 +27,7 @@ Scenario = Literal[
     "stream",
     "idle",
     "purge",
+    "limits",
 ]
 SCENARIOS: tuple[Scenario, ...] = get_args(Scenario)
 Work = Literal["noop", "incr", "incr-redis-py", "incr-sync", "cpu"]
@@ -100,6 +101,12 @@ class BenchSettings:
     queues: int | None = None
     timeout: float = 300.0
     seed: int | None = None
+    #: ``limits``: the rate (tasks/s) and burst (None: the default) of its rate part, the
+    #: cap of its concurrency part, and the window (s) its starts are counted over.
+    limit_rate: float = 200.0
+    limit_burst: int | None = None
+    limit_concurrency: int = 5
+    limit_window: float = 5.0
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -174,7 +181,7 @@ def run_baseline(url: RedisURL, mode: str, pipeline: int = 16) -> tuple[Baseline
 
 def compare_with_baseline(row: BenchRow, baseline: Baseline | None) -> None:
     """Relate a rate to the round trips redis-benchmark managed on the same server."""
-    if baseline is None or row.rate is None or row.scenario.startswith("pickup"):
+    if baseline is None or row.rate is None or row.scenario.startswith(("pickup", "limits:")):
         return
     if row.scenario == "enqueue-many":
         row.vs_baseline = row.rate / baseline.pipelined
