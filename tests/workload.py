@@ -120,3 +120,32 @@ def leak(task: Task) -> None:
     chunk[::4096] = b"x" * len(chunk[::4096])  # touched: resident, not just reserved
     _leaked.append(chunk)
     _both("done", task)
+
+
+# ------------------------------------------------------------------ flow control's tests
+
+_recorder: tuple[int, object] | None = None
+
+
+def _record(key: str, line: str) -> None:
+    """RPUSH ``line`` to ``key`` through redis-py, on the server named by
+    $CLUSTERQ_TEST_COUNT_URL (set by the test that started the process)."""
+    global _recorder
+    import redis
+
+    if _recorder is None or _recorder[0] != os.getpid():  # a forked process: its own
+        _recorder = (os.getpid(), redis.Redis.from_url(os.environ["CLUSTERQ_TEST_COUNT_URL"]))
+    client = _recorder[1]
+    assert isinstance(client, redis.Redis)
+    client.rpush(key, line)
+
+
+@router.task("timed")
+def timed(task: Task) -> None:
+    """Records ``start <time> <task id> <pid>`` to payload["key"] (through redis-py),
+    sleeps payload["seconds"], then records ``end <time> <task id> <pid>``: times from
+    time.time() on this machine, taken before each RPUSH."""
+    key = str(task.payload["key"])
+    _record(key, f"start {time.time():.6f} {task.id} {os.getpid()}")
+    time.sleep(float(task.payload.get("seconds", 0.0)))
+    _record(key, f"end {time.time():.6f} {task.id} {os.getpid()}")
