@@ -279,9 +279,9 @@ class AsyncClient(ClientBase):
 
     async def set_limits(self, queue: str, **options: Unpack[LimitOptions]) -> Limits | None:
         """See :meth:`Client.set_limits`."""
-        limits = Limits.of(**options)
-        members = self._members(await self.layout(queue), queue)
-        await limits_script.astore(self.backend, members, limits)
+        limits, layout = Limits.of(**options), await self.layout(queue)
+        parts = len(layout.queues) if layout else 1
+        await limits_script.astore(self.backend, self._members(layout, queue), limits, parts)
         return limits.declared
 
     async def limits(self, queue: str) -> Limits | None:

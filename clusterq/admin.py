@@ -83,8 +83,9 @@ class Admin(Inspector):
 
     def set_limits(self, queue: str, **options: Unpack[LimitOptions]) -> Limits | None:
         """See :meth:`clusterq.Client.set_limits`."""
-        limits = Limits.of(**options)
-        limits_script.store(self.backend, self.members(queue), limits)
+        limits, layout = Limits.of(**options), self.layouts().get(queue)
+        parts = len(layout.queues) if layout else 1
+        limits_script.store(self.backend, self.members(queue), limits, parts)
         return limits.declared
 
     def purge(

@@ -344,8 +344,9 @@ class Client(ClientBase):
         with a ``burst`` (default a tenth of a second's worth, at least 1), ``concurrency``
         (running at once). Replaces its limits; none given clears them. A partitioned
         queue's partitions each enforce a share (:mod:`clusterq.limits`)."""
-        limits = Limits.of(**options)
-        limits_script.store(self.backend, self._members(self.layout(queue), queue), limits)
+        limits, layout = Limits.of(**options), self.layout(queue)
+        parts = len(layout.queues) if layout else 1
+        limits_script.store(self.backend, self._members(layout, queue), limits, parts)
         return limits.declared
 
     def limits(self, queue: str) -> Limits | None:

@@ -35,18 +35,24 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def store(backend: Backend, members: Sequence[str], limits: Limits | None) -> None:
-    """Write ``limits`` (None: clear them) over a queue's ``members`` (one plain queue,
-    or a partitioned queue's partitions, each with its share)."""
-    shares = _shares(members, limits)
+def store(
+    backend: Backend, members: Sequence[str], limits: Limits | None, partitions: int = 1
+) -> None:
+    """Write ``limits`` (None: clear them) over a queue's ``members``: one plain queue,
+    or a partitioned queue's ``partitions`` current partitions (each with its share),
+    then its draining partitions and plain queue (each with the smallest share: they
+    hold only stray tasks; see :func:`shares_for`)."""
+    shares = shares_for(members, limits, partitions)
     for member, fields in zip(members, shares, strict=True):
         keys, args = put(backend.keys.queue(member), fields)
         backend.execute_key(keys[0], functools.partial(SCRIPT.call, keys=keys, args=args))
 
 
-async def astore(backend: AsyncBackend, members: Sequence[str], limits: Limits | None) -> None:
+async def astore(
+    backend: AsyncBackend, members: Sequence[str], limits: Limits | None, partitions: int = 1
+) -> None:
     """:func:`store` on an asyncio backend."""
-    shares = _shares(members, limits)
+    shares = shares_for(members, limits, partitions)
     for member, fields in zip(members, shares, strict=True):
         keys, args = put(backend.keys.queue(member), fields)
         await backend.run_script(SCRIPT, keyslot(keys[0]), keys, args)
@@ -64,7 +70,13 @@ async def aload(backend: AsyncBackend, queue: str) -> Limits | None:
     return read(await backend.execute_key(key, lambda c: c.hgetall(key)))
 
 
-def _shares(members: Sequence[str], limits: Limits | None) -> list[dict[str, str] | None]:
+def shares_for(
+    members: Sequence[str], limits: Limits | None, partitions: int
+) -> list[dict[str, str] | None]:
+    """What each of ``members`` stores: the first ``partitions`` (the current ones) an
+    even share each; the others (draining partitions, the plain queue of a partitioned
+    queue's name) the last share again, so that their stray tasks are limited too."""
     if limits is None or limits.empty:
         return [None] * len(members)
-    return list(limits.shares(len(members)))
+    shares: list[dict[str, str] | None] = list(limits.shares(partitions))
+    return (shares + [shares[-1]] * len(members))[: len(members)]
