@@ -1,8 +1,9 @@
 """``clusterq dash``: a live terminal dashboard (the ``dash`` extra: Textual).
 
 The main screen shows every queue grouped by the master that owns it (keyslot, sizes per
-state, processed per second since the last refresh, latency, paused), the live workers,
-and the cluster's topology events (failovers, failed and recovered nodes) as they happen.
+state, processed per second since the last refresh, latency, paused, its limits), the
+live workers, and the cluster's topology events (failovers, failed and recovered nodes)
+as they happen.
 Enter on a queue opens its tasks: page through a state, and run, archive or delete the
 highlighted task.
 
@@ -29,6 +30,7 @@ from clusterq.admin import Admin
 from clusterq.cluster.changes import TopologyEvent
 from clusterq.cluster.topology import Topology
 from clusterq.inspector import QueueInfo, WorkerInfo
+from clusterq.queueinfo import compact_limits
 from clusterq.task import TaskInfo
 
 #: Seconds between refreshes.
@@ -190,7 +192,7 @@ class Dashboard(App[None]):
     def on_mount(self) -> None:
         self.query_one("#queues", DataTable).add_columns(
             "Master", "Queue", "Keyslot", "Pending", "Active", "Scheduled", "Retry",
-            "Archived", "Done/s", "Latency", "Paused",
+            "Archived", "Done/s", "Latency", "Paused", "Limits",
         )  # fmt: skip
         self.query_one("#workers", DataTable).add_columns(
             "Worker", "Queues", "Running", "Concurrency", "Processed", "Failed", "Seen"
@@ -261,7 +263,7 @@ class Dashboard(App[None]):
             if q.error:
                 table.add_row(
                     _clean(shown_master), _clean(q.queue), _clean(q.keyslot),
-                    Text(f"error: {q.error}"[:60], style="red"), *[Text("")] * 7,
+                    Text(f"error: {q.error}"[:60], style="red"), *[Text("")] * 8,
                 )  # fmt: skip
                 continue
             rate = snapshot.rates.get(q.queue)
@@ -269,7 +271,7 @@ class Dashboard(App[None]):
                 _clean(shown_master), _clean(q.queue), _clean(q.keyslot), _clean(q.pending),
                 _clean(q.active), _clean(q.scheduled), _clean(q.retry), _clean(q.archived),
                 _clean("-" if rate is None else f"{rate:.1f}"), _clean(f"{q.latency:.2f}s"),
-                _clean("yes" if q.paused else ""),
+                _clean("yes" if q.paused else ""), _clean(compact_limits(q.limits)),
             )  # fmt: skip
         if cursor is not None and ordered:
             table.move_cursor(row=min(cursor, len(ordered) - 1))

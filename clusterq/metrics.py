@@ -5,10 +5,12 @@ Two sources:
 - :class:`ClusterCollector`, served by ``clusterq metrics --port P``: read at each scrape
   through an :class:`~clusterq.inspector.Inspector` — queue sizes per state, latency,
   processed/failed totals and paused, each labelled by queue and by the master that owns
-  it; live workers; the cluster map (nodes up, slots per node, failovers seen).
+  it; the limits declared on each queue (a partitioned queue: once, on its own name);
+  live workers; the cluster map (nodes up, slots per node, failovers seen).
 - :class:`WorkerMetrics`, served by ``clusterq worker --metrics-port P``: what only a
   worker knows — task durations per queue and type (a histogram), outcomes per type,
-  handlers running, leases lost, loop restarts.
+  handlers running, leases lost, loop restarts, dequeues its queues' limits held back
+  (per queue or partition, by reason) and handlers that raised ``RateLimited``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ class ClusterCollector:
         failed = CounterMetricFamily(
             "clusterq_queue_failed", "Failed attempts (all workers).", labels=labels
         )
+        rate = GaugeMetricFamily(
+            "clusterq_queue_limit_rate_per_second",
+            "The rate limit declared on the queue, tasks per second (a partitioned queue: on "
+            "its own name, for all its partitions).",
+            labels=labels,
+        )
+        cap = GaugeMetricFamily(
+            "clusterq_queue_limit_concurrency",
+            "The concurrency cap declared on the queue: tasks running at once across every "
+            "worker (a partitioned queue: on its own name, for all its partitions).",
+            labels=labels,
+        )
         for q in queues:
             node = q.master or "none"
             up.add_metric([q.queue, node], 0 if q.error else 1)
@@ -107,7 +121,12 @@ class ClusterCollector:
             paused.add_metric([q.queue, node], 1 if q.paused else 0)
             processed.add_metric([q.queue, node], q.processed)
             failed.add_metric([q.queue, node], q.failed)
-        yield from (tasks, latency, paused, up, processed, failed)
+            if q.limits is not None and q.partition_of is None:
+                if q.limits.rate is not None:
+                    rate.add_metric([q.queue, node], q.limits.rate.per_second)
+                if q.limits.concurrency is not None:
+                    cap.add_metric([q.queue, node], q.limits.concurrency)
+        yield from (tasks, latency, paused, up, processed, failed, rate, cap)
         yield from self._topology(topology)
         yield from self._workers()
         yield from self._streams()
@@ -243,8 +262,12 @@ class WorkerMetrics:
             registry=self.registry,
         )
 
+        self.flow = FlowCollector()
+        self.registry.register(self.flow)
+
     def bind(self, worker: Any) -> None:
         """Read ``worker``'s (a :class:`~clusterq.worker.Worker`) counters when scraped."""
+        self.flow.worker = worker
         self.running.set_function(lambda: worker.running)
         self.leases_lost.set_function(lambda: worker.stats.leases_lost)
         self.loop_restarts.set_function(lambda: worker.stats.loop_restarts)
@@ -267,6 +290,42 @@ class WorkerMetrics:
         """This worker's metrics as Prometheus text (a process of ``--processes N``
         sends it to its supervisor, which serves the sum)."""
         return generate_latest(self.registry).decode()
+
+
+class FlowCollector:
+    """A worker's flow control at each scrape: the dequeues its queues' limits held back
+    (``clusterq_worker_held_back_total``, per queue or partition and reason: rate,
+    concurrency, hold) and the handlers that raised ``RateLimited``
+    (``clusterq_worker_rate_limited_total``)."""
+
+    def __init__(self) -> None:
+        #: The :class:`~clusterq.worker.Worker` read (None: nothing yet).
+        self.worker: Any = None
+
+    def describe(self) -> list[Any]:
+        return []  # collected on demand
+
+    def collect(self) -> Iterator[Any]:
+        held = CounterMetricFamily(
+            "clusterq_worker_held_back",
+            "Dequeues that found tasks waiting but took none because of the queue's limits, "
+            "per queue (or partition) and reason (rate, concurrency, hold).",
+            labels=["queue", "reason"],
+        )
+        limited = CounterMetricFamily(
+            "clusterq_worker_rate_limited",
+            "Handlers that raised RateLimited (their tasks wait, no retry spent).",
+        )
+        worker = self.worker
+        if worker is not None:
+            # read in the HTTP server's thread: copies, each made in one step
+            for q in list(getattr(worker, "_queues", {}).values()):
+                for reason, count in sorted(dict(q.held_back).items()):
+                    held.add_metric([q.name, reason], count)
+            limited.add_metric([], worker.stats.rate_limited)
+        else:
+            limited.add_metric([], 0)
+        yield from (held, limited)
 
 
 class SummedCollector:

@@ -21,7 +21,10 @@ ROLES: tuple[Role, ...] = ("producer", "worker", "operator")
 CONNECT = ("ping", "info", "select", "cluster|shards", "cluster|nodes")
 
 #: Commands called inside clusterq's Lua scripts (enqueue, push, dequeue, ack, fail,
-#: extend, requeue, sweep, survey, manage, cron); SPUBLISH wakes idle workers.
+#: extend, requeue, sweep, survey, manage, cron, limits); SPUBLISH wakes idle workers.
+#: Flow control needs nothing more: ``dequeue`` and ``fail`` read and write the queue's
+#: limits hash (HMGET, HGET, HSET, ZCARD of ``active``), ``limits`` replaces it (HMGET,
+#: HDEL, HSET, DEL), all under the prefix like every other key.
 SCRIPTED = (
     "del", "exists", "get", "incr", "pexpire", "set", "spublish", "time", "type",
     "hdel", "hexists", "hget", "hincrby", "hkeys", "hlen", "hmget", "hset", "hsetnx",
@@ -34,8 +37,9 @@ SCRIPTS = ("evalsha", "script|load")
 #: Commands sent directly, per role.
 DIRECT: dict[Role, tuple[str, ...]] = {
     # enqueue by script; WAIT for durability; queue names into the registry (SADD);
-    # task info and results (HGET, ZSCORE).
-    "producer": ("hset", "wait", "sadd", "hget", "zscore"),
+    # task info and results (HGET, ZSCORE); the partitioned queues' declarations and a
+    # queue's limits (HGETALL; set_limits runs the limits script).
+    "producer": ("hset", "wait", "sadd", "hget", "zscore", "hgetall"),
     # idle queues wait for wake-ups (SSUBSCRIBE), or without them with BLMOVE; the
     # announcement in <prefix>:workers (HSET, EXPIRE, HGETALL, HDEL); advancing a workflow
     # enqueues its next steps and WAITs for a replica.
@@ -44,7 +48,8 @@ DIRECT: dict[Role, tuple[str, ...]] = {
         "zscore", "wait",
     ),
     # queue ls/inspect, worker ls, task ls/inspect, cluster watch; pause and unpause
-    # (SET, DEL, SPUBLISH), queue rm (DEL, SREM); task actions run the manage script.
+    # (SET, DEL, SPUBLISH), queue rm (DEL, SREM); task actions run the manage script;
+    # queue limit runs the limits script and reads the limits back (HGETALL).
     "operator": (
         "smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore",
         "lrange", "lindex", "hmget", "hscan", "zrange", "memory|usage",

@@ -1,15 +1,19 @@
 """What ``clusterq queue ls``, ``queue inspect`` and ``stats`` show of queues: one
-queue's row (sizes per state, counters, latency, where it lives), the sums per master,
-per-minute history, and how a row is read in one round trip. A key holding what
-clusterq does not write is that row's ``error``, naming the key; the other rows render.
+queue's row (sizes per state, counters, latency, where it lives, its limits and the
+limiter's state), the sums per master, per-minute history, and how a row is read in one
+round trip. A key holding what clusterq does not write is that row's ``error``, naming
+the key; the other rows render.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clusterq.keys import QueueKeys
+from clusterq.limits import Limits
 from clusterq.serialization import json_value
 
 #: Minutes of per-minute history a queue keeps (``HISTORY_MINUTES`` in ``_prelude.lua``).
@@ -44,9 +48,20 @@ class QueueInfo:
     partition: int | None = None
     #: A partitioned queue's own name: its number of partitions (0 for a plain queue).
     partitions: int = 0
+    #: The limits declared on the queue (a partition: on its partitioned queue); None:
+    #: none (see :mod:`clusterq.limits`).
+    limits: Limits | None = None
+    #: The concurrency cap this queue enforces against its ``active`` count (a
+    #: partition: its share of the declared cap); None: no cap.
+    concurrency_cap: int | None = None
+    #: Unix time (s) until which nothing of the queue starts (a handler's
+    #: ``RateLimited(..., scope="queue")``); None: no hold in force when read.
+    hold_until: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["limits"] = self.limits.as_dict() if self.limits is not None else None
+        return out
 
     @property
     def size(self) -> int:
@@ -150,20 +165,25 @@ _SIZES = (
 
 
 def count_commands(qk: QueueKeys) -> list[tuple[Any, ...]]:
-    """What one queue's row reads, in one round trip: sizes, paused, counters, and the
-    oldest pending id (last)."""
+    """What one queue's row reads, in one round trip: sizes, paused, counters, the
+    limits hash, and the oldest pending id (last)."""
     commands: list[tuple[Any, ...]] = [(verb, getattr(qk, key)) for _, key, verb in _SIZES]
     return [
         *commands,
         ("EXISTS", qk.paused),
         ("HMGET", qk.stats, "processed", "failed"),
+        ("HGETALL", qk.limits),
         ("LINDEX", qk.pending, -1),
     ]
 
 
-def read_counts(qk: QueueKeys, values: list[Any]) -> tuple[dict[str, Any], list[str]]:
+def read_counts(
+    qk: QueueKeys, values: list[Any], *, now: float | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """The row's fields from the replies to :func:`count_commands`, and the problems met
-    (each naming its key): a key of another type, a counter that is not an integer."""
+    (each naming its key): a key of another type, a counter that is not an integer, a
+    limits hash whose fields are not what clusterq writes. ``now``: the time a hold is
+    compared with (default: the local clock)."""
     problems: list[str] = []
 
     def read(index: int, key: str) -> Any:
@@ -180,8 +200,64 @@ def read_counts(qk: QueueKeys, values: list[Any]) -> tuple[dict[str, Any], list[
     counters = read(len(_SIZES) + 1, qk.stats) or [None, None]
     for name, value in zip(("processed", "failed"), counters, strict=True):
         fields[name] = _counter(qk.stats, name, value, problems)
+    limits = read(len(_SIZES) + 2, qk.limits)
+    at = time.time() if now is None else now
+    fields.update(read_limits(qk.limits, limits or {}, at, problems))
     fields["latency"] = 0.0
     return fields, problems
+
+
+#: Fields of a limits hash that hold numbers (see :mod:`clusterq.limits`).
+_NUMBERS = ("interval", "burst", "concurrency", "tat", "hold")
+
+
+def read_limits(key: str, raw: Any, now: float, problems: list[str]) -> dict[str, Any]:
+    """The row's ``limits``, ``concurrency_cap`` and ``hold_until`` from a limits hash as
+    ``HGETALL`` returns it (a mapping, or a flat list of fields and values); a field
+    clusterq reads that does not hold what it writes is named in ``problems`` (fields it
+    does not read are left alone, as the scripts leave them)."""
+    if isinstance(raw, list | tuple):
+        raw = dict(zip(raw[::2], raw[1::2], strict=False))
+    fields = {_text(k): _text(v) for k, v in dict(raw).items()}
+    numbers: dict[str, float] = {}
+    for name in _NUMBERS:
+        if name not in fields:
+            continue
+        try:
+            number = float(fields[name])
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number):
+            numbers[name] = number
+        else:
+            problems.append(f"{key}: field {name!r} is not a number ({fields[name][:40]!r})")
+    limits = Limits.from_fields(fields)
+    if limits is None and fields.get("spec"):
+        shown = fields["spec"][:40]
+        problems.append(f"{key}: field 'spec' is not a limits declaration ({shown!r})")
+    cap = numbers.get("concurrency")
+    hold = numbers.get("hold")
+    return {
+        "limits": limits,
+        "concurrency_cap": int(cap) if cap is not None else None,
+        "hold_until": hold / 1000.0 if hold is not None and hold / 1000.0 > now else None,
+    }
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def compact_limits(limits: Limits | None) -> str:
+    """A queue's limits in a table cell: ``200/s b20 · max 5``; ``-`` without limits."""
+    if limits is None or limits.empty:
+        return "-"
+    parts = []
+    if limits.rate is not None:
+        parts.append(f"{limits.rate.text} b{limits.effective_burst}")
+    if limits.concurrency is not None:
+        parts.append(f"max {limits.concurrency}")
+    return " · ".join(parts)
 
 
 def _counter(key: str, field: str, value: Any, problems: list[str]) -> int:

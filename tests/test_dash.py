@@ -167,3 +167,36 @@ def test_the_dashboard_keeps_updating_through_a_failover_and_shows_it(
 
     asyncio.run(drive())
     admin.close()
+
+
+def test_the_dashboard_shows_each_queues_limits_and_a_foreign_limits_key(
+    url: str, prefix: str
+) -> None:
+    """The Limits column: a queue's declared limits, ``-`` without; a limits key holding
+    what clusterq does not write is that row's error, the others still shown."""
+    with Client(url, prefix=prefix) as client:
+        for queue in ("images", "webhooks", "broken"):
+            client.enqueue("x", queue=queue)
+        client.set_limits("images", rate="200/s", burst=20, concurrency=5)
+        key = client.keys.queue("broken").limits
+        client.backend.execute_key(key, lambda c: c.set(key, "foreign"))
+    admin = Admin(url, prefix=prefix, timeout=1.0)
+    app = Dashboard(admin, interval=0.2)
+
+    async def drive() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await _until(
+                pilot,
+                lambda: {"images", "webhooks", "broken"} <= set(app.queue_rows),
+                15,
+                "the queues",
+            )
+            table = app.query_one("#queues", DataTable)
+            limits = [str(c.label) for c in table.columns.values()].index("Limits")
+            assert _cell(app, "images", limits) == "200/s b20 · max 5"
+            assert _cell(app, "webhooks", limits) == "-"
+            assert _cell(app, "broken", 3).startswith(f"error: {key}")
+            assert len(table.get_row_at(app.queue_rows.index("broken"))) == len(table.columns)
+
+    asyncio.run(drive())
+    admin.close()

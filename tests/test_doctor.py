@@ -101,3 +101,83 @@ def test_without_scripts_the_scripted_commands_are_reported_unchecked(
         assert roles[role]["missing"] == ["evalsha"] and roles[role]["ok"] is False
         assert not report.ok(role)
     assert {"ping", "script|load", "hget", "llen", "zcard", "del", "exists"} <= report.allowed
+
+
+#: The scripts flow control runs: the limits' writer, the dequeue that enforces them,
+#: the fail that sets a hold, and what every script shares.
+FLOW_SCRIPTS = ("limits", "dequeue", "fail", "_prelude")
+
+
+def test_the_scripts_of_flow_control_call_only_listed_commands() -> None:
+    """Redis checks each command a script calls against the caller's ACL: every one the
+    flow-control scripts call is in the table the rules and the doctor read."""
+    import re
+    from pathlib import Path
+
+    from clusterq.permissions import SCRIPTED
+
+    broker = Path(__file__).parents[1] / "clusterq" / "broker"
+    called: set[str] = set()
+    for name in FLOW_SCRIPTS:
+        text = (broker / f"{name}.lua").read_text()
+        called |= {c.lower() for c in re.findall(r"redis\.p?call\('([A-Za-z]+)'", text)}
+    assert {"hmget", "hdel", "del", "zcard", "hset", "spublish"} <= called
+    assert called <= set(SCRIPTED), sorted(called - set(SCRIPTED))
+
+
+def test_each_roles_rules_are_enough_for_flow_control(
+    users: Any, prefix: str, clusterq_bin: str
+) -> None:
+    """Users with one role's rules each: the operator sets, shows and clears limits with
+    `queue limit` (the limits script, HGETALL) and lists them; the producer enqueues;
+    a worker takes the tasks of a capped queue (the dequeue script reading the limits
+    hash, a RateLimited hold written by the fail script) without a refusal."""
+    import asyncio
+
+    from clusterq import Client, RateLimited, Router, Task
+    from clusterq.limits import Limits
+    from tests.helpers import await_for, running_worker
+
+    operator, producer, worker_url = (
+        users(acl_rules(prefix, (role,))) for role in ("operator", "producer", "worker")
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [clusterq_bin, "--url", operator, "--prefix", prefix, "queue", *args],
+            capture_output=True, text=True, timeout=60, env=os.environ.copy(),
+        )  # fmt: skip
+
+    with Client(producer, prefix=prefix) as client:
+        client.enqueue_many([("ok", i) for i in range(6)], queue="capped")
+        client.enqueue("429", queue="capped")
+    set_ = cli("limit", "capped", "--concurrency", "2", "--rate", "1000/s")
+    assert set_.returncode == 0 and "2 at once" in set_.stdout, set_.stderr
+    shown = cli("limit", "capped", "--json")
+    assert json.loads(shown.stdout)["limits"]["concurrency"] == 2, shown.stderr
+    listed = cli("ls", "--json")
+    assert json.loads(listed.stdout)[0]["limits"]["concurrency"] == 2, listed.stderr
+    with Client(producer, prefix=prefix) as client:
+        assert client.limits("capped") == Limits.of("1000/s", None, 2)
+
+    router = Router()
+    calls: list[str] = []
+
+    @router.task("ok")
+    async def ok(task: Task) -> None:
+        calls.append(task.id)
+
+    @router.task("429")
+    async def too_many(task: Task) -> None:
+        calls.append(task.id)
+        raise RateLimited(0.05, scope="queue")
+
+    async def work() -> None:
+        async with running_worker(worker_url, router, queues=["capped"], prefix=prefix) as w:
+            await await_for(lambda: w.stats.processed >= 6, 30, "the capped queue's tasks")
+            await await_for(lambda: w.stats.rate_limited >= 1, 30, "the 429")
+            assert w.stats.failed == 0 and w.stats.loop_restarts == 0
+
+    asyncio.run(work())
+    cleared = cli("limit", "capped", "--clear")
+    assert cleared.returncode == 0 and "no limits" in cleared.stdout, cleared.stderr

@@ -1,4 +1,6 @@
-"""``clusterq queue``: list, inspect, pause, unpause, purge and remove queues."""
+"""``clusterq queue``: list, inspect, pause, unpause, purge and remove queues; show or
+set their limits (``queue limit``: a rate and a concurrency cap, see
+:mod:`clusterq.limits`)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,21 @@ import time
 import click
 
 from clusterq.admin import Admin
-from clusterq.cli.render import console, human_bytes, print_json, progress_bar, safe_text, table
+from clusterq.cli.render import (
+    clock,
+    console,
+    human_bytes,
+    print_json,
+    progress_bar,
+    safe_text,
+    table,
+)
 from clusterq.cli.state import STATE_CHOICE, CliError, CliState, confirm, connection_options
 from clusterq.client import Client
 from clusterq.errors import ClusterqError
 from clusterq.inspector import Inspector, QueueInfo
+from clusterq.limits import Limits
+from clusterq.queueinfo import compact_limits
 
 
 @click.group()
@@ -39,8 +51,21 @@ def ls(state: CliState, show_cluster: bool, as_json: bool) -> None:
             f"were skipped: {shown}",
             err=True,
         )
+    members: dict[str, list[QueueInfo]] = {}
+    for info in infos:
+        if info.partition_of is not None:
+            members.setdefault(info.partition_of, []).append(info)
+    groups = {
+        name: sorted(group, key=lambda q: (q.partition is None, q.partition or 0, q.queue))
+        for name, group in members.items()
+    }
     if as_json:
-        print_json([info.to_dict() for info in infos])
+        print_json(
+            [
+                _declared(info, groups.get(info.queue, [])) if info.partitions else info.to_dict()
+                for info in infos
+            ]
+        )
         return
     columns = [
         "Queue",
@@ -51,22 +76,16 @@ def ls(state: CliState, show_cluster: bool, as_json: bool) -> None:
         "Archived",
         "Completed",
         "Paused",
+        "Limits",
     ]
     if show_cluster:
         columns += ["KeySlot", "Master", "Replicas"]
     rows = []
-    members: dict[str, list[QueueInfo]] = {}
-    for info in infos:
-        if info.partition_of is not None:
-            members.setdefault(info.partition_of, []).append(info)
     for info in infos:
         if info.partition_of is not None:
             continue  # listed under its partitioned queue
         if info.partitions:
-            group = sorted(
-                members.get(info.queue, []),
-                key=lambda q: (q.partition is None, q.partition or 0, q.queue),
-            )
+            group = groups.get(info.queue, [])
             rows.append(_total_row(info, group, show_cluster))
             for member in [*group, info]:
                 rows.append(_queue_row(member, show_cluster, indent=True))
@@ -87,7 +106,7 @@ def _queue_row(info: QueueInfo, show_cluster: bool, *, indent: bool = False) -> 
             label = f"{info.queue} (draining)"
         label = f"  {label}"
     if info.error:
-        row: list[object] = [label, f"error: {info.error}", "", "", "", "", "", ""]
+        row: list[object] = [label, f"error: {info.error}", "", "", "", "", "", "", ""]
     else:
         row = [
             label,
@@ -98,6 +117,7 @@ def _queue_row(info: QueueInfo, show_cluster: bool, *, indent: bool = False) -> 
             info.archived,
             info.completed,
             "yes" if info.paused else "no",
+            compact_limits(info.limits),
         ]
     if show_cluster:
         row += [info.keyslot, info.master or "-", ", ".join(info.replicas) or "-"]
@@ -115,11 +135,27 @@ def _total_row(head: QueueInfo, group: list[QueueInfo], show_cluster: bool) -> l
             for state in ("pending", "active", "scheduled", "retry", "archived", "completed")
         ),
         "yes" if paused == {True} else "partly" if True in paused else "no",
+        compact_limits(_declaration(head, group)),
     ]
     if show_cluster:
         masters = {q.master for q in group if q.master}
         row += ["-", f"{len(masters)} masters", "-"]
     return row
+
+
+def _declaration(head: QueueInfo, group: list[QueueInfo]) -> Limits | None:
+    """A partitioned queue's declared limits: those stored in its first partition (each
+    member holds the declaration beside its own share)."""
+    first = next((q for q in group if q.partition is not None), None)
+    return (first or head).limits
+
+
+def _declared(head: QueueInfo, group: list[QueueInfo]) -> dict[str, object]:
+    """A partitioned queue's own row as JSON, with the declaration of its partitions."""
+    out = head.to_dict()
+    limits = _declaration(head, group)
+    out["limits"] = limits.as_dict() if limits is not None else None
+    return out
 
 
 @queue.command("create")
@@ -155,10 +191,18 @@ def create(state: CliState, name: str, partitions: int) -> None:
 @connection_options
 @click.pass_obj
 def inspect(state: CliState, name: str, types: bool, as_json: bool) -> None:
-    """One queue: sizes, counters, latency, memory, where it lives, recent history."""
-    detail = Inspector(backend=state.backend()).queue_detail(name, types=types)
+    """One queue: sizes, counters, latency, memory, where it lives, its limits and where
+    its limiter stands (a hold in force, tasks running against the cap), recent
+    history."""
+    inspector = Inspector(backend=state.backend())
+    detail = inspector.queue_detail(name, types=types)
+    limiter = _limiter(inspector, detail.info)
     if as_json:
-        print_json(detail.to_dict())
+        data = detail.to_dict()
+        declared = limiter.pop("declared")
+        data["limits"] = declared.as_dict() if isinstance(declared, Limits) else None
+        data["limiter"] = limiter
+        print_json(data)
         return
     info = detail.info
     if info.error:
@@ -178,6 +222,7 @@ def inspect(state: CliState, name: str, types: bool, as_json: bool) -> None:
         ["Failed (total)", info.failed],
         ["Latency", f"{info.latency:.3f}s"],
         ["Memory", human_bytes(detail.memory) if detail.memory is not None else "-"],
+        *_limiter_rows(limiter),
     ]
     out = console()
     out.print(table(f"queue {name}", ["", ""], rows, header=False))
@@ -195,6 +240,124 @@ def inspect(state: CliState, name: str, types: bool, as_json: bool) -> None:
         )
     if detail.types is not None:
         out.print(table("tasks by type", ["Type", "Tasks"], list(detail.types.items())))
+
+
+def _limiter(inspector: Inspector, info: QueueInfo) -> dict[str, object]:
+    """The limits of ``info``'s queue and where its limiter stands: a hold in force
+    (until when), the tasks running against the concurrency cap. A partitioned queue:
+    its declaration, the tasks running over its partitions and plain queue, and the
+    declared cap (its current partitions share it; the plain queue and draining
+    partitions, which hold stray tasks, each enforce the smallest share besides)."""
+    rows = [info]
+    if inspector.layouts().get(info.queue) is not None:
+        rows = [q for q in inspector.queues([info.queue]) if not q.error]
+    group = [q for q in rows if q.partition_of is not None]
+    group.sort(key=lambda q: (q.partition is None, q.partition or 0))
+    declared = _declaration(info, group) if group else info.limits
+    held = [q.hold_until for q in rows if q.hold_until is not None]
+    cap = info.concurrency_cap
+    if group:
+        cap = declared.concurrency if declared is not None else None
+    return {
+        "declared": declared,
+        "queues": len(rows),
+        "active": sum(q.active for q in rows),
+        "concurrency_cap": cap,
+        "hold_until": max(held) if held else None,
+        "held_queues": len(held),
+    }
+
+
+def _limiter_rows(limiter: dict[str, object]) -> list[list[object]]:
+    declared = limiter["declared"]
+    cap, hold, queues = limiter["concurrency_cap"], limiter["hold_until"], limiter["queues"]
+    rows: list[list[object]] = [
+        ["Limits", declared.describe() if isinstance(declared, Limits) else "-"]
+    ]
+    spread = f" (over {queues} queues)" if isinstance(queues, int) and queues > 1 else ""
+    if cap is not None:
+        rows.append(["Running / cap", f"{limiter['active']} of {cap}{spread}"])
+    if isinstance(hold, float):
+        where = f" ({limiter['held_queues']} of {queues} queues)" if spread else ""
+        rows.append(
+            ["Held back", f"until {clock(hold)} (in {max(0.0, hold - time.time()):.1f}s){where}"]
+        )
+    elif isinstance(declared, Limits) or cap is not None:
+        rows.append(["Held back", "no"])
+    return rows
+
+
+@queue.command("limit")
+@click.argument("name")
+@click.option(
+    "--rate",
+    metavar="COUNT/PERIOD",
+    default=None,
+    help="Tasks started per period across every worker: '200/s', '5000/m', '10/h', '3/10s'.",
+)
+@click.option(
+    "--burst",
+    metavar="N",
+    default=None,
+    help="Tasks that may start at once after a quiet time (needs --rate; default: a "
+    "tenth of a second's worth, at least 1).",
+)
+@click.option(
+    "--concurrency", metavar="N", default=None, help="Tasks running at once across every worker."
+)
+@click.option("--clear", is_flag=True, help="Remove every limit of NAME.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@connection_options
+@click.pass_obj
+def limit(
+    state: CliState,
+    name: str,
+    rate: str | None,
+    burst: str | None,
+    concurrency: str | None,
+    clear: bool,
+    as_json: bool,
+) -> None:
+    """Show or set NAME's limits: a rate (with a burst) and a concurrency cap, enforced
+    where workers take tasks, across all of them.
+
+    Without options it shows them. With options it replaces them, as set_limits does in
+    the API: a limit whose option is not given is removed (--rate 10/s alone drops a
+    concurrency cap set before). --clear removes them all. A partitioned queue's
+    partitions each enforce an even share. Prints the limits now in force."""
+    setting = rate is not None or burst is not None or concurrency is not None
+    if clear and setting:
+        raise CliError(
+            "--clear removes every limit: give it without --rate, --burst, --concurrency"
+        )
+    admin = Admin(backend=state.backend())
+    if clear or setting:
+        try:
+            admin.set_limits(
+                name,
+                rate=rate,
+                burst=_whole("burst", burst),
+                concurrency=_whole("concurrency", concurrency),
+            )
+        except (ValueError, ClusterqError) as exc:
+            raise CliError(str(exc)) from None
+    limits = admin.limits(name)
+    if as_json:
+        print_json({"queue": name, "limits": limits.as_dict() if limits else None})
+    elif limits is None:
+        click.echo(f"queue {name}: no limits")
+    else:
+        click.echo(f"queue {name}: {limits.describe()}")
+
+
+def _whole(what: str, text: str | None) -> int | None:
+    """A whole number given as an option's text; else a one-line error naming it."""
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise CliError(f"invalid {what} {text!r}: must be a whole number of at least 1") from None
 
 
 @queue.command("pause")
