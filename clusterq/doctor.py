@@ -66,6 +66,15 @@ _PLAIN: dict[str, Probe] = {
     "hscan": lambda a, b: ("HSCAN", b, 0),
     "zrange": lambda a, b: ("ZRANGE", b, 0, 0),
     "memory|usage": lambda a, b: ("MEMORY", "USAGE", b),
+    "pttl": lambda a, b: ("PTTL", b),
+    # streams: on a key that does not exist (no MKSTREAM: nothing is created)
+    "xlen": lambda a, b: ("XLEN", b),
+    "xinfo|stream": lambda a, b: ("XINFO", "STREAM", b),
+    "xinfo|groups": lambda a, b: ("XINFO", "GROUPS", b),
+    "xgroup|create": lambda a, b: ("XGROUP", "CREATE", b, "g", "0"),
+    "xreadgroup": lambda a, b: ("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "STREAMS", b, ">"),
+    "xpending": lambda a, b: ("XPENDING", b, "g"),
+    "xclaim": lambda a, b: ("XCLAIM", b, "g", "c", 0, "0-1"),
 }
 
 

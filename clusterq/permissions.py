@@ -20,40 +20,55 @@ ROLES: tuple[Role, ...] = ("producer", "worker", "operator")
 #: Connecting, learning the mode and the cluster map (every role).
 CONNECT = ("ping", "info", "select", "cluster|shards", "cluster|nodes")
 
-#: Commands called inside clusterq's Lua scripts (enqueue, push, dequeue, ack, fail,
-#: extend, requeue, sweep, survey, manage, cron, limits); SPUBLISH wakes idle workers.
-#: Flow control needs nothing more: ``dequeue`` and ``fail`` read and write the queue's
-#: limits hash (HMGET, HGET, HSET, ZCARD of ``active``), ``limits`` replaces it (HMGET,
-#: HDEL, HSET, DEL), all under the prefix like every other key.
+#: Commands called inside clusterq's Lua scripts (every ``.lua`` of the package but the
+#: doctor's; a test reads them all): enqueue, push, dequeue, ack, fail, extend, requeue,
+#: sweep, survey, manage (LINDEX and LSET take a pending task out of its list), cron,
+#: limits, layout, workflow (a large workflow's staged state goes into place with RENAME
+#: and PERSIST), stream (dead letters: XRANGE, XADD, XACK; fenced acks; consumers of
+#: workers gone: XINFO CONSUMERS, XGROUP DELCONSUMER). SPUBLISH wakes idle workers.
+#: Commands with subcommands are listed by their ACL name (``xinfo|consumers``).
 SCRIPTED = (
-    "del", "exists", "get", "incr", "pexpire", "set", "spublish", "time", "type",
+    "del", "exists", "get", "incr", "persist", "pexpire", "rename", "set", "spublish",
+    "time", "type",
     "hdel", "hexists", "hget", "hincrby", "hkeys", "hlen", "hmget", "hset", "hsetnx",
-    "llen", "lpos", "lpush", "lrem", "ltrim", "rpop", "rpush",
+    "lindex", "llen", "lpos", "lpush", "lrem", "lset", "ltrim", "rpop", "rpush",
     "zadd", "zcard", "zrange", "zrangebyscore", "zrem", "zremrangebyscore", "zscore",
+    "xack", "xadd", "xgroup|delconsumer", "xinfo|consumers", "xrange",
 )  # fmt: skip
 
 SCRIPTS = ("evalsha", "script|load")
 
-#: Commands sent directly, per role.
+#: Commands sent directly, per role (the scripts' ones too where sent directly).
 DIRECT: dict[Role, tuple[str, ...]] = {
     # enqueue by script; WAIT for durability; queue names into the registry (SADD);
     # task info and results (HGET, ZSCORE); the partitioned queues' declarations and a
-    # queue's limits (HGETALL; set_limits runs the limits script).
-    "producer": ("hset", "wait", "sadd", "hget", "zscore", "hgetall"),
+    # queue's limits (HGETALL; set_limits runs the limits script); a workflow's state
+    # (HGETALL, PTTL); streams: declared (HGET, HSET of <prefix>:streams), published to
+    # (XADD).
+    "producer": ("hset", "wait", "sadd", "hget", "zscore", "hgetall", "pttl", "xadd"),
     # idle queues wait for wake-ups (SSUBSCRIBE), or without them with BLMOVE; the
     # announcement in <prefix>:workers (HSET, EXPIRE, HGETALL, HDEL); advancing a workflow
-    # enqueues its next steps and WAITs for a replica.
+    # enqueues its next steps and WAITs for a replica. Stream consumers: the declaration
+    # (HGET), their groups (XGROUP CREATE), reads (XREADGROUP), events pending too long or
+    # left by a previous owner (XPENDING, XCLAIM), the lag (XINFO STREAM, XINFO GROUPS),
+    # consumers of workers gone (XINFO CONSUMERS); an ordered group's member hash (HSET,
+    # PEXPIRE, HGETALL, HDEL).
     "worker": (
         "ssubscribe", "blmove", "sadd", "hset", "expire", "hgetall", "hdel", "hget",
-        "zscore", "wait",
+        "zscore", "wait", "pexpire",
+        "xgroup|create", "xreadgroup", "xpending", "xclaim",
+        "xinfo|stream", "xinfo|groups", "xinfo|consumers",
     ),
     # queue ls/inspect, worker ls, task ls/inspect, cluster watch; pause and unpause
     # (SET, DEL, SPUBLISH), queue rm (DEL, SREM); task actions run the manage script;
-    # queue limit runs the limits script and reads the limits back (HGETALL).
+    # queue limit runs the limits script and reads the limits back (HGETALL); workflow
+    # inspect (HGETALL, PTTL); stream ls/inspect: the declarations (HGETALL), each
+    # partition's length and dead letters (XLEN), groups and lag (XINFO GROUPS, STREAM).
     "operator": (
         "smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore",
         "lrange", "lindex", "hmget", "hscan", "zrange", "memory|usage",
-        "set", "del", "srem", "spublish",
+        "set", "del", "srem", "spublish", "pttl",
+        "xlen", "xinfo|groups", "xinfo|stream",
     ),
 }  # fmt: skip
 
