@@ -5,7 +5,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from clusterq.aclient import AsyncClient
-from clusterq.admin import Admin, AsyncAdmin
 from clusterq.client import Client
 from clusterq.cluster.topology import Topology
 from clusterq.errors import (
@@ -24,9 +23,10 @@ from clusterq.errors import (
     TaskFailed,
     TaskNotFound,
 )
-from clusterq.inspector import Inspector, QueueInfo
 from clusterq.keys import KeySchema
 from clusterq.limits import InvalidLimits, Limits
+from clusterq.ops.admin import Admin, AsyncAdmin
+from clusterq.ops.inspector import Inspector, QueueInfo
 from clusterq.partitions import Layout
 from clusterq.producer import TaskSpec
 from clusterq.retry import RateLimited, RetryIn, SkipRetry

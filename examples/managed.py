@@ -14,7 +14,7 @@ import sys
 from urllib.parse import quote
 
 from clusterq import Client
-from clusterq.doctor import check
+from clusterq.ops.doctor import check
 
 
 def url_from_env(env: dict[str, str]) -> str:

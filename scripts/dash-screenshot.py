@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-from clusterq.admin import Admin
-from clusterq.dash import Dashboard
+from clusterq.ops.admin import Admin
+from clusterq.ops.dash import Dashboard
 
 
 async def main(out: str) -> None:

@@ -2,7 +2,7 @@
 
 `redis-cli --cluster create` joins six servers (three masters, three replicas) that this
 module starts on free loopback ports, each configured like a managed cluster: a password
-and an ACL user limited to what clusterq documents (``clusterq.permissions``), TLS only
+and an ACL user limited to what clusterq documents (``clusterq.ops.permissions``), TLS only
 (client certificates required), or TLS and plaintext side by side. Certificates come
 from ``trustme`` (a test CA made for the run; nothing is committed).
 """
@@ -21,7 +21,7 @@ from urllib.parse import quote
 import redis
 import trustme
 
-from clusterq.permissions import ROLES, Role, acl_rules
+from clusterq.ops.permissions import ROLES, Role, acl_rules
 from clusterq.tools import servers
 
 Flavour = Literal["acl", "tls", "both"]

@@ -1,4 +1,4 @@
-"""The operator's admin API (``clusterq.admin.Admin`` over ``Inspector``), on a
+"""The operator's admin API (``clusterq.ops.admin.Admin`` over ``Inspector``), on a
 standalone node and on the 6-node cluster: acting on tasks one by one and in bulk while
 a worker is busy on the same queue, pausing, removing queues, listing and inspecting
 tasks, history counters, and the true worker counts."""
@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-import clusterq.admin
+import clusterq.ops.admin
 from clusterq import Client, Router, Task, TaskState, Worker
-from clusterq.admin import Admin, QueueNotEmpty
 from clusterq.broker import manage
 from clusterq.broker.dequeue import Dequeued
 from clusterq.broker.facade import Broker
-from clusterq.inspector import HISTORY_MINUTES, Inspector, history_from_stats
 from clusterq.keys import QueueKeys
+from clusterq.ops.admin import Admin, QueueNotEmpty
+from clusterq.ops.inspector import HISTORY_MINUTES, Inspector, history_from_stats
 from clusterq.producer import TaskSpec
 from clusterq.tools.devcluster import LocalCluster
 from tests.helpers import FAST, await_for, running_worker, wait_for
@@ -316,7 +316,7 @@ def test_a_bulk_action_goes_through_every_batch_stepping_over_what_it_leaves(
 ) -> None:
     """Batches of 7: 30 tasks of one type behind 10 of another (due first) are all
     archived, over several script calls, and the 10 are stepped over, each seen once."""
-    monkeypatch.setattr(clusterq.admin, "BATCH", 7)
+    monkeypatch.setattr(clusterq.ops.admin, "BATCH", 7)
     with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
         first = [
             info.id
@@ -346,7 +346,7 @@ def test_a_bulk_action_stops_after_as_many_tasks_as_the_state_held_when_it_began
     """The archive grows while a bulk delete walks it (15 tasks archived after its first
     batch, at the newest end): the 20 it held at the start are deleted, in batches of 7,
     and the delete stops there; the 15 newcomers stay."""
-    monkeypatch.setattr(clusterq.admin, "BATCH", 7)
+    monkeypatch.setattr(clusterq.ops.admin, "BATCH", 7)
     with (
         Client(url, prefix=prefix) as client,
         Admin(url, prefix=prefix) as admin,
@@ -590,7 +590,7 @@ def test_history_counters_survive_a_failover(
 
 
 def test_the_asyncio_twin_acts_without_blocking_the_loop(url: str, prefix: str) -> None:
-    from clusterq.admin import AsyncAdmin
+    from clusterq.ops.admin import AsyncAdmin
 
     router = Router()
     ran: list[str] = []
@@ -641,7 +641,7 @@ def test_a_bulk_walk_of_a_pending_list_searches_it_for_no_task(
             assert admin.queue("big").pending == 0
         after = _commandstats(node, "lpos", "lrem", "lindex")
     assert after["lpos"] - before["lpos"] == 0
-    batch = clusterq.admin.BATCH
+    batch = clusterq.ops.admin.BATCH
     batches = -(-3000 // batch) + -(-1500 // batch)  # the walk by type sees all 3,000
     assert after["lrem"] - before["lrem"] <= batches
     assert after["lindex"] - before["lindex"] >= 3000  # each task found where it was seen

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from clusterq import Client, TaskState
-from clusterq.admin import Admin
 from clusterq.cli import main
+from clusterq.ops.admin import Admin
 from clusterq.producer import TaskSpec
 
 

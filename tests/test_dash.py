@@ -15,8 +15,8 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable
 
 from clusterq import Client, TaskState
-from clusterq.admin import Admin
-from clusterq.dash import Dashboard, QueueScreen
+from clusterq.ops.admin import Admin
+from clusterq.ops.dash import Dashboard, QueueScreen
 from clusterq.producer import TaskSpec
 from clusterq.tools.devcluster import LocalCluster
 

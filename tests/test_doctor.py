@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import redis
 
-from clusterq.doctor import check
-from clusterq.permissions import ROLES, SCRIPTED, acl_rules, commands
+from clusterq.ops.doctor import check
+from clusterq.ops.permissions import ROLES, SCRIPTED, acl_rules, commands
 from clusterq.tools.devcluster import LocalCluster, LocalServer
 
 #: ``redis.call('XINFO', 'CONSUMERS', ...)``: the command, and its first argument when it
@@ -171,9 +171,9 @@ def _readme_acl_table() -> dict[str, set[str]]:
 
 
 def test_the_readme_acl_table_is_the_permission_table() -> None:
-    """The README's ACL section lists what :mod:`clusterq.permissions` lists: per role its
+    """The README's ACL section lists what :mod:`clusterq.ops.permissions` lists: per role its
     direct commands and the scripts' two, and the scripts' commands."""
-    from clusterq.permissions import CONNECT, DIRECT, SCRIPTS
+    from clusterq.ops.permissions import CONNECT, DIRECT, SCRIPTS
 
     rows = _readme_acl_table()
     assert rows.keys() == {"all", "producer", "worker", "operator", "the"}, rows.keys()

@@ -25,8 +25,8 @@ from helpers import running_worker, wait_for
 
 from clusterq import AsyncClient, Client, Inspector, Router, Task
 from clusterq.cluster.connection import RedisURL
-from clusterq.doctor import check
-from clusterq.permissions import ROLES, acl_rules, commands
+from clusterq.ops.doctor import check
+from clusterq.ops.permissions import ROLES, acl_rules, commands
 from clusterq.tools import servers
 
 pytestmark = pytest.mark.slow

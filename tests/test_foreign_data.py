@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from clusterq import Admin, Client, Inspector, Router, SkipRetry, Task, Worker
 from clusterq.errors import ClusterqError, ForeignData
 from clusterq.keys import QueueKeys
-from clusterq.metrics import ClusterCollector
+from clusterq.ops.metrics import ClusterCollector
 from clusterq.tools.devcluster import LocalServer
 from tests.helpers import FAST, await_for, running_worker
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clusterq import Client, Inspector, RateLimited, Router, Task
 from clusterq.limits import Limits
-from clusterq.metrics import ClusterCollector, SummedCollector, WorkerMetrics
+from clusterq.ops.metrics import ClusterCollector, SummedCollector, WorkerMetrics
 from clusterq.tools import servers
 from tests.helpers import await_for, running_worker
 

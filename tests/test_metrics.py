@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clusterq import Client, Inspector, Router, SkipRetry, Task
 from clusterq.logs import JsonFormatter
-from clusterq.metrics import WorkerMetrics
+from clusterq.ops.metrics import WorkerMetrics
 from clusterq.producer import TaskSpec
 from clusterq.tools import servers
 from clusterq.tools.devcluster import LocalServer
@@ -205,7 +205,7 @@ def test_the_grafana_example_uses_only_metrics_clusterq_serves(
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from clusterq.metrics import ClusterCollector
+    from clusterq.ops.metrics import ClusterCollector
 
     dashboard = json.loads(
         (Path(__file__).parents[1] / "examples/grafana/clusterq-dashboard.json").read_text()

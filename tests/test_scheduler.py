@@ -21,10 +21,10 @@ import pytest
 from clusterq import Inspector, Router, Task, TaskSpec
 from clusterq.broker import cron
 from clusterq.cluster.backend import Backend
-from clusterq.croninfo import cron_history, cron_status
 from clusterq.errors import ConfigError, TaskNotFound
-from clusterq.inspector import MAX_PAGE
 from clusterq.keys import MAX_TASK_ID_LENGTH, KeySchema
+from clusterq.ops.croninfo import cron_history, cron_status
+from clusterq.ops.inspector import MAX_PAGE
 from clusterq.scheduler import MAX_ENTRY_NAME_LENGTH, Periodic, Scheduler, now_ms
 from clusterq.slots import keyslot
 from clusterq.tools.devcluster import LocalCluster

@@ -26,7 +26,7 @@ from clusterq.broker.facade import Broker
 from clusterq.broker.survey import UNKNOWN
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.keys import KeySchema
-from clusterq.permissions import acl_rules
+from clusterq.ops.permissions import acl_rules
 from clusterq.tools.devcluster import LocalCluster, LocalServer
 from clusterq.worker import Worker
 from clusterq.worker.wakeups import sharded_pubsub

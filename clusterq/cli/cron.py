@@ -80,7 +80,7 @@ def cron_group() -> None:
 @click.pass_obj
 def cron_ls(state: CliState, as_json: bool) -> None:
     """Entries, their schedule, last and next tick, and which scheduler leads."""
-    from clusterq.croninfo import cron_status
+    from clusterq.ops.croninfo import cron_status
 
     leader, entries = cron_status(state.backend())
     if as_json:
@@ -119,7 +119,7 @@ def cron_ls(state: CliState, as_json: bool) -> None:
 @click.pass_obj
 def cron_history_command(state: CliState, entry: str, limit: int, as_json: bool) -> None:
     """The latest firings of ENTRY, newest first."""
-    from clusterq.croninfo import cron_history
+    from clusterq.ops.croninfo import cron_history
 
     firings = cron_history(state.backend(), entry, limit)
     if as_json:

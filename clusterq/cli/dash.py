@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from clusterq.admin import Admin
 from clusterq.cli.state import CliError, CliState, connection_options
+from clusterq.ops.admin import Admin
 
 
 @click.command()
@@ -22,7 +22,7 @@ def dash(state: CliState, interval: float) -> None:
     """Queues grouped by master (sizes, rates, latency), workers and failover events,
     live; Enter on a queue pages through its tasks (run / archive / delete)."""
     try:
-        from clusterq.dash import Dashboard
+        from clusterq.ops.dash import Dashboard
     except ImportError:
         raise CliError("the dashboard needs Textual: pip install 'clusterq[dash]'") from None
     admin = Admin(backend=state.backend(retry_timeout=1.0), timeout=1.0)

@@ -6,8 +6,8 @@ import click
 
 from clusterq.cli.render import console, print_json, table
 from clusterq.cli.state import CliState, connection_options
-from clusterq.doctor import check
-from clusterq.permissions import ROLES, Role, acl_rules
+from clusterq.ops.doctor import check
+from clusterq.ops.permissions import ROLES, Role, acl_rules
 
 
 @click.command()

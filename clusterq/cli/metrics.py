@@ -7,7 +7,7 @@ import time
 import click
 
 from clusterq.cli.state import CliState, connection_options
-from clusterq.inspector import Inspector
+from clusterq.ops.inspector import Inspector
 
 
 @click.command()
@@ -26,7 +26,7 @@ from clusterq.inspector import Inspector
 def metrics(state: CliState, port: int, host: str, duration: float | None) -> None:
     """Serve queue sizes, latency, processed/failed totals, workers and the cluster map
     (labelled by queue and by master) on http://HOST:PORT/metrics, read at each scrape."""
-    from clusterq.metrics import serve_cluster_metrics
+    from clusterq.ops.metrics import serve_cluster_metrics
 
     inspector = Inspector(backend=state.backend())
     server = serve_cluster_metrics(inspector, port, host)

@@ -8,7 +8,6 @@ import time
 
 import click
 
-from clusterq.admin import Admin
 from clusterq.cli.render import (
     clock,
     console,
@@ -21,9 +20,10 @@ from clusterq.cli.render import (
 from clusterq.cli.state import STATE_CHOICE, CliError, CliState, confirm, connection_options
 from clusterq.client import Client
 from clusterq.errors import ClusterqError
-from clusterq.inspector import Inspector, QueueInfo
 from clusterq.limits import Limits
-from clusterq.queueinfo import compact_limits
+from clusterq.ops.admin import Admin
+from clusterq.ops.inspector import Inspector, QueueInfo
+from clusterq.ops.queueinfo import compact_limits
 
 
 @click.group()

@@ -6,7 +6,7 @@ import click
 
 from clusterq.cli.render import console, print_json, table
 from clusterq.cli.state import CliState, connection_options
-from clusterq.inspector import Inspector, NodeTotals, QueueInfo
+from clusterq.ops.inspector import Inspector, NodeTotals, QueueInfo
 
 
 @click.command()

@@ -8,8 +8,8 @@ from clusterq.cli.render import console, print_json, table
 from clusterq.cli.state import CliError, CliState, connection_options, json_argument
 from clusterq.client import Client
 from clusterq.errors import ClusterqError
-from clusterq.inspector import Inspector
-from clusterq.streaminfo import StreamPartitionInfo
+from clusterq.ops.inspector import Inspector
+from clusterq.ops.streaminfo import StreamPartitionInfo
 
 
 @click.group()

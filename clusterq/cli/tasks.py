@@ -6,7 +6,6 @@ import json
 
 import click
 
-from clusterq.admin import Admin
 from clusterq.broker.manage import Action
 from clusterq.cli.render import clock, console, print_json, progress_bar, table
 from clusterq.cli.state import (
@@ -18,7 +17,8 @@ from clusterq.cli.state import (
     json_argument,
 )
 from clusterq.client import Client
-from clusterq.inspector import MAX_PAGE, Inspector
+from clusterq.ops.admin import Admin
+from clusterq.ops.inspector import MAX_PAGE, Inspector
 from clusterq.producer import DEFAULT_MAX_RETRY, DEFAULT_QUEUE
 
 

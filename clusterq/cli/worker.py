@@ -14,9 +14,9 @@ import click
 
 from clusterq.cli.render import clock, console, print_json, safe_text, table
 from clusterq.cli.state import CliError, CliState, connection_options, log_options
-from clusterq.inspector import Inspector
 from clusterq.logs import LogFormat
 from clusterq.logs import configure as configure_logs
+from clusterq.ops.inspector import Inspector
 from clusterq.router import Router
 from clusterq.worker import (
     DEFAULT_LEASE,
@@ -242,7 +242,7 @@ def run(
         return
     pin(pinned)
     if metrics_port is not None:
-        from clusterq.metrics import WorkerMetrics
+        from clusterq.ops.metrics import WorkerMetrics
 
         options["metrics"] = WorkerMetrics()
         options["metrics"].serve(metrics_port, metrics_host)

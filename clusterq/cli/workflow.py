@@ -6,7 +6,7 @@ import click
 
 from clusterq.cli.render import console, print_json, safe_text, table
 from clusterq.cli.state import CliState, connection_options
-from clusterq.inspector import Inspector
+from clusterq.ops.inspector import Inspector
 
 
 @click.group("workflow")

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from clusterq.admin import Admin, BulkResult
 from clusterq.cluster.backend import Backend
+from clusterq.ops.admin import Admin, BulkResult
 from clusterq.slots import keyslot
 from clusterq.tools.bench_handlers import NOOP_TYPE
 from clusterq.tools.bench_report import BenchRow, ms_percentiles

@@ -428,7 +428,7 @@ def run_processes(
         pin(cpus, index)
         options = dict(worker_options, name=f"{name}/{index}:{os.getpid()}" if name else None)
         if metrics_port is not None:
-            from clusterq.metrics import WorkerMetrics
+            from clusterq.ops.metrics import WorkerMetrics
 
             options["metrics"] = WorkerMetrics()
         worker = Worker(url, router, **options)
@@ -445,7 +445,7 @@ def run_processes(
         leave_within=grace + LEAVE_MARGIN,
     )
     if metrics_port is not None:
-        from clusterq.metrics import SummedCollector, serve_summed
+        from clusterq.ops.metrics import SummedCollector, serve_summed
 
         collector = SummedCollector(pool.metrics_texts, lambda: len(pool.children), pool.replaced)
         server = serve_summed(collector, metrics_port, metrics_host)

@@ -68,7 +68,7 @@ from clusterq.workflow import AsyncWorkflows
 
 if TYPE_CHECKING:
     from clusterq.cluster.backend import Backend
-    from clusterq.metrics import WorkerMetrics
+    from clusterq.ops.metrics import WorkerMetrics
 
 log = logging.getLogger("clusterq.worker")
 
@@ -185,7 +185,7 @@ class Worker:
         self._announcer: Announcer | None = None
         #: How idle queues are woken (set up by :meth:`start`).
         self.wakeups: Wakeups | None = None
-        #: Prometheus metrics of this worker (``clusterq.metrics.WorkerMetrics``), if any.
+        #: Prometheus metrics of this worker (``clusterq.ops.metrics.WorkerMetrics``), if any.
         self.metrics = metrics
         #: More fields for its announcement (a supervised process: its supervisor).
         self.labels: dict[str, Any] = {}

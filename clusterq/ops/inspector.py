@@ -2,7 +2,7 @@
 live), their tasks (listed by state, one inspected), and the live workers.
 
 The CLI, the dashboard and the metrics exporter render what this module returns;
-scripts can use it directly. :mod:`clusterq.admin` adds the actions.
+scripts can use it directly. :mod:`clusterq.ops.admin` adds the actions.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError, InvalidName, TaskNotFound
 from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name, validate_task_id
 from clusterq.limits import Limits
-from clusterq.partitions import Layout, Layouts, partition_marks
-from clusterq.queueinfo import (
+from clusterq.ops.queueinfo import (
     HISTORY_MINUTES,
     Minute,
     NodeTotals,
@@ -34,11 +33,12 @@ from clusterq.queueinfo import (
     read_counts,
     stored_meta,
 )
-from clusterq.streaminfo import (
+from clusterq.ops.streaminfo import (
     StreamPartitionInfo,
     read_stream_layouts,
     stream_partitions,
 )
+from clusterq.partitions import Layout, Layouts, partition_marks
 from clusterq.streams import StreamLayout
 from clusterq.task import STATES, TaskInfo, TaskState
 from clusterq.taskinfo import info_commands, info_values, task_info

@@ -3,7 +3,7 @@
 Two sources:
 
 - :class:`ClusterCollector`, served by ``clusterq metrics --port P``: read at each scrape
-  through an :class:`~clusterq.inspector.Inspector` — queue sizes per state, latency,
+  through an :class:`~clusterq.ops.inspector.Inspector` — queue sizes per state, latency,
   processed/failed totals and paused, each labelled by queue and by the master that owns
   it; the limits declared on each queue (a partitioned queue: once, on its own name);
   live workers; the cluster map (nodes up, slots per node, failovers seen).
@@ -24,7 +24,7 @@ from typing import Any
 from clusterq.cluster.changes import MasterChanged, TopologyEvent
 from clusterq.cluster.topology import Topology
 from clusterq.errors import ConfigError
-from clusterq.inspector import Inspector
+from clusterq.ops.inspector import Inspector
 
 try:
     from prometheus_client import (

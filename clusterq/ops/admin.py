@@ -22,9 +22,9 @@ import redis
 from clusterq.broker import limits as limits_script
 from clusterq.broker import manage
 from clusterq.errors import ClusterqError
-from clusterq.inspector import Inspector, parse_state, stored_meta
 from clusterq.keys import QueueKeys, validate_task_id
 from clusterq.limits import LimitOptions, Limits
+from clusterq.ops.inspector import Inspector, parse_state, stored_meta
 from clusterq.task import TaskState
 
 if TYPE_CHECKING:

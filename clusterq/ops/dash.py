@@ -7,7 +7,7 @@ as they happen.
 Enter on a queue opens its tasks: page through a state, and run, archive or delete the
 highlighted task.
 
-All reads go through :class:`~clusterq.admin.Admin` in a background thread, one refresh
+All reads go through :class:`~clusterq.ops.admin.Admin` in a background thread, one refresh
 at a time, so the screen stays responsive while a master is down (a queue that cannot be
 read shows its error until it can).
 """
@@ -26,11 +26,11 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, RichLog, Static
 
-from clusterq.admin import Admin
 from clusterq.cluster.changes import TopologyEvent
 from clusterq.cluster.topology import Topology
-from clusterq.inspector import QueueInfo, WorkerInfo
-from clusterq.queueinfo import compact_limits
+from clusterq.ops.admin import Admin
+from clusterq.ops.inspector import QueueInfo, WorkerInfo
+from clusterq.ops.queueinfo import compact_limits
 from clusterq.task import TaskInfo
 
 #: Seconds between refreshes.

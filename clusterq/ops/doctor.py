@@ -1,6 +1,6 @@
 """``clusterq doctor``: does the URL's user have every permission clusterq needs?
 
-Each command of :mod:`clusterq.permissions` is sent once, in a form the server refuses
+Each command of :mod:`clusterq.ops.permissions` is sent once, in a form the server refuses
 or answers without changing anything that matters: commands that write are aimed at a
 string key of the doctor's own (``<prefix>:doctor:{probe}:…``, expiring in 30 s), where
 they fail with WRONGTYPE; reads go to a key that does not exist. The server checks the
@@ -24,7 +24,7 @@ from clusterq.cluster.connection import RedisURL, command
 from clusterq.cluster.wire import NodeClient, _Wire, pack
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX, KeySchema
-from clusterq.permissions import ROLES, SCRIPTED, Role, commands
+from clusterq.ops.permissions import ROLES, SCRIPTED, Role, commands
 from clusterq.slots import keyslot
 
 SCRIPT = (Path(__file__).with_name("doctor.lua")).read_text()
