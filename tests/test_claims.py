@@ -169,6 +169,7 @@ def test_queue_ls_cluster_json_has_every_documented_field(
         client.enqueue("ok", None, queue="images")  # -> pending
         qk = client.keys.queue("images")
         client.backend.execute_key(qk.paused, lambda c: c.set(qk.paused, 1))
+        client.set_limits("images", rate="10/s", concurrency=7)
 
     def row() -> dict[str, Any]:
         from click.testing import CliRunner
@@ -205,5 +206,8 @@ def test_queue_ls_cluster_json_has_every_documented_field(
         "partition_of": None,
         "partition": None,
         "partitions": 0,
+        "limits": {"rate": "10/s", "rate_per_second": 10.0, "burst": 1, "concurrency": 7},
+        "concurrency_cap": 7,
+        "hold_until": None,
     }
     assert location.master.addr.startswith(f"{HOST}:")

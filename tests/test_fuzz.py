@@ -71,6 +71,8 @@ def _verdict(type_: str, queue: str, payload: Any, options: dict[str, Any]) -> s
         c in "{}" or c.isspace() or not c.isprintable() for c in queue
     ):
         return "invalid"
+    if "~" in queue:  # marks a partition's name: only a declaration picks those
+        return "invalid"
     if not (0 < len(type_) <= 256) or not type_.isprintable():
         return "invalid"
     try:
