@@ -203,6 +203,7 @@ class AsyncClient(ClientBase):
                 )
                 if not layout_script.written(reply, new):
                     continue
+                await limits_script.acarry(self.backend, current, new)
             layout = new or current
             assert layout is not None
             self._layout_written(layout)

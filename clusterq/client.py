@@ -258,6 +258,7 @@ class Client(ClientBase):
                 reply = self.backend.execute_key(key, put)
                 if not layout_script.written(reply, new):
                     continue
+                limits_script.carry(self.backend, current, new)
             layout = new or current
             assert layout is not None
             self._layout_written(layout)

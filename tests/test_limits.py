@@ -37,6 +37,7 @@ from clusterq import (
 from clusterq.errors import ClusterqError
 from clusterq.events import QueueUnavailable
 from clusterq.limits import Rate, parse_rate
+from clusterq.partitions import Layout
 from clusterq.tools.devcluster import LocalServer
 from tests.helpers import StartWorker, await_for, running_worker, wait_for
 
@@ -593,6 +594,41 @@ def test_a_partitioned_queues_limits_are_declared_read_and_cleared(url: str, pre
         for name in layout.members:
             key = client.keys.queue(name).limits
             assert _on_node(client, key, "EXISTS") == 0
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_declaring_partitions_again_carries_the_limits_over(
+    url: str, prefix: str, api: str
+) -> None:
+    """Limits set on a plain queue, which is then partitioned (3), then declared again
+    (4): after each declaration every member enforces its share of the same
+    declaration; a new partition never runs without limits."""
+
+    def declare(n: int) -> Layout:
+        if api == "sync":
+            with Client(url, prefix=prefix) as client:
+                return client.declare_queue("grow", n)
+
+        async def go() -> Layout:
+            client = await AsyncClient.connect(url, prefix=prefix)
+            try:
+                return await client.declare_queue("grow", n)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(go())
+
+    with Client(url, prefix=prefix) as client:
+        client.set_limits("grow", rate="60/s", burst=12, concurrency=12)
+        for n in (3, 4):
+            layout = declare(n)
+            assert len(layout.queues) == n
+            for name in layout.members:  # the draining ones and the plain queue too
+                fields = _hash(client, client.keys.queue(name).limits)
+                assert float(fields["interval"]) == pytest.approx(1000 / 60 * n), name
+                assert fields["concurrency"] == str(12 // n), name
+                assert json.loads(fields["spec"])["partitions"] == n
+            assert client.limits("grow") == Limits.of("60/s", 12, 12)
 
 
 @pytest.mark.parametrize("api", ["client", "admin"])

@@ -11,6 +11,7 @@ from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.backend import Backend
 from clusterq.keys import QueueKeys
 from clusterq.limits import Limits
+from clusterq.partitions import Layout
 from clusterq.slots import keyslot
 
 SCRIPT = LuaScript("limits")
@@ -68,6 +69,22 @@ async def aload(backend: AsyncBackend, queue: str) -> Limits | None:
     """:func:`load` on an asyncio backend."""
     key = backend.keys.queue(queue).limits
     return read(await backend.execute_key(key, lambda c: c.hgetall(key)))
+
+
+def carry(backend: Backend, old: Layout | None, new: Layout) -> None:
+    """After a queue's partitions were declared again (``new`` in force, ``old`` the
+    layout before, None: it was a plain queue): the limits declared before, spread over
+    the new members, so that a new partition does not start without them."""
+    limits = load(backend, old.queues[0] if old is not None else new.name)
+    if limits is not None:
+        store(backend, new.members, limits, len(new.queues))
+
+
+async def acarry(backend: AsyncBackend, old: Layout | None, new: Layout) -> None:
+    """:func:`carry` on an asyncio backend."""
+    limits = await aload(backend, old.queues[0] if old is not None else new.name)
+    if limits is not None:
+        await astore(backend, new.members, limits, len(new.queues))
 
 
 def shares_for(
