@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import math
 import subprocess
@@ -144,7 +145,7 @@ def test_a_type_without_a_token_is_put_back_at_spread_reserved_times(url: str, p
         assert sorted(put_back) == sorted(a_ids[1:])
         times = sorted(put_back.values())
         assert times[0] >= before + 100 - 1
-        assert [b - a for a, b in zip(times, times[1:])] == pytest.approx([100] * 3, abs=1)
+        assert [b - a for a, b in itertools.pairwise(times)] == pytest.approx([100] * 3, abs=1)
         for task_id in a_ids[1:]:
             info = client.info(task_id, queue="q")
             assert (str(info.state), info.retried) == ("scheduled", 0)
@@ -154,6 +155,19 @@ def test_a_type_without_a_token_is_put_back_at_spread_reserved_times(url: str, p
         again = _dequeue(client, "q", 8)
         if time.time() * 1000 < times[0]:  # a slow machine may be past it already
             assert again.tasks == [] and again.next_due == pytest.approx(times[0] / 1000)
+
+
+def test_a_dequeue_reads_past_the_tasks_it_puts_back(url: str, prefix: str) -> None:
+    """5 a (10/s, burst 1) ahead of 3 b, a dequeue of 3: it pops on past the a tasks it
+    puts back until 3 start (one a, two b), leaving the last b pending."""
+    with Client(url, prefix=prefix) as client:
+        client.set_limits("q", type_rates={"a": "10/s"})
+        a_ids = [client.enqueue("a", i, queue="q").id for i in range(5)]
+        b_ids = [client.enqueue("b", i, queue="q").id for i in range(3)]
+        got = [task_id for task_id, _ in _dequeue(client, "q", 3).tasks]
+        assert sorted(got) == sorted([a_ids[0], *b_ids[:2]])
+        assert sorted(_scheduled(client, "q")) == sorted(a_ids[1:])
+        assert str(client.info(b_ids[2], queue="q").state) == "pending"
 
 
 def test_a_put_back_task_competes_for_a_token_again(url: str, prefix: str) -> None:
