@@ -170,6 +170,17 @@ def test_a_dequeue_reads_past_the_tasks_it_puts_back(url: str, prefix: str) -> N
         assert str(client.info(b_ids[2], queue="q").state) == "pending"
 
 
+def test_a_types_burst_starts_at_once(url: str, prefix: str) -> None:
+    """Type a at 40/s has the default burst 4: of 6 waiting, one dequeue starts exactly
+    4 and puts 2 back."""
+    with Client(url, prefix=prefix) as client:
+        client.set_limits("q", type_rates={"a": "40/s"})
+        for i in range(6):
+            client.enqueue("a", i, queue="q")
+        assert len(_dequeue(client, "q", 10).tasks) == 4
+        assert len(_scheduled(client, "q")) == 2
+
+
 def test_a_put_back_task_competes_for_a_token_again(url: str, prefix: str) -> None:
     """The reserved time does not hold a token: a task of the type enqueued later that
     finds a token takes it; the task put back, once due, finds none left and is put back
