@@ -9,7 +9,17 @@
 --
 -- Returns 1.
 do local bad = wrong_type({'hash', '-'}) if bad then return bad end end
-local old = redis.call('HMGET', KEYS[1], 'interval', 'burst', 'types')
+local old = redis.call('HMGET', KEYS[1], 'interval', 'burst', 'spec')
+-- The per-type fields of the declaration before (its spec names the types).
+local typed = {}
+if old[3] then
+  local ok, spec = pcall(cjson.decode, old[3])
+  if ok and type(spec) == 'table' and type(spec['type_rates']) == 'table' then
+    for name, _ in pairs(spec['type_rates']) do
+      if type(name) == 'string' then typed[#typed + 1] = name end
+    end
+  end
+end
 redis.call('HDEL', KEYS[1], 'spec', 'interval', 'burst', 'concurrency', 'types')
 if ARGV[1] == '1' then
   redis.call('DEL', KEYS[1])
@@ -19,22 +29,13 @@ else
   if new['interval'] ~= old[1] or new['burst'] ~= old[2] then
     redis.call('HDEL', KEYS[1], 'tat')
   end
-  if old[3] then  -- per-type rates: drop the old ones, and the state of those changed
-    local fields = redis.call('HGETALL', KEYS[1])
-    local gone = {}
-    for i = 1, #fields, 2 do
-      local f, v = fields[i], fields[i + 1]
-      local kind, name = string.sub(f, 1, 3), string.sub(f, 4)
-      if kind == 'ti:' or kind == 'tb:' then
-        gone[#gone + 1] = f
-        if new[f] ~= v then
-          gone[#gone + 1] = 'tt:' .. name
-          gone[#gone + 1] = 'th:' .. name
-        end
-      end
-    end
-    for i = 1, #gone, 1000 do
-      redis.call('HDEL', KEYS[1], unpack(gone, i, math.min(i + 999, #gone)))
+  -- Drop the old per-type rates, and the state of each type whose rate changed or went.
+  for _, name in ipairs(typed) do
+    local i, b = 'ti:' .. name, 'tb:' .. name
+    local was = redis.call('HMGET', KEYS[1], i, b)
+    redis.call('HDEL', KEYS[1], i, b)
+    if new[i] ~= was[1] or new[b] ~= was[2] then
+      redis.call('HDEL', KEYS[1], 'tt:' .. name, 'th:' .. name)
     end
   end
   if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
