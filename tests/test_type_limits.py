@@ -170,6 +170,22 @@ def test_a_dequeue_reads_past_the_tasks_it_puts_back(url: str, prefix: str) -> N
         assert str(client.info(b_ids[2], queue="q").state) == "pending"
 
 
+def test_a_dequeue_that_only_put_back_says_to_come_again_at_once(url: str, prefix: str) -> None:
+    """A dequeue reads a bounded number of tasks (500): with 501 a (1/s) ahead of one b,
+    a dequeue of 1 starts the first a; the next reads 500 a, puts them back, starts
+    nothing, and says to come again now (b waits), not at the first reserved time, a
+    second later; the one after starts b."""
+    with Client(url, prefix=prefix) as client:
+        client.set_limits("q", type_rates={"a": "1/s"})
+        client.enqueue_many([("a", i) for i in range(501)], queue="q")
+        b_id = client.enqueue("b", 0, queue="q").id
+        assert len(_dequeue(client, "q", 1).tasks) == 1
+        got = _dequeue(client, "q", 1)
+        assert got.tasks == [] and got.next_due is not None
+        assert got.next_due <= time.time() + 0.5
+        assert [i for i, _ in _dequeue(client, "q", 1).tasks] == [b_id]
+
+
 def test_a_types_burst_starts_at_once(url: str, prefix: str) -> None:
     """Type a at 40/s has the default burst 4: of 6 waiting, one dequeue starts exactly
     4 and puts 2 back."""
