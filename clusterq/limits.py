@@ -12,7 +12,11 @@ takes tasks in one atomic step on the queue's master. The hash holds:
   crashed worker's slots come back with its leases);
 - state the scripts keep: ``tat`` (the rate limiter's "theoretical arrival time", ms:
   GCRA, a token bucket kept as one number) and ``hold`` (ms until which nothing starts,
-  set by a handler's ``raise RateLimited(..., scope="queue")``).
+  set by a handler's ``raise RateLimited(..., scope="queue")``);
+- per task type (``type_rates``): the flag ``types`` (so that a queue without them
+  pays nothing more), ``ti:<type>`` and ``tb:<type>`` (that type's interval and burst),
+  and the state ``tt:<type>`` (its GCRA tat) and ``th:<type>`` (its reservation
+  horizon: when the next task of the type put back for lack of a token is due).
 
 The rate is a token bucket of ``burst`` tokens refilled one per ``interval``: over any
 window of W ms, at most ``burst + W / interval`` tasks start.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -65,6 +70,7 @@ class LimitOptions(TypedDict, total=False):
     rate: str | None
     burst: int | None
     concurrency: int | None
+    type_rates: dict[str, str] | None
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,9 @@ class Limits:
     rate: Rate | None = None
     burst: int | None = None
     concurrency: int | None = None
+    #: Per task type: (type, rate), sorted by type; each type's burst is its rate's
+    #: default (a tenth of a second's worth, at least 1).
+    type_rates: tuple[tuple[str, Rate], ...] = ()
 
     @classmethod
     def of(
@@ -127,9 +136,11 @@ class Limits:
         rate: str | Rate | None = None,
         burst: int | None = None,
         concurrency: int | None = None,
+        type_rates: Mapping[str, str | Rate] | None = None,
     ) -> Limits:
         """Checked limits from what a user gives (:class:`InvalidLimits` names what is
         wrong)."""
+        types = _type_rates(type_rates)
         parsed = rate if isinstance(rate, Rate) or rate is None else parse_rate(rate)
         if burst is not None:
             _positive_int("burst", burst)
@@ -137,11 +148,11 @@ class Limits:
                 raise InvalidLimits("a burst needs a rate")
         if concurrency is not None:
             _positive_int("concurrency", concurrency)
-        return cls(parsed, burst, concurrency)
+        return cls(parsed, burst, concurrency, types)
 
     @property
     def empty(self) -> bool:
-        return self.rate is None and self.concurrency is None
+        return self.rate is None and self.concurrency is None and not self.type_rates
 
     @property
     def declared(self) -> Limits | None:
@@ -164,15 +175,27 @@ class Limits:
             parts.append(f"{self.rate.text} (burst {self.effective_burst})")
         if self.concurrency is not None:
             parts.append(f"{self.concurrency} at once")
+        for name, rate in self.type_rates:
+            parts.append(f"type {name} {rate.text} (burst {rate.default_burst()})")
         return ", ".join(parts) or "-"
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "rate": self.rate.text if self.rate else None,
             "rate_per_second": round(self.rate.per_second, 6) if self.rate else None,
             "burst": self.effective_burst,
             "concurrency": self.concurrency,
         }
+        if self.type_rates:  # only when declared: the other fields' set stays as it was
+            out["type_rates"] = {
+                name: {
+                    "rate": rate.text,
+                    "rate_per_second": round(rate.per_second, 6),
+                    "burst": rate.default_burst(),
+                }
+                for name, rate in self.type_rates
+            }
+        return out
 
     # ------------------------------------------------------------------ storage
 
@@ -188,12 +211,14 @@ class Limits:
                 f"concurrency {self.concurrency} cannot be shared by {partitions} "
                 f"partitions (each needs at least 1): set at least {partitions}"
             )
-        spec = {
+        spec: dict[str, Any] = {
             "rate": self.rate.text if self.rate else None,
             "burst": self.burst,
             "concurrency": self.concurrency,
             "partitions": partitions,
         }
+        if self.type_rates:
+            spec["type_rates"] = {name: rate.text for name, rate in self.type_rates}
         out = []
         for i in range(partitions):
             fields = {"spec": json.dumps(spec, separators=(",", ":"))}
@@ -204,6 +229,11 @@ class Limits:
             if self.concurrency is not None:
                 base, extra = divmod(self.concurrency, partitions)
                 fields["concurrency"] = str(base + (1 if i < extra else 0))
+            if self.type_rates:
+                fields["types"] = "1"
+            for name, rate in self.type_rates:
+                fields[f"ti:{name}"] = repr(rate.interval_ms * partitions)
+                fields[f"tb:{name}"] = str(max(1, math.ceil(rate.default_burst() / partitions)))
             out.append(fields)
         return out
 
@@ -215,14 +245,43 @@ class Limits:
             return None
         try:
             spec = json.loads(raw)
-            limits = cls.of(spec.get("rate"), spec.get("burst"), spec.get("concurrency"))
+            limits = cls.of(
+                spec.get("rate"),
+                spec.get("burst"),
+                spec.get("concurrency"),
+                spec.get("type_rates"),
+            )
         except (ValueError, TypeError, AttributeError):
             return None
         return None if limits.empty else limits
 
 
-#: The hash fields a declaration writes (all of them are cleared before a new one).
-DECLARED_FIELDS = ("spec", "interval", "burst", "concurrency")
+def _type_rates(given: object) -> tuple[tuple[str, Rate], ...]:
+    """Checked per-type rates, sorted by type."""
+    if given is None:
+        return ()
+    if not isinstance(given, Mapping):
+        raise InvalidLimits(
+            f"invalid type_rates {given!r}: give a mapping of task type to rate, such as "
+            "{'email:send': '10/s'}"
+        )
+    out = []
+    for name, rate in given.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidLimits(f"invalid task type {name!r}: must be a non-empty string")
+        if isinstance(rate, Rate):
+            out.append((name, rate))
+            continue
+        try:
+            out.append((name, parse_rate(rate)))
+        except InvalidLimits as exc:
+            raise InvalidLimits(f"task type {name!r}: {exc}") from None
+    return tuple(sorted(out, key=lambda pair: pair[0]))
+
+
+#: The hash fields a declaration writes (all of them are cleared before a new one;
+#: with the per-type fields, ``ti:<type>`` and ``tb:<type>``).
+DECLARED_FIELDS = ("spec", "interval", "burst", "concurrency", "types")
 
 
 def partitions_of(fields: dict[str, str]) -> int:

@@ -1,15 +1,26 @@
--- limits: replace a queue's declared limits (rate, burst, concurrency; see
--- clusterq.limits). The rate limiter starts again full (its state is dropped) when the
--- rate or burst changes; a hold a handler asked for is kept unless the limits are
--- cleared. Wakes the queue's waiting workers, so a raised limit applies at once.
+-- limits: replace a queue's declared limits (rate, burst, concurrency, per-type rates;
+-- see clusterq.limits). A rate limiter (the queue's, or a task type's) starts again
+-- full (its state is dropped) when its rate or burst changes or it is removed; a hold
+-- a handler asked for is kept unless the limits are cleared. Wakes the queue's waiting
+-- workers, so a raised limit applies at once.
 --
 -- KEYS[1] limits   KEYS[2] wake channel
 -- ARGV[1] 1: clear everything (no fields follow)   ARGV[2..] field, value, ...
 --
 -- Returns 1.
 do local bad = wrong_type({'hash', '-'}) if bad then return bad end end
-local old = redis.call('HMGET', KEYS[1], 'interval', 'burst')
-redis.call('HDEL', KEYS[1], 'spec', 'interval', 'burst', 'concurrency')
+local old = redis.call('HMGET', KEYS[1], 'interval', 'burst', 'spec')
+-- The per-type fields of the declaration before (its spec names the types).
+local typed = {}
+if old[3] then
+  local ok, spec = pcall(cjson.decode, old[3])
+  if ok and type(spec) == 'table' and type(spec['type_rates']) == 'table' then
+    for name, _ in pairs(spec['type_rates']) do
+      if type(name) == 'string' then typed[#typed + 1] = name end
+    end
+  end
+end
+redis.call('HDEL', KEYS[1], 'spec', 'interval', 'burst', 'concurrency', 'types')
 if ARGV[1] == '1' then
   redis.call('DEL', KEYS[1])
 else
@@ -17,6 +28,15 @@ else
   for i = 2, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
   if new['interval'] ~= old[1] or new['burst'] ~= old[2] then
     redis.call('HDEL', KEYS[1], 'tat')
+  end
+  -- Drop the old per-type rates, and the state of each type whose rate changed or went.
+  for _, name in ipairs(typed) do
+    local i, b = 'ti:' .. name, 'tb:' .. name
+    local was = redis.call('HMGET', KEYS[1], i, b)
+    redis.call('HDEL', KEYS[1], i, b)
+    if new[i] ~= was[1] or new[b] ~= was[2] then
+      redis.call('HDEL', KEYS[1], 'tt:' .. name, 'th:' .. name)
+    end
   end
   if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
 end

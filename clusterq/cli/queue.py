@@ -305,6 +305,14 @@ def _limiter_rows(limiter: dict[str, object]) -> list[list[object]]:
 @click.option(
     "--concurrency", metavar="N", default=None, help="Tasks running at once across every worker."
 )
+@click.option(
+    "--type-rate",
+    "type_rates",
+    metavar="TYPE=RATE",
+    multiple=True,
+    help="Tasks of TYPE started per period, such as 'email:send=10/s' (repeatable; the "
+    "burst is a tenth of a second's worth, at least 1).",
+)
 @click.option("--clear", is_flag=True, help="Remove every limit of NAME.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @connection_options
@@ -315,20 +323,22 @@ def limit(
     rate: str | None,
     burst: str | None,
     concurrency: str | None,
+    type_rates: tuple[str, ...],
     clear: bool,
     as_json: bool,
 ) -> None:
-    """Show or set NAME's limits: a rate (with a burst) and a concurrency cap, enforced
-    where workers take tasks, across all of them.
+    """Show or set NAME's limits: a rate (with a burst), a concurrency cap and rates per
+    task type, enforced where workers take tasks, across all of them.
 
     Without options it shows them. With options it replaces them, as set_limits does in
     the API: a limit whose option is not given is removed (--rate 10/s alone drops a
     concurrency cap set before). --clear removes them all. A partitioned queue's
     partitions each enforce an even share. Prints the limits now in force."""
-    setting = rate is not None or burst is not None or concurrency is not None
+    setting = rate is not None or burst is not None or concurrency is not None or bool(type_rates)
     if clear and setting:
         raise CliError(
-            "--clear removes every limit: give it without --rate, --burst, --concurrency"
+            "--clear removes every limit: give it without --rate, --burst, --concurrency, "
+            "--type-rate"
         )
     admin = Admin(backend=state.backend())
     if clear or setting:
@@ -338,6 +348,7 @@ def limit(
                 rate=rate,
                 burst=_whole("burst", burst),
                 concurrency=_whole("concurrency", concurrency),
+                type_rates=_type_rates(type_rates) or None,
             )
         except (ValueError, ClusterqError) as exc:
             raise CliError(str(exc)) from None
@@ -348,6 +359,20 @@ def limit(
         click.echo(f"queue {name}: no limits")
     else:
         click.echo(f"queue {name}: {limits.describe()}")
+
+
+def _type_rates(given: tuple[str, ...]) -> dict[str, str]:
+    """``TYPE=RATE`` options as a mapping (the last one of a type wins); else a one-line
+    error."""
+    out = {}
+    for text in given:
+        name, sep, rate = text.rpartition("=")
+        if not sep or not name:
+            raise CliError(
+                f"invalid --type-rate {text!r}: give TYPE=RATE, such as 'email:send=10/s'"
+            )
+        out[name] = rate
+    return out
 
 
 def _whole(what: str, text: str | None) -> int | None:
