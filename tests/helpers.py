@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from clusterq import Router, Worker
+from clusterq import Client, Router, Worker
 
 #: The ``start_worker`` fixture (conftest): starts a `clusterq worker` process.
 StartWorker = Callable[..., subprocess.Popen[str]]
@@ -116,3 +116,23 @@ def keys_holding(node: Any, prefix: str, needle: str) -> list[str]:
         if held:
             found.append(key)
     return found
+
+
+def on_node(client: Client, key: str, command: str, *args: Any) -> Any:
+    """``command`` on ``key`` through the redis-py client of the node that holds it (the
+    standalone server, or the key's master in the cluster)."""
+
+    def run(node: Any) -> Any:
+        return node.execute_command(command, key, *args)
+
+    return client.backend.execute_key(key, run)
+
+
+def read_hash(client: Client, key: str) -> dict[str, str]:
+    """A hash read with redis-py, as text."""
+    raw = on_node(client, key, "HGETALL")
+    return {as_text(k): as_text(v) for k, v in raw.items()}
+
+
+def as_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

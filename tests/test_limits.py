@@ -39,7 +39,15 @@ from clusterq.events import QueueUnavailable
 from clusterq.limits import Rate, parse_rate
 from clusterq.partitions import Layout
 from clusterq.tools.devcluster import LocalServer
-from tests.helpers import StartWorker, await_for, running_worker, wait_for
+from tests.helpers import (
+    StartWorker,
+    as_text,
+    await_for,
+    on_node,
+    read_hash,
+    running_worker,
+    wait_for,
+)
 
 # ---------------------------------------------------------------------- the vocabulary
 
@@ -224,38 +232,18 @@ def test_rate_limited_refuses_a_bad_scope_or_delay(args: tuple[Any, ...], says: 
 # ---------------------------------------------------------------------- helpers
 
 
-def _on_node(client: Client, key: str, command: str, *args: Any) -> Any:
-    """``command`` on ``key`` through the redis-py client of the node that holds it (the
-    standalone server, or the key's master in the cluster)."""
-
-    def run(node: Any) -> Any:
-        return node.execute_command(command, key, *args)
-
-    return client.backend.execute_key(key, run)
-
-
-def _hash(client: Client, key: str) -> dict[str, str]:
-    """A hash read with redis-py, as text."""
-    raw = _on_node(client, key, "HGETALL")
-    return {_text(k): _text(v) for k, v in raw.items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _spans(r: redis.Redis, key: str) -> dict[str, dict[str, float]]:
     """Per task id: its ``start`` and ``end`` times as tests.workload:timed recorded them
     (the latest of each, for a task that ran more than once)."""
     out: dict[str, dict[str, float]] = {}
     for raw in r.lrange(key, 0, -1):
-        event, stamp, task_id, _pid = _text(raw).split()
+        event, stamp, task_id, _pid = as_text(raw).split()
         out.setdefault(task_id, {})[event] = float(stamp)
     return out
 
 
 def _pids(r: redis.Redis, key: str) -> set[str]:
-    return {_text(raw).split()[3] for raw in r.lrange(key, 0, -1)}
+    return {as_text(raw).split()[3] for raw in r.lrange(key, 0, -1)}
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -583,7 +571,7 @@ def test_a_partitioned_queues_limits_are_declared_read_and_cleared(url: str, pre
         assert limits == Limits.of("30/s", concurrency=6)
         assert client.limits("pq") == limits
         for name in layout.queues:  # each partition holds a share, read by redis-py
-            fields = _hash(client, client.keys.queue(name).limits)
+            fields = read_hash(client, client.keys.queue(name).limits)
             assert {"spec", "interval", "concurrency"} <= set(fields), fields
         with pytest.raises(InvalidLimits) as caught:
             client.set_limits("pq", concurrency=2)
@@ -593,7 +581,7 @@ def test_a_partitioned_queues_limits_are_declared_read_and_cleared(url: str, pre
         assert client.limits("pq") is None
         for name in layout.members:
             key = client.keys.queue(name).limits
-            assert _on_node(client, key, "EXISTS") == 0
+            assert on_node(client, key, "EXISTS") == 0
 
 
 @pytest.mark.parametrize("api", ["sync", "async"])
@@ -624,7 +612,7 @@ def test_declaring_partitions_again_carries_the_limits_over(
             layout = declare(n)
             assert len(layout.queues) == n
             for name in layout.members:  # the draining ones and the plain queue too
-                fields = _hash(client, client.keys.queue(name).limits)
+                fields = read_hash(client, client.keys.queue(name).limits)
                 assert float(fields["interval"]) == pytest.approx(1000 / 60 * n), name
                 assert fields["concurrency"] == str(12 // n), name
                 assert json.loads(fields["spec"])["partitions"] == n
@@ -646,7 +634,7 @@ def test_each_partition_holds_its_share(url: str, prefix: str, api: str) -> None
             client.set_limits("pq", rate="30/s", burst=3, concurrency=3)
         assert layout.members == (*layout.queues, "pq")
         for name in layout.members:
-            fields = _hash(client, client.keys.queue(name).limits)
+            fields = read_hash(client, client.keys.queue(name).limits)
             assert float(fields["interval"]) == pytest.approx(100.0)
             assert (fields["burst"], fields["concurrency"]) == ("1", "1")
             assert json.loads(fields["spec"])["partitions"] == 3
@@ -669,12 +657,12 @@ def test_a_limits_key_holding_foreign_data_is_named(url: str, prefix: str) -> No
 
     with Client(url, prefix=prefix) as client:
         key = client.keys.queue("victim").limits
-        _on_node(client, key, "SET", "foreign")
+        on_node(client, key, "SET", "foreign")
         with pytest.raises(ClusterqError) as caught:
             client.set_limits("victim", concurrency=2)
         message = str(caught.value)
         assert key in message and "holds a string" in message and "\n" not in message
-        assert _on_node(client, key, "GET") == b"foreign"
+        assert on_node(client, key, "GET") == b"foreign"
         client.enqueue_many([("go", 1)] * 3, queue="victim")
         client.enqueue_many([("go", 2)] * 3, queue="bystander")
 

@@ -31,7 +31,7 @@ from clusterq import Admin, AsyncClient, Client, InvalidLimits, Limits, Router, 
 from clusterq.broker import dequeue
 from clusterq.limits import parse_rate
 from clusterq.tools.devcluster import LocalServer
-from tests.helpers import await_for, running_worker
+from tests.helpers import as_text, await_for, on_node, read_hash, running_worker
 
 # ---------------------------------------------------------------------- the vocabulary
 
@@ -90,22 +90,6 @@ def test_type_rates_are_shared_over_partitions() -> None:
 # ---------------------------------------------------------------------- helpers
 
 
-def _on_node(client: Client, key: str, command: str, *args: Any) -> Any:
-    def run(node: Any) -> Any:
-        return node.execute_command(command, key, *args)
-
-    return client.backend.execute_key(key, run)
-
-
-def _hash(client: Client, key: str) -> dict[str, str]:
-    raw = _on_node(client, key, "HGETALL")
-    return {_text(k): _text(v) for k, v in raw.items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _dequeue(client: Client, queue: str, count: int) -> dequeue.Dequeued:
     """One call of dequeue.lua, as a worker makes it."""
     qk = client.keys.queue(queue)
@@ -116,10 +100,10 @@ def _dequeue(client: Client, queue: str, count: int) -> dequeue.Dequeued:
 
 def _scheduled(client: Client, queue: str) -> dict[str, float]:
     key = client.keys.queue(queue).scheduled
-    raw = list(_on_node(client, key, "ZRANGE", 0, -1, "WITHSCORES"))
+    raw = list(on_node(client, key, "ZRANGE", 0, -1, "WITHSCORES"))
     if raw and isinstance(raw[0], (list, tuple)):  # RESP3: pairs
-        return {_text(k): float(v) for k, v in raw}
-    return {_text(k): float(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}
+        return {as_text(k): float(v) for k, v in raw}
+    return {as_text(k): float(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}
 
 
 # ---------------------------------------------------------------------- the script
@@ -149,7 +133,7 @@ def test_a_type_without_a_token_is_put_back_at_spread_reserved_times(url: str, p
         for task_id in a_ids[1:]:
             info = client.info(task_id, queue="q")
             assert (str(info.state), info.retried) == ("scheduled", 0)
-        fields = _hash(client, client.keys.queue("q").limits)
+        fields = read_hash(client, client.keys.queue("q").limits)
         assert float(fields["th:a"]) == pytest.approx(times[-1] + 100, abs=1)
         assert float(fields["tt:a"]) >= before + 100
         again = _dequeue(client, "q", 8)
@@ -231,7 +215,7 @@ def test_queue_tokens_are_taken_only_by_tasks_that_start(url: str, prefix: str) 
             client.enqueue("a", i, queue="q")
         now = time.time() * 1000
         assert len(_dequeue(client, "q", 5).tasks) == 1
-        fields = _hash(client, client.keys.queue("q").limits)
+        fields = read_hash(client, client.keys.queue("q").limits)
         assert float(fields["tat"]) <= time.time() * 1000 + 100 + 1
         assert float(fields["tat"]) >= now + 100 - 1
         b_ids = [client.enqueue("b", i, queue="q").id for i in range(4)]
@@ -244,9 +228,9 @@ def test_queues_without_type_rates_carry_no_flag(url: str, prefix: str) -> None:
     with Client(url, prefix=prefix) as client:
         key = client.keys.queue("q").limits
         client.set_limits("q", rate="10/s", type_rates={"a": "1/s"})
-        assert _hash(client, key)["types"] == "1"
+        assert read_hash(client, key)["types"] == "1"
         client.set_limits("q", rate="10/s")
-        fields = _hash(client, key)
+        fields = read_hash(client, key)
         assert "types" not in fields and not any(f.startswith("t") and ":" in f for f in fields)
 
 
@@ -261,20 +245,20 @@ def test_type_rates_are_replaced_and_cleared_with_their_state(url: str, prefix: 
             client.enqueue("a", i, queue="q")
             client.enqueue("b", i, queue="q")
         _dequeue(client, "q", 6)
-        fields = _hash(client, key)
+        fields = read_hash(client, key)
         assert {"tt:a", "th:a", "tt:b", "th:b"} <= set(fields)
         # b unchanged keeps its state; a's rate changed: its limiter starts full again.
         client.set_limits("q", type_rates={"a": "5/s", "b": "2/s"})
-        after = _hash(client, key)
+        after = read_hash(client, key)
         assert "tt:a" not in after and "th:a" not in after
         assert (after["tt:b"], after["th:b"]) == (fields["tt:b"], fields["th:b"])
         assert float(after["ti:a"]) == pytest.approx(200.0)
         assert client.limits("q") == Limits.of(type_rates={"a": "5/s", "b": "2/s"})
         # b removed: its rate and state go.
         client.set_limits("q", type_rates={"a": "5/s"})
-        assert not {f for f in _hash(client, key) if f.endswith(":b")}
+        assert not {f for f in read_hash(client, key) if f.endswith(":b")}
         client.set_limits("q")
-        assert _hash(client, key) == {} and client.limits("q") is None
+        assert read_hash(client, key) == {} and client.limits("q") is None
 
 
 def test_a_partitioned_queue_gets_type_shares(url: str, prefix: str) -> None:
@@ -283,7 +267,7 @@ def test_a_partitioned_queue_gets_type_shares(url: str, prefix: str) -> None:
         with Admin(url, prefix=prefix) as admin:
             admin.set_limits("pq", type_rates={"a": "30/s"})  # burst 3
         for name in layout.members:
-            fields = _hash(client, client.keys.queue(name).limits)
+            fields = read_hash(client, client.keys.queue(name).limits)
             assert fields["types"] == "1"
             assert float(fields["ti:a"]) == pytest.approx(2000 / 30)
             assert fields["tb:a"] == "2"
@@ -381,7 +365,7 @@ def test_one_types_backlog_neither_blocks_others_nor_exceeds_its_rate(
             await recorder.aclose()
 
     asyncio.run(scenario())
-    lines = [_text(x).split() for x in standalone.client().lrange(key, 0, -1)]
+    lines = [as_text(x).split() for x in standalone.client().lrange(key, 0, -1)]
     assert len(lines) == 2 * N
     assert len({line[2] for line in lines}) == 2 * N  # each task once
     assert {line[3] for line in lines} == {"0"}  # no retry spent
@@ -430,7 +414,7 @@ def test_a_queue_rate_and_a_type_rate_hold_together(
             await recorder.aclose()
 
     asyncio.run(scenario())
-    lines = [_text(x).split() for x in standalone.client().lrange(key, 0, -1)]
+    lines = [as_text(x).split() for x in standalone.client().lrange(key, 0, -1)]
     assert len({line[2] for line in lines}) == len(lines) == total
     for rate, burst, starts in [
         (40, 4, sorted(float(line[1]) for line in lines)),
