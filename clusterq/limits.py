@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from clusterq.errors import ClusterqError
+from clusterq.serialization import reply_text
 
 
 class InvalidLimits(ClusterqError, ValueError):
@@ -282,6 +283,14 @@ def _type_rates(given: object) -> tuple[tuple[str, Rate], ...]:
 #: The hash fields a declaration writes (all of them are cleared before a new one;
 #: with the per-type fields, ``ti:<type>`` and ``tb:<type>``).
 DECLARED_FIELDS = ("spec", "interval", "burst", "concurrency", "types")
+
+
+def text_fields(raw: Any) -> dict[str, str]:
+    """A limits hash as ``HGETALL`` returns it (a mapping, or a flat list of fields and
+    values; bytes or text) as text fields."""
+    if isinstance(raw, list | tuple):
+        raw = dict(zip(raw[::2], raw[1::2], strict=False))
+    return {reply_text(k): reply_text(v) for k, v in dict(raw).items()}
 
 
 def partitions_of(fields: dict[str, str]) -> int:

@@ -136,3 +136,22 @@ def read_hash(client: Client, key: str) -> dict[str, str]:
 
 def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: Seconds a handler's recorded start may lag its dequeue (the event loop handing the
+#: task over): how much earlier than the token bucket allows a start may seem to come.
+START_JITTER = 0.15
+
+
+def assert_token_bucket(starts: list[float], rate: float, burst: int, what: str = "") -> float:
+    """Sorted start times obey a token bucket of ``rate``/s and ``burst``: the k-th start
+    no earlier than (k + 1 - burst) / rate after the first (less START_JITTER), and the
+    whole span at least (n - burst) / rate (a slow machine only makes it longer).
+    Returns the span."""
+    first = starts[0]
+    span = starts[-1] - first
+    assert span >= (len(starts) - burst) / rate * 0.9, f"{what} span {span:.3f}s"
+    for k, start in enumerate(starts):
+        due = (k + 1 - burst) / rate - START_JITTER
+        assert start - first >= due, f"{what} start {k} at +{start - first:.3f}s, due +{due:.3f}s"
+    return span

@@ -10,7 +10,7 @@ from clusterq.broker.script import LuaScript
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.backend import Backend
 from clusterq.keys import QueueKeys
-from clusterq.limits import Limits
+from clusterq.limits import Limits, text_fields
 from clusterq.partitions import Layout
 from clusterq.slots import keyslot
 
@@ -26,14 +26,9 @@ def put(qk: QueueKeys, fields: dict[str, str] | None) -> tuple[list[str], list[A
     return [qk.limits, qk.wake], args
 
 
-def read(raw: dict[Any, Any]) -> Limits | None:
+def read(raw: Any) -> Limits | None:
     """The declaration in a limits hash as ``HGETALL`` returns it."""
-    fields = {_text(k): _text(v) for k, v in raw.items()}
-    return Limits.from_fields(fields)
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return Limits.from_fields(text_fields(raw))
 
 
 def store(

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clusterq.keys import QueueKeys
-from clusterq.limits import Limits
+from clusterq.limits import Limits, text_fields
 from clusterq.serialization import json_value
 
 #: Minutes of per-minute history a queue keeps (``HISTORY_MINUTES`` in ``_prelude.lua``).
@@ -216,9 +216,7 @@ def read_limits(key: str, raw: Any, now: float, problems: list[str]) -> dict[str
     ``HGETALL`` returns it (a mapping, or a flat list of fields and values); a field
     clusterq reads that does not hold what it writes is named in ``problems`` (fields it
     does not read are left alone, as the scripts leave them)."""
-    if isinstance(raw, list | tuple):
-        raw = dict(zip(raw[::2], raw[1::2], strict=False))
-    fields = {_text(k): _text(v) for k, v in dict(raw).items()}
+    fields = text_fields(raw)
     numbers: dict[str, float] = {}
     for name in _NUMBERS:
         if name not in fields:
@@ -242,10 +240,6 @@ def read_limits(key: str, raw: Any, now: float, problems: list[str]) -> dict[str
         "concurrency_cap": int(cap) if cap is not None else None,
         "hold_until": hold / 1000.0 if hold is not None and hold / 1000.0 > now else None,
     }
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def compact_limits(limits: Limits | None) -> str:
