@@ -65,9 +65,29 @@ def validate_entry_name(name: object) -> str:
     return _check_name("periodic entry name", name, MAX_QUEUE_NAME_LENGTH)
 
 
+def validate_group_name(name: object) -> str:
+    """Return ``name`` if it can name a fair group, else raise :class:`InvalidName`."""
+    return _check_name("group name", name, MAX_QUEUE_NAME_LENGTH)
+
+
 def validate_task_id(task_id: object) -> str:
     """Return ``task_id`` if it can be a task id, else raise :class:`InvalidName`."""
     return _check_name("task id", task_id, MAX_TASK_ID_LENGTH)
+
+
+def parse_fair_member(member: bytes | str) -> tuple[str, int, str] | None:
+    """(group, enqueued ms, task id) of a member of a queue's ``fair`` set
+    (``<group>\\0<ms, 15 digits>\\0<id>``, see :attr:`QueueKeys.fair`); None for one
+    that is not such a member."""
+    raw = member.encode() if isinstance(member, str) else bytes(member)
+    parts = raw.split(b"\0")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return (
+        parts[0].decode(errors="replace"),
+        int(parts[1]),
+        parts[2].decode(errors="replace"),
+    )
 
 
 @dataclass(frozen=True)
@@ -159,6 +179,26 @@ class QueueKeys:
         return f"{self.base}:limits"
 
     @cached_property
+    def fair(self) -> str:
+        """Sorted set (all scores 0, ordered by member): the tasks of a queue that uses
+        fair groups, taken from ``pending`` by ``dequeue.lua``; member
+        ``<group>\\0<enqueued ms, 15 digits>\\0<id>``, so one group's tasks are a range
+        in enqueue order (ungrouped tasks: group ``""``)."""
+        return f"{self.base}:fair"
+
+    @cached_property
+    def turns(self) -> str:
+        """Sorted set: fair group -> when (ms) it may start a task next; the groups with
+        tasks in ``fair`` (or limiter state still in force) take turns in this order."""
+        return f"{self.base}:turns"
+
+    @cached_property
+    def groups(self) -> str:
+        """Hash: each fair group's limiter state (``r:<group>`` rate, ``h:<group>`` hold,
+        ``a:<group>`` ids it runs) and the turn clock ``clk``."""
+        return f"{self.base}:groups"
+
+    @cached_property
     def wake(self) -> str:
         """A shard channel, not a key: a message on it wakes the workers waiting for the
         queue (sent when its pending list turns non-empty, or a scheduled/retry task
@@ -186,6 +226,9 @@ class QueueKeys:
             self.cancel,
             self.stats,
             self.limits,
+            self.fair,
+            self.turns,
+            self.groups,
         )
 
 

@@ -16,7 +16,11 @@ takes tasks in one atomic step on the queue's master. The hash holds:
 - per task type (``type_rates``): the flag ``types`` (so that a queue without them
   pays nothing more), ``ti:<type>`` and ``tb:<type>`` (that type's interval and burst),
   and the state ``tt:<type>`` (its GCRA tat) and ``th:<type>`` (its reservation
-  horizon: when the next task of the type put back for lack of a token is due).
+  horizon: when the next task of the type put back for lack of a token is due);
+- per fair group (``rate_per_group``, ``concurrency_per_group``): ``gi`` and ``gb``
+  (each group's interval and burst) and ``gc`` (each group's cap), the same in every
+  partition (a group lives in one partition). Their state is in the queue's ``groups``
+  hash (see ``dequeue.lua``).
 
 The rate is a token bucket of ``burst`` tokens refilled one per ``interval``: over any
 window of W ms, at most ``burst + W / interval`` tasks start.
@@ -72,6 +76,9 @@ class LimitOptions(TypedDict, total=False):
     burst: int | None
     concurrency: int | None
     type_rates: dict[str, str] | None
+    rate_per_group: str | None
+    burst_per_group: int | None
+    concurrency_per_group: int | None
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,10 @@ class Limits:
     #: Per task type: (type, rate), sorted by type; each type's burst is its rate's
     #: default (a tenth of a second's worth, at least 1).
     type_rates: tuple[tuple[str, Rate], ...] = ()
+    #: Each fair group's own rate (and burst) and cap (``enqueue(..., group=...)``).
+    rate_per_group: Rate | None = None
+    burst_per_group: int | None = None
+    concurrency_per_group: int | None = None
 
     @classmethod
     def of(
@@ -138,6 +149,9 @@ class Limits:
         burst: int | None = None,
         concurrency: int | None = None,
         type_rates: Mapping[str, str | Rate] | None = None,
+        rate_per_group: str | Rate | None = None,
+        burst_per_group: int | None = None,
+        concurrency_per_group: int | None = None,
     ) -> Limits:
         """Checked limits from what a user gives (:class:`InvalidLimits` names what is
         wrong)."""
@@ -149,11 +163,38 @@ class Limits:
                 raise InvalidLimits("a burst needs a rate")
         if concurrency is not None:
             _positive_int("concurrency", concurrency)
-        return cls(parsed, burst, concurrency, types)
+        group_rate = (
+            rate_per_group
+            if isinstance(rate_per_group, Rate) or rate_per_group is None
+            else parse_rate(rate_per_group)
+        )
+        if burst_per_group is not None:
+            _positive_int("burst_per_group", burst_per_group)
+            if group_rate is None:
+                raise InvalidLimits("a burst_per_group needs a rate_per_group")
+        if concurrency_per_group is not None:
+            _positive_int("concurrency_per_group", concurrency_per_group)
+        return cls(
+            parsed, burst, concurrency, types, group_rate, burst_per_group, concurrency_per_group
+        )
 
     @property
     def empty(self) -> bool:
-        return self.rate is None and self.concurrency is None and not self.type_rates
+        return (
+            self.rate is None
+            and self.concurrency is None
+            and not self.type_rates
+            and self.rate_per_group is None
+            and self.concurrency_per_group is None
+        )
+
+    @property
+    def group_burst(self) -> int | None:
+        if self.rate_per_group is None:
+            return None
+        if self.burst_per_group is not None:
+            return self.burst_per_group
+        return self.rate_per_group.default_burst()
 
     @property
     def declared(self) -> Limits | None:
@@ -178,6 +219,10 @@ class Limits:
             parts.append(f"{self.concurrency} at once")
         for name, rate in self.type_rates:
             parts.append(f"type {name} {rate.text} (burst {rate.default_burst()})")
+        if self.rate_per_group is not None:
+            parts.append(f"per group {self.rate_per_group.text} (burst {self.group_burst})")
+        if self.concurrency_per_group is not None:
+            parts.append(f"{self.concurrency_per_group} at once per group")
         return ", ".join(parts) or "-"
 
     def as_dict(self) -> dict[str, Any]:
@@ -195,6 +240,14 @@ class Limits:
                     "burst": rate.default_burst(),
                 }
                 for name, rate in self.type_rates
+            }
+        if self.rate_per_group is not None or self.concurrency_per_group is not None:
+            group_rate = self.rate_per_group
+            out["per_group"] = {
+                "rate": group_rate.text if group_rate else None,
+                "rate_per_second": round(group_rate.per_second, 6) if group_rate else None,
+                "burst": self.group_burst,
+                "concurrency": self.concurrency_per_group,
             }
         return out
 
@@ -220,6 +273,11 @@ class Limits:
         }
         if self.type_rates:
             spec["type_rates"] = {name: rate.text for name, rate in self.type_rates}
+        if self.rate_per_group is not None:
+            spec["rate_per_group"] = self.rate_per_group.text
+            spec["burst_per_group"] = self.burst_per_group
+        if self.concurrency_per_group is not None:
+            spec["concurrency_per_group"] = self.concurrency_per_group
         out = []
         for i in range(partitions):
             fields = {"spec": json.dumps(spec, separators=(",", ":"))}
@@ -235,6 +293,12 @@ class Limits:
             for name, rate in self.type_rates:
                 fields[f"ti:{name}"] = repr(rate.interval_ms * partitions)
                 fields[f"tb:{name}"] = str(max(1, math.ceil(rate.default_burst() / partitions)))
+            # A group lives in one partition: each enforces the whole per-group limits.
+            if self.rate_per_group is not None:
+                fields["gi"] = repr(self.rate_per_group.interval_ms)
+                fields["gb"] = str(self.group_burst)
+            if self.concurrency_per_group is not None:
+                fields["gc"] = str(self.concurrency_per_group)
             out.append(fields)
         return out
 
@@ -251,6 +315,9 @@ class Limits:
                 spec.get("burst"),
                 spec.get("concurrency"),
                 spec.get("type_rates"),
+                spec.get("rate_per_group"),
+                spec.get("burst_per_group"),
+                spec.get("concurrency_per_group"),
             )
         except (ValueError, TypeError, AttributeError):
             return None
@@ -282,7 +349,7 @@ def _type_rates(given: object) -> tuple[tuple[str, Rate], ...]:
 
 #: The hash fields a declaration writes (all of them are cleared before a new one;
 #: with the per-type fields, ``ti:<type>`` and ``tb:<type>``).
-DECLARED_FIELDS = ("spec", "interval", "burst", "concurrency", "types")
+DECLARED_FIELDS = ("spec", "interval", "burst", "concurrency", "types", "gi", "gb", "gc")
 
 
 def text_fields(raw: Any) -> dict[str, str]:

@@ -22,7 +22,13 @@ from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import first_error
 from clusterq.durability import Durability
 from clusterq.errors import DuplicateTask
-from clusterq.keys import KeySchema, QueueKeys, validate_queue_name, validate_task_id
+from clusterq.keys import (
+    KeySchema,
+    QueueKeys,
+    validate_group_name,
+    validate_queue_name,
+    validate_task_id,
+)
 from clusterq.partitions import Layout, Layouts, check_plain_name
 from clusterq.serialization import get_codec, too_large
 from clusterq.task import STATES, TaskInfo, TaskState, record_meta, with_enqueued
@@ -126,6 +132,7 @@ class EnqueueOptions(TypedDict, total=False):
     retention: float | timedelta | None
     task_id: str | None
     key: str | None
+    group: str | None
 
 
 @dataclass(frozen=True)
@@ -306,6 +313,7 @@ class Producer:
         deadline: datetime | float | None = None,
         unique_for: float | timedelta | None = None,
         retention: float | timedelta | None = None,
+        group: str | None = None,
     ) -> _Template:
         """Check the options of an enqueue of ``type``.
 
@@ -336,6 +344,7 @@ class Producer:
             and deadline is None
             and unique_for is None
             and retention is None
+            and group is None
         ):  # the common case, kept short
             plain = record_meta(type, codec=codec, max_retry=max_retry)
             return _Template(queue, qk, type, max_retry, None, None, 0, 0, 0, plain, {}, layout)
@@ -346,7 +355,10 @@ class Producer:
         timeout_s = _seconds(timeout, "timeout") or None
         deadline_s = _epoch(deadline, "deadline")
         unique_s = _seconds(unique_for, "unique_for") or None
+        if group is not None:
+            validate_group_name(group)
         meta: dict[str, Any] = {
+            "group": group,
             "codec": codec,
             "max_retry": max_retry,
             "timeout_ms": _ms(timeout_s),
@@ -392,6 +404,8 @@ class Producer:
             # Without a key, a unique task goes by its digest (the same task always meets
             # its lock) and a task with an id by its id (an enqueue retried with the same
             # id meets the first one); others take the partitions in turn.
+            if key is None:
+                key = t.meta.get("group")
             queue = t.layout.pick(key if key is not None else digest or task_id)
             qk = self._queue_keys(queue)
         if head is not None:
@@ -403,7 +417,14 @@ class Producer:
         fresh = task_id is None and unique_key is None
         task_id = new_task_id() if task_id is None else validate_task_id(task_id)
         new = enqueue_script.NewTask(
-            task_id, record, t.delay_ms, t.due_ms, unique_key, t.unique_ttl_ms, fresh
+            task_id,
+            record,
+            t.delay_ms,
+            t.due_ms,
+            unique_key,
+            t.unique_ttl_ms,
+            fresh,
+            t.meta.get("group") is not None,
         )
         return PreparedEnqueue(
             queue, qk, new, t.type, payload, t.max_retry, t.timeout, t.deadline, enqueued_ms

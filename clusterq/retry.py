@@ -28,11 +28,12 @@ class RateLimited(Exception):
     the task goes back to its queue and runs again after ``retry_in`` seconds, without
     using up a retry or counting as a failure. ``scope="queue"`` also holds back every
     other task of the queue for that long (none starts on any worker until then);
-    ``scope="task"`` (the default) only this one."""
+    ``scope="group"`` every task of the task's fair group (``enqueue(..., group=...)``;
+    a task in no group is held alone); ``scope="task"`` (the default) only this one."""
 
     def __init__(self, retry_in: float, scope: str = "task", reason: str = "") -> None:
-        if scope not in ("task", "queue"):
-            raise ValueError(f"RateLimited scope {scope!r}: must be 'task' or 'queue'")
+        if scope not in ("task", "queue", "group"):
+            raise ValueError(f"RateLimited scope {scope!r}: must be 'task', 'group' or 'queue'")
         seconds = float(retry_in)
         if not seconds >= 0 or seconds == float("inf"):
             raise ValueError(f"RateLimited retry_in {retry_in!r}: must be seconds, 0 or more")

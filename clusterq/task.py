@@ -24,6 +24,7 @@ c     payload codec (absent: json)               dl    deadline (ms since the ep
 mr    retries allowed after the first attempt    u     key of the unique lock
 r     retries so far                             rt    kept after success for (ms)
 e     enqueued at (ms since the epoch)           err   last error; ``fa`` when (ms)
+g     fair group (right after ``t``)
 ====  =========================================  ====  ==================================
 """
 
@@ -75,10 +76,13 @@ class Record:
     parent_results: list[Any] | None = None
     #: The workflow's durability, where it is not "none" (its state's changes wait on it).
     workflow_durability: str | None = None
+    #: The fair group the task belongs to (``enqueue(..., group=...)``).
+    group: str | None = None
 
     def meta(self) -> bytes:
         fields = _meta_fields(
             self.type,
+            self.group,
             self.codec,
             self.max_retry,
             self.timeout_ms,
@@ -130,6 +134,7 @@ class Record:
             get("ws"),
             get("pr"),
             get("wd"),
+            get("g"),
         )
         record._check()
         return record
@@ -162,7 +167,7 @@ class Record:
             raise ValueError("record fields 'wf', 'ws' and 'pr' are not a workflow step")
         if self.workflow_durability not in (None, "replica", "aof"):
             raise ValueError(f"record field 'wd' is not a durability: {self.workflow_durability!r}")
-        for name, text in (("u", self.unique_key), ("err", self.last_error)):
+        for name, text in (("u", self.unique_key), ("err", self.last_error), ("g", self.group)):
             if text is not None and type(text) is not str:
                 raise ValueError(f"record field {name!r} is not a string: {text!r}")
 
@@ -182,6 +187,7 @@ class Record:
 
 def _meta_fields(
     type: str,
+    group: str | None,
     codec: str,
     max_retry: int,
     timeout_ms: int | None,
@@ -189,7 +195,10 @@ def _meta_fields(
     unique_key: str | None,
     retention_ms: int | None,
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"t": type, "mr": max_retry}
+    meta: dict[str, Any] = {"t": type}
+    if group is not None:  # right after the type: dequeue.lua reads it there
+        meta["g"] = group
+    meta["mr"] = max_retry
     if codec != "json":
         meta["c"] = codec
     for key, value in (
@@ -209,6 +218,7 @@ _META_CACHE: dict[tuple[Any, ...], bytes] = {}
 def record_meta(
     type: str,
     *,
+    group: str | None = None,
     codec: str = "json",
     max_retry: int = 25,
     timeout_ms: int | None = None,
@@ -218,7 +228,7 @@ def record_meta(
 ) -> bytes:
     """The meta JSON of a new task's record, open: without its last field, the enqueue
     time, which :func:`with_enqueued` adds. Cached for tasks that share all of it."""
-    key = (type, codec, max_retry, timeout_ms, deadline_ms, unique_key, retention_ms)
+    key = (type, group, codec, max_retry, timeout_ms, deadline_ms, unique_key, retention_ms)
     meta = _META_CACHE.get(key)
     if meta is None:
         meta = json_bytes(_meta_fields(*key))[:-1]
@@ -260,6 +270,8 @@ class Task:
     parent_results: list[Any] | None = None
     #: The id of the workflow this task is a step of, if any.
     workflow: str | None = None
+    #: The fair group it was enqueued in (``enqueue(..., group=...)``), if any.
+    group: str | None = None
 
 
 @dataclass(slots=True)
@@ -289,6 +301,8 @@ class TaskInfo:
     duplicate_of: str | None = None
     #: With durable enqueue: how many replicas confirmed the write (WAIT's answer).
     replicas: int | None = None
+    #: The fair group it was enqueued in, if any.
+    group: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -74,6 +74,7 @@ def task_info(queue: str, task_id: str, values: Sequence[Any]) -> TaskInfo:
         last_failed_at=ms_to_s(record.failed_ms),
         retained_until=when if state == TaskState.COMPLETED else None,
         result=_decode(record.codec, bytes(result)) if result is not None else None,
+        group=record.group,
     )
 
 

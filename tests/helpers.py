@@ -155,3 +155,14 @@ def assert_token_bucket(starts: list[float], rate: float, burst: int, what: str 
         due = (k + 1 - burst) / rate - START_JITTER
         assert start - first >= due, f"{what} start {k} at +{start - first:.3f}s, due +{due:.3f}s"
     return span
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals [start, end] open at once (an end at the same instant as a
+    start is counted first)."""
+    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most

@@ -39,14 +39,17 @@ def test_ack_layout_with_unique_locks() -> None:
 def test_fail_layout() -> None:
     keys, args = fail.build(QK, "id", "w:1", b"{}", retry_in_ms=1500)
     assert keys == [
-        QK.active, QK.leases, QK.tasks, QK.retry, QK.archived, QK.stats, QK.wake, QK.limits
+        QK.active, QK.leases, QK.tasks, QK.retry, QK.archived, QK.stats, QK.wake, QK.limits,
+        QK.groups, QK.turns,
     ]  # fmt: skip
-    # id, token, meta, delay, only_if_expired, count as failed, hold ms
-    assert args == ["id", "w:1", b"{}", 1500, 0, 1, 0]
+    # id, token, meta, delay, only_if_expired, count as failed, hold ms, hold scope
+    assert args == ["id", "w:1", b"{}", 1500, 0, 1, 0, "queue"]
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=None)[1][3] == -1  # archive
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=-3)[1][3] == 0  # not in the past
     recovery = fail.build(QK, "id", "t", b"m", retry_in_ms=0, only_if_expired=True)[1]
-    assert recovery[4:] == [1, 1, 0]
+    assert recovery[4:] == [1, 1, 0, "queue"]
+    held = fail.build(QK, "id", "t", b"m", retry_in_ms=9, hold_ms=9, hold_scope="group")[1]
+    assert held[6:] == [9, "group"]
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=0, count_failure=False)[1][5] == 0
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=0, hold_ms=-5)[1][6] == 0
     assert fail.build(QK, "id", "t", b"m", retry_in_ms=900, hold_ms=900)[1][6] == 900
@@ -83,6 +86,9 @@ def test_extend_requeue_dequeue_layouts() -> None:
         QK.paused,
         QK.wake,
         QK.limits,
+        QK.fair,
+        QK.turns,
+        QK.groups,
     ]
     assert args == [7, 10000, "w:3", 100]
 

@@ -45,6 +45,7 @@ from tests.helpers import (
     as_text,
     assert_token_bucket,
     await_for,
+    max_overlap,
     on_node,
     read_hash,
     running_worker,
@@ -216,7 +217,7 @@ def test_rate_limited_keeps_its_delay_and_scope() -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        ((1.0, "group"), "scope 'group'"),
+        ((1.0, "tenant"), "scope 'tenant'"),
         ((1.0, "Queue"), "scope 'Queue'"),
         ((1.0, None), "scope None"),
         ((-0.5,), "retry_in -0.5"),
@@ -248,21 +249,10 @@ def _pids(r: redis.Redis, key: str) -> set[str]:
     return {as_text(raw).split()[3] for raw in r.lrange(key, 0, -1)}
 
 
-def _max_overlap(intervals: list[tuple[float, float]]) -> int:
-    """The most intervals [start, end] open at once (an end at the same instant as a
-    start is counted first)."""
-    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    running = most = 0
-    for _, step in edges:
-        running += step
-        most = max(most, running)
-    return most
-
-
 def test_max_overlap_counts_what_runs_at_once() -> None:
-    assert _max_overlap([]) == 0
-    assert _max_overlap([(0, 1), (1, 2), (2, 3)]) == 1  # back to back
-    assert _max_overlap([(0, 3), (1, 2), (1.5, 4), (3.5, 5)]) == 3
+    assert max_overlap([]) == 0
+    assert max_overlap([(0, 1), (1, 2), (2, 3)]) == 1  # back to back
+    assert max_overlap([(0, 3), (1, 2), (1.5, 4), (3.5, 5)]) == 3
 
 
 # ---------------------------------------------------------------------- the rate
@@ -377,7 +367,7 @@ def test_a_concurrency_cap_holds_across_worker_processes(
     spans = _spans(r, key)
     assert set(spans) == ids
     assert r.llen(key) == 2 * count  # each ran once
-    deepest = _max_overlap([(s["start"], s["end"]) for s in spans.values()])
+    deepest = max_overlap([(s["start"], s["end"]) for s in spans.values()])
     assert deepest <= cap, f"{deepest} tasks ran at once, the cap is {cap}"
     assert deepest == cap, f"at most {deepest} ran at once: the cap of {cap} was never reached"
     print(f"\n{url}: at most {deepest} at once; processes that ran tasks: {len(_pids(r, key))}")

@@ -71,3 +71,22 @@ local function is_first(key, id)
   local first = redis.call('ZRANGE', key, 0, 0)
   return first[1] == id
 end
+
+-- The fair group of a task record (its meta's "g", which the encoder writes right after
+-- "t"), or nil for a task in no group.
+local function group_of(rec)
+  local g = string.match(rec, '^{"t":"[^"\\\n]*","g":"([^"\\\n]*)"')
+  if g then return g end
+  local meta = string.match(rec, '^[^\n]*')
+  if not string.find(meta, '"g":', 1, true) then return nil end
+  local ok, m = pcall(cjson.decode, meta)
+  if ok and type(m) == 'table' and type(m['g']) == 'string' then return m['g'] end
+  return nil
+end
+
+-- A task's member of a queue's ``fair`` set: its group ('' for none), its enqueue time
+-- (the meta's last field) and its id, so one group's tasks are a range in enqueue order.
+local function fair_member(rec, id, group)
+  local e = tonumber(string.match(rec, '"e":(%d+)}\n')) or 0
+  return (group or '') .. '\0' .. string.format('%015d', e) .. '\0' .. id
+end

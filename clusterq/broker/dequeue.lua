@@ -10,8 +10,21 @@
 -- interval on), record unchanged, and competes for a token again when it is due. The
 -- queue's own tokens are taken only by the tasks that start (and orphans).
 --
+-- Fair groups: once a popped task has a group (meta "g"), or while ``fair`` (KEYS[10])
+-- or ``turns`` (KEYS[11]) exist, the queue is served fairly. Each call moves up to
+-- STAGE ids from ``pending`` into ``fair`` (ungrouped ones in group ''), then the groups
+-- whose turn has come (``turns`` score <= the turn clock) start one task each, in turn
+-- order, round after round: a group that started one goes to the back (the clock moves
+-- on 1/1024 ms per task), a group held back by its own limits (``gi``/``gb`` rate, ``gc``
+-- cap, a hold) gets its turn at the time it may go again (a cap: CAP_RECHECK ms on), so
+-- a big or limited group never holds up the others. Per-group state is in ``groups``
+-- (KEYS[12]): ``r:<g>`` GCRA tat, ``h:<g>`` hold, ``a:<g>`` the ids it started (those
+-- still in ``active`` count against its cap, so nothing needs giving back); a group with
+-- no task left leaves ``turns`` once none of its state is in force.
+--
 -- KEYS[1] pending   KEYS[2] active   KEYS[3] scheduled   KEYS[4] retry
 -- KEYS[5] tasks   KEYS[6] leases   KEYS[7] paused   KEYS[8] wake channel   KEYS[9] limits
+-- KEYS[10] fair   KEYS[11] turns   KEYS[12] groups
 -- ARGV[1] how many tasks at most   ARGV[2] lease ms   ARGV[3] fencing token
 -- ARGV[4] how many due tasks to forward at most
 --
@@ -19,11 +32,12 @@
 -- (or nothing to take), 0 the queue is paused; tasks wait but a limit lets none start
 -- now: 2 the rate (next_due: ms from now until the next one may, so that a worker whose
 -- clock differs still waits as long), 3 the concurrency cap (wait for a task to end),
--- 4 a hold (next_due: ms until its end). With status 1, next_due (ms) is that of
+-- 4 a hold (next_due: ms until its end), 5 every group with tasks is held back by its
+-- own limits (next_due: ms until the first may go). With status 1, next_due (ms) is that of
 -- the earliest scheduled/retry task when no task was taken (now when tasks of other
 -- types still wait after a call that put back as many as it may read), else -1. orphans: ids
 -- popped without a record (dropped, and counted).
-do local bad = wrong_type({'list', 'zset', 'zset', 'zset', 'hash', 'hash', '-', '-', 'hash'}) if bad then return bad end end
+do local bad = wrong_type({'list', 'zset', 'zset', 'zset', 'hash', 'hash', '-', '-', 'hash', 'zset', 'zset', 'hash'}) if bad then return bad end end
 local now = now_ms()
 if redis.call('EXISTS', KEYS[7]) == 1 then return {0, -1, 0} end
 
@@ -39,7 +53,9 @@ end
 
 -- The limits: how many may start now (want), or why none may and until when.
 local want = tonumber(ARGV[1])
-local lim = redis.call('HMGET', KEYS[9], 'interval', 'burst', 'concurrency', 'tat', 'hold', 'types')
+local lim = redis.call('HMGET', KEYS[9], 'interval', 'burst', 'concurrency', 'tat', 'hold', 'types',
+  'gi', 'gb', 'gc')
+local fair = redis.call('EXISTS', KEYS[10], KEYS[11]) > 0
 local interval, tat = tonumber(lim[1]), nil
 if lim[1] or lim[3] or lim[5] then
   local status, until_ms = nil, -1
@@ -60,7 +76,7 @@ if lim[1] or lim[3] or lim[5] then
       want = math.min(want, tokens)
     end
   end
-  if status and redis.call('LLEN', KEYS[1]) > 0 then
+  if status and (fair or redis.call('LLEN', KEYS[1]) > 0) then
     return {status, until_ms >= 0 and math.max(1, until_ms - now) or -1, 0}
   end
   if status then want = 0 end
@@ -108,31 +124,189 @@ local out = {1, -1, 0}
 local taken, read = 0, 0  -- taken: started or orphans (they use the queue's tokens)
 local expiry = now + tonumber(ARGV[2])
 local zargs, hargs = {}, {}
-while want - taken > 0 do
+local started = {}  -- ids started by this call (in ``active`` once it ends)
+local function start(id, rec)
+  started[id] = true
+  zargs[#zargs + 1] = expiry
+  zargs[#zargs + 1] = id
+  hargs[#hargs + 1] = id
+  hargs[#hargs + 1] = ARGV[3]
+  out[#out + 1] = id
+  out[#out + 1] = rec
+  taken = taken + 1
+end
+
+-- Fair groups: move popped ids (with their records) into ``fair``.
+local STAGE, CAP_RECHECK = 1000, 100
+local function stage(ids, records)
+  local members, seen = {}, {}
+  for i, id in ipairs(ids) do
+    local rec = records[i]
+    if rec then
+      local g = group_of(rec) or ''
+      members[#members + 1] = 0
+      members[#members + 1] = fair_member(rec, id, g)
+      seen[g] = true
+    else
+      out[3] = out[3] + 1  -- an orphan: dropped (it takes no token: nothing starts)
+    end
+  end
+  if #members > 0 then redis.call('ZADD', KEYS[10], unpack(members)) end
+  local turns = {}
+  for g, _ in pairs(seen) do
+    turns[#turns + 1] = now
+    turns[#turns + 1] = g
+  end
+  if #turns > 0 then redis.call('ZADD', KEYS[11], 'NX', unpack(turns)) end
+end
+
+while not fair and want - taken > 0 do
   local ask = want - taken
   local ids = redis.call('RPOP', KEYS[1], ask)
   if not ids then break end
   read = read + #ids
   local records = redis.call('HMGET', KEYS[5], unpack(ids))
+  for i = 1, #ids do
+    if records[i] and group_of(records[i]) then fair = true break end
+  end
+  if fair then  -- the first grouped task: this queue is served fairly from now on
+    stage(ids, records)
+    break
+  end
   for i, id in ipairs(ids) do
     local rec = records[i]
     if not rec then
       out[3] = out[3] + 1
       taken = taken + 1
     elseif not typed or admit(id, rec) then
-      zargs[#zargs + 1] = expiry
-      zargs[#zargs + 1] = id
-      hargs[#hargs + 1] = id
-      hargs[#hargs + 1] = ARGV[3]
-      out[#out + 1] = id
-      out[#out + 1] = rec
-      taken = taken + 1
+      start(id, rec)
     end
   end
   -- Without type rates one pop takes all it may; with them, pop again for the tasks put
   -- back (tasks of other types may wait behind them), reading a bounded number per call.
   if not typed or #ids < ask or read >= 500 then break end
 end
+local fair_wait = nil  -- ms until a group may start a task, when none could now
+if fair then
+  local ids = redis.call('RPOP', KEYS[1], STAGE)
+  if ids then stage(ids, redis.call('HMGET', KEYS[5], unpack(ids))) end
+  local gi, gb, gc = tonumber(lim[7]), tonumber(lim[8]) or 1, tonumber(lim[9])
+  local clk = math.max(now, tonumber(redis.call('HGET', KEYS[12], 'clk')) or 0)
+  local state = {}
+  local function state_of(g)
+    local st = state[g]
+    if st then return st end
+    local f = redis.call('HMGET', KEYS[12], 'r:' .. g, 'h:' .. g, 'a:' .. g)
+    st = {r = tonumber(f[1]), h = tonumber(f[2]), a = {}}
+    for id in string.gmatch(f[3] or '', '[^ ]+') do st.a[#st.a + 1] = id end
+    state[g] = st
+    return st
+  end
+  -- The ids group ``st`` runs now (in ``active``, or started by this call): its list
+  -- pruned to those.
+  local function running(st)
+    local live, seen = {}, {}
+    for _, id in ipairs(st.a) do
+      if not seen[id] and (started[id] or redis.call('ZSCORE', KEYS[2], id)) then
+        live[#live + 1] = id
+      end
+      seen[id] = true
+    end
+    if #live < #st.a then st.a, st.dirty = live, true end
+    return #live
+  end
+  -- nil when group ``st`` may start a task now, else the time (ms) it may next.
+  local function blocked(st)
+    if st.h and st.h > now then return st.h end
+    if gc and #st.a >= gc and running(st) >= gc then return now + CAP_RECHECK end
+    if gi then
+      local t = math.max(st.r or 0, now)
+      if (now - t) / gi + gb + 1e-9 < 1 then return math.ceil(t - (gb - 1) * gi) end
+    end
+    return nil
+  end
+  local function took(st, id)
+    if gi then st.r = math.max(st.r or 0, now) + gi end
+    if gc then st.a[#st.a + 1] = id end
+    if gi or gc then st.dirty = true end
+  end
+  -- A group with no task waiting: out of ``turns``, unless its state is still in force
+  -- (then it comes back when that ends, to be looked at again).
+  local function retire(g)
+    local st = state_of(g)
+    local keep = 0
+    st.dirty = st.h or st.r or #st.a > 0
+    if st.h and st.h > now then keep = st.h else st.h = nil end
+    if st.r and st.r > now then keep = math.max(keep, st.r) else st.r = nil end
+    if #st.a > 0 and running(st) > 0 then keep = math.max(keep, now + CAP_RECHECK) end
+    if keep > 0 then
+      redis.call('ZADD', KEYS[11], keep, g)
+    else
+      redis.call('ZREM', KEYS[11], g)
+    end
+  end
+  local passes = 0
+  while want - taken > 0 and read < 500 and passes < 64 do
+    passes = passes + 1
+    local turn = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', clk, 'LIMIT', 0, 64)
+    if #turn == 0 then break end
+    local moved = 0
+    for _, g in ipairs(turn) do
+      if want - taken <= 0 or read >= 500 then break end
+      local head = redis.call('ZRANGEBYLEX', KEYS[10], '[' .. g .. '\0', '(' .. g .. '\1', 'LIMIT', 0, 1)
+      if #head == 0 then
+        retire(g)
+      else
+        local st = state_of(g)
+        local wait = blocked(st)
+        if wait then
+          redis.call('ZADD', KEYS[11], wait, g)
+        else
+          redis.call('ZREM', KEYS[10], head[1])
+          read = read + 1
+          local id = string.match(head[1], '^[^%z]*%z%d+%z(.*)$')
+          local rec = redis.call('HGET', KEYS[5], id)
+          if not rec then
+            out[3] = out[3] + 1
+            taken = taken + 1
+          elseif not typed or admit(id, rec) then
+            start(id, rec)
+            took(st, id)
+          end
+          clk = clk + 1 / 1024
+          redis.call('ZADD', KEYS[11], clk, g)
+          moved = moved + 1
+        end
+      end
+    end
+    if moved == 0 then break end  -- a round that started nothing: the rest must wait
+  end
+  local fields, gone = {'clk', string.format('%.4f', clk)}, {}
+  for g, st in pairs(state) do
+    if st.dirty then
+      for _, f in ipairs({{'r:', st.r and string.format('%.3f', st.r)}, {'h:', st.h},
+          {'a:', #st.a > 0 and table.concat(st.a, ' ') or nil}}) do
+        if f[2] then
+          fields[#fields + 1] = f[1] .. g
+          fields[#fields + 1] = f[2]
+        else
+          gone[#gone + 1] = f[1] .. g
+        end
+      end
+    end
+  end
+  redis.call('HSET', KEYS[12], unpack(fields))
+  if #gone > 0 then redis.call('HDEL', KEYS[12], unpack(gone)) end
+  if redis.call('EXISTS', KEYS[10], KEYS[11]) == 0 then redis.call('DEL', KEYS[12]) end
+  if #out == 3 and redis.call('EXISTS', KEYS[10]) == 1 then
+    -- Tasks wait, none could start: until the first group's turn comes.
+    local first = redis.call('ZRANGE', KEYS[11], 0, 0, 'WITHSCORES')
+    if #first > 0 and tonumber(first[2]) > now then
+      fair_wait = math.max(1, math.ceil(tonumber(first[2]) - now))
+    end
+  end
+end
+
 if #zargs > 0 then
   redis.call('ZADD', KEYS[2], unpack(zargs))
   redis.call('HSET', KEYS[6], unpack(hargs))
@@ -168,4 +342,5 @@ if #out == 3 then
   end
   out[2] = next_due
 end
+if fair_wait then return {5, fair_wait, out[3]} end
 return out

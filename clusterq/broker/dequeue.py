@@ -14,8 +14,8 @@ SCRIPT = LuaScript("dequeue")
 
 
 #: Why a dequeue took nothing although tasks wait: the queue's limits (``limited``).
-RATE, CONCURRENCY, HOLD = "rate", "concurrency", "hold"
-_LIMITED = {2: RATE, 3: CONCURRENCY, 4: HOLD}
+RATE, CONCURRENCY, HOLD, GROUP = "rate", "concurrency", "hold", "group"
+_LIMITED = {2: RATE, 3: CONCURRENCY, 4: HOLD, 5: GROUP}
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class Dequeued:
     #: when ``limited`` is "rate" or "hold", when the next task may start.
     next_due: float | None = None
     #: Tasks wait, but the queue's limits let none start now: "rate", "concurrency"
-    #: (until a task of the queue ends) or "hold" (a handler's ``RateLimited``).
+    #: (until a task of the queue ends), "hold" (a handler's ``RateLimited``) or "group"
+    #: (every fair group with tasks is held back by its own limits until ``next_due``).
     limited: str | None = None
     #: Ids that were pending without a record (dropped by the script; worth a warning).
     orphans: int = 0
@@ -38,7 +39,7 @@ def build(
 ) -> tuple[list[str], list[Any]]:
     keys = [
         qk.pending, qk.active, qk.scheduled, qk.retry, qk.tasks, qk.leases, qk.paused, qk.wake,
-        qk.limits,
+        qk.limits, qk.fair, qk.turns, qk.groups,
     ]  # fmt: skip
     return keys, [count, lease_ms, token, forward_limit]
 

@@ -34,6 +34,8 @@ class NewTask:
     unique_ttl_ms: int = 0
     #: The id was drawn at random by the client just now (not given by the caller).
     fresh: bool = False
+    #: In a fair group: ``enqueue.lua`` turns the queue's fair serving on.
+    grouped: bool = False
 
 
 @dataclass(slots=True)
@@ -46,7 +48,13 @@ class EnqueueOutcome:
 
 def pushable(task: NewTask) -> bool:
     """Whether ``push.lua`` may write ``task`` on a first attempt (see :func:`call`)."""
-    return task.fresh and task.unique_key is None and task.delay_ms <= 0 and task.due_ms <= 0
+    return (
+        task.fresh
+        and task.unique_key is None
+        and task.delay_ms <= 0
+        and task.due_ms <= 0
+        and not task.grouped
+    )
 
 
 def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False, first: bool) -> Step:
@@ -80,6 +88,7 @@ def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False, firs
         qk.stats,
         qk.done,
         qk.wake,
+        qk.turns,
     ]
     args: list[Any] = [int(durable)]
     for task in tasks:

@@ -55,11 +55,13 @@ class Broker:
         only_if_expired: bool = False,
         count_failure: bool = True,
         hold_ms: int = 0,
+        hold_scope: str = "queue",
     ) -> fail.FailOutcome:
         """To retry (after ``retry_in_ms``) or, with None, to the archive; "stale" when
         the lease is not the caller's (or, ``only_if_expired``, still valid).
         ``count_failure=False``: not counted as failed (a rate-limited attempt);
-        ``hold_ms``: nothing of the queue starts for that long."""
+        ``hold_ms``: nothing of the queue (``hold_scope="group"``: of the task's fair
+        group) starts for that long."""
         built = fail.build(
             qk,
             task_id,
@@ -69,6 +71,7 @@ class Broker:
             only_if_expired=only_if_expired,
             count_failure=count_failure,
             hold_ms=hold_ms,
+            hold_scope=hold_scope,
         )
         return fail.parse(await self._run(fail.SCRIPT, qk, built))
 

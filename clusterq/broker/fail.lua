@@ -2,18 +2,20 @@
 -- tasks whose lease expired (only_if_expired), so a lease extended meanwhile wins.
 --
 -- KEYS[1] active   KEYS[2] leases   KEYS[3] tasks   KEYS[4] retry   KEYS[5] archived
--- KEYS[6] stats   KEYS[7] wake channel   KEYS[8] limits
+-- KEYS[6] stats   KEYS[7] wake channel   KEYS[8] limits   KEYS[9] groups   KEYS[10] turns
 -- ARGV[1] id   ARGV[2] token   ARGV[3] new meta (the record's part before its newline)
 -- ARGV[4] retry delay ms, or -1 to archive   ARGV[5] only_if_expired (1/0)
 -- ARGV[6] count as a failure in stats (1/0)
 -- ARGV[7] hold ms: nothing of the queue starts for that long (RateLimited with scope
--- "queue"; 0: no hold)
+-- "queue"; 0: no hold)   ARGV[8] the hold's scope: 'queue', or 'group' (only the task's
+-- fair group is held: ``h:<group>`` in groups, and its turn put off; a task in no group
+-- is held alone)
 --
 -- Returns 1 retry, 2 archived, 0 not the lease holder or lease still valid (no-op), -1
 -- the task is gone (deleted by an operator, its queue removed).
 -- Every check that can fail comes before the first write (a stats counter that is not
 -- an integer is not counted).
-do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash', '-', 'hash'}) if bad then return bad end end
+do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash', '-', 'hash', 'hash', 'zset'}) if bad then return bad end end
 local now, id = now_ms(), ARGV[1]
 if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then
   if redis.call('HEXISTS', KEYS[3], id) == 0 then return -1 end  -- deleted meanwhile
@@ -37,7 +39,16 @@ if counting then
   count_history(KEYS[6], 'f', 1, now)
 end
 local hold = tonumber(ARGV[7]) or 0
-if hold > 0 then
+if hold > 0 and ARGV[8] == 'group' then
+  local g = rec and group_of(rec)
+  if g then
+    local until_ms = now + hold
+    if until_ms > (tonumber(redis.call('HGET', KEYS[9], 'h:' .. g)) or 0) then
+      redis.call('HSET', KEYS[9], 'h:' .. g, until_ms)
+      redis.call('ZADD', KEYS[10], 'GT', until_ms, g)
+    end
+  end
+elseif hold > 0 then
   local until_ms = now + hold
   if until_ms > (tonumber(redis.call('HGET', KEYS[8], 'hold')) or 0) then
     redis.call('HSET', KEYS[8], 'hold', until_ms)

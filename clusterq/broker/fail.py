@@ -22,13 +22,19 @@ def build(
     only_if_expired: bool = False,
     count_failure: bool = True,
     hold_ms: int = 0,
+    hold_scope: str = "queue",
 ) -> tuple[list[str], list[Any]]:
     """``retry_in_ms=None`` archives the task; ``hold_ms`` keeps every task of the queue
-    from starting for that long (a handler's ``RateLimited(scope="queue")``)."""
-    keys = [qk.active, qk.leases, qk.tasks, qk.retry, qk.archived, qk.stats, qk.wake, qk.limits]
+    (``hold_scope="group"``: of the task's fair group) from starting for that long (a
+    handler's ``RateLimited(scope=...)``)."""
+    keys = [
+        qk.active, qk.leases, qk.tasks, qk.retry, qk.archived, qk.stats, qk.wake, qk.limits,
+        qk.groups, qk.turns,
+    ]  # fmt: skip
     delay = -1 if retry_in_ms is None else max(0, retry_in_ms)
     args = [
-        task_id, token, new_meta, delay, int(only_if_expired), int(count_failure), max(0, hold_ms)
+        task_id, token, new_meta, delay, int(only_if_expired), int(count_failure), max(0, hold_ms),
+        hold_scope,
     ]  # fmt: skip
     return keys, args
 

@@ -23,7 +23,7 @@ def put(qk: QueueKeys, fields: dict[str, str] | None) -> tuple[list[str], list[A
     args: list[Any] = ["1" if fields is None else "0"]
     for name, value in (fields or {}).items():
         args += [name, value]
-    return [qk.limits, qk.wake], args
+    return [qk.limits, qk.wake, qk.groups, qk.turns], args
 
 
 def read(raw: Any) -> Limits | None:

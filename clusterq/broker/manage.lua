@@ -5,7 +5,8 @@
 --
 -- KEYS[1] tasks   KEYS[2] pending   KEYS[3] scheduled   KEYS[4] retry   KEYS[5] active
 -- KEYS[6] archived   KEYS[7] completed   KEYS[8] results   KEYS[9] leases
--- KEYS[10] cancel requests   KEYS[11] wake channel   KEYS[12..] unique locks
+-- KEYS[10] cancel requests   KEYS[11] wake channel   KEYS[12] fair (pending tasks of a
+-- queue served by fair groups)   KEYS[13..] unique locks
 -- ARGV[1] action: delete | archive | run | cancel
 -- ARGV[2] only tasks in this state ('' any state)
 -- ARGV[3] only tasks of this type ('' any type)
@@ -17,12 +18,13 @@
 -- A pending task is found at the index its caller gives (LINDEX: a walk from the nearer
 -- end), else by a search from the tail; it is taken out of the list by a tombstone
 -- (LSET), and the tombstones go in one LREM at the end: a bulk walk from the oldest end
--- costs O(batch + its offset) per call, not O(list) per task.
+-- costs O(batch + its offset) per call, not O(list) per task. A pending task may be in
+-- ``fair`` instead (its member is made from its record).
 --
 -- Returns one status per task: 'ok'; 'missing' (no such task); 'state:<s>' (in another
 -- state than asked, or one the action does not apply to); 'type' (another type);
 -- 'active' (a worker holds it).
-do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash', 'hash', '-'}) if bad then return bad end end
+do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash', 'hash', '-', 'zset'}) if bad then return bad end end
 local action, want_state, want_type = ARGV[1], ARGV[2], ARGV[3]
 local force = ARGV[4] == '1'
 local now = now_ms()
@@ -33,9 +35,13 @@ local TOMBSTONE = '\0clusterq:taken\0'
 local tombstones = 0
 
 -- the task's state, and for a pending one its index in the list
-local function state_of(id, hint)
+local function state_of(id, hint, record)
   for _, name in ipairs({'active', 'scheduled', 'retry', 'archived', 'completed'}) do
     if redis.call('ZSCORE', zsets[name], id) then return name end
+  end
+  if record then
+    local member = fair_member(record, id, group_of(record))
+    if redis.call('ZSCORE', KEYS[12], member) then return 'pending', member end
   end
   if hint ~= 0 and redis.call('LINDEX', KEYS[2], hint) == id then return 'pending', hint end
   -- moved since the caller saw it: only toward the tail (workers take from there), or
@@ -59,7 +65,9 @@ local function type_of(record)
 end
 
 local function take_out(id, state, at)
-  if state == 'pending' then
+  if state == 'pending' and type(at) == 'string' then
+    redis.call('ZREM', KEYS[12], at)
+  elseif state == 'pending' then
     redis.call('LSET', KEYS[2], at, TOMBSTONE)
     tombstones = tombstones + 1
   else
@@ -82,7 +90,7 @@ local out, woken = {}, false
 for i = 5, #ARGV, 3 do
   local id, lock, hint = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local record = redis.call('HGET', KEYS[1], id)
-  local state, at = state_of(id, hint)
+  local state, at = state_of(id, hint, record)
   local status = 'ok'
   if not record and not state then
     status = 'missing'

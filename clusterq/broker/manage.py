@@ -51,6 +51,7 @@ def build(
         qk.leases,
         qk.cancel,
         qk.wake,
+        qk.fair,
     ]
     args: list[Any] = [action, state, task_type, 1 if force else 0]
     for target in targets:

@@ -7,11 +7,12 @@
 -- Reads only. No prelude: the flags line must come first.
 --
 -- ARGV[1] archive max size   ARGV[2] archive max age ms (as the worker's sweep has them)
--- ARGV[3..], nine per queue: pending (list), paused (string), scheduled, retry, active,
--- completed, done, archived (zsets), cancel requests (hash)
+-- ARGV[3..], eleven per queue: pending (list), paused (string), scheduled, retry, active,
+-- completed, done, archived (zsets), cancel requests (hash), fair, turns (zsets)
 --
--- Returns the server's time (ms), then four values per queue: the pending list's length
--- (-1: unknown), paused (1/0), the earliest scheduled/retry due time in ms (-1: none),
+-- Returns the server's time (ms), then four values per queue: how many tasks are pending
+-- (the pending list and ``fair``; -1: unknown), paused (1/0), the earliest scheduled/retry
+-- due time or fair group's turn in ms (-1: none),
 -- and 1 when the queue needs a sweep (sweep.lua) now, else 0: an active task's lease
 -- expired (its worker died holding it), a completed task's retention or a deleted id's
 -- dedup window ended, the archive is over its size or age, a cancel request is waiting.
@@ -26,14 +27,14 @@ end
 local max_size, max_age = tonumber(ARGV[1]), tonumber(ARGV[2])
 
 local function look(pending, paused, scheduled, retry, active, completed, done, archived,
-                    cancel)
+                    cancel, fair, turns)
   if redis.call('EXISTS', pending, paused, scheduled, retry, active, completed, done, archived,
-                cancel) == 0 then
+                cancel, fair, turns) == 0 then
     return {0, 0, -1, 0}  -- nothing at all: the common case, in one call
   end
-  local n = redis.call('LLEN', pending)
+  local n = redis.call('LLEN', pending) + redis.call('ZCARD', fair)
   local due = -1
-  for _, key in ipairs({scheduled, retry}) do
+  for _, key in ipairs({scheduled, retry, turns}) do
     local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
     if #first > 0 then
       local score = tonumber(first[2])
@@ -48,8 +49,8 @@ local function look(pending, paused, scheduled, retry, active, completed, done, 
 end
 
 local out = {now}
-for i = 3, #ARGV, 9 do
-  local ok, got = pcall(look, unpack(ARGV, i, i + 8))
+for i = 3, #ARGV, 11 do
+  local ok, got = pcall(look, unpack(ARGV, i, i + 10))
   if not ok then got = {-1, 0, -1, 0} end
   for _, v in ipairs(got) do out[#out + 1] = v end
 end

@@ -44,7 +44,7 @@ def build(
     args: list[Any] = [archive_max_size, archive_max_age_ms]
     for qk in qks:
         args += (qk.pending, qk.paused, qk.scheduled, qk.retry, qk.active)
-        args += (qk.completed, qk.done, qk.archived, qk.cancel)
+        args += (qk.completed, qk.done, qk.archived, qk.cancel, qk.fair, qk.turns)
     return [], args
 
 

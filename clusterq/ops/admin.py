@@ -242,7 +242,7 @@ class Admin(Inspector):
 
     def _size(self, qk: QueueKeys, state: TaskState) -> int:
         if state == TaskState.PENDING:
-            fn: Any = lambda c: c.llen(qk.pending)  # noqa: E731
+            fn: Any = lambda c: c.llen(qk.pending) + c.zcard(qk.fair)  # noqa: E731
         else:
             key = getattr(qk, state.value)
             fn = lambda c: c.zcard(key)  # noqa: E731

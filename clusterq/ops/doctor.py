@@ -65,6 +65,7 @@ _PLAIN: dict[str, Probe] = {
     "hmget": lambda a, b: ("HMGET", b, "f"),
     "hscan": lambda a, b: ("HSCAN", b, 0),
     "zrange": lambda a, b: ("ZRANGE", b, 0, 0),
+    "zlexcount": lambda a, b: ("ZLEXCOUNT", b, "-", "+"),
     "memory|usage": lambda a, b: ("MEMORY", "USAGE", b),
     "pttl": lambda a, b: ("PTTL", b),
     # streams: on a key that does not exist (no MKSTREAM: nothing is created)

@@ -7,6 +7,7 @@ scripts can use it directly. :mod:`clusterq.ops.admin` adds the actions.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -19,8 +20,15 @@ from clusterq.cluster.backend import Backend
 from clusterq.cluster.connection import DEFAULT_URL, Mode, RedisURL
 from clusterq.cluster.topology import Topology
 from clusterq.errors import ClusterqError, InvalidName, TaskNotFound
-from clusterq.keys import DEFAULT_PREFIX, QueueKeys, validate_queue_name, validate_task_id
+from clusterq.keys import (
+    DEFAULT_PREFIX,
+    QueueKeys,
+    parse_fair_member,
+    validate_queue_name,
+    validate_task_id,
+)
 from clusterq.limits import Limits
+from clusterq.ops.groupinfo import QueueGroups, read_groups
 from clusterq.ops.queueinfo import (
     HISTORY_MINUTES,
     Minute,
@@ -140,6 +148,14 @@ class Inspector:
         """The limits declared on ``queue`` (None: none); see :mod:`clusterq.limits`."""
         return limits_script.load(self.backend, self.members(queue)[0])
 
+    def groups(self, queue: str) -> list[QueueGroups]:
+        """The fair groups of ``queue`` (one entry per partition of a partitioned
+        queue): tasks waiting and running per group, when each may start its next."""
+        return [
+            read_groups(self.backend, member, self.keys.queue(member), timeout=self.timeout)
+            for member in self.members(queue)
+        ]
+
     def close(self) -> None:
         if self._owns_backend:
             self.backend.close()
@@ -192,6 +208,10 @@ class Inspector:
         try:
             oldest = values[-1] if not isinstance(values[-1], Exception) else None
             fields["latency"] = self._latency(qk, oldest)
+            first = values[-2] if isinstance(values[-2], list) and values[-2] else None
+            parsed = parse_fair_member(first[0]) if first else None
+            if parsed and parsed[1]:  # the first group's oldest (groups in name order)
+                fields["latency"] = max(fields["latency"], time.time() - parsed[1] / 1000.0)
         except (ClusterqError, redis.RedisError) as exc:
             problems.append(f"{qk.tasks}: {exc}")
         # Located after the counts: the map may have changed while the call retried.
@@ -357,11 +377,7 @@ class Inspector:
         qk = self.keys.queue(queue)
         end = offset + limit - 1
         if chosen == TaskState.PENDING:
-            # producers push on the left, workers take from the right
-            if newest_first:
-                fn: Any = lambda c: c.lrange(qk.pending, offset, end)  # noqa: E731
-            else:
-                fn = lambda c: list(reversed(c.lrange(qk.pending, -end - 1, -offset - 1)))  # noqa: E731
+            fn: Any = functools.partial(_pending_page, qk, offset, end, newest_first)
         else:
             key = getattr(qk, chosen.value)
             fn = lambda c: c.zrange(key, offset, end, desc=newest_first)  # noqa: E731
@@ -447,3 +463,20 @@ def parse_state(state: TaskState | str) -> TaskState:
     if chosen is None:
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
     return chosen
+
+
+def _pending_page(qk: QueueKeys, offset: int, end: int, newest_first: bool, c: Any) -> list[Any]:
+    """Ids ``offset..end`` of the pending tasks: the pending list's (producers push on
+    the left, workers take from the right), then those waiting in fair groups (group by
+    group, each oldest first)."""
+    size = int(c.llen(qk.pending))
+    ids: list[Any] = []
+    if offset < size:
+        if newest_first:
+            ids = list(c.lrange(qk.pending, offset, end))
+        else:
+            ids = list(reversed(c.lrange(qk.pending, -end - 1, -offset - 1)))
+    if end >= size:
+        members = c.zrange(qk.fair, max(0, offset - size), end - size, desc=newest_first)
+        ids += [parsed[2] for parsed in map(parse_fair_member, members) if parsed]
+    return ids

@@ -23,6 +23,7 @@ CONNECT = ("ping", "info", "select", "cluster|shards", "cluster|nodes")
 #: Commands called inside clusterq's Lua scripts (every ``.lua`` of the package but the
 #: doctor's; a test reads them all): enqueue, push, dequeue, ack, fail, extend, requeue,
 #: sweep, survey, manage (LINDEX and LSET take a pending task out of its list), cron,
+#: fair groups in dequeue (ZRANGEBYLEX: a group's first task),
 #: limits, layout, workflow (a large workflow's staged state goes into place with RENAME
 #: and PERSIST), stream (dead letters: XRANGE, XADD, XACK; fenced acks; consumers of
 #: workers gone: XINFO CONSUMERS, XGROUP DELCONSUMER). SPUBLISH wakes idle workers.
@@ -32,7 +33,8 @@ SCRIPTED = (
     "time", "type",
     "hdel", "hexists", "hget", "hincrby", "hkeys", "hlen", "hmget", "hset", "hsetnx",
     "lindex", "llen", "lpos", "lpush", "lrem", "lset", "ltrim", "rpop", "rpush",
-    "zadd", "zcard", "zrange", "zrangebyscore", "zrem", "zremrangebyscore", "zscore",
+    "zadd", "zcard", "zrange", "zrangebylex", "zrangebyscore", "zrem", "zremrangebyscore",
+    "zscore",
     "xack", "xadd", "xgroup|delconsumer", "xinfo|consumers", "xrange",
 )  # fmt: skip
 
@@ -59,14 +61,15 @@ DIRECT: dict[Role, tuple[str, ...]] = {
         "xgroup|create", "xreadgroup", "xpending", "xclaim",
         "xinfo|stream", "xinfo|groups", "xinfo|consumers",
     ),
-    # queue ls/inspect, worker ls, task ls/inspect, cluster watch; pause and unpause
+    # queue ls/inspect (a fair group's waiting tasks: ZLEXCOUNT), worker ls, task
+    # ls/inspect, cluster watch; pause and unpause
     # (SET, DEL, SPUBLISH), queue rm (DEL, SREM); task actions run the manage script;
     # queue limit runs the limits script and reads the limits back (HGETALL); workflow
     # inspect (HGETALL, PTTL); stream ls/inspect: the declarations (HGETALL), each
     # partition's length and dead letters (XLEN), groups and lag (XINFO GROUPS, STREAM).
     "operator": (
         "smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore",
-        "lrange", "lindex", "hmget", "hscan", "zrange", "memory|usage",
+        "lrange", "lindex", "hmget", "hscan", "zrange", "zlexcount", "memory|usage",
         "set", "del", "srem", "spublish", "pttl",
         "xlen", "xinfo|groups", "xinfo|stream",
     ),

@@ -166,13 +166,16 @@ _SIZES = (
 
 def count_commands(qk: QueueKeys) -> list[tuple[Any, ...]]:
     """What one queue's row reads, in one round trip: sizes, paused, counters, the
-    limits hash, and the oldest pending id (last)."""
+    limits hash, the tasks waiting in fair groups (how many, and the first), and the
+    oldest pending id (last)."""
     commands: list[tuple[Any, ...]] = [(verb, getattr(qk, key)) for _, key, verb in _SIZES]
     return [
         *commands,
         ("EXISTS", qk.paused),
         ("HMGET", qk.stats, "processed", "failed"),
         ("HGETALL", qk.limits),
+        ("ZCARD", qk.fair),
+        ("ZRANGE", qk.fair, 0, 0),
         ("LINDEX", qk.pending, -1),
     ]
 
@@ -203,6 +206,7 @@ def read_counts(
     limits = read(len(_SIZES) + 2, qk.limits)
     at = time.time() if now is None else now
     fields.update(read_limits(qk.limits, limits or {}, at, problems))
+    fields["pending"] += int(read(len(_SIZES) + 3, qk.fair) or 0)
     fields["latency"] = 0.0
     return fields, problems
 

@@ -134,6 +134,7 @@ class Outcomes:
                 retry_in_ms=_ms(delay),
                 count_failure=not outcome.rate_limited,
                 hold_ms=(_ms(delay) or 0) if outcome.hold else 0,
+                hold_scope=outcome.hold or "queue",
             )
         except Exception as exc:
             log.error(
@@ -178,7 +179,7 @@ class Outcomes:
                 q.name,
                 task_id,
                 delay,
-                ", the queue held back meanwhile" if outcome.hold else "",
+                f", the {outcome.hold} held back meanwhile" if outcome.hold else "",
             )
         else:
             self.stats.failed += 1

@@ -116,7 +116,8 @@ class PartitionWatch:
     async def _is_empty(self, queue: str) -> bool:
         qk = self.backend.keys.queue(queue)
         commands: list[tuple[Any, ...]] = [("LLEN", qk.pending)] + [
-            ("ZCARD", key) for key in (qk.scheduled, qk.retry, qk.active, qk.archived, qk.completed)
+            ("ZCARD", key)
+            for key in (qk.scheduled, qk.retry, qk.active, qk.archived, qk.completed, qk.fair)
         ]
 
         async def counts(client: Any) -> list[Any]:

@@ -192,7 +192,7 @@ class Outcome:
     #: ``RateLimited``: again after ``retry_in`` without spending a retry; the queue held
     #: back for that long too when ``hold``.
     rate_limited: bool = False
-    hold: bool = False
+    hold: str = ""
     #: No handler for the task's type here: retried a few times (another worker version
     #: may know it), then archived.
     no_handler: bool = False
