@@ -17,6 +17,11 @@ takes tasks in one atomic step on the queue's master. The hash holds:
   pays nothing more), ``ti:<type>`` and ``tb:<type>`` (that type's interval and burst),
   and the state ``tt:<type>`` (its GCRA tat) and ``th:<type>`` (its reservation
   horizon: when the next task of the type put back for lack of a token is due);
+- per task type caps (``type_concurrency``): the flag ``tcaps``, ``tc:<type>`` (that
+  type's cap) and the state ``ta:<type>`` (the ids of the type's tasks started: those
+  still in ``active`` count). A queue with type caps is served by its fair groups (see
+  ``dequeue.lua``): its ungrouped tasks wait in one group per type, so a type at its cap
+  holds up no other type;
 - per fair group (``rate_per_group``, ``concurrency_per_group``): ``gi`` and ``gb``
   (each group's interval and burst) and ``gc`` (each group's cap), the same in every
   partition (a group lives in one partition). Their state is in the queue's ``groups``
@@ -76,6 +81,7 @@ class LimitOptions(TypedDict, total=False):
     burst: int | None
     concurrency: int | None
     type_rates: dict[str, str] | None
+    type_concurrency: dict[str, int] | None
     rate_per_group: str | None
     burst_per_group: int | None
     concurrency_per_group: int | None
@@ -141,6 +147,8 @@ class Limits:
     rate_per_group: Rate | None = None
     burst_per_group: int | None = None
     concurrency_per_group: int | None = None
+    #: Per task type: (type, cap), sorted by type.
+    type_caps: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def of(
@@ -152,6 +160,7 @@ class Limits:
         rate_per_group: str | Rate | None = None,
         burst_per_group: int | None = None,
         concurrency_per_group: int | None = None,
+        type_concurrency: Mapping[str, int] | None = None,
     ) -> Limits:
         """Checked limits from what a user gives (:class:`InvalidLimits` names what is
         wrong)."""
@@ -175,7 +184,14 @@ class Limits:
         if concurrency_per_group is not None:
             _positive_int("concurrency_per_group", concurrency_per_group)
         return cls(
-            parsed, burst, concurrency, types, group_rate, burst_per_group, concurrency_per_group
+            parsed,
+            burst,
+            concurrency,
+            types,
+            group_rate,
+            burst_per_group,
+            concurrency_per_group,
+            _type_caps(type_concurrency),
         )
 
     @property
@@ -186,6 +202,7 @@ class Limits:
             and not self.type_rates
             and self.rate_per_group is None
             and self.concurrency_per_group is None
+            and not self.type_caps
         )
 
     @property
@@ -219,6 +236,8 @@ class Limits:
             parts.append(f"{self.concurrency} at once")
         for name, rate in self.type_rates:
             parts.append(f"type {name} {rate.text} (burst {rate.default_burst()})")
+        for name, cap in self.type_caps:
+            parts.append(f"type {name} {cap} at once")
         if self.rate_per_group is not None:
             parts.append(f"per group {self.rate_per_group.text} (burst {self.group_burst})")
         if self.concurrency_per_group is not None:
@@ -241,6 +260,8 @@ class Limits:
                 }
                 for name, rate in self.type_rates
             }
+        if self.type_caps:
+            out["type_concurrency"] = dict(self.type_caps)
         if self.rate_per_group is not None or self.concurrency_per_group is not None:
             group_rate = self.rate_per_group
             out["per_group"] = {
@@ -265,6 +286,12 @@ class Limits:
                 f"concurrency {self.concurrency} cannot be shared by {partitions} "
                 f"partitions (each needs at least 1): set at least {partitions}"
             )
+        for name, cap in self.type_caps:
+            if cap < partitions:
+                raise InvalidLimits(
+                    f"task type {name!r}: concurrency {cap} cannot be shared by {partitions} "
+                    f"partitions (each needs at least 1): set at least {partitions}"
+                )
         spec: dict[str, Any] = {
             "rate": self.rate.text if self.rate else None,
             "burst": self.burst,
@@ -273,6 +300,8 @@ class Limits:
         }
         if self.type_rates:
             spec["type_rates"] = {name: rate.text for name, rate in self.type_rates}
+        if self.type_caps:
+            spec["type_concurrency"] = dict(self.type_caps)
         if self.rate_per_group is not None:
             spec["rate_per_group"] = self.rate_per_group.text
             spec["burst_per_group"] = self.burst_per_group
@@ -293,6 +322,11 @@ class Limits:
             for name, rate in self.type_rates:
                 fields[f"ti:{name}"] = repr(rate.interval_ms * partitions)
                 fields[f"tb:{name}"] = str(max(1, math.ceil(rate.default_burst() / partitions)))
+            if self.type_caps:
+                fields["tcaps"] = "1"
+            for name, cap in self.type_caps:
+                base, extra = divmod(cap, partitions)
+                fields[f"tc:{name}"] = str(base + (1 if i < extra else 0))
             # A group lives in one partition: each enforces the whole per-group limits.
             if self.rate_per_group is not None:
                 fields["gi"] = repr(self.rate_per_group.interval_ms)
@@ -318,10 +352,31 @@ class Limits:
                 spec.get("rate_per_group"),
                 spec.get("burst_per_group"),
                 spec.get("concurrency_per_group"),
+                spec.get("type_concurrency"),
             )
         except (ValueError, TypeError, AttributeError):
             return None
         return None if limits.empty else limits
+
+
+def _type_caps(given: object) -> tuple[tuple[str, int], ...]:
+    """Checked per-type caps, sorted by type."""
+    if given is None:
+        return ()
+    if not isinstance(given, Mapping):
+        raise InvalidLimits(
+            f"invalid type_concurrency {given!r}: give a mapping of task type to a cap, such "
+            "as {'report:build': 2}"
+        )
+    out = []
+    for name, cap in given.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidLimits(f"invalid task type {name!r}: must be a non-empty string")
+        try:
+            out.append((name, _positive_int("concurrency", cap)))
+        except InvalidLimits as exc:
+            raise InvalidLimits(f"task type {name!r}: {exc}") from None
+    return tuple(sorted(out))
 
 
 def _type_rates(given: object) -> tuple[tuple[str, Rate], ...]:
@@ -349,7 +404,9 @@ def _type_rates(given: object) -> tuple[tuple[str, Rate], ...]:
 
 #: The hash fields a declaration writes (all of them are cleared before a new one;
 #: with the per-type fields, ``ti:<type>`` and ``tb:<type>``).
-DECLARED_FIELDS = ("spec", "interval", "burst", "concurrency", "types", "gi", "gb", "gc")
+DECLARED_FIELDS = (
+    "spec", "interval", "burst", "concurrency", "types", "gi", "gb", "gc", "tcaps"
+)  # fmt: skip
 
 
 def text_fields(raw: Any) -> dict[str, str]:

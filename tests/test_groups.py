@@ -392,3 +392,61 @@ def test_a_fair_key_holding_foreign_data_is_named_and_nothing_is_lost(
         got = asyncio.run(take())
         assert [task_id for task_id, _ in got.tasks] == [task.id]
         assert set(read_hash(client, qk.groups)) <= {"clk"}
+
+
+# ---------------------------------------------------------------------- caps per task type
+
+
+def test_type_caps_are_checked_described_and_shared() -> None:
+    limits = Limits.of(type_concurrency={"slow": 3})
+    assert limits.describe() == "type slow 3 at once" and not limits.empty
+    assert limits.as_dict()["type_concurrency"] == {"slow": 3}
+    shares = limits.shares(2)
+    assert [s["tc:slow"] for s in shares] == ["2", "1"] and shares[0]["tcaps"] == "1"
+    assert Limits.from_fields(shares[1]) == limits
+    with pytest.raises(InvalidLimits, match="task type 'slow': concurrency 3 cannot be shared"):
+        limits.shares(4)
+    with pytest.raises(InvalidLimits, match="task type 'x': invalid concurrency 0"):
+        Limits.of(type_concurrency={"x": 0})
+    with pytest.raises(InvalidLimits, match="invalid type_concurrency"):
+        Limits.of(type_concurrency=["x"])  # type: ignore[arg-type]
+
+
+def test_a_type_at_its_cap_holds_up_no_other_type(url: str, prefix: str) -> None:
+    """``type_concurrency={"slow": 2}``: 8 slow tasks (0.5 s each) enqueued before 20
+    fast ones, worker concurrency 20: never more than 2 slow ones at once, and every
+    fast task starts before the slow ones' 5th (which cannot start before two rounds of
+    slow tasks ended, a second after the first)."""
+    queue = "typed"
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    router = Router()
+
+    @router.task("slow")
+    async def slow(task: Task) -> None:
+        start = time.time()
+        await asyncio.sleep(0.5)
+        spans["slow"].append((start, time.time()))
+
+    @router.task("fast")
+    async def fast(task: Task) -> None:
+        spans["fast"].append((time.time(), time.time()))
+
+    with Client(url, prefix=prefix) as client:
+        client.set_limits(queue, type_concurrency={"slow": 2})
+        client.enqueue_many([("slow", i) for i in range(8)], queue=queue)
+        client.enqueue_many([("fast", i) for i in range(20)], queue=queue)
+
+        async def scenario() -> None:
+            async with running_worker(url, router, queues=[queue], prefix=prefix, concurrency=20):
+                await await_for(lambda: len(spans["slow"]) + len(spans["fast"]) >= 28, 60, "all")
+
+        asyncio.run(scenario())
+        limits = read_hash(client, client.keys.queue(queue).limits)
+        client.set_limits(queue, rate="1000/s")  # the caps are no longer declared
+        assert not any(
+            f.startswith("tc:") for f in read_hash(client, client.keys.queue(queue).limits)
+        )
+    assert limits["tc:slow"] == "2" and limits["tcaps"] == "1"
+    assert max_overlap(spans["slow"]) <= 2
+    fifth_slow = sorted(s for s, _ in spans["slow"])[4]
+    assert max(s for s, _ in spans["fast"]) < fifth_slow

@@ -22,6 +22,13 @@
 -- still in ``active`` count against its cap, so nothing needs giving back); a group with
 -- no task left leaves ``turns`` once none of its state is in force.
 --
+-- Caps per task type (flag ``tcaps``, ``tc:<type>`` in limits) serve the queue by its
+-- groups too, its ungrouped tasks in one group per type (``{<type>``: no group name has
+-- a brace), so a type at its cap holds up only its own tasks (and, in a tenant's group,
+-- that group's). The ids of a type's tasks started are ``ta:<type>`` in limits (those
+-- still in ``active`` count against the cap): a group whose first task's type is at its
+-- cap gets its turn CAP_RECHECK ms on.
+--
 -- KEYS[1] pending   KEYS[2] active   KEYS[3] scheduled   KEYS[4] retry
 -- KEYS[5] tasks   KEYS[6] leases   KEYS[7] paused   KEYS[8] wake channel   KEYS[9] limits
 -- KEYS[10] fair   KEYS[11] turns   KEYS[12] groups
@@ -54,8 +61,9 @@ end
 -- The limits: how many may start now (want), or why none may and until when.
 local want = tonumber(ARGV[1])
 local lim = redis.call('HMGET', KEYS[9], 'interval', 'burst', 'concurrency', 'tat', 'hold', 'types',
-  'gi', 'gb', 'gc')
-local fair = redis.call('EXISTS', KEYS[10], KEYS[11]) > 0
+  'gi', 'gb', 'gc', 'tcaps')
+local tcaps = lim[10] == '1'  -- caps per task type: served by groups (one per type)
+local fair = tcaps or redis.call('EXISTS', KEYS[10], KEYS[11]) > 0
 local interval, tat = tonumber(lim[1]), nil
 if lim[1] or lim[3] or lim[5] then
   local status, until_ms = nil, -1
@@ -143,7 +151,10 @@ local function stage(ids, records)
   for i, id in ipairs(ids) do
     local rec = records[i]
     if rec then
-      local g = group_of(rec) or ''
+      local g = group_of(rec)
+      if not g then  -- with type caps, one group per type ('{' is in no group's name)
+        g = tcaps and ('{' .. (task_type(rec) or '')) or ''
+      end
       members[#members + 1] = 0
       members[#members + 1] = fair_member(rec, id, g)
       seen[g] = true
@@ -225,6 +236,22 @@ if fair then
     end
     return nil
   end
+  -- A task type's cap and the ids of its tasks started (fields of the limits hash), or
+  -- false for a type without a cap.
+  local tstate = {}
+  local function type_state(name)
+    if not name then return false end
+    local ts = tstate[name]
+    if ts ~= nil then return ts end
+    local f = redis.call('HMGET', KEYS[9], 'tc:' .. name, 'ta:' .. name)
+    ts = false
+    if tonumber(f[1]) then
+      ts = {cap = tonumber(f[1]), a = {}, name = name}
+      for id in string.gmatch(f[2] or '', '[^ ]+') do ts.a[#ts.a + 1] = id end
+    end
+    tstate[name] = ts
+    return ts
+  end
   local function took(st, id)
     if gi then st.r = math.max(st.r or 0, now) + gi end
     if gc then st.a[#st.a + 1] = id end
@@ -259,19 +286,28 @@ if fair then
       else
         local st = state_of(g)
         local wait = blocked(st)
+        local id, rec, ts
+        if not wait then
+          id = string.match(head[1], '^[^%z]*%z%d+%z(.*)$')
+          rec = redis.call('HGET', KEYS[5], id)
+          ts = rec and tcaps and type_state(task_type(rec))
+          if ts and #ts.a >= ts.cap and running(ts) >= ts.cap then wait = now + CAP_RECHECK end
+        end
         if wait then
           redis.call('ZADD', KEYS[11], wait, g)
         else
           redis.call('ZREM', KEYS[10], head[1])
           read = read + 1
-          local id = string.match(head[1], '^[^%z]*%z%d+%z(.*)$')
-          local rec = redis.call('HGET', KEYS[5], id)
           if not rec then
             out[3] = out[3] + 1
             taken = taken + 1
           elseif not typed or admit(id, rec) then
             start(id, rec)
             took(st, id)
+            if ts then
+              ts.a[#ts.a + 1] = id
+              ts.dirty = true
+            end
           end
           clk = clk + 1 / 1024
           redis.call('ZADD', KEYS[11], clk, g)
@@ -296,6 +332,13 @@ if fair then
     end
   end
   redis.call('HSET', KEYS[12], unpack(fields))
+  for name, ts in pairs(tstate) do
+    if ts and ts.dirty and #ts.a > 0 then
+      redis.call('HSET', KEYS[9], 'ta:' .. name, table.concat(ts.a, ' '))
+    elseif ts and ts.dirty then
+      redis.call('HDEL', KEYS[9], 'ta:' .. name)
+    end
+  end
   if #gone > 0 then redis.call('HDEL', KEYS[12], unpack(gone)) end
   if redis.call('EXISTS', KEYS[10], KEYS[11]) == 0 then redis.call('DEL', KEYS[12]) end
   if #out == 3 and redis.call('EXISTS', KEYS[10]) == 1 then

@@ -14,7 +14,7 @@
 do local bad = wrong_type({'hash', '-', 'hash', 'zset'}) if bad then return bad end end
 local old = redis.call('HMGET', KEYS[1], 'interval', 'burst', 'spec', 'gi', 'gb')
 -- The per-type fields of the declaration before (its spec names the types).
-local typed = {}
+local typed, capped = {}, {}
 if old[3] then
   local ok, spec = pcall(cjson.decode, old[3])
   if ok and type(spec) == 'table' and type(spec['type_rates']) == 'table' then
@@ -22,8 +22,17 @@ if old[3] then
       if type(name) == 'string' then typed[#typed + 1] = name end
     end
   end
+  if ok and type(spec) == 'table' and type(spec['type_concurrency']) == 'table' then
+    for name, _ in pairs(spec['type_concurrency']) do
+      if type(name) == 'string' then capped[#capped + 1] = 'tc:' .. name end
+    end
+  end
 end
-redis.call('HDEL', KEYS[1], 'spec', 'interval', 'burst', 'concurrency', 'types', 'gi', 'gb', 'gc')
+redis.call('HDEL', KEYS[1], 'spec', 'interval', 'burst', 'concurrency', 'types', 'gi', 'gb', 'gc',
+  'tcaps')
+for i = 1, #capped, 1000 do
+  redis.call('HDEL', KEYS[1], unpack(capped, i, math.min(i + 999, #capped)))
+end
 local new = {}
 for i = 2, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
 if new['gi'] ~= old[4] or new['gb'] ~= old[5] then
