@@ -316,16 +316,26 @@ def test_pending_grouped_tasks_are_counted_listed_and_managed(url: str, prefix: 
         client.set_limits(queue, rate_per_group="1/h")
         ids = [client.enqueue("job", {"i": i}, queue=queue, group=f"t{i % 3}").id for i in range(9)]
 
-        async def sort_them() -> list[str]:
+        async def sort_them() -> tuple[list[str], Any, Any]:
             backend = await AsyncBackend.connect(url, prefix=prefix)
             try:
-                got = await Broker(backend).dequeue(backend.keys.queue(queue), 9, 60_000, "op:1")
-                return [task_id for task_id, _ in got.tasks]
+                broker, qk = Broker(backend), backend.keys.queue(queue)
+                got = await broker.dequeue(qk, 9, 60_000, "op:1")
+                again = await broker.dequeue(qk, 9, 60_000, "op:2")
+                (look,) = await broker.survey(
+                    [qk], timeout=0, archive_max_size=100, archive_max_age_ms=60_000
+                )
+                return [task_id for task_id, _ in got.tasks], again, look
             finally:
                 await backend.aclose()
 
-        started = asyncio.run(sort_them())
+        started, again, look = asyncio.run(sort_them())
         assert len(started) == 3  # each group's one token
+        # nothing more may start for an hour: the worker is told to wait that long
+        assert not again.tasks and again.limited == "group"
+        assert again.next_due is not None and again.next_due > time.time() + 3000
+        # the survey counts the tasks waiting in their groups as pending
+        assert look.pending == 6 and look.next_due is not None
         qk = client.keys.queue(queue)
         assert on_node(client, qk.pending, "LLEN") == 0
         assert on_node(client, qk.fair, "ZCARD") == 6
