@@ -117,6 +117,31 @@ def test_a_small_group_does_not_wait_behind_a_big_groups_backlog(url: str, prefi
     print(f"B's median wait {statistics.median(waits):.3f}s, last B start #{last_b}")
 
 
+def test_groups_take_turns_one_task_at_a_time(url: str, prefix: str) -> None:
+    """A worker that takes one task per dequeue (concurrency 1): 12 groups of 4 tasks
+    each, enqueued group after group; the first 12 starts are one per group, and so are
+    the next 12 (a group that started one goes to the back of the line)."""
+    queue = "turns"
+    order: list[str] = []
+    router = Router()
+
+    @router.task("job")
+    async def job(task: Task) -> None:
+        order.append(task.payload["g"])
+
+    groups = [f"g{i:02d}" for i in range(12)]
+    with Client(url, prefix=prefix) as client:
+        for g in groups:
+            client.enqueue_many(_specs(queue, g, 4))
+
+    async def scenario() -> None:
+        async with running_worker(url, router, queues=[queue], prefix=prefix, concurrency=1):
+            await await_for(lambda: len(order) >= 48, 60, "every task")
+
+    asyncio.run(scenario())
+    assert sorted(order[:12]) == groups and sorted(order[12:24]) == groups
+
+
 def test_tasks_without_a_group_take_turns_as_one_group(url: str, prefix: str) -> None:
     """A grouped task turns a queue fair: 3,000 ungrouped tasks, then 20 of group X; X's
     tasks do not wait for the ungrouped backlog."""
@@ -228,8 +253,9 @@ def test_a_group_cap_holds_while_other_groups_run(url: str, prefix: str) -> None
 
 def test_rate_limited_for_the_group_holds_only_that_group(url: str, prefix: str) -> None:
     """A task of group A raises RateLimited(1.0, scope="group") once: no A task starts
-    until 1 s after the raise, while group B's tasks start meanwhile; then A's all run,
-    the raising one again too, without spending a retry."""
+    until 1 s after the raise (not even when the queue's limits are declared anew
+    meanwhile, which gives every group its turn at once), while group B's tasks start
+    meanwhile; then A's all run, the raising one again too."""
     queue = "held"
     starts: list[tuple[str, str, float]] = []
     raised: list[float] = []
@@ -250,6 +276,9 @@ def test_rate_limited_for_the_group_holds_only_that_group(url: str, prefix: str)
 
         async def scenario() -> None:
             async with running_worker(url, router, queues=[queue], prefix=prefix, concurrency=1):
+                await await_for(lambda: raised, 30, "the raise")
+                # a new declaration gives every group its turn now: the hold still holds
+                client.set_limits(queue, rate_per_group="1000/s")
                 await await_for(lambda: len(starts) >= 36, 60, "every task, the first twice")
 
         asyncio.run(scenario())
