@@ -295,7 +295,7 @@ class WorkerMetrics:
 class FlowCollector:
     """A worker's flow control at each scrape: the dequeues its queues' limits held back
     (``clusterq_worker_held_back_total``, per queue or partition and reason: rate,
-    concurrency, hold) and the handlers that raised ``RateLimited``
+    concurrency, hold, group) and the handlers that raised ``RateLimited``
     (``clusterq_worker_rate_limited_total``)."""
 
     def __init__(self) -> None:

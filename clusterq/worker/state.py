@@ -158,7 +158,8 @@ class QueueState:
     #: saw something to sweep for); an idle queue with wake-ups is not swept otherwise.
     sweep_due: bool = True
     #: Why the fetch loop waits with tasks pending (the queue's limits: "rate",
-    #: "concurrency", "hold"); None when it does not.
+    #: "concurrency", "hold"; "group": every fair group held back by its own); None
+    #: when it does not.
     flow_limited: str | None = None
     #: Dequeues that found tasks pending but took none because of the queue's limits,
     #: by reason.
