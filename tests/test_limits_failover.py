@@ -161,3 +161,55 @@ def test_after_a_kill_the_promoted_replica_enforces_the_limits(
     after = [t for t in log.starts() if t >= promoted_at[0]]
     assert len(after) >= 10, len(after)
     assert after[-1] - after[0] >= (len(after) - 2 * burst) / rate * 0.95
+
+
+def test_a_graceful_failover_keeps_each_groups_cap_and_rate(
+    fresh_cluster: Callable[[], LocalCluster], prefix: str
+) -> None:
+    """Two fair groups, each capped at 2 and limited to 10/s (burst 2), served by two
+    workers while the queue's master fails over gracefully: each group's cap holds
+    exactly (its started ids are replicated with the dequeues) and its rate within its
+    bound; every task runs."""
+    cluster = fresh_cluster()
+    logs = {"a": Log(), "b": Log()}
+    tasks, rate, burst, cap = 16, 10.0, 2, 2
+    router = Router()
+
+    @router.task("work")
+    async def work(task: Task) -> None:
+        logs[task.payload].start(task)
+        await asyncio.sleep(0.05)
+        logs[task.payload].end(task)
+
+    with Client(cluster.seed_url, prefix=prefix, retry_timeout=60) as client:
+        client.set_limits(
+            QUEUE, rate_per_group="10/s", burst_per_group=burst, concurrency_per_group=cap
+        )
+        for group in logs:
+            client.enqueue_many([("work", group)] * tasks, queue=QUEUE, group=group)
+
+        async def scenario() -> None:
+            options = {"prefix": prefix, "queues": [QUEUE], "concurrency": 10}
+            async with (
+                running_worker(cluster.seed_url, router, **options),
+                running_worker(cluster.seed_url, router, **options),
+            ):
+                await await_for(lambda: len(logs["a"].starts()) >= tasks // 3, 60, "a third")
+                await asyncio.to_thread(_promote, cluster, client, "graceful")
+                await await_for(
+                    lambda: all(len(log.spans) >= tasks for log in logs.values()), 120, "all"
+                )
+                await await_for(
+                    lambda: all(
+                        len(s) >= 2 for log in logs.values() for s in list(log.spans.values())
+                    ),
+                    30,
+                    "ends",
+                )
+
+        asyncio.run(scenario())
+    for group, log in logs.items():
+        starts = log.starts()
+        assert len(log.spans) == tasks, group
+        assert log.max_overlap() <= cap, group
+        assert starts[-1] - starts[0] >= (len(starts) - burst) / rate * 0.95, group
