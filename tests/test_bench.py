@@ -211,7 +211,9 @@ def test_rate_text_reads_back() -> None:
 
 def test_bench_limits_holds_the_limits(url: str, prefix: str) -> None:
     """The scenario through the CLI, small: its figures come from the handlers' own
-    records, and the hard invariants hold (no speed is asserted)."""
+    records, and the hard invariants hold (no speed is asserted). With ``--tasks 300``
+    the fair-group parts run 300 + 100 tasks (backlog), 20 groups x 15 (per-group rate,
+    ~3 s) and 300 per cost drain."""
     result = CliRunner().invoke(
         main,
         [
@@ -222,7 +224,7 @@ def test_bench_limits_holds_the_limits(url: str, prefix: str) -> None:
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    rate, cap, plain, limited = data["rows"]
+    rate, cap, plain, limited, backlog, per_group, ungrouped, grouped = data["rows"]
     assert rate["scenario"] == "limits: rate 100/s" and rate["tasks"] == 300
     extra = rate["extra"]
     assert extra["rate"] == 100.0 and extra["window_s"] == 1.0
@@ -249,6 +251,43 @@ def test_bench_limits_holds_the_limits(url: str, prefix: str) -> None:
         assert all(r > 0 for r in row["extra"]["runs"])
         assert row["rate"] == pytest.approx(sum(row["extra"]["runs"]) / 3, rel=1e-3)
     assert limited["extra"]["ratio"] == pytest.approx(limited["rate"] / plain["rate"], rel=1e-3)
+
+    assert backlog["scenario"] == "groups: backlog" and backlog["tasks"] == 400
+    extra = backlog["extra"]
+    assert extra["a_tasks"] == 300 and extra["b_tasks"] == 100
+    assert extra["a_started_at_last_b"] + extra["a_waiting_at_last_b"] == 300
+    # The queue is paused until A's 300 and B's 100 are all in, so the order in which
+    # they are taken does not depend on the machine's speed: dequeue.lua hands out A and
+    # B in turn, and B's last goes out with about A's 100th. A handler may start a little
+    # out of that order (at most the worker's concurrency, 50, held at once), never 200
+    # tasks late: some of A's were still waiting.
+    assert extra["a_waiting_at_last_b"] > 0, extra
+    assert 0 <= extra["b_wait_median_ms"] <= extra["b_wait_p95_ms"] <= extra["b_wait_max_ms"]
+    assert extra["processes_seen"] == 1 and "1 worker x 1 process" in backlog["note"]
+
+    assert per_group["scenario"] == "groups: per-group rate 5/s" and per_group["tasks"] == 300
+    extra = per_group["extra"]
+    assert extra["groups"] == 20 and extra["tasks_per_group"] == 15
+    assert extra["counts"] == [15, 15]  # every group's tasks, each started once
+    assert extra["burst"] == 1 and extra["bound"] == extra["bound_1s"] == 6.0  # 5 x 1 + 1
+    # Each group's token bucket: at most 6 starts in any second, with the same kind of
+    # slack as above for a handler that starts late (here: up to 0.6 s). Without the
+    # limit a group's 15 tasks start within milliseconds.
+    assert 1 <= extra["max_in_window"] <= extra["bound"] + 3, extra
+    assert 1 <= extra["max_in_1s"] <= extra["bound_1s"] + 3, extra
+    assert 0 < extra["average_rate_min"] <= extra["average_rate_max"]
+    assert extra["first_starts_spread_s"] >= 0 and 1 <= extra["distinct_in_first"] <= 20
+    assert per_group["rate"] is None and per_group["vs_baseline"] is None
+
+    assert ungrouped["scenario"] == "groups: cost, e2e noop, no groups"
+    assert grouped["scenario"] == "groups: cost, e2e noop, 10 groups"
+    for row in (ungrouped, grouped):
+        assert row["tasks"] == 300 and len(row["extra"]["runs"]) == 3
+        assert all(r > 0 for r in row["extra"]["runs"])
+        assert row["rate"] == pytest.approx(sum(row["extra"]["runs"]) / 3, rel=1e-3)
+    ratio = grouped["rate"] / ungrouped["rate"]
+    assert grouped["extra"]["ratio"] == pytest.approx(ratio, rel=1e-3)
+    assert grouped["extra"]["groups"] == 10
     assert _leftovers(url, prefix) == []
 
 

@@ -117,7 +117,7 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     type=click.IntRange(1, 256),
     default=None,
     help="e2e: each worker a supervisor of N processes (worker run --processes N); "
-    "limits: default 3.",
+    "limits: default 3 (its fair groups' backlog part: always 1).",
 )
 @click.option(
     "--cpus",
@@ -173,7 +173,8 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     type=float,
     default=5.0,
     show_default=True,
-    help="limits: seconds over which starts are counted against rate x window + burst.",
+    help="limits: seconds over which starts are counted against rate x window + burst "
+    "(also each fair group's, at 5/s per group).",
 )
 @click.option("--samples", type=int, default=300, show_default=True, help="Idle pickup samples.")
 @click.option(

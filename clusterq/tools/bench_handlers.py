@@ -2,7 +2,8 @@
 a no-op, one INCR over the worker's connection or through redis-py (asyncio, or sync
 from a plain ``def`` handler), about 1 ms of pure-Python CPU in a plain ``def`` handler,
 the latency probe that records how long after its enqueue each task started, and the
-probes of ``clusterq bench limits`` that record when each task started (and ended)."""
+probes of ``clusterq bench limits`` that record when each task started (and ended, or
+in which fair group it was)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ LATENCY_TYPE = "clusterq:bench:latency"
 #: its start and end.
 START_TYPE = "clusterq:bench:start"
 SPAN_TYPE = "clusterq:bench:span"
+#: ``clusterq bench limits``, its fair-group parts: a task that records its start and group.
+GROUP_START_TYPE = "clusterq:bench:group-start"
 #: ``clusterq bench e2e --work``: what each task does, and the task type that does it.
 #: The ``incr*`` kinds each count one INCR per task (checked after the run).
 WORK_TYPES: dict[str, str] = {
@@ -159,6 +162,14 @@ async def start(task: Task) -> None:
     """Record when this task started, and in which process (``"<time> <pid>"``)."""
     started = time.time()
     await _record(task, f"{started:.6f} {os.getpid()}")
+
+
+@router.task(GROUP_START_TYPE)
+async def group_start(task: Task) -> None:
+    """Record when this task started, its fair group (``-`` for none) and in which
+    process (``"<time> <group> <pid>"``; a group name has no space)."""
+    started = time.time()
+    await _record(task, f"{started:.6f} {task.group or '-'} {os.getpid()}")
 
 
 @router.task(SPAN_TYPE)

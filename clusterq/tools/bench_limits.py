@@ -2,7 +2,7 @@
 
 Every figure here comes from times the handlers themselves record (``time.time()``,
 RPUSHed through redis-py onto a list beside the queue: :mod:`clusterq.tools.bench_handlers`),
-never from clusterq's own counters, except the cost part, which is the ``e2e`` drain:
+never from clusterq's own counters, except the cost parts, which are the ``e2e`` drain:
 
 - **rate**: ``set_limits(queue, rate=R, burst=B)``, then N tasks that record their start,
   served by the worker processes: the average start rate over the run (first start to
@@ -17,10 +17,15 @@ never from clusterq's own counters, except the cost part, which is the ``e2e`` d
 - **cost**: the ``e2e`` noop drain of N tasks with no limits against the same with a
   rate far above what is processed (:data:`COST_RATE`), :data:`COST_ROUNDS` rounds taking
   turns; tasks/s of each and the ratio of the means.
+- **groups**: fair groups (``enqueue(..., group=...)``), :mod:`clusterq.tools.bench_groups`:
+  a small group's wait behind a big group's backlog (one worker process), each group's
+  own rate under ``rate_per_group`` with all groups making progress at once, and the
+  ``e2e`` noop drain with tasks spread over groups against without.
 
-Each part uses ``--workers`` worker supervisors of ``--processes`` processes (default
-:data:`DEFAULT_PROCESSES`), ``--concurrency`` each. The clocks compared are this
-machine's: the worker processes run here. Nothing here asserts anything about speed.
+Each part (but the groups' backlog: one process) uses ``--workers`` worker supervisors of
+``--processes`` processes (default :data:`DEFAULT_PROCESSES`), ``--concurrency`` each. The
+clocks compared are this machine's: the worker processes run here. Nothing here asserts
+anything about speed.
 """
 
 from __future__ import annotations
@@ -132,7 +137,15 @@ def bench_limits(s: Session) -> list[BenchRow]:
             f"{settings.workers} worker(s) x {processes} process(es) x "
             f"concurrency {settings.concurrency}"
         )
-        return [_rate(s, shape), _concurrency(s, shape), *_cost(s, shape)]
+        # here, not at the top: bench_groups uses this module's helpers
+        from clusterq.tools.bench_groups import bench_groups
+
+        return [
+            _rate(s, shape),
+            _concurrency(s, shape),
+            *_cost(s, shape),
+            *bench_groups(s, shape),
+        ]
 
 
 def _recorded(
