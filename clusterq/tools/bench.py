@@ -34,7 +34,9 @@ Scenarios (each uses fresh queues named ``bench-<run>-<n>`` and deletes them aft
   (:mod:`clusterq.tools.bench_purge`).
 - ``limits``: a queue's rate limit and concurrency cap, checked against the start (and
   end) times the handlers record, and what a rate limit costs the e2e drain
-  (:mod:`clusterq.tools.bench_limits`).
+  (:mod:`clusterq.tools.bench_limits`); then fair groups: a small group's wait behind a
+  big group's backlog, 20 groups each at its own rate, what groups cost the e2e drain
+  (:mod:`clusterq.tools.bench_groups`).
 
 Nothing here asserts a speed; the figures are for people (and ``--json`` for scripts).
 """
@@ -53,6 +55,7 @@ from clusterq.errors import ClusterqError, ConfigError
 from clusterq.producer import new_task_id
 from clusterq.slots import keyslot
 from clusterq.task import TaskInfo
+from clusterq.tools.bench_groups import bench_groups
 from clusterq.tools.bench_handlers import LATENCY_TYPE, NOOP_TYPE, WORK_TYPES
 from clusterq.tools.bench_limits import bench_limits, check_settings
 from clusterq.tools.bench_purge import bench_purge
@@ -442,7 +445,7 @@ def run_bench(
             elif name == "purge":
                 rows = bench_purge(session)
             elif name == "limits":
-                rows = bench_limits(session)
+                rows = bench_limits(session, also=[bench_groups])
             else:
                 rows = [bench_memory(session)]
             for row in rows:

@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from clusterq.errors import ClusterqError, ConfigError
 from clusterq.limits import InvalidLimits, Limits
@@ -130,22 +130,21 @@ def _processes(s: Session) -> Iterator[int]:
         s.settings = before
 
 
-def bench_limits(s: Session) -> list[BenchRow]:
+def bench_limits(
+    s: Session, also: Sequence[Callable[[Session, str], list[BenchRow]]] = ()
+) -> list[BenchRow]:
+    """The parts' rows, then those of each of ``also`` (more parts, given the session
+    and a description of its workers: :func:`clusterq.tools.bench_groups.bench_groups`)."""
     with _processes(s) as processes:
         settings = s.settings
         shape = (
             f"{settings.workers} worker(s) x {processes} process(es) x "
             f"concurrency {settings.concurrency}"
         )
-        # here, not at the top: bench_groups uses this module's helpers
-        from clusterq.tools.bench_groups import bench_groups
-
-        return [
-            _rate(s, shape),
-            _concurrency(s, shape),
-            *_cost(s, shape),
-            *bench_groups(s, shape),
-        ]
+        rows = [_rate(s, shape), _concurrency(s, shape), *_cost(s, shape)]
+        for part in also:
+            rows += part(s, shape)
+        return rows
 
 
 def _recorded(
