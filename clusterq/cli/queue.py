@@ -1,12 +1,14 @@
 """``clusterq queue``: list, inspect, pause, unpause, purge and remove queues; show or
-set their limits (``queue limit``: a rate and a concurrency cap, see
-:mod:`clusterq.limits`)."""
+set their limits (``queue limit``: a rate and a concurrency cap, rates per task type,
+and a rate and a cap for each fair group, see :mod:`clusterq.limits`); ``queue
+inspect`` also shows a queue's fair groups (:mod:`clusterq.ops.groupinfo`)."""
 
 from __future__ import annotations
 
 import time
 
 import click
+import redis
 
 from clusterq.cli.render import (
     clock,
@@ -22,6 +24,7 @@ from clusterq.client import Client
 from clusterq.errors import ClusterqError
 from clusterq.limits import Limits
 from clusterq.ops.admin import Admin
+from clusterq.ops.groupinfo import MAX_GROUPS, GroupInfo, QueueGroups
 from clusterq.ops.inspector import Inspector, QueueInfo
 from clusterq.ops.queueinfo import compact_limits
 
@@ -184,29 +187,44 @@ def create(state: CliState, name: str, partitions: int) -> None:
         )
 
 
+#: Groups the ``queue inspect`` table shows at most (those whose turn comes first).
+SHOWN_GROUPS = 20
+
+
 @queue.command("inspect")
 @click.argument("name")
 @click.option("--types", is_flag=True, help="Also count the tasks by type (reads every record).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (see below).")
 @connection_options
 @click.pass_obj
 def inspect(state: CliState, name: str, types: bool, as_json: bool) -> None:
     """One queue: sizes, counters, latency, memory, where it lives, its limits and where
     its limiter stands (a hold in force, tasks running against the cap), recent
-    history."""
+    history, and its fair groups (the first 20 to take their turn).
+
+    With --json, "groups" holds one object per queue read (a partitioned queue: each
+    partition and its plain queue): {"queue", "unsorted" (pending tasks not sorted into
+    their groups yet), "truncated" (true: only the first 1000 groups were read),
+    "groups": [{"group", "queue", "waiting", "running" (null unless the queue caps
+    groups), "next_turn" and "held_until" (unix seconds or null)}]}; "groups" is null
+    and "groups_error" says why when they cannot be read."""
     inspector = Inspector(backend=state.backend())
     detail = inspector.queue_detail(name, types=types)
     limiter = _limiter(inspector, detail.info)
+    info = detail.info
+    if info.error and not as_json:
+        raise CliError(f"queue {name!r}: {info.error}")
+    found, unreadable = _read_groups(inspector, name)
     if as_json:
         data = detail.to_dict()
         declared = limiter.pop("declared")
         data["limits"] = declared.as_dict() if isinstance(declared, Limits) else None
         data["limiter"] = limiter
+        data["groups"] = None if found is None else [_groups_dict(g) for g in found]
+        if unreadable is not None:
+            data["groups_error"] = unreadable
         print_json(data)
         return
-    info = detail.info
-    if info.error:
-        raise CliError(f"queue {name!r}: {info.error}")
     rows: list[list[object]] = [
         ["Keyslot", info.keyslot],
         ["Master", info.master or "-"],
@@ -240,6 +258,74 @@ def inspect(state: CliState, name: str, types: bool, as_json: bool) -> None:
         )
     if detail.types is not None:
         out.print(table("tasks by type", ["Type", "Tasks"], list(detail.types.items())))
+    if found is None:
+        raise CliError(f"queue {name!r}: its fair groups cannot be read: {unreadable}")
+    _print_groups(found)
+
+
+def _read_groups(inspector: Inspector, name: str) -> tuple[list[QueueGroups] | None, str | None]:
+    """The fair groups of ``name`` (read once), or None and why not: a key of theirs
+    holding what clusterq does not write (the rest of ``queue inspect`` still shows)."""
+    try:
+        return inspector.groups(name), None
+    except redis.ResponseError as exc:
+        return None, str(exc)
+
+
+def _groups_dict(found: QueueGroups) -> dict[str, object]:
+    return {
+        "queue": found.queue,
+        "unsorted": found.unsorted,
+        "truncated": found.truncated,
+        "groups": [g.to_dict() for g in found.groups],
+    }
+
+
+def _print_groups(found: list[QueueGroups]) -> None:
+    """The Groups table of ``queue inspect``: nothing for a queue not served fairly
+    (no group has tasks or limiter state: pending tasks alone are those of any queue)."""
+    groups = sorted((g for q in found for g in q.groups), key=lambda g: g.next_turn)
+    if not groups:
+        return
+    partitioned = len(found) > 1
+    now = time.time()
+    columns = ["Group", *(["Queue"] if partitioned else []), "Waiting", "Running"]
+    rows = [_group_row(g, partitioned, now) for g in groups[:SHOWN_GROUPS]]
+    console().print(table("fair groups", [*columns, "Next turn", "Held until"], rows))
+    more = len(groups) - SHOWN_GROUPS
+    if more > 0:
+        click.echo(f"... and {more} more group{'s' if more > 1 else ''}")
+    truncated = sum(1 for q in found if q.truncated)
+    if truncated:
+        click.echo(f"(only the first {MAX_GROUPS} groups of {truncated} queue(s) were read)")
+    unsorted = sum(q.unsorted for q in found)
+    if unsorted:
+        click.echo(f"{unsorted} pending task(s) not yet sorted into groups (the next take does)")
+
+
+def _group_row(group: GroupInfo, partitioned: bool, now: float) -> list[object]:
+    return [
+        group.group if group.group else "(no group)",
+        *([group.queue] if partitioned else []),
+        group.waiting,
+        "-" if group.running is None else group.running,
+        _from_now(group.next_turn, now),
+        clock(group.held_until),
+    ]
+
+
+def _from_now(at: float, now: float) -> str:
+    """When ``at`` (unix s) comes, from ``now``: ``now``, ``in 2.3s``, ``in 12m 5s``,
+    ``in 1h 0m``."""
+    wait = at - now
+    if wait < 0.05:
+        return "now"
+    if wait < 60:
+        return f"in {wait:.1f}s"
+    seconds = round(wait)
+    if seconds < 3600:
+        return f"in {seconds // 60}m {seconds % 60}s"
+    return f"in {seconds // 3600}h {seconds % 3600 // 60}m"
 
 
 def _limiter(inspector: Inspector, info: QueueInfo) -> dict[str, object]:
@@ -313,6 +399,25 @@ def _limiter_rows(limiter: dict[str, object]) -> list[list[object]]:
     help="Tasks of TYPE started per period, such as 'email:send=10/s' (repeatable; the "
     "burst is a tenth of a second's worth, at least 1).",
 )
+@click.option(
+    "--rate-per-group",
+    metavar="COUNT/PERIOD",
+    default=None,
+    help="Tasks each fair group (enqueue(..., group=...)) starts per period, such as '5/s'.",
+)
+@click.option(
+    "--burst-per-group",
+    metavar="N",
+    default=None,
+    help="Tasks a group may start at once after a quiet time (needs --rate-per-group; "
+    "default: a tenth of a second's worth, at least 1).",
+)
+@click.option(
+    "--concurrency-per-group",
+    metavar="N",
+    default=None,
+    help="Tasks of each fair group running at once across every worker.",
+)
 @click.option("--clear", is_flag=True, help="Remove every limit of NAME.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @connection_options
@@ -324,21 +429,27 @@ def limit(
     burst: str | None,
     concurrency: str | None,
     type_rates: tuple[str, ...],
+    rate_per_group: str | None,
+    burst_per_group: str | None,
+    concurrency_per_group: str | None,
     clear: bool,
     as_json: bool,
 ) -> None:
-    """Show or set NAME's limits: a rate (with a burst), a concurrency cap and rates per
-    task type, enforced where workers take tasks, across all of them.
+    """Show or set NAME's limits: a rate (with a burst), a concurrency cap, rates per
+    task type, and a rate (with a burst) and a cap for each fair group, enforced where
+    workers take tasks, across all of them.
 
     Without options it shows them. With options it replaces them, as set_limits does in
     the API: a limit whose option is not given is removed (--rate 10/s alone drops a
     concurrency cap set before). --clear removes them all. A partitioned queue's
-    partitions each enforce an even share. Prints the limits now in force."""
-    setting = rate is not None or burst is not None or concurrency is not None or bool(type_rates)
+    partitions each enforce an even share of the queue's limits, and each group's
+    limits whole (a group lives in one partition). Prints the limits now in force."""
+    given = (rate, burst, concurrency, rate_per_group, burst_per_group, concurrency_per_group)
+    setting = any(value is not None for value in given) or bool(type_rates)
     if clear and setting:
         raise CliError(
             "--clear removes every limit: give it without --rate, --burst, --concurrency, "
-            "--type-rate"
+            "--type-rate, --rate-per-group, --burst-per-group, --concurrency-per-group"
         )
     admin = Admin(backend=state.backend())
     if clear or setting:
@@ -349,6 +460,9 @@ def limit(
                 burst=_whole("burst", burst),
                 concurrency=_whole("concurrency", concurrency),
                 type_rates=_type_rates(type_rates) or None,
+                rate_per_group=rate_per_group,
+                burst_per_group=_whole("burst_per_group", burst_per_group),
+                concurrency_per_group=_whole("concurrency_per_group", concurrency_per_group),
             )
         except (ValueError, ClusterqError) as exc:
             raise CliError(str(exc)) from None

@@ -247,7 +247,8 @@ def read_limits(key: str, raw: Any, now: float, problems: list[str]) -> dict[str
 
 
 def compact_limits(limits: Limits | None) -> str:
-    """A queue's limits in a table cell: ``200/s b20 · max 5``; ``-`` without limits."""
+    """A queue's limits in a table cell: ``200/s b20 · max 5``, with those of each fair
+    group after them (``· per group 5/s b1 · max 2/group``); ``-`` without limits."""
     if limits is None or limits.empty:
         return "-"
     parts = []
@@ -255,6 +256,10 @@ def compact_limits(limits: Limits | None) -> str:
         parts.append(f"{limits.rate.text} b{limits.effective_burst}")
     if limits.concurrency is not None:
         parts.append(f"max {limits.concurrency}")
+    if limits.rate_per_group is not None:
+        parts.append(f"per group {limits.rate_per_group.text} b{limits.group_burst}")
+    if limits.concurrency_per_group is not None:
+        parts.append(f"max {limits.concurrency_per_group}/group")
     return " · ".join(parts)
 
 
