@@ -180,8 +180,9 @@ class QueueKeys:
 
     @cached_property
     def fair(self) -> str:
-        """Sorted set (all scores 0, ordered by member): the tasks of a queue that uses
-        fair groups, taken from ``pending`` by ``dequeue.lua``; member
+        """Sorted set (all scores 0, ordered by member): the pending tasks of a queue that
+        uses fair groups (a grouped task goes in when enqueued, others are moved in from
+        ``pending`` by ``dequeue.lua``); member
         ``<group>\\0<enqueued ms, 15 digits>\\0<id>``, so one group's tasks are a range
         in enqueue order (ungrouped tasks: group ``""``)."""
         return f"{self.base}:fair"

@@ -10,10 +10,11 @@
 -- interval on), record unchanged, and competes for a token again when it is due. The
 -- queue's own tokens are taken only by the tasks that start (and orphans).
 --
--- Fair groups: once a popped task has a group (meta "g"), or while ``fair`` (KEYS[10])
--- or ``turns`` (KEYS[11]) exist, the queue is served fairly. Each call moves up to
--- STAGE ids from ``pending`` into ``fair`` (ungrouped ones in group ''), then the groups
--- whose turn has come (``turns`` score <= the turn clock) start one task each, in turn
+-- Fair groups: while ``fair`` (KEYS[10], where enqueue.lua puts a grouped task) or
+-- ``turns`` (KEYS[11]) exist, or once a popped task has a group (meta "g": forwarded
+-- from ``scheduled``/``retry``, handed back), the queue is served fairly. Each call moves
+-- up to STAGE ids from ``pending`` into ``fair`` (ungrouped ones in group ''), then the
+-- groups whose turn has come (``turns`` score <= the turn clock) start one task each, in turn
 -- order, round after round: a group that started one goes to the back (the clock moves
 -- on 1/1024 ms per task), a group held back by its own limits (``gi``/``gb`` rate, ``gc``
 -- cap, a hold) gets its turn at the time it may go again (a cap: CAP_RECHECK ms on), so
@@ -270,6 +271,18 @@ if fair then
       redis.call('ZADD', KEYS[11], keep, g)
     else
       redis.call('ZREM', KEYS[11], g)
+    end
+  end
+  -- Tasks in ``fair`` but no group in ``turns`` (the key deleted by hand): their groups
+  -- go back in (100 per call), so no task is stranded.
+  if redis.call('ZCARD', KEYS[11]) == 0 then
+    local from = '-'
+    for _ = 1, 100 do
+      local first = redis.call('ZRANGEBYLEX', KEYS[10], from, '+', 'LIMIT', 0, 1)
+      if #first == 0 then break end
+      local g = string.match(first[1], '^([^%z]*)%z')
+      redis.call('ZADD', KEYS[11], 'NX', now, g)
+      from = '(' .. g .. '\1'
     end
   end
   local passes = 0

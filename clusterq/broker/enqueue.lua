@@ -3,8 +3,9 @@
 -- KEYS[1] tasks (hash)   KEYS[2] pending   KEYS[3] scheduled   KEYS[4] retry
 -- KEYS[5] active   KEYS[6] archived   KEYS[7] completed   KEYS[8] stats
 -- KEYS[9] done (ids completed and deleted lately)   KEYS[10] wake channel
--- KEYS[11] turns (a task in a fair group puts the queue's fair serving on at once: the
--- group '' gets a turn, see dequeue.lua)   KEYS[12..] unique locks
+-- KEYS[11] turns   KEYS[12] fair: a task in a fair group that is due now goes straight
+-- into its group (``fair``, its group in ``turns``), which also puts the queue's fair
+-- serving on (see dequeue.lua)   KEYS[13..] unique locks
 -- ARGV[1] durable (1/0): the caller will WAIT for replicas after this call, so even a
 -- call that creates nothing must write (a counter): WAIT counts this connection's
 -- writes, and a later write can only be confirmed once the earlier ones are.
@@ -14,7 +15,7 @@
 -- Returns two values per task: {1, 'pending'|'scheduled'} created; {0, state} a task
 -- with this id exists already (a retried enqueue: nothing changes); {-1, holder id} the
 -- unique lock is held by another task.
-do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', '-', 'zset'}) if bad then return bad end end
+do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', '-', 'zset', 'zset'}) if bad then return bad end end
 local function state_of(id)
   if redis.call('ZSCORE', KEYS[5], id) then return 'active' end
   if redis.call('ZSCORE', KEYS[3], id) then return 'scheduled' end
@@ -39,7 +40,7 @@ end
 
 local now = now_ms()
 local counting = ARGV[1] == '1' and countable(KEYS[8], 'enqueue_repeats')
-local out, ready, existing, grouped = {}, {}, 0, false
+local out, ready, existing, members, turns = {}, {}, 0, {}, {}
 local earliest, earliest_due = nil, nil  -- the first due of the tasks scheduled here
 for i = 2, #ARGV, 6 do
   local id, uq = ARGV[i], tonumber(ARGV[i + 3])
@@ -65,16 +66,27 @@ for i = 2, #ARGV, 6 do
       if not earliest_due or due < earliest_due then earliest, earliest_due = id, due end
       out[#out + 1] = 'scheduled'
     else
-      ready[#ready + 1] = id
+      local group = group_of(ARGV[i + 5])
+      if group then
+        members[#members + 1] = 0
+        members[#members + 1] = fair_member(ARGV[i + 5], id, group)
+        turns[#turns + 1] = now
+        turns[#turns + 1] = group
+      else
+        ready[#ready + 1] = id
+      end
       out[#out + 1] = 'pending'
-      grouped = grouped or group_of(ARGV[i + 5]) ~= nil
     end
   end
 end
 -- Wake waiting workers when the pending list was empty, or when a task here is due
 -- before anything scheduled so far (they wait until the earliest due time they know).
 local was_empty = #ready > 0 and redis.call('LPUSH', KEYS[2], unpack(ready)) == #ready
-if grouped then redis.call('ZADD', KEYS[11], 'NX', 0, '') end
+if #members > 0 then
+  local added = redis.call('ZADD', KEYS[12], unpack(members))
+  redis.call('ZADD', KEYS[11], 'NX', unpack(turns))
+  if added == redis.call('ZCARD', KEYS[12]) then was_empty = true end
+end
 if was_empty or (earliest and is_first(KEYS[3], earliest)) then wake(KEYS[10]) end
 if counting and existing > 0 then
   redis.call('HINCRBY', KEYS[8], 'enqueue_repeats', existing)

@@ -89,6 +89,7 @@ def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False, firs
         qk.done,
         qk.wake,
         qk.turns,
+        qk.fair,
     ]
     args: list[Any] = [int(durable)]
     for task in tasks:
