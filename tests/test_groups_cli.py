@@ -79,6 +79,9 @@ def test_compact_limits_puts_the_groups_after_the_queue() -> None:
     assert compact_limits(both) == "200/s b20 · max 5 · per group 5/s b1 · max 2/group"
     assert compact_limits(Limits.of(rate_per_group="50/s")) == "per group 50/s b5"
     assert compact_limits(Limits.of(concurrency_per_group=3)) == "max 3/group"
+    typed = Limits.of(type_rates={"a": "1/s", "b": "2/s"}, type_concurrency={"c": 1})
+    assert compact_limits(typed) == "2 type rates · 1 type cap"
+    assert compact_limits(Limits.of(type_rates={"a": "1/s"})) == "1 type rate"
 
 
 PER_GROUP = {"rate": "5/s", "rate_per_second": 5.0, "burst": 1, "concurrency": 2}
@@ -164,7 +167,7 @@ def test_inspect_shows_the_groups_and_their_waiting_tasks(
         client.enqueue("job", "b", queue=queue)
         client.enqueue("job", "x", queue="plain")
         assert len(_take(url, prefix, [queue], 10)) == 4  # each group's one token
-        client.enqueue("job", 6, queue=queue, group="t0")  # not sorted yet
+        client.enqueue("job", "c", queue=queue)  # ungrouped: not sorted yet
         qk = client.keys.queue(queue)
         assert on_node(client, qk.pending, "LLEN") == 1
         hold_ms = int(time.time() * 1000) + 600_000  # as RateLimited(600, scope="group")
@@ -301,3 +304,47 @@ def test_foreign_data_in_the_turns_key_is_named_and_the_rest_shown(
     data = _json(clusterq_bin, url, prefix, "queue", "inspect", queue)
     assert data["groups"] is None and "WRONGTYPE" in data["groups_error"]
     assert data["pending"] == 1 and data["error"] is None
+
+
+# ---------------------------------------------------------------------- caps per task type
+
+
+def test_queue_limit_sets_shows_and_refuses_caps_per_type(
+    url: str, prefix: str, clusterq_bin: str
+) -> None:
+    q = "typed"
+    with Client(url, prefix=prefix) as client:
+        client.enqueue("b", 1, queue=q)  # registered: queue ls lists it
+    shown = _ok(
+        clusterq_bin, url, prefix, "queue", "limit", q,
+        "--type-concurrency", "report:build=2", "--type-concurrency", "b=1",
+    )  # fmt: skip
+    assert shown.strip() == f"queue {q}: type b 1 at once, type report:build 2 at once"
+    data = _json(clusterq_bin, url, prefix, "queue", "limit", q)
+    assert data["limits"]["type_concurrency"] == {"b": 1, "report:build": 2}
+    assert "2 type caps" in _ls_line(_ok(clusterq_bin, url, prefix, "queue", "ls"), q)
+    for bad, says in [
+        ("nope", "invalid --type-concurrency 'nope': give TYPE=N"),
+        ("=2", "invalid --type-concurrency '=2'"),
+        ("a=many", "invalid --type-concurrency of 'a' 'many'"),
+        ("a=0", "task type 'a': invalid concurrency 0"),
+    ]:
+        _one_line_error(
+            _run(clusterq_bin, url, prefix, "queue", "limit", q, "--type-concurrency", bad), says
+        )
+    with Client(url, prefix=prefix) as client:  # what was refused wrote nothing
+        assert client.limits(q) == Limits.of(type_concurrency={"b": 1, "report:build": 2})
+    _one_line_error(
+        _run(
+            clusterq_bin, url, prefix, "queue", "limit", q, "--clear", "--type-concurrency", "a=1"
+        ),
+        "--clear removes every limit",
+    )
+
+
+def test_group_labels_name_the_ungrouped_tasks() -> None:
+    from clusterq.ops.groupinfo import group_label
+
+    assert group_label("") == "(no group)"
+    assert group_label("{report:build") == "(type report:build)"
+    assert group_label("tenant-42") == "tenant-42"

@@ -24,7 +24,7 @@ from clusterq.client import Client
 from clusterq.errors import ClusterqError
 from clusterq.limits import Limits
 from clusterq.ops.admin import Admin
-from clusterq.ops.groupinfo import MAX_GROUPS, GroupInfo, QueueGroups
+from clusterq.ops.groupinfo import MAX_GROUPS, GroupInfo, QueueGroups, group_label
 from clusterq.ops.inspector import Inspector, QueueInfo
 from clusterq.ops.queueinfo import compact_limits
 
@@ -305,7 +305,7 @@ def _print_groups(found: list[QueueGroups]) -> None:
 
 def _group_row(group: GroupInfo, partitioned: bool, now: float) -> list[object]:
     return [
-        group.group if group.group else "(no group)",
+        group_label(group.group),
         *([group.queue] if partitioned else []),
         group.waiting,
         "-" if group.running is None else group.running,
@@ -400,6 +400,14 @@ def _limiter_rows(limiter: dict[str, object]) -> list[list[object]]:
     "burst is a tenth of a second's worth, at least 1).",
 )
 @click.option(
+    "--type-concurrency",
+    "type_caps",
+    metavar="TYPE=N",
+    multiple=True,
+    help="Tasks of TYPE running at once across every worker, such as 'report:build=2' "
+    "(repeatable).",
+)
+@click.option(
     "--rate-per-group",
     metavar="COUNT/PERIOD",
     default=None,
@@ -429,14 +437,15 @@ def limit(
     burst: str | None,
     concurrency: str | None,
     type_rates: tuple[str, ...],
+    type_caps: tuple[str, ...],
     rate_per_group: str | None,
     burst_per_group: str | None,
     concurrency_per_group: str | None,
     clear: bool,
     as_json: bool,
 ) -> None:
-    """Show or set NAME's limits: a rate (with a burst), a concurrency cap, rates per
-    task type, and a rate (with a burst) and a cap for each fair group, enforced where
+    """Show or set NAME's limits: a rate (with a burst), a concurrency cap, rates and
+    caps per task type, and a rate (with a burst) and a cap for each fair group, enforced where
     workers take tasks, across all of them.
 
     Without options it shows them. With options it replaces them, as set_limits does in
@@ -445,11 +454,12 @@ def limit(
     partitions each enforce an even share of the queue's limits, and each group's
     limits whole (a group lives in one partition). Prints the limits now in force."""
     given = (rate, burst, concurrency, rate_per_group, burst_per_group, concurrency_per_group)
-    setting = any(value is not None for value in given) or bool(type_rates)
+    setting = any(value is not None for value in given) or bool(type_rates or type_caps)
     if clear and setting:
         raise CliError(
             "--clear removes every limit: give it without --rate, --burst, --concurrency, "
-            "--type-rate, --rate-per-group, --burst-per-group, --concurrency-per-group"
+            "--type-rate, --type-concurrency, --rate-per-group, --burst-per-group, "
+            "--concurrency-per-group"
         )
     admin = Admin(backend=state.backend())
     if clear or setting:
@@ -459,7 +469,9 @@ def limit(
                 rate=rate,
                 burst=_whole("burst", burst),
                 concurrency=_whole("concurrency", concurrency),
-                type_rates=_type_rates(type_rates) or None,
+                type_rates=_pairs("--type-rate", type_rates, "TYPE=RATE", "email:send=10/s")
+                or None,
+                type_concurrency=_type_caps(type_caps) or None,
                 rate_per_group=rate_per_group,
                 burst_per_group=_whole("burst_per_group", burst_per_group),
                 concurrency_per_group=_whole("concurrency_per_group", concurrency_per_group),
@@ -475,18 +487,21 @@ def limit(
         click.echo(f"queue {name}: {limits.describe()}")
 
 
-def _type_rates(given: tuple[str, ...]) -> dict[str, str]:
-    """``TYPE=RATE`` options as a mapping (the last one of a type wins); else a one-line
-    error."""
+def _pairs(option: str, given: tuple[str, ...], form: str, example: str) -> dict[str, str]:
+    """``TYPE=VALUE`` options as a mapping (the last one of a type wins); else a one-line
+    error naming ``option`` and its ``form``."""
     out = {}
     for text in given:
-        name, sep, rate = text.rpartition("=")
+        name, sep, value = text.rpartition("=")
         if not sep or not name:
-            raise CliError(
-                f"invalid --type-rate {text!r}: give TYPE=RATE, such as 'email:send=10/s'"
-            )
-        out[name] = rate
+            raise CliError(f"invalid {option} {text!r}: give {form}, such as '{example}'")
+        out[name] = value
     return out
+
+
+def _type_caps(given: tuple[str, ...]) -> dict[str, int]:
+    caps = _pairs("--type-concurrency", given, "TYPE=N", "report:build=2")
+    return {name: _whole(f"--type-concurrency of {name!r}", cap) or 0 for name, cap in caps.items()}
 
 
 def _whole(what: str, text: str | None) -> int | None:

@@ -117,6 +117,17 @@ def read_groups(backend: Backend, queue: str, qk: QueueKeys, *, timeout: float) 
     return QueueGroups(queue, groups, int(unsorted or 0), truncated)
 
 
+def group_label(group: str) -> str:
+    """How a group is shown: its name; ``(no group)`` for the ungrouped tasks of a fair
+    queue, ``(type T)`` for those of type T in a queue with caps per task type (their
+    group is ``{T``: no group's name has a brace)."""
+    if not group:
+        return "(no group)"
+    if group.startswith("{"):
+        return f"(type {group[1:]})"
+    return group
+
+
 def _seconds(raw: Any) -> float | None:
     try:
         return float(raw) / 1000.0 if raw is not None else None

@@ -248,7 +248,8 @@ def read_limits(key: str, raw: Any, now: float, problems: list[str]) -> dict[str
 
 def compact_limits(limits: Limits | None) -> str:
     """A queue's limits in a table cell: ``200/s b20 · max 5``, with those of each fair
-    group after them (``· per group 5/s b1 · max 2/group``); ``-`` without limits."""
+    group after them (``· per group 5/s b1 · max 2/group``), and how many types have a
+    rate or a cap (``· 2 type rates · 1 type cap``); ``-`` without limits."""
     if limits is None or limits.empty:
         return "-"
     parts = []
@@ -260,6 +261,12 @@ def compact_limits(limits: Limits | None) -> str:
         parts.append(f"per group {limits.rate_per_group.text} b{limits.group_burst}")
     if limits.concurrency_per_group is not None:
         parts.append(f"max {limits.concurrency_per_group}/group")
+    if limits.type_rates:
+        parts.append(
+            f"{len(limits.type_rates)} type rate{'s' if len(limits.type_rates) > 1 else ''}"
+        )
+    if limits.type_caps:
+        parts.append(f"{len(limits.type_caps)} type cap{'s' if len(limits.type_caps) > 1 else ''}")
     return " · ".join(parts)
 
 
