@@ -14,7 +14,8 @@
 -- ``turns`` (KEYS[11]) exist, or once a popped task has a group (meta "g": forwarded
 -- from ``scheduled``/``retry``, handed back), the queue is served fairly. Each call moves
 -- up to STAGE ids from ``pending`` into ``fair`` (ungrouped ones in group ''), then the
--- groups whose turn has come (``turns`` score <= the turn clock) start one task each, in turn
+-- groups whose turn has come (``turns`` score <= the turn clock) start one task each (an
+-- even share of what the call may take, where no group or type has limits), in turn
 -- order, round after round: a group that started one goes to the back (the clock moves
 -- on 1/1024 ms per task), a group held back by its own limits (``gi``/``gb`` rate, ``gc``
 -- cap, a hold) gets its turn at the time it may go again (a cap: CAP_RECHECK ms on), so
@@ -285,51 +286,73 @@ if fair then
       from = '(' .. g .. '\1'
     end
   end
+  -- The groups that started a task, and the turn clock at their last: they go to the
+  -- back of the line in that order when the call ends (within the call, each round
+  -- visits the groups in the same order).
+  local served = {}
   local passes = 0
   while want - taken > 0 and read < 500 and passes < 64 do
     passes = passes + 1
     local turn = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', clk, 'LIMIT', 0, 64)
     if #turn == 0 then break end
     local moved = 0
+    -- Without limits per group or per type, a group whose turn it is starts its share
+    -- of what this round may take (one round: every group one share), in one go.
+    local share = 1
+    if not (gi or gc or tcaps) then
+      share = math.min(math.ceil((want - taken) / #turn), 500 - read)
+    end
     for _, g in ipairs(turn) do
       if want - taken <= 0 or read >= 500 then break end
-      local head = redis.call('ZRANGEBYLEX', KEYS[10], '[' .. g .. '\0', '(' .. g .. '\1', 'LIMIT', 0, 1)
+      local head = redis.call('ZRANGEBYLEX', KEYS[10], '[' .. g .. '\0', '(' .. g .. '\1', 'LIMIT',
+        0, math.min(share, want - taken, 500 - read))
       if #head == 0 then
         retire(g)
+        served[g] = nil
       else
         local st = state_of(g)
         local wait = blocked(st)
-        local id, rec, ts
+        local ids, recs, ts = {}, {}, nil
         if not wait then
-          id = string.match(head[1], '^[^%z]*%z%d+%z(.*)$')
-          rec = redis.call('HGET', KEYS[5], id)
-          ts = rec and tcaps and type_state(task_type(rec))
+          for i, member in ipairs(head) do ids[i] = string.match(member, '^[^%z]*%z%d+%z(.*)$') end
+          recs = redis.call('HMGET', KEYS[5], unpack(ids))
+          ts = recs[1] and tcaps and type_state(task_type(recs[1]))  -- (tcaps: one at a time)
           if ts and #ts.a >= ts.cap and running(ts) >= ts.cap then wait = now + CAP_RECHECK end
         end
         if wait then
           redis.call('ZADD', KEYS[11], wait, g)
+          served[g] = nil
         else
-          redis.call('ZREM', KEYS[10], head[1])
-          read = read + 1
-          if not rec then
-            out[3] = out[3] + 1
-            taken = taken + 1
-          elseif not typed or admit(id, rec) then
-            start(id, rec)
-            took(st, id)
-            if ts then
-              ts.a[#ts.a + 1] = id
-              ts.dirty = true
+          redis.call('ZREM', KEYS[10], unpack(head))
+          read = read + #head
+          for i, id in ipairs(ids) do
+            local rec = recs[i]
+            if not rec then
+              out[3] = out[3] + 1
+              taken = taken + 1
+            elseif not typed or admit(id, rec) then
+              start(id, rec)
+              took(st, id)
+              if ts then
+                ts.a[#ts.a + 1] = id
+                ts.dirty = true
+              end
             end
           end
-          clk = clk + 1 / 1024
-          redis.call('ZADD', KEYS[11], clk, g)
+          clk = clk + #head / 1024
+          served[g] = clk  -- its next turn: behind every group served before it
           moved = moved + 1
         end
       end
     end
     if moved == 0 then break end  -- a round that started nothing: the rest must wait
   end
+  local back = {}
+  for g, at in pairs(served) do
+    back[#back + 1] = at
+    back[#back + 1] = g
+  end
+  if #back > 0 then redis.call('ZADD', KEYS[11], unpack(back)) end
   local fields, gone = {'clk', string.format('%.4f', clk)}, {}
   for g, st in pairs(state) do
     if st.dirty then
