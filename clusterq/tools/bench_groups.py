@@ -29,21 +29,24 @@ Nothing here asserts anything about speed.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 from clusterq.errors import ClusterqError
 from clusterq.ops.admin import Admin
 from clusterq.producer import TaskSpec
 from clusterq.tools.bench_handlers import GROUP_START_TYPE, NOOP_TYPE
-from clusterq.tools.bench_limits import POLL, _longer, rate_text, window_counts
+from clusterq.tools.bench_limits import (
+    _longer,
+    rate_text,
+    recorded,
+    window_counts,
+    worker_processes,
+)
 from clusterq.tools.bench_report import BenchRow, percentile
 from clusterq.tools.bench_session import Session, drain
-from clusterq.tools.workerprocs import WorkerProcesses
 
 #: The backlog part: group A's tasks (at most; ``--tasks`` if fewer), then group B's.
 BACKLOG = 10_000
@@ -82,42 +85,11 @@ def _enqueue(s: Session, specs: Sequence[TaskSpec]) -> None:
         s.client.enqueue_many(specs[begin : begin + BATCH])
 
 
-def _recorded(
-    s: Session, queue: str, workers: WorkerProcesses, n: int, send: Callable[[], None], label: str
-) -> list[list[str]]:
-    """Start ``workers`` on ``queue``, call ``send`` (which enqueues ``n`` tasks of
-    :data:`GROUP_START_TYPE`) and wait until their handlers recorded ``n`` samples; the
-    samples ``[time, group, pid]``, in the order recorded."""
-    key = s.keys.bench(s.run_id, queue)[1]
-    try:
-        s.start_workers(workers)
-        send()
-        deadline = time.monotonic() + s.settings.timeout
-        done = 0
-        while done < n:
-            if time.monotonic() > deadline:
-                raise ClusterqError(f"{label}: only {done} of {n} tasks ran in time")
-            workers.check_running()
-            time.sleep(POLL)
-            done = int(s.call(key, "LLEN", key))
-            s.progress(label, min(done, n), n)
-    finally:
-        workers.stop()
-    values = s.backend.execute_key(key, lambda c: c.lrange(key, 0, -1))
-    samples = [(v.decode() if isinstance(v, bytes) else str(v)).split() for v in values]
+def _all(samples: list[list[str]], n: int, label: str) -> list[list[str]]:
+    """``samples``, checked to be one per task (``[time, group, pid]`` each)."""
     if len(samples) != n:
         raise ClusterqError(f"{label}: {len(samples)} samples recorded for {n} tasks")
     return samples
-
-
-@contextlib.contextmanager
-def _one_process(s: Session) -> Iterator[None]:
-    before = s.settings
-    s.settings = dataclasses.replace(before, processes=1)
-    try:
-        yield
-    finally:
-        s.settings = before
 
 
 # ----------------------------------------------------------------------- the parts
@@ -138,9 +110,10 @@ def _backlog(s: Session) -> BenchRow:
 
     label = "limits: groups, backlog"
     admin.pause(queue)  # before the worker starts: it takes nothing until both are in
-    with _one_process(s):
-        workers = s.workers([queue], 1)
-        samples = _recorded(s, queue, workers, n_a + n_b, send, label)
+    with worker_processes(s, 1):
+        samples = _all(
+            recorded(s, queue, n_a + n_b, send, label, s.workers([queue], 1)), n_a + n_b, label
+        )
     s.drop([queue])
     starts = sorted((float(t), g) for t, g, _ in samples)
     waits = [t - sent[0] for t, g in starts if g == "B"]
@@ -198,8 +171,7 @@ def _per_group_rate(s: Session, shape: str) -> BenchRow:
     )
     label = f"limits: groups, {rate_text(GROUP_RATE)} per group"
     with _longer(s, per_group / GROUP_RATE):
-        workers = s.workers([queue], settings.workers)
-        samples = _recorded(s, queue, workers, n, lambda: _enqueue(s, specs), label)
+        samples = _all(recorded(s, queue, n, lambda: _enqueue(s, specs), label), n, label)
     s.drop([queue])
     by_group: dict[str, list[float]] = defaultdict(list)
     for t, g, _ in samples:

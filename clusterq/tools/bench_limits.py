@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,7 @@ from clusterq.limits import InvalidLimits, Limits
 from clusterq.tools.bench_handlers import NOOP_TYPE, SPAN_TYPE, START_TYPE
 from clusterq.tools.bench_report import BenchRow, BenchSettings
 from clusterq.tools.bench_session import Session, drain
+from clusterq.tools.workerprocs import WorkerProcesses
 
 #: Worker processes per supervisor when ``--processes`` is not given.
 DEFAULT_PROCESSES = 3
@@ -118,11 +120,11 @@ def overlap(spans: Sequence[tuple[float, float]]) -> tuple[int, float]:
 
 
 @contextlib.contextmanager
-def _processes(s: Session) -> Iterator[int]:
-    """The session's workers as supervisors of ``--processes`` (default
-    :data:`DEFAULT_PROCESSES`) for the time of the scenario."""
+def worker_processes(s: Session, count: int | None = None) -> Iterator[int]:
+    """The session's workers as supervisors of ``count`` processes (default
+    ``--processes``, else :data:`DEFAULT_PROCESSES`) for the time of a scenario or part."""
     before = s.settings
-    processes = before.processes or DEFAULT_PROCESSES
+    processes = count or before.processes or DEFAULT_PROCESSES
     s.settings = dataclasses.replace(before, processes=processes)
     try:
         yield processes
@@ -135,7 +137,7 @@ def bench_limits(
 ) -> list[BenchRow]:
     """The parts' rows, then those of each of ``also`` (more parts, given the session
     and a description of its workers: :func:`clusterq.tools.bench_groups.bench_groups`)."""
-    with _processes(s) as processes:
+    with worker_processes(s) as processes:
         settings = s.settings
         shape = (
             f"{settings.workers} worker(s) x {processes} process(es) x "
@@ -147,18 +149,24 @@ def bench_limits(
         return rows
 
 
-def _recorded(
-    s: Session, queue: str, n: int, task_type: str, payload: dict[str, object], label: str
+def recorded(
+    s: Session,
+    queue: str,
+    n: int,
+    send: Callable[[], None],
+    label: str,
+    workers: WorkerProcesses | None = None,
 ) -> list[list[str]]:
-    """Start the worker processes on ``queue`` (limits already set), enqueue ``n`` tasks
-    of ``task_type`` and wait until their handlers recorded ``n`` samples; the samples,
-    each split in its fields."""
+    """Start ``workers`` (default: the session's) on ``queue`` (limits already set), call
+    ``send`` (which enqueues ``n`` tasks whose handlers record a sample each) and wait
+    until ``n`` samples are recorded; the samples, each split in its fields, in the order
+    recorded."""
     key = s.keys.bench(s.run_id, queue)[1]
-    workers = s.workers([queue], s.settings.workers)
+    if workers is None:
+        workers = s.workers([queue], s.settings.workers)
     try:
         s.start_workers(workers)
-        for begin in range(0, n, 2000):
-            s.client.enqueue_many([(task_type, payload)] * min(2000, n - begin), queue=queue)
+        send()
         deadline = time.monotonic() + s.settings.timeout
         done = 0
         while done < n:
@@ -174,6 +182,11 @@ def _recorded(
     return [(v.decode() if isinstance(v, bytes) else str(v)).split() for v in values]
 
 
+def _send(s: Session, queue: str, n: int, task_type: str, payload: dict[str, object]) -> None:
+    for begin in range(0, n, 2000):
+        s.client.enqueue_many([(task_type, payload)] * min(2000, n - begin), queue=queue)
+
+
 def _rate(s: Session, shape: str) -> BenchRow:
     settings = s.settings
     (queue,) = s.queues(1)
@@ -183,7 +196,8 @@ def _rate(s: Session, shape: str) -> BenchRow:
     burst = limits.effective_burst or 1
     label = f"limits: rate {rate_text(per_second)}"
     with _longer(s, n / per_second):
-        samples = _recorded(s, queue, n, START_TYPE, {"run": s.run_id}, label)
+        send = functools.partial(_send, s, queue, n, START_TYPE, {"run": s.run_id})
+        samples = recorded(s, queue, n, send, label)
     s.drop([queue])
     starts = sorted(float(fields[0]) for fields in samples)
     seconds = starts[-1] - starts[0]
@@ -237,7 +251,10 @@ def _concurrency(s: Session, shape: str) -> BenchRow:
     s.client.set_limits(queue, concurrency=cap)
     label = f"limits: concurrency {cap}"
     with _longer(s, n * SPAN_MS / 1000 / cap):
-        samples = _recorded(s, queue, n, SPAN_TYPE, {"run": s.run_id, "ms": SPAN_MS}, label)
+        payload: dict[str, object] = {"run": s.run_id, "ms": SPAN_MS}
+        samples = recorded(
+            s, queue, n, functools.partial(_send, s, queue, n, SPAN_TYPE, payload), label
+        )
     s.drop([queue])
     spans = [(float(f[0]), float(f[1])) for f in samples]
     most, average = overlap(spans)
