@@ -42,12 +42,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 from clusterq.errors import ClusterqError
 from clusterq.serialization import reply_text
+
+_V = TypeVar("_V")
 
 
 class InvalidLimits(ClusterqError, ValueError):
@@ -361,42 +363,39 @@ class Limits:
 
 def _type_caps(given: object) -> tuple[tuple[str, int], ...]:
     """Checked per-type caps, sorted by type."""
-    if given is None:
-        return ()
-    if not isinstance(given, Mapping):
-        raise InvalidLimits(
-            f"invalid type_concurrency {given!r}: give a mapping of task type to a cap, such "
-            "as {'report:build': 2}"
-        )
-    out = []
-    for name, cap in given.items():
-        if not isinstance(name, str) or not name:
-            raise InvalidLimits(f"invalid task type {name!r}: must be a non-empty string")
-        try:
-            out.append((name, _positive_int("concurrency", cap)))
-        except InvalidLimits as exc:
-            raise InvalidLimits(f"task type {name!r}: {exc}") from None
-    return tuple(sorted(out))
+    return _per_type(
+        given,
+        "type_concurrency",
+        "a cap, such as {'report:build': 2}",
+        lambda cap: _positive_int("concurrency", cap),
+    )
 
 
 def _type_rates(given: object) -> tuple[tuple[str, Rate], ...]:
     """Checked per-type rates, sorted by type."""
+    return _per_type(
+        given,
+        "type_rates",
+        "rate, such as {'email:send': '10/s'}",
+        lambda rate: rate if isinstance(rate, Rate) else parse_rate(rate),
+    )
+
+
+def _per_type(
+    given: object, option: str, wanted: str, check: Callable[[Any], _V]
+) -> tuple[tuple[str, _V], ...]:
+    """``given`` (a mapping of task type to a value ``check`` reads) checked, sorted by
+    type; else :class:`InvalidLimits` naming the type."""
     if given is None:
         return ()
     if not isinstance(given, Mapping):
-        raise InvalidLimits(
-            f"invalid type_rates {given!r}: give a mapping of task type to rate, such as "
-            "{'email:send': '10/s'}"
-        )
+        raise InvalidLimits(f"invalid {option} {given!r}: give a mapping of task type to {wanted}")
     out = []
-    for name, rate in given.items():
+    for name, value in given.items():
         if not isinstance(name, str) or not name:
             raise InvalidLimits(f"invalid task type {name!r}: must be a non-empty string")
-        if isinstance(rate, Rate):
-            out.append((name, rate))
-            continue
         try:
-            out.append((name, parse_rate(rate)))
+            out.append((name, check(value)))
         except InvalidLimits as exc:
             raise InvalidLimits(f"task type {name!r}: {exc}") from None
     return tuple(sorted(out, key=lambda pair: pair[0]))

@@ -146,6 +146,20 @@ local function start(id, rec)
   taken = taken + 1
 end
 
+-- A popped id with its record (false: none): started, unless its type has no token
+-- (then put back in ``scheduled``, see admit) or it has no record (an orphan: dropped,
+-- counted; it takes the queue's token). Whether it started.
+local function take(id, rec)
+  if not rec then
+    out[3] = out[3] + 1
+    taken = taken + 1
+    return false
+  end
+  if typed and not admit(id, rec) then return false end
+  start(id, rec)
+  return true
+end
+
 -- Fair groups: move popped ids (with their records) into ``fair``.
 local STAGE, CAP_RECHECK = 1000, 100
 local function stage(ids, records)
@@ -186,15 +200,7 @@ while not fair and want - taken > 0 do
     stage(ids, records)
     break
   end
-  for i, id in ipairs(ids) do
-    local rec = records[i]
-    if not rec then
-      out[3] = out[3] + 1
-      taken = taken + 1
-    elseif not typed or admit(id, rec) then
-      start(id, rec)
-    end
-  end
+  for i, id in ipairs(ids) do take(id, records[i]) end
   -- Without type rates one pop takes all it may; with them, pop again for the tasks put
   -- back (tasks of other types may wait behind them), reading a bounded number per call.
   if not typed or #ids < ask or read >= 500 then break end
@@ -326,12 +332,7 @@ if fair then
           redis.call('ZREM', KEYS[10], unpack(head))
           read = read + #head
           for i, id in ipairs(ids) do
-            local rec = recs[i]
-            if not rec then
-              out[3] = out[3] + 1
-              taken = taken + 1
-            elseif not typed or admit(id, rec) then
-              start(id, rec)
+            if take(id, recs[i]) then
               took(st, id)
               if ts then
                 ts.a[#ts.a + 1] = id
