@@ -44,6 +44,18 @@ def _specs(queue: str, group: str | None, count: int, **payload: Any) -> list[Ta
     return [TaskSpec("job", {"g": group, "i": i, **payload}, options) for i in range(count)]
 
 
+def _recording() -> tuple[Router, list[tuple[str, float]]]:
+    """A router whose ``job`` handler records (the payload's group, when it started)."""
+    starts: list[tuple[str, float]] = []
+    router = Router()
+
+    @router.task("job")
+    async def job(task: Task) -> None:
+        starts.append((task.payload["g"], time.time()))
+
+    return router, starts
+
+
 # ---------------------------------------------------------------------- the vocabulary
 
 
@@ -93,12 +105,7 @@ def test_a_small_group_does_not_wait_behind_a_big_groups_backlog(url: str, prefi
     """Group A's 10,000 tasks are enqueued first, then group B's 100; one worker: every
     B task starts before A's 1,000th does (A still has 9,000 waiting)."""
     queue = "fair"
-    starts: list[tuple[str, float]] = []
-    router = Router()
-
-    @router.task("job")
-    async def job(task: Task) -> None:
-        starts.append((task.payload["g"], time.time()))
+    router, starts = _recording()
 
     with Client(url, prefix=prefix) as client:
         client.enqueue_many(_specs(queue, "A", 10_000))
@@ -296,12 +303,7 @@ def test_a_group_cap_slot_comes_back_with_an_expired_lease(url: str, prefix: str
     dequeue, never acked): a new worker runs nothing of A until the leases expire and
     are recovered, then runs every A task; B's run at once."""
     queue = "crash"
-    order: list[tuple[str, float]] = []
-    router = Router()
-
-    @router.task("job")
-    async def job(task: Task) -> None:
-        order.append((task.payload["g"], time.time()))
+    router, order = _recording()
 
     with Client(url, prefix=prefix) as client:
         client.set_limits(queue, concurrency_per_group=2)
