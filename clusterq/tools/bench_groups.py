@@ -40,6 +40,7 @@ from clusterq.producer import TaskSpec
 from clusterq.tools.bench_handlers import GROUP_START_TYPE, NOOP_TYPE
 from clusterq.tools.bench_limits import (
     _longer,
+    cost_rows,
     rate_text,
     recorded,
     window_counts,
@@ -255,22 +256,12 @@ def _cost(s: Session, shape: str) -> list[BenchRow]:
             if seconds <= 0:
                 raise ClusterqError("groups cost: a drain too short to time")
             runs[grouped].append((n - first) / seconds)
-    plain, grouped_mean = statistics.fmean(runs[False]), statistics.fmean(runs[True])
-    ratio = grouped_mean / plain
-    rows = []
-    for grouped, mean in ((False, plain), (True, grouped_mean)):
-        each = ", ".join(f"{r:,.0f}" for r in runs[grouped])
-        spread = f"tasks spread round robin over {COST_GROUPS} groups; " if grouped else ""
-        rows.append(
-            BenchRow(
-                f"groups: cost, e2e noop, {what[grouped]}",
-                n,
-                0.0,
-                mean,
-                note=f"{spread}mean of {COST_ROUNDS} runs taking turns ({each} tasks/s); {shape}"
-                + (f"; {ratio:.1%} of the mean without groups" if grouped else ""),
-                extra={"runs": [round(r, 1) for r in runs[grouped]]}
-                | ({"groups": COST_GROUPS, "ratio": round(ratio, 4)} if grouped else {}),
-            )
-        )
-    return rows
+    return cost_rows(
+        runs,
+        n,
+        shape,
+        (f"groups: cost, e2e noop, {what[False]}", f"groups: cost, e2e noop, {what[True]}"),
+        "the mean without groups",
+        {"groups": COST_GROUPS},
+        lead=f"tasks spread round robin over {COST_GROUPS} groups; ",
+    )

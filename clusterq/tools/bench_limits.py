@@ -297,21 +297,45 @@ def _cost(s: Session, shape: str) -> list[BenchRow]:
             if seconds <= 0:
                 raise ClusterqError("limits cost: a drain too short to time")
             runs[limited].append((n - first) / seconds)
-    plain, limited_mean = statistics.fmean(runs[False]), statistics.fmean(runs[True])
-    ratio = limited_mean / plain
+    return cost_rows(
+        runs,
+        n,
+        shape,
+        ("limits cost: e2e noop, no limits", f"limits cost: e2e noop, rate {COST_RATE}"),
+        "the unlimited mean",
+        {"rate_limit": COST_RATE},
+    )
+
+
+def cost_rows(
+    runs: dict[bool, list[float]],
+    n: int,
+    shape: str,
+    labels: tuple[str, str],
+    versus: str,
+    extra: dict[str, object],
+    lead: str = "",
+) -> list[BenchRow]:
+    """The two rows of a cost part from its interleaved runs' tasks/s (False: the plain
+    runs, True: the others): each mean with every run's figure, and the others' mean as
+    a share of the plain one (``versus`` names it; ``extra`` and ``lead``, a note's
+    beginning, are the others' only)."""
+    plain, other = statistics.fmean(runs[False]), statistics.fmean(runs[True])
+    ratio = other / plain
     rows = []
-    for limited, mean in ((False, plain), (True, limited_mean)):
-        each = ", ".join(f"{r:,.0f}" for r in runs[limited])
+    for which, mean in ((False, plain), (True, other)):
+        each = ", ".join(f"{r:,.0f}" for r in runs[which])
         rows.append(
             BenchRow(
-                f"limits cost: e2e noop, {f'rate {COST_RATE}' if limited else 'no limits'}",
+                labels[which],
                 n,
                 0.0,
                 mean,
-                note=f"mean of {COST_ROUNDS} runs taking turns ({each} tasks/s); {shape}"
-                + (f"; {ratio:.1%} of the unlimited mean" if limited else ""),
-                extra={"runs": [round(r, 1) for r in runs[limited]]}
-                | ({"rate_limit": COST_RATE, "ratio": round(ratio, 4)} if limited else {}),
+                note=(lead if which else "")
+                + f"mean of {len(runs[which])} runs taking turns ({each} tasks/s); {shape}"
+                + (f"; {ratio:.1%} of {versus}" if which else ""),
+                extra={"runs": [round(r, 1) for r in runs[which]]}
+                | ({**extra, "ratio": round(ratio, 4)} if which else {}),
             )
         )
     return rows
