@@ -167,22 +167,12 @@ class Limits:
         """Checked limits from what a user gives (:class:`InvalidLimits` names what is
         wrong)."""
         types = _type_rates(type_rates)
-        parsed = rate if isinstance(rate, Rate) or rate is None else parse_rate(rate)
-        if burst is not None:
-            _positive_int("burst", burst)
-            if parsed is None:
-                raise InvalidLimits("a burst needs a rate")
+        parsed = _rate_with_burst(rate, burst, "rate", "burst")
         if concurrency is not None:
             _positive_int("concurrency", concurrency)
-        group_rate = (
-            rate_per_group
-            if isinstance(rate_per_group, Rate) or rate_per_group is None
-            else parse_rate(rate_per_group)
+        group_rate = _rate_with_burst(
+            rate_per_group, burst_per_group, "rate_per_group", "burst_per_group"
         )
-        if burst_per_group is not None:
-            _positive_int("burst_per_group", burst_per_group)
-            if group_rate is None:
-                raise InvalidLimits("a burst_per_group needs a rate_per_group")
         if concurrency_per_group is not None:
             _positive_int("concurrency_per_group", concurrency_per_group)
         return cls(
@@ -359,6 +349,18 @@ class Limits:
         except (ValueError, TypeError, AttributeError):
             return None
         return None if limits.empty else limits
+
+
+def _rate_with_burst(
+    rate: str | Rate | None, burst: int | None, rate_name: str, burst_name: str
+) -> Rate | None:
+    """A rate as given, parsed, and its burst checked (a burst needs a rate)."""
+    parsed = rate if isinstance(rate, Rate) or rate is None else parse_rate(rate)
+    if burst is not None:
+        _positive_int(burst_name, burst)
+        if parsed is None:
+            raise InvalidLimits(f"a {burst_name} needs a {rate_name}")
+    return parsed
 
 
 def _type_caps(given: object) -> tuple[tuple[str, int], ...]:
