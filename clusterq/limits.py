@@ -354,8 +354,14 @@ class Limits:
 def _rate_with_burst(
     rate: str | Rate | None, burst: int | None, rate_name: str, burst_name: str
 ) -> Rate | None:
-    """A rate as given, parsed, and its burst checked (a burst needs a rate)."""
-    parsed = rate if isinstance(rate, Rate) or rate is None else parse_rate(rate)
+    """A rate as given, parsed (an error names ``rate_name`` unless it is the queue's
+    own), and its burst checked (a burst needs a rate)."""
+    try:
+        parsed = rate if isinstance(rate, Rate) or rate is None else parse_rate(rate)
+    except InvalidLimits as exc:
+        if rate_name == "rate":
+            raise
+        raise InvalidLimits(f"{rate_name}: {exc}") from None
     if burst is not None:
         _positive_int(burst_name, burst)
         if parsed is None:

@@ -92,6 +92,10 @@ def test_per_group_limits_are_checked_described_and_shared_whole() -> None:
     shares = limits.shares(3)
     assert {s["gi"] for s in shares} == {repr(200.0)} and {s["gc"] for s in shares} == {"2"}
     assert Limits.from_fields(shares[0]) == limits
+    with pytest.raises(InvalidLimits, match=r"^rate_per_group: invalid rate 'fast'"):
+        Limits.of(rate_per_group="fast")
+    with pytest.raises(InvalidLimits, match=r"^invalid rate 'fast'"):
+        Limits.of(rate="fast")
     with pytest.raises(InvalidLimits, match="burst_per_group needs a rate_per_group"):
         Limits.of(burst_per_group=3)
     with pytest.raises(InvalidLimits, match="concurrency_per_group"):
@@ -397,6 +401,32 @@ def test_pending_grouped_tasks_are_counted_listed_and_managed(url: str, prefix: 
                 ("t1", 1),
                 ("t2", 1),
             }
+
+
+def test_a_group_at_its_cap_and_out_of_tokens_waits_for_the_later(url: str, prefix: str) -> None:
+    """``rate_per_group="1/h"`` and ``concurrency_per_group=1``: after one start the group
+    is at its cap (looked at again 100 ms on) and out of tokens (for an hour): its next
+    turn is the later of the two."""
+    queue = "both"
+    with Client(url, prefix=prefix) as client:
+        client.set_limits(queue, rate_per_group="1/h", concurrency_per_group=1)
+        client.enqueue_many(_specs(queue, "A", 2))
+
+        async def take() -> Any:
+            backend = await AsyncBackend.connect(url, prefix=prefix)
+            try:
+                broker, qk = Broker(backend), backend.keys.queue(queue)
+                first = await broker.dequeue(qk, 5, 60_000, "w:1")
+                return first, await broker.dequeue(qk, 5, 60_000, "w:2")
+            finally:
+                await backend.aclose()
+
+        first, second = asyncio.run(take())
+        assert len(first.tasks) == 1 and not second.tasks and second.limited == "group"
+        assert second.next_due is not None and second.next_due > time.time() + 3000
+        with Admin(url, prefix=prefix) as admin:
+            ((group,),) = [g.groups for g in admin.groups(queue)]
+        assert group.running == 1 and group.next_turn > time.time() + 3000
 
 
 def test_a_group_stays_in_one_partition(url: str, prefix: str) -> None:

@@ -128,7 +128,7 @@ def test_set_show_replace_clear_per_group_limits(url: str, prefix: str, clusterq
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (("--rate-per-group", "fast"), "invalid rate 'fast'"),
+        (("--rate-per-group", "fast"), "rate_per_group: invalid rate 'fast'"),
         (("--rate-per-group", "0/s"), "invalid rate '0/s'"),
         (("--rate-per-group", "5/s", "--burst-per-group", "0"), "invalid burst_per_group 0"),
         (("--rate-per-group", "5/s", "--burst-per-group", "x"), "invalid burst_per_group 'x'"),

@@ -234,15 +234,21 @@ if fair then
     if #live < #st.a then st.a, st.dirty = live, true end
     return #live
   end
-  -- nil when group ``st`` may start a task now, else the time (ms) it may next.
+  -- nil when group ``st`` may start a task now, else the time (ms) it may next (the
+  -- latest of what holds it back: a hold, its rate, its cap).
   local function blocked(st)
-    if st.h and st.h > now then return st.h end
-    if gc and #st.a >= gc and running(st) >= gc then return now + CAP_RECHECK end
+    local until_ms = nil
+    if st.h and st.h > now then until_ms = st.h end
     if gi then
       local t = math.max(st.r or 0, now)
-      if (now - t) / gi + gb + 1e-9 < 1 then return math.ceil(t - (gb - 1) * gi) end
+      if (now - t) / gi + gb + 1e-9 < 1 then
+        until_ms = math.max(until_ms or 0, math.ceil(t - (gb - 1) * gi))
+      end
     end
-    return nil
+    if not until_ms and gc and #st.a >= gc and running(st) >= gc then
+      until_ms = now + CAP_RECHECK
+    end
+    return until_ms
   end
   -- A task type's cap and the ids of its tasks started (fields of the limits hash), or
   -- false for a type without a cap.
