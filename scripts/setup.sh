@@ -30,6 +30,17 @@ if ! has_redis; then
         echo "setup: no redis-server on PATH and no apt-get as root to install it" >&2
     fi
 fi
+# The web UI's tests open its pages in Debian's headless Chromium (never a downloaded
+# browser build); without it they are skipped, unless CLUSTERQ_REQUIRE_CHROMIUM=1 (CI).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian's chromium" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+            || echo "setup: chromium did not install; the browser tests will say so" >&2
+    else
+        echo "setup: no chromium on PATH and no apt-get as root to install it" >&2
+    fi
+fi
 .venv/bin/python - <<'PY'
 from clusterq.tools.servers import find_server_binaries, find_server_binary, server_version
 binary = find_server_binary()

@@ -19,6 +19,7 @@ from clusterq.cli.state import CliState, ClusterqGroup
 from clusterq.cli.stats import stats
 from clusterq.cli.stream import stream
 from clusterq.cli.tasks import enqueue, task
+from clusterq.cli.web import web
 from clusterq.cli.worker import worker
 from clusterq.cli.workflow import workflow_group
 from clusterq.cluster.connection import DEFAULT_URL, Mode
@@ -74,3 +75,4 @@ main.add_command(drill)
 main.add_command(bench)
 main.add_command(doctor)
 main.add_command(reference)
+main.add_command(web)
