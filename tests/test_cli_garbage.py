@@ -4,7 +4,7 @@ last-resort "internal error" line, which only a bug reaches).
 
 Commands that talk to Redis run against the session's standalone server (a prefix of
 their own) or, for those that would run on (a benchmark, a drill, a server of metrics,
-the dashboard), against a port where nothing listens. ``dev up``/``dev down`` get only
+the dashboard, the web UI), against a port where nothing listens. ``dev up``/``dev down`` get only
 values that cannot start or stop anything."""
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ HUGE = "x" * 100_000
 TEXT = ["", " ", "\x00", "{a}", "\x1b[31mred", HUGE, DEEP, "-", "nan", "é\ud800"]
 NUMBERS = ["x", "", "-1", "0", "nan", "inf", "1e400", "99999999999999999999", DEEP]
 #: Commands that run until stopped: against a dead port they stop at once.
-RUN_ON = {("bench",), ("drill", "failover"), ("metrics",), ("dash",), ("cluster", "watch")}
+RUN_ON = {
+    ("bench",),
+    ("drill", "failover"),
+    ("metrics",),
+    ("dash",),
+    ("cluster", "watch"),
+    ("web",),
+}
 #: Commands never run without a bad argument: as they are, they would start (or stop) a
 #: local cluster on the default ports.
 NEVER_BARE = {("dev", "up"), ("dev", "down")}

@@ -41,8 +41,8 @@ def web(
         if not sep or not user or not password:
             raise CliError("invalid --auth: give USER:PASSWORD")
         credentials = (user, password)
-    app = create_app(
-        backend=state.backend(), read_only=read_only, auth=credentials, prefix=state.prefix
-    )
+    backend = state.backend(retry_timeout=1.0)
+    backend.refresh_topology()  # an unreachable URL is a one-line error, not a server
+    app = create_app(backend=backend, read_only=read_only, auth=credentials, prefix=state.prefix)
     click.echo(f"clusterq web on http://{host}:{port}{root_path}/ ({state.url})", err=True)
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="warning")
