@@ -313,6 +313,7 @@ class AsyncClient(ClientBase):
         *,
         durability: Durability | None = None,
         retention: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> WorkflowHandle: ...
 
     async def enqueue(

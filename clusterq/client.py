@@ -383,6 +383,7 @@ class Client(ClientBase):
         *,
         durability: Durability | None = None,
         retention: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> WorkflowHandle: ...
 
     def enqueue(

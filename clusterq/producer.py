@@ -22,6 +22,7 @@ from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker.script import first_error
 from clusterq.durability import Durability
 from clusterq.errors import DuplicateTask
+from clusterq.headers import validate_headers
 from clusterq.keys import (
     KeySchema,
     QueueKeys,
@@ -31,7 +32,13 @@ from clusterq.keys import (
 )
 from clusterq.partitions import Layout, Layouts, check_plain_name
 from clusterq.serialization import get_codec, too_large
-from clusterq.task import STATES, TaskInfo, TaskState, record_meta, with_enqueued
+from clusterq.task import (
+    STATES,
+    TaskInfo,
+    TaskState,
+    record_meta,
+    with_enqueued,
+)
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
@@ -133,6 +140,7 @@ class EnqueueOptions(TypedDict, total=False):
     task_id: str | None
     key: str | None
     group: str | None
+    headers: dict[str, str] | None
 
 
 @dataclass(frozen=True)
@@ -158,13 +166,14 @@ class PreparedEnqueue:
     deadline: float | None = None
     #: When the client built the record (its ``e`` field), ms since the epoch.
     enqueued_ms: int = 0
+    headers: dict[str, str] | None = None
 
     def guess(self) -> TaskInfo:
         """The TaskInfo of a task that is created (pending, or scheduled if delayed); a
         reply that says otherwise is applied with :meth:`settle`."""
         new = self.new
         delayed = new.delay_ms > 0 or new.due_ms > 0
-        return TaskInfo(  # positional, in field order: once per task of an enqueue_many
+        info = TaskInfo(  # positional, in field order: once per task of an enqueue_many
             new.id,
             self.queue,
             self.type,
@@ -177,6 +186,9 @@ class PreparedEnqueue:
             self.timeout,
             self.deadline,
         )
+        if self.headers is not None:
+            info.headers = dict(self.headers)
+        return info
 
     def settle(
         self, info: TaskInfo, outcome: enqueue_script.EnqueueOutcome, *, raise_duplicate: bool
@@ -243,19 +255,27 @@ class Producer:
         *,
         task_id: str | None = None,
         key: str | None = None,
+        headers: dict[str, str] | None = None,
         **options: Any,
     ) -> PreparedEnqueue:
         """Check and encode one enqueue; ``options`` are those of :meth:`template`.
 
         ``task_id`` (default: a new random id) makes a retried enqueue safe. ``key``: on a
-        partitioned queue, tasks with the same key go to the same partition.
+        partitioned queue, tasks with the same key go to the same partition. ``headers``:
+        a small map of strings carried beside the payload (``task.headers``).
         """
         if options.keys() <= _PLAIN:  # templates of plain enqueues are kept
             t = self._plain_template(type, options)
         else:
             t = self.template(type, **options)
+        if headers is None:
+            now_ms = int(time.time() * 1000)
+            return self._one(t, payload, task_id, now_ms, _head(t, now_ms), key)
+        extra = validate_headers(headers)
         now_ms = int(time.time() * 1000)
-        return self._one(t, payload, task_id, now_ms, _head(t, now_ms), key)
+        prepared = self._one(t, payload, task_id, now_ms, _head(t, now_ms), key, extra)
+        prepared.headers = headers
+        return prepared
 
     def prepare_options(self, type: str, payload: Any, options: dict[str, Any]) -> PreparedEnqueue:
         """``prepare(type, payload, **options)``, the options read from the dict as given
@@ -388,8 +408,10 @@ class Producer:
         enqueued_ms: int,
         head: bytes | None,
         key: str | None = None,
+        extra: bytes | None = None,
     ) -> PreparedEnqueue:
-        """``head``: ``_head(t, enqueued_ms)``, made once for a batch."""
+        """``head``: ``_head(t, enqueued_ms)``, made once for a batch; ``extra``: the
+        headers' part of the meta (:func:`validate_headers`), if any."""
         data = self._encode(payload)
         if len(data) > self.max_payload_bytes:
             raise too_large(len(data), self.max_payload_bytes)
@@ -409,11 +431,14 @@ class Producer:
             queue = t.layout.pick(key if key is not None else digest or task_id)
             qk = self._queue_keys(queue)
         if head is not None:
+            if extra is not None:
+                assert t.open is not None
+                head = with_enqueued(t.open + extra, enqueued_ms)
             record = head + data
         else:
             unique_key = qk.unique(digest[:32])
             meta = record_meta(t.type, unique_key=unique_key, **t.meta)
-            record = with_enqueued(meta, enqueued_ms) + data
+            record = with_enqueued(meta + (extra or b""), enqueued_ms) + data
         fresh = task_id is None and unique_key is None
         task_id = new_task_id() if task_id is None else validate_task_id(task_id)
         new = enqueue_script.NewTask(
@@ -454,6 +479,8 @@ class Producer:
         options = dict(defaults)
         task_id = options.pop("task_id", None)
         key = options.pop("key", None)
+        headers = options.pop("headers", None)
+        extra = None if headers is None else validate_headers(headers)
         now_ms = int(time.time() * 1000)  # one clock reading per batch
         templates: dict[str, tuple[_Template, bytes | None]] = {}  # checked once per type
         one = self._one
@@ -466,6 +493,8 @@ class Producer:
                         own.setdefault("task_id", task_id)
                     if key is not None:
                         own.setdefault("key", key)
+                    if headers is not None:
+                        own.setdefault("headers", headers)
                     out.append(self.prepare(item.type, item.payload, **own))
                     continue
                 task_type, payload = item.type, item.payload
@@ -477,7 +506,10 @@ class Producer:
             if known is None:
                 t = self.template(task_type, **options)
                 known = templates[task_type] = (t, _head(t, now_ms))
-            out.append(one(known[0], payload, task_id, now_ms, known[1], key))
+            prepared = one(known[0], payload, task_id, now_ms, known[1], key, extra)
+            if headers is not None:
+                prepared.headers = headers
+            out.append(prepared)
         return out
 
 

@@ -24,17 +24,22 @@ c     payload codec (absent: json)               dl    deadline (ms since the ep
 mr    retries allowed after the first attempt    u     key of the unique lock
 r     retries so far                             rt    kept after success for (ms)
 e     enqueued at (ms since the epoch)           err   last error; ``fa`` when (ms)
-g     fair group (right after ``t``)
+g     fair group (right after ``t``)           h     headers: a small string map (before ``e``)
 ====  =========================================  ====  ==================================
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
+from types import MappingProxyType
 from typing import Any
 
 from clusterq.serialization import json_bytes, json_value
+
+#: The headers of a task enqueued without any (shared, read-only).
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 class TaskState(str, Enum):
@@ -78,6 +83,8 @@ class Record:
     workflow_durability: str | None = None
     #: The fair group the task belongs to (``enqueue(..., group=...)``).
     group: str | None = None
+    #: Metadata beside the payload (``enqueue(..., headers=...)``): trace context, tenant...
+    headers: dict[str, str] | None = None
 
     def meta(self) -> bytes:
         fields = _meta_fields(
@@ -102,6 +109,8 @@ class Record:
             fields["pr"] = self.parent_results
             if self.workflow_durability is not None:
                 fields["wd"] = self.workflow_durability
+        if self.headers:
+            fields["h"] = self.headers
         return json_bytes(fields)[:-1] + b',"e":%d}' % self.enqueued_ms  # last, as in with_enqueued
 
     def encode(self) -> bytes:
@@ -135,6 +144,7 @@ class Record:
             get("pr"),
             get("wd"),
             get("g"),
+            get("h"),
         )
         record._check()
         return record
@@ -170,6 +180,12 @@ class Record:
         for name, text in (("u", self.unique_key), ("err", self.last_error), ("g", self.group)):
             if text is not None and type(text) is not str:
                 raise ValueError(f"record field {name!r} is not a string: {text!r}")
+        headers = self.headers
+        if headers is not None and (
+            type(headers) is not dict
+            or not all(type(k) is str and type(v) is str for k, v in headers.items())
+        ):
+            raise ValueError(f"record field 'h' is not a map of strings: {headers!r:.80}")
 
     @staticmethod
     def unreadable_meta(error: str, at_ms: int) -> bytes:
@@ -239,6 +255,11 @@ def record_meta(
     return meta
 
 
+def headers_field(headers: dict[str, str]) -> bytes:
+    """The headers' part of a record's meta, inserted before its last field (``e``)."""
+    return b',"h":' + json_bytes(headers)
+
+
 def with_enqueued(meta: bytes, enqueued_ms: int) -> bytes:
     """A new task's record up to its payload: ``head + payload`` is what
     ``Record(...).encode()`` gives."""
@@ -272,6 +293,8 @@ class Task:
     workflow: str | None = None
     #: The fair group it was enqueued in (``enqueue(..., group=...)``), if any.
     group: str | None = None
+    #: The string map given as ``enqueue(..., headers=...)`` (empty if none).
+    headers: Mapping[str, str] = field(default_factory=lambda: NO_HEADERS)
 
 
 @dataclass(slots=True)
@@ -303,6 +326,8 @@ class TaskInfo:
     replicas: int | None = None
     #: The fair group it was enqueued in, if any.
     group: str | None = None
+    #: The headers it was enqueued with (empty if none).
+    headers: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -75,6 +75,7 @@ def task_info(queue: str, task_id: str, values: Sequence[Any]) -> TaskInfo:
         retained_until=when if state == TaskState.COMPLETED else None,
         result=_decode(record.codec, bytes(result)) if result is not None else None,
         group=record.group,
+        headers=record.headers or {},
     )
 
 

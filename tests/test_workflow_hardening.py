@@ -396,7 +396,7 @@ def test_an_ended_workflow_expires_after_its_retention(url: str, prefix: str) ->
 
 def test_workflow_options_are_checked(standalone: Any, prefix: str) -> None:
     with Client(standalone.seed_url, prefix=prefix) as client:
-        with pytest.raises(ClusterqError, match="retention= and durability= only"):
+        with pytest.raises(ClusterqError, match="retention=, headers= and durability= only"):
             client.enqueue(chain(spec("value", 1)), queue="images")  # type: ignore[call-overload]
         with pytest.raises(ClusterqError, match="retention"):
             client.enqueue(chain(spec("value", 1)), retention=-5)

@@ -172,6 +172,7 @@ def task_inspect(state: CliState, task_id: str, queue: str, as_json: bool) -> No
         data[name] = clock(data[name])
     data["payload"] = json.dumps(data["payload"], default=repr)
     data["result"] = json.dumps(data["result"], default=repr)
+    data["headers"] = json.dumps(data["headers"], ensure_ascii=False) if data["headers"] else None
     rows = [[name, value] for name, value in data.items() if value not in (None, "-")]
     console().print(table(f"task {task_id}", ["", ""], rows, header=False))
 

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from clusterq.cluster.backend import Backend
@@ -33,7 +33,7 @@ from clusterq.serialization import (
     json_bytes,
     too_large,
 )
-from clusterq.task import Record, Task
+from clusterq.task import NO_HEADERS, Record, Task
 from clusterq.worker.blocking import BlockingBackend
 from clusterq.worker.outcomes import Outcomes
 from clusterq.worker.state import Outcome, QueueState, WorkerSettings
@@ -211,6 +211,7 @@ class Runner:
             record.parent_results,
             record.workflow,
             record.group,
+            record.headers or NO_HEADERS,
         )
         try:
             if timeout is None:
@@ -338,6 +339,7 @@ def _new_task(
     parent_results: list[Any] | None,
     workflow: str | None,
     group: str | None,
+    headers: Mapping[str, str],
 ) -> Task:
     """``Task(...)`` in a quarter of the time: a frozen dataclass sets each of its thirteen
     fields through ``object.__setattr__`` (~1.7 us a task on a small machine); here they
@@ -357,10 +359,11 @@ def _new_task(
     fields["parent_results"] = parent_results
     fields["workflow"] = workflow
     fields["group"] = group
+    fields["headers"] = headers
     return task
 
 
-_probe = _new_task("i", "t", None, "q", 0, 0, None, None, None, "a", None, None, None)
+_probe = _new_task("i", "t", None, "q", 0, 0, None, None, None, "a", None, None, None, NO_HEADERS)
 if set(vars(_probe)) != {f.name for f in dataclasses.fields(Task)}:  # pragma: no cover
     raise ImportError("clusterq.task.Task changed: update clusterq.worker.runner._new_task")
 del _probe

@@ -169,12 +169,24 @@ class StartPlan:
 
 
 def plan_start(
-    client: Any, node: Node, workflow_id: str | None, retention: float | None
+    client: Any,
+    node: Node,
+    workflow_id: str | None,
+    retention: float | None,
+    headers: dict[str, str] | None = None,
 ) -> StartPlan:
     """Compile ``node`` and check every step as its enqueue will be checked (queue,
     type, payload, options, task id), so that a bad step is refused here, with nothing
-    written, rather than failing in a worker later."""
+    written, rather than failing in a worker later. ``headers`` go to every step (a
+    step's own headers win where both name the same one)."""
     plan = compile_workflow(node)
+    if headers is not None:
+        for step in plan.steps.values():
+            own = step.spec.options.get("headers") or {}
+            if not isinstance(own, dict):
+                continue  # prepare() below names it
+            options = {**step.spec.options, "headers": {**headers, **own}}
+            step.spec = TaskSpec(step.spec.type, step.spec.payload, options)
     if len(plan.steps) > MAX_STEPS:
         raise ClusterqError(
             f"a workflow has at most {MAX_STEPS} steps, this one has {len(plan.steps)}"
@@ -305,8 +317,9 @@ class Workflows:
         *,
         retention: float | None = None,
         durability: Durability | None = None,
+        headers: dict[str, str] | None = None,
     ) -> WorkflowHandle:
-        plan = plan_start(self.client, node, workflow_id, retention)
+        plan = plan_start(self.client, node, workflow_id, retention, headers)
         self.client._register_soon(plan.queues)
         level = durability or self.client.durability
         for args in plan.calls[:-1]:  # the parts of a large workflow, if any
@@ -382,8 +395,9 @@ class AsyncWorkflows:
         *,
         retention: float | None = None,
         durability: Durability | None = None,
+        headers: dict[str, str] | None = None,
     ) -> WorkflowHandle:
-        plan = plan_start(self.client, node, workflow_id, retention)
+        plan = plan_start(self.client, node, workflow_id, retention, headers)
         self.client._register_soon(plan.queues)
         level = durability or self.client.durability
         for args in plan.calls[:-1]:
@@ -455,14 +469,16 @@ class AsyncWorkflows:
 
 
 def start_options(payload: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """The options ``client.enqueue(workflow, ...)`` takes: ``retention`` (and the
-    call's ``durability``, given apart); its steps carry their own."""
+    """The options ``client.enqueue(workflow, ...)`` takes: ``retention``, ``headers``
+    (given to every step) and the call's ``durability``, given apart; its steps carry
+    their own."""
     if payload is not None:
         raise ClusterqError("a workflow takes no payload: each step carries its own")
-    unknown = sorted(set(options) - {"retention"})
+    unknown = sorted(set(options) - {"retention", "headers"})
     if unknown:
         raise ClusterqError(
-            f"a workflow takes retention= and durability= only, not {', '.join(unknown)} "
+            "a workflow takes retention=, headers= and durability= only, not "
+            f"{', '.join(unknown)} "
             "(each step carries its own options)"
         )
     return options
