@@ -210,8 +210,13 @@ class QueueKeys:
         """The lock that keeps a unique task from being enqueued twice in its window."""
         return f"{self.base}:u:{digest}"
 
+    def progress(self, task_id: str) -> str:
+        """String: the latest progress an active task reported (``task.progress()``), with
+        the lease token it was written under; expires an hour after its last write."""
+        return f"{self.base}:p:{task_id}"
+
     def all_keys(self) -> tuple[str, ...]:
-        """Every fixed key of the queue (unique locks aside)."""
+        """Every fixed key of the queue (unique locks and progress reports aside)."""
         return (
             self.pending,
             self.scheduled,

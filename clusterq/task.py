@@ -30,16 +30,25 @@ g     fair group (right after ``t``)           h     headers: a small string map
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
+from clusterq.progress import Progress
 from clusterq.serialization import json_bytes, json_value
 
 #: The headers of a task enqueued without any (shared, read-only).
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+#: How ``Task.progress`` reaches the worker running the handler (set by the worker; see
+#: :mod:`clusterq.worker.progress`).
+PROGRESS_REPORTER: ContextVar[Callable[[Task, float, dict[str, Any] | None], None]] = ContextVar(
+    "clusterq_progress"
+)
 
 
 class TaskState(str, Enum):
@@ -296,6 +305,18 @@ class Task:
     #: The string map given as ``enqueue(..., headers=...)`` (empty if none).
     headers: Mapping[str, str] = field(default_factory=lambda: NO_HEADERS)
 
+    def progress(self, fraction: float, data: dict[str, Any] | None = None) -> None:
+        """Report how far this attempt got: ``fraction`` from 0 to 1 and a small JSON
+        dict, seen by ``client.info(...).progress`` and ``task inspect`` while it runs.
+        An async handler's report is written in the background (the call does not
+        wait); a plain ``def`` handler's before the call returns. A report from an
+        attempt that lost its lease is refused (logged; the task goes on)."""
+        try:
+            report = PROGRESS_REPORTER.get()
+        except LookupError:
+            raise RuntimeError("task.progress() works only in a handler a worker runs") from None
+        report(self, fraction, data)
+
 
 @dataclass(slots=True)
 class TaskInfo:
@@ -328,10 +349,13 @@ class TaskInfo:
     group: str | None = None
     #: The headers it was enqueued with (empty if none).
     headers: dict[str, str] = field(default_factory=dict)
+    #: The latest progress the running (or last) attempt reported, if any.
+    progress: Progress | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["state"] = self.state.value
+        out["progress"] = None if self.progress is None else self.progress.to_dict()
         return out
 
 

@@ -8,9 +8,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+
 from clusterq.broker.script import first_error
 from clusterq.errors import ResultTimeout, TaskFailed, TaskNotFound
 from clusterq.keys import QueueKeys
+from clusterq.progress import decode_progress
 from clusterq.serialization import PayloadError, get_codec
 from clusterq.task import Record, TaskInfo, TaskState, ms_to_s
 
@@ -24,6 +27,7 @@ def info_commands(qk: QueueKeys, task_id: str) -> list[tuple[str, ...]]:
         ("ZSCORE", qk.retry, task_id),
         ("ZSCORE", qk.archived, task_id),
         ("ZSCORE", qk.completed, task_id),
+        ("GET", qk.progress(task_id)),
     ]
 
 
@@ -38,7 +42,7 @@ def _decode(codec_name: str, data: bytes | None) -> Any:
 
 def task_info(queue: str, task_id: str, values: Sequence[Any]) -> TaskInfo:
     """A :class:`TaskInfo` from the replies to :func:`info_commands`."""
-    raw, result, active, scheduled, retry, archived, completed = values
+    raw, result, active, scheduled, retry, archived, completed, progress = values
     if raw is None:
         raise TaskNotFound(
             f"no task {task_id!r} in queue {queue!r} (a task enqueued without retention is "
@@ -76,6 +80,7 @@ def task_info(queue: str, task_id: str, values: Sequence[Any]) -> TaskInfo:
         result=_decode(record.codec, bytes(result)) if result is not None else None,
         group=record.group,
         headers=record.headers or {},
+        progress=decode_progress(progress) if not isinstance(progress, Exception) else None,
     )
 
 
@@ -97,10 +102,13 @@ def poll_delay(attempt: int) -> float:
 def info_values(answers: Sequence[Any]) -> list[Any]:
     """The replies to :func:`info_commands`; an error among them is raised (a ``MOVED``
     or a connection loss: the backend retries the read)."""
+    answers = list(answers)
+    if isinstance(answers[7], redis.ResponseError) and "WRONGTYPE" in str(answers[7]):
+        answers[7] = None  # a progress key holding something else: not progress
     error = first_error(answers)
     if error is not None:
         raise error
-    return list(answers)
+    return answers
 
 
 class ResultWait:

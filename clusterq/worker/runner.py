@@ -36,6 +36,7 @@ from clusterq.serialization import (
 from clusterq.task import NO_HEADERS, Record, Task
 from clusterq.worker.blocking import BlockingBackend
 from clusterq.worker.outcomes import Outcomes
+from clusterq.worker.progress import ProgressWriter
 from clusterq.worker.state import Outcome, QueueState, WorkerSettings
 from clusterq.worker.threads import HandlerThreads, Job
 from clusterq.workflow import AsyncWorkflows
@@ -83,6 +84,8 @@ class Runner:
         self._kept: set[tuple[str, str]] = set()
         #: The blocking backend of sync handlers (:mod:`clusterq.worker.blocking`).
         self.blocking = BlockingBackend()
+        #: Writes what handlers report with ``task.progress()``.
+        self.progress = ProgressWriter(outcomes.broker, lambda: self.sync_backend)
 
     @property
     def sync_backend(self) -> Backend:

@@ -38,6 +38,7 @@ from clusterq.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from clusterq.router import Router
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.streams import select_consumers
+from clusterq.task import PROGRESS_REPORTER
 from clusterq.worker.announce import Announcer
 from clusterq.worker.consumers import Consumers
 from clusterq.worker.fetcher import Fetcher
@@ -302,6 +303,7 @@ class Worker:
         observe = self.metrics.observe if self.metrics is not None else None
         aborting = lambda: state.aborting  # noqa: E731
         self._runner = Runner(self.router, settings, self._capacity, self._outcomes, aborting)
+        PROGRESS_REPORTER.set(self._runner.progress.report)  # like _current, for handlers
         self._runner.observe = observe
         workflows = AsyncWorkflows(AsyncClient(backend))
         self._runner.workflows = self._outcomes.workflows = workflows

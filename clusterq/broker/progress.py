@@ -1,0 +1,22 @@
+"""progress: an active task's progress report, fenced by its lease (``progress.lua``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clusterq.broker.script import LuaScript
+from clusterq.keys import QueueKeys
+from clusterq.progress import PROGRESS_TTL_MS
+
+SCRIPT = LuaScript("progress")
+
+
+def build(qk: QueueKeys, task_id: str, token: str, report: bytes) -> tuple[list[str], list[Any]]:
+    return [qk.leases, qk.progress(task_id)], [task_id, token, report, PROGRESS_TTL_MS]
+
+
+def parse(reply: Any) -> bool:
+    """True if the report was kept; False if the caller no longer holds the lease."""
+    if isinstance(reply, Exception):
+        raise reply
+    return bool(reply == 1)
