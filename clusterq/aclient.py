@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
+from clusterq import tracing
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker import layout as layout_script
 from clusterq.broker import limits as limits_script
@@ -325,6 +326,16 @@ class AsyncClient(ClientBase):
         **options: Any,
     ) -> TaskInfo | WorkflowHandle:
         """See :meth:`Client.enqueue`."""
+        if tracing.enabled():
+            with tracing.enqueue_span(type, options) as (span, options):
+                result = await self._enqueue(type, payload, durability, options)
+                tracing.sent(span, self.backend, result)
+                return result
+        return await self._enqueue(type, payload, durability, options)
+
+    async def _enqueue(
+        self, type: str | Workflow, payload: Any, durability: Durability | None, options: Any
+    ) -> TaskInfo | WorkflowHandle:
         if type.__class__ is not str and isinstance(type, Chain | Group | Chord):  # a workflow
             options = start_options(payload, options)
             return await AsyncWorkflows(self).start(type, durability=durability, **options)
@@ -355,6 +366,19 @@ class AsyncClient(ClientBase):
         **defaults: Any,
     ) -> list[TaskInfo]:
         """See :meth:`Client.enqueue_many`; the slots are written concurrently."""
+        if tracing.enabled():
+            with tracing.enqueue_span(None, defaults) as (span, defaults):
+                infos = await self._enqueue_many(items, durability, defaults)
+                tracing.sent(span, self.backend, infos)
+                return infos
+        return await self._enqueue_many(items, durability, defaults)
+
+    async def _enqueue_many(
+        self,
+        items: Iterable[TaskSpec | tuple[str, Any]],
+        durability: Durability | None,
+        defaults: dict[str, Any],
+    ) -> list[TaskInfo]:
         await self._refresh_layouts()
         prepared = self.producer.prepare_many(items, defaults)
         self._register_soon(p.queue for p in prepared)

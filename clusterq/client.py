@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
+from clusterq import tracing
 from clusterq.broker import enqueue as enqueue_script
 from clusterq.broker import layout as layout_script
 from clusterq.broker import limits as limits_script
@@ -401,6 +402,16 @@ class Client(ClientBase):
         ``durability="replica"`` (or the client's default) waits until a replica has the
         task and raises :class:`DurabilityError` if none confirms it in time.
         """
+        if tracing.enabled():
+            with tracing.enqueue_span(type, options) as (span, options):
+                result = self._enqueue(type, payload, durability, options)
+                tracing.sent(span, self.backend, result)
+                return result
+        return self._enqueue(type, payload, durability, options)
+
+    def _enqueue(
+        self, type: str | Workflow, payload: Any, durability: Durability | None, options: Any
+    ) -> TaskInfo | WorkflowHandle:
         if type.__class__ is not str and isinstance(type, Chain | Group | Chord):  # a workflow
             options = start_options(payload, options)
             return Workflows(self).start(type, durability=durability, **options)
@@ -436,6 +447,19 @@ class Client(ClientBase):
         :class:`TaskSpec`. Unique tasks that were refused come back with ``duplicate_of``
         set instead of raising. With durability, one ``WAIT`` per slot covers its batch.
         """
+        if tracing.enabled():
+            with tracing.enqueue_span(None, defaults) as (span, defaults):
+                infos = self._enqueue_many(items, durability, defaults)
+                tracing.sent(span, self.backend, infos)
+                return infos
+        return self._enqueue_many(items, durability, defaults)
+
+    def _enqueue_many(
+        self,
+        items: Iterable[TaskSpec | tuple[str, Any]],
+        durability: Durability | None,
+        defaults: dict[str, Any],
+    ) -> list[TaskInfo]:
         self._refresh_layouts()
         prepared = self.producer.prepare_many(items, defaults)
         self._register_soon(p.queue for p in prepared)

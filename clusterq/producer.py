@@ -493,7 +493,10 @@ class Producer:
                         own.setdefault("task_id", task_id)
                     if key is not None:
                         own.setdefault("key", key)
-                    if headers is not None:
+                    mine = item.options.get("headers")
+                    if headers is not None and isinstance(mine, dict):
+                        own["headers"] = {**headers, **mine}  # the spec's own win
+                    elif headers is not None:
                         own.setdefault("headers", headers)
                     out.append(self.prepare(item.type, item.payload, **own))
                     continue

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from clusterq import tracing
 from clusterq.cluster.backend import Backend
 from clusterq.priority import Capacity
 from clusterq.retry import RateLimited, RetryIn, SkipRetry
@@ -109,12 +110,10 @@ class Runner:
                 unreadable = Outcome(False, error=f"unreadable record: {exc}", archive=True)
                 await self.outcomes.fail(q, task_id, token, None, unreadable)
                 return
-            began = time.perf_counter()
-            outcome = await self.call(q, task_id, record, token)
-            if self.observe is not None:
-                self.observe(q.name, record.type, time.perf_counter() - began, outcome.ok)
-            if outcome.ok and record.workflow is not None:
-                outcome = await self._advance(q, task_id, record, outcome)
+            if tracing.enabled():
+                outcome = await self._traced(q, task_id, record, token)
+            else:
+                outcome = await self._attempt(q, task_id, record, token)
             if outcome.ok:
                 self.outcomes.ack(q, task_id, token, record, outcome.result)
             else:
@@ -149,6 +148,40 @@ class Runner:
                 self._kept.add((task_id, token))
             else:
                 self.capacity.release(1)
+
+    async def _attempt(self, q: QueueState, task_id: str, record: Record, token: str) -> Outcome:
+        """The handler's call, and a workflow step's advance after it."""
+        began = time.perf_counter()
+        outcome = await self.call(q, task_id, record, token)
+        if self.observe is not None:
+            self.observe(q.name, record.type, time.perf_counter() - began, outcome.ok)
+        if outcome.ok and record.workflow is not None:
+            outcome = await self._advance(q, task_id, record, outcome)
+        return outcome
+
+    async def _traced(self, q: QueueState, task_id: str, record: Record, token: str) -> Outcome:
+        """:meth:`_attempt` in its CONSUMER span (see :mod:`clusterq.tracing`)."""
+        backend = self.outcomes.broker.backend
+        attempt = record.retried
+        started = tracing.start_consumer(
+            backend, q.name, q.qk.slot, task_id, record.type, attempt, record.headers
+        )
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._attempt(q, task_id, record, token)
+            return outcome
+        finally:
+            if outcome is None:
+                tracing.end_consumer(started, None)
+            else:
+                tracing.end_consumer(
+                    started,
+                    outcome.ok,
+                    error=outcome.error,
+                    exception=outcome.exception,
+                    archive=outcome.archive or attempt >= record.max_retry,
+                    attempt=attempt,
+                )
 
     async def _advance(
         self, q: QueueState, task_id: str, record: Record, outcome: Outcome
