@@ -48,6 +48,7 @@ from clusterq.producer import (
     plan_batches,
     raise_first,
     settle_replies,
+    spec_given,
 )
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from clusterq.slots import keyslot
@@ -317,6 +318,7 @@ class AsyncClient(ClientBase):
         headers: dict[str, str] | None = None,
     ) -> WorkflowHandle: ...
 
+    @tracing.traced_enqueue(batch=False)
     async def enqueue(
         self,
         type: str | Workflow,
@@ -326,24 +328,11 @@ class AsyncClient(ClientBase):
         **options: Any,
     ) -> TaskInfo | WorkflowHandle:
         """See :meth:`Client.enqueue`."""
-        if tracing.enabled():
-            with tracing.enqueue_span(type, options) as (span, options):
-                result = await self._enqueue(type, payload, durability, options)
-                tracing.sent(span, self.backend, result)
-                return result
-        return await self._enqueue(type, payload, durability, options)
-
-    async def _enqueue(
-        self, type: str | Workflow, payload: Any, durability: Durability | None, options: Any
-    ) -> TaskInfo | WorkflowHandle:
         if type.__class__ is not str and isinstance(type, Chain | Group | Chord):  # a workflow
             options = start_options(payload, options)
             return await AsyncWorkflows(self).start(type, durability=durability, **options)
         if type.__class__ is not str and isinstance(type, TaskSpec):
-            raise TypeError(
-                "enqueue takes a task type and a payload: enqueue(spec.type, spec.payload, "
-                "**spec.options), or enqueue_many([spec]) for TaskSpecs"
-            )
+            raise spec_given()
         if self.layouts.due():  # (no coroutine made for nothing)
             await self._refresh_layouts()
         prepared = self.producer.prepare_options(type, payload, options)
@@ -358,6 +347,7 @@ class AsyncClient(ClientBase):
             return prepared.guess()
         return one_info(prepared, one, reply)
 
+    @tracing.traced_enqueue(batch=True)
     async def enqueue_many(
         self,
         items: Iterable[TaskSpec | tuple[str, Any]],
@@ -366,19 +356,6 @@ class AsyncClient(ClientBase):
         **defaults: Any,
     ) -> list[TaskInfo]:
         """See :meth:`Client.enqueue_many`; the slots are written concurrently."""
-        if tracing.enabled():
-            with tracing.enqueue_span(None, defaults) as (span, defaults):
-                infos = await self._enqueue_many(items, durability, defaults)
-                tracing.sent(span, self.backend, infos)
-                return infos
-        return await self._enqueue_many(items, durability, defaults)
-
-    async def _enqueue_many(
-        self,
-        items: Iterable[TaskSpec | tuple[str, Any]],
-        durability: Durability | None,
-        defaults: dict[str, Any],
-    ) -> list[TaskInfo]:
         await self._refresh_layouts()
         prepared = self.producer.prepare_many(items, defaults)
         self._register_soon(p.queue for p in prepared)

@@ -53,6 +53,7 @@ from clusterq.producer import (
     plan_batches,
     raise_first,
     settle_replies,
+    spec_given,
 )
 from clusterq.serialization import DEFAULT_MAX_PAYLOAD_BYTES, reply_text
 from clusterq.streams import (
@@ -387,6 +388,7 @@ class Client(ClientBase):
         headers: dict[str, str] | None = None,
     ) -> WorkflowHandle: ...
 
+    @tracing.traced_enqueue(batch=False)
     def enqueue(
         self,
         type: str | Workflow,
@@ -402,24 +404,11 @@ class Client(ClientBase):
         ``durability="replica"`` (or the client's default) waits until a replica has the
         task and raises :class:`DurabilityError` if none confirms it in time.
         """
-        if tracing.enabled():
-            with tracing.enqueue_span(type, options) as (span, options):
-                result = self._enqueue(type, payload, durability, options)
-                tracing.sent(span, self.backend, result)
-                return result
-        return self._enqueue(type, payload, durability, options)
-
-    def _enqueue(
-        self, type: str | Workflow, payload: Any, durability: Durability | None, options: Any
-    ) -> TaskInfo | WorkflowHandle:
         if type.__class__ is not str and isinstance(type, Chain | Group | Chord):  # a workflow
             options = start_options(payload, options)
             return Workflows(self).start(type, durability=durability, **options)
         if type.__class__ is not str and isinstance(type, TaskSpec):
-            raise TypeError(
-                "enqueue takes a task type and a payload: enqueue(spec.type, spec.payload, "
-                "**spec.options), or enqueue_many([spec]) for TaskSpecs"
-            )
+            raise spec_given()
         if self.layouts.due():
             self._refresh_layouts()
         prepared = self.producer.prepare_options(type, payload, options)
@@ -434,6 +423,7 @@ class Client(ClientBase):
             return prepared.guess()
         return one_info(prepared, one, reply)
 
+    @tracing.traced_enqueue(batch=True)
     def enqueue_many(
         self,
         items: Iterable[TaskSpec | tuple[str, Any]],
@@ -447,19 +437,6 @@ class Client(ClientBase):
         :class:`TaskSpec`. Unique tasks that were refused come back with ``duplicate_of``
         set instead of raising. With durability, one ``WAIT`` per slot covers its batch.
         """
-        if tracing.enabled():
-            with tracing.enqueue_span(None, defaults) as (span, defaults):
-                infos = self._enqueue_many(items, durability, defaults)
-                tracing.sent(span, self.backend, infos)
-                return infos
-        return self._enqueue_many(items, durability, defaults)
-
-    def _enqueue_many(
-        self,
-        items: Iterable[TaskSpec | tuple[str, Any]],
-        durability: Durability | None,
-        defaults: dict[str, Any],
-    ) -> list[TaskInfo]:
         self._refresh_layouts()
         prepared = self.producer.prepare_many(items, defaults)
         self._register_soon(p.queue for p in prepared)

@@ -152,6 +152,14 @@ class TaskSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def spec_given() -> TypeError:
+    """What ``enqueue(TaskSpec(...))`` raises."""
+    return TypeError(
+        "enqueue takes a task type and a payload: enqueue(spec.type, spec.payload, "
+        "**spec.options), or enqueue_many([spec]) for TaskSpecs"
+    )
+
+
 @dataclass(slots=True)
 class PreparedEnqueue:
     """An enqueue ready to be sent: validated, encoded, keyed."""

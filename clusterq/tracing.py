@@ -22,8 +22,10 @@ tracer provider is set.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 try:
     from opentelemetry import context as otel_context
@@ -119,6 +121,41 @@ def enqueue_span(what: object, options: dict[str, Any]) -> Iterator[tuple[Any, d
         name, attributes = ("send batch" if what is None else "send workflow"), {}
     with producer(name, options.get("headers"), attributes) as (span, headers):
         yield span, {**options, "headers": headers}
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def traced_enqueue(*, batch: bool) -> Callable[[F], F]:
+    """A client's ``enqueue`` (``batch``: ``enqueue_many``), sync or async, in a PRODUCER
+    span while tracing is on (:func:`enqueue_span`, :func:`sent`)."""
+
+    def decorate(fn: F) -> F:
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def traced_async(client: Any, what: Any, *args: Any, **options: Any) -> Any:
+                if not enabled():
+                    return await fn(client, what, *args, **options)
+                with enqueue_span(None if batch else what, options) as (span, options):
+                    result = await fn(client, what, *args, **options)
+                    sent(span, client.backend, result)
+                    return result
+
+            return traced_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def traced(client: Any, what: Any, *args: Any, **options: Any) -> Any:
+            if not enabled():
+                return fn(client, what, *args, **options)
+            with enqueue_span(None if batch else what, options) as (span, options):
+                result = fn(client, what, *args, **options)
+                sent(span, client.backend, result)
+                return result
+
+        return traced  # type: ignore[return-value]
+
+    return decorate
 
 
 def sent(span: Any, backend: Any, result: Any) -> None:
