@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,8 @@ from clusterq.cluster.abackend import AsyncBackend
 from clusterq.errors import ClusterqError
 from clusterq.scheduler import Periodic, Scheduler
 from clusterq.task import Record
-from tests.helpers import await_for, running_worker
+from tests.helpers import StartWorker, await_for, running_worker, wait_for
+from tests.workload import read_events
 
 HEADERS = {"tenant": "42", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
 
@@ -145,6 +147,24 @@ def test_headers_survive_a_lost_lease(url: str, prefix: str) -> None:
 
     asyncio.run(scenario())
     assert seen == [("lost", 1, HEADERS)]  # the lost attempt counted as one
+
+
+def test_headers_survive_a_worker_killed_mid_task(
+    url: str, prefix: str, start_worker: StartWorker, log_dir: Path
+) -> None:
+    """kill -9 of the worker running the task: the attempt after lease recovery, in
+    another worker process, has the same headers."""
+    with Client(url, prefix=prefix) as client:
+        info = client.enqueue("slow", {"seconds": 1.0}, headers=HEADERS)
+        first = start_worker(url)
+        wait_for(lambda: ("start", info.id) in read_events(log_dir), 20, "the task to start")
+        first.kill()
+        first.wait(timeout=10)
+        start_worker(url)
+        wait_for(lambda: ("done", info.id) in read_events(log_dir), 30, "the task to run again")
+    noted = json.dumps(HEADERS, sort_keys=True, separators=(",", ":"))
+    seen = [event for event, task_id in read_events(log_dir) if task_id == info.id]
+    assert seen.count("start") == 2 and seen.count(f"hdr:{noted}") == 2
 
 
 def test_workflow_headers_reach_every_step(cluster: Any, prefix: str) -> None:

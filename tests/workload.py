@@ -7,6 +7,7 @@ so a test can count what every process started and finished, even after kill -9.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -30,8 +31,11 @@ def record(task: Task) -> str:
 
 @router.task("slow")
 def slow(task: Task) -> None:
-    """Sleeps payload["seconds"] between a 'start' and a 'done' line."""
+    """Sleeps payload["seconds"] between a 'start' and a 'done' line (and notes the
+    task's headers, if it has any, as ``hdr:<compact JSON>``)."""
     _note("start", task)
+    if task.headers:
+        _note("hdr:" + json.dumps(dict(task.headers), sort_keys=True, separators=(",", ":")), task)
     time.sleep(float(task.payload.get("seconds", 1.0)))
     _note("done", task)
 
