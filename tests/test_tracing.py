@@ -111,7 +111,7 @@ def test_a_chain_over_three_masters_is_one_trace_with_the_right_places(
     assert root.kind is SpanKind.PRODUCER and root.name == "send workflow"
     assert root.attributes is not None and root.attributes["clusterq.workflow.id"] == handle.id
     by_id = {s.context.span_id: s for s in finished}
-    consumers = _by_kind(spans, SpanKind.CONSUMER)
+    consumers = sorted(_by_kind(spans, SpanKind.CONSUMER), key=lambda s: s.start_time or 0)
     assert [s.name for s in consumers] == [f"process {q}" for q in queues]  # in chain order
     located = _located(url, prefix)
     masters = set()
@@ -198,3 +198,17 @@ def test_enqueue_many_is_one_producer_span_with_each_task_under_it(
         s.parent is not None and s.parent.span_id == producer.context.span_id for s in consumers
     )
     assert len({dict(s.attributes or {})["clusterq.task.id"] for s in consumers}) == 100
+
+
+def test_the_tracing_example_prints_one_trace_over_three_masters(
+    cluster: Any, prefix: str, spans: InMemorySpanExporter
+) -> None:
+    from examples import tracing as example
+
+    example.done.clear()
+    asyncio.run(example.run(cluster.seed_url, prefix))
+    lines = example.tree(list(spans.get_finished_spans())).splitlines()
+    assert lines[0].startswith("producer 'send workflow'")
+    assert [line.split("'")[0] for line in lines[1:]] == ["  consumer "] * 3
+    assert len({line.split("trace ")[1].split()[0] for line in lines}) == 1
+    assert len({line.rsplit(" on ", 1)[1] for line in lines[1:]}) == 3
