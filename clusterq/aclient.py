@@ -55,7 +55,6 @@ from clusterq.slots import keyslot
 from clusterq.streams import (
     Published,
     StreamLayout,
-    plan_publish,
     read_stream_layout,
     redeclare,
     stream_layout,
@@ -251,6 +250,7 @@ class AsyncClient(ClientBase):
         """See :meth:`Client.publish`."""
         return (await self.publish_many(stream, [(payload, key)], durability=durability))[0]
 
+    @tracing.traced_publish
     async def publish_many(
         self,
         stream: str,
@@ -260,7 +260,7 @@ class AsyncClient(ClientBase):
     ) -> list[Published]:
         """See :meth:`Client.publish_many`; the slots are written concurrently."""
         layout = await self.stream_layout(stream)
-        plan = plan_publish(layout, self.keys, events, self.producer.max_payload_bytes)
+        plan = self._plan_publish(layout, events)
         level = durability or self.durability
         after = durability_commands(level, self.durability_timeout)
         out: dict[int, Published] = {}

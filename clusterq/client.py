@@ -105,6 +105,14 @@ class ClientBase:
         self._streams: dict[str, tuple[StreamLayout, float]] = {}
         self.producer.layouts = self.layouts
 
+    def _plan_publish(
+        self, layout: StreamLayout, events: Iterable[tuple[Any, str | None]]
+    ) -> dict[int, list[tuple[int, int, tuple[Any, ...]]]]:
+        """Per slot, the XADDs of ``events`` (checked and encoded; with the current trace
+        context, where there is one)."""
+        limit, headers = self.producer.max_payload_bytes, tracing.context_headers()
+        return plan_publish(layout, self.keys, events, limit, headers)
+
     def _published(
         self,
         stream: str,
@@ -316,6 +324,7 @@ class Client(ClientBase):
         :class:`DurabilityError` instead of being acknowledged."""
         return self.publish_many(stream, [(payload, key)], durability=durability)[0]
 
+    @tracing.traced_publish
     def publish_many(
         self,
         stream: str,
@@ -326,9 +335,8 @@ class Client(ClientBase):
         """Append ``(payload, key)`` events: one pipeline per slot (with durability, its
         ``WAIT`` on the same connection covers the slot's events)."""
         layout = self.stream_layout(stream)
-        plan = plan_publish(layout, self.keys, events, self.producer.max_payload_bytes)
-        level = durability or self.durability
-        after = durability_commands(level, self.durability_timeout)
+        plan = self._plan_publish(layout, events)
+        after = durability_commands(level := durability or self.durability, self.durability_timeout)
         out: dict[int, Published] = {}
         for slot, planned in plan.items():
             commands = [command for _, _, command in planned]

@@ -33,11 +33,12 @@ from typing import Any, TypeAlias
 from clusterq.errors import ConfigError, InvalidName
 from clusterq.keys import KeySchema, validate_queue_name
 from clusterq.partitions import check_partitions, partition_names, partition_of
-from clusterq.serialization import get_codec, reply_text, too_large
+from clusterq.serialization import get_codec, json_bytes, reply_text, too_large
 
 #: Field names of a published event: its key (may be absent) and its JSON payload.
 KEY_FIELD = b"k"
 DATA_FIELD = b"d"
+HEADERS_FIELD = b"h"
 DEFAULT_MAX_DELIVERIES = 5
 
 
@@ -142,6 +143,8 @@ class Event:
     #: too: the stream's delivery counter of the event, plus retries in place).
     group: str
     deliveries: int = 1
+    #: The publisher's trace context, where it was traced (see :mod:`clusterq.tracing`).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 ConsumerHandler: TypeAlias = Callable[[Event], Any] | Callable[[Event], Coroutine[Any, Any, Any]]
@@ -162,11 +165,14 @@ class ConsumerSpec:
         return f"{self.stream}:{self.group}"
 
 
-def encode_event(payload: Any, key: str | None) -> dict[bytes, bytes]:
+def encode_event(payload: Any, key: str | None, headers: bytes | None = None) -> dict[bytes, bytes]:
     """The fields of a published event: its payload as JSON, by the rules of task
     payloads (no NaN or infinities, no lone surrogates, nothing JSON cannot hold, not
-    nested deeper than can be read back: :class:`PayloadError`); never pickle."""
+    nested deeper than can be read back: :class:`PayloadError`); never pickle.
+    ``headers``: a JSON map of strings (the publisher's trace context)."""
     fields = {DATA_FIELD: get_codec("json").encode(payload)}
+    if headers is not None:
+        fields[HEADERS_FIELD] = headers
     if key is not None:
         if not isinstance(key, str):
             raise TypeError(f"key must be a string, got {key!r}")
@@ -185,6 +191,7 @@ def decode_event(
     if data is None:
         raise ValueError(f"event {event_id!r} has no {DATA_FIELD.decode()!r} field")
     key = raw.get(KEY_FIELD)
+    headers = _headers(raw.get(HEADERS_FIELD))
     return Event(
         stream=stream,
         partition=partition,
@@ -193,7 +200,22 @@ def decode_event(
         payload=json.loads(data),
         group=group,
         deliveries=deliveries,
+        headers=headers,
     )
+
+
+def _headers(raw: Any) -> dict[str, str]:
+    """An event's headers; none where the field is absent or not a map of strings (a
+    foreign writer's: the event is still handled)."""
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        return {}
+    return value
 
 
 def xadd_command(
@@ -210,12 +232,14 @@ def plan_publish(
     keys: KeySchema,
     items: Iterable[tuple[Any, str | None]],
     max_bytes: int,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[int, list[tuple[int, int, tuple[Any, ...]]]]:
     """Per slot: (item index, partition, XADD) for each event, checked and encoded first
-    (all or, on the first bad one, nothing)."""
+    (all or, on the first bad one, nothing). ``headers`` go with every event."""
     plan: dict[int, list[tuple[int, int, tuple[Any, ...]]]] = {}
+    encoded = json_bytes(dict(headers)) if headers else None
     for index, (payload, key) in enumerate(items):
-        fields = encode_event(payload, key)
+        fields = encode_event(payload, key, encoded)
         size = len(fields[DATA_FIELD])
         if size > max_bytes:
             raise too_large(size, max_bytes)

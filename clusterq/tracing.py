@@ -191,6 +191,91 @@ def sent(span: Any, backend: Any, result: Any) -> None:
         span.set_attribute("clusterq.masters", sorted(masters))
 
 
+def context_headers() -> dict[str, str] | None:
+    """The current span's context as headers (None while nothing is traced): what a
+    published event carries."""
+    if not enabled() or not trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def traced_publish(fn: F) -> F:
+    """A client's ``publish_many``, sync or async, in a PRODUCER span ``publish
+    <stream>`` while tracing is on; the events carry its context
+    (:func:`context_headers`)."""
+
+    def span(stream: str) -> Any:
+        attributes = {
+            "messaging.system": SYSTEM,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": stream,
+            "clusterq.stream": stream,
+        }
+        return _tracer().start_as_current_span(
+            f"publish {stream}", kind=SpanKind.PRODUCER, attributes=attributes
+        )
+
+    def published(current: Any, client: Any, stream: str, result: Any) -> None:
+        current.set_attribute("messaging.batch.message_count", len(result))
+        parts = sorted({p.partition for p in result})
+        layout = client.stream_layout(stream) if len(parts) == 1 else None
+        if layout is not None:
+            slot = client.keys.stream(layout.partitions[parts[0]]).slot
+            current.set_attribute("clusterq.partition", parts[0])
+            current.set_attributes(where(client.backend, stream, slot))
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def traced_async(client: Any, stream: str, *args: Any, **kwargs: Any) -> Any:
+            if not enabled():
+                return await fn(client, stream, *args, **kwargs)
+            with span(stream) as current:
+                result = await fn(client, stream, *args, **kwargs)
+                published(current, client, stream, result)
+                return result
+
+        return traced_async  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def traced(client: Any, stream: str, *args: Any, **kwargs: Any) -> Any:
+        if not enabled():
+            return fn(client, stream, *args, **kwargs)
+        with span(stream) as current:
+            result = fn(client, stream, *args, **kwargs)
+            published(current, client, stream, result)
+            return result
+
+    return traced  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def consuming(backend: Any, event: Any, slot: int) -> Iterator[Any]:
+    """The CONSUMER span ``process <stream>`` of one event's handling, current while it
+    runs; its parent the publisher's context the event carries."""
+    parent = propagate.extract(event.headers) if event.headers else None
+    with _tracer().start_as_current_span(
+        f"process {event.stream}",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": SYSTEM,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.message.id": event.id,
+            "messaging.consumer.group.name": event.group,
+            "clusterq.stream": event.stream,
+            "clusterq.partition": event.partition,
+            "clusterq.deliveries": event.deliveries,
+            **where(backend, event.stream, slot),
+        },
+    ) as span:
+        yield span
+
+
 def start_consumer(
     backend: Any, queue: str, slot: int, task_id: str, task_type: str, attempt: int,
     headers: Mapping[str, str] | None,

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
-from clusterq import Client, Router, Task, TaskSpec, chain, tracing
+from clusterq import Client, Event, Router, Task, TaskSpec, chain, tracing
 from clusterq.cli import main
 from clusterq.slots import keyslot
 from tests.helpers import await_for, running_worker
@@ -212,3 +212,47 @@ def test_the_tracing_example_prints_one_trace_over_three_masters(
     assert [line.split("'")[0] for line in lines[1:]] == ["  consumer "] * 3
     assert len({line.split("trace ")[1].split()[0] for line in lines}) == 1
     assert len({line.rsplit(" on ", 1)[1] for line in lines[1:]}) == 3
+
+
+def test_published_events_are_traced_to_each_groups_handling(
+    url: str, prefix: str, spans: InMemorySpanExporter
+) -> None:
+    """``publish_many`` of 4 events with one key: one PRODUCER span; each group's
+    handling of each event (unordered, and ordered) a CONSUMER span under it, on the
+    partition's keyslot and master."""
+    router = Router()
+    handled: list[tuple[str, int]] = []
+
+    @router.consumer("tstream", group="billing")
+    async def billing(event: Event) -> None:
+        handled.append(("billing", event.payload))
+
+    @router.consumer("tstream", group="ship", ordered=True)
+    def ship(event: Event) -> None:
+        handled.append(("ship", event.payload))
+
+    async def scenario() -> Any:
+        with Client(url, prefix=prefix) as client:
+            layout = client.declare_stream("tstream", 3)
+            async with running_worker(url, router, prefix=prefix):
+                published = client.publish_many("tstream", [(n, "one-key") for n in range(4)])
+                await await_for(lambda: len(handled) == 8, 30, "both groups, four events")
+                await await_for(
+                    lambda: len(_by_kind(spans, SpanKind.CONSUMER)) == 8, 10, "eight spans"
+                )
+            slot = client.keys.stream(layout.partitions[published[0].partition]).slot
+            return published[0].partition, slot, tracing.master_of(client.backend, slot)
+
+    partition, slot, master = asyncio.run(scenario())
+    [producer] = _by_kind(spans, SpanKind.PRODUCER)
+    attributes = dict(producer.attributes or {})
+    assert producer.name == "publish tstream"
+    assert attributes["messaging.batch.message_count"] == 4
+    assert (attributes["clusterq.partition"], attributes["clusterq.keyslot"]) == (partition, slot)
+    consumers = _by_kind(spans, SpanKind.CONSUMER)
+    groups = sorted(dict(s.attributes or {})["messaging.consumer.group.name"] for s in consumers)
+    assert groups == ["billing"] * 4 + ["ship"] * 4
+    for span in consumers:
+        assert span.parent is not None and span.parent.span_id == producer.context.span_id
+        consumed = dict(span.attributes or {})
+        assert (consumed["clusterq.keyslot"], consumed["clusterq.master"]) == (slot, master)

@@ -33,6 +33,7 @@ from typing import Any
 
 import redis
 
+from clusterq import tracing
 from clusterq.broker import stream as stream_script
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.routing import backoff
@@ -207,6 +208,13 @@ class StreamConsumer:
     # ------------------------------------------------------------------ handling
 
     async def _call(self, event: Event) -> None:
+        if tracing.enabled():
+            with tracing.consuming(self.backend, event, self.parts[event.partition].slot):
+                await self._invoke(event)
+        else:
+            await self._invoke(event)
+
+    async def _invoke(self, event: Event) -> None:
         handler = self.spec.handler
         if inspect.iscoroutinefunction(handler):
             await handler(event)
