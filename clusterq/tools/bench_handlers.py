@@ -17,6 +17,7 @@ from clusterq.retry import SkipRetry
 from clusterq.router import Router
 from clusterq.streams import Event
 from clusterq.task import Task
+from clusterq.tools.bench_tracing import install_from_env
 from clusterq.worker import current_worker
 
 NOOP_TYPE = "clusterq:bench:noop"
@@ -48,6 +49,7 @@ BENCH_GROUP = "bench"
 
 # ----------------------------------------------------------------------- handlers
 
+install_from_env()  # bench e2e --tracing: this worker process traces (bench_tracing)
 router = Router()
 
 
