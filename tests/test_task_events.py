@@ -378,3 +378,42 @@ def test_a_partitioned_queue_reads_its_partitions_merged(
         assert {e.task_id for e in events} == {i.id for i in infos}
         assert len({e.queue for e in events}) > 1
         assert [e.time for e in events] == sorted(e.time for e in events)
+
+
+def _cli(*args: str) -> Any:
+    from click.testing import CliRunner
+
+    from clusterq.cli.app import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_on_off_events_and_task_inspect_timeline(standalone: LocalServer, prefix: str) -> None:
+    url = standalone.seed_url
+    base = ("--url", url, "--prefix", prefix)
+    with Client(url, prefix=prefix) as client:
+        qk = client.keys.queue("clied")
+        quiet = client.enqueue("ok", 0, queue="clied", retention=60)
+        shown = _cli(*base, "task", "inspect", quiet.id, "--queue", "clied", "--json")
+        assert shown.exit_code == 0 and "timeline" not in json.loads(shown.output)
+
+        done = _cli(*base, "queue", "events", "clied", "--on", "--maxlen", "200")
+        assert done.exit_code == 0, done.output
+        assert (
+            "events on" in done.output and client.backend.call(qk.evcfg, "GET", qk.evcfg) == b"200"
+        )
+        info = client.enqueue("ok", 1, queue="clied", retention=60)
+        listed = _cli(*base, "events", "clied")
+        assert listed.exit_code == 0 and "enqueued" in listed.output and info.id in listed.output
+        lines = _cli(*base, "events", "clied", "--task", info.id, "--json").output.splitlines()
+        assert [json.loads(line)["event"] for line in lines] == ["enqueued"]
+        shown = _cli(*base, "task", "inspect", info.id, "--queue", "clied", "--json")
+        assert [e["event"] for e in json.loads(shown.output)["timeline"]] == ["enqueued"]
+        table = _cli(*base, "task", "inspect", info.id, "--queue", "clied")
+        assert table.exit_code == 0 and "timeline of task" in table.output
+
+        every = _cli(*base, "queue", "events", "--all", "--off")
+        assert every.exit_code == 0 and "clied" in every.output, every.output
+        assert not client.backend.call(qk.evcfg, "EXISTS", qk.evcfg)
+        refused = _cli(*base, "queue", "events", "clied")
+        assert refused.exit_code != 0 and "--on or --off" in refused.output

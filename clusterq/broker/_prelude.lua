@@ -137,12 +137,12 @@ end
 -- after the transition's writes, where nothing may fail (e.g. a foreign stream whose
 -- last id is the largest possible); such an event is lost, the transition stays.
 local function emit(ev, event, id, rec, state, err, retries)
-  local fields = {'XADD', ev[1], 'MAXLEN', '~', ev[2], '*', 'event', event, 'id', id,
-    'type', type_of_record(rec), 'retries', retries or retries_of(rec), 'worker', ev[3],
-    'state', state}
+  local t, r = type_of_record(rec), retries or retries_of(rec)
   if err and err ~= '' then
-    fields[#fields + 1] = 'error'
-    fields[#fields + 1] = err
+    redis.pcall('XADD', ev[1], 'MAXLEN', '~', ev[2], '*', 'event', event, 'id', id, 'type', t,
+      'retries', r, 'worker', ev[3], 'state', state, 'error', err)
+  else
+    redis.pcall('XADD', ev[1], 'MAXLEN', '~', ev[2], '*', 'event', event, 'id', id, 'type', t,
+      'retries', r, 'worker', ev[3], 'state', state)
   end
-  redis.pcall(unpack(fields))
 end
