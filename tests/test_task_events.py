@@ -417,3 +417,7 @@ def test_cli_on_off_events_and_task_inspect_timeline(standalone: LocalServer, pr
         assert not client.backend.call(qk.evcfg, "EXISTS", qk.evcfg)
         refused = _cli(*base, "queue", "events", "clied")
         assert refused.exit_code != 0 and "--on or --off" in refused.output
+        # removing the queue removes its events and their flag
+        assert _cli(*base, "queue", "events", "clied", "--on").exit_code == 0
+        assert _cli(*base, "queue", "rm", "clied", "--force", "--yes").exit_code == 0
+        assert not client.backend.call(qk.events, "EXISTS", qk.events, qk.evcfg)
