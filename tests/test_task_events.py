@@ -421,3 +421,25 @@ def test_cli_on_off_events_and_task_inspect_timeline(standalone: LocalServer, pr
         assert _cli(*base, "queue", "events", "clied", "--on").exit_code == 0
         assert _cli(*base, "queue", "rm", "clied", "--force", "--yes").exit_code == 0
         assert not client.backend.call(qk.events, "EXISTS", qk.events, qk.evcfg)
+
+
+def test_a_stopping_worker_hands_back_with_requeued(standalone: LocalServer, prefix: str) -> None:
+    url = standalone.seed_url
+    q = "handback"
+    with Client(url, prefix=prefix) as client:
+        client.set_events(q, True)
+        info = client.enqueue("hold", 1, queue=q)
+
+        async def scenario() -> None:
+            gate, holding = asyncio.Event(), []
+            async with running_worker(
+                url, _router(gate, holding), prefix=prefix, queues=[q], shutdown_timeout=0.2
+            ):
+                await await_for(lambda: info.id in holding, 30, "the task to start")
+            gate.set()  # the worker stopped without it: handed back
+
+        asyncio.run(scenario())
+        got = [(e.event, e.state) for e in _events(client, q, task_id=info.id)]
+        assert got == [("enqueued", "pending"), ("started", "active"), ("requeued", "pending")]
+        requeued = _events(client, q, task_id=info.id)[-1]
+        assert requeued.worker and requeued.worker == _events(client, q)[1].worker
