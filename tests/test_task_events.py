@@ -176,6 +176,7 @@ def test_cancel_and_a_lost_lease_recovered(standalone: LocalServer, prefix: str)
         assert recovered[2].state == "retry" and "lease" in (recovered[2].error or "")
         assert [e.event for e in recovered[3:]] == ["started", "succeeded"]
         assert recovered[3].worker != "ghost-worker" and recovered[3].retries == 1
+        assert recovered[-1].state == "deleted"  # no retention: gone once it succeeded
         cancelled = _names(_events(client, q), held.id)
         assert cancelled[:3] == ["enqueued", "started", "cancelled"]
         assert cancelled[3] in ("failed", "succeeded")  # the worker's answer to it
@@ -269,21 +270,24 @@ def test_events_follow_json_sees_later_tasks(
 
 
 def test_the_cap_holds(standalone: LocalServer, prefix: str) -> None:
-    q = "capped"
-    with Client(standalone.seed_url, prefix=prefix) as client:
+    """maxlen 100: rounds of 500 enqueues (push.lua) and a worker's 500 starts and 500
+    successes (dequeue.lua, ack.lua) leave at most a stream node's worth over the cap,
+    and twice the transitions take no more memory."""
+    url, q = standalone.seed_url, "capped"
+    with Client(url, prefix=prefix) as client:
         qk = client.keys.queue(q)
         client.set_events(q, True, maxlen=100)
         r = standalone.client()
         node_entries = int(r.config_get("stream-node-max-entries")["stream-node-max-entries"])
         sizes = []
         for round_ in range(2):
-            for batch in range(10):
-                client.enqueue_many([("ok", i) for i in range(100)], queue=q)
-                client.enqueue("ok", batch, queue=q, process_in=3600)  # enqueue.lua
-                # MAXLEN ~ trims whole nodes: at most a node's worth over the cap
-                assert _xlen(client, qk.events) < 100 + node_entries
+            client.enqueue_many([("ok", i) for i in range(500)], queue=q)
+            assert _xlen(client, qk.events) < 100 + node_entries
+            asyncio.run(_drain(url, prefix, [q], 500))
+            # MAXLEN ~ trims whole nodes: at most a node's worth over the cap
+            assert _xlen(client, qk.events) < 100 + node_entries
             sizes.append(int(r.memory_usage(qk.events, samples=0)))
-            print(f"events stream after {(round_ + 1) * 1010} transitions: "
+            print(f"events stream after {(round_ + 1) * 1500} transitions: "
                   f"{_xlen(client, qk.events)} entries, {sizes[-1]} bytes")  # fmt: skip
         assert sizes[1] <= sizes[0] * 1.5  # bounded: twice the transitions, not more memory
 
