@@ -8,7 +8,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
@@ -59,7 +59,7 @@ from clusterq.streams import (
     stream_layout,
 )
 from clusterq.task import TaskInfo
-from clusterq.taskevents import DEFAULT_MAXLEN, TaskEvent, aread, aset_events
+from clusterq.taskevents import AsyncClientEvents
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import (
     AsyncWorkflows,
@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("clusterq.client")
 
 
-class AsyncClient(ClientBase):
+class AsyncClient(ClientBase, AsyncClientEvents):
     """The asyncio twin of :class:`Client`. Create with ``await AsyncClient.connect(url)``."""
 
     def __init__(
@@ -285,26 +285,6 @@ class AsyncClient(ClientBase):
         parts = len(layout.queues) if layout else 1
         await limits_script.astore(self.backend, self._members(layout, queue), limits, parts)
         return limits.declared
-
-    async def set_events(self, queue: str, on: bool, maxlen: int = DEFAULT_MAXLEN) -> None:
-        """See :meth:`Client.set_events`."""
-        await aset_events(self.backend, self._members(await self.layout(queue), queue), on, maxlen)
-
-    async def events(
-        self,
-        queue: str,
-        *,
-        task_id: str | None = None,
-        follow: bool = False,
-        since: float | str | None = None,
-        count: int | None = None,
-    ) -> AsyncIterator[TaskEvent]:
-        """See :meth:`Client.events` (``async for event in client.events(...)``)."""
-        members = self._members(await self.layout(queue), queue)
-        async for event in aread(
-            self.backend, members, task_id=task_id, follow=follow, since=since, count=count
-        ):
-            yield event
 
     async def limits(self, queue: str) -> Limits | None:
         """See :meth:`Client.limits`."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from clusterq.broker import enqueue as enqueue_script
@@ -63,9 +63,7 @@ from clusterq.streams import (
     stream_layout,
 )
 from clusterq.task import TaskInfo
-from clusterq.taskevents import DEFAULT_MAXLEN, TaskEvent
-from clusterq.taskevents import read as read_events
-from clusterq.taskevents import set_events as store_events
+from clusterq.taskevents import ClientEvents
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import Chain, Chord, Group, Workflow, WorkflowHandle, WorkflowInfo, Workflows
 from clusterq.workflow.run import start_options
@@ -167,7 +165,7 @@ class ClientBase:
         return task, queue or DEFAULT_QUEUE
 
 
-class Client(ClientBase):
+class Client(ClientBase, ClientEvents):
     """Enqueue tasks into a cluster or a standalone server (synchronous).
 
     >>> client = Client("redis://127.0.0.1:7000")
@@ -356,30 +354,6 @@ class Client(ClientBase):
     def limits(self, queue: str) -> Limits | None:
         """The limits declared on ``queue`` (None: none)."""
         return limits_script.load(self.backend, self._members(self.layout(queue), queue)[0])
-
-    def set_events(self, queue: str, on: bool, maxlen: int = DEFAULT_MAXLEN) -> None:
-        """Turn ``queue``'s lifecycle events on or off (every partition of a partitioned
-        queue): while on, each transition of its tasks is appended to its events stream,
-        capped at about ``maxlen`` entries (see :mod:`clusterq.taskevents`)."""
-        store_events(self.backend, self._members(self.layout(queue), queue), on, maxlen)
-
-    def events(
-        self,
-        queue: str,
-        *,
-        task_id: str | None = None,
-        follow: bool = False,
-        since: float | str | None = None,
-        count: int | None = None,
-    ) -> Iterator[TaskEvent]:
-        """``queue``'s lifecycle events, oldest first (a partitioned queue's partitions
-        merged in time order); ``task_id``: one task's only; ``since``: from this Unix time
-        (s) or stream id; ``count``: at most this many; ``follow``: then wait for new ones
-        (each wait on the server at most a second) until the caller stops iterating."""
-        members = self._members(self.layout(queue), queue)
-        return read_events(
-            self.backend, members, task_id=task_id, follow=follow, since=since, count=count
-        )
 
     def _register(self, new: list[str], *, timeout: float | None) -> None:
         if not new:

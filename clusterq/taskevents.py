@@ -38,12 +38,13 @@ from __future__ import annotations
 import heapq
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.backend import Backend
 from clusterq.errors import ClusterqError
 from clusterq.keys import KeySchema
+from clusterq.partitions import Layout
 
 #: The cap of a queue's stream when none is given (entries, approximately: MAXLEN ~).
 DEFAULT_MAXLEN = 10_000
@@ -374,3 +375,70 @@ def _entries(reply: Any) -> list[Any]:
     if isinstance(reply, dict):
         return [entry for entries in reply.values() for entry in entries]
     return [entry for _, entries in reply for entry in entries]
+
+
+class _Client(Protocol):
+    backend: Backend
+
+    def layout(self, name: str) -> Layout | None: ...
+    def _members(self, layout: Layout | None, queue: str) -> tuple[str, ...]: ...
+
+
+class _AsyncClient(Protocol):
+    backend: AsyncBackend
+
+    async def layout(self, name: str) -> Layout | None: ...
+    def _members(self, layout: Layout | None, queue: str) -> tuple[str, ...]: ...
+
+
+class ClientEvents:
+    """The lifecycle-event methods of :class:`~clusterq.Client`."""
+
+    def set_events(self: _Client, queue: str, on: bool, maxlen: int = DEFAULT_MAXLEN) -> None:
+        """Turn ``queue``'s lifecycle events on or off (every partition of a partitioned
+        queue): while on, each transition of its tasks is appended to its events stream,
+        capped at about ``maxlen`` entries."""
+        set_events(self.backend, self._members(self.layout(queue), queue), on, maxlen)
+
+    def events(
+        self: _Client,
+        queue: str,
+        *,
+        task_id: str | None = None,
+        follow: bool = False,
+        since: float | str | None = None,
+        count: int | None = None,
+    ) -> Iterator[TaskEvent]:
+        """``queue``'s lifecycle events, oldest first (a partitioned queue's partitions
+        merged in time order); ``task_id``: one task's only; ``since``: from this Unix time
+        (s) or stream id; ``count``: at most this many; ``follow``: then wait for new ones
+        (each wait on the server at most a second) until the caller stops iterating."""
+        members = self._members(self.layout(queue), queue)
+        return read(self.backend, members, task_id=task_id, follow=follow, since=since, count=count)
+
+
+class AsyncClientEvents:
+    """The lifecycle-event methods of :class:`~clusterq.AsyncClient`."""
+
+    async def set_events(
+        self: _AsyncClient, queue: str, on: bool, maxlen: int = DEFAULT_MAXLEN
+    ) -> None:
+        """See :meth:`ClientEvents.set_events`."""
+        members = self._members(await self.layout(queue), queue)
+        await aset_events(self.backend, members, on, maxlen)
+
+    async def events(
+        self: _AsyncClient,
+        queue: str,
+        *,
+        task_id: str | None = None,
+        follow: bool = False,
+        since: float | str | None = None,
+        count: int | None = None,
+    ) -> AsyncIterator[TaskEvent]:
+        """See :meth:`ClientEvents.events` (``async for event in client.events(...)``)."""
+        members = self._members(await self.layout(queue), queue)
+        async for event in aread(
+            self.backend, members, task_id=task_id, follow=follow, since=since, count=count
+        ):
+            yield event

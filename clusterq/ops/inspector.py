@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ from clusterq.keys import (
     validate_task_id,
 )
 from clusterq.limits import Limits
+from clusterq.ops.eventsinfo import InspectorEvents
 from clusterq.ops.groupinfo import QueueGroups, read_groups
 from clusterq.ops.queueinfo import (
     HISTORY_MINUTES,
@@ -49,8 +50,6 @@ from clusterq.ops.streaminfo import (
 from clusterq.partitions import Layout, Layouts, partition_marks
 from clusterq.streams import StreamLayout
 from clusterq.task import STATES, TaskInfo, TaskState
-from clusterq.taskevents import TaskEvent, events_cap
-from clusterq.taskevents import read as read_events
 from clusterq.taskinfo import info_commands, info_values, task_info
 from clusterq.worker.announce import WorkerAnnouncement, parse_announcements
 from clusterq.workflow import WorkflowInfo, read_workflow
@@ -109,7 +108,7 @@ class TaskDetail:
         return out
 
 
-class Inspector:
+class Inspector(InspectorEvents):
     """Look at queues and the cluster without changing anything."""
 
     def __init__(
@@ -452,36 +451,6 @@ class Inspector:
             lease_token=token.decode(errors="replace") if isinstance(token, bytes) else token,
             lease_expires=info.next_process_at if info.state == TaskState.ACTIVE else None,
         )
-
-    # ------------------------------------------------------------------ lifecycle events
-
-    def events(
-        self,
-        queue: str,
-        *,
-        task_id: str | None = None,
-        follow: bool = False,
-        since: float | str | None = None,
-        count: int | None = None,
-    ) -> Iterator[TaskEvent]:
-        """``queue``'s lifecycle events (a partitioned queue's merged); see
-        :func:`clusterq.taskevents.read`."""
-        return read_events(
-            self.backend,
-            self.members(queue),
-            task_id=task_id,
-            follow=follow,
-            since=since,
-            count=count,
-        )
-
-    def timeline(self, queue: str, task_id: str) -> list[TaskEvent] | None:
-        """One task's events, oldest first (those still in the capped stream); None when
-        the events of the queue (of every partition) are off."""
-        members = self.members(queue)
-        if not any(events_cap(self.backend, member) for member in members):
-            return None
-        return list(read_events(self.backend, members, task_id=task_id))
 
     # ------------------------------------------------------------------ workflows
 
