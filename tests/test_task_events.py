@@ -401,6 +401,8 @@ def test_cli_on_off_events_and_task_inspect_timeline(standalone: LocalServer, pr
         shown = _cli(*base, "task", "inspect", quiet.id, "--queue", "clied", "--json")
         assert shown.exit_code == 0 and "timeline" not in json.loads(shown.output)
 
+        off = _cli(*base, "events", "clied")
+        assert off.exit_code == 0 and "events of queue clied are off" in off.output, off.output
         done = _cli(*base, "queue", "events", "clied", "--on", "--maxlen", "200")
         assert done.exit_code == 0, done.output
         assert (
@@ -447,3 +449,34 @@ def test_a_stopping_worker_hands_back_with_requeued(standalone: LocalServer, pre
         assert got == [("enqueued", "pending"), ("started", "active"), ("requeued", "pending")]
         requeued = _events(client, q, task_id=info.id)[-1]
         assert requeued.worker and requeued.worker == _events(client, q)[1].worker
+
+
+def test_following_a_partitioned_queue_sees_every_partition(
+    cluster: LocalCluster, prefix: str
+) -> None:
+    """History from the partitions merged, then new events from any partition (each
+    partition's XREAD in turn), until ``count`` of them were handed out."""
+    with Client(cluster.seed_url, prefix=prefix) as client:
+        client.declare_queue("followparts", 3)
+        client.set_events("followparts", True)
+        first = {client.enqueue("ok", i, queue="followparts", key=f"a{i}").id for i in range(3)}
+        later: set[str] = set()
+        got: list[TaskEvent] = []
+        history_read = threading.Event()
+
+        def follow() -> None:
+            for event in client.events("followparts", follow=True, count=9):
+                got.append(event)
+                if len(got) == 3:
+                    history_read.set()
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        assert history_read.wait(30)
+        with Client(cluster.seed_url, prefix=prefix) as other:
+            for i in range(6):
+                later.add(other.enqueue("ok", i, queue="followparts", key=f"b{i}").id)
+        reader.join(60)
+        assert not reader.is_alive(), f"followed {len(got)} of 9 events"
+        assert {e.task_id for e in got[:3]} == first and {e.task_id for e in got[3:]} == later
+        assert len({e.queue for e in got[3:]}) > 1

@@ -55,6 +55,10 @@ def events(
     on (`clusterq queue events NAME --on`)."""
     inspector = Inspector(backend=state.backend())
     partitioned = len(inspector.members(queue)) > 1
+    if not inspector.events_on(queue):
+        click.echo(
+            f"events of queue {queue} are off (clusterq queue events {queue} --on)", err=True
+        )
     found = inspector.events(queue, task_id=task_id, follow=follow, count=count)
     if as_json:
         for event in found:

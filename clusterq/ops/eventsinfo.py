@@ -34,10 +34,13 @@ class InspectorEvents:
         members = self.members(queue)
         return read(self.backend, members, task_id=task_id, follow=follow, since=since, count=count)
 
+    def events_on(self: _Inspector, queue: str) -> bool:
+        """Whether ``queue``'s events are on (of a partitioned queue: of any partition)."""
+        return any(events_cap(self.backend, member) for member in self.members(queue))
+
     def timeline(self: _Inspector, queue: str, task_id: str) -> list[TaskEvent] | None:
         """One task's events, oldest first (those still in the capped stream); None when
         the events of the queue (of every partition) are off."""
-        members = self.members(queue)
-        if not any(events_cap(self.backend, member) for member in members):
+        if not InspectorEvents.events_on(self, queue):
             return None
-        return list(read(self.backend, members, task_id=task_id))
+        return list(read(self.backend, self.members(queue), task_id=task_id))
