@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 
-from clusterq import Admin, AsyncClient, Client, Router, Task
+from clusterq import Admin, AsyncClient, Client, Router, Task, TaskEvent
 from clusterq.broker import dequeue
 from clusterq.errors import ClusterqError
 from clusterq.retry import fixed
-from clusterq.taskevents import TaskEvent
 from clusterq.tools.devcluster import LocalCluster, LocalServer
 from tests.helpers import await_for, running_worker
 
