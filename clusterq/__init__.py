@@ -36,6 +36,7 @@ from clusterq.serialization import PayloadError
 from clusterq.slots import keyslot
 from clusterq.streams import Event, Published, StreamLayout
 from clusterq.task import Task, TaskInfo, TaskState
+from clusterq.taskevents import TaskEvent
 from clusterq.typed import TaskDef
 from clusterq.worker import Worker, current_worker
 from clusterq.workflow import WorkflowFailed, WorkflowHandle, chain, chord, group
@@ -75,6 +76,7 @@ __all__ = [
     "StreamLayout",
     "Task",
     "TaskDef",
+    "TaskEvent",
     "TaskFailed",
     "TaskInfo",
     "TaskNotFound",

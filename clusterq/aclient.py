@@ -60,6 +60,7 @@ from clusterq.streams import (
     stream_layout,
 )
 from clusterq.task import TaskInfo
+from clusterq.taskevents import AsyncClientEvents
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import (
     AsyncWorkflows,
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("clusterq.client")
 
 
-class AsyncClient(ClientBase):
+class AsyncClient(ClientBase, AsyncClientEvents):
     """The asyncio twin of :class:`Client`. Create with ``await AsyncClient.connect(url)``."""
 
     def __init__(

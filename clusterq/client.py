@@ -65,6 +65,7 @@ from clusterq.streams import (
     stream_layout,
 )
 from clusterq.task import TaskInfo
+from clusterq.taskevents import ClientEvents
 from clusterq.taskinfo import ResultWait, info_commands, info_values, task_info
 from clusterq.workflow import Chain, Chord, Group, Workflow, WorkflowHandle, WorkflowInfo, Workflows
 from clusterq.workflow.run import start_options
@@ -174,7 +175,7 @@ class ClientBase:
         return task, queue or DEFAULT_QUEUE
 
 
-class Client(ClientBase):
+class Client(ClientBase, ClientEvents):
     """Enqueue tasks into a cluster or a standalone server (synchronous).
 
     >>> client = Client("redis://127.0.0.1:7000")

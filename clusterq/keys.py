@@ -206,6 +206,19 @@ class QueueKeys:
         becomes the earliest due). In the queue's slot, like its keys."""
         return f"{self.base}:wake"
 
+    @cached_property
+    def evcfg(self) -> str:
+        """String: the cap (entries) of the queue's lifecycle-event stream while events
+        are on (absent: off). Read once by each script that changes a task's state (see
+        :mod:`clusterq.taskevents`)."""
+        return f"{self.base}:evcfg"
+
+    @cached_property
+    def events(self) -> str:
+        """Stream of the queue's task lifecycle events (enqueued, started, ...), capped
+        (``XADD MAXLEN ~``) at the cap in :attr:`evcfg`; written only while it is set."""
+        return f"{self.base}:events"
+
     def unique(self, digest: str) -> str:
         """The lock that keeps a unique task from being enqueued twice in its window."""
         return f"{self.base}:u:{digest}"
@@ -235,6 +248,8 @@ class QueueKeys:
             self.fair,
             self.turns,
             self.groups,
+            self.evcfg,
+            self.events,
         )
 
 

@@ -26,12 +26,14 @@ def test_ack_layout_with_unique_locks() -> None:
         QK.results,
         QK.stats,
         QK.done,
+        QK.evcfg,
+        QK.events,
         "p:{q}:u:abc",
         "p:{q}:u:def",
     ]
     # remember (never negative), then five per ack: id, token, retention (never
     # negative), result, index of its unique lock in KEYS (1-based; 0 none).
-    assert args == [0, "a", "w:1", 0, b"", 0, "b", "w:1", 5000, b"r", 8, "c", "w:2", 0, b"", 9]
+    assert args == [0, "a", "w:1", 0, b"", 0, "b", "w:1", 5000, b"r", 10, "c", "w:2", 0, b"", 11]
     assert ack.build(QK, acks[:1], remember_ms=20000)[1][0] == 20000
     assert ack.parse([1, 0, b"1", -1]) == [ack.ACKED, ack.STALE, ack.ACKED, ack.GONE]
 
@@ -40,7 +42,7 @@ def test_fail_layout() -> None:
     keys, args = fail.build(QK, "id", "w:1", b"{}", retry_in_ms=1500)
     assert keys == [
         QK.active, QK.leases, QK.tasks, QK.retry, QK.archived, QK.stats, QK.wake, QK.limits,
-        QK.groups, QK.turns,
+        QK.groups, QK.turns, QK.evcfg, QK.events,
     ]  # fmt: skip
     # id, token, meta, delay, only_if_expired, count as failed, hold ms, hold scope
     assert args == ["id", "w:1", b"{}", 1500, 0, 1, 0, "queue"]
@@ -71,7 +73,7 @@ def test_extend_requeue_dequeue_layouts() -> None:
     renewed = extend.parse([[b"a", "b"], [b"c"]])
     assert (renewed.lost, renewed.cancelled) == ({"a", "b"}, {"c"})
     assert requeue.build(QK, held) == (
-        [QK.active, QK.leases, QK.pending, QK.wake],
+        [QK.active, QK.leases, QK.pending, QK.wake, QK.evcfg, QK.events, QK.tasks],
         ["a", "w:1", "b", "w:2"],
     )
     assert requeue.parse(b"2") == 2
@@ -89,6 +91,8 @@ def test_extend_requeue_dequeue_layouts() -> None:
         QK.fair,
         QK.turns,
         QK.groups,
+        QK.evcfg,
+        QK.events,
     ]
     assert args == [7, 10000, "w:3", 100]
 

@@ -20,7 +20,9 @@ from clusterq.task import Record
 
 
 def _push(r: redis.Redis, qk: QueueKeys, *pairs: Any) -> Any:
-    return r.evalsha(enqueue.PUSH.sha, 3, qk.tasks, qk.pending, qk.wake, *pairs)
+    return r.evalsha(
+        enqueue.PUSH.sha, 5, qk.tasks, qk.pending, qk.wake, qk.evcfg, qk.events, *pairs
+    )
 
 
 @pytest.fixture

@@ -51,6 +51,8 @@ OWN_TYPE = {
     "results": "hash",
     "cancel": "hash",
     "stats": "hash",
+    "evcfg": "string",
+    "events": "stream",
 }
 WRITERS: dict[str, Callable[[redis.Redis, str], Any]] = {
     "string": lambda r, k: r.set(k, "foreign"),
@@ -89,6 +91,12 @@ def _type_damages() -> list[Damage]:
             if kind != own:
                 out.append(Damage(key, kind, lambda r, qk, k=key, w=writer: w(r, getattr(qk, k))))
     return out
+
+
+def _events_at_last_id(r: redis.Redis, qk: QueueKeys) -> None:
+    """Lifecycle events on, into a stream no XADD can add to (its last id the largest)."""
+    r.set(qk.evcfg, "50")
+    r.xadd(qk.events, {"foreign": "x"}, id="18446744073709551615-18446744073709551615")
 
 
 def _value_damages() -> list[Damage]:
@@ -130,6 +138,9 @@ def _value_damages() -> list[Damage]:
         ),
         Damage("results", "a result for no task", lambda r, qk: r.hset(qk.results, "ghost", "?")),
         Damage("cancel", "a cancel request for no task", lambda r, qk: r.hset(qk.cancel, "g", "1")),
+        Damage("evcfg", "lifecycle events on", lambda r, qk: r.set(qk.evcfg, "50")),
+        Damage("evcfg", "not a number", lambda r, qk: r.set(qk.evcfg, "lots")),
+        Damage("events", "on, at the last possible id", _events_at_last_id),
     ]
 
 
@@ -290,6 +301,8 @@ def _damage(key: str, kind: str) -> Damage:
 @example(damage=_damage("pending", "string"), before=True)
 @example(damage=_damage("done", "string"), before=True)
 @example(damage=_damage("stats", "string"), before=True)
+@example(damage=_damage("events", "on, at the last possible id"), before=True)
+@example(damage=_damage("evcfg", "lifecycle events on"), before=False)
 def test_foreign_data_in_any_key_loses_no_task_and_blinds_no_view(
     standalone: LocalServer, damage: Damage, before: bool
 ) -> None:

@@ -214,7 +214,7 @@ def test_enqueue_is_a_push_on_the_first_attempt_only() -> None:
     (first,) = attempts.next()
     assert first == (
         enqueue.PUSH,
-        [qk.tasks, qk.pending, qk.wake],
+        [qk.tasks, qk.pending, qk.wake, qk.evcfg, qk.events],
         ["id0", b"rec0", "id1", b"rec1"],
     )
     assert enqueue.created_as_sent(first)

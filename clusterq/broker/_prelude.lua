@@ -90,3 +90,59 @@ local function fair_member(rec, id, group)
   local e = tonumber(string.match(rec, '"e":(%d+)}\n')) or 0
   return (group or '') .. '\0' .. string.format('%015d', e) .. '\0' .. id
 end
+
+-- Lifecycle events (see clusterq.taskevents). While a queue's events flag (KEYS: its
+-- ``evcfg``, a string holding the stream's cap) is set, each script that changes a
+-- task's state appends one entry per task to the queue's ``events`` stream, in the same
+-- call as the transition. The flag is read once per call (one GET: the whole cost while
+-- events are off). A flag that is not a small positive integer, or a stream key that
+-- holds another type, means no events: the transition is never refused for them.
+-- Returns {stream key, cap, worker} or nil.
+local function events_on(flag, stream, token)
+  local v = redis.pcall('GET', flag)
+  if type(v) ~= 'string' or #v > 9 or not string.match(v, '^[1-9]%d*$') then return nil end
+  local cap = tonumber(v)
+  local got = redis.call('TYPE', stream)['ok']
+  if got ~= 'none' and got ~= 'stream' then return nil end
+  -- a fencing token is '<worker id>:<run>:<n>' (clusterq.worker): the worker's id
+  local worker = ''
+  if token then worker = string.match(token, '^(.*):[^:]*:[^:]*$') or token end
+  return {stream, cap, worker}
+end
+
+-- The task type of a record (its meta's "t", written first), '' when not found.
+local function type_of_record(rec)
+  if not rec then return '' end
+  local t = string.match(rec, '^{"t":"([^"\\\n]*)"')
+  if t then return t end
+  local ok, meta = pcall(cjson.decode, string.match(rec, '^[^\n]*'))
+  if ok and type(meta) == 'table' and type(meta['t']) == 'string' then return meta['t'] end
+  return ''
+end
+
+-- Retries so far of a record or a meta (its meta's "r"; absent: 0). "r" comes before
+-- the only field that may hold JSON objects ("pr", a workflow step's parent results).
+local function retries_of(rec)
+  if not rec then return 0 end
+  local meta = string.match(rec, '^[^\n]*')
+  local s, _, r = string.find(meta, '[{,]"r":(%d+)[,}]')
+  if not s then return 0 end
+  local pr = string.find(meta, ',"pr":', 1, true)
+  if pr and pr < s then return 0 end
+  return tonumber(r) or 0
+end
+
+-- Append one event (``ev`` from events_on) about task ``id`` of record ``rec``: its
+-- name, the state the task is in after it, and an error text ('' none). pcall: it comes
+-- after the transition's writes, where nothing may fail (e.g. a foreign stream whose
+-- last id is the largest possible); such an event is lost, the transition stays.
+local function emit(ev, event, id, rec, state, err, retries)
+  local t, r = type_of_record(rec), retries or retries_of(rec)
+  if err and err ~= '' then
+    redis.pcall('XADD', ev[1], 'MAXLEN', '~', ev[2], '*', 'event', event, 'id', id, 'type', t,
+      'retries', r, 'worker', ev[3], 'state', state, 'error', err)
+  else
+    redis.pcall('XADD', ev[1], 'MAXLEN', '~', ev[2], '*', 'event', event, 'id', id, 'type', t,
+      'retries', r, 'worker', ev[3], 'state', state)
+  end
+end

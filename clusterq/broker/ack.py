@@ -24,7 +24,10 @@ class Ack:
 def build(
     qk: QueueKeys, acks: Sequence[Ack], *, remember_ms: int = 0
 ) -> tuple[list[str], list[Any]]:
-    keys = [qk.active, qk.leases, qk.tasks, qk.completed, qk.results, qk.stats, qk.done]
+    keys = [
+        qk.active, qk.leases, qk.tasks, qk.completed, qk.results, qk.stats, qk.done, qk.evcfg,
+        qk.events,
+    ]  # fmt: skip
     args: list[Any] = [max(0, remember_ms)]
     for ack in acks:
         index = 0

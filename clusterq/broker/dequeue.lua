@@ -33,7 +33,8 @@
 --
 -- KEYS[1] pending   KEYS[2] active   KEYS[3] scheduled   KEYS[4] retry
 -- KEYS[5] tasks   KEYS[6] leases   KEYS[7] paused   KEYS[8] wake channel   KEYS[9] limits
--- KEYS[10] fair   KEYS[11] turns   KEYS[12] groups
+-- KEYS[10] fair   KEYS[11] turns   KEYS[12] groups   KEYS[13] events flag
+-- KEYS[14] events stream (a ``started`` event per task taken; see events_on)
 -- ARGV[1] how many tasks at most   ARGV[2] lease ms   ARGV[3] fencing token
 -- ARGV[4] how many due tasks to forward at most
 --
@@ -46,7 +47,7 @@
 -- the earliest scheduled/retry task when no task was taken (now when tasks of other
 -- types still wait after a call that put back as many as it may read), else -1. orphans: ids
 -- popped without a record (dropped, and counted).
-do local bad = wrong_type({'list', 'zset', 'zset', 'zset', 'hash', 'hash', '-', '-', 'hash', 'zset', 'zset', 'hash'}) if bad then return bad end end
+do local bad = wrong_type({'list', 'zset', 'zset', 'zset', 'hash', 'hash', '-', '-', 'hash', 'zset', 'zset', 'hash', '-', '-'}) if bad then return bad end end
 local now = now_ms()
 if redis.call('EXISTS', KEYS[7]) == 1 then return {0, -1, 0} end
 
@@ -396,6 +397,10 @@ end
 if #zargs > 0 then
   redis.call('ZADD', KEYS[2], unpack(zargs))
   redis.call('HSET', KEYS[6], unpack(hargs))
+  local ev = events_on(KEYS[13], KEYS[14], ARGV[3])
+  if ev then
+    for i = 4, #out, 2 do emit(ev, 'started', out[i], out[i + 1], 'active') end
+  end
 end
 if tat and taken > 0 then  -- the queue's tokens these tasks took
   redis.call('HSET', KEYS[9], 'tat', string.format('%.3f', tat + taken * interval))

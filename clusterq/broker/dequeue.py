@@ -39,7 +39,7 @@ def build(
 ) -> tuple[list[str], list[Any]]:
     keys = [
         qk.pending, qk.active, qk.scheduled, qk.retry, qk.tasks, qk.leases, qk.paused, qk.wake,
-        qk.limits, qk.fair, qk.turns, qk.groups,
+        qk.limits, qk.fair, qk.turns, qk.groups, qk.evcfg, qk.events,
     ]  # fmt: skip
     return keys, [count, lease_ms, token, forward_limit]
 

@@ -5,7 +5,8 @@
 -- KEYS[9] done (ids completed and deleted lately)   KEYS[10] wake channel
 -- KEYS[11] turns   KEYS[12] fair: a task in a fair group that is due now goes straight
 -- into its group (``fair``, its group in ``turns``), which also puts the queue's fair
--- serving on (see dequeue.lua)   KEYS[13..] unique locks
+-- serving on (see dequeue.lua)   KEYS[13] events flag   KEYS[14] events stream (see
+-- events_on: an ``enqueued`` event per task created)   KEYS[15..] unique locks
 -- ARGV[1] durable (1/0): the caller will WAIT for replicas after this call, so even a
 -- call that creates nothing must write (a counter): WAIT counts this connection's
 -- writes, and a later write can only be confirmed once the earlier ones are.
@@ -15,7 +16,7 @@
 -- Returns two values per task: {1, 'pending'|'scheduled'} created; {0, state} a task
 -- with this id exists already (a retried enqueue: nothing changes); {-1, holder id} the
 -- unique lock is held by another task.
-do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', '-', 'zset', 'zset'}) if bad then return bad end end
+do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', '-', 'zset', 'zset', '-', '-'}) if bad then return bad end end
 local function state_of(id)
   if redis.call('ZSCORE', KEYS[5], id) then return 'active' end
   if redis.call('ZSCORE', KEYS[3], id) then return 'scheduled' end
@@ -42,6 +43,8 @@ local now = now_ms()
 local counting = ARGV[1] == '1' and countable(KEYS[8], 'enqueue_repeats')
 local out, ready, existing, members, turns = {}, {}, 0, {}, {}
 local earliest, earliest_due = nil, nil  -- the first due of the tasks scheduled here
+local ev = events_on(KEYS[13], KEYS[14])
+local created = {}  -- (with events on) ARGV index and state of each task created
 for i = 2, #ARGV, 6 do
   local id, uq = ARGV[i], tonumber(ARGV[i + 3])
   local gone = redis.call('ZSCORE', KEYS[9], id)
@@ -61,6 +64,7 @@ for i = 2, #ARGV, 6 do
     if due == 0 then due = now + tonumber(ARGV[i + 1]) end
     redis.call('HSET', KEYS[1], id, ARGV[i + 5])
     out[#out + 1] = 1
+    if ev then created[#created + 1] = i end
     if due > now then
       redis.call('ZADD', KEYS[3], due, id)
       if not earliest_due or due < earliest_due then earliest, earliest_due = id, due end
@@ -88,6 +92,11 @@ if #members > 0 then
   if added == redis.call('ZCARD', KEYS[12]) then was_empty = true end
 end
 if was_empty or (earliest and is_first(KEYS[3], earliest)) then wake(KEYS[10]) end
+for _, i in ipairs(created) do
+  local due = tonumber(ARGV[i + 2])
+  if due == 0 then due = now + tonumber(ARGV[i + 1]) end
+  emit(ev, 'enqueued', ARGV[i], ARGV[i + 5], due > now and 'scheduled' or 'pending')
+end
 if counting and existing > 0 then
   redis.call('HINCRBY', KEYS[8], 'enqueue_repeats', existing)
 end

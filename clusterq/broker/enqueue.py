@@ -76,7 +76,7 @@ def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False, firs
                 break
             pairs += (t.id, t.record)
         else:
-            return PUSH, [qk.tasks, qk.pending, qk.wake], pairs
+            return PUSH, [qk.tasks, qk.pending, qk.wake, qk.evcfg, qk.events], pairs
     keys = [
         qk.tasks,
         qk.pending,
@@ -90,6 +90,8 @@ def call(qk: QueueKeys, tasks: Sequence[NewTask], *, durable: bool = False, firs
         qk.wake,
         qk.turns,
         qk.fair,
+        qk.evcfg,
+        qk.events,
     ]
     args: list[Any] = [int(durable)]
     for task in tasks:
@@ -166,7 +168,10 @@ class One:
             return None
         self.pushed = True
         qk = self.qk
-        return ("EVALSHA", PUSH.sha, 3, qk.tasks, qk.pending, qk.wake, task.id, task.record)
+        return (
+            "EVALSHA", PUSH.sha, 5, qk.tasks, qk.pending, qk.wake, qk.evcfg, qk.events, task.id,
+            task.record,
+        )  # fmt: skip
 
     def __call__(self, client: NodeClient) -> Any:
         command = self._push()

@@ -9,13 +9,14 @@
 -- ARGV[7] hold ms: nothing of the queue starts for that long (RateLimited with scope
 -- "queue"; 0: no hold)   ARGV[8] the hold's scope: 'queue', or 'group' (only the task's
 -- fair group is held: ``h:<group>`` in groups, and its turn put off; a task in no group
--- is held alone)
+-- is held alone)   KEYS[11] events flag   KEYS[12] events stream (see events_on: a
+-- ``retried`` or ``failed`` event with the error, ``recovered`` when only_if_expired)
 --
 -- Returns 1 retry, 2 archived, 0 not the lease holder or lease still valid (no-op), -1
 -- the task is gone (deleted by an operator, its queue removed).
 -- Every check that can fail comes before the first write (a stats counter that is not
 -- an integer is not counted).
-do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash', '-', 'hash', 'hash', 'zset'}) if bad then return bad end end
+do local bad = wrong_type({'zset', 'hash', 'hash', 'zset', 'zset', 'hash', '-', 'hash', 'hash', 'zset', '-', '-'}) if bad then return bad end end
 local now, id = now_ms(), ARGV[1]
 if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then
   if redis.call('HEXISTS', KEYS[3], id) == 0 then return -1 end  -- deleted meanwhile
@@ -55,6 +56,14 @@ elseif hold > 0 then
   end
 end
 local delay = tonumber(ARGV[4])
+local ev = events_on(KEYS[11], KEYS[12], ARGV[2])
+if ev then
+  local ok, meta = pcall(cjson.decode, ARGV[3])
+  local err = ok and type(meta) == 'table' and type(meta['err']) == 'string' and meta['err'] or ''
+  local event = ARGV[5] == '1' and 'recovered' or (delay >= 0 and 'retried' or 'failed')
+  emit(ev, event, id, rec and (ARGV[3] .. '\n') or nil, delay >= 0 and 'retry' or 'archived',
+    err, retries_of(ARGV[3]))
+end
 if delay >= 0 then
   redis.call('ZADD', KEYS[4], now + delay, id)
   if is_first(KEYS[4], id) then wake(KEYS[7]) end

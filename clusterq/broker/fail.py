@@ -29,7 +29,7 @@ def build(
     handler's ``RateLimited(scope=...)``)."""
     keys = [
         qk.active, qk.leases, qk.tasks, qk.retry, qk.archived, qk.stats, qk.wake, qk.limits,
-        qk.groups, qk.turns,
+        qk.groups, qk.turns, qk.evcfg, qk.events,
     ]  # fmt: skip
     delay = -1 if retry_in_ms is None else max(0, retry_in_ms)
     args = [

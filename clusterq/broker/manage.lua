@@ -6,7 +6,9 @@
 -- KEYS[1] tasks   KEYS[2] pending   KEYS[3] scheduled   KEYS[4] retry   KEYS[5] active
 -- KEYS[6] archived   KEYS[7] completed   KEYS[8] results   KEYS[9] leases
 -- KEYS[10] cancel requests   KEYS[11] wake channel   KEYS[12] fair (pending tasks of a
--- queue served by fair groups)   KEYS[13..] unique locks
+-- queue served by fair groups)   KEYS[13] events flag   KEYS[14] events stream (see
+-- events_on: an ``archived``, ``deleted``, ``run`` or ``cancelled`` event per task acted
+-- on)   KEYS[15..] unique locks
 -- ARGV[1] action: delete | archive | run | cancel
 -- ARGV[2] only tasks in this state ('' any state)
 -- ARGV[3] only tasks of this type ('' any type)
@@ -24,7 +26,7 @@
 -- Returns one status per task: 'ok'; 'missing' (no such task); 'state:<s>' (in another
 -- state than asked, or one the action does not apply to); 'type' (another type);
 -- 'active' (a worker holds it).
-do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash', 'hash', '-', 'zset'}) if bad then return bad end end
+do local bad = wrong_type({'hash', 'list', 'zset', 'zset', 'zset', 'zset', 'zset', 'hash', 'hash', 'hash', '-', 'zset', '-', '-'}) if bad then return bad end end
 local action, want_state, want_type = ARGV[1], ARGV[2], ARGV[3]
 local force = ARGV[4] == '1'
 local now = now_ms()
@@ -87,6 +89,9 @@ if not applies[action] then
 end
 
 local out, woken = {}, false
+local ev = events_on(KEYS[13], KEYS[14])
+local done_events = {delete = 'deleted', archive = 'archived', run = 'run', cancel = 'cancelled'}
+local after = {delete = '', archive = 'archived', run = 'pending', cancel = 'active'}
 for i = 5, #ARGV, 3 do
   local id, lock, hint = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local record = redis.call('HGET', KEYS[1], id)
@@ -123,6 +128,9 @@ for i = 5, #ARGV, 3 do
       redis.call('LPUSH', KEYS[2], id)
       woken = true
     end
+  end
+  if ev and status == 'ok' then
+    emit(ev, done_events[action], id, record or nil, after[action], '')
   end
   out[#out + 1] = status
 end

@@ -52,6 +52,8 @@ def build(
         qk.cancel,
         qk.wake,
         qk.fair,
+        qk.evcfg,
+        qk.events,
     ]
     args: list[Any] = [action, state, task_type, 1 if force else 0]
     for target in targets:

@@ -14,7 +14,7 @@ SCRIPT = LuaScript("requeue")
 def build(qk: QueueKeys, held: Sequence[tuple[str, str]]) -> tuple[list[str], list[Any]]:
     """``held``: (task id, token) pairs."""
     args: list[Any] = [value for pair in held for value in pair]
-    return [qk.active, qk.leases, qk.pending, qk.wake], args
+    return [qk.active, qk.leases, qk.pending, qk.wake, qk.evcfg, qk.events, qk.tasks], args
 
 
 def parse(reply: Any) -> int:

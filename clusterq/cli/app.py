@@ -12,6 +12,7 @@ from clusterq.cli.dash import dash
 from clusterq.cli.dev import dev
 from clusterq.cli.doctor import doctor
 from clusterq.cli.drill import drill
+from clusterq.cli.events import events, queue_events
 from clusterq.cli.metrics import metrics
 from clusterq.cli.queue import queue
 from clusterq.cli.reference import reference
@@ -59,7 +60,9 @@ def main(ctx: click.Context, url: str, mode: bool | None, prefix: str) -> None:
 
 
 main.add_command(dev)
+queue.add_command(queue_events)
 main.add_command(queue)
+main.add_command(events)
 main.add_command(stream)
 main.add_command(cluster)
 main.add_command(enqueue)

@@ -139,6 +139,13 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     "(cpu).",
 )
 @click.option(
+    "--events",
+    type=click.Choice(("off", "on", "both")),
+    default="off",
+    show_default=True,
+    help="e2e with the queues' lifecycle events off, on, or both (two drains, off first).",
+)
+@click.option(
     "--batch", type=int, default=1000, show_default=True, help="Tasks per enqueue_many call."
 )
 @click.option(
@@ -198,6 +205,7 @@ def bench(
     cpus: str | None,
     concurrency: int,
     work: str,
+    events: str,
     batch: int,
     rate: float,
     limit_rate: float,
@@ -226,6 +234,7 @@ def bench(
         cpus=cpus,
         concurrency=concurrency,
         work=work,  # type: ignore[arg-type]
+        events=events,
         batch=batch,
         rate=rate,
         limit_rate=limit_rate,

@@ -7,6 +7,7 @@ import json
 import click
 
 from clusterq.broker.manage import Action
+from clusterq.cli.events import print_timeline
 from clusterq.cli.render import clock, console, print_json, progress_bar, table
 from clusterq.cli.state import (
     STATE_CHOICE,
@@ -160,11 +161,15 @@ def task_ls(
 @connection_options
 @click.pass_obj
 def task_inspect(state: CliState, task_id: str, queue: str, as_json: bool) -> None:
-    """Everything about one task: record, payload, retries, last error, result, and
-    which worker holds it."""
-    detail = Inspector(backend=state.backend()).task(queue, task_id)
+    """Everything about one task: record, payload, retries, last error, result, which
+    worker holds it, and its timeline when the queue's events are on."""
+    inspector = Inspector(backend=state.backend())
+    detail = inspector.task(queue, task_id)
+    timeline = inspector.timeline(queue, task_id)
     data = detail.to_dict()
     if as_json:
+        if timeline is not None:
+            data["timeline"] = [event.to_dict() for event in timeline]
         print_json(data)
         return
     for name in ("enqueued_at", "next_process_at", "last_failed_at", "retained_until",
@@ -175,6 +180,8 @@ def task_inspect(state: CliState, task_id: str, queue: str, as_json: bool) -> No
     data["headers"] = json.dumps(data["headers"], ensure_ascii=False) if data["headers"] else None
     rows = [[name, value] for name, value in data.items() if value not in (None, "-")]
     console().print(table(f"task {task_id}", ["", ""], rows, header=False))
+    if timeline is not None:
+        print_timeline(timeline, f"timeline of task {task_id} (events still in the stream)")
 
 
 def _bulk_command(action: Action, verb: str, doc: str) -> click.Command:

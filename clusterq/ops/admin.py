@@ -26,6 +26,7 @@ from clusterq.keys import QueueKeys, validate_task_id
 from clusterq.limits import LimitOptions, Limits
 from clusterq.ops.inspector import Inspector, parse_state, stored_meta
 from clusterq.task import TaskState
+from clusterq.taskevents import DEFAULT_MAXLEN, set_events
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -137,6 +138,13 @@ class Admin(Inspector):
         registry = self.keys.queues
         self.backend.execute_key(registry, lambda c: c.srem(registry, queue), timeout=self.timeout)
         return result
+
+    def set_events(self, queue: str, on: bool, maxlen: int = DEFAULT_MAXLEN) -> list[str]:
+        """Turn ``queue``'s lifecycle events on or off (each partition of a partitioned
+        queue); returns the queues changed (see :mod:`clusterq.taskevents`)."""
+        members = self.members(queue)
+        set_events(self.backend, members, on, maxlen)
+        return list(members)
 
     # ------------------------------------------------------------------ tasks
 

@@ -28,6 +28,7 @@ from clusterq.keys import (
     validate_task_id,
 )
 from clusterq.limits import Limits
+from clusterq.ops.eventsinfo import InspectorEvents
 from clusterq.ops.groupinfo import QueueGroups, read_groups
 from clusterq.ops.queueinfo import (
     HISTORY_MINUTES,
@@ -107,7 +108,7 @@ class TaskDetail:
         return out
 
 
-class Inspector:
+class Inspector(InspectorEvents):
     """Look at queues and the cluster without changing anything."""
 
     def __init__(

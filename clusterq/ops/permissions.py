@@ -66,12 +66,14 @@ DIRECT: dict[Role, tuple[str, ...]] = {
     # (SET, DEL, SPUBLISH), queue rm (DEL, SREM); task actions run the manage script;
     # queue limit runs the limits script and reads the limits back (HGETALL); workflow
     # inspect (HGETALL, PTTL); stream ls/inspect: the declarations (HGETALL), each
-    # partition's length and dead letters (XLEN), groups and lag (XINFO GROUPS, STREAM).
+    # partition's length and dead letters (XLEN), groups and lag (XINFO GROUPS, STREAM);
+    # lifecycle events: on/off (SET, DEL of the flag), read (XRANGE, a script command
+    # too), followed (XREAD with a block).
     "operator": (
         "smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore",
         "lrange", "lindex", "hmget", "hscan", "zrange", "zlexcount", "memory|usage",
         "set", "del", "srem", "spublish", "pttl",
-        "xlen", "xinfo|groups", "xinfo|stream",
+        "xlen", "xinfo|groups", "xinfo|stream", "xread",
     ),
 }  # fmt: skip
 

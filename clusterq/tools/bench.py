@@ -55,6 +55,7 @@ from clusterq.errors import ClusterqError, ConfigError
 from clusterq.producer import new_task_id
 from clusterq.slots import keyslot
 from clusterq.task import TaskInfo
+from clusterq.taskevents import DEFAULT_MAXLEN
 from clusterq.tools.bench_groups import bench_groups
 from clusterq.tools.bench_handlers import LATENCY_TYPE, NOOP_TYPE, WORK_TYPES
 from clusterq.tools.bench_limits import bench_limits, check_settings
@@ -229,11 +230,21 @@ def bench_durability(s: Session) -> list[BenchRow]:
     return rows
 
 
-def bench_e2e(s: Session) -> BenchRow:
+#: ``--events``: the e2e drains to run (events off, on, or one of each, off first).
+E2E_EVENTS: dict[str, tuple[bool, ...]] = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def bench_e2e(s: Session, *, events: bool = False) -> BenchRow:
+    """The e2e drain; ``events``: with the queues' lifecycle events on (the default
+    cap), so every transition also appends to the queue's events stream."""
     settings = s.settings
     queues = s.queues()
     n = settings.tasks
     task_type = WORK_TYPES.get(settings.work, NOOP_TYPE)
+    if events:
+        for q in queues:
+            flag = s.keys.queue(q).evcfg
+            s.call(flag, "SET", flag, DEFAULT_MAXLEN)
     s.fill(queues, n, task_type)
     cpu_before = _server_cpu(s)
     seconds, first_count = drain(s, queues, queues, n, "e2e")
@@ -254,7 +265,7 @@ def bench_e2e(s: Session) -> BenchRow:
         else ""
     )
     return BenchRow(
-        f"e2e {settings.work}",
+        f"e2e {settings.work}" + (", events on" if events else ""),
         n,
         round(seconds, 3),
         rate,
@@ -433,7 +444,7 @@ def run_bench(
             elif name == "durability":
                 rows = bench_durability(session)
             elif name == "e2e":
-                rows = [bench_e2e(session)]
+                rows = [bench_e2e(session, events=on) for on in E2E_EVENTS[settings.events]]
             elif name == "latency":
                 rows = bench_latency(session)
             elif name == "partitioned":

@@ -92,6 +92,8 @@ class BenchSettings:
     cpus: str | None = None
     concurrency: int = 50
     work: Work = "noop"
+    #: e2e with the queues' lifecycle events "off", "on", or "both" (two drains).
+    events: str = "off"
     batch: int = 1000
     rate: float = 2000.0
     samples: int = 300
