@@ -57,7 +57,7 @@ BLOCK_SECONDS = 1.0
 
 EVENTS = (
     "enqueued", "started", "succeeded", "retried", "failed", "recovered", "requeued",
-    "archived", "deleted", "run", "cancelled",
+    "archived", "deleted", "run", "cancelled", "progress",
 )  # fmt: skip
 
 
@@ -76,6 +76,8 @@ class TaskEvent:
     state: str = ""
     error: str | None = None
     garbled: str | None = None
+    #: A ``progress`` event's fraction (``task.progress()``).
+    progress: float | None = None
 
     @property
     def time(self) -> float:
@@ -100,6 +102,7 @@ class TaskEvent:
             "state": self.state,
             "error": self.error,
             "garbled": self.garbled,
+            "progress": self.progress,
         }
 
 
@@ -148,7 +151,15 @@ def decode(queue: str, stream_id: Any, fields: Any) -> TaskEvent:
         state=got.get("state", ""),
         error=got.get("error") or None,
         garbled=f"entry {sid}: " + "; ".join(problems) if problems else None,
+        progress=_fraction(got.get("progress")),
     )
+
+
+def _fraction(text: str | None) -> float | None:
+    try:
+        return None if text is None else float(text)
+    except ValueError:
+        return None
 
 
 def check_maxlen(maxlen: object) -> int:

@@ -168,3 +168,35 @@ def test_a_progress_key_holding_foreign_data_breaks_nothing(standalone: Any, pre
         client.backend.call(key, "DEL", key)
         client.backend.call(key, "SET", key, "not json")
         assert client.info(info.id, queue="pf").progress is None
+
+
+def test_progress_reports_are_lifecycle_events_when_events_are_on(
+    standalone: Any, prefix: str
+) -> None:
+    url = standalone.seed_url
+    router = Router()
+
+    @router.task("job")
+    def job(task: Task) -> None:
+        task.progress(0.25, {"rows": 1})
+
+    with Client(url, prefix=prefix) as client:
+        client.set_events("pe", True)
+        info = client.enqueue("job", None, queue="pe")
+
+        async def run() -> None:
+            async with running_worker(url, router, queues=["pe"], prefix=prefix):
+                await await_for(
+                    lambda: any(e.event == "succeeded" for e in client.events("pe")), 30, "done"
+                )
+
+        asyncio.run(run())
+        events = [(e.event, e.progress) for e in client.events("pe", task_id=info.id)]
+    assert events == [
+        ("enqueued", None),
+        ("started", None),
+        ("progress", 0.25),
+        ("succeeded", None),
+    ]
+    shown = CliRunner().invoke(main, ["--url", url, "--prefix", prefix, "events", "pe"])
+    assert "progress 25%" in shown.output, shown.output

@@ -11,8 +11,11 @@ from clusterq.progress import PROGRESS_TTL_MS
 SCRIPT = LuaScript("progress")
 
 
-def build(qk: QueueKeys, task_id: str, token: str, report: bytes) -> tuple[list[str], list[Any]]:
-    return [qk.leases, qk.progress(task_id)], [task_id, token, report, PROGRESS_TTL_MS]
+def build(
+    qk: QueueKeys, task_id: str, token: str, report: bytes, fraction: float = 0.0
+) -> tuple[list[str], list[Any]]:
+    keys = [qk.leases, qk.progress(task_id), qk.evcfg, qk.events, qk.tasks]
+    return keys, [task_id, token, report, PROGRESS_TTL_MS, repr(float(fraction))]
 
 
 def parse(reply: Any) -> bool:

@@ -29,7 +29,9 @@ def event_row(event: TaskEvent, *, queue: bool = False) -> list[object]:
             event.attempt,
             safe_text(event.worker or ""),
             event.state,
-            safe_text(event.error or ""),
+            safe_text(event.error or "")
+            if event.progress is None
+            else f"progress {event.progress:.0%}",
         ]
     return [event.queue, *row] if queue else row
 

@@ -24,8 +24,8 @@ from clusterq.task import Task
 
 log = logging.getLogger("clusterq.worker")
 
-#: One report waiting to be written: the queue's keys' args, then the task's attempt.
-_Report = tuple[str, str, str, bytes]
+#: One report waiting to be written: queue, task id, attempt, the report, its fraction.
+_Report = tuple[str, str, str, bytes, float]
 
 
 class ProgressWriter:
@@ -43,7 +43,7 @@ class ProgressWriter:
     def report(self, task: Task, fraction: float, data: dict[str, Any] | None) -> None:
         """What ``task.progress()`` calls; raises ValueError for a bad ``fraction``/``data``."""
         report = encode_progress(fraction, data, task.attempt)
-        item = (task.queue, task.id, task.attempt, report)
+        item = (task.queue, task.id, task.attempt, report, float(fraction))
         if threading.get_ident() != self.loop_thread:
             self._write_now(item)
             return
@@ -58,10 +58,10 @@ class ProgressWriter:
     async def _write_latest(self, key: tuple[str, str]) -> None:
         while True:
             item = self._latest[key]
-            queue, task_id, attempt, report = item
+            queue, task_id, attempt, report, fraction = item
             qk = self.broker.backend.keys.queue(queue)
             try:
-                keys, args = progress_script.build(qk, task_id, attempt, report)
+                keys, args = progress_script.build(qk, task_id, attempt, report, fraction)
                 reply = await self.broker.backend.run_script(
                     progress_script.SCRIPT, qk.slot, keys, args
                 )
@@ -73,11 +73,11 @@ class ProgressWriter:
                 return
 
     def _write_now(self, item: _Report) -> None:
-        queue, task_id, attempt, report = item
+        queue, task_id, attempt, report, fraction = item
         try:
             backend = self.sync_backend()
             qk = backend.keys.queue(queue)
-            keys, args = progress_script.build(qk, task_id, attempt, report)
+            keys, args = progress_script.build(qk, task_id, attempt, report, fraction)
             script = progress_script.SCRIPT
             reply = backend.execute(qk.slot, lambda c: script.call(c, keys, args))
             self._count(progress_script.parse(reply), item)
