@@ -69,18 +69,32 @@ def master_of(backend: Any, slot: int) -> str:
         return format_addr(backend.url.seeds[0])
 
 
+#: ``where()``'s answers, by (queue, slot, master address): made once each.
+_places: dict[tuple[str, int, Any], dict[str, Any]] = {}
+
+
 def where(backend: Any, queue: str, slot: int) -> dict[str, Any]:
-    """The attributes that say where ``queue`` lives."""
-    master = master_of(backend, slot)
-    host, _, port = master.rpartition(":")
-    return {
-        "messaging.destination.name": queue,
-        "clusterq.queue": queue,
-        "clusterq.keyslot": slot,
-        "clusterq.master": master,
-        "server.address": host.strip("[]"),
-        "server.port": int(port) if port.isdigit() else 0,
-    }
+    """The attributes that say where ``queue`` lives (kept: a span per attempt asks)."""
+    try:
+        addr = backend.master_addr(slot)
+    except Exception:  # standalone, or no map yet
+        addr = backend.url.seeds[0]
+    key = (queue, slot, addr)
+    place = _places.get(key)
+    if place is None:
+        master = format_addr(addr)
+        host, _, port = master.rpartition(":")
+        if len(_places) >= 4096:
+            _places.clear()
+        place = _places[key] = {
+            "messaging.destination.name": queue,
+            "clusterq.queue": queue,
+            "clusterq.keyslot": slot,
+            "clusterq.master": master,
+            "server.address": host.strip("[]"),
+            "server.port": int(port) if port.isdigit() else 0,
+        }
+    return place
 
 
 @contextlib.contextmanager

@@ -146,6 +146,14 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
     help="e2e with the queues' lifecycle events off, on, or both (two drains, off first).",
 )
 @click.option(
+    "--tracing",
+    type=click.Choice(("off", "on", "both")),
+    default="off",
+    show_default=True,
+    help="e2e with an OpenTelemetry SDK set up (spans made, batched and dropped) in the "
+    "benchmark and its workers: off, on, or both (two drains, off first).",
+)
+@click.option(
     "--batch", type=int, default=1000, show_default=True, help="Tasks per enqueue_many call."
 )
 @click.option(
@@ -206,6 +214,7 @@ def bench(
     concurrency: int,
     work: str,
     events: str,
+    tracing: str,
     batch: int,
     rate: float,
     limit_rate: float,
@@ -235,6 +244,7 @@ def bench(
         concurrency=concurrency,
         work=work,  # type: ignore[arg-type]
         events=events,
+        tracing=tracing,
         batch=batch,
         rate=rate,
         limit_rate=limit_rate,

@@ -56,6 +56,7 @@ from clusterq.producer import new_task_id
 from clusterq.slots import keyslot
 from clusterq.task import TaskInfo
 from clusterq.taskevents import DEFAULT_MAXLEN
+from clusterq.tools import bench_tracing
 from clusterq.tools.bench_groups import bench_groups
 from clusterq.tools.bench_handlers import LATENCY_TYPE, NOOP_TYPE, WORK_TYPES
 from clusterq.tools.bench_limits import bench_limits, check_settings
@@ -230,14 +231,19 @@ def bench_durability(s: Session) -> list[BenchRow]:
     return rows
 
 
-#: ``--events``: the e2e drains to run (events off, on, or one of each, off first).
+#: ``--events``, ``--tracing``: the e2e drains to run (off, on, or one of each, off first).
 E2E_EVENTS: dict[str, tuple[bool, ...]] = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
-def bench_e2e(s: Session, *, events: bool = False) -> BenchRow:
+def bench_e2e(s: Session, *, events: bool = False, tracing: bool = False) -> BenchRow:
     """The e2e drain; ``events``: with the queues' lifecycle events on (the default
-    cap), so every transition also appends to the queue's events stream."""
+    cap), so every transition also appends to the queue's events stream; ``tracing``:
+    with an OpenTelemetry SDK in this process and the workers (:mod:`bench_tracing`;
+    once on, it stays on in this process)."""
     settings = s.settings
+    if tracing:
+        bench_tracing.install()
+        os.environ[bench_tracing.ENV] = "1"  # the workers started from here on trace
     queues = s.queues()
     n = settings.tasks
     task_type = WORK_TYPES.get(settings.work, NOOP_TYPE)
@@ -265,7 +271,9 @@ def bench_e2e(s: Session, *, events: bool = False) -> BenchRow:
         else ""
     )
     return BenchRow(
-        f"e2e {settings.work}" + (", events on" if events else ""),
+        f"e2e {settings.work}"
+        + (", events on" if events else "")
+        + (", tracing SDK" if tracing else ""),
         n,
         round(seconds, 3),
         rate,
@@ -444,7 +452,11 @@ def run_bench(
             elif name == "durability":
                 rows = bench_durability(session)
             elif name == "e2e":
-                rows = [bench_e2e(session, events=on) for on in E2E_EVENTS[settings.events]]
+                rows = [
+                    bench_e2e(session, events=on, tracing=traced)
+                    for traced in E2E_EVENTS[settings.tracing]
+                    for on in E2E_EVENTS[settings.events]
+                ]
             elif name == "latency":
                 rows = bench_latency(session)
             elif name == "partitioned":

@@ -94,6 +94,8 @@ class BenchSettings:
     work: Work = "noop"
     #: e2e with the queues' lifecycle events "off", "on", or "both" (two drains).
     events: str = "off"
+    #: e2e with an OpenTelemetry SDK set up "off", "on", or "both" (bench_tracing).
+    tracing: str = "off"
     batch: int = 1000
     rate: float = 2000.0
     samples: int = 300
