@@ -40,6 +40,7 @@ from clusterq.ops.admin import Admin
 from clusterq.ops.groupinfo import group_label
 from clusterq.ops.inspector import QueueInfo
 from clusterq.ops.queueinfo import compact_limits
+from clusterq.ops.web import runtime, tasks
 from clusterq.ops.web.slotmap import render as render_slotmap
 from clusterq.ops.web.slotmap import spans
 
@@ -61,13 +62,15 @@ def create_app(
     if backend is None and url is None:
         raise ClusterqError("create_app needs a url or a backend")
     admin = Admin(prefix=prefix, backend=backend) if backend else Admin(url or "", prefix=prefix)
-    ui = _Ui(admin, read_only=read_only, secret=secret or secrets.token_hex(16))
+    ui = Ui(admin, read_only=read_only, secret=secret or secrets.token_hex(16))
     routes = [
         Route("/", ui.overview),
         Route("/cluster", ui.cluster),
         Route("/queue", ui.queue),
         Route("/queue/{action}", ui.act, methods=["POST"]),
         Route("/api/queues", ui.api_queues),
+        *tasks.routes(ui),
+        *runtime.routes(ui),
     ]
     app = Starlette(routes=routes)
     if auth is not None:
@@ -76,7 +79,9 @@ def create_app(
     return app
 
 
-class _Ui:
+class Ui:
+    """What every page shares: the admin API, templates, the CSRF token, the nav."""
+
     def __init__(self, admin: Admin, *, read_only: bool, secret: str) -> None:
         self.admin = admin
         self.read_only = read_only
@@ -85,13 +90,28 @@ class _Ui:
             loader=FileSystemLoader(TEMPLATES),
             autoescape=select_autoescape(default=True, default_for_string=True),
         )
+        #: The nav bar: (label, path), in order; each page module adds its own.
+        self.nav: list[tuple[str, str]] = [("Overview", "/"), ("Cluster", "/cluster")]
 
-    def _page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
+    def page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
+        """``template`` rendered with ``context`` (and what every page gets)."""
         root = request.scope.get("root_path", "")
         html = self.env.get_template(template).render(
-            root=root, read_only=self.read_only, csrf=self.csrf, **context
+            root=root, read_only=self.read_only, csrf=self.csrf, nav=self.nav, **context
         )
         return HTMLResponse(html, status_code=status)
+
+    async def refused(self, request: Request) -> tuple[Response | None, dict[str, list[str]]]:
+        """For a POST: a 403 in read-only mode or without the form's CSRF token (else
+        None), and the urlencoded form (parsed here: Starlette's form parser needs
+        another library)."""
+        if self.read_only:
+            return Response("read-only: no actions", status_code=403), {}
+        form = parse_qs((await request.body())[:65536].decode(errors="replace"))
+        token = (form.get("csrf") or [""])[0]
+        if not hmac.compare_digest(token.encode(), self.csrf.encode()):
+            return Response("missing or wrong CSRF token", status_code=403), form
+        return None, form
 
     # ------------------------------------------------------------------ pages
 
@@ -105,7 +125,7 @@ class _Ui:
             masters.append(
                 {
                     "name": master,
-                    "queues": [_row(q) for q in sorted(queues, key=lambda q: q.queue)],
+                    "queues": [queue_row(q) for q in sorted(queues, key=lambda q: q.queue)],
                     "pending": sum(q.pending for q in queues),
                     "active": sum(q.active for q in queues),
                     "archived": sum(q.archived for q in queues),
@@ -114,7 +134,7 @@ class _Ui:
         pending = [sum(q.pending for q in queues) for queues in by_master.values()]
         mean = statistics.fmean(pending) if pending else 0.0
         skew = max(pending) / mean if mean > 0 else None
-        return self._page(request, "overview.html", masters=masters, skew=skew)
+        return self.page(request, "overview.html", masters=masters, skew=skew)
 
     def cluster(self, request: Request) -> Response:
         topology = self.admin.refresh()
@@ -136,7 +156,7 @@ class _Ui:
         ]
         covered = topology.slots_covered
         svg = render_slotmap(topology, marks)
-        return self._page(
+        return self.page(
             request, "cluster.html", svg=svg, nodes=nodes, covered=covered, mode=topology.mode
         )
 
@@ -145,25 +165,21 @@ class _Ui:
         try:
             validate_queue_name(name)
         except ClusterqError as exc:
-            return self._page(request, "error.html", status=404, message=str(exc))
+            return self.page(request, "error.html", status=404, message=str(exc))
         info = self.admin.queue(name)
         groups = [
             {"label": group_label(g.group), "waiting": g.waiting, "running": g.running}
             for part in self.admin.groups(name)
             for g in part.groups
         ]
-        return self._page(request, "queue.html", q=_row(info), groups=groups)
+        return self.page(request, "queue.html", q=queue_row(info), groups=groups)
 
     async def act(self, request: Request) -> Response:
         """POST /queue/pause|unpause?name=NAME: refused in read-only mode and without the
         form's CSRF token; then back to the queue's page."""
-        if self.read_only:
-            return Response("read-only: no actions", status_code=403)
-        # a urlencoded form (read here: Starlette's form parser needs another library)
-        form = parse_qs((await request.body())[:4096].decode(errors="replace"))
-        token = (form.get("csrf") or [""])[0]
-        if not hmac.compare_digest(token.encode(), self.csrf.encode()):
-            return Response("missing or wrong CSRF token", status_code=403)
+        refusal, _ = await self.refused(request)
+        if refusal is not None:
+            return refusal
         name, action = request.query_params.get("name", ""), request.path_params["action"]
         try:
             validate_queue_name(name)
@@ -179,7 +195,7 @@ class _Ui:
         return JSONResponse([q.to_dict() for q in self.admin.queues()])
 
 
-def _row(q: QueueInfo) -> dict[str, Any]:
+def queue_row(q: QueueInfo) -> dict[str, Any]:
     return {
         "name": q.queue,
         "keyslot": q.keyslot,
