@@ -51,7 +51,8 @@ def test_the_wheel_carries_what_the_package_reads_at_run_time(wheel: Path) -> No
     scripts = {str(p.relative_to(ROOT)) for p in (ROOT / "clusterq").rglob("*.lua")}
     assert scripts and scripts <= names  # every Lua script beside its wrapper
     pages = {str(p.relative_to(ROOT)) for p in (ROOT / "clusterq").rglob("*.html")}
-    assert pages and pages <= names  # the web UI's templates
+    scripts = {str(p.relative_to(ROOT)) for p in (ROOT / "clusterq").rglob("*.js")}
+    assert pages and scripts and pages | scripts <= names  # the web UI's templates, script
     assert not any("tests/" in n or n.endswith(".pyc") for n in names)
 
 

@@ -34,7 +34,8 @@ EVIL = "<script>alert(1)</script>"
 
 class _Rows(HTMLParser):
     """The attributes of the elements with a ``data-queue`` (rows of the overview), the
-    ``href``/``action`` of every link and form, and whether a script tag was seen."""
+    ``href``/``action`` of every link and form, and whether a script tag other than the
+    UI's own was seen."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,10 +48,10 @@ class _Rows(HTMLParser):
         if "data-queue" in found:
             self.rows.append(found)
         for name in ("href", "action"):
-            if name in found:
+            if name in found and not found[name].startswith("data:"):  # the blank favicon
                 self.links.append(found[name])
-        if tag == "script":
-            self.scripts += 1
+        if tag == "script" and not found.get("src", "").endswith("/static/live.js"):
+            self.scripts += 1  # any script but the UI's own
 
 
 def _parse(html: str) -> _Rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from clusterq.cli.state import CliError, CliState, connection_options
@@ -21,10 +23,31 @@ from clusterq.cli.state import CliError, CliState, connection_options
     default=None,
     help="Ask every request for HTTP basic authentication (or set CLUSTERQ_WEB_AUTH).",
 )
+@click.option(
+    "--viewer",
+    "viewers",
+    metavar="USER:PASSWORD",
+    multiple=True,
+    help="A user who may look but not act (repeat for several); needs --auth or a token.",
+)
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.2, 3600),
+    help="Seconds between live updates (one poll shared by every open page).",
+)
 @connection_options
 @click.pass_obj
 def web(
-    state: CliState, host: str, port: int, read_only: bool, root_path: str, auth: str | None
+    state: CliState,
+    host: str,
+    port: int,
+    read_only: bool,
+    root_path: str,
+    auth: str | None,
+    viewers: tuple[str, ...],
+    interval: float,
 ) -> None:
     """The cluster seen from a browser: queues by master, the slot map, each queue."""
     try:
@@ -35,14 +58,27 @@ def web(
         raise CliError(
             f"clusterq web needs the web extra: pip install 'clusterq[web]' ({exc})"
         ) from None
-    credentials = None
-    if auth is not None:
-        user, sep, password = auth.partition(":")
-        if not sep or not user or not password:
-            raise CliError("invalid --auth: give USER:PASSWORD")
-        credentials = (user, password)
+    from clusterq.ops.web.security import parse_user
+
+    try:
+        operator = parse_user(auth, "operator") if auth is not None else None
+        watchers = [parse_user(v, "viewer") for v in viewers]
+    except ValueError as exc:
+        raise CliError(f"invalid --auth/--viewer: {exc}") from None
+    token = os.environ.get("CLUSTERQ_WEB_TOKEN") or None
+    if watchers and operator is None and token is None:
+        raise CliError("--viewer needs --auth (or CLUSTERQ_WEB_TOKEN) for the operators")
+    credentials = (operator.name, operator.password) if operator is not None else None
     backend = state.backend(retry_timeout=1.0)
     backend.refresh_topology()  # an unreachable URL is a one-line error, not a server
-    app = create_app(backend=backend, read_only=read_only, auth=credentials, prefix=state.prefix)
+    app = create_app(
+        backend=backend,
+        read_only=read_only,
+        auth=credentials,
+        viewers=[(v.name, v.password) for v in watchers],
+        token=token,
+        prefix=state.prefix,
+        interval=interval,
+    )
     click.echo(f"clusterq web on http://{host}:{port}{root_path}/ ({state.url})", err=True)
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="warning")

@@ -16,12 +16,11 @@ start with the ASGI ``root_path`` (``--root-path /q`` behind a proxy).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
 import statistics
-from collections.abc import Awaitable, Callable
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -30,7 +29,13 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
 from clusterq.cluster.backend import Backend
@@ -41,10 +46,14 @@ from clusterq.ops.groupinfo import group_label
 from clusterq.ops.inspector import QueueInfo
 from clusterq.ops.queueinfo import compact_limits
 from clusterq.ops.web import runtime, tasks
+from clusterq.ops.web.live import LivePoller, sse
+from clusterq.ops.web.security import AuditLog, Guard, User, same_origin
 from clusterq.ops.web.slotmap import render as render_slotmap
 from clusterq.ops.web.slotmap import spans
 
 TEMPLATES = Path(__file__).with_name("templates")
+#: The UI's one script (see :mod:`.live`), read once.
+SCRIPT = (Path(__file__).parent / "static" / "live.js").read_text()
 
 
 def create_app(
@@ -54,28 +63,42 @@ def create_app(
     prefix: str = DEFAULT_PREFIX,
     read_only: bool = False,
     auth: tuple[str, str] | None = None,
+    viewers: list[tuple[str, str]] | None = None,
+    token: str | None = None,
     secret: str | None = None,
+    interval: float = 2.0,
 ) -> Starlette:
     """The web UI as an ASGI app, for ``url`` (or an existing ``backend``). Mount it
     anywhere; behind a proxy, serve it with the proxy's path as ``root_path``.
-    ``secret`` signs the CSRF token (default: a random one per app)."""
+    ``auth``: an operator's (user, password); ``viewers``: users who may look but not
+    act; ``token``: a bearer token for an operator (see :mod:`.security`). ``secret``
+    signs the CSRF token (default: a random one per app). ``interval``: seconds between
+    the live pages' updates (one poll shared by every open page)."""
     if backend is None and url is None:
         raise ClusterqError("create_app needs a url or a backend")
     admin = Admin(prefix=prefix, backend=backend) if backend else Admin(url or "", prefix=prefix)
     ui = Ui(admin, read_only=read_only, secret=secret or secrets.token_hex(16))
+    ui.live = LivePoller(lambda: [q.to_dict() for q in admin.queues()], interval)
     routes = [
         Route("/", ui.overview),
         Route("/cluster", ui.cluster),
         Route("/queue", ui.queue),
         Route("/queue/{action}", ui.act, methods=["POST"]),
         Route("/api/queues", ui.api_queues),
+        Route("/audit", ui.audit_page),
+        Route("/live/queues", ui.live_queues),
+        Route("/static/live.js", ui.script),
+        Route("/theme", ui.theme),
         *tasks.routes(ui),
         *runtime.routes(ui),
     ]
+    ui.nav.append(("Audit", "/audit"))
     app = Starlette(routes=routes)
-    if auth is not None:
-        app.add_middleware(_BasicAuth, user=auth[0], password=auth[1])
+    users = [User(auth[0], auth[1], "operator")] if auth is not None else []
+    users += [User(name, password, "viewer") for name, password in viewers or []]
+    app.add_middleware(Guard, users=users, token=token, read_only=read_only)
     app.state.admin = admin
+    app.state.live = ui.live
     return app
 
 
@@ -90,23 +113,44 @@ class Ui:
             loader=FileSystemLoader(TEMPLATES),
             autoescape=select_autoescape(default=True, default_for_string=True),
         )
+        self.env.filters["clock"] = clock
+        self.live: LivePoller | None = None
+        self.audit_log = AuditLog()
         #: The nav bar: (label, path), in order; each page module adds its own.
         self.nav: list[tuple[str, str]] = [("Overview", "/"), ("Cluster", "/cluster")]
+
+    def viewer(self, request: Request) -> bool:
+        """Whether the caller may only look (read-only mode, or the viewer role)."""
+        return self.read_only or request.scope.get("clusterq.role") == "viewer"
 
     def page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
         """``template`` rendered with ``context`` (and what every page gets)."""
         root = request.scope.get("root_path", "")
         html = self.env.get_template(template).render(
-            root=root, read_only=self.read_only, csrf=self.csrf, nav=self.nav, **context
+            root=root,
+            read_only=self.viewer(request),
+            csrf=self.csrf,
+            nav=self.nav,
+            user=request.scope.get("clusterq.user", "-"),
+            theme=request.cookies.get("theme", ""),
+            **context,
         )
         return HTMLResponse(html, status_code=status)
+
+    def audit(self, request: Request, action: str, target: str, outcome: str = "done") -> None:
+        """Record an operator's action (see :class:`.security.AuditLog`)."""
+        client = request.client.host if request.client else "-"
+        user = str(request.scope.get("clusterq.user", "-"))
+        self.audit_log.record(user, client, action, target, outcome)
 
     async def refused(self, request: Request) -> tuple[Response | None, dict[str, list[str]]]:
         """For a POST: a 403 in read-only mode or without the form's CSRF token (else
         None), and the urlencoded form (parsed here: Starlette's form parser needs
         another library)."""
-        if self.read_only:
+        if self.viewer(request):
             return Response("read-only: no actions", status_code=403), {}
+        if not same_origin(request.headers.get("origin"), request.headers.get("host")):
+            return Response("a POST from another origin", status_code=403), {}
         form = parse_qs((await request.body())[:65536].decode(errors="replace"))
         token = (form.get("csrf") or [""])[0]
         if not hmac.compare_digest(token.encode(), self.csrf.encode()):
@@ -188,11 +232,46 @@ class Ui:
         if action not in ("pause", "unpause"):
             return Response(f"unknown action {action!r}", status_code=404)
         await run_in_threadpool(getattr(self.admin, action), name)
+        self.audit(request, action, f"queue {name}")
         root = request.scope.get("root_path", "")
         return RedirectResponse(f"{root}/queue?{urlencode({'name': name})}", status_code=303)
 
+    def live_queues(self, request: Request) -> Response:
+        """Server-sent events: the queues as /api/queues gives them, every interval."""
+        assert self.live is not None
+        return StreamingResponse(
+            sse(self.live, request.is_disconnected),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def script(self, request: Request) -> Response:
+        return Response(SCRIPT, media_type="text/javascript")
+
+    def audit_page(self, request: Request) -> Response:
+        entries = [e.to_dict() for e in reversed(self.audit_log.entries)]
+        return self.page(request, "audit.html", entries=entries)
+
+    def theme(self, request: Request) -> Response:
+        """GET /theme?to=dark|light|system: the choice kept in a cookie, then back."""
+        choice = request.query_params.get("to", "")
+        root = request.scope.get("root_path", "")
+        back = RedirectResponse(f"{root}/", status_code=303)
+        if choice in ("dark", "light"):
+            back.set_cookie("theme", choice, max_age=365 * 86400, samesite="strict")
+        else:
+            back.delete_cookie("theme")
+        return back
+
     def api_queues(self, request: Request) -> Response:
         return JSONResponse([q.to_dict() for q in self.admin.queues()])
+
+
+def clock(at: object) -> str:
+    """A Unix time as local date and time (``-`` for none)."""
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
 def queue_row(q: QueueInfo) -> dict[str, Any]:
@@ -214,26 +293,3 @@ def queue_row(q: QueueInfo) -> dict[str, Any]:
         "limits": compact_limits(q.limits),
         "error": q.error,
     }
-
-
-class _BasicAuth:
-    """HTTP basic authentication on every request (401 with a challenge otherwise)."""
-
-    def __init__(self, app: Any, *, user: str, password: str) -> None:
-        self.app = app
-        self.expected = b"Basic " + base64.b64encode(f"{user}:{password}".encode())
-
-    async def __call__(
-        self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any
-    ) -> None:
-        if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = Response(
-                    "authentication required",
-                    status_code=401,
-                    headers={"WWW-Authenticate": 'Basic realm="clusterq"'},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

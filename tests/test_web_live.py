@@ -1,0 +1,170 @@
+"""``clusterq web``: live updates from one shared poller, roles and tokens, the Origin
+check, security headers, the audit page, the theme; in Chromium, the live script runs
+under the Content Security Policy without a console error."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from clusterq import Admin, Client
+from clusterq.ops.web import create_app
+from clusterq.tools import servers
+from tests.helpers import wait_for
+from tests.test_web import _chromium
+
+
+@pytest.fixture
+def queues(url: str, prefix: str) -> list[str]:
+    names = ["live-a", "live-b"]
+    with Client(url, prefix=prefix) as client:
+        for name in names:
+            client.enqueue("job", 1, queue=name)
+    return names
+
+
+def _serve(app: Any) -> Iterator[str]:
+    import uvicorn
+
+    port = servers.find_free_ports(1, with_bus=False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), 30, "uvicorn to start")
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def live_app(url: str, prefix: str, queues: list[str]) -> Iterator[tuple[Any, str]]:
+    app = create_app(url, prefix=prefix, interval=0.2)
+    for base in _serve(app):
+        yield app, base
+
+
+def _read_events(base: str, count: int, got: list[list[dict[str, Any]]]) -> None:
+    with urllib.request.urlopen(base + "/live/queues", timeout=30) as stream:
+        seen = []
+        for raw in stream:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+                if len(seen) == count:
+                    break
+    got.append(seen[-1])
+
+
+def test_every_open_page_shares_one_poll(
+    live_app: tuple[Any, str], url: str, prefix: str, queues: list[str]
+) -> None:
+    """Three pages listening, each receiving three updates: the queues were read about
+    three times, not nine; with no page left, the poller stops."""
+    app, base = live_app
+    got: list[list[dict[str, Any]]] = []
+    readers = [threading.Thread(target=_read_events, args=(base, 3, got)) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(60)
+    assert len(got) == 3
+    poller = app.state.live
+    # one poll per interval, whoever listens: three pages fed by one poll each time
+    # (a poll per page would be nine)
+    assert 3 <= poller.polls < 9
+    with Admin(url, prefix=prefix) as admin:
+        listed = {q.queue: q.pending for q in admin.queues()}
+    for last in got:
+        assert {q["queue"]: q["pending"] for q in last} == listed
+    wait_for(lambda: poller.subscribers == 0 and poller._task is None, 30, "the poller to stop")
+
+
+def test_roles_tokens_origin_and_headers(url: str, prefix: str, queues: list[str]) -> None:
+    app = create_app(
+        url, prefix=prefix, auth=("ops", "pw"), viewers=[("eve", "look")], token="t0ken",
+        secret="s",
+    )  # fmt: skip
+    with TestClient(app) as http, Admin(url, prefix=prefix) as admin:
+        denied = http.get("/")
+        assert (
+            denied.status_code == 401
+            and "default-src 'self'" in denied.headers["content-security-policy"]
+        )
+        assert http.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        viewer = http.get("/queue?name=live-a", auth=("eve", "look"))
+        assert viewer.status_code == 200 and "<form" not in viewer.text
+        assert "script-src 'self'" in viewer.headers["content-security-policy"]
+        assert viewer.headers["x-content-type-options"] == "nosniff"
+        operator = http.get("/queue?name=live-a", auth=("ops", "pw"))
+        token = re.search(r'name="csrf" value="([0-9a-f]+)"', operator.text)
+        assert token is not None
+        form = {"csrf": token.group(1)}
+        as_viewer = http.post("/queue/pause?name=live-a", data=form, auth=("eve", "look"))
+        assert as_viewer.status_code == 403 and not admin.queue("live-a").paused
+        elsewhere = http.post(
+            "/queue/pause?name=live-a",
+            data=form,
+            auth=("ops", "pw"),
+            headers={"Origin": "http://evil.example"},
+        )
+        assert elsewhere.status_code == 403 and not admin.queue("live-a").paused
+        bearer = {"Authorization": "Bearer t0ken", "Origin": "http://testserver"}
+        done = http.post(
+            "/queue/pause?name=live-a", data=form, headers=bearer, follow_redirects=False
+        )
+        assert done.status_code == 303 and admin.queue("live-a").paused
+        http.post("/queue/unpause?name=live-a", data=form, auth=("ops", "pw"))
+        assert not admin.queue("live-a").paused
+        audit = http.get("/audit", auth=("eve", "look"))
+    rows = re.findall(r'<tr class="audit">(.*?)</tr>', audit.text, re.S)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows]
+    assert [(c[1], c[3], c[4]) for c in cells] == [
+        ("ops", "unpause", "queue live-a"),
+        ("token", "pause", "queue live-a"),
+    ]  # newest first; the refused ones are not actions
+
+
+def test_the_theme_is_kept_in_a_cookie(url: str, prefix: str, queues: list[str]) -> None:
+    with TestClient(create_app(url, prefix=prefix)) as http:
+        assert '<html lang="en">' in http.get("/").text
+        http.get("/theme?to=dark")
+        assert '<html lang="en" data-theme="dark">' in http.get("/cluster").text
+        http.get("/theme?to=system")
+        assert '<html lang="en">' in http.get("/").text
+
+
+def test_chromium_runs_the_live_script_without_a_console_error(
+    live_app: tuple[Any, str], url: str, prefix: str, queues: list[str]
+) -> None:
+    """The overview in Chromium: the live script connects and updates the rows in place
+    (a task enqueued after the page opened shows up), and nothing was logged as an
+    error: no exception, no Content Security Policy violation."""
+    from tests.devtools import browser
+
+    _, base = live_app
+    with browser(_chromium(), base + "/") as page:
+        page.wait_for("document.getElementById('live').textContent.startsWith('live: updated')")
+        cell = 'document.querySelector(\'tr[data-queue="live-a"] td[data-field="pending"]\')'
+        assert page.evaluate(cell + ".textContent") == "1"
+        with Client(url, prefix=prefix) as client:
+            client.enqueue("job", 2, queue="live-a")
+        page.wait_for(cell + ".textContent === '2'")
+        assert page.evaluate("document.querySelectorAll('script').length") == 1
+        page.evaluate("console.log('clusterq test: console works')")
+        assert page.errors == []
+        page.evaluate("console.error('clusterq test: errors are seen')")
+        for _ in range(100):  # round trips until the console's event has come (bounded)
+            if page.errors:
+                break
+            page.evaluate("1")
+        assert page.errors and "errors are seen" in page.errors[-1]
