@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from starlette.routing import Route
 
 if TYPE_CHECKING:
-    from clusterq.ops.web.app import Ui
+    from clusterq.ops.web.ui import Ui
 
 
 def routes(ui: Ui) -> list[Route]:
