@@ -5,6 +5,8 @@ log) and ``to_dict()`` (for JSON). Subscribe with :meth:`clusterq.Worker.subscri
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,3 +131,17 @@ __all__ = [
     "TopologyEvent",
     "WorkerLeaving",
 ]
+
+
+#: Fields of an event's dict that differ between the workers that saw the same change.
+_VOLATILE = ("at", "outage", "message", "error")
+
+
+def timeline_record(event: TopologyEvent) -> tuple[str, str]:
+    """An event as the failover timeline keeps it: its signature (the same for every
+    worker that saw the same change: what changed, on which nodes, slots and queues)
+    and its JSON."""
+    data = event.to_dict()
+    same = {k: v for k, v in data.items() if k not in _VOLATILE}
+    signature = hashlib.sha1(json.dumps(same, sort_keys=True).encode()).hexdigest()[:20]
+    return signature, json.dumps(data, default=str)

@@ -338,6 +338,15 @@ class KeySchema:
         """Hash: worker id -> JSON announcement (with its own expiry); the key has a TTL."""
         return f"{self.prefix}:workers"
 
+    @property
+    def timeline(self) -> tuple[str, str]:
+        """The failover timeline: a capped stream of the topology and queue events the
+        workers saw (``<prefix>:{timeline}:events``), and a zset of each recorded event's
+        signature by when it was recorded (``:seen``), which keeps the copies out that
+        other workers saw too. Both in one slot (hash tag ``{timeline}``)."""
+        base = f"{self.prefix}:{{timeline}}"
+        return f"{base}:events", f"{base}:seen"
+
 
 @dataclass(frozen=True)
 class StreamKeys:

@@ -71,6 +71,7 @@ _PLAIN: dict[str, Probe] = {
     # streams: on a key that does not exist (no MKSTREAM: nothing is created)
     "xlen": lambda a, b: ("XLEN", b),
     "xread": lambda a, b: ("XREAD", "COUNT", 1, "STREAMS", b, "0-0"),
+    "xrevrange": lambda a, b: ("XREVRANGE", b, "+", "-", "COUNT", 1),
     "xinfo|stream": lambda a, b: ("XINFO", "STREAM", b),
     "xinfo|groups": lambda a, b: ("XINFO", "GROUPS", b),
     "xgroup|create": lambda a, b: ("XGROUP", "CREATE", b, "g", "0"),

@@ -73,7 +73,7 @@ DIRECT: dict[Role, tuple[str, ...]] = {
         "smembers", "llen", "zcard", "exists", "hgetall", "hget", "zscore",
         "lrange", "lindex", "hmget", "hscan", "zrange", "zlexcount", "memory|usage",
         "set", "del", "srem", "spublish", "pttl",
-        "xlen", "xinfo|groups", "xinfo|stream", "xread",
+        "xlen", "xinfo|groups", "xinfo|stream", "xread", "xrevrange",
     ),
 }  # fmt: skip
 

@@ -18,9 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from clusterq.broker import timeline as timeline_script
 from clusterq.cluster.abackend import AsyncBackend
 from clusterq.cluster.changes import TopologyEvent
-from clusterq.events import QueueResumed, QueueUnavailable
+from clusterq.events import QueueResumed, QueueUnavailable, timeline_record
+from clusterq.slots import keyslot
 from clusterq.worker.state import RunState
 
 log = logging.getLogger("clusterq.worker")
@@ -147,15 +149,20 @@ class Announcer:
         self.describe = describe
         self.run_state = run_state
         self.events: list[dict[str, Any]] = []
+        #: Events not yet in the failover timeline (kept through a failed write).
+        self.timeline: list[tuple[str, str]] = []
         self._wake = asyncio.Event()
 
     def note(self, event: TopologyEvent) -> None:
-        """Keep a queue event for the next announcement, and make that one soon."""
+        """Keep an event for the failover timeline, and a queue event for the next
+        announcement; make that one soon."""
+        self.timeline.append(timeline_record(event))
+        del self.timeline[: -RECENT_EVENTS * 5]
+        self._wake.set()
         record = event_record(event)
         if record is not None:
             self.events.append(record)
             del self.events[:-RECENT_EVENTS]
-            self._wake.set()
 
     def announcement(self) -> WorkerAnnouncement:
         now = time.time()
@@ -188,10 +195,27 @@ class Announcer:
                 await self.backend.execute_key(workers, publish, timeout=ANNOUNCE_INTERVAL)
             except Exception as exc:
                 log.debug("announce failed (%s)", exc)
+            await self._record_timeline()
             self._wake.clear()
             published = self._counts()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._next(published), ANNOUNCE_INTERVAL)
+
+    async def _record_timeline(self) -> None:
+        """Write the events noted since into the failover timeline (each once, whoever
+        saw it first); kept for the next round if the timeline's master is down."""
+        records = list(self.timeline)
+        if not records:
+            return
+        keys, args = timeline_script.build(self.backend.keys, records)
+        try:
+            await self.backend.run_script(
+                timeline_script.SCRIPT, keyslot(keys[0]), keys, args, timeout=ANNOUNCE_INTERVAL
+            )
+        except Exception as exc:
+            log.debug("failover timeline not written (%s); next round", exc)
+            return
+        del self.timeline[: len(records)]
 
     def _counts(self) -> tuple[Any, ...]:
         described = self.describe()

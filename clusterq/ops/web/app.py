@@ -61,6 +61,7 @@ def create_app(
         Route("/queue/{action}", ui.act, methods=["POST"]),
         Route("/api/queues", ui.api_queues),
         Route("/audit", ui.audit_page),
+        Route("/timeline", ui.timeline),
         Route("/live/queues", ui.live_queues),
         Route("/static/live.js", ui.script),
         Route("/theme", ui.theme),

@@ -29,6 +29,7 @@ from clusterq.ops.admin import Admin
 from clusterq.ops.groupinfo import group_label
 from clusterq.ops.inspector import QueueInfo
 from clusterq.ops.queueinfo import compact_limits
+from clusterq.ops.timeline import read_timeline
 from clusterq.ops.web.live import LivePoller, sse
 from clusterq.ops.web.security import AuditLog, same_origin
 from clusterq.ops.web.slotmap import render as render_slotmap
@@ -54,7 +55,11 @@ class Ui:
         self.live: LivePoller | None = None
         self.audit_log = AuditLog()
         #: The nav bar: (label, path), in order; each page module adds its own.
-        self.nav: list[tuple[str, str]] = [("Overview", "/"), ("Cluster", "/cluster")]
+        self.nav: list[tuple[str, str]] = [
+            ("Overview", "/"),
+            ("Cluster", "/cluster"),
+            ("Timeline", "/timeline"),
+        ]
 
     def viewer(self, request: Request) -> bool:
         """Whether the caller may only look (read-only mode, or the viewer role)."""
@@ -184,6 +189,17 @@ class Ui:
 
     def script(self, request: Request) -> Response:
         return Response(SCRIPT, media_type="text/javascript")
+
+    def timeline(self, request: Request) -> Response:
+        """The failover timeline (newest first), refreshed every few seconds."""
+        try:
+            entries = [
+                e.to_dict() for e in read_timeline(self.admin.backend, self.admin.keys, count=300)
+            ]
+            error = None
+        except Exception as exc:  # the timeline's master down, an ACL refusal
+            entries, error = [], str(exc)
+        return self.page(request, "timeline.html", entries=entries, error=error)
 
     def audit_page(self, request: Request) -> Response:
         entries = [e.to_dict() for e in reversed(self.audit_log.entries)]
