@@ -17,7 +17,18 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from clusterq import Admin, Client, Periodic, Router, SkipRetry, Task, TaskSpec, chain, group
+from clusterq import (
+    Admin,
+    Client,
+    Periodic,
+    Router,
+    SkipRetry,
+    Task,
+    TaskSpec,
+    Worker,
+    chain,
+    group,
+)
 from clusterq.ops.croninfo import cron_history, cron_status
 from clusterq.ops.web import create_app
 from clusterq.ops.web.runtime import depths, skew, workflow_svg
@@ -25,7 +36,7 @@ from clusterq.scheduler import Scheduler
 from clusterq.tools import servers
 from clusterq.tools.devcluster import LocalServer
 from clusterq.workflow import StepInfo
-from tests.helpers import await_for, running_worker, wait_for
+from tests.helpers import FAST, await_for, running_worker, wait_for
 
 EVIL = "<script>alert(1)</script>"
 PAGES = ("/workers", "/cron", "/streams", "/partitions", "/workflow")
@@ -133,6 +144,50 @@ def test_workers_are_listed_and_queues_nobody_serves_are_flagged(
         assert int(unserved[name]["data-waiting"]) == info.pending + info.scheduled + info.retry
         assert int(unserved[name]["data-waiting"]) > 0
     assert not set(unserved) & set(layout.members)  # served through the logical name
+
+
+def test_each_process_of_a_supervised_worker_is_a_row(
+    url: str, prefix: str, http: TestClient, admin: Admin
+) -> None:
+    """The processes of ``worker run --processes N`` announce themselves each, labelled
+    with their supervisor and number (as clusterq/worker/child.py labels them)."""
+    router = Router()
+
+    @router.task("noop")
+    async def noop(task: Task) -> None:
+        return None
+
+    with Client(url, prefix=prefix) as client:
+        client.enqueue("noop", None, queue="procs")
+
+    async def scenario() -> tuple[_Page, list[Any]]:
+        workers = [Worker(url, router, queues=["procs"], prefix=prefix, **FAST) for _ in range(2)]
+        for index, worker in enumerate(workers):
+            worker.labels.update(supervisor=f"sup-{prefix}", process=index)
+        for worker in workers:
+            await worker.start()
+        try:
+            ids = {w.id for w in workers}
+            live = await asyncio.to_thread(
+                wait_for,
+                lambda: len([w for w in admin.workers() if w.id in ids]) == 2 and admin.workers(),
+                10,
+                "both announcements",
+            )
+            page = await asyncio.to_thread(_get, http, "/workers")
+        finally:
+            for worker in workers:
+                await worker.stop()
+        return page, live
+
+    page, live = asyncio.run(scenario())
+    rows = page.having("data-worker")
+    assert set(rows) == {w.id for w in live}
+    for w in live:
+        assert rows[w.id]["data-supervisor"] == w.supervisor == f"sup-{prefix}"
+        assert rows[w.id]["data-process"] == str(w.process)
+    assert sorted(w.process for w in live if w.process is not None) == [0, 1]
+    assert "procs" in admin.queue_names() and "procs" not in page.having("data-queue")
 
 
 def test_without_workers_every_queue_with_tasks_is_flagged(
