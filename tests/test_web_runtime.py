@@ -31,7 +31,7 @@ from clusterq import (
 )
 from clusterq.ops.croninfo import cron_history, cron_status
 from clusterq.ops.web import create_app
-from clusterq.ops.web.runtime import depths, skew, workflow_svg
+from clusterq.ops.web.runtime import GRAPH_STEPS, depths, skew, workflow_svg
 from clusterq.scheduler import Scheduler
 from clusterq.tools import servers
 from clusterq.tools.devcluster import LocalServer
@@ -414,6 +414,57 @@ def test_a_running_workflow_with_a_script_for_a_type_stays_text(
         handle = client.enqueue(chain(_spec(EVIL), _spec("value", EVIL, EVIL)))
     _check_workflow_page(http, admin, handle.id)
     assert [s.state for s in admin.workflow(handle.id).steps] == ["enqueued", "waiting"]
+
+
+def test_a_large_workflow_is_a_table_without_a_graph(
+    url: str, prefix: str, http: TestClient, admin: Admin
+) -> None:
+    with Client(url, prefix=prefix) as client:  # no worker: every step stays enqueued
+        handle = client.enqueue(group(*[_spec("value", n) for n in range(GRAPH_STEPS + 1)]))
+    html = http.get("/workflow", params={"id": handle.id}).text
+    page = _parse(html)
+    rows = [a["data-step"] for t, a in page.elements if t == "tr" and "data-step" in a]
+    assert sorted(rows) == sorted(s.id for s in admin.workflow(handle.id).steps)
+    assert len(rows) == GRAPH_STEPS + 1 and "<svg" not in html and "Too many steps" in html
+
+
+def test_chromium_draws_the_workflow_graph(
+    standalone: LocalServer, prefix: str, tmp_path: Path
+) -> None:
+    """The page with its SVG, as a browser builds it: every step a box, every dep an
+    arrow, and the script in a step's type text."""
+    import threading
+
+    import uvicorn
+
+    from tests.test_web import _browse, _chromium
+
+    chromium = _chromium()
+    url = standalone.seed_url
+    with Client(url, prefix=prefix) as client:
+        handle = client.enqueue(chain(_spec(EVIL), group(_spec("a"), _spec("b")), _spec("c")))
+    port = servers.find_free_ports(1, with_bus=False)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(url, prefix=prefix), port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), 30, "uvicorn")
+        assert server.started, "uvicorn did not start"
+        dom = _browse(chromium, f"http://127.0.0.1:{port}/workflow?id={handle.id}", "--dump-dom")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    page = _parse(dom)
+    assert page.scripts == 0
+    with Admin(url, prefix=prefix) as admin:
+        info = admin.workflow(handle.id)
+    boxes = {a["data-step"]: a["data-state"] for t, a in page.elements if t == "g"}
+    assert boxes == {s.id: s.state for s in info.steps}
+    arrows = {(a["data-from"], a["data-to"]) for t, a in page.elements if t == "line"}
+    assert arrows == {(d, s.id) for s in info.steps for d in s.deps}
+    assert len(arrows) == 4  # 0 -> 1.0, 0 -> 1.1, 1.0 -> 2, 1.1 -> 2
 
 
 def test_a_missing_workflow_is_a_404_naming_it(http: TestClient) -> None:
