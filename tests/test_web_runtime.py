@@ -224,6 +224,11 @@ def test_streams_show_each_partition_and_group_as_the_inspector_reads_them(
     async def billing(event: Any) -> None:
         seen.append(event)
 
+    @router.consumer("clicks", group="audit", max_deliveries=1)
+    async def audit(event: Any) -> None:
+        if event.payload == {"n": 3}:
+            raise RuntimeError("cannot audit this")
+
     with Client(url, prefix=prefix) as client:
         client.declare_stream("clicks", 3)
         client.declare_stream(EVIL, 1)
@@ -232,17 +237,18 @@ def test_streams_show_each_partition_and_group_as_the_inspector_reads_them(
         client.publish(EVIL, EVIL)
 
     async def scenario() -> None:
-        async with running_worker(url, router, queues=["stream-side"], prefix=prefix):
+        async with running_worker(url, router, queues=["stream-side"], prefix=prefix, lease=0.3):
             await await_for(lambda: len(seen) >= 7, 15, "the group read every event")
 
-            def settled() -> bool:  # every event acked (nothing pending in the group)
-                return all(
-                    g.pending == 0 and g.lag == 0
-                    for p in admin.streams(["clicks"])
-                    for g in p.groups
-                ) and all(p.groups for p in admin.streams(["clicks"]))
+            def settled() -> bool:
+                """Both groups on every partition, every event acked by both, and the
+                event that failed once in a dead-letter stream."""
+                parts = admin.streams(["clicks"])
+                acked = all(g.pending == 0 and g.lag == 0 for p in parts for g in p.groups)
+                both = all(len(p.groups) == 2 for p in parts)
+                return acked and both and sum(p.dead for p in parts) == 1
 
-            await await_for(lambda: asyncio.to_thread(settled), 15, "acks")
+            await await_for(lambda: asyncio.to_thread(settled), 15, "acks and the dead letter")
 
     asyncio.run(scenario())
     page = http.get("/streams")
@@ -261,13 +267,13 @@ def test_streams_show_each_partition_and_group_as_the_inspector_reads_them(
         assert int(row["data-keyslot"]) == p.keyslot
         assert row["data-master"] == (p.master or "-")
         assert int(row["data-length"]) == p.length
-        assert int(row["data-dead"]) == p.dead == 0
-    assert sum(p.length for p in clicks) == 7
+        assert int(row["data-dead"]) == p.dead
+    assert sum(p.length for p in clicks) == 7 and sum(p.dead for p in clicks) == 1
     groups = [a for _, a in _parse(tables["clicks"]).elements if "data-group" in a]
     assert [(g["data-group"], g["data-pending"], g["data-lag"]) for g in groups] == [
         (g.group, str(g.pending), str(g.lag)) for p in clicks for g in p.groups
     ]
-    assert {g["data-group"] for g in groups} == {"billing"}
+    assert {g["data-group"] for g in groups} == {"billing", "audit"}
 
 
 # ---------------------------------------------------------------------- partitions
