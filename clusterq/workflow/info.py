@@ -36,6 +36,10 @@ class StepInfo:
     state: str
     task_id: str
     error: str | None = None
+    #: The steps this one waits for (their results are its input).
+    deps: tuple[str, ...] = ()
+    #: A done step's result (None otherwise, or when it is not JSON).
+    result: Any = None
 
 
 STEP_STATES = {
@@ -101,6 +105,10 @@ def workflow_info(
         if error is not None:
             errors[step_id] = error
         code = data[name]
+        deps = _json_or(data.get(f"dep:{step_id}"), [])
+        result = None
+        if code == "d" and f"res:{step_id}" in data:
+            result = _json_or(data[f"res:{step_id}"], None)
         if code == "w" and failed:
             code = "s"  # nothing will run it
         steps.append(
@@ -111,6 +119,8 @@ def workflow_info(
                 state=STEP_STATES.get(code, code),
                 task_id=step_task_id(workflow_id, step_id),
                 error=error,
+                deps=tuple(str(d) for d in deps) if isinstance(deps, list) else (),
+                result=result,
             )
         )
     result = None
