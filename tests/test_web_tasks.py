@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 
 from clusterq import Admin, Client, Router, Task, TaskState
 from clusterq.ops.inspector import Inspector
+from clusterq.ops.tasksearch import find_task
 from clusterq.ops.web import create_app
 from clusterq.ops.web.tasks import PAGE_SIZE, pretty
 from clusterq.tools.devcluster import LocalCluster, LocalServer
@@ -300,6 +301,39 @@ def test_search_finds_a_task_id_in_the_right_queues_across_the_masters(
     assert found == {("s-7", "pending"), ("s-2", "archived")}
     assert f"Looked in {len(names)} queue(s)" in page.text
     assert _rows(nothing.text) == [] and "found in 0" in nothing.text
+
+
+def test_an_id_is_looked_up_in_one_pipelined_call_per_master(
+    cluster: LocalCluster, prefix: str
+) -> None:
+    """find_task asks each master once about all its queues (no call per queue)."""
+    url = cluster.seed_url
+    names = [f"p-{i}" for i in range(12)]
+    with Client(url, prefix=prefix) as client:
+        for name in names:
+            client.enqueue("job", name, queue=name)
+        client.enqueue("job", "here", queue="p-5", task_id="needle")
+    with Inspector(url, prefix=prefix) as inspector:
+        masters = {q.master for q in inspector.queues()}
+        calls: list[int] = []
+        execute, execute_key = inspector.backend.execute, inspector.backend.execute_key
+
+        def counted(slot: int, fn: Any, **kwargs: Any) -> Any:
+            calls.append(slot)
+            return execute(slot, fn, **kwargs)
+
+        def per_key(key: str, fn: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"a call for {key} alone")
+
+        inspector.backend.execute = counted  # type: ignore[method-assign]
+        inspector.backend.execute_key = per_key  # type: ignore[method-assign]
+        try:
+            found = find_task(inspector, "needle", names)
+        finally:
+            inspector.backend.execute, inspector.backend.execute_key = execute, execute_key
+    assert [(t.queue, t.state) for t in found.tasks] == [("p-5", TaskState.PENDING)]
+    assert found.errors == {} and found.queues == len(names)
+    assert len(masters) == 3 and len(calls) == len(masters) + 1  # + reading the one found
 
 
 def test_the_filter_finds_by_error_type_and_payload_text(
