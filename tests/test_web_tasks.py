@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import html
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +19,8 @@ from clusterq.ops.inspector import Inspector
 from clusterq.ops.tasksearch import find_task
 from clusterq.ops.web import create_app
 from clusterq.ops.web.tasks import PAGE_SIZE, pretty
-from clusterq.tools.devcluster import LocalCluster, LocalServer
+from clusterq.slots import keyslot
+from clusterq.tools.devcluster import HOST, LocalCluster, LocalServer
 from tests.helpers import await_for, running_worker
 from tests.test_web import EVIL, _browse, _chromium, _parse
 
@@ -387,6 +388,42 @@ def test_a_command_the_acl_refuses_shows_as_a_message(standalone: LocalServer, p
     finally:
         admin.execute_command("ACL", "DELUSER", user)
         admin.close()
+
+
+def test_a_dead_master_shows_as_its_queues_errors_while_the_rest_renders(
+    fresh_cluster: Callable[..., LocalCluster], prefix: str
+) -> None:
+    """A master is killed and no replica may take its place: the search by id still
+    finds the task in the queues of the live masters and names the queues it could not
+    look in; the pages of a queue on the dead master show the error (never a 500)."""
+    cluster = fresh_cluster(["cluster-replica-no-failover yes"])
+    seeds = "redis://" + ",".join(f"{HOST}:{port}" for port in cluster.ports)
+    names = [f"d-{i}" for i in range(12)]
+    with Client(seeds, prefix=prefix) as client, Admin(seeds, prefix=prefix) as admin:
+        for name in names:
+            client.enqueue("job", name, queue=name, task_id="needle")
+        where = {q.queue: q.master for q in admin.queues()}
+        shared = {  # the registry and the layouts must stay readable
+            "{}:{}".format(*admin.backend.master_addr(keyslot(key)))
+            for key in (admin.keys.queues, admin.keys.layouts)
+        }
+    victim = sorted({m for m in where.values() if m} - shared)[0]
+    on_victim = sorted(n for n, m in where.items() if m == victim)
+    alive = sorted(set(names) - set(on_victim))
+    assert on_victim and alive
+    cluster.kill_node(int(victim.rsplit(":", 1)[1]))
+    with TestClient(create_app(seeds, prefix=prefix)) as http:
+        search = http.get("/search?id=needle")
+        dead_task = http.get(f"/task?queue={on_victim[0]}&id=needle")
+        dead_list = http.get(f"/tasks?queue={on_victim[0]}&state=pending")
+        live_task = http.get(f"/task?queue={alive[0]}&id=needle")
+    assert search.status_code == 200
+    assert sorted(r["data-queue"] for r in _rows(search.text)) == alive
+    for name in on_victim:
+        assert f"queue {name}: " in search.text
+    assert dead_task.status_code == 503 and on_victim[0] in _text_of(dead_task.text, "problem")
+    assert dead_list.status_code == 200 and 'id="error"' in dead_list.text
+    assert live_task.status_code == 200 and _text_of(live_task.text, "task-id") == "needle"
 
 
 # ---------------------------------------------------------------------- root path, browser

@@ -37,7 +37,8 @@ def find_task(inspector: Inspector, task_id: str, names: Iterable[str] | None = 
     """Every queue (or each of ``names``) holding a task ``task_id``: the queues are
     grouped by the master that owns their slot, and each master is asked about all its
     queues in one pipeline (``HEXISTS`` on each queue's records); a queue whose answer
-    was an error (its slot moved meanwhile) is asked again on its own."""
+    was an error (its slot moved meanwhile) is asked again on its own. The queues of a
+    master that cannot be asked are in :attr:`Found.errors`, the others still looked in."""
     validate_task_id(task_id)
     chosen = sorted(names) if names is not None else inspector.queue_names()
     found = Found(queues=len(chosen))
@@ -53,8 +54,9 @@ def find_task(inspector: Inspector, task_id: str, names: Iterable[str] | None = 
     for group in by_master.values():
         try:
             answers = _hexists_on_one_master(inspector, group, task_id)
-        except (ClusterqError, redis.RedisError) as exc:
-            answers = [exc] * len(group)
+        except (ClusterqError, redis.RedisError) as exc:  # that master is down or refused
+            found.errors.update((name, str(exc)) for name in group)
+            continue
         for name, answer in zip(group, answers, strict=True):
             if isinstance(answer, Exception):
                 answer = _hexists_alone(inspector, name, task_id, found)
