@@ -9,6 +9,7 @@ import asyncio
 import html
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,6 +160,45 @@ def test_a_failed_task_shows_its_error_progress_and_timeline_then_is_acted_on(
         assert gone.status_code == 404 and "t1" in _text_of(gone.text, "problem")
 
 
+def test_an_active_task_shows_its_worker_and_is_cancelled_from_the_page(
+    url: str, prefix: str, http: TestClient
+) -> None:
+    router = Router()
+    started = asyncio.Event()
+
+    @router.task("hold")
+    async def hold(task: Task) -> None:
+        started.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    async def scenario() -> None:
+        with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+            task_id = client.enqueue("hold", {"n": 1}, queue="web-a").id
+            async with running_worker(url, router, queues=["web-a"], prefix=prefix) as worker:
+                await asyncio.wait_for(started.wait(), 10)
+                path = f"/task?queue=web-a&id={task_id}"
+                page = await asyncio.to_thread(http.get, path)
+                assert _text_of(page.text, "task-state") == "active"
+                assert _text_of(page.text, "task-worker") == worker.id
+                assert admin.task("web-a", task_id).worker == worker.id
+                actions = [r["data-action"] for r in _parse_all(page.text) if "data-action" in r]
+                assert actions == ["cancel"]
+                done = await asyncio.to_thread(
+                    http.post, f"/task/cancel?queue=web-a&id={task_id}",
+                    data={"csrf": _csrf(page.text)},
+                )  # fmt: skip
+                assert 'data-status="ok"' in done.text
+                await await_for(
+                    lambda: admin.task("web-a", task_id).info.state == TaskState.ARCHIVED,
+                    10,
+                    "the task to be cancelled",
+                )
+            page = await asyncio.to_thread(http.get, path)
+            assert "cancelled by an operator" in _text_of(page.text, "last-error")
+
+    asyncio.run(scenario())
+
+
 def test_a_missing_or_invalid_task_is_a_404_naming_it(http: TestClient) -> None:
     page = http.get("/task", params={"queue": "nowhere", "id": "no-such-task"})
     assert page.status_code == 404 and "no-such-task" in page.text and "nowhere" in page.text
@@ -198,7 +238,7 @@ def test_read_only_renders_no_action_and_refuses_every_post(url: str, prefix: st
             assert page.status_code == 200 and task_id in page.text
             assert 'method="post"' not in page.text and "csrf" not in page.text
             assert 'type="checkbox"' not in page.text
-        posts = [
+        posts: list[tuple[str, dict[str, str]]] = [
             (f"/task/{action}?queue=web-r&id={task_id}", {}) for action in ("run", "delete")
         ] + [
             ("/tasks/selected?queue=web-r&state=archived", {"action": "run", "id": task_id}),
@@ -305,7 +345,7 @@ def test_search_finds_a_task_id_in_the_right_queues_across_the_masters(
 
 
 def test_an_id_is_looked_up_in_one_pipelined_call_per_master(
-    cluster: LocalCluster, prefix: str
+    cluster: LocalCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """find_task asks each master once about all its queues (no call per queue)."""
     url = cluster.seed_url
@@ -317,7 +357,7 @@ def test_an_id_is_looked_up_in_one_pipelined_call_per_master(
     with Inspector(url, prefix=prefix) as inspector:
         masters = {q.master for q in inspector.queues()}
         calls: list[int] = []
-        execute, execute_key = inspector.backend.execute, inspector.backend.execute_key
+        execute = inspector.backend.execute
 
         def counted(slot: int, fn: Any, **kwargs: Any) -> Any:
             calls.append(slot)
@@ -326,12 +366,10 @@ def test_an_id_is_looked_up_in_one_pipelined_call_per_master(
         def per_key(key: str, fn: Any, **kwargs: Any) -> Any:
             raise AssertionError(f"a call for {key} alone")
 
-        inspector.backend.execute = counted  # type: ignore[method-assign]
-        inspector.backend.execute_key = per_key  # type: ignore[method-assign]
-        try:
-            found = find_task(inspector, "needle", names)
-        finally:
-            inspector.backend.execute, inspector.backend.execute_key = execute, execute_key
+        monkeypatch.setattr(inspector.backend, "execute", counted)
+        monkeypatch.setattr(inspector.backend, "execute_key", per_key)
+        found = find_task(inspector, "needle", names)
+        monkeypatch.undo()
     assert [(t.queue, t.state) for t in found.tasks] == [("p-5", TaskState.PENDING)]
     assert found.errors == {} and found.queues == len(names)
     assert len(masters) == 3 and len(calls) == len(masters) + 1  # + reading the one found
@@ -447,7 +485,7 @@ def test_under_a_root_path_every_link_starts_with_it(url: str, prefix: str) -> N
     assert "/q/tasks?queue=web-p&state=archived" in links
 
 
-def test_chromium_renders_the_task_page(cluster: LocalCluster, prefix: str) -> None:
+def test_chromium_renders_the_task_page(cluster: LocalCluster, prefix: str, tmp_path: Path) -> None:
     chromium = _chromium()
     import threading
     import time
@@ -476,9 +514,18 @@ def test_chromium_renders_the_task_page(cluster: LocalCluster, prefix: str) -> N
         base = f"http://127.0.0.1:{port}"
         dom = _browse(chromium, f"{base}/task?queue=web-browser&id={task_id}", "--dump-dom")
         listed = _browse(chromium, f"{base}/tasks?queue=web-browser&state=pending", "--dump-dom")
+        shot = tmp_path / "task.png"
+        _browse(
+            chromium,
+            f"{base}/task?queue=web-browser&id={task_id}",
+            f"--screenshot={shot}",
+            "--window-size=1280,900",
+        )
     finally:
         server.should_exit = True
         thread.join(10)
     assert _text_of(dom, "task-id") == task_id
     assert _parse(dom).scripts == 0 and EVIL in html.unescape(_text_of(dom, "payload"))
     assert [r["data-task"] for r in _rows(listed)] == [task_id]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"screenshot: {shot}")
