@@ -514,18 +514,19 @@ def test_chromium_renders_the_task_page(cluster: LocalCluster, prefix: str, tmp_
         base = f"http://127.0.0.1:{port}"
         dom = _browse(chromium, f"{base}/task?queue=web-browser&id={task_id}", "--dump-dom")
         listed = _browse(chromium, f"{base}/tasks?queue=web-browser&state=pending", "--dump-dom")
-        shot = tmp_path / "task.png"
-        _browse(
-            chromium,
-            f"{base}/task?queue=web-browser&id={task_id}",
-            f"--screenshot={shot}",
-            "--window-size=1280,900",
-        )
+        shots = {
+            "task": f"/task?queue=web-browser&id={task_id}",
+            "tasks": "/tasks?queue=web-browser&state=pending",
+            "search": f"/search?id={task_id}&queue=web-browser&text=script",
+        }
+        for name, path in shots.items():
+            shot = tmp_path / f"{name}.png"
+            _browse(chromium, base + path, f"--screenshot={shot}", "--window-size=1280,900")
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         server.should_exit = True
         thread.join(10)
     assert _text_of(dom, "task-id") == task_id
     assert _parse(dom).scripts == 0 and EVIL in html.unescape(_text_of(dom, "payload"))
     assert [r["data-task"] for r in _rows(listed)] == [task_id]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    print(f"screenshot: {shot}")
+    print(f"screenshots in {tmp_path}")
