@@ -325,7 +325,7 @@ def test_search_finds_a_task_id_in_the_right_queues_across_the_masters(
     cluster: LocalCluster, prefix: str
 ) -> None:
     url = cluster.seed_url
-    names = [f"s-{i}" for i in range(12)]
+    names = [f"s-{i}" for i in range(30)]  # on every master, but once in 10^5 runs
     with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
         for name in names:
             client.enqueue("job", name, queue=name)
@@ -349,7 +349,7 @@ def test_an_id_is_looked_up_in_one_pipelined_call_per_master(
 ) -> None:
     """find_task asks each master once about all its queues (no call per queue)."""
     url = cluster.seed_url
-    names = [f"p-{i}" for i in range(12)]
+    names = [f"p-{i}" for i in range(30)]
     with Client(url, prefix=prefix) as client:
         for name in names:
             client.enqueue("job", name, queue=name)
@@ -436,7 +436,7 @@ def test_a_dead_master_shows_as_its_queues_errors_while_the_rest_renders(
     look in; the pages of a queue on the dead master show the error (never a 500)."""
     cluster = fresh_cluster(["cluster-replica-no-failover yes"])
     seeds = "redis://" + ",".join(f"{HOST}:{port}" for port in cluster.ports)
-    names = [f"d-{i}" for i in range(12)]
+    names = [f"d-{i}" for i in range(30)]
     with Client(seeds, prefix=prefix) as client, Admin(seeds, prefix=prefix) as admin:
         for name in names:
             client.enqueue("job", name, queue=name, task_id="needle")
