@@ -318,6 +318,25 @@ def test_delete_all_archived_deletes_exactly_those_and_run_all_takes_a_type(
         assert set(admin.task_ids("web-b", "pending", limit=100)) == set(pending + hot)
 
 
+def test_a_partitioned_queue_lists_the_tasks_of_all_its_partitions(
+    url: str, prefix: str, http: TestClient
+) -> None:
+    with Client(url, prefix=prefix) as client, Admin(url, prefix=prefix) as admin:
+        client.declare_queue("web-pq", partitions=3)
+        ids = [client.enqueue("job", i, queue="web-pq", key=f"k{i}").id for i in range(9)]
+        members = admin.members("web-pq")
+        assert len({t.queue for t in admin.tasks("web-pq", "pending", limit=20)}) > 1
+        page = http.get("/tasks?queue=web-pq&state=pending")
+        assert "pending (9)" in page.text
+        assert {r["data-task"] for r in _rows(page.text)} == set(ids)
+        done = http.post(
+            "/tasks/all?queue=web-pq&state=pending",
+            data={"csrf": _csrf(page.text), "action": "archive"},
+        )
+        assert "9 done, 0 left alone" in done.text
+        assert sum(admin.queue(m).archived for m in members) == 9
+
+
 # ---------------------------------------------------------------------- search
 
 

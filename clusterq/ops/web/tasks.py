@@ -191,11 +191,16 @@ class TaskPages:
         if state not in STATES:
             return self.problem(request, 404, "Not found", f"no state {state!r}")
         page = _int(request.query_params.get("page"), 1, 1, 10**9)
-        info = self.admin.queue(queue)
-        counts = {s: getattr(info, s) for s in STATES}
+        try:  # a partitioned queue: the sums over its partitions
+            members = self.admin.members(queue)
+        except NODE_ERRORS:
+            members = (queue,)
+        infos = [self.admin.queue(member) for member in members]
+        counts = {s: sum(getattr(info, s) for info in infos) for s in STATES}
         pages = max(1, math.ceil(counts[state] / PAGE_SIZE))
         rows: list[dict[str, Any]] = []
-        error = info.error
+        errors = [f"{info.queue}: {info.error}" for info in infos if info.error]
+        error = "; ".join(errors) or None
         offset = (page - 1) * PAGE_SIZE
         try:
             rows = [
