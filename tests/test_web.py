@@ -48,7 +48,7 @@ class _Rows(HTMLParser):
         if "data-queue" in found:
             self.rows.append(found)
         for name in ("href", "action"):
-            if name in found and not found[name].startswith("data:"):  # the blank favicon
+            if name in found:
                 self.links.append(found[name])
         if tag == "script" and not found.get("src", "").endswith("/static/live.js"):
             self.scripts += 1  # any script but the UI's own

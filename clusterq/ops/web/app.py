@@ -64,6 +64,7 @@ def create_app(
         Route("/timeline", ui.timeline),
         Route("/live/queues", ui.live_queues),
         Route("/static/live.js", ui.script),
+        Route("/favicon.svg", ui.icon),
         Route("/theme", ui.theme),
         *tasks.routes(ui),
         *runtime.routes(ui),

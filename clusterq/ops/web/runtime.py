@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from html import escape
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from starlette.requests import Request
@@ -23,23 +23,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from clusterq.errors import ClusterqError, InvalidName
-from clusterq.ops.admin import Admin
 from clusterq.ops.croninfo import cron_history, cron_status
 from clusterq.workflow import StepInfo, WorkflowGone, WorkflowInfo
 
+if TYPE_CHECKING:
+    from clusterq.ops.web.ui import Ui
+
 T = TypeVar("T")
-
-
-class Ui(Protocol):
-    """What these pages need of :class:`clusterq.ops.web.app.Ui` (not imported: app
-    imports this module)."""
-
-    admin: Admin
-    nav: list[tuple[str, str]]
-
-    def page(
-        self, request: Request, template: str, status: int = 200, **context: Any
-    ) -> Response: ...
 
 
 #: Firings of each periodic entry shown on /cron.

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import redis
@@ -30,6 +31,9 @@ from clusterq.ops.inspector import MAX_PAGE
 from clusterq.ops.tasksearch import DEFAULT_PER_STATE, filter_tasks, find_task
 from clusterq.task import STATES, TaskInfo
 
+if TYPE_CHECKING:
+    from clusterq.ops.web.ui import Ui
+
 #: Rows per page of a task list.
 PAGE_SIZE = 20
 #: Characters of a payload or an error shown in a list row.
@@ -43,23 +47,6 @@ ACTIONS: dict[str, tuple[str, ...]] = {
 }
 #: What a failing node raises through the admin API.
 NODE_ERRORS = (ClusterqError, redis.RedisError, OSError)
-
-
-class Ui(Protocol):
-    """What these pages use of :class:`clusterq.ops.web.app.Ui` (a protocol: app
-    imports this module)."""
-
-    admin: Admin
-    read_only: bool
-    nav: list[tuple[str, str]]
-
-    def page(
-        self, request: Request, template: str, status: int = 200, **context: Any
-    ) -> Response: ...
-
-    def refused(
-        self, request: Request
-    ) -> Awaitable[tuple[Response | None, dict[str, list[str]]]]: ...
 
 
 def routes(ui: Ui) -> list[Route]:
@@ -168,7 +155,9 @@ class TaskPages:
         try:
             statuses = await run_in_threadpool(method, queue, [task_id])
         except NODE_ERRORS as exc:
+            self.ui.audit(request, action, f"task {task_id} in {queue}", f"failed: {exc}")
             return self.problem(request, 503, "Unavailable", f"{action} failed: {exc}")
+        self.ui.audit(request, action, f"task {task_id} in {queue}", _outcome(statuses))
         return self.ui.page(
             request,
             "done.html",
@@ -239,7 +228,9 @@ class TaskPages:
         try:
             statuses = await run_in_threadpool(self.admin.act, action, queue, ids)  # type: ignore[arg-type]
         except NODE_ERRORS as exc:
+            self.ui.audit(request, action, f"{len(ids)} task(s) in {queue}", f"failed: {exc}")
             return self.problem(request, 503, "Unavailable", f"{action} failed: {exc}")
+        self.ui.audit(request, action, f"{len(ids)} task(s) in {queue}", _outcome(statuses))
         return self.ui.page(
             request,
             "done.html",
@@ -269,8 +260,12 @@ class TaskPages:
         try:
             result = await run_in_threadpool(run)
         except (*NODE_ERRORS, ValueError) as exc:
+            self.ui.audit(request, action, f"all {state} in {queue}", f"failed: {exc}")
             return self.problem(request, 503, "Unavailable", f"{action} failed: {exc}")
         of_type = f" of type {task_type!r}" if task_type else ""
+        self.ui.audit(
+            request, action, f"all {state} tasks{of_type} in {queue}", _outcome(result.statuses)
+        )
         return self.ui.page(
             request,
             "done.html",
@@ -401,3 +396,13 @@ def _int(raw: str | None, default: int, low: int, high: int) -> int:
     except ValueError:
         value = default
     return min(high, max(low, value))
+
+
+def _outcome(statuses: dict[str, Any]) -> str:
+    """An action's outcome for the audit: how many tasks ended each way (``statuses``:
+    task id -> status, or status -> count as a bulk action gives them)."""
+    if all(isinstance(v, int) for v in statuses.values()):
+        counts = {str(k): int(v) for k, v in statuses.items()}
+    else:
+        counts = dict(Counter(str(v) for v in statuses.values()))
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing"

@@ -36,6 +36,13 @@ from clusterq.ops.web.slotmap import render as render_slotmap
 from clusterq.ops.web.slotmap import spans
 
 TEMPLATES = Path(__file__).with_name("templates")
+#: The tab's icon: three squares, a master each.
+ICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    '<rect x="1" y="5" width="4" height="6" fill="#4e79a7"/>'
+    '<rect x="6" y="5" width="4" height="6" fill="#f28e2b"/>'
+    '<rect x="11" y="5" width="4" height="6" fill="#59a14f"/></svg>'
+)
 #: The UI's one script (see :mod:`.live`), read once.
 SCRIPT = (Path(__file__).parent / "static" / "live.js").read_text()
 
@@ -186,6 +193,9 @@ class Ui:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store"},
         )
+
+    def icon(self, request: Request) -> Response:
+        return Response(ICON, media_type="image/svg+xml")
 
     def script(self, request: Request) -> Response:
         return Response(SCRIPT, media_type="text/javascript")
