@@ -140,34 +140,49 @@ def enqueue_span(what: object, options: dict[str, Any]) -> Iterator[tuple[Any, d
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _around(
+    fn: F,
+    start: Callable[[Any, Any, dict[str, Any]], Any],
+    end: Callable[[Any, Any, Any, Any], None],
+) -> F:
+    """``fn(client, first, ...)``, sync or async, run inside ``start(client, first,
+    kwargs)`` (a context manager giving the span and the keyword arguments to call
+    with) while tracing is on; ``end(span, client, first, result)`` after."""
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def traced_async(client: Any, first: Any, *args: Any, **kwargs: Any) -> Any:
+            if not enabled():
+                return await fn(client, first, *args, **kwargs)
+            with start(client, first, kwargs) as (span, kwargs):
+                result = await fn(client, first, *args, **kwargs)
+                end(span, client, first, result)
+                return result
+
+        return traced_async  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def traced(client: Any, first: Any, *args: Any, **kwargs: Any) -> Any:
+        if not enabled():
+            return fn(client, first, *args, **kwargs)
+        with start(client, first, kwargs) as (span, kwargs):
+            result = fn(client, first, *args, **kwargs)
+            end(span, client, first, result)
+            return result
+
+    return traced  # type: ignore[return-value]
+
+
 def traced_enqueue(*, batch: bool) -> Callable[[F], F]:
     """A client's ``enqueue`` (``batch``: ``enqueue_many``), sync or async, in a PRODUCER
     span while tracing is on (:func:`enqueue_span`, :func:`sent`)."""
 
     def decorate(fn: F) -> F:
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def traced_async(client: Any, what: Any, *args: Any, **options: Any) -> Any:
-                if not enabled():
-                    return await fn(client, what, *args, **options)
-                with enqueue_span(None if batch else what, options) as (span, options):
-                    result = await fn(client, what, *args, **options)
-                    sent(span, client.backend, result)
-                    return result
-
-            return traced_async  # type: ignore[return-value]
-
-        @functools.wraps(fn)
-        def traced(client: Any, what: Any, *args: Any, **options: Any) -> Any:
-            if not enabled():
-                return fn(client, what, *args, **options)
-            with enqueue_span(None if batch else what, options) as (span, options):
-                result = fn(client, what, *args, **options)
-                sent(span, client.backend, result)
-                return result
-
-        return traced  # type: ignore[return-value]
+        return _around(
+            fn,
+            lambda client, what, kwargs: enqueue_span(None if batch else what, kwargs),
+            lambda span, client, what, result: sent(span, client.backend, result),
+        )
 
     return decorate
 
@@ -219,51 +234,34 @@ def traced_publish(fn: F) -> F:
     """A client's ``publish_many``, sync or async, in a PRODUCER span ``publish
     <stream>`` while tracing is on; the events carry its context
     (:func:`context_headers`)."""
+    return _around(fn, _publish_span, _published)
 
-    def span(stream: str) -> Any:
-        attributes = {
-            "messaging.system": SYSTEM,
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "publish",
-            "messaging.destination.name": stream,
-            "clusterq.stream": stream,
-        }
-        return _tracer().start_as_current_span(
-            f"publish {stream}", kind=SpanKind.PRODUCER, attributes=attributes
-        )
 
-    def published(current: Any, client: Any, stream: str, result: Any) -> None:
-        current.set_attribute("messaging.batch.message_count", len(result))
-        parts = sorted({p.partition for p in result})
-        layout = client.stream_layout(stream) if len(parts) == 1 else None
-        if layout is not None:
-            slot = client.keys.stream(layout.partitions[parts[0]]).slot
-            current.set_attribute("clusterq.partition", parts[0])
-            current.set_attributes(where(client.backend, stream, slot))
+@contextlib.contextmanager
+def _publish_span(
+    client: Any, stream: str, kwargs: dict[str, Any]
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    attributes = {
+        "messaging.system": SYSTEM,
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.destination.name": stream,
+        "clusterq.stream": stream,
+    }
+    with _tracer().start_as_current_span(
+        f"publish {stream}", kind=SpanKind.PRODUCER, attributes=attributes
+    ) as span:
+        yield span, kwargs
 
-    if inspect.iscoroutinefunction(fn):
 
-        @functools.wraps(fn)
-        async def traced_async(client: Any, stream: str, *args: Any, **kwargs: Any) -> Any:
-            if not enabled():
-                return await fn(client, stream, *args, **kwargs)
-            with span(stream) as current:
-                result = await fn(client, stream, *args, **kwargs)
-                published(current, client, stream, result)
-                return result
-
-        return traced_async  # type: ignore[return-value]
-
-    @functools.wraps(fn)
-    def traced(client: Any, stream: str, *args: Any, **kwargs: Any) -> Any:
-        if not enabled():
-            return fn(client, stream, *args, **kwargs)
-        with span(stream) as current:
-            result = fn(client, stream, *args, **kwargs)
-            published(current, client, stream, result)
-            return result
-
-    return traced  # type: ignore[return-value]
+def _published(span: Any, client: Any, stream: str, result: Any) -> None:
+    span.set_attribute("messaging.batch.message_count", len(result))
+    parts = sorted({p.partition for p in result})
+    cached = client._streams.get(stream)  # the layout publish_many just read
+    if len(parts) == 1 and cached is not None:
+        slot = client.keys.stream(cached[0].partitions[parts[0]]).slot
+        span.set_attribute("clusterq.partition", parts[0])
+        span.set_attributes(where(client.backend, stream, slot))
 
 
 @contextlib.contextmanager

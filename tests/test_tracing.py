@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
-from clusterq import Client, Event, Router, Task, TaskSpec, chain, tracing
+from clusterq import AsyncClient, Client, Event, Router, Task, TaskSpec, chain, tracing
 from clusterq.cli import main
 from clusterq.slots import keyslot
 from tests.helpers import await_for, running_worker
@@ -256,3 +256,27 @@ def test_published_events_are_traced_to_each_groups_handling(
         assert span.parent is not None and span.parent.span_id == producer.context.span_id
         consumed = dict(span.attributes or {})
         assert (consumed["clusterq.keyslot"], consumed["clusterq.master"]) == (slot, master)
+
+
+def test_the_async_client_is_traced_too(
+    standalone: Any, prefix: str, spans: InMemorySpanExporter
+) -> None:
+    url = standalone.seed_url
+
+    async def scenario() -> tuple[Any, Any]:
+        client = await AsyncClient.connect(url, prefix=prefix)
+        try:
+            await client.declare_stream("astream", 2)
+            info = await client.enqueue("job", 1, queue="aq")
+            await client.publish_many("astream", [(1, "k"), (2, "k")])
+            stored = await client.info(info.id, queue="aq")
+        finally:
+            await client.aclose()
+        return info, stored
+
+    info, stored = asyncio.run(scenario())
+    producers = {s.name: dict(s.attributes or {}) for s in _by_kind(spans, SpanKind.PRODUCER)}
+    assert producers["send aq"]["messaging.message.id"] == info.id
+    assert "traceparent" in stored.headers  # the context went with the task
+    assert producers["publish astream"]["messaging.batch.message_count"] == 2
+    assert isinstance(producers["publish astream"]["clusterq.keyslot"], int)
