@@ -168,3 +168,19 @@ def test_chromium_runs_the_live_script_without_a_console_error(
                 break
             page.evaluate("1")
         assert page.errors and "errors are seen" in page.errors[-1]
+
+
+def test_a_proxys_forwarded_prefix_is_the_root_path(
+    url: str, prefix: str, queues: list[str]
+) -> None:
+    from tests.test_web import _parse
+
+    with TestClient(create_app(url, prefix=prefix)) as http:
+        page = http.get("/", headers={"X-Forwarded-Prefix": "/ops/queues/"})
+        links = _parse(page.text).links
+        assert links and all(link.startswith("/ops/queues/") for link in links), links
+        for bad in ('/"><script>', "ops", "//evil.example", "/a b"):
+            page = http.get("/", headers={"X-Forwarded-Prefix": bad})
+            assert all(link.startswith("/") and not link.startswith("//") for link in
+                       _parse(page.text).links)  # fmt: skip
+            assert "evil" not in page.text and "<script>" not in page.text

@@ -7,6 +7,8 @@
 - **Credentials**: HTTP basic authentication against the configured users, each with
   a role; or ``Authorization: Bearer <token>`` (an operator), the token from the
   environment (``CLUSTERQ_WEB_TOKEN``). Compared in constant time. Anything else: 401.
+- **Behind a proxy**: ``X-Forwarded-Prefix`` (plain path segments) is taken as the root
+  path, like ``--root-path``.
 - **Headers**: a Content Security Policy (scripts only from the UI itself, no frames,
   forms only to itself), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy``.
 - **Audit**: each operator action is recorded (when, who, from where, what, on what,
@@ -19,6 +21,7 @@ import base64
 import collections
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -33,6 +36,9 @@ CSP = (
     "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; "
     "base-uri 'none'; object-src 'none'"
 )
+#: An ``X-Forwarded-Prefix`` the UI uses as its root path (a proxy serving it under a
+#: path says which): plain path segments only.
+FORWARDED_PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
@@ -101,8 +107,13 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), *HEADERS]
             await send(message)
 
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        caller = self._caller(given)
+        headers = dict(scope.get("headers") or [])
+        forwarded = headers.get(b"x-forwarded-prefix")
+        if forwarded is not None:
+            text = forwarded.decode("latin-1").rstrip("/")
+            if FORWARDED_PREFIX.fullmatch(text):  # anything else is ignored
+                scope["root_path"] = text
+        caller = self._caller(headers.get(b"authorization", b""))
         if caller is None:
             await with_headers(
                 {
