@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from clusterq import Admin, Client
+from clusterq.cluster.backend import Backend
 from clusterq.ops.web import create_app
 from clusterq.tools import servers
 from tests.helpers import wait_for
@@ -184,3 +186,63 @@ def test_a_proxys_forwarded_prefix_is_the_root_path(
             assert all(link.startswith("/") and not link.startswith("//") for link in
                        _parse(page.text).links)  # fmt: skip
             assert "evil" not in page.text and "<script>" not in page.text
+
+
+def test_a_frozen_master_stalls_only_the_pages_that_need_it(
+    fresh_cluster: Any, prefix: str
+) -> None:
+    """SIGSTOP the master of one queue: its page waits (then says what failed), while the
+    page of a queue on another master, asked afterwards, answers meanwhile."""
+    import signal
+
+    cluster = fresh_cluster()
+    topology = cluster.topology()
+    names = [f"stall-{n}" for n in range(40)]
+    by_master: dict[int, str] = {}
+    for name in names:
+        master = topology.locate(name).master
+        assert master is not None
+        by_master.setdefault(master.port, name)
+    (frozen_port, slow), (_, fast) = list(by_master.items())[:2]
+    seed = next(p for p in by_master if p != frozen_port)
+    url = f"redis://127.0.0.1:{seed}"
+    with Client(url, prefix=prefix) as client:
+        client.enqueue("job", 1, queue=slow)
+        client.enqueue("job", 1, queue=fast)
+    answers: dict[str, int] = {}
+    entered = threading.Event()
+
+    def get(base: str, name: str) -> None:
+        try:
+            with urllib.request.urlopen(f"{base}/queue?name={name}", timeout=120) as reply:
+                answers[name] = reply.status
+        except urllib.error.HTTPError as exc:
+            answers[name] = exc.code
+
+    backend = Backend(url, prefix=prefix, retry_timeout=30.0)  # the stuck page waits long
+    app = create_app(backend=backend, prefix=prefix)
+    admin = app.state.admin
+    real = admin.queue
+
+    def queue(name: str) -> Any:
+        if name == slow:
+            entered.set()  # the stuck page is now in the admin API, on the frozen master
+        return real(name)
+
+    admin.queue = queue
+    for base in _serve(app):
+        get(base, fast)  # warm: the map read, the connections made
+        answers.clear()
+        cluster.kill_node(frozen_port, signal.SIGSTOP)
+        try:
+            stuck = threading.Thread(target=get, args=(base, slow), daemon=True)
+            stuck.start()
+            assert entered.wait(30), "the frozen master's page never reached the admin API"
+            get(base, fast)
+            assert answers.get(fast) == 200  # answered while the other page waits
+            assert slow not in answers and stuck.is_alive()
+        finally:
+            cluster.kill_node(frozen_port, signal.SIGCONT)
+        stuck.join(120)
+        assert answers.get(slow) == 200  # and that one too, once the master is back
+    backend.close()
