@@ -246,3 +246,53 @@ def test_a_frozen_master_stalls_only_the_pages_that_need_it(
         stuck.join(120)
         assert answers.get(slow) == 200  # and that one too, once the master is back
     backend.close()
+
+
+def test_several_clusters_in_one_ui(standalone: Any, cluster: Any, prefix: str) -> None:
+    """The standalone server and the 6-node cluster as two clusters of one UI: each one's
+    pages under /c/NAME/ show its own queues, every page can switch to the other, the
+    credentials are asked once for all, a viewer acts on neither."""
+    from clusterq.ops.web import create_multi_app
+    from tests.test_web import _parse
+
+    for url, name in ((standalone.seed_url, "on-one"), (cluster.seed_url, "on-six")):
+        with Client(url, prefix=prefix) as client:
+            client.enqueue("job", 1, queue=name)
+    app = create_multi_app(
+        {"one": standalone.seed_url, "six": cluster.seed_url},
+        prefix=prefix,
+        auth=("ops", "pw"),
+        viewers=[("eve", "look")],
+    )
+    with TestClient(app) as http:
+        assert http.get("/c/six/").status_code == 401  # checked once, for every cluster
+        first = http.get("/", auth=("ops", "pw"), follow_redirects=False)
+        assert first.status_code == 307 and first.headers["location"] == "/c/one/"
+        pages = {n: http.get(f"/c/{n}/", auth=("ops", "pw")) for n in ("one", "six")}
+        shown = {n: {r["data-queue"] for r in _parse(p.text).rows} for n, p in pages.items()}
+        assert "on-one" in shown["one"] and "on-one" not in shown["six"]
+        assert "on-six" in shown["six"] and "on-six" not in shown["one"]
+        links = _parse(pages["one"].text).links
+        assert "/c/six/" in links and all(link.startswith("/c/") for link in links), links
+        rows = [r for r in _parse(pages["six"].text).rows]
+        assert {r["data-master"] for r in rows} != {"-"}  # the cluster's masters
+        viewer = http.get("/c/six/queue?name=on-six", auth=("eve", "look"))
+        assert viewer.status_code == 200 and "<form" not in viewer.text
+        token = re.search(
+            r'name="csrf" value="([0-9a-f]+)"',
+            http.get("/c/six/queue?name=on-six", auth=("ops", "pw")).text,
+        )
+        assert token is not None
+        refused = http.post(
+            "/c/six/queue/pause?name=on-six", data={"csrf": token.group(1)}, auth=("eve", "look")
+        )
+        assert refused.status_code == 403
+        done = http.post(
+            "/c/six/queue/pause?name=on-six",
+            data={"csrf": token.group(1)},
+            auth=("ops", "pw"),
+            follow_redirects=False,
+        )
+        assert done.status_code == 303 and done.headers["location"] == "/c/six/queue?name=on-six"
+    with Admin(cluster.seed_url, prefix=prefix) as admin:
+        assert admin.queue("on-six").paused

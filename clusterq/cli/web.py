@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
 from clusterq.cli.state import CliError, CliState, connection_options
+from clusterq.cluster.backend import Backend
 
 
 @click.command("web")
@@ -37,6 +39,14 @@ from clusterq.cli.state import CliError, CliState, connection_options
     type=click.FloatRange(0.2, 3600),
     help="Seconds between live updates (one poll shared by every open page).",
 )
+@click.option(
+    "--cluster",
+    "clusters",
+    metavar="NAME=URL",
+    multiple=True,
+    help="Several clusters (or prefixes: NAME=URL with the same URL) in one UI, each under "
+    "/c/NAME/; repeat. Without it: the --url cluster alone.",
+)
 @connection_options
 @click.pass_obj
 def web(
@@ -48,12 +58,13 @@ def web(
     auth: str | None,
     viewers: tuple[str, ...],
     interval: float,
+    clusters: tuple[str, ...],
 ) -> None:
     """The cluster seen from a browser: queues by master, the slot map, each queue."""
     try:
         import uvicorn
 
-        from clusterq.ops.web import create_app
+        from clusterq.ops.web import create_app, create_multi_app
     except ImportError as exc:
         raise CliError(
             f"clusterq web needs the web extra: pip install 'clusterq[web]' ({exc})"
@@ -69,16 +80,27 @@ def web(
     if watchers and operator is None and token is None:
         raise CliError("--viewer needs --auth (or CLUSTERQ_WEB_TOKEN) for the operators")
     credentials = (operator.name, operator.password) if operator is not None else None
-    backend = state.backend(retry_timeout=1.0)
-    backend.refresh_topology()  # an unreachable URL is a one-line error, not a server
-    app = create_app(
-        backend=backend,
-        read_only=read_only,
-        auth=credentials,
-        viewers=[(v.name, v.password) for v in watchers],
-        token=token,
-        prefix=state.prefix,
-        interval=interval,
-    )
+    common: dict[str, Any] = {
+        "read_only": read_only,
+        "auth": credentials,
+        "viewers": [(v.name, v.password) for v in watchers],
+        "token": token,
+        "prefix": state.prefix,
+        "interval": interval,
+    }
+    if clusters:
+        targets: dict[str, str | Backend] = {}
+        for spec in clusters:
+            name, sep, url = spec.partition("=")
+            if not sep or not name or not url:
+                raise CliError(f"invalid --cluster {spec[:60]!r}: give NAME=URL")
+            backend = Backend(url, prefix=state.prefix, retry_timeout=1.0)
+            backend.refresh_topology()  # unreachable: a one-line error, not a server
+            targets[name] = backend
+        app = create_multi_app(targets, **common)
+    else:
+        backend = state.backend(retry_timeout=1.0)
+        backend.refresh_topology()  # an unreachable URL is a one-line error, not a server
+        app = create_app(backend=backend, **common)
     click.echo(f"clusterq web on http://{host}:{port}{root_path}/ ({state.url})", err=True)
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="warning")

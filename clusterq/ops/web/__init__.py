@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from clusterq.ops.web.app import create_app
+from clusterq.ops.web.app import create_app, create_multi_app
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "create_multi_app"]

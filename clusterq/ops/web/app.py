@@ -16,10 +16,13 @@ start with the ASGI ``root_path`` (``--root-path /q`` behind a proxy).
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
 
 from clusterq.cluster.backend import Backend
 from clusterq.errors import ClusterqError
@@ -42,6 +45,7 @@ def create_app(
     token: str | None = None,
     secret: str | None = None,
     interval: float = 2.0,
+    _among: tuple[list[str], str] | None = None,
 ) -> Starlette:
     """The web UI as an ASGI app, for ``url`` (or an existing ``backend``). Mount it
     anywhere; behind a proxy, serve it with the proxy's path as ``root_path``.
@@ -53,6 +57,8 @@ def create_app(
         raise ClusterqError("create_app needs a url or a backend")
     admin = Admin(prefix=prefix, backend=backend) if backend else Admin(url or "", prefix=prefix)
     ui = Ui(admin, read_only=read_only, secret=secret or secrets.token_hex(16))
+    if _among is not None:  # one of several clusters (create_multi_app): no guard of its own
+        ui.clusters, ui.cluster_name = _among
     ui.live = LivePoller(lambda: [q.to_dict() for q in admin.queues()], interval)
     routes = [
         Route("/", ui.overview),
@@ -71,9 +77,72 @@ def create_app(
     ]
     ui.nav.append(("Audit", "/audit"))
     app = Starlette(routes=routes)
-    users = [User(auth[0], auth[1], "operator")] if auth is not None else []
-    users += [User(name, password, "viewer") for name, password in viewers or []]
-    app.add_middleware(Guard, users=users, token=token, read_only=read_only)
+    if _among is None:
+        _guard(app, auth, viewers, token, read_only)
     app.state.admin = admin
     app.state.live = ui.live
     return app
+
+
+#: A cluster's name in ``create_multi_app`` (and ``clusterq web --cluster NAME=URL``).
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,40}")
+
+
+def create_multi_app(
+    clusters: dict[str, str | Backend],
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    read_only: bool = False,
+    auth: tuple[str, str] | None = None,
+    viewers: list[tuple[str, str]] | None = None,
+    token: str | None = None,
+    secret: str | None = None,
+    interval: float = 2.0,
+) -> Starlette:
+    """Several clusters (or prefixes) in one UI: each cluster's pages under
+    ``/c/<name>/`` (a switcher in every page's nav), ``/`` going to the first. The
+    options are :func:`create_app`'s, the same for all; authentication is checked once,
+    here."""
+    if not clusters:
+        raise ClusterqError("create_multi_app needs at least one cluster")
+    names = list(clusters)
+    for name in names:
+        if not CLUSTER_NAME.fullmatch(name):
+            raise ClusterqError(
+                f"invalid cluster name {name[:40]!r}: 1-40 letters, digits, '.', '_' or '-'"
+            )
+    secret = secret or secrets.token_hex(16)
+    mounts = []
+    for name, target in clusters.items():
+        backend = target if isinstance(target, Backend) else None
+        url = target if isinstance(target, str) else None
+        sub = create_app(
+            url,
+            backend=backend,
+            prefix=prefix,
+            read_only=read_only,
+            secret=secret,
+            interval=interval,
+            _among=(names, name),
+        )
+        mounts.append(Mount(f"/c/{name}", app=sub, name=name))
+
+    def first(request: Request) -> Response:
+        root = request.scope.get("root_path", "")
+        return RedirectResponse(f"{root}/c/{names[0]}/", status_code=307)
+
+    app = Starlette(routes=[Route("/", first), *mounts])
+    _guard(app, auth, viewers, token, read_only)
+    return app
+
+
+def _guard(
+    app: Starlette,
+    auth: tuple[str, str] | None,
+    viewers: list[tuple[str, str]] | None,
+    token: str | None,
+    read_only: bool,
+) -> None:
+    users = [User(auth[0], auth[1], "operator")] if auth is not None else []
+    users += [User(name, password, "viewer") for name, password in viewers or []]
+    app.add_middleware(Guard, users=users, token=token, read_only=read_only)

@@ -61,6 +61,9 @@ class Ui:
         self.env.filters["clock"] = clock
         self.live: LivePoller | None = None
         self.audit_log = AuditLog()
+        #: With several clusters in one UI: their names, and this one's.
+        self.clusters: list[str] = []
+        self.cluster_name: str | None = None
         #: The nav bar: (label, path), in order; each page module adds its own.
         self.nav: list[tuple[str, str]] = [
             ("Overview", "/"),
@@ -82,6 +85,9 @@ class Ui:
             nav=self.nav,
             user=request.scope.get("clusterq.user", "-"),
             theme=request.cookies.get("theme", ""),
+            clusters=self.clusters,
+            cluster=self.cluster_name,
+            base=root[: -len(f"/c/{self.cluster_name}")] if self.cluster_name else root,
             **context,
         )
         return HTMLResponse(html, status_code=status)
