@@ -66,7 +66,8 @@ class Page:
 def browser(chromium: str, url: str) -> Iterator[Page]:
     """A headless Chromium on a free loopback port with ``url`` open."""
     port = servers.find_free_ports(1, with_bus=False)
-    with tempfile.TemporaryDirectory() as profile:
+    # (Chromium's helper processes may still write to the profile as it is removed)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-dev-shm-usage", f"--remote-debugging-port={port}",
