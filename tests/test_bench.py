@@ -126,6 +126,14 @@ def test_every_scenario_runs_and_cleans_up(url: str, prefix: str) -> None:
         pickup = rows[f"pickup latency, 1 of 100 idle queues, {mode}"]
         assert pickup.tasks == 15 and pickup.p50_ms is not None and pickup.p99_ms is not None
         assert 0 < pickup.p50_ms <= pickup.p99_ms == pickup.extra["max_ms"], pickup
+    # the web UI: ten pages on the live overview cost what one does; ten pages polling
+    # on their own cost ten times as much
+    web = {name: row for name, row in rows.items() if name.startswith("web: ")}
+    live1, live10 = (web[f"web: {n} page(s), live (one shared poll)"] for n in (1, 10))
+    polled10 = web["web: 10 page(s), each polling /api/queues"]
+    assert live10.extra["commands_per_s"] < polled10.extra["commands_per_s"] / 3
+    assert live10.extra["commands_per_s"] < 2 * live1.extra["commands_per_s"]
+    assert web["web: overview, 50 queues"].p50_ms > 0
     assert _leftovers(url, prefix) == []
 
 

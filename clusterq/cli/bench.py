@@ -228,8 +228,8 @@ def bench(
     as_json: bool,
 ) -> None:
     """Measure clusterq on the server at --url: SCENARIOS among enqueue, enqueue-many,
-    durability, e2e, latency, memory, partitioned, stream, idle, purge, limits (default:
-    all).
+    durability, e2e, latency, memory, partitioned, stream, idle, purge, limits, web
+    (default: all).
 
     Uses fresh queues and deletes them afterwards. With redis-benchmark installed, its
     PING rate on the same server is measured too, and each rate is related to it.

@@ -74,6 +74,7 @@ from clusterq.tools.bench_report import (
 )
 from clusterq.tools.bench_session import Session, drain, spread_queues
 from clusterq.tools.bench_spread import bench_idle, bench_partitioned, bench_stream
+from clusterq.tools.bench_web import bench_web
 
 
 def _server_version(backend: Backend) -> str:
@@ -469,6 +470,8 @@ def run_bench(
                 rows = bench_purge(session)
             elif name == "limits":
                 rows = bench_limits(session, also=[bench_groups])
+            elif name == "web":
+                rows = bench_web(session)
             else:
                 rows = [bench_memory(session)]
             for row in rows:

@@ -28,6 +28,7 @@ Scenario = Literal[
     "idle",
     "purge",
     "limits",
+    "web",
 ]
 SCENARIOS: tuple[Scenario, ...] = get_args(Scenario)
 Work = Literal["noop", "incr", "incr-redis-py", "incr-sync", "cpu"]
