@@ -123,6 +123,17 @@ def test_the_cluster_page_draws_every_slot_and_each_queue(
     roles = re.findall(r'<tr class="node" data-role="(\w+)">', page.text)
     assert sorted(roles) == ["master"] * 3 + ["replica"] * 3
     assert "no replica" not in page.text
+    # each node's own INFO, and each replica's lag behind its master
+    cells = re.findall(
+        r'<tr class="node" data-role="(\w+)">.*?<td class="lag">([^<]*)</td>'
+        r'<td class="memory">([^<]*)</td><td class="clients">([^<]*)</td>',
+        page.text,
+        re.S,
+    )
+    assert len(cells) == 6
+    for role, lag, memory, clients in cells:
+        assert re.fullmatch(r"[\d.]+[BKMG]", memory) and int(clients) >= 1, (memory, clients)
+        assert lag == "" if role == "master" else re.fullmatch(r"[\d,]+ B", lag), (role, lag)
 
 
 def _topology(*shards: tuple[tuple[int, int], str]) -> Topology:

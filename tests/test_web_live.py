@@ -294,3 +294,29 @@ def test_several_clusters_in_one_ui(standalone: Any, cluster: Any, prefix: str) 
         assert done.status_code == 303 and done.headers["location"] == "/c/six/queue?name=on-six"
     with Admin(cluster.seed_url, prefix=prefix) as admin:
         assert admin.queue("on-six").paused
+
+
+def test_a_dead_node_is_named_on_the_cluster_page_and_the_rest_renders(
+    fresh_cluster: Any, prefix: str
+) -> None:
+    import signal
+
+    cluster = fresh_cluster()
+    replica = next(n for n in cluster.topology().nodes if n.role == "replica")
+    master = next(n for n in cluster.topology().nodes if n.role == "master")
+    url = f"redis://127.0.0.1:{master.port}"
+    backend = Backend(url, prefix=prefix, retry_timeout=1.0)
+    with TestClient(create_app(backend=backend, prefix=prefix)) as http:
+        cluster.kill_node(replica.port, signal.SIGKILL)
+        try:
+            page = http.get("/cluster")
+        finally:
+            cluster.restart_node(replica.port)
+    backend.close()
+    assert page.status_code == 200
+    rows = re.findall(r'<tr class="node" data-role="\w+">(.*?)</tr>', page.text, re.S)
+    dead = [r for r in rows if f"127.0.0.1:{replica.port}<" in r]
+    assert len(rows) == 6 and len(dead) == 1
+    assert 'class="memory">n/a (' in dead[0]
+    alive = [r for r in rows if r is not dead[0]]
+    assert all('class="memory">n/a' not in r for r in alive)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
+import redis
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -23,6 +24,7 @@ from starlette.responses import (
     StreamingResponse,
 )
 
+from clusterq.cluster.topology import NodeInfo
 from clusterq.errors import ClusterqError
 from clusterq.keys import validate_queue_name
 from clusterq.ops.admin import Admin
@@ -141,6 +143,7 @@ class Ui:
         marks = [(q.queue, q.keyslot) for q in infos]
         _, colours = spans(topology)
         with_replica = {n.master_id for n in topology.nodes if n.master_id}
+        by_id = {n.id: n for n in topology.nodes}
         nodes = [
             {
                 "id": n.id[:8],
@@ -150,6 +153,8 @@ class Ui:
                 "epoch": n.config_epoch,
                 "colour": colours.get(n.addr, ""),
                 "lonely": n.role == "master" and n.id not in with_replica,
+                "lag": _lag(n, by_id.get(n.master_id or "")),
+                **self._node_info(n),
             }
             for n in sorted(topology.nodes, key=lambda n: (n.role != "master", n.addr))
         ]
@@ -158,6 +163,23 @@ class Ui:
         return self.page(
             request, "cluster.html", svg=svg, nodes=nodes, covered=covered, mode=topology.mode
         )
+
+    def _node_info(self, node: NodeInfo) -> dict[str, str]:
+        """Memory and clients of one node (``INFO``, read from that node alone): "n/a"
+        with the reason where it cannot be read, the rest of the page rendering."""
+        if node.health == "fail":
+            return {"memory": "n/a (failed)", "clients": "n/a"}
+        try:
+            client = self.admin.backend.node(node.address)
+            memory, clients = client.info("memory"), client.info("clients")
+        except redis.exceptions.NoPermissionError:
+            return {"memory": "n/a (ACL)", "clients": "n/a (ACL)"}
+        except Exception as exc:  # unreachable, timed out
+            return {"memory": f"n/a ({str(exc)[:80]})", "clients": "n/a"}
+        return {
+            "memory": str(memory.get("used_memory_human", "?")),
+            "clients": str(clients.get("connected_clients", "?")),
+        }
 
     def queue(self, request: Request) -> Response:
         name = request.query_params.get("name", "")
@@ -234,6 +256,16 @@ class Ui:
 
     def api_queues(self, request: Request) -> Response:
         return JSONResponse([q.to_dict() for q in self.admin.queues()])
+
+
+def _lag(node: NodeInfo, master: NodeInfo | None) -> str:
+    """A replica's replication lag behind its master, in bytes of the replication stream
+    (from the offsets the cluster map gives); "" for a master, "?" where unknown."""
+    if node.role == "master":
+        return ""
+    if master is None or master.replication_offset is None or node.replication_offset is None:
+        return "?"
+    return f"{max(0, master.replication_offset - node.replication_offset):,} B"
 
 
 def clock(at: object) -> str:
