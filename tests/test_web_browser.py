@@ -134,3 +134,50 @@ def test_a_failover_shows_on_the_overview_and_the_timeline_without_a_reload(
                 cluster.restart_node(victim_port)
         errors = [e for e in page.errors if "/live/" not in e]
         assert errors == [], errors
+
+
+def test_read_only_and_a_viewer_see_no_action_and_every_post_is_refused(
+    cluster: LocalCluster, prefix: str
+) -> None:
+    import hashlib
+    import hmac
+
+    url = cluster.seed_url
+    with Client(url, prefix=prefix) as client:
+        info = client.enqueue("job", 1, queue="ro")
+    token = hmac.new(b"s", b"clusterq-web-csrf", hashlib.sha256).hexdigest()
+    posts = [
+        "/queue/pause?name=ro",
+        f"/task/run?queue=ro&id={info.id}",
+        "/tasks/all?queue=ro&state=pending",
+        "/tasks/selected?queue=ro&state=pending",
+    ]
+    pages = [*PAGES, "/queue?name=ro", "/tasks?queue=ro&state=pending",
+             f"/task?queue=ro&id={info.id}"]  # fmt: skip
+    read_only = create_app(url, prefix=prefix, read_only=True, secret="s")
+    watched = create_app(
+        url, prefix=prefix, secret="s", auth=("ops", "pw"), viewers=[("eve", "look")]
+    )
+    eve = {"username": "eve", "password": "look"}
+    for app, credentials in ((read_only, None), (watched, eve)):
+        for base in _serve(app):
+            context = {"http_credentials": credentials} if credentials else {}
+            with browser(_chromium(), base + "/", **context) as page:
+                for path in pages:
+                    page.goto(base + path)
+                    actions = "form[method=post], button.action"
+                    assert page.evaluate(f"document.querySelectorAll('{actions}').length") == 0
+                for path in posts:
+                    answer = page.page.request.post(
+                        base + path, form={"csrf": token, "action": "delete", "id": info.id}
+                    )
+                    assert answer.status == 403, (path, answer.status)
+            assert page.errors == [], page.errors
+    for base in _serve(watched):  # the operator: no CSRF token, no action
+        ops = {"username": "ops", "password": "pw"}
+        with browser(_chromium(), base + "/", http_credentials=ops) as page:
+            answer = page.page.request.post(base + "/queue/pause?name=ro", form={"csrf": "x"})
+            assert answer.status == 403
+    with Admin(url, prefix=prefix) as admin:
+        assert admin.task("ro", info.id).info.state == "pending"
+        assert not admin.queue("ro").paused
