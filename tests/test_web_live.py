@@ -320,3 +320,21 @@ def test_a_dead_node_is_named_on_the_cluster_page_and_the_rest_renders(
     assert 'class="memory">n/a (' in dead[0]
     alive = [r for r in rows if r is not dead[0]]
     assert all('class="memory">n/a' not in r for r in alive)
+
+
+def test_two_prefixes_of_one_server_as_two_clusters(standalone: Any, prefix: str) -> None:
+    from clusterq.ops.web import create_multi_app
+    from tests.test_web import _parse
+
+    url = standalone.seed_url
+    prefixes = {"blue": prefix + "-blue", "green": prefix + "-green"}
+    for name, own in prefixes.items():
+        with Client(url, prefix=own) as client:
+            client.enqueue("job", 1, queue=f"only-{name}")
+    backends = {name: Backend(url, prefix=own) for name, own in prefixes.items()}
+    with TestClient(create_multi_app(dict(backends.items()))) as http:
+        for name in prefixes:
+            rows = {r["data-queue"] for r in _parse(http.get(f"/c/{name}/").text).rows}
+            assert rows == {f"only-{name}"}
+    for backend in backends.values():
+        backend.close()

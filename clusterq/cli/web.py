@@ -44,8 +44,8 @@ from clusterq.cluster.backend import Backend
     "clusters",
     metavar="NAME=URL",
     multiple=True,
-    help="Several clusters (or prefixes: NAME=URL with the same URL) in one UI, each under "
-    "/c/NAME/; repeat. Without it: the --url cluster alone.",
+    help="Several clusters or prefixes in one UI, each under /c/NAME/: NAME=URL, or "
+    "NAME=URL#PREFIX for another prefix than --prefix; repeat. Without it: --url alone.",
 )
 @connection_options
 @click.pass_obj
@@ -91,10 +91,11 @@ def web(
     if clusters:
         targets: dict[str, str | Backend] = {}
         for spec in clusters:
-            name, sep, url = spec.partition("=")
+            name, sep, target = spec.partition("=")
+            url, _, own_prefix = target.partition("#")
             if not sep or not name or not url:
-                raise CliError(f"invalid --cluster {spec[:60]!r}: give NAME=URL")
-            backend = Backend(url, prefix=state.prefix, retry_timeout=1.0)
+                raise CliError(f"invalid --cluster {spec[:60]!r}: give NAME=URL[#PREFIX]")
+            backend = Backend(url, prefix=own_prefix or state.prefix, retry_timeout=1.0)
             backend.refresh_topology()  # unreachable: a one-line error, not a server
             targets[name] = backend
         app = create_multi_app(targets, **common)
