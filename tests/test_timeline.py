@@ -95,7 +95,7 @@ def test_a_failover_is_recorded_once_and_shown_with_its_outage(
     with TestClient(create_app(url, prefix=prefix)) as http:
         page = http.get("/timeline")
     assert page.status_code == 200
-    rows = re.findall(r'<tr class="entry" data-event="([a-z_?]+)">', page.text)
+    rows = re.findall(r'<tr class="entry" data-id="[^"]*" data-event="([a-z_?]+)">', page.text)
     assert rows == kinds  # newest first, as read
     assert f"to {changes[0].data['new']}" in page.text
 

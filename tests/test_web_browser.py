@@ -20,7 +20,7 @@ from clusterq import Admin, Client
 from clusterq.ops.web import create_app
 from clusterq.tools import servers
 from clusterq.tools.devcluster import LocalCluster
-from tests.browser import browser
+from tests.browser import Page, browser
 from tests.helpers import StartWorker, wait_for
 from tests.test_web import _chromium
 from tests.workload import read_events
@@ -113,6 +113,9 @@ def test_a_failover_shows_on_the_overview_and_the_timeline_without_a_reload(
     for base in _serve(create_app(url, prefix=prefix, interval=0.5)):
         with browser(_chromium(), base + "/") as page:
             page.wait_for(f"{_row(moving)} && {_row(moving)}.dataset.master === '{old}'")
+            timeline = Page(page.page.context.new_page())  # a second tab, on the timeline
+            timeline.goto(base + "/timeline")
+            timeline.wait_for("document.getElementById('live').textContent !== 'live: connecting'")
             cluster.kill_node(victim_port)
             try:
                 moved = page.wait_for(
@@ -122,17 +125,13 @@ def test_a_failover_shows_on_the_overview_and_the_timeline_without_a_reload(
                 assert page.evaluate(f"!!{_row(steady)}")  # the other master's queue is there
                 table = page.evaluate(f"{_row(moving)}.closest('table').dataset.master")
                 assert table == moved  # under its new master's table
-                page.goto(base + "/timeline")
-                for _ in range(60):  # the page reloads itself every 5 s; bounded
-                    if page.evaluate("!!document.querySelector('tr[data-event=master_changed]')"):
-                        break
-                    page.page.wait_for_timeout(1000)
-                    page.goto(base + "/timeline")
-                text = page.evaluate("document.getElementById('timeline').textContent")
+                # the failover appears on the open timeline page, without a reload
+                timeline.wait_for("!!document.querySelector('tr[data-event=master_changed]')", 90)
+                text = timeline.evaluate("document.getElementById('timeline').textContent")
                 assert f"from {old} to {moved}" in text
             finally:
                 cluster.restart_node(victim_port)
-        errors = [e for e in page.errors if "/live/" not in e]
+        errors = [e for e in page.errors + timeline.errors if "/live/" not in e]
         assert errors == [], errors
 
 

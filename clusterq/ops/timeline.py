@@ -38,6 +38,7 @@ class TimelineEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "id": self.stream_id,
             "at": self.at,
             "event": self.kind,
             "message": self.message,

@@ -69,6 +69,7 @@ def create_app(
         Route("/audit", ui.audit_page),
         Route("/timeline", ui.timeline),
         Route("/live/queues", ui.live_queues),
+        Route("/live/timeline", ui.live_timeline_stream),
         Route("/static/live.js", ui.script),
         Route("/favicon.svg", ui.icon),
         Route("/theme", ui.theme),

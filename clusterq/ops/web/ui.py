@@ -62,6 +62,11 @@ class Ui:
         )
         self.env.filters["clock"] = clock
         self.live: LivePoller | None = None
+        #: The failover timeline's latest entries, pushed to open timeline pages.
+        self.live_timeline = LivePoller(
+            lambda: [e.to_dict() for e in read_timeline(admin.backend, admin.keys, count=50)],
+            1.0,
+        )
         self.audit_log = AuditLog()
         #: With several clusters in one UI: their names, and this one's.
         self.clusters: list[str] = []
@@ -212,6 +217,15 @@ class Ui:
         self.audit(request, action, f"queue {name}")
         root = request.scope.get("root_path", "")
         return RedirectResponse(f"{root}/queue?{urlencode({'name': name})}", status_code=303)
+
+    def live_timeline_stream(self, request: Request) -> Response:
+        """Server-sent events: the timeline's latest entries, every second (one read
+        shared by every open timeline page)."""
+        return StreamingResponse(
+            sse(self.live_timeline, request.is_disconnected),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store"},
+        )
 
     def live_queues(self, request: Request) -> Response:
         """Server-sent events: the queues as /api/queues gives them, every interval."""

@@ -1,8 +1,8 @@
-// clusterq web: the overview updated in place from /live/queues (server-sent events; one
-// poll on the server, shared by every open page). Counts change in their cells; a queue
+// clusterq web: live pages from server-sent events (one poll on the server, shared by
+// every open page). The overview (/live/queues): counts change in their cells; a queue
 // whose slot moved to another master (a failover) moves to that master's table, made if
-// needed; each table's caption is counted again. Text only: values are set with
-// textContent, never as HTML.
+// needed; each table's caption is counted again. The timeline (/live/timeline): new
+// entries appear at the top. Text only: values are set with textContent, never as HTML.
 "use strict";
 (function () {
   const root = document.body.dataset.root || "";
@@ -31,11 +31,49 @@
     }
   }
 
-  const source = new EventSource(root + "/live/queues");
+  function two(n) { return (n < 10 ? "0" : "") + n; }
+
+  function clock(at) {
+    const d = new Date(at * 1000);
+    return d.getFullYear() + "-" + two(d.getMonth() + 1) + "-" + two(d.getDate()) + " " +
+      two(d.getHours()) + ":" + two(d.getMinutes()) + ":" + two(d.getSeconds());
+  }
+
+  function timeline(entries) {
+    const body = document.querySelector("#timeline tbody");
+    if (!body) return;
+    const known = new Set(Array.from(body.querySelectorAll("tr.entry"), (r) => r.dataset.id));
+    for (const e of entries.slice().reverse()) {  // newest first: the oldest new one first
+      if (known.has(e.id)) continue;
+      const row = document.createElement("tr");
+      row.className = "entry";
+      row.dataset.id = e.id;
+      row.dataset.event = e.event;
+      const cells = [clock(e.at), e.event, e.message, (e.queues || []).join(", "),
+        e.duration === null || e.duration === undefined ? "" : e.duration.toFixed(2)];
+      cells.forEach(function (text, i) {
+        const cell = document.createElement("td");
+        if (i < 4) cell.className = "text";
+        cell.textContent = text;
+        row.appendChild(cell);
+      });
+      body.insertBefore(row, body.firstChild);
+    }
+    const empty = document.getElementById("empty");
+    if (empty && body.querySelector("tr.entry")) empty.hidden = true;
+  }
+
+  const kind = document.body.dataset.live;
+  const source = new EventSource(root + "/live/" + kind);
   source.onmessage = function (message) {
     const data = JSON.parse(message.data);
     if (!Array.isArray(data)) {
       if (status) status.textContent = "live: " + (data.error || "error");
+      return;
+    }
+    if (kind === "timeline") {
+      timeline(data);
+      if (status) status.textContent = "live: updated " + new Date().toLocaleTimeString();
       return;
     }
     const byMaster = {};
