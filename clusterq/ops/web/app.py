@@ -28,7 +28,7 @@ from clusterq.cluster.backend import Backend
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX
 from clusterq.ops.admin import Admin
-from clusterq.ops.web import runtime, tasks
+from clusterq.ops.web import jobs, runtime, tasks
 from clusterq.ops.web.live import LivePoller
 from clusterq.ops.web.security import Guard, User
 from clusterq.ops.web.ui import Ui
@@ -64,6 +64,7 @@ def create_app(
         Route("/", ui.overview),
         Route("/cluster", ui.cluster),
         Route("/queue", ui.queue),
+        *jobs.routes(ui),  # /queue/purge and /queue/remove before /queue/{action}
         Route("/queue/{action}", ui.act, methods=["POST"]),
         Route("/api/queues", ui.api_queues),
         Route("/audit", ui.audit_page),
