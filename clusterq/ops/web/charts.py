@@ -61,9 +61,14 @@ def bars(history: Sequence[Minute], now: float, minutes: int = HISTORY_MINUTES) 
 
 
 def render(
-    history: Sequence[Minute], now: float | None = None, minutes: int = HISTORY_MINUTES
+    history: Sequence[Minute],
+    now: float | None = None,
+    minutes: int = HISTORY_MINUTES,
+    *,
+    label: str = "",
 ) -> str:
-    """The SVG of ``history`` (see :func:`bars`), or a text saying there is none."""
+    """The SVG of ``history`` (see :func:`bars`), or a text saying there is none;
+    ``label`` (a queue's name) in its title."""
     now = time.time() if now is None else now
     drawn = bars(history, now, minutes)
     if not drawn:
@@ -72,10 +77,11 @@ def render(
     colour = dict(SERIES)
     start = (int(now // 60) - minutes + 1) * 60
     base = HEIGHT - BOTTOM
+    title = f"{label}: processed and failed per minute, the last {minutes} minutes".lstrip(": ")
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" id="history" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-        f'aria-label="{escape(f"processed and failed per minute, last {minutes} minutes")}">',
+        f'aria-label="{escape(title)}"><title>{escape(title)}</title>',
         f'<line x1="{LEFT}" x2="{WIDTH}" y1="{base}" y2="{base}" stroke="currentColor"/>',
         f'<line x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{base}" stroke="currentColor"/>',
         f'<text class="axis" x="{LEFT - 4}" y="{TOP + 10}" text-anchor="end" '

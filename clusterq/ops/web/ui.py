@@ -178,7 +178,7 @@ class Ui:
             for g in part.groups
         ]
         try:
-            chart = render_chart(self.admin.history(name))
+            chart = render_chart(self.admin.history(name), label=name)
         except Exception as exc:  # its master down, an ACL refusal: said on the page
             chart = f'<p class="bad" id="no-history">history: {escape(str(exc))}</p>'
         return self.page(
