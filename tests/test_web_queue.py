@@ -18,9 +18,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from clusterq import Admin, Client, Router, Task
+from clusterq.ops.admin import BulkResult
 from clusterq.ops.inspector import Inspector
 from clusterq.ops.queueinfo import Minute
 from clusterq.ops.web import charts, create_app
+from clusterq.ops.web.jobs import new_job
 from clusterq.tools.devcluster import LocalCluster
 from tests.browser import browser
 from tests.helpers import await_for, running_worker, wait_for
@@ -272,6 +274,25 @@ def test_a_bulk_run_of_500_archived_tasks_ends_with_its_counts(
         assert set(admin.task_ids("bulk-q", "pending", limit=600)) == set(ids)
     assert _audit(http)[0] == ("run", "all archived tasks in bulk-q", "500 ok")
     assert http.get("/jobs/nope").status_code == 404
+
+
+def test_a_jobs_progress_sums_the_partitions_and_only_increases() -> None:
+    """``Admin.act_all`` counts each partition from zero again: the job adds them up."""
+    job = new_job("run", "pq", "archived", "all archived tasks")
+    seen = []
+    for done, total in ((200, 300), (300, 300), (100, 150), (150, 150), (200, 400)):
+        job.progress(done, total)
+        seen.append((job.seen, job.total, job.to_dict()["percent"]))
+    assert seen == [
+        (200, 300, 66),
+        (300, 300, 100),
+        (400, 450, 88),
+        (450, 450, 100),
+        (650, 850, 76),  # a third partition's first batch, larger than the last one's
+    ]
+    assert job.status == "running" and job.wait(job.version - 1, 1.0) == job.version
+    job.finish(BulkResult(done=449, skipped=1, statuses={"ok": 449, "type": 1}))
+    assert job.to_dict()["counts"] == {"ok": 449, "type": 1} and job.status == "done"
 
 
 def _events(base: str, path: str, got: list[dict[str, Any]]) -> None:

@@ -69,7 +69,9 @@ class Job:
     def progress(self, seen: int, total: int) -> None:
         """``Admin.act_all``'s callback: each partition counts from zero again."""
         with self._changed:
-            if seen < self._last[0]:  # the next partition
+            last_seen, last_total = self._last
+            # the next partition: within one, seen only grows (to a total that stays)
+            if last_total and (seen <= last_seen or total != last_total or last_seen >= last_total):
                 self._base = (self._base[0] + self._last[0], self._base[1] + self._last[1])
             self._last = (seen, total)
             self.seen, self.total = self._base[0] + seen, self._base[1] + total
