@@ -165,8 +165,7 @@ def _percent(seen: int, total: int) -> int:
     return 100 if total <= 0 else min(100, seen * 100 // total)
 
 
-def routes(ui: Ui) -> list[Route]:
-    pages = JobPages(ui)
+def routes(pages: JobPages) -> list[Route]:
     return [
         Route("/queue/purge", pages.purge, methods=["POST"]),
         Route("/queue/remove", pages.remove, methods=["POST"]),
@@ -177,8 +176,9 @@ def routes(ui: Ui) -> list[Route]:
 
 
 class JobPages:
-    def __init__(self, ui: Ui) -> None:
+    def __init__(self, ui: Ui, jobs: Jobs | None = None) -> None:
         self.ui = ui
+        self.jobs = jobs or Jobs()
 
     def start(self, request: Request, job: Job, run: Callable[[Progress], BulkResult]) -> Response:
         """Start ``job`` (audited when it ends) and go to its page."""
@@ -192,19 +192,19 @@ class JobPages:
             )
             self.ui.audit(request, job.action, f"{job.what} in {job.queue}", outcome)
 
-        self.ui.jobs.start(job, run, audit)
+        self.jobs.start(job, run, audit)
         root = request.scope.get("root_path", "")
         return RedirectResponse(f"{root}/jobs/{job.id}", status_code=303)
 
     def job(self, request: Request) -> Response:
-        job = self.ui.jobs.get(request.path_params["id"])
+        job = self.jobs.get(request.path_params["id"])
         if job is None:
             return self._problem(request, 404, "Not found", "no such job (or forgotten)")
         return self.ui.page(request, "job.html", job=job.to_dict())
 
     def events(self, request: Request) -> Response:
         """Server-sent events: the job as JSON at each change, until it ended."""
-        job = self.ui.jobs.get(request.path_params["id"])
+        job = self.jobs.get(request.path_params["id"])
         if job is None:
             return Response("no such job", status_code=404)
 

@@ -51,9 +51,10 @@ ACTIONS: dict[str, tuple[str, ...]] = {
 NODE_ERRORS = (ClusterqError, redis.RedisError, OSError)
 
 
-def routes(ui: Ui) -> list[Route]:
-    """This module's routes (its nav entries added to ``ui.nav``)."""
-    pages = TaskPages(ui)
+def routes(ui: Ui, jobs: JobPages) -> list[Route]:
+    """This module's routes (its nav entries added to ``ui.nav``); a bulk action on a
+    whole state starts a job of ``jobs``."""
+    pages = TaskPages(ui, jobs)
     ui.nav.append(("Search", "/search"))
     return [
         Route("/task", pages.task),
@@ -66,8 +67,9 @@ def routes(ui: Ui) -> list[Route]:
 
 
 class TaskPages:
-    def __init__(self, ui: Ui) -> None:
+    def __init__(self, ui: Ui, jobs: JobPages) -> None:
         self.ui = ui
+        self.jobs = jobs
 
     @property
     def admin(self) -> Admin:
@@ -268,7 +270,7 @@ class TaskPages:
             )
 
         job = new_job(action, queue, state, f"all {state} tasks{of_type}")
-        return JobPages(self.ui).start(request, job, run)
+        return self.jobs.start(request, job, run)
 
     def _bulk_target(
         self, request: Request, form: dict[str, list[str]]

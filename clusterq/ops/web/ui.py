@@ -32,7 +32,6 @@ from clusterq.ops.inspector import QueueInfo
 from clusterq.ops.queueinfo import compact_limits
 from clusterq.ops.timeline import read_timeline
 from clusterq.ops.web.charts import render as render_chart
-from clusterq.ops.web.jobs import Jobs
 from clusterq.ops.web.live import LivePoller, sse
 from clusterq.ops.web.security import AuditLog, same_origin
 from clusterq.ops.web.slotmap import render as render_slotmap
@@ -65,8 +64,6 @@ class Ui:
         self.env.filters["clock"] = clock
         self.live: LivePoller | None = None
         self.audit_log = AuditLog()
-        #: Bulk actions running (or run) in the background (see :mod:`.jobs`).
-        self.jobs = Jobs()
         #: With several clusters in one UI: their names, and this one's.
         self.clusters: list[str] = []
         self.cluster_name: str | None = None
