@@ -276,6 +276,38 @@ def test_a_bulk_run_of_500_archived_tasks_ends_with_its_counts(
     assert http.get("/jobs/nope").status_code == 404
 
 
+def test_a_bulk_run_that_fails_says_why_on_its_page_and_in_the_audit(
+    url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fill(url, prefix, "fail-q", pending=0, archived=2)
+    app = create_app(url, prefix=prefix, secret=SECRET)
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("master <b>down</b>")
+
+    monkeypatch.setattr(app.state.admin, "act_all", down)
+    with TestClient(app) as http:
+        page = http.get("/tasks?queue=fail-q&state=archived").text
+        started = http.post(
+            "/tasks/all?queue=fail-q&state=archived", data={"csrf": _csrf(page), "action": "run"}
+        )
+        path = started.url.path
+
+        def failed() -> str | None:
+            page = http.get(path).text
+            return page if 'data-status="failed"' in page else None
+
+        text = wait_for(failed, 30, "the job to fail")
+        assert "master &lt;b&gt;down&lt;/b&gt;" in text and "<b>down" not in text
+        assert _audit(http)[0] == (
+            "run",
+            "all archived tasks in fail-q",
+            "failed: master <b>down</b>",
+        )
+    with Admin(url, prefix=prefix) as admin:
+        assert admin.queue("fail-q").archived == 2
+
+
 def test_a_jobs_progress_sums_the_partitions_and_only_increases() -> None:
     """``Admin.act_all`` counts each partition from zero again: the job adds them up."""
     job = new_job("run", "pq", "archived", "all archived tasks")
