@@ -22,7 +22,7 @@ from clusterq.ops.web import create_app
 from clusterq.ops.web.tasks import PAGE_SIZE, pretty
 from clusterq.slots import keyslot
 from clusterq.tools.devcluster import HOST, LocalCluster, LocalServer
-from tests.helpers import await_for, running_worker
+from tests.helpers import await_for, running_worker, wait_for
 from tests.test_web import EVIL, _browse, _chromium, _parse
 
 SECRET = "s3cret"
@@ -39,6 +39,21 @@ def _text_of(page: str, element_id: str) -> str:
     found = re.search(rf'id="{element_id}"[^>]*>(.*?)</', page, re.S)
     assert found is not None, f"no #{element_id} on the page"
     return html.unescape(found.group(1))
+
+
+def _job_done(http: TestClient, response: Any) -> str:
+    """A bulk action runs in the background: the text (tags stripped) of the job's page
+    ``response`` was redirected to, once the job ended."""
+    assert response.status_code == 200 and "/jobs/" in response.url.path, response.text
+    path = response.url.path
+
+    def ended() -> str | None:
+        page = http.get(path).text
+        return None if 'data-status="running"' in page else page
+
+    page = wait_for(ended, 30, "the bulk action to end")
+    assert 'data-status="done"' in page
+    return html.unescape(re.sub(r"<[^>]+>", "", page))
 
 
 def _rows(page: str, attr: str = "data-task") -> list[dict[str, str]]:
@@ -306,13 +321,13 @@ def test_delete_all_archived_deletes_exactly_those_and_run_all_takes_a_type(
             "/tasks/all?queue=web-b&state=archived",
             data={"csrf": token, "action": "run", "type": "hot"},
         )
-        assert ran.status_code == 200 and "2 done, 3 left alone" in ran.text
+        assert "2 done, 3 left alone" in _job_done(http, ran)
         assert set(admin.task_ids("web-b", "archived")) == set(cold)
         assert set(admin.task_ids("web-b", "pending", limit=100)) == set(pending + hot)
         deleted = http.post(
             "/tasks/all?queue=web-b&state=archived", data={"csrf": token, "action": "delete"}
         )
-        assert deleted.status_code == 200 and "3 done, 0 left alone" in deleted.text
+        assert "3 done, 0 left alone" in _job_done(http, deleted)
         info = admin.queue("web-b")
         assert info.archived == 0 and info.pending == len(pending + hot)
         assert set(admin.task_ids("web-b", "pending", limit=100)) == set(pending + hot)
@@ -333,7 +348,7 @@ def test_a_partitioned_queue_lists_the_tasks_of_all_its_partitions(
             "/tasks/all?queue=web-pq&state=pending",
             data={"csrf": _csrf(page.text), "action": "archive"},
         )
-        assert "9 done, 0 left alone" in done.text
+        assert "9 done, 0 left alone" in _job_done(http, done)
         assert sum(admin.queue(m).archived for m in members) == 9
 
 

@@ -28,7 +28,7 @@ from clusterq.cluster.backend import Backend
 from clusterq.errors import ClusterqError
 from clusterq.keys import DEFAULT_PREFIX
 from clusterq.ops.admin import Admin
-from clusterq.ops.web import runtime, tasks
+from clusterq.ops.web import jobs, runtime, tasks
 from clusterq.ops.web.live import LivePoller
 from clusterq.ops.web.security import Guard, User
 from clusterq.ops.web.ui import Ui
@@ -60,10 +60,12 @@ def create_app(
     if _among is not None:  # one of several clusters (create_multi_app): no guard of its own
         ui.clusters, ui.cluster_name = _among
     ui.live = LivePoller(lambda: [q.to_dict() for q in admin.queues()], interval)
+    job_pages = jobs.JobPages(ui)
     routes = [
         Route("/", ui.overview),
         Route("/cluster", ui.cluster),
         Route("/queue", ui.queue),
+        *jobs.routes(job_pages),  # /queue/purge and /queue/remove before /queue/{action}
         Route("/queue/{action}", ui.act, methods=["POST"]),
         Route("/api/queues", ui.api_queues),
         Route("/audit", ui.audit_page),
@@ -73,7 +75,7 @@ def create_app(
         Route("/static/live.js", ui.script),
         Route("/favicon.svg", ui.icon),
         Route("/theme", ui.theme),
-        *tasks.routes(ui),
+        *tasks.routes(ui, job_pages),
         *runtime.routes(ui),
     ]
     ui.nav.append(("Audit", "/audit"))
@@ -82,6 +84,7 @@ def create_app(
         _guard(app, auth, viewers, token, read_only)
     app.state.admin = admin
     app.state.live = ui.live
+    app.state.jobs = job_pages.jobs
     return app
 
 

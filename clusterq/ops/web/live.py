@@ -2,8 +2,7 @@
 every ``interval`` seconds while at least one page listens, and pushes the same answer
 to every open page over server-sent events (``GET /live/queues``). Ten open browsers
 cost what one does; none cost nothing. The overview's rows are updated in place by
-``static/live.js`` (the only script of the UI; the Content Security Policy allows no
-other)."""
+``static/live.js`` (a script of the UI's own, as the Content Security Policy requires)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ across every queue, and by type or text within a queue.
 
 Routes: ``GET /task?queue=Q&id=ID``, ``POST /task/{run|delete|archive|cancel}``;
 ``GET /tasks?queue=Q&state=S&page=N``, ``POST /tasks/selected`` (the checked rows) and
-``POST /tasks/all`` (every task in the state, optionally of one type); ``GET /search``.
+``POST /tasks/all`` (every task in the state, optionally of one type: run in the
+background, see :mod:`.jobs`); ``GET /search``.
 Every action goes through :class:`~clusterq.ops.admin.Admin`; errors from a node (down,
 or a command the ACL refuses) are shown on the page."""
 
@@ -26,9 +27,10 @@ from starlette.routing import Route
 
 from clusterq.errors import ClusterqError, TaskNotFound
 from clusterq.keys import validate_queue_name, validate_task_id
-from clusterq.ops.admin import Admin
+from clusterq.ops.admin import Admin, BulkResult, Progress
 from clusterq.ops.inspector import MAX_PAGE
 from clusterq.ops.tasksearch import DEFAULT_PER_STATE, filter_tasks, find_task
+from clusterq.ops.web.jobs import JobPages, new_job
 from clusterq.task import STATES, TaskInfo
 
 if TYPE_CHECKING:
@@ -49,9 +51,10 @@ ACTIONS: dict[str, tuple[str, ...]] = {
 NODE_ERRORS = (ClusterqError, redis.RedisError, OSError)
 
 
-def routes(ui: Ui) -> list[Route]:
-    """This module's routes (its nav entries added to ``ui.nav``)."""
-    pages = TaskPages(ui)
+def routes(ui: Ui, jobs: JobPages) -> list[Route]:
+    """This module's routes (its nav entries added to ``ui.nav``); a bulk action on a
+    whole state starts a job of ``jobs``."""
+    pages = TaskPages(ui, jobs)
     ui.nav.append(("Search", "/search"))
     return [
         Route("/task", pages.task),
@@ -64,8 +67,9 @@ def routes(ui: Ui) -> list[Route]:
 
 
 class TaskPages:
-    def __init__(self, ui: Ui) -> None:
+    def __init__(self, ui: Ui, jobs: JobPages) -> None:
         self.ui = ui
+        self.jobs = jobs
 
     @property
     def admin(self) -> Admin:
@@ -243,7 +247,8 @@ class TaskPages:
 
     async def act_all(self, request: Request) -> Response:
         """POST /tasks/all?queue=Q&state=S, the form: ``action`` and ``type`` (optional):
-        the action on every task in the state (of that type)."""
+        the action on every task in the state (of that type), in the background; then
+        to the job's page (``/jobs/ID``), which shows its progress live."""
         refusal, form = await self.ui.refused(request)
         if refusal is not None:
             return refusal
@@ -253,30 +258,19 @@ class TaskPages:
         if action == "cancel":
             return self.problem(request, 400, "Bad request", "cancel applies to selected tasks")
         task_type = (form.get("type") or [""])[0].strip() or None
-
-        def run() -> Any:
-            return self.admin.act_all(action, queue, state, task_type=task_type)  # type: ignore[arg-type]
-
-        try:
-            result = await run_in_threadpool(run)
-        except (*NODE_ERRORS, ValueError) as exc:
-            self.ui.audit(request, action, f"all {state} in {queue}", f"failed: {exc}")
-            return self.problem(request, 503, "Unavailable", f"{action} failed: {exc}")
         of_type = f" of type {task_type!r}" if task_type else ""
-        self.ui.audit(
-            request, action, f"all {state} tasks{of_type} in {queue}", _outcome(result.statuses)
-        )
-        return self.ui.page(
-            request,
-            "done.html",
-            queue=queue,
-            state=state,
-            action=action,
-            what=f"all {state} tasks{of_type}",
-            counts=dict(sorted(result.statuses.items())),
-            done=result.done,
-            skipped=result.skipped,
-        )
+
+        def run(progress: Progress) -> BulkResult:
+            return self.admin.act_all(
+                action,  # type: ignore[arg-type]
+                queue,
+                state,
+                task_type=task_type,
+                progress=progress,
+            )
+
+        job = new_job(action, queue, state, f"all {state} tasks{of_type}")
+        return self.jobs.start(request, job, run)
 
     def _bulk_target(
         self, request: Request, form: dict[str, list[str]]

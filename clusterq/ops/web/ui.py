@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import statistics
 import time
+from html import escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -32,10 +33,12 @@ from clusterq.ops.groupinfo import group_label
 from clusterq.ops.inspector import QueueInfo
 from clusterq.ops.queueinfo import compact_limits
 from clusterq.ops.timeline import read_timeline
+from clusterq.ops.web.charts import render as render_chart
 from clusterq.ops.web.live import LivePoller, sse
 from clusterq.ops.web.security import AuditLog, same_origin
 from clusterq.ops.web.slotmap import render as render_slotmap
 from clusterq.ops.web.slotmap import spans
+from clusterq.task import STATES
 
 TEMPLATES = Path(__file__).with_name("templates")
 #: The tab's icon: three squares, a master each.
@@ -198,7 +201,18 @@ class Ui:
             for part in self.admin.groups(name)
             for g in part.groups
         ]
-        return self.page(request, "queue.html", q=queue_row(info), groups=groups)
+        try:
+            chart = render_chart(self.admin.history(name), label=name)
+        except Exception as exc:  # its master down, an ACL refusal: said on the page
+            chart = f'<p class="bad" id="no-history">history: {escape(str(exc))}</p>'
+        return self.page(
+            request,
+            "queue.html",
+            q=queue_row(info),
+            groups=groups,
+            chart=chart,
+            states=[s for s in STATES if s != "active"],
+        )
 
     async def act(self, request: Request) -> Response:
         """POST /queue/pause|unpause?name=NAME: refused in read-only mode and without the
