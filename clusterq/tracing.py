@@ -43,6 +43,15 @@ SYSTEM = "clusterq"
 _cached: tuple[Any, Any] | None = None
 
 
+def _operation(kind: str, name: str) -> dict[str, str]:
+    """The messaging conventions' system and operation attributes of a span."""
+    return {
+        "messaging.system": SYSTEM,
+        "messaging.operation.type": kind,
+        "messaging.operation.name": name,
+    }
+
+
 def enabled() -> bool:
     """Whether spans are recorded: the API is there and an SDK provider is set."""
     if trace is None:
@@ -112,9 +121,7 @@ def producer(
         context=parent,
         kind=SpanKind.PRODUCER,
         attributes={
-            "messaging.system": SYSTEM,
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
+            **_operation("send", "send"),
             **attributes,
         },
     ) as span:
@@ -242,9 +249,7 @@ def _publish_span(
     client: Any, stream: str, kwargs: dict[str, Any]
 ) -> Iterator[tuple[Any, dict[str, Any]]]:
     attributes = {
-        "messaging.system": SYSTEM,
-        "messaging.operation.type": "send",
-        "messaging.operation.name": "publish",
+        **_operation("send", "publish"),
         "messaging.destination.name": stream,
         "clusterq.stream": stream,
     }
@@ -274,9 +279,7 @@ def consuming(backend: Any, event: Any, slot: int) -> Iterator[Any]:
         context=parent,
         kind=SpanKind.CONSUMER,
         attributes={
-            "messaging.system": SYSTEM,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
+            **_operation("process", "process"),
             "messaging.message.id": event.id,
             "messaging.consumer.group.name": event.group,
             "clusterq.stream": event.stream,
@@ -300,9 +303,7 @@ def start_consumer(
         context=parent,
         kind=SpanKind.CONSUMER,
         attributes={
-            "messaging.system": SYSTEM,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
+            **_operation("process", "process"),
             "messaging.message.id": task_id,
             "clusterq.task.id": task_id,
             "clusterq.task.type": task_type,

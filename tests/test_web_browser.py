@@ -7,10 +7,8 @@ rendering. Each page's screenshot is saved."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from starlette.applications import Starlette
@@ -18,31 +16,15 @@ from starlette.routing import Mount
 
 from clusterq import Admin, Client
 from clusterq.ops.web import create_app
-from clusterq.tools import servers
 from clusterq.tools.devcluster import LocalCluster
 from tests.browser import Page, browser
 from tests.helpers import StartWorker, wait_for
 from tests.test_web import _chromium
+from tests.test_web_live import _serve
 from tests.workload import read_events
 
 PAGES = ["/", "/cluster", "/timeline", "/search", "/workers", "/cron", "/streams",
          "/partitions", "/workflow", "/audit"]  # fmt: skip
-
-
-def _serve(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    port = servers.find_free_ports(1, with_bus=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), 30, "uvicorn to start")
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _row(queue: str) -> str:
