@@ -1,16 +1,22 @@
 """Task lifecycle events: an opt-in, capped record of every task's transitions.
 
 While a queue's events are on (:func:`set_events`: its ``evcfg`` key holds the cap), each
-Lua script that changes a task's state appends one entry per task to the queue's
-``events`` stream (``XADD MAXLEN ~ cap``), in the same call as the transition: the
-stream is exactly as durable as the task's state (replicated the same way), and a
-transition never happens without its event or the other way round. Off, the scripts'
-whole cost is one ``GET`` per call.
+Lua script that changes a task's state appends an event per task to the queue's
+``events`` stream, in the same call as the transition: the stream is exactly as durable
+as the task's state (replicated the same way), and a transition never happens without
+its event or the other way round. Off, the scripts' whole cost is one ``GET`` per call.
 
-An entry's fields: ``event`` (below), ``id`` (the task), ``type``, ``retries`` (retries so
-far: the attempt number is one more), ``worker`` (the worker's id where one is involved:
-it started, finished or lost the task), ``state`` (the task's state after the event;
-``deleted`` for a task gone) and, for a failure, ``error``. Its time is the stream id's.
+A call's events share one stream entry (up to 64 an entry; one ``XADD`` per call costs a
+fraction of one per event), whose fields are ``worker`` (the worker's id where one is
+involved: it started, finished or lost the tasks) and ``events``, a JSON array of
+``[event, id, type, retries, state]`` arrays, with ``error`` after them for a failure and
+the fraction last for ``progress``. ``event`` is below, ``id`` the task, ``retries`` the
+retries so far (the attempt number is one more), ``state`` the task's state after the
+event (``deleted`` for a task gone). The events' time is the entry's stream id's. Each
+``XADD`` trims the stream with ``MAXLEN ~ cap / (the entry's events)``, so the stream keeps
+about ``cap`` events when its entries are alike. Entries of one event in fields of their
+own (``event``, ``id``, ``type``, ``retries``, ``worker``, ``state``, ``error``), as
+written before, are read too.
 
 ========== =========================================== ==========================
 event      when                                        script
@@ -36,6 +42,7 @@ its own slot: :func:`read` on the partitioned name reads them all, merged in tim
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -122,13 +129,44 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def decode(queue: str, stream_id: Any, fields: Any) -> TaskEvent:
-    """A stream entry as a :class:`TaskEvent`; never raises: an entry clusterq did not
-    write comes back with ``garbled`` saying what is wrong with it."""
+def decode(queue: str, stream_id: Any, fields: Any) -> list[TaskEvent]:
+    """The events of one stream entry (a script call's, or one written by an earlier
+    version: one event in fields of its own); never raises: an entry or an event clusterq
+    did not write comes back as an event whose ``garbled`` says what is wrong with it."""
     sid = _text(stream_id)
     if not isinstance(fields, dict):
-        return TaskEvent(queue, sid, "?", "", garbled=f"entry {sid}: not a field map")
+        return [TaskEvent(queue, sid, "?", "", garbled=f"entry {sid}: not a field map")]
     got = {_text(k): _text(v) for k, v in fields.items()}
+    if "events" not in got:
+        return [_decode_one(queue, sid, got)]
+    worker = got.get("worker") or None
+    try:
+        items = json.loads(got["events"])
+    except ValueError as exc:
+        items = exc
+    if not isinstance(items, list):
+        why = f"events is not a JSON array ({str(items)[:60]})"
+        return [TaskEvent(queue, sid, "?", "", worker=worker, garbled=f"entry {sid}: {why}")]
+    return [_decode_item(queue, sid, worker, item) for item in items]
+
+
+#: An event of an ``events`` array: [event, id, type, retries, state, error, fraction].
+_ITEM = ("event", "id", "type", "retries", "state", "error", "progress")
+
+
+def _decode_item(queue: str, sid: str, worker: str | None, item: Any) -> TaskEvent:
+    if not isinstance(item, list):
+        return TaskEvent(queue, sid, "?", "", worker=worker, garbled=f"entry {sid}: not a list")
+    got = {
+        name: str(value) if value is not None else ""
+        for name, value in zip(_ITEM, item, strict=False)
+    }
+    if worker:
+        got["worker"] = worker
+    return _decode_one(queue, sid, got)
+
+
+def _decode_one(queue: str, sid: str, got: dict[str, str]) -> TaskEvent:
     problems = []
     event = got.get("event", "?")
     if event not in EVENTS:
@@ -230,9 +268,10 @@ class EventReader:
         return low, "+"
 
     def took(self, cursor: _Cursor, entries: Any) -> list[TaskEvent]:
-        out = [decode(cursor.queue, sid, fields) for sid, fields in entries or []]
-        if out:
-            cursor.last = out[-1].stream_id
+        out = []
+        for sid, fields in entries or []:
+            out += decode(cursor.queue, sid, fields)
+            cursor.last = _text(sid)
         return out
 
     def read_from(self, cursor: _Cursor) -> str:

@@ -269,26 +269,64 @@ def test_events_follow_json_sees_later_tasks(
 
 
 def test_the_cap_holds(standalone: LocalServer, prefix: str) -> None:
-    """maxlen 100: rounds of 500 enqueues (push.lua) and a worker's 500 starts and 500
-    successes (dequeue.lua, ack.lua) leave at most a stream node's worth over the cap,
-    and twice the transitions take no more memory."""
-    url, q = standalone.seed_url, "capped"
+    """maxlen 300, counted in events though a call's events share one entry: rounds of
+    300 single enqueues (push.lua, an entry each), 300 enqueued in one call (enqueue.lua,
+    entries of 64) and a worker's 600 starts and 600 successes (dequeue.lua, ack.lua:
+    entries of a batch each) keep about 300 events: never more than the cap, a stream
+    node's worth (MAXLEN ~ trims whole nodes) and one entry's events, never fewer than
+    half the cap; twice the transitions, no more memory."""
+    url, q, cap = standalone.seed_url, "capped", 300
     with Client(url, prefix=prefix) as client:
         qk = client.keys.queue(q)
-        client.set_events(q, True, maxlen=100)
+        client.set_events(q, True, maxlen=cap)
         r = standalone.client()
         node_entries = int(r.config_get("stream-node-max-entries")["stream-node-max-entries"])
+        most = cap + node_entries + 64
         sizes = []
         for round_ in range(2):
-            client.enqueue_many([("ok", i) for i in range(500)], queue=q)
-            assert _xlen(client, qk.events) < 100 + node_entries
-            asyncio.run(_drain(url, prefix, [q], 500))
-            # MAXLEN ~ trims whole nodes: at most a node's worth over the cap
-            assert _xlen(client, qk.events) < 100 + node_entries
+            for i in range(cap):
+                client.enqueue("ok", i, queue=q)
+            kept = len(_events(client, q))
+            assert cap // 2 <= kept <= most, kept
+            client.enqueue_many([("ok", i) for i in range(cap)], queue=q, unique_for=60)
+            kept = len(_events(client, q))
+            assert cap // 2 <= kept <= most, kept
+            asyncio.run(_drain(url, prefix, [q], 2 * cap))
+            events = _events(client, q)
+            assert cap // 2 <= len(events) <= most, len(events)
+            assert events[-1].event == "succeeded"
             sizes.append(int(r.memory_usage(qk.events, samples=0)))
-            print(f"events stream after {(round_ + 1) * 1500} transitions: "
-                  f"{_xlen(client, qk.events)} entries, {sizes[-1]} bytes")  # fmt: skip
+            print(f"events stream after {(round_ + 1) * 4 * cap} transitions: {len(events)} "
+                  f"events in {_xlen(client, qk.events)} entries, {sizes[-1]} bytes")  # fmt: skip
         assert sizes[1] <= sizes[0] * 1.5  # bounded: twice the transitions, not more memory
+
+
+def test_entries_written_before_batching_are_read(standalone: LocalServer, prefix: str) -> None:
+    """A stream holding entries of one event each (as written before a call's events
+    shared an entry) reads as before, in order with the new entries; the cap counts
+    those entries until they are trimmed away."""
+    q = "older"
+    r = standalone.client()
+    with Client(standalone.seed_url, prefix=prefix) as client:
+        qk = client.keys.queue(q)
+        client.set_events(q, True, maxlen=50)
+        for i in range(3):
+            r.xadd(qk.events, {"event": "enqueued", "id": f"old{i}", "type": "ok",
+                               "retries": "0", "worker": "", "state": "pending"})  # fmt: skip
+        infos = client.enqueue_many([("ok", i) for i in range(2)], queue=q)
+        events = _events(client, q)
+        assert [(e.task_id, e.event, e.garbled) for e in events] == [
+            ("old0", "enqueued", None),
+            ("old1", "enqueued", None),
+            ("old2", "enqueued", None),
+            (infos[0].id, "enqueued", None),
+            (infos[1].id, "enqueued", None),
+        ]
+        assert events[3].stream_id == events[4].stream_id  # one call, one entry
+        for i in range(200):
+            client.enqueue("ok", i, queue=q)
+        assert _xlen(client, qk.events) < 50 + 100  # trimmed to the cap in entries
+        assert not [e for e in _events(client, q) if e.task_id.startswith("old")]
 
 
 @pytest.mark.parametrize(
@@ -479,3 +517,23 @@ def test_following_a_partitioned_queue_sees_every_partition(
         assert not reader.is_alive(), f"followed {len(got)} of 9 events"
         assert {e.task_id for e in got[:3]} == first and {e.task_id for e in got[3:]} == later
         assert len({e.queue for e in got[3:]}) > 1
+
+
+def test_retries_of_reads_only_the_meta_field(standalone: LocalServer) -> None:
+    """``retries_of`` (``_events.lua``): the meta's own "r", not one inside the parent
+    results of a workflow step, a header or an error text, nor one in the payload."""
+    from clusterq.broker.script import _read
+
+    source = _read("_events.lua") + "\nreturn retries_of(ARGV[1])"
+    r = standalone.client()
+    cases = {
+        '{"t":"a","r":3,"e":1}\n{}': 3,
+        '{"t":"a","e":1}\n{"x":1,"r":9}': 0,
+        '{"t":"a","wf":"w","ws":1,"pr":{"x":1,"r":9},"e":1}\n{}': 0,
+        '{"t":"a","r":2,"wf":"w","ws":1,"pr":{"x":1,"r":9},"e":1}\n{}': 2,
+        '{"t":"a","h":{"k":"1","r":"5"},"e":1}\n{}': 0,
+        '{"t":"a","err":"x\\",\\"r\\":4","e":1}\n{}': 0,
+        '{"t":"a","r":12}': 12,
+    }
+    for record, retries in cases.items():
+        assert r.eval(source, 0, record) == retries, record

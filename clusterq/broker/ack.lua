@@ -77,5 +77,6 @@ if ev then
   for _, id in ipairs(acked) do
     emit(ev, 'succeeded', id, records[id] or nil, kept_ids[id] and 'completed' or 'deleted')
   end
+  write_events(ev)
 end
 return out

@@ -400,6 +400,7 @@ if #zargs > 0 then
   local ev = events_on(KEYS[13], KEYS[14], ARGV[3])
   if ev then
     for i = 4, #out, 2 do emit(ev, 'started', out[i], out[i + 1], 'active') end
+    write_events(ev)
   end
 end
 if tat and taken > 0 then  -- the queue's tokens these tasks took

@@ -97,6 +97,7 @@ for _, i in ipairs(created) do
   if due == 0 then due = now + tonumber(ARGV[i + 1]) end
   emit(ev, 'enqueued', ARGV[i], ARGV[i + 5], due > now and 'scheduled' or 'pending')
 end
+write_events(ev)
 if counting and existing > 0 then
   redis.call('HINCRBY', KEYS[8], 'enqueue_repeats', existing)
 end

@@ -16,7 +16,7 @@ from clusterq.cluster.wire import AsyncNodeClient, NodeClient
 from clusterq.keys import QueueKeys
 
 SCRIPT = LuaScript("enqueue")
-PUSH = LuaScript("push", prelude=False)
+PUSH = LuaScript("push", shared=("_events",))
 
 #: Tasks per script call; Lua's unpack() is limited to a few thousand values.
 MAX_BATCH = 500

@@ -63,6 +63,7 @@ if ev then
   local event = ARGV[5] == '1' and 'recovered' or (delay >= 0 and 'retried' or 'failed')
   emit(ev, event, id, rec and (ARGV[3] .. '\n') or nil, delay >= 0 and 'retry' or 'archived',
     err, retries_of(ARGV[3]))
+  write_events(ev)
 end
 if delay >= 0 then
   redis.call('ZADD', KEYS[4], now + delay, id)

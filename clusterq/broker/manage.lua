@@ -137,4 +137,5 @@ end
 -- the tombstones are the tasks taken out nearest the tail (a bulk walk's): from there
 if tombstones > 0 then redis.call('LREM', KEYS[2], -tombstones, TOMBSTONE) end
 if woken then wake(KEYS[11]) end
+write_events(ev)
 return out

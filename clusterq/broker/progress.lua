@@ -15,8 +15,7 @@ local ev = events_on(KEYS[3], KEYS[4], ARGV[2])
 if ev then
   local rec = redis.call('HGET', KEYS[5], ARGV[1])
   rec = type(rec) == 'string' and rec or nil
-  redis.pcall('XADD', ev[1], 'MAXLEN', '~', ev[2], '*', 'event', 'progress', 'id', ARGV[1],
-    'type', type_of_record(rec), 'retries', retries_of(rec), 'worker', ev[3], 'state', 'active',
-    'progress', ARGV[5])
+  emit(ev, 'progress', ARGV[1], rec, 'active', '', nil, tonumber(ARGV[5]) or ARGV[5])
+  write_events(ev)
 end
 return 1

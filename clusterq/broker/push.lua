@@ -1,9 +1,9 @@
 -- push: new tasks that need no decision (fresh ids, due now, no unique lock) -> pending.
--- Small on purpose (no prelude): it is the path of most enqueues.
+-- Small on purpose (_events.lua only, no prelude): it is the path of most enqueues.
 --
 -- KEYS[1] tasks   KEYS[2] pending   KEYS[3] wake channel   KEYS[4] events flag
 -- KEYS[5] events stream (an ``enqueued`` event per task while the flag holds the cap;
--- see events_on in _prelude.lua, inlined here: the same rules)
+-- see _events.lua)
 -- ARGV, two per task: id, record
 --
 -- Wakes the queue's waiting workers when the pending list was empty before (a list that
@@ -27,21 +27,10 @@ if type(n) == 'number' then
   written = redis.pcall('HSET', KEYS[1], unpack(ARGV))
   if type(written) == 'number' then
     if n == count then redis.pcall('SPUBLISH', KEYS[3], '') end
-    local cap = redis.pcall('GET', KEYS[4])
-    if type(cap) == 'string' and #cap < 10 and string.match(cap, '^[1-9]%d*$') then
-      local got = redis.call('TYPE', KEYS[5])['ok']
-      if got == 'none' or got == 'stream' then
-        for i = 1, #ARGV, 2 do
-          local rec = ARGV[i + 1]
-          local t = string.match(rec, '^{"t":"([^"\\\n]*)"')
-          if not t then
-            local ok, meta = pcall(cjson.decode, string.match(rec, '^[^\n]*'))
-            t = ok and type(meta) == 'table' and type(meta['t']) == 'string' and meta['t'] or ''
-          end
-          redis.pcall('XADD', KEYS[5], 'MAXLEN', '~', cap, '*', 'event', 'enqueued', 'id',
-            ARGV[i], 'type', t, 'retries', 0, 'worker', '', 'state', 'pending')
-        end
-      end
+    local ev = events_on(KEYS[4], KEYS[5])
+    if ev then
+      for i = 1, #ARGV, 2 do emit(ev, 'enqueued', ARGV[i], ARGV[i + 1], 'pending', nil, 0) end
+      write_events(ev)
     end
     return n
   end

@@ -24,4 +24,5 @@ for i = 1, #ARGV, 2 do
   end
 end
 if n > 0 and redis.call('LLEN', KEYS[3]) == n then wake(KEYS[4]) end
+write_events(ev)
 return n

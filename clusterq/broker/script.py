@@ -23,19 +23,20 @@ def _read(name: str) -> str:
 
 
 class LuaScript:
-    """One Lua script: its source (with the shared prelude, unless ``prelude`` is false:
-    a script small enough that defining the prelude's functions would be a good part of
-    its cost, or one that starts with flags, ``#!lua flags=...``) and SHA1.
+    """One Lua script: its source and SHA1. The source is the ``shared`` parts, then the
+    script's own: by default the prelude and the lifecycle events' functions; fewer for a
+    script small enough that defining the prelude's functions would be a good part of its
+    cost, none for one that starts with flags (``#!lua flags=...``).
 
     A promoted replica or a restarted node has an empty script cache: on ``NOSCRIPT`` the
     script is loaded on that one node and called again (never on all masters, which
     fails while any of them is down).
     """
 
-    def __init__(self, name: str, *, prelude: bool = True) -> None:
+    def __init__(self, name: str, *, shared: tuple[str, ...] = ("_prelude", "_events")) -> None:
         self.name = name
-        body = _read(f"{name}.lua")
-        self.source = _read("_prelude.lua") + "\n" + body if prelude else body
+        parts = [_read(f"{part}.lua") for part in shared] + [_read(f"{name}.lua")]
+        self.source = "\n".join(parts)
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from clusterq.broker.script import LuaScript
 from clusterq.keys import QueueKeys
 
-SCRIPT = LuaScript("survey", prelude=False)
+SCRIPT = LuaScript("survey", shared=())
 
 
 @dataclass(frozen=True, slots=True)
