@@ -379,15 +379,23 @@ def test_garbled_entries_are_set_aside(standalone: LocalServer, prefix: str) -> 
         qk = client.keys.queue(q)
         client.set_events(q, True)
         r.xadd(qk.events, {"event": "started", "id": "a", "retries": "many"})
+        r.xadd(qk.events, {"worker": "w", "events": "[[1"})
+        r.xadd(qk.events, {"worker": "w", "events": '{"a": 1}'})
+        r.xadd(qk.events, {"worker": "w", "events": '[7, ["started", "b", "t", "x", "active"]]'})
         info = client.enqueue("ok", 1, queue=q)
         events = _events(client, q)
         assert events[0].garbled and "retries 'many'" in events[0].garbled
-        assert (events[1].event, events[1].task_id, events[1].garbled) == (
+        assert events[1].garbled and "not a JSON array" in events[1].garbled
+        assert events[2].garbled and "not a JSON array" in events[2].garbled
+        assert events[3].garbled and "not a list" in events[3].garbled
+        assert events[4].garbled and "retries 'x'" in events[4].garbled
+        assert (events[4].task_id, events[4].worker) == ("b", "w")
+        assert (events[5].event, events[5].task_id, events[5].garbled) == (
             "enqueued",
             info.id,
             None,
         )
-        assert json.dumps(events[0].to_dict())
+        assert all(json.dumps(e.to_dict()) for e in events)
 
 
 def test_async_client_events(standalone: LocalServer, prefix: str) -> None:
