@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import os
 import socket
 import ssl
@@ -37,6 +38,8 @@ from typing import Any, TypeVar
 import hiredis
 import redis
 import redis.asyncio
+
+from clusterq.cluster import fastcommands
 
 try:  # private in redis-py: where its error replies are parsed (5.x and later)
     from redis._parsers.base import BaseParser
@@ -219,7 +222,19 @@ class NodeClient(redis.Redis):
         super().__init__(*args, **kwargs)
         self._endpoint = _Endpoint.of(kwargs)
         self._spare: list[_Wire] = []
+        self._fast_commands = fastcommands.usable(self)
         _NODE_CLIENTS.add(self)
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        """redis-py's command methods: the plain ones over the fast connections
+        (:mod:`clusterq.cluster.fastcommands`), the rest as redis-py sends them."""
+        if not (self._fast_commands and fastcommands.eligible(args, options)):
+            return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        try:
+            reply = self.fast(*args)
+        except redis.ResponseError as exc:
+            return fastcommands.on_error(exc, options)
+        return fastcommands.parsed(self.response_callbacks, args[0], reply, options)
 
     def _take(self) -> _Wire:
         try:
@@ -510,6 +525,18 @@ class AsyncNodeClient(redis.asyncio.Redis):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lane = Lane(_Endpoint.of(kwargs))
+        self._fast_commands = fastcommands.usable(self)
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        """See :meth:`NodeClient.execute_command` (over the lane)."""
+        if not (self._fast_commands and fastcommands.eligible(args, options)):
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        try:
+            reply = await self.lane.execute(*args)
+        except redis.ResponseError as exc:
+            return fastcommands.on_error(exc, options)
+        out = fastcommands.parsed(self.response_callbacks, args[0], reply, options)
+        return await out if inspect.isawaitable(out) else out
 
     async def fast(self, *args: Any) -> Any:
         return await self.lane.execute(*args)
