@@ -41,6 +41,7 @@ try('ZRANGEBYLEX', a, '-', '+')
 try('ZSCORE', a, 'm'); try('HLEN', b); try('LLEN', b); try('SPUBLISH', ARGV[1], '')
 try('LINDEX', b, 0); try('LSET', a, 0, 'v'); try('RENAME', b, b); try('PERSIST', b)
 try('XADD', a, '*', 'f', 'v'); try('XACK', a, 'g', '0-1'); try('XRANGE', b, '-', '+')
+try('XLEN', b); try('XREVRANGE', b, '+', '-')
 try_sub('XINFO', 'CONSUMERS', b, 'g'); try_sub('XGROUP', 'DELCONSUMER', b, 'g', 'c')
 try('DEL', b)
 return refused

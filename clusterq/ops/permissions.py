@@ -26,7 +26,8 @@ CONNECT = ("ping", "info", "select", "cluster|shards", "cluster|nodes")
 #: fair groups in dequeue (ZRANGEBYLEX: a group's first task),
 #: limits, layout, workflow (a large workflow's staged state goes into place with RENAME
 #: and PERSIST), stream (dead letters: XRANGE, XADD, XACK; fenced acks; consumers of
-#: workers gone: XINFO CONSUMERS, XGROUP DELCONSUMER). SPUBLISH wakes idle workers.
+#: workers gone: XINFO CONSUMERS, XGROUP DELCONSUMER), lifecycle events (XADD, and XLEN,
+#: XRANGE, XREVRANGE for the counts the cap is kept by). SPUBLISH wakes idle workers.
 #: Commands with subcommands are listed by their ACL name (``xinfo|consumers``).
 SCRIPTED = (
     "del", "exists", "get", "incr", "persist", "pexpire", "rename", "set", "spublish",
@@ -35,7 +36,7 @@ SCRIPTED = (
     "lindex", "llen", "lpos", "lpush", "lrem", "lset", "ltrim", "rpop", "rpush",
     "zadd", "zcard", "zrange", "zrangebylex", "zrangebyscore", "zrem", "zremrangebyscore",
     "zscore",
-    "xack", "xadd", "xgroup|delconsumer", "xinfo|consumers", "xrange",
+    "xack", "xadd", "xgroup|delconsumer", "xinfo|consumers", "xlen", "xrange", "xrevrange",
 )  # fmt: skip
 
 SCRIPTS = ("evalsha", "script|load")

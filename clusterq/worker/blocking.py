@@ -16,7 +16,9 @@ through failovers like every clusterq call, and closed when the worker closes::
         key = task.payload["key"]
         backend.execute_key(key, lambda c: c.incr(key))  # c: a redis-py client of the node
 
-It connects to the worker's URL with the worker's mode, prefix and retry timeout. Do not
+``c``'s plain commands (``INCR`` here) skip redis-py's per-command layer
+(:mod:`clusterq.cluster.fastcommands`). It connects to the worker's URL with the worker's
+mode, prefix and retry timeout. Do not
 use it from an ``async def`` handler: it would block the event loop (use
 ``current_worker().backend`` there).
 """
