@@ -16,7 +16,8 @@ import redis
 from clusterq.cluster import fastcommands
 from clusterq.cluster.connection import RedisURL
 from clusterq.cluster.wire import AsyncNodeClient, NodeClient
-from clusterq.tools.devcluster import LocalServer
+from clusterq.slots import keyslot
+from clusterq.tools.devcluster import LocalCluster, LocalServer
 
 #: (method, arguments with "K"/"K2" for the two keys, options): run in this order on both.
 CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
@@ -236,3 +237,36 @@ def test_error_replies_are_redis_py_s(standalone: LocalServer, prefix: str) -> N
         assert client.lrange(key, 0, -1) == [b"x"]  # the connection is still in step
     finally:
         client.close()
+
+
+def test_readonly_on_a_replica_keeps_the_client_on_redis_py(
+    cluster: LocalCluster, prefix: str
+) -> None:
+    """A client that sent READONLY (connection state) through redis-py reads the replica
+    on that connection from then on, as redis-py does, instead of being sent MOVED over a
+    fast connection that never got READONLY."""
+    key = f"{prefix}:replicated"
+    topology = cluster.topology()
+    (replica,) = topology.locate_slot_replicas(keyslot(key))
+    master = topology.master_for_slot(keyslot(key))
+    assert master is not None
+    url = RedisURL.parse(cluster.seed_url)
+    writer = url.node_client(("127.0.0.1", master.port))
+    mirror = url.node_client(("127.0.0.1", replica.port))
+    try:
+        assert writer.set(key, "v") is True
+        writer.execute_command("WAIT", 1, 5000)
+        mirror.execute_command("READONLY")
+        assert mirror.get(key) == b"v"
+        assert mirror._fast_commands is False
+    finally:
+        writer.close()
+        mirror.close()
+
+
+def test_stateful_commands_are_known_by_their_first_word() -> None:
+    assert fastcommands.stateful(("READONLY",)) and fastcommands.stateful(("select", 1))
+    assert fastcommands.stateful(("CLIENT TRACKING", "on")) and fastcommands.stateful(
+        (b"WATCH", "k")
+    )
+    assert not fastcommands.stateful(("GET", "k")) and not fastcommands.stateful(())

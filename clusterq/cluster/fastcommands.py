@@ -15,7 +15,8 @@ or anything else goes through redis-py, which encodes it its own way) and no opt
 the reply's callback, on clients that neither decode replies nor were asked for RESP3
 nor cache. Everything else (blocking pops,
 ``WAIT``, ``MULTI``, pub/sub, ``SELECT``, ``CLIENT ...``, scripts) takes redis-py's own
-path, unchanged. A connection error is raised at once, without redis-py's retries: the
+path, unchanged; and once a client has sent a command of :data:`STATEFUL` that way, all
+its commands do. A connection error is raised at once, without redis-py's retries: the
 backends retry every call through failovers anyway.
 """
 
@@ -43,6 +44,14 @@ FAST = frozenset({
     "SPUBLISH", "PFADD", "PFCOUNT", "PING", "ECHO",
 })
 # fmt: on
+
+#: Commands that change what the connection they are sent on does next (``READONLY`` on a
+#: replica, ``SELECT``, ``CLIENT TRACKING``...): once a client sends one through redis-py,
+#: its later commands follow it there, never over a fast connection that lacks it.
+STATEFUL = frozenset(
+    {"READONLY", "READWRITE", "SELECT", "CLIENT", "AUTH", "HELLO", "RESET", "ASKING", "MULTI",
+     "WATCH", "SWAPDB"}
+)  # fmt: skip
 
 #: Option names redis-py's ``parse_response`` consumes itself (the rest go to callbacks).
 _EMPTY_RESPONSE = "EMPTY_RESPONSE"
@@ -75,6 +84,15 @@ def eligible(args: tuple[Any, ...], options: Mapping[str, Any]) -> bool:
         if kind is not str and kind is not bytes and kind is not int:
             return False
     return True
+
+
+def stateful(args: tuple[Any, ...]) -> bool:
+    """Whether the command ``args`` is one of :data:`STATEFUL` (``"CLIENT TRACKING"``
+    spelled as one argument counts by its first word)."""
+    if not args or not isinstance(args[0], str | bytes):
+        return False
+    name = args[0].decode(errors="replace") if isinstance(args[0], bytes) else args[0]
+    return name.split(" ", 1)[0].upper() in STATEFUL
 
 
 def on_error(exc: redis.ResponseError, options: Mapping[str, Any]) -> Any:

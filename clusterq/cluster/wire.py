@@ -229,6 +229,8 @@ class NodeClient(redis.Redis):
         """redis-py's command methods: the plain ones over the fast connections
         (:mod:`clusterq.cluster.fastcommands`), the rest as redis-py sends them."""
         if not (self._fast_commands and fastcommands.eligible(args, options)):
+            if self._fast_commands and fastcommands.stateful(args):
+                self._fast_commands = False
             return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         try:
             reply = self.fast(*args)
@@ -530,6 +532,8 @@ class AsyncNodeClient(redis.asyncio.Redis):
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         """See :meth:`NodeClient.execute_command` (over the lane)."""
         if not (self._fast_commands and fastcommands.eligible(args, options)):
+            if self._fast_commands and fastcommands.stateful(args):
+                self._fast_commands = False
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         try:
             reply = await self.lane.execute(*args)
