@@ -91,9 +91,9 @@ local function write_events(ev)
     local since = events_through(redis.pcall('XRANGE', stream, '-', '+', 'COUNT', 1))
     local n = (count or 0) + #chunk
     local keep = nil
-    if entries > 1 and (not count or not since or since > n) then
+    if not count or not since or since > n then  -- no counts to go by: entries
       if entries > cap then keep = cap end
-    elseif entries > 1 and n - since > cap then
+    elseif n - since > cap then
       keep = math.max(1, math.floor(entries * cap / (n - since)))
     end
     if keep then

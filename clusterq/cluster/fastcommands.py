@@ -95,6 +95,19 @@ def stateful(args: tuple[Any, ...]) -> bool:
     return name.split(" ", 1)[0].upper() in STATEFUL
 
 
+def takes(client: Any, args: tuple[Any, ...], options: Mapping[str, Any]) -> bool:
+    """Whether a node client (its ``_fast_commands``: :func:`usable`, until a command of
+    :data:`STATEFUL` goes through redis-py and turns it off for good) sends ``args`` over
+    a fast connection."""
+    if not client._fast_commands:
+        return False
+    if eligible(args, options):
+        return True
+    if stateful(args):
+        client._fast_commands = False
+    return False
+
+
 def on_error(exc: redis.ResponseError, options: Mapping[str, Any]) -> Any:
     """An error reply, as redis-py's ``parse_response`` treats it."""
     if _EMPTY_RESPONSE in options:

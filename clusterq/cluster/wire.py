@@ -228,9 +228,7 @@ class NodeClient(redis.Redis):
     def execute_command(self, *args: Any, **options: Any) -> Any:
         """redis-py's command methods: the plain ones over the fast connections
         (:mod:`clusterq.cluster.fastcommands`), the rest as redis-py sends them."""
-        if not (self._fast_commands and fastcommands.eligible(args, options)):
-            if self._fast_commands and fastcommands.stateful(args):
-                self._fast_commands = False
+        if not fastcommands.takes(self, args, options):
             return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         try:
             reply = self.fast(*args)
@@ -531,9 +529,7 @@ class AsyncNodeClient(redis.asyncio.Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         """See :meth:`NodeClient.execute_command` (over the lane)."""
-        if not (self._fast_commands and fastcommands.eligible(args, options)):
-            if self._fast_commands and fastcommands.stateful(args):
-                self._fast_commands = False
+        if not fastcommands.takes(self, args, options):
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         try:
             reply = await self.lane.execute(*args)
